@@ -1,0 +1,30 @@
+"""minipaged: PagedAttention built twice, as readable PyTorch and as Triton kernels.
+
+The engine (LLM, SamplingParams, ...) arrives with the engine issue; today the package holds the paged
+memory manager in `minipaged.reference` and the sequences it manages in `minipaged.sequence`.
+"""
+
+from minipaged.reference import (
+    AllocStatus,
+    BlockAllocator,
+    BlockManager,
+    BlockTable,
+    NoFreeBlocksError,
+    PrefixCachingBlockAllocator,
+)
+from minipaged.sequence import Sequence, SequenceGroup, SequenceStatus
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AllocStatus",
+    "BlockAllocator",
+    "BlockManager",
+    "BlockTable",
+    "NoFreeBlocksError",
+    "PrefixCachingBlockAllocator",
+    "Sequence",
+    "SequenceGroup",
+    "SequenceStatus",
+    "__version__",
+]

@@ -1,0 +1,25 @@
+"""Readable pure-PyTorch reference modules, one OS-paging concept each.
+
+The CPU-side policy here (allocator, block tables, manager, prefix cache) is shared by every backend.
+"""
+
+from minipaged.reference.block_allocator import BlockAllocator, NoFreeBlocksError
+from minipaged.reference.block_manager import AllocStatus, BlockManager, MemoryStats, PoolStats, SeqMemory
+from minipaged.reference.block_table import BlockTable, block_tables_tensor, num_blocks_for
+from minipaged.reference.prefix_cache import PrefixCachingBlockAllocator, hash_block_tokens, hash_full_blocks
+
+__all__ = [
+    "AllocStatus",
+    "BlockAllocator",
+    "BlockManager",
+    "BlockTable",
+    "MemoryStats",
+    "NoFreeBlocksError",
+    "PoolStats",
+    "PrefixCachingBlockAllocator",
+    "SeqMemory",
+    "block_tables_tensor",
+    "hash_block_tokens",
+    "hash_full_blocks",
+    "num_blocks_for",
+]

@@ -1,0 +1,498 @@
+"""The KV-cache manager: paging policy for sequence groups.
+
+OS idea: the virtual-memory system decides when a process gets frames (demand paging), shares them
+on fork() and copies a shared page only when someone writes to it (copy-on-write), keeps a reserve of
+free frames (a low watermark) so it is not caught empty, and moves whole processes to disk when
+memory runs out (swapping) (OSTEP ch. 21-23). KV counterpart: vLLM paper section 4.2-4.5. This module
+is the policy; the mechanisms sit in block_allocator.py (frames), block_table.py (page tables) and
+prefix_cache.py (page cache). The tensor copies that some decisions imply (copy-on-write, swap) are
+returned as block mappings for the engine to hand to the kernels' copy_blocks / swap_blocks.
+
+A *sequence group* is one request's samples or beams; it is admitted, preempted and swapped as a
+whole. Every sequence holds exactly ceil(len(seq) / block_size) blocks after append_slots.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from minipaged.reference.block_allocator import BlockAllocator, NoFreeBlocksError
+from minipaged.reference.block_table import BlockTable, num_blocks_for
+from minipaged.reference.prefix_cache import PrefixCachingBlockAllocator, hash_full_blocks
+from minipaged.sequence import Sequence, SequenceGroup
+
+BlockMapping = list[tuple[int, int]]  # (src block, dst block) pairs for copy_blocks / swap_blocks
+
+
+class AllocStatus(enum.Enum):
+    """can_allocate's answer: admit now, wait for memory, or never (the request cannot fit at all)."""
+
+    OK = "ok"
+    LATER = "later"
+    NEVER = "never"
+
+
+@dataclass(frozen=True)
+class SeqMemory:
+    """One sequence's footprint: its slots holding tokens vs the slots its blocks offer."""
+
+    seq_id: int
+    location: str  # "device" or "host"
+    num_blocks: int
+    slots_used: int
+    slots_allocated: int
+
+    @property
+    def internal_waste(self) -> int:
+        """Allocated slots holding no token: at most block_size - 1 (internal fragmentation)."""
+        return self.slots_allocated - self.slots_used
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """One pool's state. Slots are counted once per physical block, however many tables share it."""
+
+    name: str
+    num_blocks: int
+    num_free: int  # includes cached-free blocks: allocate() can hand them out
+    num_used: int
+    num_shared: int  # used blocks held by two or more tables
+    num_cached_free: int  # free blocks whose K/V the prefix cache still names
+    slots_used: int  # slots of used blocks that hold a token
+    slots_allocated: int  # num_used * block_size
+    blocks_saved_by_sharing: int  # sum over tables of their blocks, minus num_used
+
+    @property
+    def utilization(self) -> float:
+        """slots_used / slots_allocated (1.0 for an empty pool): the paper's KV-cache usage."""
+        return self.slots_used / self.slots_allocated if self.slots_allocated else 1.0
+
+    @property
+    def internal_waste(self) -> int:
+        return self.slots_allocated - self.slots_used
+
+
+@dataclass(frozen=True)
+class MemoryStats:
+    """What the manager's memory looks like now, as plain data for docs, experiments and tests."""
+
+    device: PoolStats
+    host: PoolStats
+    seqs: list[SeqMemory]
+    prefix_cache_hits: int
+    prefix_cache_misses: int
+    cow_copies: int  # blocks copied by copy-on-write so far
+    blocks_swapped_out: int  # so far
+    blocks_swapped_in: int  # so far
+
+
+class BlockManager:
+    """Allocates, shares, copies, swaps and frees the KV blocks of sequence groups.
+
+    Args:
+        block_size: tokens per block.
+        num_gpu_blocks: blocks in the device pool.
+        num_cpu_blocks: blocks in the host pool (the swap space); 0 disables swapping.
+        watermark: fraction of device blocks kept free at admission, so running sequences can
+            still grow without being preempted at once (vLLM's default, 1%).
+        enable_prefix_caching: reuse full blocks across requests by their hash (prefix_cache.py).
+
+    Raises:
+        ValueError: for a non-positive block_size, negative pool sizes, or watermark outside [0, 1).
+    """
+
+    def __init__(
+        self,
+        block_size: int,
+        num_gpu_blocks: int,
+        num_cpu_blocks: int = 0,
+        watermark: float = 0.01,
+        enable_prefix_caching: bool = False,
+    ) -> None:
+        if not isinstance(block_size, int) or block_size <= 0:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        if not 0.0 <= watermark < 1.0:
+            raise ValueError(f"watermark must be in [0, 1), got {watermark!r}")
+        self.block_size = block_size
+        self.watermark_blocks = int(watermark * num_gpu_blocks)
+        self.enable_prefix_caching = enable_prefix_caching
+        device_cls = PrefixCachingBlockAllocator if enable_prefix_caching else BlockAllocator
+        self.device: BlockAllocator = device_cls(num_gpu_blocks, "device")
+        self.host = BlockAllocator(num_cpu_blocks, "host")
+        self.device_tables: dict[int, BlockTable] = {}  # seq_id -> table of device blocks
+        self.host_tables: dict[int, BlockTable] = {}  # seq_id -> table of host blocks (swapped out)
+        self._block_hashes: dict[int, list[str]] = {}  # seq_id -> hashes of its full blocks
+        self.cow_copies = 0
+        self.blocks_swapped_out = 0
+        self.blocks_swapped_in = 0
+
+    # ---- admission and allocation (demand paging) -------------------------------------------
+
+    def can_allocate(self, seq_group: SequenceGroup) -> AllocStatus:
+        """Could the group's prompt blocks be allocated now, while keeping the watermark free?
+
+        NEVER means the prompt needs more blocks than the pool has above the watermark, however
+        long one waits: the caller must refuse the request. LATER means wait for blocks to free.
+        """
+        seqs = self._seqs_to_allocate(seq_group)
+        # BEGIN SOLUTION
+        worst_case = self._blocks_to_allocate(seqs, use_prefix_cache=False)
+        if self.device.num_blocks - worst_case < self.watermark_blocks:
+            return AllocStatus.NEVER
+        needed = self._blocks_to_allocate(seqs, use_prefix_cache=True)
+        if self._num_free_after_prefix_hits(seqs[0]) - needed >= self.watermark_blocks:
+            return AllocStatus.OK
+        return AllocStatus.LATER
+        # END SOLUTION
+
+    def allocate(self, seq_group: SequenceGroup) -> int:
+        """Give every unfinished sequence of the group the blocks for all of its tokens.
+
+        Sequences with the same tokens (a new request's n samples) share every block; sequences that
+        differ (a diverged group re-admitted after recompute) share their common full blocks. With
+        prefix caching, full blocks already cached are reused instead of allocated.
+
+        Returns:
+            How many of the first sequence's tokens were found in the prefix cache: their K/V are
+            already in the pool and need no computing (a multiple of block_size; 0 without caching).
+
+        Raises:
+            ValueError: if a sequence of the group already holds blocks.
+            NoFreeBlocksError: if the device pool is too small right now (nothing is allocated).
+        """
+        seqs = self._seqs_to_allocate(seq_group)
+        needed = self._blocks_to_allocate(seqs, use_prefix_cache=True)
+        available = self._num_free_after_prefix_hits(seqs[0])
+        if needed > available:
+            raise NoFreeBlocksError(f"group {seq_group.request_id!r} needs {needed} blocks, {available} free")
+        # BEGIN SOLUTION
+        first, *others = seqs
+        hashes = self._hashes_of(first)
+        shared: list[int] = []
+        if isinstance(self.device, PrefixCachingBlockAllocator):
+            shared = self.device.match_prefix(hashes)
+        table = BlockTable(self.block_size, shared, len(shared) * self.block_size)
+        table.append_tokens(len(first) - table.num_tokens, self.device.allocate)
+        self._install(first, table)
+        for seq in others:
+            self._allocate_sharing(seq, first)
+        return len(shared) * self.block_size
+        # END SOLUTION
+
+    def can_append_slots(self, seq_group: SequenceGroup) -> bool:
+        """Are there free blocks for every device-resident sequence of the group to add its new tokens?"""
+        needed = sum(self._blocks_to_append(seq) for seq in self._seqs_on(seq_group, self.device_tables))
+        return needed <= self.device.num_free
+
+    def append_slots(self, seq: Sequence) -> BlockMapping:
+        """Give the table slots for the tokens `seq` gained since the last call.
+
+        Allocates a block only when the last one is full (demand paging). If the token would be
+        written into a partly filled block that another sequence shares, that block is first copied
+        to a fresh one (copy-on-write): the returned (src, dst) pairs tell the engine what to copy
+        (copy_blocks) before the model step writes into dst.
+
+        Raises:
+            KeyError: if `seq` holds no device blocks.
+            NoFreeBlocksError: if the pool has too few free blocks (nothing is changed).
+        """
+        table = self._device_table(seq)
+        needed = self._blocks_to_append(seq)
+        if needed > self.device.num_free:
+            raise NoFreeBlocksError(f"seq {seq.seq_id} needs {needed} blocks, {self.device.num_free} free")
+        # BEGIN SOLUTION
+        cow: BlockMapping = []
+        num_new_tokens = len(seq) - table.num_tokens
+        if num_new_tokens > 0 and table.num_filled_in_last_block not in (0, self.block_size):
+            last = table.block_ids[-1]
+            if self.device.ref_count(last) > 1:  # shared and about to be written: copy it first
+                copy = self.device.allocate()
+                self.device.free(last)
+                table.block_ids[-1] = copy
+                cow.append((last, copy))
+                self.cow_copies += 1
+        table.append_tokens(num_new_tokens, self.device.allocate)
+        self._register_full_blocks(seq, table)
+        return cow
+        # END SOLUTION
+
+    # ---- sharing -----------------------------------------------------------------------------
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Share every block of `parent` with `child` (like fork(): copy-on-write pages).
+
+        No block is allocated: reference counts go up, so a fork can never run out of memory. The
+        first write into a shared, partly filled block copies it (see append_slots).
+
+        Raises:
+            KeyError: if `parent` holds no device blocks.
+            ValueError: if `child` already holds blocks.
+        """
+        table = self._device_table(parent)
+        if child.seq_id in self.device_tables or child.seq_id in self.host_tables:
+            raise ValueError(f"child seq {child.seq_id} already holds blocks")
+        # BEGIN SOLUTION
+        for block in table.block_ids:
+            self.device.incref(block)
+        self.device_tables[child.seq_id] = table.copy()
+        if parent.seq_id in self._block_hashes:
+            self._block_hashes[child.seq_id] = list(self._block_hashes[parent.seq_id])
+        # END SOLUTION
+
+    def free(self, seq: Sequence) -> None:
+        """Release every block `seq` holds, on the device or on the host (finished or preempted).
+
+        Blocks are released last first, so with prefix caching a sequence's tail is evicted before
+        its head, which more prompts are likely to share.
+
+        Raises:
+            KeyError: if `seq` holds no blocks.
+        """
+        if seq.seq_id in self.device_tables:
+            table, pool = self.device_tables.pop(seq.seq_id), self.device
+        elif seq.seq_id in self.host_tables:
+            table, pool = self.host_tables.pop(seq.seq_id), self.host
+        else:
+            raise KeyError(f"seq {seq.seq_id} holds no blocks")
+        for block in reversed(table.block_ids):
+            pool.free(block)
+        self._block_hashes.pop(seq.seq_id, None)
+
+    # ---- swapping ----------------------------------------------------------------------------
+
+    def can_swap_out(self, seq_group: SequenceGroup) -> bool:
+        """Does the host pool have room for the group's device blocks (each shared block once)?"""
+        return len(self._unique_blocks(seq_group, self.device_tables)) <= self.host.num_free
+
+    def swap_out(self, seq_group: SequenceGroup) -> BlockMapping:
+        """Move the group's device blocks to the host pool; a block shared in the group moves once.
+
+        Returns:
+            (device block, host block) pairs for swap_blocks, each device block once.
+
+        Raises:
+            ValueError: if no sequence of the group holds device blocks.
+            NoFreeBlocksError: if the host pool is too small (nothing is moved): fail this group,
+                not the engine; the caller may fall back to recompute.
+        """
+        return self._move(seq_group, self.device_tables, self.device, self.host_tables, self.host)
+
+    def can_swap_in(self, seq_group: SequenceGroup) -> bool:
+        """Would the group's host blocks fit in the device pool while keeping the watermark free?"""
+        needed = len(self._unique_blocks(seq_group, self.host_tables))
+        return self.device.num_free - needed >= self.watermark_blocks
+
+    def swap_in(self, seq_group: SequenceGroup) -> BlockMapping:
+        """Move the group's host blocks back to the device pool (the inverse of swap_out).
+
+        Returns:
+            (host block, device block) pairs for swap_blocks, each host block once.
+
+        Raises:
+            ValueError: if no sequence of the group is swapped out.
+            NoFreeBlocksError: if the device pool is too small (nothing is moved).
+        """
+        return self._move(seq_group, self.host_tables, self.host, self.device_tables, self.device)
+
+    def _move(
+        self,
+        seq_group: SequenceGroup,
+        src_tables: dict[int, BlockTable],
+        src: BlockAllocator,
+        dst_tables: dict[int, BlockTable],
+        dst: BlockAllocator,
+    ) -> BlockMapping:
+        seqs = self._seqs_on(seq_group, src_tables)
+        if not seqs:
+            raise ValueError(f"no sequence of group {seq_group.request_id!r} holds {src.name} blocks")
+        needed = len(self._unique_blocks(seq_group, src_tables))
+        if needed > dst.num_free:
+            raise NoFreeBlocksError(
+                f"group {seq_group.request_id!r} needs {needed} {dst.name} blocks, {dst.num_free} free"
+            )
+        # BEGIN SOLUTION
+        mapping: dict[int, int] = {}  # src block -> dst block: a shared block is moved once
+        for seq in seqs:
+            table = src_tables.pop(seq.seq_id)
+            new_ids = []
+            for block in table.block_ids:
+                if block in mapping:
+                    dst.incref(mapping[block])
+                else:
+                    mapping[block] = dst.allocate()
+                new_ids.append(mapping[block])
+                src.free(block)
+            dst_tables[seq.seq_id] = BlockTable(self.block_size, new_ids, table.num_tokens)
+        # END SOLUTION
+        if dst is self.host:
+            self.blocks_swapped_out += len(mapping)
+        else:
+            self.blocks_swapped_in += len(mapping)
+        return list(mapping.items())
+
+    # ---- what memory looks like --------------------------------------------------------------
+
+    def get_block_table(self, seq: Sequence) -> BlockTable:
+        """The device block table of `seq` (the engine builds slot_mapping and block_tables from it).
+
+        Raises:
+            KeyError: if `seq` holds no device blocks.
+        """
+        return self._device_table(seq)
+
+    def seq_memory(self, seq: Sequence) -> SeqMemory:
+        """Slots used vs allocated for one sequence, wherever its blocks are.
+
+        Raises:
+            KeyError: if `seq` holds no blocks.
+        """
+        location = "device" if seq.seq_id in self.device_tables else "host"
+        table = (self.device_tables if location == "device" else self.host_tables).get(seq.seq_id)
+        if table is None:
+            raise KeyError(f"seq {seq.seq_id} holds no blocks")
+        return SeqMemory(seq.seq_id, location, len(table), table.num_tokens, table.capacity)
+
+    def memory_stats(self) -> MemoryStats:
+        """A snapshot of both pools, every sequence and the counters, as plain data."""
+        seqs = [
+            SeqMemory(seq_id, location, len(t), t.num_tokens, t.capacity)
+            for location, tables in (("device", self.device_tables), ("host", self.host_tables))
+            for seq_id, t in tables.items()
+        ]
+        cache = self.device if isinstance(self.device, PrefixCachingBlockAllocator) else None
+        return MemoryStats(
+            device=self._pool_stats(self.device, self.device_tables),
+            host=self._pool_stats(self.host, self.host_tables),
+            seqs=seqs,
+            prefix_cache_hits=cache.hits if cache else 0,
+            prefix_cache_misses=cache.misses if cache else 0,
+            cow_copies=self.cow_copies,
+            blocks_swapped_out=self.blocks_swapped_out,
+            blocks_swapped_in=self.blocks_swapped_in,
+        )
+
+    def _pool_stats(self, pool: BlockAllocator, tables: dict[int, BlockTable]) -> PoolStats:
+        filled: dict[int, int] = {}  # block -> most slots any holder has filled in it
+        for table in tables.values():
+            for i, block in enumerate(table.block_ids):
+                in_block = min(self.block_size, table.num_tokens - i * self.block_size)
+                filled[block] = max(filled.get(block, 0), in_block)
+        held = sum(len(t) for t in tables.values())
+        return PoolStats(
+            name=pool.name,
+            num_blocks=pool.num_blocks,
+            num_free=pool.num_free,
+            num_used=pool.num_used,
+            num_shared=sum(pool.ref_count(b) > 1 for b in filled),
+            num_cached_free=getattr(pool, "num_cached_free", 0),
+            slots_used=sum(filled.values()),
+            slots_allocated=pool.num_used * self.block_size,
+            blocks_saved_by_sharing=held - len(filled),
+        )
+
+    # ---- helpers -----------------------------------------------------------------------------
+
+    def _device_table(self, seq: Sequence) -> BlockTable:
+        if seq.seq_id not in self.device_tables:
+            raise KeyError(f"seq {seq.seq_id} holds no device blocks")
+        return self.device_tables[seq.seq_id]
+
+    def _seqs_on(self, seq_group: SequenceGroup, tables: dict[int, BlockTable]) -> list[Sequence]:
+        return [seq for seq in seq_group.get_unfinished_seqs() if seq.seq_id in tables]
+
+    def _unique_blocks(self, seq_group: SequenceGroup, tables: dict[int, BlockTable]) -> set[int]:
+        return {b for seq in self._seqs_on(seq_group, tables) for b in tables[seq.seq_id].block_ids}
+
+    def _seqs_to_allocate(self, seq_group: SequenceGroup) -> list[Sequence]:
+        seqs = seq_group.get_unfinished_seqs()
+        if not seqs:
+            raise ValueError(f"group {seq_group.request_id!r} has no unfinished sequence to allocate")
+        for seq in seqs:
+            if seq.seq_id in self.device_tables or seq.seq_id in self.host_tables:
+                raise ValueError(f"seq {seq.seq_id} of group {seq_group.request_id!r} already holds blocks")
+        return seqs
+
+    def _common_full_blocks(self, seq: Sequence, first: Sequence) -> int:
+        """Leading blocks `seq` can share with `first`: all if the tokens are equal, else the full ones."""
+        tokens, first_tokens = seq.token_ids, first.token_ids
+        if tokens == first_tokens:
+            return num_blocks_for(len(tokens), self.block_size)
+        common = 0
+        while common < min(len(tokens), len(first_tokens)) and tokens[common] == first_tokens[common]:
+            common += 1
+        return common // self.block_size
+
+    def _blocks_to_allocate(self, seqs: list[Sequence], use_prefix_cache: bool) -> int:
+        first = seqs[0]
+        needed = num_blocks_for(len(first), self.block_size)
+        if use_prefix_cache and isinstance(self.device, PrefixCachingBlockAllocator):
+            needed -= self.device.count_prefix(self._hashes_of(first))[0]
+        for seq in seqs[1:]:
+            needed += num_blocks_for(len(seq), self.block_size) - self._common_full_blocks(seq, first)
+        return needed
+
+    def _num_free_after_prefix_hits(self, seq: Sequence) -> int:
+        """Free blocks left once the cached-free blocks a prompt would reuse are taken back."""
+        if isinstance(self.device, PrefixCachingBlockAllocator):
+            return self.device.num_free - self.device.count_prefix(self._hashes_of(seq))[1]
+        return self.device.num_free
+
+    def _blocks_to_append(self, seq: Sequence) -> int:
+        table = self._device_table(seq)
+        num_new_tokens = len(seq) - table.num_tokens
+        if num_new_tokens <= 0:
+            return 0
+        partial = table.num_filled_in_last_block not in (0, self.block_size)
+        cow = partial and self.device.ref_count(table.block_ids[-1]) > 1
+        return table.num_new_blocks_needed(num_new_tokens) + int(cow)
+
+    def _allocate_sharing(self, seq: Sequence, first: Sequence) -> None:
+        """Allocate `seq`, sharing the leading blocks it has in common with `first`."""
+        first_table = self.device_tables[first.seq_id]
+        num_shared = self._common_full_blocks(seq, first)
+        for block in first_table.block_ids[:num_shared]:
+            self.device.incref(block)
+        num_tokens = min(len(seq), num_shared * self.block_size)
+        table = BlockTable(self.block_size, first_table.block_ids[:num_shared], num_tokens)
+        table.append_tokens(len(seq) - num_tokens, self.device.allocate)
+        self._install(seq, table)
+
+    def _install(self, seq: Sequence, table: BlockTable) -> None:
+        self.device_tables[seq.seq_id] = table
+        self._register_full_blocks(seq, table)
+
+    def _hashes_of(self, seq: Sequence) -> list[str]:
+        """Chained hashes of the full blocks of `seq`, extended incrementally as it grows."""
+        if not self.enable_prefix_caching:
+            return []
+        hashes = self._block_hashes.get(seq.seq_id, [])
+        num_full = len(seq) // self.block_size
+        if len(hashes) < num_full:
+            done = len(hashes) * self.block_size
+            parent = hashes[-1] if hashes else ""
+            hashes = hashes + hash_full_blocks(
+                seq.token_ids[done : num_full * self.block_size], self.block_size, parent
+            )
+        return hashes
+
+    def _register_full_blocks(self, seq: Sequence, table: BlockTable) -> None:
+        """Publish the sequence's newly full blocks in the prefix cache."""
+        if not isinstance(self.device, PrefixCachingBlockAllocator):
+            return
+        known = len(self._block_hashes.get(seq.seq_id, []))
+        hashes = self._hashes_of(seq)
+        for i in range(known, len(hashes)):
+            self.device.register(table.block_ids[i], hashes[i])
+        self._block_hashes[seq.seq_id] = hashes
+
+
+__all__ = [
+    "AllocStatus",
+    "BlockManager",
+    "BlockMapping",
+    "MemoryStats",
+    "NoFreeBlocksError",
+    "PoolStats",
+    "SeqMemory",
+]

@@ -1,0 +1,102 @@
+"""Sequences and sequence groups: the "processes" whose memory the block manager pages.
+
+OS idea: the kernel tracks each process (its pages, its state: ready, running, swapped out) in a
+process control block (OSTEP ch. 4). KV counterpart: vLLM paper section 4.3-4.5. A *sequence* is one
+stream of tokens (a prompt and what has been generated after it); it owns one block table. A
+*sequence group* is one request: its n parallel samples or its beams, which share the prompt's
+blocks and are scheduled, preempted and swapped together, all or nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+
+
+class SequenceStatus(enum.Enum):
+    """Where a sequence is in its life, like a process's state."""
+
+    WAITING = "waiting"  # admitted by nobody yet, or preempted by recompute: holds no blocks
+    RUNNING = "running"  # its blocks are in the device pool
+    SWAPPED = "swapped"  # its blocks are in the host pool (swapped out)
+    FINISHED_STOPPED = "finished_stopped"  # hit EOS or a stop token
+    FINISHED_LENGTH_CAPPED = "finished_length_capped"  # hit max_tokens
+    FINISHED_ABORTED = "finished_aborted"  # cancelled
+
+    @property
+    def is_finished(self) -> bool:
+        return self.name.startswith("FINISHED")
+
+
+_seq_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One token stream: its prompt and the tokens generated after it.
+
+    Equality is identity (`eq=False`): two sequences with the same tokens are still two processes.
+
+    Attributes:
+        seq_id: unique id; block tables are keyed by it.
+        prompt_token_ids: the prompt.
+        output_token_ids: tokens generated so far.
+        status: see `SequenceStatus`.
+    """
+
+    prompt_token_ids: list[int]
+    output_token_ids: list[int] = field(default_factory=list)
+    seq_id: int = field(default_factory=lambda: next(_seq_ids))
+    status: SequenceStatus = SequenceStatus.WAITING
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Prompt then output: every token whose K/V the cache must hold."""
+        return self.prompt_token_ids + self.output_token_ids
+
+    def __len__(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def append_token_id(self, token_id: int) -> None:
+        """Record one generated token. Its slot is found by BlockManager.append_slots."""
+        self.output_token_ids.append(token_id)
+
+    def fork(self) -> Sequence:
+        """A child with a new id and a copy of this sequence's tokens and status (like fork())."""
+        return Sequence(list(self.prompt_token_ids), list(self.output_token_ids), status=self.status)
+
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+
+@dataclass(eq=False)
+class SequenceGroup:
+    """One request: the sequences (samples or beams) that share its prompt.
+
+    Attributes:
+        request_id: the caller's name for the request.
+        seqs: its sequences; parallel sampling and beam search add more by fork.
+        arrival_time: when it arrived; first come, first served orders by it.
+    """
+
+    request_id: str
+    seqs: list[Sequence]
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    def get_seqs(self, status: SequenceStatus | None = None) -> list[Sequence]:
+        """The group's sequences, or only those with `status`."""
+        if status is None:
+            return list(self.seqs)
+        return [seq for seq in self.seqs if seq.status == status]
+
+    def get_unfinished_seqs(self) -> list[Sequence]:
+        return [seq for seq in self.seqs if not seq.is_finished()]
+
+    def add(self, seq: Sequence) -> None:
+        """Add a forked sequence (a new sample or beam) to the group."""
+        self.seqs.append(seq)
+
+    def is_finished(self) -> bool:
+        return all(seq.is_finished() for seq in self.seqs)
