@@ -1,0 +1,95 @@
+"""The student version: fences are stripped correctly, and every task's tests catch a missing solution.
+
+The last test is the one that keeps the assignments honest: in a copy of the project with every
+solution stripped, each registered task marker (task1_1, ...) must select tests and at least one of
+them must fail. A task whose tests all pass without its solution would grade nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from minipaged.assignments import STUB, make_student_copy, strip_solutions
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RECORDER = """
+import json, os
+
+MARKERS, FAILED = {}, set()
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        MARKERS[item.nodeid] = sorted({m.name for m in item.iter_markers()})
+
+def pytest_runtest_logreport(report):
+    if report.failed:
+        FAILED.add(report.nodeid)
+
+def pytest_sessionfinish(session):
+    with open(os.environ["RECORD_TO"], "w") as f:
+        json.dump({"markers": MARKERS, "failed": sorted(FAILED)}, f)
+"""
+
+
+def test_strip_solutions_keeps_the_fences_and_stubs_the_body():
+    source = textwrap.dedent(
+        """\
+        def f(x):
+            \"\"\"Doc.\"\"\"
+            # BEGIN SOLUTION
+            y = x + 1
+            return y
+            # END SOLUTION
+        """
+    )
+    stripped = strip_solutions(source)
+    assert "y = x + 1" not in stripped
+    assert stripped.splitlines()[2:] == ["    # BEGIN SOLUTION", f"    {STUB}", "    # END SOLUTION"]
+    namespace: dict = {}
+    exec(stripped, namespace)
+    with pytest.raises(NotImplementedError, match="write this body"):
+        namespace["f"](1)
+
+
+def test_unclosed_fence_is_an_error():
+    with pytest.raises(ValueError, match="unbalanced solution fences"):
+        strip_solutions("def f():\n    # BEGIN SOLUTION\n    return 1\n")
+
+
+def test_student_copy_refuses_to_overwrite(tmp_path):
+    with pytest.raises(FileExistsError, match="dest must not exist"):
+        make_student_copy(ROOT, tmp_path)
+
+
+def test_every_task_has_a_test_that_fails_without_its_solution(tmp_path):
+    student = tmp_path / "student"
+    stripped = make_student_copy(ROOT, student)
+    assert student / "minipaged" / "reference" / "block_allocator.py" in stripped
+    (student / "record_outcomes.py").write_text(RECORDER)
+    tasks = re.findall(r'"(task\d+_\d+):', (ROOT / "pyproject.toml").read_text())
+    assert tasks, "no task markers registered in pyproject.toml"
+    record = tmp_path / "record.json"
+    env = {**os.environ, "PYTHONPATH": str(student), "RECORD_TO": str(record), "PYTHONDONTWRITEBYTECODE": "1"}
+    subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "record_outcomes", "-m", " or ".join(tasks)],
+        cwd=student,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    outcome = json.loads(record.read_text())
+    for task in tasks:
+        selected = [node for node, marks in outcome["markers"].items() if task in marks]
+        assert selected, f"no test is marked {task}"
+        failing = [node for node in selected if node in outcome["failed"]]
+        assert failing, f"every {task} test passes with the solutions stripped: they test nothing of the task"
