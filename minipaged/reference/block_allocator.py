@@ -31,7 +31,7 @@ class BlockAllocator:
     """
 
     def __init__(self, num_blocks: int, name: str = "device") -> None:
-        if not isinstance(num_blocks, int) or num_blocks < 0:
+        if not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks < 0:
             raise ValueError(f"num_blocks must be a non-negative int, got {num_blocks!r}")
         self.num_blocks = num_blocks
         self.name = name

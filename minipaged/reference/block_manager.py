@@ -99,7 +99,8 @@ class BlockManager:
         enable_prefix_caching: reuse full blocks across requests by their hash (prefix_cache.py).
 
     Raises:
-        ValueError: for a non-positive block_size, negative pool sizes, or watermark outside [0, 1).
+        ValueError: for a non-positive block_size, pool sizes that are not non-negative ints, or a
+            watermark outside [0, 1).
     """
 
     def __init__(
@@ -110,9 +111,14 @@ class BlockManager:
         watermark: float = 0.01,
         enable_prefix_caching: bool = False,
     ) -> None:
-        if not isinstance(block_size, int) or block_size <= 0:
-            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-        if not 0.0 <= watermark < 1.0:
+        for name, value, least in (
+            ("block_size", block_size, 1),
+            ("num_gpu_blocks", num_gpu_blocks, 0),
+            ("num_cpu_blocks", num_cpu_blocks, 0),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+        if not isinstance(watermark, (int, float)) or not 0.0 <= watermark < 1.0:
             raise ValueError(f"watermark must be in [0, 1), got {watermark!r}")
         self.block_size = block_size
         self.watermark_blocks = int(watermark * num_gpu_blocks)

@@ -18,6 +18,10 @@ from collections.abc import Callable, Sequence
 import torch
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def num_blocks_for(num_tokens: int, block_size: int) -> int:
     """Blocks needed to hold `num_tokens` tokens: ceil(num_tokens / block_size)."""
     return -(-num_tokens // block_size)
@@ -39,8 +43,10 @@ class BlockTable:
     """
 
     def __init__(self, block_size: int, block_ids: Sequence[int] = (), num_tokens: int = 0) -> None:
-        if not isinstance(block_size, int) or block_size <= 0:
+        if not _is_int(block_size) or block_size <= 0:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        if not _is_int(num_tokens) or num_tokens < 0:
+            raise ValueError(f"num_tokens must be a non-negative int, got {num_tokens!r}")
         if num_blocks_for(num_tokens, block_size) != len(block_ids):
             raise ValueError(
                 f"num_tokens={num_tokens} needs {num_blocks_for(num_tokens, block_size)} blocks of "
