@@ -1,0 +1,320 @@
+"""The exercises at the end of the concept pages (docs/concepts/*.md), checked against the real code.
+
+Each test builds exactly the situation that its page describes and asserts the answer that the page
+gives in its folded "Answer" box, so the docs cannot drift from the code. When a test here fails,
+fix the page and the test together.
+
+Markers: a page that belongs to an assignment task carries that task's marker. The contiguous-allocation
+and pages-and-frames exercises use demand paging, so they carry task1_3 (they pass once tasks 1.1-1.3
+are done); the KV-cache exercise uses only minipaged.config and carries none.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from minipaged.config import kv_cache_bytes_per_block, kv_cache_bytes_per_token
+from minipaged.reference.block_allocator import BlockAllocator, NoFreeBlocksError
+from minipaged.reference.block_manager import AllocStatus, BlockManager
+from minipaged.reference.block_table import BlockTable
+from minipaged.reference.prefix_cache import hash_full_blocks
+from minipaged.sequence import Sequence, SequenceGroup
+
+
+def group(request_id: str, *token_lists: list[int]) -> SequenceGroup:
+    """A request whose sequences start with the given token lists (one list per sample)."""
+    return SequenceGroup(request_id, [Sequence(list(tokens)) for tokens in token_lists])
+
+
+def ref_counts(allocator: BlockAllocator) -> list[int]:
+    return [allocator.ref_count(block) for block in range(allocator.num_blocks)]
+
+
+# ---- kv-cache.md ------------------------------------------------------------------------------
+
+
+def test_kv_cache_exercise():
+    # A Llama-3-8B-shaped model: 32 layers, 32 query heads but 8 KV heads of 128, bf16; blocks of 16.
+    per_token = kv_cache_bytes_per_token(num_layers=32, num_kv_heads=8, head_dim=128, dtype_bytes=2)
+    per_block = kv_cache_bytes_per_block(16, num_layers=32, num_kv_heads=8, head_dim=128, dtype_bytes=2)
+    assert per_token == 131_072  # 128 KiB
+    assert per_block == 2_097_152  # 2 MiB
+    num_blocks = 16 * 2**30 // per_block
+    assert num_blocks == 8_192
+    assert num_blocks * 16 == 131_072  # tokens
+    # The page's worked example: OPT-13B, the paper's "800 KB" per token and "1.6 GB" per 2048 tokens.
+    assert kv_cache_bytes_per_token(40, 40, 128, 2) == 819_200
+    assert kv_cache_bytes_per_token(40, 40, 128, 2) * 2048 == 1_677_721_600
+
+
+# ---- contiguous-allocation.md -------------------------------------------------------------------
+
+
+@pytest.mark.task1_3
+def test_contiguous_allocation_exercise():
+    manager = BlockManager(block_size=4, num_gpu_blocks=10, watermark=0.0)
+    a = group("A", list(range(100, 116)))  # 16 tokens: 4 blocks
+    b = group("B", list(range(200, 208)))  # 8 tokens: 2 blocks
+    c = group("C", list(range(300, 312)))  # 12 tokens: 3 blocks
+    for g in (a, b, c):
+        manager.allocate(g)
+    assert [manager.get_block_table(g.seqs[0]).block_ids for g in (a, b, c)] == [
+        [0, 1, 2, 3],
+        [4, 5],
+        [6, 7, 8],
+    ]
+    manager.free(b.seqs[0])
+    # Contiguous view of the same pool: the free blocks form holes of 2 (blocks 4-5) and 1 (block 9).
+    free = [block for block in range(10) if manager.device.ref_count(block) == 0]
+    assert free == [4, 5, 9]
+    holes, run = [], 0
+    for block in range(10):
+        run = run + 1 if block in free else 0
+        if run and (block == 9 or block + 1 not in free):
+            holes.append(run)
+    assert max(holes) == 2  # D needs 3 contiguous blocks: a contiguous allocator must refuse it
+    d = group("D", list(range(400, 412)))  # 12 tokens: 3 blocks
+    assert manager.can_allocate(d) == AllocStatus.OK  # paging: any 3 free blocks will do
+    manager.allocate(d)
+    assert manager.get_block_table(d.seqs[0]).block_ids == [4, 5, 9]
+
+
+@pytest.mark.task1_3
+def test_contiguous_allocation_worked_example_paged_side():
+    # Prompt of 10 tokens, 30 generated, blocks of 16: 40 tokens in 3 blocks, 8 slots unused.
+    manager = BlockManager(block_size=16, num_gpu_blocks=100, watermark=0.0)
+    seq = Sequence(list(range(1000, 1010)))
+    manager.allocate(SequenceGroup("r", [seq]))
+    for token in range(2000, 2030):
+        seq.append_token_id(token)
+        manager.append_slots(seq)
+    memory = manager.seq_memory(seq)
+    assert (memory.num_blocks, memory.slots_used, memory.slots_allocated) == (3, 40, 48)
+    assert memory.internal_waste == 8
+
+
+# ---- pages-and-frames.md ----------------------------------------------------------------------
+
+
+@pytest.mark.task1_3
+def test_pages_and_frames_exercise():
+    pool = BlockAllocator(8)
+    a, b = BlockTable(block_size=4), BlockTable(block_size=4)
+    assert a.append_tokens(6, pool.allocate) == [0, 1]  # A's prompt: 6 tokens
+    assert b.append_tokens(5, pool.allocate) == [2, 3]  # B's prompt: 5 tokens
+    for step in range(4):  # each decode step adds one token to each running sequence
+        if step < 3:  # A stops after 3 generated tokens
+            a.append_tokens(1, pool.allocate)
+        b.append_tokens(1, pool.allocate)
+    assert a.block_ids == [0, 1, 4]  # A's logical block 2 lives in physical block 4
+    assert b.block_ids == [2, 3, 5]  # B's logical block 2 lives in physical block 5
+    assert (a.num_tokens, b.num_tokens) == (9, 9)
+    assert (a.capacity - a.num_tokens) + (b.capacity - b.num_tokens) == 6  # empty slots, all in last blocks
+    assert pool.num_free == 2
+
+
+# ---- page-table.md ----------------------------------------------------------------------------
+
+
+@pytest.mark.task1_1
+def test_page_table_exercise():
+    table = BlockTable(block_size=8, block_ids=[3, 0, 5], num_tokens=19)
+    assert table.slot(12) == 4
+    assert table.slot_mapping(4) == [7, 40, 41, 42]
+    assert table.num_filled_in_last_block == 3
+    assert table.as_tensor(5).tolist() == [3, 0, 5, -1, -1]
+
+
+# ---- frame-allocator.md -----------------------------------------------------------------------
+
+
+@pytest.mark.task1_2
+def test_frame_allocator_exercise():
+    pool = BlockAllocator(4)
+    # The worked example on the page.
+    assert pool.allocate() == 0
+    assert pool.allocate() == 1
+    assert pool.incref(0) == 2
+    assert pool.free(1) == 0
+    assert ref_counts(pool) == [2, 0, 0, 0]
+    # The exercise continues from there.
+    assert pool.allocate() == 1  # the block freed last is handed out first
+    assert pool.free(0) == 1
+    assert pool.free(0) == 0
+    with pytest.raises(ValueError, match="double free"):
+        pool.free(3)
+    assert ref_counts(pool) == [0, 1, 0, 0]
+    assert (pool.num_free, pool.num_used) == (3, 1)
+
+
+# ---- demand-paging.md -------------------------------------------------------------------------
+
+
+@pytest.mark.task1_3
+def test_demand_paging_exercise():
+    manager = BlockManager(block_size=4, num_gpu_blocks=10, watermark=0.1)
+    assert manager.watermark_blocks == 1
+    seq = Sequence([101, 102, 103, 104, 105, 106, 107])
+    manager.allocate(SequenceGroup("A", [seq]))
+    assert manager.get_block_table(seq).block_ids == [0, 1]
+    tables = []
+    for token in (201, 202):
+        seq.append_token_id(token)
+        assert manager.append_slots(seq) == []
+        tables.append(list(manager.get_block_table(seq).block_ids))
+    assert tables == [[0, 1], [0, 1, 2]]  # the 2nd generated token brings block 2
+    assert manager.device.num_free == 7
+    answers = {n: manager.can_allocate(group("B", list(range(500, 500 + n)))) for n in (24, 28, 36, 40)}
+    assert answers == {
+        24: AllocStatus.OK,
+        28: AllocStatus.LATER,
+        36: AllocStatus.LATER,
+        40: AllocStatus.NEVER,
+    }
+
+
+# ---- fork.md ----------------------------------------------------------------------------------
+
+
+@pytest.mark.task1_4
+def test_fork_exercise():
+    manager = BlockManager(block_size=4, num_gpu_blocks=3, watermark=0.0)
+    parent = Sequence(list(range(100, 110)))  # 10 tokens: 3 blocks, the whole pool
+    beams = SequenceGroup("beams", [parent])
+    manager.allocate(beams)
+    assert manager.device.num_free == 0
+    children = []
+    for _ in range(2):
+        child = parent.fork()
+        beams.add(child)
+        manager.fork(parent, child)  # does not raise: no block is allocated
+        children.append(child)
+    assert ref_counts(manager.device) == [3, 3, 3]
+    assert manager.device.num_free == 0
+    assert all(manager.get_block_table(child).block_ids == [0, 1, 2] for child in children)
+    children[0].append_token_id(500)
+    assert not manager.can_append_slots(beams)
+    with pytest.raises(NoFreeBlocksError):
+        manager.append_slots(children[0])
+    assert manager.get_block_table(children[0]).block_ids == [0, 1, 2]  # unchanged
+
+
+# ---- copy-on-write.md -------------------------------------------------------------------------
+
+
+@pytest.mark.task1_5
+def test_copy_on_write_exercise():
+    manager = BlockManager(block_size=4, num_gpu_blocks=8, watermark=0.0)
+    prompt = [101, 102, 103, 104, 105, 106, 107]
+    samples = group("samples", prompt, prompt, prompt)  # n = 3 parallel samples
+    manager.allocate(samples)
+    assert ref_counts(manager.device)[:2] == [3, 3]
+    copies, slots = [], []
+    for token, seq in zip((301, 302, 303), samples.seqs, strict=True):
+        seq.append_token_id(token)
+        copies.append(manager.append_slots(seq))
+        slots.append(manager.get_block_table(seq).slot_mapping(1)[0])
+    assert copies == [[(1, 2)], [(1, 3)], []]
+    assert [manager.get_block_table(seq).block_ids for seq in samples.seqs] == [[0, 2], [0, 3], [0, 1]]
+    assert slots == [11, 15, 7]
+    assert ref_counts(manager.device)[:4] == [3, 1, 1, 1]
+    assert manager.cow_copies == 2
+
+
+@pytest.mark.task1_5
+def test_copy_on_write_full_last_block_needs_no_copy():
+    # The page's note: an 8-token prompt fills its last block, so the samples' next tokens go to new blocks.
+    manager = BlockManager(block_size=4, num_gpu_blocks=8, watermark=0.0)
+    prompt = [101, 102, 103, 104, 105, 106, 107, 108]
+    samples = group("samples", prompt, prompt)
+    manager.allocate(samples)
+    for token, seq in zip((301, 302), samples.seqs, strict=True):
+        seq.append_token_id(token)
+        assert manager.append_slots(seq) == []
+    assert [manager.get_block_table(seq).block_ids for seq in samples.seqs] == [[0, 1, 2], [0, 1, 3]]
+
+
+# ---- prefix-caching.md ------------------------------------------------------------------------
+
+
+@pytest.mark.task1_6
+def test_prefix_caching_exercise():
+    manager = BlockManager(block_size=4, num_gpu_blocks=8, watermark=0.0, enable_prefix_caching=True)
+    cache = manager.device
+    system = [11, 12, 13, 14, 15, 16, 17, 18]
+    a = group("A", [*system, 21, 22])
+    assert manager.allocate(a) == 0
+    assert manager.get_block_table(a.seqs[0]).block_ids == [0, 1, 2]
+    manager.free(a.seqs[0])  # A finishes
+    assert (cache.num_free, cache.num_cached_free) == (8, 2)
+    b = group("B", [*system, 31, 32, 33])
+    assert manager.allocate(b) == 8  # tokens whose K/V are already in the pool
+    assert manager.get_block_table(b.seqs[0]).block_ids == [0, 1, 2]
+    assert (cache.hits, cache.misses) == (2, 2)
+    c = group("C", [91, 92, 93, 94, 15, 16, 17, 18, 41])  # second block's tokens equal the system prompt's
+    assert manager.allocate(c) == 0
+    assert manager.get_block_table(c.seqs[0]).block_ids == [3, 4, 5]
+    assert (cache.hits, cache.misses) == (2, 4)
+
+
+@pytest.mark.task1_6
+def test_prefix_caching_chained_names():
+    # The same four tokens at a different place in the chain get a different name; [9] gets none.
+    names = hash_full_blocks([1, 2, 3, 4, 1, 2, 3, 4, 9], 4)
+    assert len(names) == 2
+    assert names[0] != names[1]
+
+
+@pytest.mark.task1_6
+def test_prefix_caching_worked_example_lru_eviction():
+    manager = BlockManager(block_size=4, num_gpu_blocks=4, watermark=0.0, enable_prefix_caching=True)
+    cache = manager.device
+    x = group("X", [1, 2, 3, 4, 5, 6, 7, 8])
+    manager.allocate(x)
+    manager.free(x.seqs[0])
+    assert [cache.is_cached_free(block) for block in range(4)] == [True, True, False, False]
+    y = group("Y", [41, 42, 43, 44, 45, 46, 47, 48, 49])
+    manager.allocate(y)
+    assert manager.get_block_table(y.seqs[0]).block_ids == [2, 3, 1]  # block 1, X's tail, was evicted
+    assert cache.evictions == 1
+    assert cache.is_cached_free(0)  # X's first block is still cached
+
+
+# ---- swapping.md ------------------------------------------------------------------------------
+
+
+@pytest.mark.task1_7
+def test_swapping_exercise():
+    manager = BlockManager(block_size=4, num_gpu_blocks=8, num_cpu_blocks=3, watermark=0.0)
+    prompt = [1, 2, 3, 4, 5, 6]
+    samples = group("G", prompt, prompt)
+    manager.allocate(samples)
+    s1, s2 = samples.seqs
+    s1.append_token_id(70)
+    assert manager.append_slots(s1) == [(1, 2)]  # copy-on-write
+    s2.append_token_id(71)
+    assert manager.append_slots(s2) == []
+    assert [manager.get_block_table(s).block_ids for s in (s1, s2)] == [[0, 2], [0, 1]]
+    # Four table entries, three distinct blocks: a host pool of 3 is enough.
+    assert manager.can_swap_out(samples)
+    assert manager.swap_out(samples) == [(0, 0), (2, 1), (1, 2)]
+    assert [manager.host_tables[s.seq_id].block_ids for s in (s1, s2)] == [[0, 1], [0, 2]]
+    assert ref_counts(manager.host) == [2, 1, 1]
+    assert (manager.device.num_free, manager.host.num_free) == (8, 0)
+    assert manager.can_swap_in(samples)
+    assert manager.swap_in(samples) == [(0, 1), (1, 0), (2, 2)]
+    assert [manager.get_block_table(s).block_ids for s in (s1, s2)] == [[1, 0], [1, 2]]
+    assert (manager.blocks_swapped_out, manager.blocks_swapped_in) == (3, 3)
+
+
+@pytest.mark.task1_7
+def test_swapping_worked_example():
+    manager = BlockManager(block_size=4, num_gpu_blocks=4, num_cpu_blocks=4, watermark=0.0)
+    seq = Sequence([1, 2, 3, 4, 5, 6])
+    request = SequenceGroup("r", [seq])
+    manager.allocate(request)
+    assert manager.swap_out(request) == [(0, 0), (1, 1)]
+    assert manager.seq_memory(seq).location == "host"
+    assert manager.device.num_free == 4
+    assert manager.swap_in(request) == [(0, 1), (1, 0)]
+    assert manager.get_block_table(seq).block_ids == [1, 0]
