@@ -19,7 +19,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.dev lint
 	$(BIN)/python -m pytest
-	$(BIN)/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .

@@ -30,7 +30,15 @@ class SequenceStatus(enum.Enum):
         return self.name.startswith("FINISHED")
 
 
-_seq_ids = itertools.count()
+_next_seq_id = itertools.count()
+_taken_seq_ids: set[int] = set()
+
+
+def _new_seq_id() -> int:
+    """The next id that no Sequence has, explicit ids included."""
+    while (seq_id := next(_next_seq_id)) in _taken_seq_ids:
+        pass
+    return seq_id
 
 
 @dataclass(eq=False)
@@ -48,8 +56,11 @@ class Sequence:
 
     prompt_token_ids: list[int]
     output_token_ids: list[int] = field(default_factory=list)
-    seq_id: int = field(default_factory=lambda: next(_seq_ids))
+    seq_id: int = field(default_factory=_new_seq_id)
     status: SequenceStatus = SequenceStatus.WAITING
+
+    def __post_init__(self) -> None:
+        _taken_seq_ids.add(self.seq_id)  # so an explicit id is never handed out again by fork()
 
     @property
     def token_ids(self) -> list[int]:

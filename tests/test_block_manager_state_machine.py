@@ -94,7 +94,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
             assert self._snapshot() == before, "a failed allocate changed the manager"
             return False
         seqs = group.get_unfinished_seqs()
-        assert num_cached % self.bs == 0 and num_cached <= len(seqs[0])
+        assert num_cached % self.bs == 0 and num_cached < len(seqs[0]), "the last token is always computed"
         event("admitted with a prefix-cache hit" if num_cached else "admitted")
         for i, seq in enumerate(seqs):
             self._write(seq, len(seq) - (num_cached if i == 0 else 0))

@@ -161,7 +161,8 @@ class BlockManager:
 
         Returns:
             How many of the first sequence's tokens were found in the prefix cache: their K/V are
-            already in the pool and need no computing (a multiple of block_size; 0 without caching).
+            already in the pool and need no computing (a multiple of block_size, always less than
+            the sequence's length so the last token is computed; 0 without caching).
 
         Raises:
             ValueError: if a sequence of the group already holds blocks.
@@ -174,10 +175,9 @@ class BlockManager:
             raise NoFreeBlocksError(f"group {seq_group.request_id!r} needs {needed} blocks, {available} free")
         # BEGIN SOLUTION
         first, *others = seqs
-        hashes = self._hashes_of(first)
         shared: list[int] = []
         if isinstance(self.device, PrefixCachingBlockAllocator):
-            shared = self.device.match_prefix(hashes)
+            shared = self.device.match_prefix(self._matchable_hashes(first))
         table = BlockTable(self.block_size, shared, len(shared) * self.block_size)
         table.append_tokens(len(first) - table.num_tokens, self.device.allocate)
         self._install(first, table)
@@ -292,8 +292,13 @@ class BlockManager:
     def swap_in(self, seq_group: SequenceGroup) -> BlockMapping:
         """Move the group's host blocks back to the device pool (the inverse of swap_out).
 
+        With prefix caching, a full block whose content is still cached on the device (it was
+        shared with a running request, or is cached-free) is mapped again instead of transferred,
+        as Linux finds a page in its swap cache; the other full blocks are published in the cache.
+
         Returns:
-            (host block, device block) pairs for swap_blocks, each host block once.
+            (host block, device block) pairs for swap_blocks, each host block once; blocks found
+            in the prefix cache need no transfer and are not listed.
 
         Raises:
             ValueError: if no sequence of the group is swapped out.
@@ -319,23 +324,32 @@ class BlockManager:
             )
         # BEGIN SOLUTION
         mapping: dict[int, int] = {}  # src block -> dst block: a shared block is moved once
+        found: set[int] = set()  # src blocks whose K/V the device's prefix cache still holds
         for seq in seqs:
             table = src_tables.pop(seq.seq_id)
             new_ids = []
-            for block in table.block_ids:
+            for i, block in enumerate(table.block_ids):
                 if block in mapping:
                     dst.incref(mapping[block])
+                elif (cached := self._find_in_prefix_cache(dst, seq, i)) is not None:
+                    mapping[block] = cached  # like Linux's swap cache: nothing to transfer
+                    found.add(block)
                 else:
                     mapping[block] = dst.allocate()
                 new_ids.append(mapping[block])
                 src.free(block)
             dst_tables[seq.seq_id] = BlockTable(self.block_size, new_ids, table.num_tokens)
+            if dst is self.device:
+                self._register_full_blocks(seq, dst_tables[seq.seq_id], start=0)
+        transfers = [
+            (src_block, dst_block) for src_block, dst_block in mapping.items() if src_block not in found
+        ]
         # END SOLUTION
         if dst is self.host:
-            self.blocks_swapped_out += len(mapping)
+            self.blocks_swapped_out += len(transfers)
         else:
-            self.blocks_swapped_in += len(mapping)
-        return list(mapping.items())
+            self.blocks_swapped_in += len(transfers)
+        return transfers
 
     # ---- what memory looks like --------------------------------------------------------------
 
@@ -433,7 +447,7 @@ class BlockManager:
         first = seqs[0]
         needed = num_blocks_for(len(first), self.block_size)
         if use_prefix_cache and isinstance(self.device, PrefixCachingBlockAllocator):
-            needed -= self.device.count_prefix(self._hashes_of(first))[0]
+            needed -= self.device.count_prefix(self._matchable_hashes(first))[0]
         for seq in seqs[1:]:
             needed += num_blocks_for(len(seq), self.block_size) - self._common_full_blocks(seq, first)
         return needed
@@ -441,7 +455,7 @@ class BlockManager:
     def _num_free_after_prefix_hits(self, seq: Sequence) -> int:
         """Free blocks left once the cached-free blocks a prompt would reuse are taken back."""
         if isinstance(self.device, PrefixCachingBlockAllocator):
-            return self.device.num_free - self.device.count_prefix(self._hashes_of(seq))[1]
+            return self.device.num_free - self.device.count_prefix(self._matchable_hashes(seq))[1]
         return self.device.num_free
 
     def _blocks_to_append(self, seq: Sequence) -> int:
@@ -482,11 +496,29 @@ class BlockManager:
             )
         return hashes
 
-    def _register_full_blocks(self, seq: Sequence, table: BlockTable) -> None:
-        """Publish the sequence's newly full blocks in the prefix cache."""
+    def _matchable_hashes(self, seq: Sequence) -> list[str]:
+        """Hashes of the full blocks a prefix hit may cover: never the last token.
+
+        The model must still compute at least one token of the prompt to get the logits of the next
+        one, so a prompt that is cached whole reuses all its blocks but the one with its last token.
+        """
+        return self._hashes_of(seq)[: (len(seq) - 1) // self.block_size]
+
+    def _find_in_prefix_cache(self, pool: BlockAllocator, seq: Sequence, index: int) -> int | None:
+        """The cached device block holding logical block `index` of `seq`, with a reference taken."""
+        if not isinstance(pool, PrefixCachingBlockAllocator):
+            return None
+        hashes = self._block_hashes.get(seq.seq_id, [])
+        block = pool.lookup(hashes[index]) if index < len(hashes) else None
+        if block is not None:
+            pool.acquire(block)
+        return block
+
+    def _register_full_blocks(self, seq: Sequence, table: BlockTable, start: int | None = None) -> None:
+        """Publish the sequence's full blocks from logical block `start` (default: the new ones)."""
         if not isinstance(self.device, PrefixCachingBlockAllocator):
             return
-        known = len(self._block_hashes.get(seq.seq_id, []))
+        known = len(self._block_hashes.get(seq.seq_id, [])) if start is None else start
         hashes = self._hashes_of(seq)
         for i in range(known, len(hashes)):
             self.device.register(table.block_ids[i], hashes[i])

@@ -135,16 +135,29 @@ class PrefixCachingBlockAllocator(BlockAllocator):
             block = self._block_of_hash.get(block_hash)
             if block is None:
                 break  # the chain breaks here: later blocks depend on this one
-            if block in self._evictor:  # cached-free: revive it
-                del self._evictor[block]
-                self._ref_count[block] = 1
-            else:
-                self.incref(block)
+            self.acquire(block)
             matched.append(block)
         self.hits += len(matched)
         self.misses += len(block_hashes) - len(matched)
         return matched
         # END SOLUTION
+
+    def acquire(self, block: int) -> int:
+        """Take a reference on a cached block: revive it if cached-free, else share it.
+
+        Returns:
+            The new reference count.
+
+        Raises:
+            ValueError: if `block` is not in the cache.
+        """
+        if block not in self._hash_of_block:
+            raise ValueError(f"block {block} is not in the prefix cache")
+        if block in self._evictor:  # cached-free: revive it
+            del self._evictor[block]
+            self._ref_count[block] = 1
+            return 1
+        return self.incref(block)
 
     def count_prefix(self, block_hashes: Sequence[str]) -> tuple[int, int]:
         """Dry run of `match_prefix`: (blocks it would match, of which cached-free). No side effect."""
