@@ -4,8 +4,9 @@ The CPU-side policy here (allocator, block tables, manager, prefix cache) is sha
 """
 
 from minipaged.reference.block_allocator import BlockAllocator, NoFreeBlocksError
-from minipaged.reference.block_manager import AllocStatus, BlockManager, MemoryStats, PoolStats, SeqMemory
+from minipaged.reference.block_manager import AllocStatus, BlockManager
 from minipaged.reference.block_table import BlockTable, block_tables_tensor, num_blocks_for
+from minipaged.reference.memory_stats import MemoryStats, PoolStats, SeqMemory
 from minipaged.reference.prefix_cache import PrefixCachingBlockAllocator, hash_block_tokens, hash_full_blocks
 
 __all__ = [

@@ -15,10 +15,10 @@ whole. Every sequence holds exactly ceil(len(seq) / block_size) blocks after app
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 
 from minipaged.reference.block_allocator import BlockAllocator, NoFreeBlocksError
 from minipaged.reference.block_table import BlockTable, num_blocks_for
+from minipaged.reference.memory_stats import MemoryStats, PoolStats, SeqMemory, pool_stats
 from minipaged.reference.prefix_cache import PrefixCachingBlockAllocator, hash_full_blocks
 from minipaged.sequence import Sequence, SequenceGroup
 
@@ -31,60 +31,6 @@ class AllocStatus(enum.Enum):
     OK = "ok"
     LATER = "later"
     NEVER = "never"
-
-
-@dataclass(frozen=True)
-class SeqMemory:
-    """One sequence's footprint: its slots holding tokens vs the slots its blocks offer."""
-
-    seq_id: int
-    location: str  # "device" or "host"
-    num_blocks: int
-    slots_used: int
-    slots_allocated: int
-
-    @property
-    def internal_waste(self) -> int:
-        """Allocated slots holding no token: at most block_size - 1 (internal fragmentation)."""
-        return self.slots_allocated - self.slots_used
-
-
-@dataclass(frozen=True)
-class PoolStats:
-    """One pool's state. Slots are counted once per physical block, however many tables share it."""
-
-    name: str
-    num_blocks: int
-    num_free: int  # includes cached-free blocks: allocate() can hand them out
-    num_used: int
-    num_shared: int  # used blocks held by two or more tables
-    num_cached_free: int  # free blocks whose K/V the prefix cache still names
-    slots_used: int  # slots of used blocks that hold a token
-    slots_allocated: int  # num_used * block_size
-    blocks_saved_by_sharing: int  # sum over tables of their blocks, minus num_used
-
-    @property
-    def utilization(self) -> float:
-        """slots_used / slots_allocated (1.0 for an empty pool): the paper's KV-cache usage."""
-        return self.slots_used / self.slots_allocated if self.slots_allocated else 1.0
-
-    @property
-    def internal_waste(self) -> int:
-        return self.slots_allocated - self.slots_used
-
-
-@dataclass(frozen=True)
-class MemoryStats:
-    """What the manager's memory looks like now, as plain data for docs, experiments and tests."""
-
-    device: PoolStats
-    host: PoolStats
-    seqs: list[SeqMemory]
-    prefix_cache_hits: int
-    prefix_cache_misses: int
-    cow_copies: int  # blocks copied by copy-on-write so far
-    blocks_swapped_out: int  # so far
-    blocks_swapped_in: int  # so far
 
 
 class BlockManager:
@@ -382,33 +328,14 @@ class BlockManager:
         ]
         cache = self.device if isinstance(self.device, PrefixCachingBlockAllocator) else None
         return MemoryStats(
-            device=self._pool_stats(self.device, self.device_tables),
-            host=self._pool_stats(self.host, self.host_tables),
+            device=pool_stats(self.device, self.device_tables, self.block_size),
+            host=pool_stats(self.host, self.host_tables, self.block_size),
             seqs=seqs,
             prefix_cache_hits=cache.hits if cache else 0,
             prefix_cache_misses=cache.misses if cache else 0,
             cow_copies=self.cow_copies,
             blocks_swapped_out=self.blocks_swapped_out,
             blocks_swapped_in=self.blocks_swapped_in,
-        )
-
-    def _pool_stats(self, pool: BlockAllocator, tables: dict[int, BlockTable]) -> PoolStats:
-        filled: dict[int, int] = {}  # block -> most slots any holder has filled in it
-        for table in tables.values():
-            for i, block in enumerate(table.block_ids):
-                in_block = min(self.block_size, table.num_tokens - i * self.block_size)
-                filled[block] = max(filled.get(block, 0), in_block)
-        held = sum(len(t) for t in tables.values())
-        return PoolStats(
-            name=pool.name,
-            num_blocks=pool.num_blocks,
-            num_free=pool.num_free,
-            num_used=pool.num_used,
-            num_shared=sum(pool.ref_count(b) > 1 for b in filled),
-            num_cached_free=getattr(pool, "num_cached_free", 0),
-            slots_used=sum(filled.values()),
-            slots_allocated=pool.num_used * self.block_size,
-            blocks_saved_by_sharing=held - len(filled),
         )
 
     # ---- helpers -----------------------------------------------------------------------------
