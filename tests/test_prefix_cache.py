@@ -321,3 +321,34 @@ def test_manager_without_prefix_caching_never_shares_across_requests(finish_firs
         assert first_ids.isdisjoint(second_ids)
     stats = manager.memory_stats()
     assert (stats.prefix_cache_hits, stats.prefix_cache_misses, stats.device.num_cached_free) == (0, 0, 0)
+
+
+@pytest.mark.task1_6
+def test_manager_prompt_cached_whole_still_computes_its_last_block():
+    manager = BlockManager(BS, 16, enable_prefix_caching=True)
+    first_group, first = group(PROMPT[:8], "a")  # exactly two full blocks
+    manager.allocate(first_group)
+    first_blocks = list(manager.get_block_table(first).block_ids)
+    manager.free(first)
+    second_group, second = group(PROMPT[:8], "b")
+    assert manager.allocate(second_group) == BS, "the block with the last token is computed again"
+    blocks = manager.get_block_table(second).block_ids
+    assert blocks[0] == first_blocks[0] and blocks[1] != first_blocks[1]
+
+
+@pytest.mark.task1_7
+def test_swap_in_maps_blocks_still_in_the_prefix_cache_instead_of_transferring_them():
+    manager = BlockManager(BS, 16, num_cpu_blocks=8, enable_prefix_caching=True)
+    keep_group, keep = group(PROMPT, "keeps the prefix on the device")
+    manager.allocate(keep_group)
+    swap_group, swapped = group([*PROMPT[:8], 41, 42], "swapped")
+    manager.allocate(swap_group)
+    device_blocks = list(manager.get_block_table(swapped).block_ids)  # [shared, shared, own partial]
+    out = manager.swap_out(swap_group)
+    host_of = dict(out)
+    mapping = manager.swap_in(swap_group)
+    assert mapping == [(host_of[device_blocks[2]], mapping[0][1])], "only the partial block is transferred"
+    table = manager.get_block_table(swapped)
+    assert table.block_ids[:2] == manager.get_block_table(keep).block_ids[:2], "the prefix is shared again"
+    assert manager.device.ref_count(table.block_ids[0]) == 2
+    assert manager.memory_stats().blocks_swapped_in == 1 and manager.host.num_used == 0
