@@ -30,6 +30,17 @@ def refs(manager: BlockManager, blocks: list[int], pool: str = "device") -> list
     return [getattr(manager, pool).ref_count(b) for b in blocks]
 
 
+def allocate_and_fork(manager: BlockManager, prompt: list[int]) -> tuple[Sequence, Sequence]:
+    """Allocate a one-sequence request, then fork its sequence into the group: (parent, child)."""
+    group = make_group(prompt)
+    manager.allocate(group)
+    parent = group.seqs[0]
+    child = parent.fork()
+    manager.fork(parent, child)
+    group.add(child)
+    return parent, child
+
+
 @pytest.fixture
 def manager() -> BlockManager:
     return BlockManager(BS, num_gpu_blocks=8, num_cpu_blocks=8)
@@ -247,11 +258,7 @@ def test_can_append_slots_counts_a_copy_on_write():
 @pytest.mark.task1_4
 def test_fork_shares_every_block_without_allocating():
     manager = BlockManager(BS, 2)
-    group = make_group(PROMPT6)
-    manager.allocate(group)  # the pool is full: a fork must still work
-    parent = group.seqs[0]
-    child = parent.fork()
-    manager.fork(parent, child)
+    parent, child = allocate_and_fork(manager, PROMPT6)  # the pool is full: a fork must still work
     assert ids(manager, child) == ids(manager, parent)
     assert manager.get_block_table(child).num_tokens == 6
     assert refs(manager, ids(manager, parent)) == [2, 2]
@@ -260,11 +267,7 @@ def test_fork_shares_every_block_without_allocating():
 
 @pytest.mark.task1_4
 def test_forked_table_is_a_separate_table(manager):
-    group = make_group(PROMPT8)
-    manager.allocate(group)
-    parent = group.seqs[0]
-    child = parent.fork()
-    manager.fork(parent, child)
+    parent, child = allocate_and_fork(manager, PROMPT8)
     child.append_token_id(31)
     manager.append_slots(child)
     assert len(manager.get_block_table(child)) == 3
@@ -295,12 +298,7 @@ def test_fork_into_a_child_holding_blocks_raises(manager):
 @pytest.fixture
 def forked(manager):
     """A parent of 6 tokens (blocks [0, 1], block 1 half full) and its forked child."""
-    group = make_group(PROMPT6)
-    manager.allocate(group)
-    parent = group.seqs[0]
-    child = parent.fork()
-    manager.fork(parent, child)
-    group.add(child)
+    parent, child = allocate_and_fork(manager, PROMPT6)
     return manager, parent, child
 
 
@@ -339,11 +337,7 @@ def test_sole_holder_after_the_other_finishes_writes_in_place(forked):
 
 @pytest.mark.task1_5
 def test_append_after_a_shared_full_block_needs_no_copy(manager):
-    group = make_group(PROMPT8)
-    manager.allocate(group)
-    parent = group.seqs[0]
-    child = parent.fork()
-    manager.fork(parent, child)
+    _, child = allocate_and_fork(manager, PROMPT8)
     child.append_token_id(31)
     assert manager.append_slots(child) == []
     assert ids(manager, child) == [0, 1, 2]

@@ -53,7 +53,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         """Write the K/V (here: the token id) of the last `num_tokens` tokens of `seq` to its slots."""
         table = self.manager.get_block_table(seq)
         for slot, token in zip(
-            table.slot_mapping(num_tokens), seq.token_ids[-num_tokens or len(seq) :], strict=True
+            table.slot_mapping(num_tokens), seq.token_ids[len(seq) - num_tokens :], strict=True
         ):
             self.pool["device"][slot] = token
 
