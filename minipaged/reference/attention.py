@@ -1,0 +1,255 @@
+"""Paged attention: reading a sequence's keys and values through its block table.
+
+OS idea: a load from virtual memory goes through the page table to whichever frames hold the pages,
+scattered anywhere in physical memory; the process never sees the scatter (OSTEP ch. 18-20). KV
+counterpart: vLLM paper section 4.1, "PagedAttention": a sequence's K/V live in blocks spread over the
+pool, and the attention kernel walks the block table to find them. Eq. 4 of the paper computes the
+attention block by block, A_ij = exp(q_i K_j / sqrt(d)) / sum_t exp(q_i K_t / sqrt(d)),
+o_i = sum_j V_j A_ij, where K_j and V_j are the j-th blocks of keys and values.
+
+Three functions compute the same thing here, an oracle chain from plainest to closest to a kernel:
+
+- `dense_attention`: torch's SDPA over contiguous K/V; no paging at all. The oracle.
+- `paged_attention`: the reference backend's op. Gather each sequence's blocks into contiguous K/V
+  (one page-table walk), then attend. Simple and obviously right; it pays for a copy of the context.
+- `paged_attention_blockwise`: visit the blocks one at a time with an online softmax, never building
+  the contiguous copy: Eq. 4 with its denominator accumulated as it goes. The Triton kernel does this.
+
+Every query row attends causally: a sequence's q_len rows are its last q_len tokens, at positions
+`seq_len - q_len ... seq_len - 1`, so decode (q_len 1), prefill (q_len = seq_len), chunked prefill and
+prefill after a prefix-cache hit are one and the same call. Softmax and accumulation run in float32
+whatever the cache dtype. Nothing at or past seq_len is ever read: a reused block's stale rows
+(even NaN) cannot leak into the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from minipaged.reference.validation import check_paged_attention
+
+
+def gather_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Walk one sequence's block table and copy its keys and values into contiguous tensors.
+
+    Args:
+        k_cache: `[num_blocks, block_size, num_kv_heads, head_dim]`.
+        v_cache: the same shape.
+        block_table: `[max_blocks]` int32, the sequence's row of block_tables (padding -1 after its blocks).
+        seq_len: tokens the sequence holds; only its first ceil(seq_len / block_size) blocks are read.
+
+    Returns:
+        keys, values: `[seq_len, num_kv_heads, head_dim]` each, token `pos` in row `pos`.
+    """
+    # BEGIN SOLUTION
+    block_size = k_cache.shape[1]
+    num_blocks = -(-seq_len // block_size)  # ceil: the last block may be partly filled
+    block_ids = block_table[:num_blocks].long()  # [num_blocks_of_seq]: the page-table walk
+    keys = k_cache[block_ids].flatten(0, 1)[:seq_len]  # [seq_len, num_kv_heads, head_dim]: no stale tail
+    values = v_cache[block_ids].flatten(0, 1)[:seq_len]  # [seq_len, num_kv_heads, head_dim]
+    return keys, values
+    # END SOLUTION
+
+
+def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of a sequence's last q_len tokens over its seq_len contiguous keys and values.
+
+    Query row i sits at position `seq_len - q_len + i` and sees keys at positions <= its own. Under
+    GQA/MQA each KV head serves `num_heads // num_kv_heads` consecutive query heads.
+
+    Args:
+        query: `[q_len, num_heads, head_dim]`.
+        keys: `[seq_len, num_kv_heads, head_dim]`.
+        values: `[seq_len, num_kv_heads, head_dim]`.
+        scale: multiplies the scores (usually 1 / sqrt(head_dim); the model says which).
+
+    Returns:
+        `[q_len, num_heads, head_dim]` in float32.
+    """
+    # BEGIN SOLUTION
+    q_len, num_heads, _ = query.shape
+    seq_len, num_kv_heads, _ = keys.shape
+    group = num_heads // num_kv_heads  # query heads per KV head (1: MHA, num_heads: MQA)
+    keys = keys.float().repeat_interleave(group, dim=1)  # [seq_len, num_heads, head_dim]
+    values = values.float().repeat_interleave(group, dim=1)  # [seq_len, num_heads, head_dim]
+    scores = torch.einsum("qhd,khd->hqk", query.float(), keys) * scale  # [num_heads, q_len, seq_len]
+    q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)  # [q_len]: the query rows' positions
+    k_pos = torch.arange(seq_len, device=query.device)  # [seq_len]
+    scores = scores.masked_fill(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))  # causal
+    probs = scores.softmax(dim=-1)  # [num_heads, q_len, seq_len], float32
+    return torch.einsum("hqk,khd->qhd", probs, values)  # [q_len, num_heads, head_dim]
+    # END SOLUTION
+
+
+def paged_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention for a batch of sequences whose K/V live in paged pools (the reference backend's op).
+
+    Sequence b owns query rows `query_start_loc[b]:query_start_loc[b + 1]`: its last q_len tokens.
+    For each sequence: gather its blocks into contiguous K/V (`gather_kv`), then attend causally
+    (`attend`). The batch is "varlen": sequences of any lengths are packed one after another, with
+    no padding tokens.
+
+    Args:
+        query: `[num_q_tokens, num_heads, head_dim]`, the same dtype as the caches.
+        k_cache: `[num_blocks, block_size, num_kv_heads, head_dim]`; fp32, fp16 or bf16.
+        v_cache: the same shape and dtype.
+        block_tables: `[num_seqs, max_blocks]` int32, padded with -1.
+        seq_lens: `[num_seqs]` int32, tokens in each sequence including this step's.
+        query_start_loc: `[num_seqs + 1]` int32, the cumulative sum of the q_lens, starting at 0.
+        scale: the softmax scale.
+        out: optional `[num_q_tokens, num_heads, head_dim]` buffer to write into (and return).
+
+    Returns:
+        `[num_q_tokens, num_heads, head_dim]` in the query's dtype.
+
+    Raises:
+        ValueError: if an argument has the wrong shape, dtype or device, or its values break the
+            contract (block ids outside the pool, seq_lens past the table, q_len > seq_len, ...).
+    """
+    check_paged_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out)
+    out = torch.empty_like(query) if out is None else out  # [num_q_tokens, num_heads, head_dim]
+    starts = query_start_loc.tolist()
+    for b, seq_len in enumerate(seq_lens.tolist()):
+        start, end = starts[b], starts[b + 1]  # this sequence's query rows
+        if start == end:
+            continue  # no query rows this step
+        keys, values = gather_kv(k_cache, v_cache, block_tables[b], seq_len)  # [seq_len, kv_heads, dim]
+        out[start:end] = attend(query[start:end], keys, values, scale).to(out.dtype)
+    return out
+
+
+def paged_attention_blockwise(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The same result as `paged_attention`, one block at a time, with no contiguous copy of K/V.
+
+    This is the paper's Eq. 4 computed the way a kernel computes it: the softmax denominator is not
+    known until the last block, so keep a running maximum `m` of the scores, a running sum `denom` of
+    `exp(score - m)` and a running output `acc`; when a block raises the maximum, rescale what was
+    accumulated by `exp(m_old - m_new)` (the "online softmax" of FlashAttention). At the end,
+    `acc / denom` is exactly softmax(scores) @ V. Arguments, result and errors as `paged_attention`.
+    """
+    check_paged_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out)
+    out = torch.empty_like(query) if out is None else out
+    starts = query_start_loc.tolist()
+    for b, seq_len in enumerate(seq_lens.tolist()):
+        start, end = starts[b], starts[b + 1]
+        if start < end:
+            acc = _attend_blockwise(query[start:end], k_cache, v_cache, block_tables[b], seq_len, scale)
+            out[start:end] = acc.to(out.dtype)
+    return out
+
+
+def _attend_blockwise(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_len: int,
+    scale: float,
+) -> torch.Tensor:
+    """One sequence's causal attention, visiting its blocks in order; `[q_len, num_heads, head_dim]` fp32."""
+    # BEGIN SOLUTION
+    q_len, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    q = query.float().transpose(0, 1)  # [num_heads, q_len, head_dim]
+    q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)  # [q_len]
+    m = torch.full((num_heads, q_len), float("-inf"), device=query.device)  # running max of the scores
+    denom = torch.zeros(num_heads, q_len, device=query.device)  # running sum of exp(score - m) (FA's "l")
+    acc = torch.zeros(num_heads, q_len, head_dim, device=query.device)  # running sum of exp(score - m) * v
+    for j in range(-(-seq_len // block_size)):  # logical block j of the sequence
+        block = int(block_table[j])  # its physical block: one page-table lookup
+        k_pos = torch.arange(j * block_size, min((j + 1) * block_size, seq_len), device=query.device)  # [n]
+        n = k_pos.numel()  # rows of this block that hold tokens (fewer in a partly filled last block)
+        k = (
+            k_cache[block, :n].float().repeat_interleave(group, dim=1).transpose(0, 1)
+        )  # [num_heads, n, head_dim]
+        v = (
+            v_cache[block, :n].float().repeat_interleave(group, dim=1).transpose(0, 1)
+        )  # [num_heads, n, head_dim]
+        s = (q @ k.transpose(1, 2)) * scale  # [num_heads, q_len, n]
+        s = s.masked_fill(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))  # causal
+        # Block 0 holds position 0, which every query row sees, so m is finite from the first block on.
+        m_new = torch.maximum(m, s.amax(dim=-1))  # [num_heads, q_len]
+        alpha = torch.exp(m - m_new)  # rescales the old sums to the new maximum (0 on the first block)
+        p = torch.exp(s - m_new[..., None])  # [num_heads, q_len, n]
+        denom = denom * alpha + p.sum(dim=-1)
+        acc = acc * alpha[..., None] + p @ v  # [num_heads, q_len, head_dim]
+        m = m_new
+    return (acc / denom[..., None]).transpose(0, 1)  # [q_len, num_heads, head_dim]
+    # END SOLUTION
+
+
+def dense_attention(
+    query: torch.Tensor,
+    keys: Sequence[torch.Tensor],
+    values: Sequence[torch.Tensor],
+    query_start_loc: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """The oracle: torch's scaled_dot_product_attention over each sequence's contiguous K/V.
+
+    No block table, no pool: what attention would be without paging. Tests lay the same K/V out both
+    ways and hold every paged implementation to this.
+
+    Args:
+        query: `[num_q_tokens, num_heads, head_dim]`.
+        keys: one `[seq_len_b, num_kv_heads, head_dim]` tensor per sequence.
+        values: likewise.
+        query_start_loc: `[num_seqs + 1]` int32, as in `paged_attention`.
+        scale: the softmax scale.
+
+    Returns:
+        `[num_q_tokens, num_heads, head_dim]` in the query's dtype, computed in float32.
+
+    Raises:
+        ValueError: if keys, values and query_start_loc disagree on the number of sequences.
+    """
+    if not len(keys) == len(values) == query_start_loc.numel() - 1:
+        raise ValueError(
+            f"keys and values must hold one tensor per sequence ({query_start_loc.numel() - 1} from "
+            f"query_start_loc), got {len(keys)} and {len(values)}"
+        )
+    out = torch.empty_like(query)
+    starts = query_start_loc.tolist()
+    for b, (k, v) in enumerate(zip(keys, values, strict=True)):
+        start, end = starts[b], starts[b + 1]
+        if start == end:
+            continue
+        q_len, seq_len = end - start, k.shape[0]
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)  # [q_len]
+        visible = torch.arange(seq_len, device=query.device)[None, :] <= q_pos[:, None]  # [q_len, seq_len]
+        o = F.scaled_dot_product_attention(
+            query[start:end].float().transpose(0, 1),  # [num_heads, q_len, head_dim]
+            k.float().transpose(0, 1),  # [num_kv_heads, seq_len, head_dim]
+            v.float().transpose(0, 1),
+            attn_mask=visible,
+            scale=scale,
+            enable_gqa=True,
+        )  # [num_heads, q_len, head_dim]
+        out[start:end] = o.transpose(0, 1).to(query.dtype)
+    return out

@@ -1,0 +1,164 @@
+"""Random paged-attention cases for testing any backend against the dense oracle.
+
+A `PagedCase` holds the same keys and values twice: scattered through random block tables into
+paged pools (what a backend reads), and laid out contiguously per sequence (what the oracle,
+`dense_attention`, reads). Every slot that no sequence covers is poisoned with NaN, +inf and -inf,
+so a backend that reads past a sequence's seq_len, or into a block its table does not name, returns
+non-finite numbers and fails. The contract tests in tests/test_kernel_contract.py use this module,
+and so can course assignments or a new backend's tests:
+
+    >>> case = random_paged_case(torch.Generator().manual_seed(0), seq_lens=[5, 9], q_lens=[1, 9])
+    >>> out = get_backend("reference").paged_attention(*case.args)
+    >>> torch.testing.assert_close(out, case.expected(), **tolerance(case.dtype))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from minipaged.backend import available_backends, get_backend
+from minipaged.reference.attention import dense_attention
+
+__all__ = [
+    "PagedCase",
+    "available_backends",
+    "get_backend",
+    "poison_pattern",
+    "random_paged_case",
+    "tolerance",
+]
+
+
+def tolerance(dtype: torch.dtype) -> dict[str, float]:
+    """assert_close tolerances for an output of `dtype`: 1e-5 for fp32, about 1e-2 relative for fp16/bf16."""
+    if dtype == torch.float32:
+        return {"rtol": 1e-5, "atol": 1e-5}
+    if dtype == torch.float16:
+        return {"rtol": 1e-2, "atol": 2e-3}
+    if dtype == torch.bfloat16:
+        return {"rtol": 2e-2, "atol": 1e-2}
+    raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+
+
+def poison_pattern(num: int, device: str | torch.device = "cpu") -> torch.Tensor:
+    """`[num]` float32 cycling NaN, +inf, -inf: the values written into every slot nobody should read."""
+    values = torch.tensor([math.nan, math.inf, -math.inf], device=device)
+    return values[torch.arange(num, device=device) % 3]
+
+
+@dataclass
+class PagedCase:
+    """One paged-attention call's inputs, plus the contiguous K/V that the oracle reads."""
+
+    query: torch.Tensor  # [num_q_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, padding -1
+    seq_lens: torch.Tensor  # [num_seqs] int32
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
+    scale: float
+    keys: list[torch.Tensor]  # per sequence: [seq_len, num_kv_heads, head_dim], position order
+    values: list[torch.Tensor]
+
+    @property
+    def args(self) -> tuple:
+        """The positional arguments of paged_attention, in the contract's order."""
+        return (
+            self.query,
+            self.k_cache,
+            self.v_cache,
+            self.block_tables,
+            self.seq_lens,
+            self.query_start_loc,
+            self.scale,
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.query.dtype
+
+    def expected(self) -> torch.Tensor:
+        """The oracle's answer: dense SDPA over the contiguous K/V."""
+        return dense_attention(self.query, self.keys, self.values, self.query_start_loc, self.scale)
+
+
+def random_paged_case(
+    gen: torch.Generator,
+    seq_lens: Sequence[int],
+    q_lens: Sequence[int],
+    *,
+    num_heads: int = 8,
+    num_kv_heads: int = 2,
+    head_dim: int = 32,
+    block_size: int = 8,
+    dtype: torch.dtype = torch.float32,
+    repeat_blocks: bool = True,
+    device: str | torch.device = "cpu",
+) -> PagedCase:
+    """A random case: random tables (blocks may repeat), random K/V and queries, stale slots poisoned.
+
+    Args:
+        gen: the random generator (CPU); seed it for a reproducible case.
+        seq_lens: tokens per sequence (>= 1).
+        q_lens: query rows per sequence, each in [0, seq_len]: 1 for decode, seq_len for prefill.
+        num_heads, num_kv_heads, head_dim, block_size, dtype: the shapes and the cache dtype.
+        repeat_blocks: draw table entries with replacement, so a block may appear in several tables
+            or twice in one (shared data); otherwise every table entry is a distinct block.
+        device: where the tensors are put.
+
+    Raises:
+        ValueError: if seq_lens and q_lens differ in length or a q_len is outside [0, seq_len].
+    """
+    if len(seq_lens) != len(q_lens) or any(
+        not 0 <= q <= s or s < 1 for s, q in zip(seq_lens, q_lens, strict=False)
+    ):
+        raise ValueError(
+            f"need 0 <= q_len <= seq_len and seq_len >= 1 per sequence, got {seq_lens}, {q_lens}"
+        )
+    needed = [math.ceil(n / block_size) for n in seq_lens]
+    max_blocks = max(needed) + 1  # one column of -1 padding at least
+    num_blocks = sum(needed) + 3  # some blocks that no table names
+    if repeat_blocks:
+        ids = [torch.randint(num_blocks, (n,), generator=gen).tolist() for n in needed]
+    else:
+        perm = torch.randperm(num_blocks, generator=gen).tolist()
+        ids = [perm[sum(needed[:b]) : sum(needed[: b + 1])] for b in range(len(needed))]
+    tables = torch.full((len(seq_lens), max_blocks), -1, dtype=torch.int32)
+    for b, row in enumerate(ids):
+        tables[b, : len(row)] = torch.tensor(row, dtype=torch.int32)
+
+    # Poison every slot, then give random values to the slots some sequence covers.
+    num_slots = num_blocks * block_size
+    pools = []
+    for _ in range(2):  # K, then V
+        pool = poison_pattern(num_slots)[:, None, None].expand(num_slots, num_kv_heads, head_dim).clone()
+        pools.append(pool)  # [num_slots, num_kv_heads, head_dim], float32 for now
+    slots_of = [
+        torch.tensor([row[pos // block_size] * block_size + pos % block_size for pos in range(n)])
+        for row, n in zip(ids, seq_lens, strict=True)
+    ]
+    covered = torch.cat(slots_of).unique()
+    for pool in pools:
+        pool[covered] = torch.randn(len(covered), num_kv_heads, head_dim, generator=gen)
+    k_flat, v_flat = (pool.to(dtype) for pool in pools)  # [num_slots, num_kv_heads, head_dim]
+    keys = [k_flat[slots].to(device) for slots in slots_of]  # read back by position: the oracle's K
+    values = [v_flat[slots].to(device) for slots in slots_of]
+
+    query = torch.randn(sum(q_lens), num_heads, head_dim, generator=gen).to(dtype)
+    starts = torch.tensor([0, *torch.tensor(list(q_lens)).cumsum(0).tolist()], dtype=torch.int32)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    return PagedCase(
+        query=query.to(device),
+        k_cache=k_flat.view(shape).to(device),
+        v_cache=v_flat.view(shape).to(device),
+        block_tables=tables.to(device),
+        seq_lens=torch.tensor(list(seq_lens), dtype=torch.int32, device=device),
+        query_start_loc=starts.to(device),
+        scale=head_dim**-0.5,
+        keys=keys,
+        values=values,
+    )

@@ -1,0 +1,56 @@
+"""get_backend and the Protocol: names, errors, and that each backend keeps the contract's shape."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from minipaged.backend import BACKENDS, KVBackend, ReferenceBackend, available_backends, get_backend
+
+
+def test_reference_is_always_available():
+    assert available_backends()[0] == "reference"
+    backend = get_backend("reference")
+    assert isinstance(backend, ReferenceBackend) and backend.name == "reference"
+
+
+@pytest.mark.parametrize("name", available_backends())
+def test_every_available_backend_satisfies_the_protocol(name):
+    backend = get_backend(name)
+    assert isinstance(backend, KVBackend)
+    assert backend.name == name
+    for op in ("write_kv", "paged_attention", "copy_blocks", "swap_blocks"):
+        assert callable(getattr(backend, op)), op
+
+
+def test_a_missing_op_breaks_the_protocol():
+    class Partial:
+        name = "partial"
+
+        def write_kv(self, *args):
+            pass
+
+    assert not isinstance(Partial(), KVBackend)
+
+
+@pytest.mark.parametrize("name", ["Reference", "cuda", "", "flash"])
+def test_unknown_name_lists_the_backends(name):
+    with pytest.raises(ValueError, match=r"backend must be one of 'reference', 'triton'; got " + repr(name)):
+        get_backend(name)
+
+
+def test_backends_lists_what_get_backend_accepts():
+    assert BACKENDS == ("reference", "triton")
+
+
+def test_triton_without_triton_says_how_to_install(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name == "triton" else real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(ImportError, match=r"needs the triton package.*pip install 'minipaged\[triton\]'"):
+        get_backend("triton")
+    assert available_backends() == ["reference"]
