@@ -17,6 +17,8 @@ import zlib
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from minipaged.backend import available_backends, get_backend
 from minipaged.testing import PagedCase, random_paged_case, tolerance
@@ -126,6 +128,35 @@ def test_sweep_matches_dense(backend, gen, num_heads, num_kv_heads, head_dim, bl
         block_size=block_size,
         dtype=dtype,
     )
+    run_attention(backend, case)
+
+
+@st.composite
+def batches(draw) -> dict:
+    """A random varlen batch: 1-4 sequences, each with 0 <= q_len <= seq_len, and random shapes."""
+    num_seqs = draw(st.integers(1, 4))
+    seq_lens = draw(st.lists(st.integers(1, 40), min_size=num_seqs, max_size=num_seqs))
+    q_lens = [draw(st.integers(0, n)) for n in seq_lens]
+    num_kv_heads = draw(st.sampled_from([1, 2, 4]))
+    return {
+        "seq_lens": seq_lens,
+        "q_lens": q_lens,
+        "num_kv_heads": num_kv_heads,
+        "num_heads": num_kv_heads * draw(st.sampled_from([1, 2, 4])),
+        "head_dim": draw(st.sampled_from([8, 16, 24])),
+        "block_size": draw(st.sampled_from([1, 2, 4, 8, 16])),
+        "dtype": draw(st.sampled_from(DTYPES)),
+        "seed": draw(st.integers(0, 2**31)),
+    }
+
+
+@pytest.mark.task2_2
+# 40 examples whatever the profile (each runs the whole oracle chain); the backend fixture is stateless.
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batch=batches())
+def test_random_batches_match_dense(backend, batch):
+    seed = batch.pop("seed")
+    case = random_paged_case(torch.Generator().manual_seed(seed), **batch)
     run_attention(backend, case)
 
 
