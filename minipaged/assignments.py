@@ -12,6 +12,8 @@ the fences' contents, keeping the fences themselves so the student sees where to
 
 Run it as `minipaged assignment DEST` (or `python -m minipaged assignment DEST`): DEST receives a copy
 of the package with the solutions stripped, the tests, the tutorials, the docs and the project files.
+The docs quote the reference code (```python title="minipaged/..." blocks); a quote that shows a
+fenced solution is replaced in the student copy by a line saying so.
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ from pathlib import Path
 BEGIN, END = "# BEGIN SOLUTION", "# END SOLUTION"
 STUB = 'raise NotImplementedError("write this body: see the docstring")'
 _FENCE = re.compile(rf"^(?P<indent>[ \t]*){re.escape(BEGIN)}\n.*?^(?P=indent){re.escape(END)}\n", re.M | re.S)
+REMOVED_QUOTE = "# Removed from the student copy: this excerpt is a task's solution, in {path}."
+_QUOTE = re.compile(
+    r"^(?P<indent>[ \t]*)(?P<fence>`{3,})[ \t]*python[^\n]*?\btitle=\"(?P<path>[^\"]+)\"[^\n]*\n"
+    r"(?P<body>.*?)^(?P=indent)(?P=fence)[ \t]*$",
+    re.M | re.S,
+)
 COPIED = ("minipaged", "tests", "tutorials", "docs", "pyproject.toml", "Makefile", "mkdocs.yml", "README.md")
 
 
@@ -45,8 +53,39 @@ def strip_solutions(source: str) -> str:
     return stripped
 
 
+def solution_lines(source: str) -> set[str]:
+    """The stripped, non-blank lines that occur only inside solution fences of `source`."""
+    inside, outside, fenced = set(), set(), False
+    for line in source.splitlines():
+        text = line.strip()
+        if text in (BEGIN, END):
+            fenced = text == BEGIN
+        elif text:
+            (inside if fenced else outside).add(text)
+    return inside - outside
+
+
+def strip_doc_quotes(markdown: str, repo: str | Path) -> str:
+    """Replace every titled python quote in `markdown` that shows solution lines of the file it names."""
+
+    def replace(match: re.Match) -> str:
+        path = Path(repo) / match["path"]
+        if not path.is_file():
+            return match[0]
+        secret = solution_lines(path.read_text())
+        if not any(line.strip() in secret for line in match["body"].splitlines()):
+            return match[0]
+        indent = match["indent"]
+        note = REMOVED_QUOTE.format(path=match["path"])
+        return f"{indent}{match['fence']}python\n{indent}{note}\n{indent}{match['fence']}"
+
+    return _QUOTE.sub(replace, markdown)
+
+
 def make_student_copy(repo: str | Path, dest: str | Path) -> list[Path]:
     """Copy the project at `repo` to `dest` with every solution in `minipaged/` stripped.
+
+    The docs' quotes of solution code (see `strip_doc_quotes`) are removed too.
 
     Returns:
         The files of `dest` whose solutions were stripped.
@@ -65,6 +104,8 @@ def make_student_copy(repo: str | Path, dest: str | Path) -> list[Path]:
             shutil.copytree(src, dest / name, ignore=ignore, symlinks=True)
         elif src.exists():
             shutil.copy2(src, dest / name)
+    for page in sorted((dest / "docs").rglob("*.md")):
+        page.write_text(strip_doc_quotes(page.read_text(), repo))  # quotes checked against the solutions
     stripped = []
     for path in sorted((dest / "minipaged").rglob("*.py")):
         text = path.read_text()

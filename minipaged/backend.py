@@ -68,7 +68,8 @@ class KVBackend(Protocol):
 
         query `[num_q_tokens, num_heads, head_dim]`; block_tables `[num_seqs, max_blocks]` int32
         (padding -1); seq_lens `[num_seqs]` int32; query_start_loc `[num_seqs + 1]` int32. Returns
-        `[num_q_tokens, num_heads, head_dim]` (written into `out` when given).
+        `[num_q_tokens, num_heads, head_dim]` (written into `out` when given). Every query row
+        belongs to a sequence: a step padded for write_kv (slot -1) passes only its real rows here.
         """
         ...
 

@@ -105,7 +105,11 @@ def random_paged_case(
         gen: the random generator (CPU); seed it for a reproducible case.
         seq_lens: tokens per sequence (>= 1).
         q_lens: query rows per sequence, each in [0, seq_len]: 1 for decode, seq_len for prefill.
-        num_heads, num_kv_heads, head_dim, block_size, dtype: the shapes and the cache dtype.
+        num_heads: query heads.
+        num_kv_heads: KV heads; num_heads must be a multiple of it.
+        head_dim: elements per head.
+        block_size: tokens per block.
+        dtype: the dtype of the caches and the query.
         repeat_blocks: draw table entries with replacement, so a block may appear in several tables
             or twice in one (shared data); otherwise every table entry is a distinct block.
         device: where the tensors are put.

@@ -17,7 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from minipaged.assignments import STUB, make_student_copy, strip_solutions
+from minipaged.assignments import (
+    REMOVED_QUOTE,
+    STUB,
+    make_student_copy,
+    solution_lines,
+    strip_doc_quotes,
+    strip_solutions,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,6 +75,41 @@ def test_unclosed_fence_is_an_error():
 def test_student_copy_refuses_to_overwrite(tmp_path):
     with pytest.raises(FileExistsError, match="dest must not exist"):
         make_student_copy(ROOT, tmp_path)
+
+
+def test_doc_quotes_of_solutions_are_removed_and_others_kept(tmp_path):
+    (tmp_path / "m.py").write_text(
+        "def f(x):\n    y = x * 2\n    # BEGIN SOLUTION\n    z = y + 1\n    return z\n    # END SOLUTION\n"
+    )
+    page = (
+        '```python title="m.py"\ny = x * 2\n```\n\n'  # given code: kept
+        '```python title="m.py"\ny = x * 2\nz = y + 1\n```\n\n'  # shows a solution line: removed
+        "```python\nz = y + 1\n```\n"  # untitled: not a quote of the file, kept
+    )
+    assert solution_lines((tmp_path / "m.py").read_text()) == {"z = y + 1", "return z"}
+    stripped = strip_doc_quotes(page, tmp_path)
+    assert stripped.count("```python") == 3
+    assert '```python title="m.py"\ny = x * 2\n```' in stripped
+    assert REMOVED_QUOTE.format(path="m.py") in stripped
+    assert stripped.count("z = y + 1") == 1  # only the untitled block keeps it
+
+
+def test_student_docs_show_no_solution(tmp_path):
+    student = tmp_path / "student"
+    make_student_copy(ROOT, student)
+    secrets = set()
+    for path in (ROOT / "minipaged").rglob("*.py"):
+        secrets |= {line for line in solution_lines(path.read_text()) if len(line) > 30}
+    secrets.discard(STUB)  # assignments.py's docstring shows a fence with the stub in it
+    assert secrets
+    for page in (student / "docs").rglob("*.md"):
+        code = "\n".join(re.findall(r"```[^\n]*\n(.*?)```", page.read_text(), flags=re.S))  # code blocks only
+        leaked = [line for line in secrets if line in code]
+        assert not leaked, f"{page.relative_to(student)} shows solution lines: {leaked[:3]}"
+    assert (
+        "Removed from the student copy"
+        in (student / "docs/concepts/writing-through-the-table.md").read_text()
+    )
 
 
 def test_every_task_has_a_test_that_fails_without_its_solution(tmp_path):

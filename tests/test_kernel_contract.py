@@ -273,7 +273,7 @@ def test_write_kv_all_padding_changes_nothing(backend, gen):
     assert torch.equal(bits(k_cache), k_before)
 
 
-@pytest.mark.task2_1
+@pytest.mark.task2_2  # needs write_kv (task 2.1) and paged attention (task 2.2)
 def test_write_then_attend_through_block_tables(backend, gen):
     """The two halves together: a prefill's K/V written through its slots is what attention reads."""
     from minipaged.reference.block_table import BlockTable, block_tables_tensor

@@ -4,8 +4,9 @@ OS idea: a load from virtual memory goes through the page table to whichever fra
 scattered anywhere in physical memory; the process never sees the scatter (OSTEP ch. 18-20). KV
 counterpart: vLLM paper section 4.1, "PagedAttention": a sequence's K/V live in blocks spread over the
 pool, and the attention kernel walks the block table to find them. Eq. 4 of the paper computes the
-attention block by block, A_ij = exp(q_i K_j / sqrt(d)) / sum_t exp(q_i K_t / sqrt(d)),
-o_i = sum_j V_j A_ij, where K_j and V_j are the j-th blocks of keys and values.
+attention block by block, A_ij = exp(q_i^T K_j / sqrt(d)) / sum_t exp(q_i^T K_t 1 / sqrt(d)),
+o_i = sum_j V_j A_ij^T, where K_j and V_j are the j-th blocks of keys and values and 1 sums a
+block's scores.
 
 Three functions compute the same thing here, an oracle chain from plainest to closest to a kernel:
 
