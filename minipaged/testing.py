@@ -115,13 +115,16 @@ def random_paged_case(
         device: where the tensors are put.
 
     Raises:
-        ValueError: if seq_lens and q_lens differ in length or a q_len is outside [0, seq_len].
+        ValueError: if seq_lens is empty, seq_lens and q_lens differ in length, or a q_len is outside
+            [0, seq_len].
     """
-    if len(seq_lens) != len(q_lens) or any(
-        not 0 <= q <= s or s < 1 for s, q in zip(seq_lens, q_lens, strict=False)
+    if (
+        not seq_lens
+        or len(seq_lens) != len(q_lens)
+        or any(not 0 <= q <= s or s < 1 for s, q in zip(seq_lens, q_lens, strict=False))
     ):
         raise ValueError(
-            f"need 0 <= q_len <= seq_len and seq_len >= 1 per sequence, got {seq_lens}, {q_lens}"
+            f"need sequences with 0 <= q_len <= seq_len and seq_len >= 1, got {seq_lens}, {q_lens}"
         )
     needed = [math.ceil(n / block_size) for n in seq_lens]
     max_blocks = max(needed) + 1  # one column of -1 padding at least

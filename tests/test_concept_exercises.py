@@ -6,19 +6,34 @@ fix the page and the test together.
 
 Markers: a page that belongs to an assignment task carries that task's marker. The contiguous-allocation
 and pages-and-frames exercises use demand paging, so they carry task1_3 (they pass once tasks 1.1-1.3
-are done); the KV-cache exercise uses only minipaged.config and carries none.
+are done); the KV-cache exercise uses only minipaged.config and carries none. The two kernel pages
+belong to assignment 2: a question that needs a later task's code (attention, for the writing page's
+question on order; the blockwise loop, for the reading page's question on lookups) is checked in a test
+of its own, marked with that later task, so that `pytest -m task2_1` passes once task 2.1 is done.
 """
 
 from __future__ import annotations
 
+import math
+
 import pytest
+import torch
 
 from minipaged.config import kv_cache_bytes_per_block, kv_cache_bytes_per_token
+from minipaged.reference.attention import (
+    _attend_blockwise,
+    dense_attention,
+    gather_kv,
+    paged_attention,
+    paged_attention_blockwise,
+)
 from minipaged.reference.block_allocator import BlockAllocator, NoFreeBlocksError
 from minipaged.reference.block_manager import AllocStatus, BlockManager
-from minipaged.reference.block_table import BlockTable
+from minipaged.reference.block_table import BlockTable, block_tables_tensor
+from minipaged.reference.cache_ops import write_kv
 from minipaged.reference.prefix_cache import hash_full_blocks
 from minipaged.sequence import Sequence, SequenceGroup
+from minipaged.testing import poison_pattern, tolerance
 
 
 def group(request_id: str, *token_lists: list[int]) -> SequenceGroup:
@@ -318,3 +333,157 @@ def test_swapping_worked_example():
     assert manager.device.num_free == 4
     assert manager.swap_in(request) == [(0, 1), (1, 0)]
     assert manager.get_block_table(seq).block_ids == [1, 0]
+
+
+# ---- writing-through-the-table.md ---------------------------------------------------------------
+
+
+def changed_rows(before: torch.Tensor, after: torch.Tensor) -> list[tuple[int, int]]:
+    """The (block, offset) rows of a float32 pool whose bytes differ (NaN compares equal to itself)."""
+    differ = (before.view(torch.int32) != after.view(torch.int32)).flatten(2).any(dim=-1)  # [blocks, size]
+    return [(block, offset) for block, offset in differ.nonzero().tolist()]
+
+
+@pytest.mark.task2_1
+def test_writing_through_the_table_worked_example():
+    gen = torch.Generator().manual_seed(2023)
+    a = BlockTable(block_size=4, block_ids=[2, 5], num_tokens=6)
+    assert a.append_tokens(1, allocate=iter([]).__next__) == []  # fits in block 5: allocate is not called
+    b = BlockTable(block_size=4)
+    assert b.append_tokens(3, allocate=iter([0]).__next__) == [0]  # a new 3-token prompt
+    slot_mapping = a.slot_mapping(1) + b.slot_mapping(3) + [-1]  # A's decode token, B's prompt, padding
+    assert slot_mapping == [22, 0, 1, 2, -1]
+    k_cache, v_cache = torch.randn(6, 4, 2, 8, generator=gen), torch.randn(6, 4, 2, 8, generator=gen)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    key, value = torch.randn(5, 2, 8, generator=gen), torch.randn(5, 2, 8, generator=gen)
+    write_kv(key, value, k_cache, v_cache, torch.tensor(slot_mapping))
+    written = [(0, 0), (0, 1), (0, 2), (5, 2)]  # B's three rows of block 0, A's row 2 of block 5
+    assert changed_rows(k_before, k_cache) == changed_rows(v_before, v_cache) == written
+    assert torch.equal(k_cache[5, 2], key[0]) and torch.equal(k_cache[0, :3], key[1:4])
+    assert torch.equal(v_cache[5, 2], value[0]) and torch.equal(v_cache[0, :3], value[1:4])
+    assert block_tables_tensor([a, b]).tolist() == [[2, 5], [0, -1]]
+
+
+def writing_exercise(gen: torch.Generator):
+    """The exercise's step: A decodes, B runs a 5-token chunk, 2 padding tokens; unwritten slots are NaN."""
+    a = BlockTable(block_size=4, block_ids=[3, 1], num_tokens=7)
+    b = BlockTable(block_size=4, block_ids=[5, 0, 4], num_tokens=9)
+    k_cache, v_cache = torch.full((6, 4, 2, 8), math.nan), torch.full((6, 4, 2, 8), math.nan)
+    earlier = [a.slot(pos) for pos in range(6)] + [b.slot(pos) for pos in range(4)]  # written before
+    for pool in (k_cache, v_cache):
+        pool.view(-1, 2, 8)[earlier] = torch.randn(len(earlier), 2, 8, generator=gen)
+    key, value = torch.randn(8, 2, 8, generator=gen), torch.randn(8, 2, 8, generator=gen)  # 6 tokens + 2 pads
+    return a, b, k_cache, v_cache, key, value
+
+
+@pytest.mark.task2_1
+def test_writing_through_the_table_exercise():
+    a, b, k_cache, v_cache, key, value = writing_exercise(torch.Generator().manual_seed(7))
+    slot_mapping = a.slot_mapping(1) + b.slot_mapping(5) + [-1, -1]
+    assert slot_mapping == [6, 0, 1, 2, 3, 16, -1, -1]
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    write_kv(key, value, k_cache, v_cache, torch.tensor(slot_mapping))
+    expected = sorted([(1, 2), (0, 0), (0, 1), (0, 2), (0, 3), (4, 0)])
+    assert changed_rows(k_before, k_cache) == changed_rows(v_before, v_cache) == expected
+    assert torch.equal(k_cache[4, 0], key[5]) and torch.equal(v_cache[4, 0], value[5])  # B's position 8
+    assert b.slot(8) == 16
+
+
+@pytest.mark.task2_2
+def test_writing_through_the_table_exercise_order():
+    gen = torch.Generator().manual_seed(7)
+    a, b, k_cache, v_cache, key, value = writing_exercise(gen)
+    query = torch.randn(6, 4, 8, generator=gen)  # 1 row for A, 5 for B; the padding has none
+    args = (
+        block_tables_tensor([a, b]),
+        torch.tensor([7, 9], dtype=torch.int32),
+        torch.tensor([0, 1, 6], dtype=torch.int32),
+        8**-0.5,
+    )
+    too_early = paged_attention(query, k_cache, v_cache, *args)  # attention before write_kv
+    assert too_early.isnan().flatten(1).all(dim=1).tolist() == [True] * 6  # every row sees its own NaN
+    write_kv(key, value, k_cache, v_cache, torch.tensor(a.slot_mapping(1) + b.slot_mapping(5) + [-1, -1]))
+    out = paged_attention(query, k_cache, v_cache, *args)
+    assert out.isfinite().all()
+    keys = [k_cache.view(-1, 2, 8)[[t.slot(pos) for pos in range(t.num_tokens)]] for t in (a, b)]
+    values = [v_cache.view(-1, 2, 8)[[t.slot(pos) for pos in range(t.num_tokens)]] for t in (a, b)]
+    expected = dense_attention(query, keys, values, args[2], args[3])
+    torch.testing.assert_close(out, expected, **tolerance(torch.float32))
+
+
+# ---- reading-through-the-table.md ---------------------------------------------------------------
+
+
+def reading_exercise(gen: torch.Generator):
+    """seq_len 11, q_len 3, blocks of 4, table [6, 2, 9, -1]; every slot not holding a token is poisoned."""
+    table = BlockTable(block_size=4, block_ids=[6, 2, 9], num_tokens=11)
+    k_cache, v_cache = torch.randn(10, 4, 2, 8, generator=gen), torch.randn(10, 4, 2, 8, generator=gen)
+    stale = torch.ones(40, dtype=torch.bool)
+    stale[[table.slot(pos) for pos in range(11)]] = False
+    for pool in (k_cache, v_cache):
+        pool.view(-1, 2, 8)[stale] = poison_pattern(int(stale.sum()))[:, None, None].expand(-1, 2, 8)
+    query = torch.randn(3, 4, 8, generator=gen)  # 4 query heads share 2 KV heads
+    args = (
+        table.as_tensor(4)[None],  # [[6, 2, 9, -1]]
+        torch.tensor([11], dtype=torch.int32),
+        torch.tensor([0, 3], dtype=torch.int32),
+        8**-0.5,
+    )
+    return table, query, k_cache, v_cache, args
+
+
+@pytest.mark.task2_2
+def test_reading_through_the_table_exercise():
+    gen = torch.Generator().manual_seed(11)
+    table, query, k_cache, v_cache, args = reading_exercise(gen)
+    assert args[0].tolist() == [[6, 2, 9, -1]]
+    assert not k_cache[9, 3].isfinite().any()  # position 11's slot, past seq_len: poisoned
+    out = paged_attention(query, k_cache, v_cache, *args)
+    assert out.isfinite().all()  # the poison is never read
+    # 1. Which key positions each query row sees: change one position's K/V, see which rows move.
+    sees: list[list[int]] = [[], [], []]
+    for pos in range(11):
+        k2, v2 = k_cache.clone(), v_cache.clone()
+        k2.view(-1, 2, 8)[table.slot(pos)] += torch.randn(2, 8, generator=gen)
+        v2.view(-1, 2, 8)[table.slot(pos)] += torch.randn(2, 8, generator=gen)
+        moved = paged_attention(query, k2, v2, *args)
+        for row in range(3):
+            if not torch.equal(moved[row], out[row]):
+                sees[row].append(pos)
+    assert sees == [list(range(9)), list(range(10)), list(range(11))]  # rows at positions 8, 9, 10
+    # 2. The rows read: blocks 6 and 2 whole, rows 0-2 of block 9.
+    keys, values = gather_kv(k_cache, v_cache, args[0][0], 11)
+    assert torch.equal(keys, torch.cat([k_cache[6], k_cache[2], k_cache[9, :3]]))
+    assert torch.equal(values, torch.cat([v_cache[6], v_cache[2], v_cache[9, :3]]))
+    expected = dense_attention(query, [keys], [values], args[2], args[3])
+    torch.testing.assert_close(out, expected, **tolerance(torch.float32))
+    # 3. The bytes gather_kv copies for this sequence in one layer.
+    assert keys.nbytes + values.nbytes == 1_408
+    # The page's cost example: a Llama-3-8B-shaped decode step at 2,048 tokens, all 32 layers.
+    assert kv_cache_bytes_per_token(32, 8, 128, 2) * 2048 == 256 * 2**20
+
+
+class RecordingTable(list):
+    """A block-table row that records which entries are looked up."""
+
+    def __init__(self, block_ids: list[int]) -> None:
+        super().__init__(block_ids)
+        self.lookups: list[int] = []
+
+    def __getitem__(self, index):
+        self.lookups.append(index)
+        return super().__getitem__(index)
+
+
+@pytest.mark.task2_3
+def test_reading_through_the_table_exercise_blockwise():
+    _, query, k_cache, v_cache, args = reading_exercise(torch.Generator().manual_seed(11))
+    out = paged_attention(query, k_cache, v_cache, *args)
+    blockwise = paged_attention_blockwise(query, k_cache, v_cache, *args)
+    torch.testing.assert_close(blockwise, out, **tolerance(torch.float32))
+    # 4. Lookups: _attend_blockwise is paged_attention_blockwise's loop over one sequence's blocks.
+    for q_len in (3, 1):  # the exercise's chunk, then a decode step at the same seq_len
+        row = RecordingTable([6, 2, 9, -1])
+        rows = _attend_blockwise(query[3 - q_len :], k_cache, v_cache, row, 11, args[3])
+        assert row.lookups == [0, 1, 2]  # one per block holding tokens; the -1 is never looked up
+        torch.testing.assert_close(rows, out[3 - q_len :], **tolerance(torch.float32))
