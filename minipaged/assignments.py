@@ -31,7 +31,17 @@ _QUOTE = re.compile(
     r"(?P<body>.*?)^(?P=indent)(?P=fence)[ \t]*$",
     re.M | re.S,
 )
-COPIED = ("minipaged", "tests", "tutorials", "docs", "pyproject.toml", "Makefile", "mkdocs.yml", "README.md")
+COPIED = (
+    "minipaged",
+    "tests",
+    "tutorials",
+    "benchmarks",
+    "docs",
+    "pyproject.toml",
+    "Makefile",
+    "mkdocs.yml",
+    "README.md",
+)
 
 
 def strip_solutions(source: str) -> str:
