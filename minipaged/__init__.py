@@ -1,11 +1,23 @@
 """minipaged: PagedAttention built twice, as readable PyTorch and as Triton kernels.
 
-The engine (LLM, SamplingParams, ...) arrives with the engine issue; today the package holds the paged
-memory manager in `minipaged.reference`, the sequences it manages in `minipaged.sequence`, and the
-kernel contract with its reference backend (`get_backend("reference")`, minipaged.backend).
+    from minipaged import LLM, SamplingParams
+    llm = LLM("tiny-llama")  # a preset with seeded random weights; or a local checkpoint directory
+    outs = llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=8))
+
+The engine (LLM) drives the scheduler and the paged memory manager in `minipaged.reference`, and a
+backend of the kernel contract (`get_backend("reference")`, minipaged.backend) for the tensor work.
 """
 
 from minipaged.backend import KVBackend, available_backends, get_backend
+from minipaged.engine import LLM
+from minipaged.outputs import (
+    BeamSearchOutput,
+    BeamSequence,
+    CompletionOutput,
+    EngineStats,
+    RequestOutput,
+    StepStats,
+)
 from minipaged.reference import (
     AllocStatus,
     BlockAllocator,
@@ -14,21 +26,31 @@ from minipaged.reference import (
     NoFreeBlocksError,
     PrefixCachingBlockAllocator,
 )
+from minipaged.sampling import BeamSearchParams, SamplingParams
 from minipaged.sequence import Sequence, SequenceGroup, SequenceStatus
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LLM",
     "AllocStatus",
+    "BeamSearchOutput",
+    "BeamSearchParams",
+    "BeamSequence",
     "BlockAllocator",
     "BlockManager",
     "BlockTable",
+    "CompletionOutput",
+    "EngineStats",
     "KVBackend",
     "NoFreeBlocksError",
     "PrefixCachingBlockAllocator",
+    "RequestOutput",
+    "SamplingParams",
     "Sequence",
     "SequenceGroup",
     "SequenceStatus",
+    "StepStats",
     "__version__",
     "available_backends",
     "get_backend",

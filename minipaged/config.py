@@ -2,11 +2,14 @@
 
 OS idea: before paging anything, know the page size and what a process's memory costs (OSTEP ch. 13).
 KV counterpart: vLLM paper section 3: every token keeps one key and one value vector per layer and per
-KV head, so the cache grows by the same number of bytes with each token of each sequence. (The
-engine's CacheConfig / SchedulerConfig / EngineConfig arrive with the engine.)
+KV head, so the cache grows by the same number of bytes with each token of each sequence. The engine's
+CacheConfig and SchedulerConfig are validated when they are built, so a bad value fails at once with
+the field's name.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 
 def kv_cache_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
@@ -40,3 +43,73 @@ def kv_cache_bytes_per_block(
     if not isinstance(block_size, int) or block_size <= 0:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     return block_size * kv_cache_bytes_per_token(num_layers, num_kv_heads, head_dim, dtype_bytes)
+
+
+PREEMPTION_MODES = ("recompute", "swap")
+
+
+def _positive_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The KV cache: block size and the sizes of the device pool and the host swap space.
+
+    Args:
+        block_size: tokens per block (the page size).
+        num_gpu_blocks: blocks in the device pool.
+        num_cpu_blocks: blocks in the host pool (the swap space); 0 turns swapping off.
+        watermark: fraction of device blocks kept free at admission (vLLM's default, 1%).
+        enable_prefix_caching: share full blocks across requests by their hash.
+
+    Raises:
+        ValueError: naming the field, if a value is out of range.
+    """
+
+    block_size: int = 16
+    num_gpu_blocks: int = 256
+    num_cpu_blocks: int = 256
+    watermark: float = 0.01
+    enable_prefix_caching: bool = False
+
+    def __post_init__(self) -> None:
+        _positive_int("block_size", self.block_size)
+        _positive_int("num_gpu_blocks", self.num_gpu_blocks)
+        if not isinstance(self.num_cpu_blocks, int) or self.num_cpu_blocks < 0:
+            raise ValueError(f"num_cpu_blocks must be a non-negative int, got {self.num_cpu_blocks!r}")
+        if not isinstance(self.watermark, (int, float)) or not 0.0 <= self.watermark < 1.0:
+            raise ValueError(f"watermark must be in [0, 1), got {self.watermark!r}")
+
+    @property
+    def watermark_blocks(self) -> int:
+        return int(self.watermark * self.num_gpu_blocks)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The scheduler's per-step budget and its preemption mode.
+
+    Args:
+        max_model_len: the longest sequence (prompt plus output) the model can hold.
+        max_num_seqs: the most sequences running at once.
+        max_num_batched_tokens: the most tokens one step computes; the first prefill of a step is
+            always admitted (if memory allows), so a prompt longer than the budget still runs.
+        preemption_mode: "recompute" or "swap" (falls back to recompute when the host pool is full).
+
+    Raises:
+        ValueError: naming the field, if a value is out of range.
+    """
+
+    max_model_len: int = 2048
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 4096
+    preemption_mode: str = "recompute"
+
+    def __post_init__(self) -> None:
+        _positive_int("max_model_len", self.max_model_len)
+        _positive_int("max_num_seqs", self.max_num_seqs)
+        _positive_int("max_num_batched_tokens", self.max_num_batched_tokens)
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}")

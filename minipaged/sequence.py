@@ -52,12 +52,17 @@ class Sequence:
         prompt_token_ids: the prompt.
         output_token_ids: tokens generated so far.
         status: see `SequenceStatus`.
+        num_computed_tokens: how many leading tokens already have their K/V in the cache; the
+            next model step computes the rest (all of the prompt at first, then one token a step).
+        output_logprobs: the model's log-probability of each generated token.
     """
 
     prompt_token_ids: list[int]
     output_token_ids: list[int] = field(default_factory=list)
     seq_id: int = field(default_factory=_new_seq_id)
     status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache; 0 again after a recompute
+    output_logprobs: list[float] = field(default_factory=list)  # log p of each generated token
 
     def __post_init__(self) -> None:
         _taken_seq_ids.add(self.seq_id)  # so an explicit id is never handed out again by fork()
@@ -70,13 +75,30 @@ class Sequence:
     def __len__(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
-    def append_token_id(self, token_id: int) -> None:
-        """Record one generated token. Its slot is found by BlockManager.append_slots."""
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens the next model step must compute: its q_len."""
+        return len(self) - self.num_computed_tokens
+
+    @property
+    def cumulative_logprob(self) -> float:
+        """Sum of output_logprobs: the log-probability of everything generated so far."""
+        return sum(self.output_logprobs)
+
+    def append_token_id(self, token_id: int, logprob: float = 0.0) -> None:
+        """Record a generated token and its log-probability; BlockManager.append_slots finds its slot."""
         self.output_token_ids.append(token_id)
+        self.output_logprobs.append(logprob)
 
     def fork(self) -> Sequence:
-        """A child with a new id and a copy of this sequence's tokens and status (like fork())."""
-        return Sequence(list(self.prompt_token_ids), list(self.output_token_ids), status=self.status)
+        """A child with a new id and a copy of this sequence's tokens, status and progress (like fork())."""
+        return Sequence(
+            list(self.prompt_token_ids),
+            list(self.output_token_ids),
+            status=self.status,
+            num_computed_tokens=self.num_computed_tokens,
+            output_logprobs=list(self.output_logprobs),
+        )
 
     def is_finished(self) -> bool:
         return self.status.is_finished
@@ -90,11 +112,14 @@ class SequenceGroup:
         request_id: the caller's name for the request.
         seqs: its sequences; parallel sampling and beam search add more by fork.
         arrival_time: when it arrived; first come, first served orders by it.
+        max_seqs: the most sequences it will hold at once; the scheduler counts it against its
+            max_num_seqs budget at admission.
     """
 
     request_id: str
     seqs: list[Sequence]
     arrival_time: float = field(default_factory=time.monotonic)
+    max_seqs: int = 1  # the most sequences it will hold at once (n samples, or the beam width)
 
     def get_seqs(self, status: SequenceStatus | None = None) -> list[Sequence]:
         """The group's sequences, or only those with `status`."""

@@ -230,9 +230,13 @@ class BlockManager:
         """
         return self._move(seq_group, self.device_tables, self.device, self.host_tables, self.host)
 
-    def can_swap_in(self, seq_group: SequenceGroup) -> bool:
-        """Would the group's host blocks fit in the device pool while keeping the watermark free?"""
-        needed = len(self._unique_blocks(seq_group, self.host_tables))
+    def can_swap_in(self, seq_group: SequenceGroup, num_lookahead_blocks: int = 0) -> bool:
+        """Would the group's host blocks fit in the device pool while keeping the watermark free?
+
+        `num_lookahead_blocks` more must fit too: the scheduler asks for one per sequence, so that
+        each can append its next token right after coming back.
+        """
+        needed = len(self._unique_blocks(seq_group, self.host_tables)) + num_lookahead_blocks
         return self.device.num_free - needed >= self.watermark_blocks
 
     def swap_in(self, seq_group: SequenceGroup) -> BlockMapping:

@@ -1,0 +1,401 @@
+"""LLM: the serving engine. Each step: schedule -> swap / copy blocks -> model step -> sample.
+
+OS idea: the kernel's main loop: pick what runs (the scheduler), fix up memory (page in, copy on
+write), let it run a time slice, account for what happened (OSTEP ch. 6-7). KV counterpart: vLLM
+paper section 4.5-5: the engine drives the scheduler and the block manager (policy, on the CPU) and
+the model runner with its backend (mechanism, on the device), one iteration at a time.
+
+    llm = LLM("tiny-llama")
+    outs = llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=8))
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Sequence as Seq
+
+import torch
+from tqdm.auto import tqdm
+
+from minipaged.backend import get_backend
+from minipaged.beam_search import BeamState
+from minipaged.config import CacheConfig, SchedulerConfig, kv_cache_bytes_per_block
+from minipaged.model_runner import ModelRunner, kv_shape
+from minipaged.outputs import BeamSearchOutput, CompletionOutput, EngineStats, RequestOutput, StepStats
+from minipaged.presets import PRESETS, ByteTokenizer, load_preset
+from minipaged.reference.block_manager import BlockManager
+from minipaged.reference.block_table import num_blocks_for
+from minipaged.reference.scheduler import Scheduler, SchedulerOutput
+from minipaged.sampling import BeamSearchParams, SamplingParams, sample, seeded_generator
+from minipaged.sequence import Sequence, SequenceGroup, SequenceStatus
+
+DEFAULT_KV_CACHE_MEMORY_CPU = 64 * 2**20  # bytes of device KV pool when num_gpu_blocks is None on CPU
+KV_CACHE_FRACTION_CUDA = 0.5  # of the GPU's free memory when num_gpu_blocks is None on CUDA
+
+Prompt = str | dict
+
+
+class LLM:
+    """A serving engine for a transformers decoder model on a paged KV cache (vLLM's `LLM`).
+
+    Args:
+        model: a preset name (see presets.PRESETS; "tiny-llama" is the embedded default), a local
+            checkpoint directory, or a transformers model object.
+        backend: "reference" or "triton" (the kernel contract's implementations).
+        block_size: tokens per KV block.
+        num_gpu_blocks: blocks in the device pool; None: derived from `kv_cache_memory` (below).
+        num_cpu_blocks: blocks in the host swap space; None: as many as num_gpu_blocks.
+        preemption_mode: "recompute" or "swap".
+        enable_prefix_caching: share full prompt blocks across requests.
+        device: "cpu" or "cuda".
+        dtype: the model's dtype (None: float32 for presets, the checkpoint's otherwise).
+        seed: seeds the preset's weights and the requests that bring no seed of their own.
+        tokenizer: for a model object; presets bring a byte-level one, directories their own.
+        kv_cache_memory: bytes for the device pool when num_gpu_blocks is None (default 64 MiB on
+            CPU, half the free GPU memory on CUDA). num_gpu_blocks = kv_cache_memory // bytes per
+            block, and bytes per block = 2 x layers x block_size x kv_heads x head_dim x dtype size.
+        max_num_seqs, max_num_batched_tokens, max_model_len, watermark: the scheduler's budget
+            (see config.py); max_model_len defaults to the model's maximum positions.
+
+    Raises:
+        ValueError: naming the argument, for an unknown backend or preset, or a bad setting.
+    """
+
+    def __init__(
+        self,
+        model: str | torch.nn.Module = "tiny-llama",
+        backend: str = "reference",
+        block_size: int = 16,
+        num_gpu_blocks: int | None = None,
+        num_cpu_blocks: int | None = None,
+        preemption_mode: str = "recompute",
+        enable_prefix_caching: bool = False,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        seed: int = 0,
+        *,
+        tokenizer=None,
+        kv_cache_memory: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int | None = None,
+        max_model_len: int | None = None,
+        watermark: float = 0.01,
+    ) -> None:
+        self.backend = get_backend(backend)  # ValueError for an unknown name, before any loading
+        self.model, self.tokenizer = _load_model(model, dtype, seed, tokenizer)
+        model_dtype = next(self.model.parameters()).dtype
+        num_layers, num_kv_heads, head_dim = kv_shape(self.model.config)
+        if num_gpu_blocks is None:
+            per_block = kv_cache_bytes_per_block(
+                block_size, num_layers, num_kv_heads, head_dim, model_dtype.itemsize
+            )
+            num_gpu_blocks = _kv_cache_memory(kv_cache_memory, device) // per_block
+        self.cache_config = CacheConfig(
+            block_size=block_size,
+            num_gpu_blocks=num_gpu_blocks,
+            num_cpu_blocks=num_gpu_blocks if num_cpu_blocks is None else num_cpu_blocks,
+            watermark=watermark,
+            enable_prefix_caching=enable_prefix_caching,
+        )
+        model_len = max_model_len or _max_positions(self.model.config)
+        self.scheduler_config = SchedulerConfig(
+            max_model_len=model_len,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens or max(model_len, 2048),
+            preemption_mode=preemption_mode,
+        )
+        cc = self.cache_config
+        self.block_manager = BlockManager(
+            cc.block_size, cc.num_gpu_blocks, cc.num_cpu_blocks, cc.watermark, cc.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
+        self.runner = ModelRunner(self.model, self.backend, self.block_manager, device)
+        self.seed = seed
+        self.vocab_size = self.model.config.get_text_config().vocab_size
+        self.eos_token_id = _eos_id(self.model, self.tokenizer)
+        self.step_stats: list[StepStats] = []
+        self.stats = EngineStats()
+        self._request_ids = itertools.count()
+        self._requests: dict[str, tuple[SequenceGroup, object, str | None]] = {}
+        self._generators: dict[int, torch.Generator] = {}
+        self._beams: dict[str, BeamState] = {}
+        self._finished: dict[str, object] = {}
+
+    # ---- the public API ------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Prompt | Seq[Prompt],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs in the prompts' order.
+
+        Prompts are strings (tokenized by the model's tokenizer) or `{"prompt_token_ids": [...]}`.
+        One SamplingParams applies to all prompts, or give one per prompt.
+
+        Raises:
+            ValueError: naming the field, for a prompt or a parameter that can never be served;
+                nothing is queued then.
+        """
+        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(
+                f"sampling_params must be one, or one per prompt ({len(prompts)}), got {len(params_list)}"
+            )
+        requests = [
+            self._prepare(p, sp) for p, sp in zip(prompts, params_list, strict=True)
+        ]  # all checked first
+        ids = [self._submit(*request) for request in requests]
+        return self._run(ids, use_tqdm)
+
+    def beam_search(
+        self, prompts: Prompt | Seq[Prompt], params: BeamSearchParams, use_tqdm: bool = False
+    ) -> list[BeamSearchOutput]:
+        """Beam search for every prompt; each output holds beam_width beams, best first.
+
+        The beams of a request are sequences of one group: they share blocks through fork, a beam
+        that is dropped frees its blocks, and the scoring is transformers' (see beam_search.py).
+
+        Raises:
+            ValueError: naming the field, as for generate.
+        """
+        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        requests = [self._prepare(p, params) for p in prompts]
+        ids = [self._submit(*request) for request in requests]
+        return self._run(ids, use_tqdm)
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | BeamSearchParams) -> str:
+        """Queue one request (checked now); returns its request id. Drive it with step()."""
+        return self._submit(*self._prepare(prompt, params))
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput | BeamSearchOutput]:
+        """Run one iteration: schedule, move blocks, run the model, sample. Returns what finished."""
+        out = self.scheduler.schedule()
+        if not out.scheduled and not out.preempted:
+            raise RuntimeError("the scheduler made no progress: no request can run (a bug, please report)")
+        logits = self.runner.execute(out)  # [num_seqs, vocab]
+        for item in out.scheduled:
+            item.seq.num_computed_tokens = len(item.seq)
+        finished = self._process(out, logits)
+        self._record(out)
+        return finished
+
+    # ---- requests ------------------------------------------------------------------------------
+
+    def _prepare(self, prompt: Prompt, params) -> tuple[list[int], str | None, object]:
+        """Tokenize and check one request; raise ValueError naming the field if it can never run."""
+        if not isinstance(params, (SamplingParams, BeamSearchParams)):
+            raise ValueError(
+                f"params must be SamplingParams or BeamSearchParams, got {type(params).__name__}"
+            )
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(
+                    'prompt is a string but the model has no tokenizer: pass {"prompt_token_ids": [...]}'
+                )
+            token_ids, text = list(self.tokenizer.encode(prompt)), prompt
+        elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            token_ids, text = list(prompt["prompt_token_ids"]), None
+        else:
+            raise ValueError(
+                f'prompt must be a string or {{"prompt_token_ids": [...]}}, got {type(prompt).__name__}'
+            )
+        if not token_ids:
+            raise ValueError("prompt must not be empty (it has no tokens)")
+        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt_token_ids must be ints in [0, {self.vocab_size}), got {bad[:5]}")
+        total = len(token_ids) + params.max_tokens
+        limit = self.scheduler_config.max_model_len
+        if total > limit:
+            raise ValueError(
+                f"prompt ({len(token_ids)} tokens) plus max_tokens ({params.max_tokens}) is {total}, "
+                f"beyond max_model_len={limit}: this request can never fit"
+            )
+        width = params.n if isinstance(params, SamplingParams) else params.beam_width
+        cc = self.cache_config
+        needed = width * num_blocks_for(total, cc.block_size)
+        usable = cc.num_gpu_blocks - cc.watermark_blocks
+        if needed > usable:
+            raise ValueError(
+                f"prompt plus max_tokens needs {needed} blocks of {cc.block_size} for its {width} "
+                f"sequence(s), beyond the device pool's {usable} usable blocks: this request can never fit"
+            )
+        return token_ids, text, params
+
+    def _submit(self, token_ids: list[int], text: str | None, params) -> str:
+        request_id = str(next(self._request_ids))
+        first = Sequence(list(token_ids))
+        if isinstance(params, SamplingParams):
+            seqs = [first] + [first.fork() for _ in range(params.n - 1)]  # n samples share the prompt
+            seed = params.seed if params.seed is not None else self.seed * 1_000_003 + int(request_id)
+            for index, seq in enumerate(seqs):
+                self._generators[seq.seq_id] = seeded_generator(seed, index, self.runner.device)
+            group = SequenceGroup(request_id, seqs, max_seqs=params.n)
+        else:
+            group = SequenceGroup(request_id, [first], max_seqs=params.beam_width)
+            self._beams[request_id] = BeamState(params, len(token_ids), self._eos(params))
+        self._requests[request_id] = (group, params, text)
+        self.scheduler.add(group)
+        return request_id
+
+    def _eos(self, params) -> int | None:
+        return None if params.ignore_eos else self.eos_token_id
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list:
+        pending = set(request_ids)
+        with tqdm(total=len(request_ids), desc="requests", disable=not use_tqdm) as bar:
+            while pending:
+                for output in self.step():
+                    if output.request_id in pending:
+                        pending.discard(output.request_id)
+                        bar.update(1)
+        return [self._finished.pop(request_id) for request_id in request_ids]
+
+    # ---- after the model step ------------------------------------------------------------------
+
+    def _process(self, out: SchedulerOutput, logits: torch.Tensor) -> list:
+        rows: dict[str, list[int]] = {}
+        for i, item in enumerate(out.scheduled):
+            rows.setdefault(item.group.request_id, []).append(i)
+        finished = []
+        for request_id, indices in rows.items():
+            group, params, _ = self._requests[request_id]
+            if isinstance(params, BeamSearchParams):
+                seqs = [out.scheduled[i].seq for i in indices]
+                done = self._beams[request_id].step(seqs, logits[indices], group, self.block_manager)
+                self.stats.generated_tokens += len(seqs)
+            else:
+                for i in indices:
+                    self._sample(out.scheduled[i].seq, logits[i], params)
+                done = group.is_finished()
+            if done:
+                self.scheduler.finish(group)
+                finished.append(self._output(request_id))
+        return finished
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor, params: SamplingParams) -> None:
+        token, logprob = sample(logits, params, self._generators[seq.seq_id])
+        seq.append_token_id(token, logprob)
+        self.stats.generated_tokens += 1
+        if token == self._eos(params):
+            seq.status = SequenceStatus.FINISHED_STOPPED
+        elif (
+            len(seq.output_token_ids) >= params.max_tokens or len(seq) >= self.scheduler_config.max_model_len
+        ):
+            seq.status = SequenceStatus.FINISHED_LENGTH_CAPPED
+        if seq.is_finished():
+            self.block_manager.free(seq)
+            del self._generators[seq.seq_id]
+
+    def _output(self, request_id: str):
+        group, params, text = self._requests.pop(request_id)
+        prompt_ids = group.seqs[0].prompt_token_ids
+        if isinstance(params, BeamSearchParams):
+            output = self._beams.pop(request_id).output(request_id, prompt_ids, self._decode)
+        else:
+            completions = [
+                CompletionOutput(
+                    index=i,
+                    text=self._decode(seq.output_token_ids),
+                    token_ids=list(seq.output_token_ids),
+                    cumulative_logprob=seq.cumulative_logprob,
+                    logprobs=list(seq.output_logprobs),
+                    finish_reason="stop" if seq.status == SequenceStatus.FINISHED_STOPPED else "length",
+                )
+                for i, seq in enumerate(group.seqs)
+            ]
+            output = RequestOutput(request_id, text, list(prompt_ids), completions)
+        self._finished[request_id] = output
+        return output
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return (
+            self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer is not None else ""
+        )
+
+    def _record(self, out: SchedulerOutput) -> None:
+        memory = self.block_manager.memory_stats()
+        device = memory.device
+        step = StepStats(
+            step=self.stats.steps,
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_swapped=len(self.scheduler.swapped),
+            num_seqs=len(out.scheduled),
+            num_batched_tokens=out.num_batched_tokens,
+            blocks_free=device.num_free,
+            blocks_used=device.num_used,
+            blocks_shared=device.num_shared,
+            kv_utilization=device.utilization,
+            preempted=list(out.preempted),
+            blocks_swapped_out=len(out.blocks_to_swap_out),
+            blocks_swapped_in=len(out.blocks_to_swap_in),
+            blocks_copied=len(out.blocks_to_copy),
+        )
+        self.step_stats.append(step)
+        s = self.stats
+        s.mean_kv_utilization = (s.mean_kv_utilization * s.steps + step.kv_utilization) / (s.steps + 1)
+        s.steps += 1
+        s.num_preemptions = dict(self.scheduler.num_preemptions)
+        s.blocks_swapped_out, s.blocks_swapped_in = memory.blocks_swapped_out, memory.blocks_swapped_in
+        s.cow_copies = memory.cow_copies
+        s.prefix_cache_hits, s.prefix_cache_misses = memory.prefix_cache_hits, memory.prefix_cache_misses
+        s.peak_blocks_used = max(s.peak_blocks_used, device.num_used)
+        s.max_blocks_saved_by_sharing = max(s.max_blocks_saved_by_sharing, device.blocks_saved_by_sharing)
+
+
+def _load_model(model, dtype, seed, tokenizer):
+    """(model, tokenizer) from a preset name, a local directory or a model object."""
+    if isinstance(model, torch.nn.Module):
+        return model.eval(), tokenizer
+    if not isinstance(model, str):
+        raise ValueError(
+            f"model must be a preset name, a local directory or a model, got {type(model).__name__}"
+        )
+    if model in PRESETS:
+        return load_preset(model, seed, dtype or torch.float32), tokenizer or ByteTokenizer()
+    if os.path.isdir(model):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        loaded = AutoModelForCausalLM.from_pretrained(model, dtype=dtype or "auto", local_files_only=True)
+        if tokenizer is None:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
+            except (OSError, ValueError):
+                tokenizer = None  # token-id prompts still work
+        return loaded.eval(), tokenizer
+    raise ValueError(f"model must be a preset ({', '.join(PRESETS)}) or a local directory, got {model!r}")
+
+
+def _kv_cache_memory(kv_cache_memory: int | None, device: str) -> int:
+    if kv_cache_memory is not None:
+        if not isinstance(kv_cache_memory, int) or kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {kv_cache_memory!r}")
+        return kv_cache_memory
+    if torch.device(device).type == "cuda":
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free * KV_CACHE_FRACTION_CUDA)
+    return DEFAULT_KV_CACHE_MEMORY_CPU
+
+
+def _max_positions(config) -> int:
+    config = config.get_text_config()
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    return 2048
+
+
+def _eos_id(model, tokenizer) -> int | None:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.generation_config, "eos_token_id", None) or model.config.eos_token_id
+    return eos[0] if isinstance(eos, list) else eos

@@ -1,0 +1,201 @@
+"""Iteration-level scheduling with preemption: which sequences run in the next model step.
+
+OS idea: a CPU scheduler picks, at every tick, which ready processes run; when memory runs short the
+kernel picks a victim and evicts its pages, either to swap or by dropping pages it can rebuild
+(OSTEP ch. 7-9 on scheduling, ch. 21-22 on swapping and replacement). KV counterpart: vLLM paper
+section 4.5, "Scheduling and preemption", with Orca's iteration-level batching: the batch is formed
+anew at every step, so a finished sequence leaves and a waiting one joins at once.
+
+The policy, first come first served:
+
+1. Running groups, oldest first, each get the slots for their next token. When the pool is short, the
+   most recently arrived running group is preempted, all its sequences at once (a group's samples or
+   beams share blocks, so they go together): by "swap" (its blocks go to the host pool) or by
+   "recompute" (its blocks are freed and it re-enters the waiting queue at the front, to prefill its
+   prompt and its generated tokens again). Swap falls back to recompute when the host pool is full.
+2. Swapped groups come back, oldest first, before any new request is admitted.
+3. Waiting groups are admitted in arrival order while the block manager says OK (its watermark keeps
+   a few blocks free for the running ones to grow) and the step's budget allows. No group is admitted
+   in a step that preempted one, and none jumps the queue: a LATER stops admission.
+
+A whole prompt is computed in one step (no chunked prefill): simpler to read, and it lets the prefix
+cache publish a block as soon as it is allocated, since its K/V are written in that same step.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from minipaged.config import SchedulerConfig
+from minipaged.reference.block_manager import AllocStatus, BlockManager
+from minipaged.sequence import Sequence, SequenceGroup, SequenceStatus
+
+BlockMapping = list[tuple[int, int]]
+
+
+@dataclass
+class ScheduledSeq:
+    """One sequence in the next step: it computes its last `num_query_tokens` tokens."""
+
+    group: SequenceGroup
+    seq: Sequence
+    num_query_tokens: int  # q_len: the whole uncached prompt for a prefill, 1 for a decode
+
+
+@dataclass
+class SchedulerOutput:
+    """The decisions of one step, in the order the engine carries them out."""
+
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    blocks_to_swap_out: BlockMapping = field(default_factory=list)  # (device, host), done first
+    blocks_to_swap_in: BlockMapping = field(default_factory=list)  # (host, device), done second
+    blocks_to_copy: BlockMapping = field(default_factory=list)  # copy-on-write (src, dst), done third
+    preempted: list[tuple[str, str]] = field(default_factory=list)  # (request_id, "swap" | "recompute")
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_query_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    """Three queues (waiting, running, swapped) and the policy above.
+
+    Args:
+        config: the budget and the preemption mode.
+        block_manager: the memory manager whose decisions the schedule carries.
+    """
+
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[SequenceGroup] = deque()
+        self.running: list[SequenceGroup] = []
+        self.swapped: list[SequenceGroup] = []
+        self.num_preemptions = {"recompute": 0, "swap": 0}
+
+    def add(self, group: SequenceGroup) -> None:
+        """Queue a new request (the engine has checked that it can ever fit)."""
+        self.waiting.append(group)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self.swapped)
+
+    def schedule(self) -> SchedulerOutput:
+        """Decide the next step: who runs, what to swap and copy, whom to preempt."""
+        out = SchedulerOutput()
+        preempted = self._schedule_running(out)
+        if not preempted:
+            self._schedule_swapped(out)
+        if not preempted and not self.swapped:
+            self._schedule_waiting(out)
+        return out
+
+    def finish(self, group: SequenceGroup) -> None:
+        """Drop a finished group from the running queue (its blocks are already freed)."""
+        self.running.remove(group)
+
+    # ---- the three phases --------------------------------------------------------------------
+
+    def _schedule_running(self, out: SchedulerOutput) -> bool:
+        """Give each running group its next slots, oldest first; preempt the newest when short."""
+        manager = self.block_manager
+        queue = deque(sorted(self.running, key=lambda g: g.arrival_time))
+        kept: list[SequenceGroup] = []
+        preempted = False
+        while queue:
+            group = queue.popleft()
+            while not manager.can_append_slots(group):
+                victim = queue.pop() if queue else group  # the most recently arrived running group
+                self._preempt(victim, out)
+                preempted = True
+                if victim is group:
+                    break
+            else:
+                for seq in group.get_seqs(SequenceStatus.RUNNING):
+                    out.blocks_to_copy += manager.append_slots(seq)
+                    out.scheduled.append(ScheduledSeq(group, seq, seq.num_uncomputed_tokens))
+                kept.append(group)
+        self.running = kept
+        return preempted
+
+    def _schedule_swapped(self, out: SchedulerOutput) -> None:
+        """Bring swapped groups back, oldest first, while each fits with room to append a token."""
+        manager = self.block_manager
+        while self.swapped:
+            group = self.swapped[0]
+            seqs = group.get_seqs(SequenceStatus.SWAPPED)
+            if self._num_running_seqs() + len(seqs) > self.config.max_num_seqs:
+                break
+            if not manager.can_swap_in(group, num_lookahead_blocks=len(seqs)):
+                break
+            self.swapped.pop(0)
+            out.blocks_to_swap_in += manager.swap_in(group)
+            for seq in seqs:
+                seq.status = SequenceStatus.RUNNING
+                out.blocks_to_copy += manager.append_slots(seq)  # the token sampled before the swap
+                out.scheduled.append(ScheduledSeq(group, seq, seq.num_uncomputed_tokens))
+            self.running.append(group)
+
+    def _schedule_waiting(self, out: SchedulerOutput) -> None:
+        """Admit waiting groups in arrival order while memory and the step's budget allow."""
+        manager = self.block_manager
+        admitted = 0
+        while self.waiting:
+            group = self.waiting[0]
+            seqs = group.get_unfinished_seqs()
+            if self._num_running_seqs() + group.max_seqs > self.config.max_num_seqs:
+                break
+            tokens = sum(len(seq) for seq in seqs)  # at most this many to compute
+            if admitted and out.num_batched_tokens + tokens > self.config.max_num_batched_tokens:
+                break
+            status = manager.can_allocate(group)
+            if status != AllocStatus.OK:  # LATER: wait for blocks; NEVER is refused at submission
+                break
+            self.waiting.popleft()
+            num_cached = manager.allocate(group)
+            for i, seq in enumerate(seqs):
+                seq.num_computed_tokens = num_cached if i == 0 else _shared_tokens(manager, seq, seqs[0])
+                seq.status = SequenceStatus.RUNNING
+                out.scheduled.append(ScheduledSeq(group, seq, seq.num_uncomputed_tokens))
+            self.running.append(group)
+            admitted += 1
+
+    # ---- preemption --------------------------------------------------------------------------
+
+    def _preempt(self, group: SequenceGroup, out: SchedulerOutput) -> None:
+        """Evict a whole group: swap it out if asked and the host has room, else free it to recompute."""
+        manager = self.block_manager
+        seqs = group.get_seqs(SequenceStatus.RUNNING)
+        if self.config.preemption_mode == "swap" and manager.can_swap_out(group):
+            out.blocks_to_swap_out += manager.swap_out(group)
+            for seq in seqs:
+                seq.status = SequenceStatus.SWAPPED
+            self.swapped.append(group)
+            self.swapped.sort(key=lambda g: g.arrival_time)
+            mode = "swap"
+        else:
+            for seq in seqs:
+                manager.free(seq)
+                seq.status = SequenceStatus.WAITING
+                seq.num_computed_tokens = 0  # its K/V are gone: the next prefill recomputes them
+            self.waiting.appendleft(group)  # victims are preempted newest first, so the oldest ends up first
+            mode = "recompute"
+        self.num_preemptions[mode] += 1
+        out.preempted.append((group.request_id, mode))
+
+    def _num_running_seqs(self) -> int:
+        return sum(len(g.get_seqs(SequenceStatus.RUNNING)) for g in self.running)
+
+
+def _shared_tokens(manager: BlockManager, seq: Sequence, first: Sequence) -> int:
+    """Tokens of `seq` that `first` computes (or has cached) in shared blocks: `seq` skips them.
+
+    At least the last token is always computed, since its logits are what the step is for.
+    """
+    seq_blocks = manager.get_block_table(seq).block_ids
+    first_blocks = manager.get_block_table(first).block_ids
+    shared = 0
+    while shared < min(len(seq_blocks), len(first_blocks)) and seq_blocks[shared] == first_blocks[shared]:
+        shared += 1
+    return min(shared * manager.block_size, len(seq) - 1)
