@@ -55,8 +55,10 @@ class LLM:
         kv_cache_memory: bytes for the device pool when num_gpu_blocks is None (default 64 MiB on
             CPU, half the free GPU memory on CUDA). num_gpu_blocks = kv_cache_memory // bytes per
             block, and bytes per block = 2 x layers x block_size x kv_heads x head_dim x dtype size.
-        max_num_seqs, max_num_batched_tokens, max_model_len, watermark: the scheduler's budget
-            (see config.py); max_model_len defaults to the model's maximum positions.
+        max_num_seqs: the most sequences running at once.
+        max_num_batched_tokens: the most tokens a step computes (None: max(max_model_len, 2048)).
+        max_model_len: the longest prompt plus output (None: the model's maximum positions).
+        watermark: fraction of device blocks kept free at admission.
 
     Raises:
         ValueError: naming the argument, for an unknown backend or preset, or a bad setting.
@@ -75,7 +77,7 @@ class LLM:
         dtype: torch.dtype | None = None,
         seed: int = 0,
         *,
-        tokenizer=None,
+        tokenizer: object = None,
         kv_cache_memory: int | None = None,
         max_num_seqs: int = 256,
         max_num_batched_tokens: int | None = None,

@@ -63,7 +63,7 @@ def paged_attention_forward(
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
-    **kwargs,
+    **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
     """The attention function registered with transformers: write K/V through the table, then attend.
 
@@ -122,7 +122,11 @@ class ModelRunner:
     """
 
     def __init__(
-        self, model: torch.nn.Module, backend: KVBackend, block_manager: BlockManager, device
+        self,
+        model: torch.nn.Module,
+        backend: KVBackend,
+        block_manager: BlockManager,
+        device: str | torch.device,
     ) -> None:
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
         self.model = model.to(device)
