@@ -100,11 +100,16 @@ class LLM:
             watermark=watermark,
             enable_prefix_caching=enable_prefix_caching,
         )
-        model_len = max_model_len or _max_positions(self.model.config)
+        positions = _max_positions(self.model.config)
+        model_len = positions if max_model_len is None else max_model_len
+        if isinstance(model_len, int) and model_len > positions:
+            raise ValueError(f"max_model_len must be <= the model's {positions} positions, got {model_len}")
         self.scheduler_config = SchedulerConfig(
             max_model_len=model_len,
             max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens or max(model_len, 2048),
+            max_num_batched_tokens=max(model_len, 2048)
+            if max_num_batched_tokens is None
+            else max_num_batched_tokens,
             preemption_mode=preemption_mode,
         )
         cc = self.cache_config
@@ -141,13 +146,16 @@ class LLM:
             ValueError: naming the field, for a prompt or a parameter that can never be served;
                 nothing is queued then.
         """
-        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        prompts = _prompt_list(prompts)
         params = sampling_params if sampling_params is not None else SamplingParams()
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(
                 f"sampling_params must be one, or one per prompt ({len(prompts)}), got {len(params_list)}"
             )
+        if not all(isinstance(sp, SamplingParams) for sp in params_list):
+            raise ValueError("sampling_params must be SamplingParams (use beam_search for BeamSearchParams)")
+        self._check_idle()
         requests = [
             self._prepare(p, sp) for p, sp in zip(prompts, params_list, strict=True)
         ]  # all checked first
@@ -165,7 +173,10 @@ class LLM:
         Raises:
             ValueError: naming the field, as for generate.
         """
-        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        prompts = _prompt_list(prompts)
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params must be BeamSearchParams, got {type(params).__name__}")
+        self._check_idle()
         requests = [self._prepare(p, params) for p in prompts]
         ids = [self._submit(*request) for request in requests]
         return self._run(ids, use_tqdm)
@@ -179,6 +190,8 @@ class LLM:
 
     def step(self) -> list[RequestOutput | BeamSearchOutput]:
         """Run one iteration: schedule, move blocks, run the model, sample. Returns what finished."""
+        if not self.scheduler.has_unfinished():
+            return []
         out = self.scheduler.schedule()
         if not out.scheduled and not out.preempted:
             raise RuntimeError("the scheduler made no progress: no request can run (a bug, please report)")
@@ -211,7 +224,7 @@ class LLM:
             )
         if not token_ids:
             raise ValueError("prompt must not be empty (it has no tokens)")
-        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        bad = [t for t in token_ids if type(t) is not int or not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt_token_ids must be ints in [0, {self.vocab_size}), got {bad[:5]}")
         total = len(token_ids) + params.max_tokens
@@ -222,8 +235,13 @@ class LLM:
                 f"beyond max_model_len={limit}: this request can never fit"
             )
         width = params.n if isinstance(params, SamplingParams) else params.beam_width
+        if width > self.scheduler_config.max_num_seqs:
+            name = "n" if isinstance(params, SamplingParams) else "beam_width"
+            raise ValueError(f"{name}={width} is more than max_num_seqs={self.scheduler_config.max_num_seqs}")
         cc = self.cache_config
-        needed = width * num_blocks_for(total, cc.block_size)
+        shared = len(token_ids) // cc.block_size  # the prompt's full blocks, shared by all its sequences
+        per_seq = num_blocks_for(total - 1, cc.block_size) - shared  # the last token's K/V is never stored
+        needed = shared + width * per_seq
         usable = cc.num_gpu_blocks - cc.watermark_blocks
         if needed > usable:
             raise ValueError(
@@ -247,6 +265,10 @@ class LLM:
         self._requests[request_id] = (group, params, text)
         self.scheduler.add(group)
         return request_id
+
+    def _check_idle(self) -> None:
+        if self.scheduler.has_unfinished():
+            raise ValueError("requests added with add_request are unfinished: drive them with step() first")
 
     def _eos(self, params) -> int | None:
         return None if params.ignore_eos else self.eos_token_id
@@ -352,6 +374,14 @@ class LLM:
         s.prefix_cache_hits, s.prefix_cache_misses = memory.prefix_cache_hits, memory.prefix_cache_misses
         s.peak_blocks_used = max(s.peak_blocks_used, device.num_used)
         s.max_blocks_saved_by_sharing = max(s.max_blocks_saved_by_sharing, device.blocks_saved_by_sharing)
+
+
+def _prompt_list(prompts: object) -> list:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)):
+        return list(prompts)
+    raise ValueError(f"prompts must be a prompt or a list of prompts, got {type(prompts).__name__}")
 
 
 def _load_model(model, dtype, seed, tokenizer):

@@ -72,7 +72,8 @@ class StepStats:
 
     Attributes:
         step: the step's number, from 0.
-        num_running, num_waiting, num_swapped: groups in each queue after scheduling.
+        num_running, num_waiting, num_swapped: groups in each queue after the step (finished
+            groups have left).
         num_seqs: sequences computed this step; num_batched_tokens: tokens computed.
         blocks_free, blocks_used, blocks_shared: the device pool after the step.
         kv_utilization: slots holding a token over slots in used blocks (the paper's KV usage).

@@ -134,8 +134,8 @@ class BlockManager:
 
     def can_append_slots(self, seq_group: SequenceGroup) -> bool:
         """Are there free blocks for every device-resident sequence of the group to add its new tokens?"""
-        needed = sum(self._blocks_to_append(seq) for seq in self._seqs_on(seq_group, self.device_tables))
-        return needed <= self.device.num_free
+        seqs = self._seqs_on(seq_group, self.device_tables)
+        return self._group_blocks_to_append(seqs, self.device_tables, self.device) <= self.device.num_free
 
     def append_slots(self, seq: Sequence) -> BlockMapping:
         """Give the table slots for the tokens `seq` gained since the last call.
@@ -230,13 +230,15 @@ class BlockManager:
         """
         return self._move(seq_group, self.device_tables, self.device, self.host_tables, self.host)
 
-    def can_swap_in(self, seq_group: SequenceGroup, num_lookahead_blocks: int = 0) -> bool:
+    def can_swap_in(self, seq_group: SequenceGroup) -> bool:
         """Would the group's host blocks fit in the device pool while keeping the watermark free?
 
-        `num_lookahead_blocks` more must fit too: the scheduler asks for one per sequence, so that
-        each can append its next token right after coming back.
+        The blocks its sequences need to append the tokens they gained before the swap must fit
+        too, so that the group can run as soon as it is back.
         """
-        needed = len(self._unique_blocks(seq_group, self.host_tables)) + num_lookahead_blocks
+        seqs = self._seqs_on(seq_group, self.host_tables)
+        needed = len(self._unique_blocks(seq_group, self.host_tables))
+        needed += self._group_blocks_to_append(seqs, self.host_tables, self.host)
         return self.device.num_free - needed >= self.watermark_blocks
 
     def swap_in(self, seq_group: SequenceGroup) -> BlockMapping:
@@ -388,6 +390,27 @@ class BlockManager:
         if isinstance(self.device, PrefixCachingBlockAllocator):
             return self.device.num_free - self.device.count_prefix(self._matchable_hashes(seq))[1]
         return self.device.num_free
+
+    def _group_blocks_to_append(
+        self, seqs: list[Sequence], tables: dict[int, BlockTable], pool: BlockAllocator
+    ) -> int:
+        """Blocks that appending every sequence's new tokens takes, copy-on-write included.
+
+        k sequences of the group sharing a partly filled last block copy it k - 1 times when
+        nobody else holds it: the last writer finds itself alone and writes in place.
+        """
+        needed, sharers = 0, {}
+        for seq in seqs:
+            table = tables[seq.seq_id]
+            num_new_tokens = len(seq) - table.num_tokens
+            if num_new_tokens <= 0:
+                continue
+            needed += table.num_new_blocks_needed(num_new_tokens)
+            if table.num_filled_in_last_block not in (0, self.block_size):
+                sharers[table.block_ids[-1]] = sharers.get(table.block_ids[-1], 0) + 1
+        for block, k in sharers.items():
+            needed += k if pool.ref_count(block) > k else k - 1
+        return needed
 
     def _blocks_to_append(self, seq: Sequence) -> int:
         table = self._device_table(seq)

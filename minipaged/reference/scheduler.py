@@ -127,7 +127,7 @@ class Scheduler:
             seqs = group.get_seqs(SequenceStatus.SWAPPED)
             if self._num_running_seqs() + len(seqs) > self.config.max_num_seqs:
                 break
-            if not manager.can_swap_in(group, num_lookahead_blocks=len(seqs)):
+            if not manager.can_swap_in(group):  # its blocks and those its next tokens need
                 break
             self.swapped.pop(0)
             out.blocks_to_swap_in += manager.swap_in(group)
