@@ -1,11 +1,19 @@
 """The `minipaged` command line.
 
 The idea: a student's first contact with the library should be one command that shows something
-happening. `minipaged memory` prints the step-by-step walk-through of the paged KV-cache manager
-(walkthrough.py): admission, demand paging, fork, copy-on-write, prefix caching, swapping, freeing.
-`minipaged demo` runs the same walk-through today; once the engine lands it will generate text with
-paged attention instead, and `memory` stays the tour of the memory manager. `minipaged assignment
-DEST` writes the student version of the project (assignments.py).
+happening.
+
+- `minipaged demo` runs the engine on a small mixed workload (questions after a shared system prompt,
+  parallel sampling, beam search, a pool small enough to force a preemption) and prints the outputs,
+  what happened to memory and the throughput (demo.py).
+- `minipaged generate "prompt" ...` generates with the engine, the knobs of LLM and SamplingParams
+  as options, and prints each output's text and token ids.
+- `minipaged memory` prints the step-by-step walk-through of the paged KV-cache manager alone
+  (walkthrough.py): admission, demand paging, fork, copy-on-write, prefix caching, swapping, freeing.
+- `minipaged assignment DEST` writes the student version of the project (assignments.py).
+
+Bad arguments exit with status 2 and a one-line reason (argparse's, or the engine's ValueError),
+never a traceback.
 """
 
 from __future__ import annotations
@@ -18,6 +26,9 @@ from pathlib import Path
 
 from minipaged import __version__
 from minipaged.assignments import make_student_copy
+from minipaged.demo import DemoConfig, format_report, run_demo
+from minipaged.engine import LLM
+from minipaged.sampling import SamplingParams
 from minipaged.walkthrough import check_sizes
 from minipaged.walkthrough import run as run_walkthrough
 
@@ -32,8 +43,57 @@ def _add_memory_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_demo_options(parser: argparse.ArgumentParser) -> None:
+    d = DemoConfig()
+    parser.add_argument(
+        "--block-size", type=int, default=d.block_size, help=f"tokens per KV block (default: {d.block_size})"
+    )
+    parser.add_argument(
+        "--num-gpu-blocks",
+        type=int,
+        default=d.num_gpu_blocks,
+        help=f"blocks in the device pool (default: {d.num_gpu_blocks}, small enough to force a preemption)",
+    )
+    parser.add_argument(
+        "--num-cpu-blocks",
+        type=int,
+        default=d.num_cpu_blocks,
+        help=f"blocks in the host swap pool (default: {d.num_cpu_blocks})",
+    )
+
+
+def _add_generate_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more prompts (strings)")
+    parser.add_argument(
+        "--model",
+        default="tiny-llama",
+        help="a preset (tiny-llama, small-llama, tiny-qwen2, ...) or a local checkpoint directory "
+        "(default: tiny-llama, random weights)",
+    )
+    parser.add_argument("--backend", choices=["reference", "triton"], default="reference")
+    parser.add_argument("--n", type=int, default=1, help="parallel samples per prompt (default: 1)")
+    parser.add_argument("--max-tokens", type=int, default=16, help="tokens to generate (default: 16)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass to keep (default: 1, all)")
+    parser.add_argument("--top-k", type=int, default=0, help="most likely tokens to keep (default: 0, all)")
+    parser.add_argument(
+        "--seed", type=int, default=None, help="seed of the sampling (default: from the engine's seed, 0)"
+    )
+    parser.add_argument("--ignore-eos", action="store_true", help="keep generating past the end token")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
+    parser.add_argument(
+        "--num-gpu-blocks", type=int, default=None, help="blocks in the device pool (default: from 64 MiB)"
+    )
+    parser.add_argument(
+        "--num-cpu-blocks", type=int, default=None, help="blocks in the host swap pool (default: as many)"
+    )
+    parser.add_argument("--preemption-mode", choices=["recompute", "swap"], default="recompute")
+    parser.add_argument("--enable-prefix-caching", action="store_true", help="share full prompt blocks")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser: `minipaged [--version] {demo,memory} [options]`."""
+    """The argument parser: `minipaged [--version] {demo,generate,memory,assignment} [options]`."""
     parser = argparse.ArgumentParser(
         prog="minipaged",
         description="PagedAttention built twice (readable PyTorch and Triton), for learning.",
@@ -42,16 +102,27 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = commands.add_parser(
         "demo",
-        help="run the demo (today: the memory-manager walk-through)",
-        description="Run the demo. Until the engine lands, this is the memory-manager walk-through.",
+        help="run the engine on a small mixed workload and report what happened to memory",
+        description="Generate for questions sharing a system prompt (prefix caching), a parallel-sampling "
+        "request (n=3) and a beam search, on a device pool small enough to force a swap; print the "
+        "outputs, a memory report and the throughput.",
     )
+    _add_demo_options(demo)
+    demo.set_defaults(run=_demo, subparser=demo)
+    generate = commands.add_parser(
+        "generate",
+        help="generate text with the engine",
+        description="Generate for each PROMPT and print each output's text and token ids.",
+    )
+    _add_generate_options(generate)
+    generate.set_defaults(run=_generate, subparser=generate)
     memory = commands.add_parser(
         "memory",
         help="walk through the paged KV-cache manager step by step",
         description="Admit, grow, fork, copy-on-write, prefix-cache hit, swap and free, with pictures.",
     )
-    for sub in (demo, memory):
-        _add_memory_options(sub)
+    _add_memory_options(memory)
+    memory.set_defaults(run=_memory, subparser=memory)
     assignment = commands.add_parser(
         "assignment",
         help="make the student version: a copy of the project with every solution stripped",
@@ -78,6 +149,69 @@ def _make_assignment(parser: argparse.ArgumentParser, source: str, dest: str) ->
     return 0
 
 
+def _memory(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    sizes = {
+        "block_size": args.block_size,
+        "num_gpu_blocks": args.num_gpu_blocks,
+        "num_cpu_blocks": args.num_cpu_blocks,
+    }
+    try:
+        check_sizes(**sizes)
+    except ValueError as error:
+        parser.error(str(error))
+    run_walkthrough(**sizes)
+    return 0
+
+
+def _demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    config = DemoConfig(
+        block_size=args.block_size, num_gpu_blocks=args.num_gpu_blocks, num_cpu_blocks=args.num_cpu_blocks
+    )
+    try:
+        report = run_demo(config)
+    except ValueError as error:  # the engine refuses a setting: say which, no traceback
+        parser.error(str(error))
+    for line in format_report(report):
+        print(line)
+    return 0
+
+
+def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
+        params = SamplingParams(
+            n=args.n,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            max_tokens=args.max_tokens,
+            seed=args.seed,
+            ignore_eos=args.ignore_eos,
+        )
+        llm = LLM(
+            args.model,
+            backend=args.backend,
+            block_size=args.block_size,
+            num_gpu_blocks=args.num_gpu_blocks,
+            num_cpu_blocks=args.num_cpu_blocks,
+            preemption_mode=args.preemption_mode,
+            enable_prefix_caching=args.enable_prefix_caching,
+            device=args.device,
+        )
+        outputs = llm.generate(args.prompts, params, use_tqdm=False)
+    except (ValueError, ImportError) as error:  # ImportError: the triton backend without triton
+        parser.error(str(error))
+    for request in outputs:
+        print(f"prompt: {request.prompt!r} ({len(request.prompt_token_ids)} tokens)")
+        for completion in request.outputs:
+            print(
+                f"  output {completion.index}: {len(completion.token_ids)} tokens, finish_reason "
+                f"{completion.finish_reason}, cumulative_logprob {completion.cumulative_logprob:.3f}"
+            )
+            print(f"    text: {completion.text!r}")
+            print(f"    token_ids: {completion.token_ids}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line.
 
@@ -94,20 +228,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "assignment":
         return _make_assignment(parser, args.source, args.dest)
-    sizes = {
-        "block_size": args.block_size,
-        "num_gpu_blocks": args.num_gpu_blocks,
-        "num_cpu_blocks": args.num_cpu_blocks,
-    }
     try:
-        check_sizes(**sizes)
-    except ValueError as error:
-        parser.error(str(error))
-    try:
-        run_walkthrough(**sizes)
+        return args.run(args.subparser, args)  # the subcommand's parser: its usage line heads errors
     except BrokenPipeError:  # `minipaged demo | head`: the reader left; stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return 0
+        return 0
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ class LLM:
 
     Args:
         model: a preset name (see presets.PRESETS; "tiny-llama" is the embedded default), a local
-            checkpoint directory, or a transformers model object.
+            checkpoint directory, or a transformers model object (which is switched to the
+            "minipaged" attention for good: `model.set_attn_implementation("sdpa")` switches it back).
         backend: "reference" or "triton" (the kernel contract's implementations).
         block_size: tokens per KV block.
         num_gpu_blocks: blocks in the device pool; None: derived from `kv_cache_memory` (below).
@@ -127,7 +128,6 @@ class LLM:
         self._requests: dict[str, tuple[SequenceGroup, object, str | None]] = {}
         self._generators: dict[int, torch.Generator] = {}
         self._beams: dict[str, BeamState] = {}
-        self._finished: dict[str, object] = {}
 
     # ---- the public API ------------------------------------------------------------------------
 
@@ -198,9 +198,8 @@ class LLM:
         logits = self.runner.execute(out)  # [num_seqs, vocab]
         for item in out.scheduled:
             item.seq.num_computed_tokens = len(item.seq)
-        finished = self._process(out, logits)
-        self._record(out)
-        return finished
+        self._record(out)  # before finished sequences give their blocks back: the step's true footprint
+        return self._process(out, logits)
 
     # ---- requests ------------------------------------------------------------------------------
 
@@ -274,14 +273,13 @@ class LLM:
         return None if params.ignore_eos else self.eos_token_id
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list:
-        pending = set(request_ids)
+        outputs: dict[str, object] = {}
         with tqdm(total=len(request_ids), desc="requests", disable=not use_tqdm) as bar:
-            while pending:
+            while len(outputs) < len(request_ids):
                 for output in self.step():
-                    if output.request_id in pending:
-                        pending.discard(output.request_id)
-                        bar.update(1)
-        return [self._finished.pop(request_id) for request_id in request_ids]
+                    outputs[output.request_id] = output
+                    bar.update(1)
+        return [outputs[request_id] for request_id in request_ids]
 
     # ---- after the model step ------------------------------------------------------------------
 
@@ -337,7 +335,6 @@ class LLM:
                 for i, seq in enumerate(group.seqs)
             ]
             output = RequestOutput(request_id, text, list(prompt_ids), completions)
-        self._finished[request_id] = output
         return output
 
     def _decode(self, token_ids: list[int]) -> str:

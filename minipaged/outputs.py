@@ -72,10 +72,10 @@ class StepStats:
 
     Attributes:
         step: the step's number, from 0.
-        num_running, num_waiting, num_swapped: groups in each queue after the step (finished
-            groups have left).
+        num_running, num_waiting, num_swapped: groups in each queue as the step ran.
         num_seqs: sequences computed this step; num_batched_tokens: tokens computed.
-        blocks_free, blocks_used, blocks_shared: the device pool after the step.
+        blocks_free, blocks_used, blocks_shared: the device pool after the model step, before the
+            sequences that finished in it give their blocks back.
         kv_utilization: slots holding a token over slots in used blocks (the paper's KV usage).
         preempted: (request_id, "swap" | "recompute") for each group preempted this step.
         blocks_swapped_out, blocks_swapped_in, blocks_copied: block moves carried out this step.

@@ -1,16 +1,21 @@
-"""The `minipaged` command line: the walk-through runs, shows what it claims, and bad input fails."""
+"""The `minipaged` command line: the demo, generate and the walk-through run, show what they claim,
+and bad input fails with a message, never a traceback."""
 
 from __future__ import annotations
 
+import ast
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from minipaged import __version__
+from minipaged import LLM, SamplingParams, __version__
 from minipaged.cli import main
+from minipaged.demo import DemoConfig, run_demo
 from minipaged.walkthrough import run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -33,9 +38,8 @@ KEY_LINES = [
 ]
 
 
-@pytest.mark.parametrize("command", ["demo", "memory"])
-def test_walkthrough_commands(command, capsys):
-    assert main([command]) == 0
+def test_memory_walkthrough(capsys):
+    assert main(["memory"]) == 0
     out = capsys.readouterr().out
     for line in KEY_LINES:
         assert line in out, line
@@ -70,7 +74,7 @@ def test_version(capsys):
 def test_no_command_prints_help(capsys):
     assert main([]) == 0
     out = capsys.readouterr().out
-    assert "demo" in out and "memory" in out
+    assert "demo" in out and "generate" in out and "memory" in out and "assignment" in out
 
 
 @pytest.mark.parametrize("argv", [["no-such-command"], ["memory", "--block-size", "1"], ["demo", "--bogus"]])
@@ -79,22 +83,6 @@ def test_bad_arguments_exit_nonzero(argv, capsys):
         main(argv)
     assert exit_info.value.code != 0
     assert "usage: minipaged" in capsys.readouterr().err
-
-
-def test_python_dash_m_runs_the_demo():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(
-        [sys.executable, "-m", "minipaged", "demo"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO_ROOT,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "copy-on-write" in result.stdout
-    assert "allocate(C): 2 hits" in result.stdout
 
 
 def test_assignment_writes_the_student_version(tmp_path, capsys):
@@ -113,3 +101,158 @@ def test_assignment_refuses_an_existing_dest_or_a_bad_source(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["assignment", str(tmp_path / "new"), "--source", str(tmp_path)])
     assert exit_info.value.code == 2 and "--source must be a minipaged checkout" in capsys.readouterr().err
+
+
+# ---- minipaged demo: the engine on a mixed workload -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_report():
+    return run_demo()
+
+
+def test_demo_shows_every_mechanism(demo_report):
+    """The default pool is small enough for a swap; sharing, prefix hits and copy-on-write all happen."""
+    m = demo_report.memory
+    assert m["preemptions"]["swap"] >= 1 and m["preemptions"]["recompute"] == 0
+    assert m["blocks_swapped_out"] > 0 and m["blocks_swapped_in"] > 0
+    assert m["prefix_cache_hits"] > 0, "the questions share the system prompt's blocks"
+    assert m["max_blocks_saved_by_sharing"] > 0 and m["cow_copies"] > 0
+    assert m["peak_blocks_used"] <= m["num_gpu_blocks"]
+    assert 0 < m["mean_kv_utilization"] <= 1
+    assert any("preempted by swap" in event for event in demo_report.events)
+    t = demo_report.throughput
+    assert t["generated_tokens"] > 0 and t["wall_s"] > 0 and t["tokens_per_s"] > 0
+
+
+def test_demo_outputs_have_the_shapes_asked_for(demo_report):
+    config = demo_report.config
+    kinds = [out.kind for out in demo_report.outputs]
+    assert kinds == ["greedy"] * 4 + ["sampling n=3", "beam search, width 3"]
+    for out in demo_report.outputs[:4]:
+        assert len(out.token_ids) == 1 and len(out.token_ids[0]) == config.max_tokens
+    samples = demo_report.outputs[4].token_ids
+    assert len(samples) == 3 and all(len(ids) == config.max_tokens for ids in samples)
+    assert len({tuple(ids) for ids in samples}) == 3, "three different samples"
+    beams = demo_report.outputs[5].token_ids
+    assert len(beams) == 3 and all(len(ids) == config.beam_max_tokens for ids in beams)
+
+
+def test_demo_preemption_and_sharing_do_not_change_the_tokens(demo_report):
+    """Swapping out and in, prefix hits and copy-on-write are invisible in the outputs: a pool big
+    enough for everything at once gives the same tokens, greedy, sampled and beams alike."""
+    roomy = run_demo(DemoConfig(num_gpu_blocks=200))
+    assert roomy.memory["preemptions"] == {"recompute": 0, "swap": 0}
+    assert [o.token_ids for o in roomy.outputs] == [o.token_ids for o in demo_report.outputs]
+
+
+def test_demo_restores_torch_threads():
+    threads = torch.get_num_threads()
+    run_demo(DemoConfig(max_tokens=2, beam_max_tokens=2, num_gpu_blocks=200))
+    assert torch.get_num_threads() == threads
+
+
+def test_demo_command_prints_outputs_and_the_memory_report(capsys):
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    for text in [
+        "[0] greedy: 'What is a page table?'",
+        "[4] sampling n=3: ",
+        "sample 2: text ",
+        "[5] beam search, width 3: ",
+        "beam 2: text ",
+        "ids  ",
+        "Memory events",
+        "preempted by swap",
+        "blocks swapped back in",
+        "mean KV utilization",
+        "blocks saved by sharing, at peak",
+        "prefix-cache hits",
+        "copy-on-write copies",
+        "tokens/s",
+    ]:
+        assert text in out, text
+    assert re.search(r"preemptions +[1-9]\d* by swap, 0 by recompute", out)
+    assert max(len(line) for line in out.splitlines()) <= 80  # fits a terminal
+
+
+def test_demo_with_a_roomy_pool_says_everything_fit(capsys):
+    assert main(["demo", "--num-gpu-blocks", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "none: everything fit" in out and "0 by swap, 0 by recompute" in out
+
+
+def test_python_dash_m_runs_the_demo():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-m", "minipaged", "demo"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO_ROOT,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Memory report" in result.stdout and "by swap" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+# ---- minipaged generate ----------------------------------------------------------------------
+
+
+def _token_ids(out: str) -> list[list[int]]:
+    return [
+        ast.literal_eval(line.split("token_ids: ", 1)[1])
+        for line in out.splitlines()
+        if "token_ids: " in line
+    ]
+
+
+def test_generate_prints_text_and_token_ids_of_greedy_outputs(capsys):
+    assert main(["generate", "Hello", "Paging is", "--max-tokens", "5", "--num-gpu-blocks", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "prompt: 'Hello' (6 tokens)" in out and "prompt: 'Paging is' (10 tokens)" in out
+    assert out.count("    text: ") == 2 and "finish_reason length" in out
+    llm = LLM("tiny-llama", num_gpu_blocks=64)
+    expected = llm.generate(
+        ["Hello", "Paging is"], SamplingParams(temperature=0, max_tokens=5), use_tqdm=False
+    )
+    assert _token_ids(out) == [r.outputs[0].token_ids for r in expected]
+
+
+def test_generate_with_sampling_options(capsys):
+    argv = ["generate", "Hi", "--n", "2", "--temperature", "0.8", "--top-p", "0.9", "--top-k", "50"]
+    argv += ["--seed", "7", "--max-tokens", "4", "--block-size", "4", "--num-gpu-blocks", "8"]
+    argv += ["--preemption-mode", "swap", "--enable-prefix-caching", "--ignore-eos"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert "output 0:" in first and "output 1:" in first
+    ids = _token_ids(first)
+    assert len(ids) == 2 and all(len(i) == 4 for i in ids)
+    assert main(argv) == 0
+    assert capsys.readouterr().out == first, "a seeded request repeats"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["generate"], "the following arguments are required: PROMPT"),
+        (["generate", "x", "--n", "0"], "n must be an int >= 1, got 0"),
+        (["generate", "x", "--temperature", "-1"], "temperature must be a finite number >= 0"),
+        (["generate", "x", "--top-p", "0"], "top_p must be in (0, 1]"),
+        (["generate", "x", "--max-tokens", "two"], "argument --max-tokens: invalid int value: 'two'"),
+        (["generate", "x", "--model", "no-such-model"], "model must be a preset"),
+        (["generate", "x", "--num-gpu-blocks", "1"], "this request can never fit"),
+        (["generate", "x", "--block-size", "0"], "block_size must be a positive int"),
+        (["generate", "x", "--preemption-mode", "later"], "argument --preemption-mode: invalid choice"),
+        (["generate", "x", "--backend", "cuda"], "argument --backend: invalid choice"),
+        (["demo", "--num-gpu-blocks", "2"], "this request can never fit"),
+    ],
+)
+def test_generate_and_demo_refuse_bad_arguments_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"usage: minipaged {argv[0]}" in err and message in err and "Traceback" not in err

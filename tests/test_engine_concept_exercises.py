@@ -328,4 +328,7 @@ def test_process_trees_exercise_beam_search():
     assert group.seqs[0] is beam_2 and group.seqs[1] not in (beam_1, beam_2)  # beam 2 and its fork
     assert tables(llm) == [[0, 1], [0, 1]]
     assert ref_counts(llm) == {0: 2, 1: 2}  # block 2, beam 1's private copy, is free again
-    assert (step1.blocks_used, step1.blocks_shared) == (2, 2)
+    # The step's stats are taken as it ran, before the beam selection freed beam 1 and its copy.
+    assert (step1.blocks_used, step1.blocks_shared) == (3, 1)
+    device = llm.block_manager.memory_stats().device
+    assert (device.num_used, device.num_shared) == (2, 2)

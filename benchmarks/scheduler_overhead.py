@@ -1,0 +1,323 @@
+"""What the CPU-side policy costs per step: the scheduler and the block manager with a null model.
+
+OS idea: a scheduler's own overhead (the context switch, the run-queue scan) is time no process gets
+to run, so kernels keep it small and flat as the number of processes grows (OSTEP ch. 6-7; Linux's
+O(1) and CFS schedulers). KV counterpart: vLLM paper section 4.5 and its section 6 discussion of
+overheads: the engine decides every iteration who runs and which blocks each sequence writes into,
+and on a fast GPU that CPU time can rival the model step itself.
+
+This script plays the engine's part with no model at all: after each `Scheduler.schedule()` it marks
+every scheduled sequence's tokens computed, appends a dummy token, and finishes a sequence at its
+max_tokens (freeing its blocks), exactly as LLM.step does around the model. With N single-sequence
+requests admitted at once (a prefill step) and enough blocks that nobody is preempted, it times the
+steady state: decode steps with all N sequences running. It reports microseconds per scheduled
+sequence per step for:
+
+- step: schedule() plus the engine's part (the figure the goal is about);
+- schedule: schedule() alone;
+- memory_stats: BlockManager.memory_stats(), which the engine also calls once a step for its
+  StepStats (LLM._record), so it is overhead the engine pays on top.
+
+The goal (stated, not asserted): at most 10 microseconds per sequence-step at 1024 sequences.
+`--profile` adds the functions where a step's time goes (cProfile) at the largest N.
+
+Run from the repository root (minipaged must be importable: `pip install -e .` or PYTHONPATH=.):
+
+    python benchmarks/scheduler_overhead.py                       # N = 1, 64, 1024; a few seconds
+    python benchmarks/scheduler_overhead.py --num-seqs 1024 --prefix-caching --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import datetime
+import gc
+import io
+import json
+import os
+import platform
+import pstats
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from tqdm import tqdm
+
+from minipaged.config import SchedulerConfig
+from minipaged.reference.block_manager import BlockManager
+from minipaged.reference.block_table import num_blocks_for
+from minipaged.reference.scheduler import Scheduler, SchedulerOutput
+from minipaged.sequence import Sequence as Seq
+from minipaged.sequence import SequenceGroup, SequenceStatus
+
+BENCHMARK = "scheduler_overhead"
+GOAL_US = 10.0  # microseconds per sequence-step at GOAL_SEQS sequences
+GOAL_SEQS = 1024
+ROW_KEYS = ("num_seqs", "steps", "step_us_per_seq", "schedule_us_per_seq", "memory_stats_us_per_seq")
+DUMMY_TOKEN = 3
+
+
+class NullEngine:
+    """The scheduler and the block manager, driven as LLM.step drives them, with no model.
+
+    Args:
+        num_seqs: single-sequence requests, all queued at once.
+        prompt_len: tokens in each prompt.
+        max_tokens: tokens each sequence generates before it finishes.
+        block_size: tokens per block.
+        enable_prefix_caching: hash full blocks as they fill (the prompts differ, so nothing is shared).
+    """
+
+    def __init__(
+        self,
+        num_seqs: int,
+        prompt_len: int,
+        max_tokens: int,
+        block_size: int = 16,
+        enable_prefix_caching: bool = False,
+    ) -> None:
+        blocks_per_seq = num_blocks_for(prompt_len + max_tokens, block_size)
+        num_gpu_blocks = num_seqs * blocks_per_seq + 1  # enough: nobody is ever preempted
+        num_gpu_blocks += -(-num_gpu_blocks // 99)  # room for the 1% watermark too
+        self.manager = BlockManager(
+            block_size, num_gpu_blocks, 0, watermark=0.01, enable_prefix_caching=enable_prefix_caching
+        )
+        config = SchedulerConfig(
+            max_model_len=prompt_len + max_tokens,
+            max_num_seqs=num_seqs,
+            max_num_batched_tokens=max(num_seqs * prompt_len, prompt_len + max_tokens),
+        )
+        self.scheduler = Scheduler(config, self.manager)
+        self.max_tokens = max_tokens
+        for i in range(num_seqs):
+            prompt = [1] + [3 + (i * 7919 + j) % 256 for j in range(prompt_len - 1)]  # distinct prompts
+            self.scheduler.add(SequenceGroup(str(i), [Seq(prompt)]))
+
+    def after_model(self, out: SchedulerOutput) -> None:
+        """The engine's part after the model step: tokens computed, a dummy token sampled, finish."""
+        for item in out.scheduled:
+            seq = item.seq
+            seq.num_computed_tokens = len(seq)
+            seq.append_token_id(DUMMY_TOKEN)
+            if len(seq.output_token_ids) >= self.max_tokens:
+                seq.status = SequenceStatus.FINISHED_LENGTH_CAPPED
+                self.manager.free(seq)
+            if item.group.is_finished():
+                self.scheduler.finish(item.group)
+
+    def step(self) -> SchedulerOutput:
+        out = self.scheduler.schedule()
+        self.after_model(out)
+        return out
+
+
+def steady_engine(num_seqs: int, prompt_len: int, steps: int, warmup: int, block_size: int, prefix: bool):
+    """A NullEngine with every sequence admitted (one prefill step) and `warmup` decode steps done."""
+    engine = NullEngine(num_seqs, prompt_len, warmup + 2 * steps + 2, block_size, prefix)
+    out = engine.step()
+    if len(out.scheduled) != num_seqs:
+        raise RuntimeError(f"the prefill step admitted {len(out.scheduled)} of {num_seqs} sequences")
+    for _ in range(warmup):
+        engine.step()
+    return engine
+
+
+def time_steps(fn: Callable[[], object], steps: int) -> float:
+    """Seconds per call of fn(), over `steps` calls, with the garbage collector paused."""
+    gc.collect()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        return (time.perf_counter() - start) / steps
+    finally:
+        gc.enable()
+
+
+def measure(num_seqs: int, args: argparse.Namespace) -> dict:
+    """One row: microseconds per sequence-step for a step, schedule() alone, and memory_stats()."""
+    engine = steady_engine(
+        num_seqs, args.prompt_len, args.steps, args.warmup, args.block_size, args.prefix_caching
+    )
+    outs: list[SchedulerOutput] = []
+
+    def step_checked() -> None:
+        outs.append(engine.step())
+
+    step_s = time_steps(step_checked, args.steps)
+    if any(len(o.scheduled) != num_seqs or o.preempted or o.num_batched_tokens != num_seqs for o in outs):
+        raise RuntimeError("a timed step was not a decode step of every sequence (preemption or a finish)")
+    # schedule() alone: the engine's part runs untimed between calls, so each call sees a decode step
+    schedule_s = 0.0
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            out = engine.scheduler.schedule()
+            schedule_s += time.perf_counter() - start
+            engine.after_model(out)
+    finally:
+        gc.enable()
+    stats_s = time_steps(engine.manager.memory_stats, args.steps)
+    per_seq = 1e6 / num_seqs
+    return {
+        "num_seqs": num_seqs,
+        "steps": args.steps,
+        "step_us_per_seq": step_s * per_seq,
+        "schedule_us_per_seq": schedule_s / args.steps * per_seq,
+        "memory_stats_us_per_seq": stats_s * per_seq,
+    }
+
+
+def profile(num_seqs: int, args: argparse.Namespace, top: int = 15) -> list[dict]:
+    """Where a steady-state step's time goes (cProfile, sorted by own time), at `num_seqs` sequences."""
+    engine = steady_engine(
+        num_seqs, args.prompt_len, args.steps, args.warmup, args.block_size, args.prefix_caching
+    )
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(args.steps):
+        engine.step()
+    profiler.disable()
+    stats = pstats.Stats(profiler, stream=io.StringIO())
+    rows = []
+    for (path, line, name), (_, ncalls, tottime, cumtime, _) in stats.stats.items():
+        rows.append(
+            {
+                "function": f"{os.path.relpath(path) if path.startswith('/') else path}:{line}({name})",
+                "calls_per_step": ncalls / args.steps,
+                "own_us_per_step": tottime / args.steps * 1e6,
+                "cumulative_us_per_step": cumtime / args.steps * 1e6,
+            }
+        )
+    rows.sort(key=lambda r: r["own_us_per_step"], reverse=True)
+    return rows[:top]
+
+
+def machine() -> str:
+    """The CPU model (from /proc/cpuinfo where there is one), the CPU count and the OS."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()} {platform.machine()}"
+
+
+def run(args: argparse.Namespace, command: str = "") -> dict:
+    """Every N of the sweep, measured; the report that the table and the JSON show."""
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    rows = [
+        measure(n, args)
+        for n in tqdm(args.num_seqs, desc="num_seqs", file=sys.stderr, disable=args.no_progress)
+    ]
+    goal_row = next((r for r in rows if r["num_seqs"] == GOAL_SEQS), None)
+    return {
+        "benchmark": BENCHMARK,
+        "command": command,
+        "machine": machine(),
+        "date": date,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "config": {
+            "prompt_len": args.prompt_len,
+            "block_size": args.block_size,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "prefix_caching": args.prefix_caching,
+        },
+        "rows": rows,
+        "goal": {
+            "goal": f"at most {GOAL_US:g} us per sequence-step at {GOAL_SEQS} sequences",
+            "value_us": goal_row["step_us_per_seq"] if goal_row else None,
+            "met": goal_row["step_us_per_seq"] <= GOAL_US if goal_row else None,
+        },
+        "profile": {"num_seqs": max(args.num_seqs), "top": profile(max(args.num_seqs), args)}
+        if args.profile
+        else None,
+    }
+
+
+def format_table(report: dict) -> str:
+    """The report as header lines and a Markdown table (they paste into docs/engine/benchmarks.md)."""
+    c = report["config"]
+    lines = [
+        f"command: {report['command']}",
+        f"machine: {report['machine']}; Python {report['python']}; torch {report['torch']}; "
+        f"date {report['date']}",
+        f"null model; prompts of {c['prompt_len']} tokens, block size {c['block_size']}, prefix caching "
+        f"{'on' if c['prefix_caching'] else 'off'}; mean over {c['steps']} decode steps after {c['warmup']}",
+        "",
+        "| sequences | step us/seq | schedule() us/seq | memory_stats() us/seq |",
+        "|--:|--:|--:|--:|",
+    ]
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['num_seqs']} | {r['step_us_per_seq']:.2f} | {r['schedule_us_per_seq']:.2f} "
+            f"| {r['memory_stats_us_per_seq']:.2f} |"
+        )
+    goal = report["goal"]
+    if goal["value_us"] is not None:
+        verdict = "met" if goal["met"] else "not met"
+        lines += ["", f"goal (stated, not asserted): {goal['goal']}: {goal['value_us']:.2f} us ({verdict})"]
+    if report["profile"]:
+        p = report["profile"]
+        lines += [
+            "",
+            f"profile: one steady step at {p['num_seqs']} sequences (cProfile, so slower than above), "
+            "by own time:",
+            "",
+            "| function | calls/step | own us/step | cumulative us/step |",
+            "|---|--:|--:|--:|",
+        ]
+        for r in p["top"]:
+            lines.append(
+                f"| `{r['function']}` | {r['calls_per_step']:.0f} | {r['own_us_per_step']:.0f} "
+                f"| {r['cumulative_us_per_step']:.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def positive(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num-seqs", nargs="+", type=positive, default=[1, 64, 1024])
+    parser.add_argument("--prompt-len", type=positive, default=16)
+    parser.add_argument("--block-size", type=positive, default=16)
+    parser.add_argument("--steps", type=positive, default=50, help="timed decode steps (default 50)")
+    parser.add_argument("--warmup", type=int, default=5, help="decode steps before timing (default 5)")
+    parser.add_argument("--prefix-caching", action="store_true", help="hash full blocks as they fill")
+    parser.add_argument("--profile", action="store_true", help="also profile a step at the largest N")
+    parser.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark, print the table, write the JSON."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    report = run(args, shlex.join(["python", "benchmarks/scheduler_overhead.py", *argv]))
+    print(format_table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
