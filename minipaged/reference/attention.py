@@ -13,6 +13,8 @@ Three functions compute the same thing here, an oracle chain from plainest to cl
 - `dense_attention`: torch's SDPA over contiguous K/V; no paging at all. The oracle.
 - `paged_attention`: the reference backend's op. Gather each sequence's blocks into contiguous K/V
   (one page-table walk), then attend. Simple and obviously right; it pays for a copy of the context.
+  Its decode rows (q_len 1, most rows of a serving step) go through `decode_attention`, the same
+  gather done for the whole batch at once, so a step does not loop over its sequences in Python.
 - `paged_attention_blockwise`: visit the blocks one at a time with an online softmax, never building
   the contiguous copy: Eq. 4 with its denominator accumulated as it goes. The Triton kernel does this.
 
@@ -125,13 +127,63 @@ def paged_attention(
     check_paged_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out)
     out = torch.empty_like(query) if out is None else out  # [num_q_tokens, num_heads, head_dim]
     starts = query_start_loc.tolist()
+    decodes = [b for b in range(len(starts) - 1) if starts[b + 1] - starts[b] == 1]
+    if len(decodes) > 1:  # the fast path: every decode row of the batch in one go, no Python loop
+        index = torch.tensor(decodes, device=query.device)  # [num_decodes]
+        rows = query_start_loc[index].long()  # each decode's one query row
+        tables, lens = block_tables[index], seq_lens[index]
+        out[rows] = decode_attention(query[rows], k_cache, v_cache, tables, lens, scale).to(out.dtype)
     for b, seq_len in enumerate(seq_lens.tolist()):
         start, end = starts[b], starts[b + 1]  # this sequence's query rows
         if start == end:
             continue  # no query rows this step
+        if len(decodes) > 1 and end - start == 1:
+            continue  # a decode, done above
         keys, values = gather_kv(k_cache, v_cache, block_tables[b], seq_len)  # [seq_len, kv_heads, dim]
         out[start:end] = attend(query[start:end], keys, values, scale).to(out.dtype)
     return out
+
+
+def decode_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query row per sequence (decode), the whole batch at once: one gather, one masked softmax.
+
+    The gather of `gather_kv`, done for every sequence together: each table is read up to the
+    longest sequence's blocks, so shorter ones read past their end (padding -1 reads block 0). Those
+    positions are masked out of the softmax and zeroed in V, so whatever they hold, NaN included,
+    cannot reach the result. GQA without copies: the query heads of one KV head are a dimension.
+
+    Args:
+        query: `[num_seqs, num_heads, head_dim]`, sequence b's newest token.
+        k_cache: `[num_blocks, block_size, num_kv_heads, head_dim]`.
+        v_cache: the same shape.
+        block_tables: `[num_seqs, max_blocks]` int32.
+        seq_lens: `[num_seqs]` int32, each >= 1.
+        scale: the softmax scale.
+
+    Returns:
+        `[num_seqs, num_heads, head_dim]` in float32.
+    """
+    num_seqs, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    max_len = int(seq_lens.max())
+    blocks = block_tables[:, : -(-max_len // block_size)].long().clamp(min=0)  # [num_seqs, blocks_read]
+    valid = torch.arange(max_len, device=query.device)[None, :] < seq_lens[:, None]  # [num_seqs, max_len]
+    keys = k_cache[blocks].flatten(1, 2)[:, :max_len].float()  # [num_seqs, max_len, num_kv_heads, head_dim]
+    values = v_cache[blocks].flatten(1, 2)[:, :max_len].float()
+    values = values.masked_fill(~valid[:, :, None, None], 0.0)  # a stale NaN times probability 0 is NaN
+    q = query.float().view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [b, kv, group, d]
+    scores = torch.einsum("bkgd,blkd->bkgl", q, keys) * scale  # [num_seqs, num_kv_heads, group, max_len]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))  # past seq_len: not this sequence's
+    probs = scores.softmax(dim=-1)
+    out = torch.einsum("bkgl,blkd->bkgd", probs, values)  # [num_seqs, num_kv_heads, group, head_dim]
+    return out.reshape(num_seqs, num_heads, head_dim)
 
 
 def paged_attention_blockwise(
