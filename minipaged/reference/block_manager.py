@@ -473,7 +473,9 @@ class BlockManager:
         if not isinstance(self.device, PrefixCachingBlockAllocator):
             return
         known = len(self._block_hashes.get(seq.seq_id, [])) if start is None else start
-        hashes = self._hashes_of(seq)
+        # Only blocks the table holds full: a token sampled but not yet appended (a sequence swapped
+        # out right after its step) has no K/V in the pool yet, so its block is not published.
+        hashes = self._hashes_of(seq)[: table.num_tokens // self.block_size]
         for i in range(known, len(hashes)):
             self.device.register(table.block_ids[i], hashes[i])
         self._block_hashes[seq.seq_id] = hashes
