@@ -8,6 +8,10 @@ The engine (LLM) drives the scheduler and the paged memory manager in `minipaged
 backend of the kernel contract (`get_backend("reference")`, minipaged.backend) for the tensor work.
 """
 
+from minipaged._triton_env import use_triton_interpreter_without_gpu
+
+use_triton_interpreter_without_gpu()  # first: transformers imports triton, and the switch must precede it
+
 from minipaged.backend import KVBackend, available_backends, get_backend
 from minipaged.engine import LLM
 from minipaged.outputs import (

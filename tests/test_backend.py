@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 
 import pytest
+import torch
 
 from minipaged.backend import BACKENDS, KVBackend, ReferenceBackend, available_backends, get_backend
 
@@ -54,3 +58,38 @@ def test_triton_without_triton_says_how_to_install(monkeypatch):
     with pytest.raises(ImportError, match=r"needs the triton package.*pip install 'minipaged\[triton\]'"):
         get_backend("triton")
     assert available_backends() == ["reference"]
+
+
+needs_triton_on_cpu = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or torch.cuda.is_available(),
+    reason="checks how minipaged switches Triton to its interpreter: needs triton and no CUDA device",
+)
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | env
+    return subprocess.run(
+        [sys.executable, "-c", code], env=environment, capture_output=True, text=True, timeout=300
+    )
+
+
+@needs_triton_on_cpu
+def test_importing_minipaged_switches_triton_to_its_interpreter_without_a_gpu():
+    result = run_python("import os, minipaged; print(os.environ.get('TRITON_INTERPRET'))")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "1"
+
+
+@needs_triton_on_cpu
+def test_triton_imported_first_without_the_interpreter_says_what_to_set():
+    result = run_python("import triton, minipaged; minipaged.get_backend('triton')")
+    assert result.returncode != 0
+    assert "set TRITON_INTERPRET=1" in result.stderr
+
+
+@needs_triton_on_cpu
+def test_an_explicit_choice_is_left_alone():
+    result = run_python(
+        "import os, minipaged; print(os.environ.get('TRITON_INTERPRET'))", TRITON_INTERPRET="0"
+    )
+    assert result.stdout.strip() == "0"

@@ -1,0 +1,178 @@
+"""write_kv, copy_blocks and swap_blocks as Triton kernels (mirrors reference/cache_ops.py).
+
+Each launcher runs the reference's input checks first (reference/validation.py), so both backends
+refuse the same inputs with the same messages, then launches one program per token (write_kv) or per
+block (copy, gather, scatter). A block of the pool is `block_size * num_kv_heads * head_dim`
+consecutive elements in a contiguous pool, so moving a block is moving one flat row.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from minipaged.reference.cache_ops import _check_layers
+from minipaged.reference.validation import check_block_mapping, check_cache_pair, check_write_kv
+
+COPY_TILE = 1024  # elements one program moves per loop iteration
+
+
+def interpreting() -> bool:
+    """Is Triton's interpreter on (so kernels can run on CPU tensors)?"""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_runnable(tensor: torch.Tensor, name: str) -> None:
+    """CUDA tensors run compiled, CPU tensors only through the interpreter; pools must be contiguous."""
+    if tensor.device.type == "cpu" and not interpreting():
+        raise RuntimeError(
+            f"{name} is on the CPU: the Triton backend runs CPU tensors only through Triton's interpreter; "
+            "set TRITON_INTERPRET=1 before minipaged (and triton) are imported"
+        )
+    if not tensor.is_contiguous():
+        raise ValueError(f"{name} must be contiguous for the Triton backend")
+
+
+@triton.jit
+def _write_kv_kernel(
+    key_ptr,  # [num_tokens, num_kv_heads, head_dim], the step's new keys (any strides)
+    value_ptr,  # [num_tokens, num_kv_heads, head_dim], the step's new values (any strides)
+    k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim], contiguous
+    v_cache_ptr,  # the same
+    slot_mapping_ptr,  # [num_tokens] int64; -1 marks a padding token to skip
+    stride_kt,  # elements between two tokens in key
+    stride_kh,  # elements between two heads in key
+    stride_vt,  # elements between two tokens in value
+    stride_vh,  # elements between two heads in value
+    num_kv_heads,  # heads of one token's row
+    head_dim,  # elements of one head
+    BLOCK_H: tl.constexpr,  # num_kv_heads rounded up to a power of two (tl.arange needs one)
+    BLOCK_D: tl.constexpr,  # head_dim rounded up to a power of two
+):
+    token = tl.program_id(0)  # one program stores one token's K and V rows
+    slot = tl.load(slot_mapping_ptr + token)
+    if slot < 0:  # padding: nothing to store
+        return
+    offs_h = tl.arange(0, BLOCK_H)[:, None]  # [BLOCK_H, 1]
+    offs_d = tl.arange(0, BLOCK_D)[None, :]  # [1, BLOCK_D]
+    mask = (offs_h < num_kv_heads) & (offs_d < head_dim)  # the lanes past the row do nothing
+    row = slot * num_kv_heads * head_dim + offs_h * head_dim + offs_d  # a slot is one token row of the pool
+    key = tl.load(key_ptr + token * stride_kt + offs_h * stride_kh + offs_d, mask=mask)
+    tl.store(k_cache_ptr + row, key, mask=mask)
+    value = tl.load(value_ptr + token * stride_vt + offs_h * stride_vh + offs_d, mask=mask)
+    tl.store(v_cache_ptr + row, value, mask=mask)
+
+
+def write_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Store each token's K/V at its slot; slot -1 skips. Mirrors reference.cache_ops.write_kv."""
+    check_write_kv(key, value, k_cache, v_cache, slot_mapping)
+    check_runnable(k_cache, "k_cache")
+    check_runnable(v_cache, "v_cache")
+    num_tokens, num_kv_heads, head_dim = key.shape
+    if num_tokens == 0:
+        return
+    if key.stride(2) != 1 or value.stride(2) != 1:  # the kernel reads a head's elements consecutively
+        key, value = key.contiguous(), value.contiguous()
+    _write_kv_kernel[(num_tokens,)](
+        key,
+        value,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
+        num_kv_heads,
+        head_dim,
+        BLOCK_H=triton.next_power_of_2(num_kv_heads),
+        BLOCK_D=triton.next_power_of_2(head_dim),
+    )
+
+
+@triton.jit
+def _copy_rows_kernel(
+    src_ptr,  # [num_src_rows, row_size], contiguous: a row is one block of a pool (or of a staging buffer)
+    dst_ptr,  # [num_dst_rows, row_size], contiguous
+    src_rows_ptr,  # [n] int64: the row of src each program reads
+    dst_rows_ptr,  # [n] int64: the row of dst it writes
+    row_size,  # elements of one row (block_size * num_kv_heads * head_dim)
+    TILE: tl.constexpr,  # elements moved per loop iteration
+):
+    pair = tl.program_id(0)  # one program moves one whole block
+    src_row = tl.load(src_rows_ptr + pair)
+    dst_row = tl.load(dst_rows_ptr + pair)
+    for start in range(0, row_size, TILE):
+        offs = start + tl.arange(0, TILE)
+        mask = offs < row_size  # the last tile may run past the row
+        data = tl.load(src_ptr + src_row * row_size + offs, mask=mask)
+        tl.store(dst_ptr + dst_row * row_size + offs, data, mask=mask)
+
+
+def _copy_rows(src: torch.Tensor, dst: torch.Tensor, src_rows: torch.Tensor, dst_rows: torch.Tensor) -> None:
+    """dst[dst_rows[i]] = src[src_rows[i]] for every i, rows being whole blocks; one launch."""
+    if src_rows.numel() == 0:
+        return
+    if src.device.type == "cpu" and not interpreting():  # the host side of a swap on a GPU machine
+        dst[dst_rows] = src[src_rows]
+        return
+    row_size = src[0].numel()
+    src_rows, dst_rows = src_rows.contiguous(), dst_rows.contiguous()  # the kernel reads them as flat arrays
+    _copy_rows_kernel[(src_rows.numel(),)](src, dst, src_rows, dst_rows, row_size, TILE=COPY_TILE)
+
+
+def copy_blocks(
+    k_caches: Sequence[torch.Tensor], v_caches: Sequence[torch.Tensor], block_mapping: torch.Tensor
+) -> None:
+    """Copy whole blocks src -> dst in every layer (copy-on-write). Mirrors reference.cache_ops.copy_blocks.
+
+    One launch per pool in this first version; the paper's fused copy does every layer in one.
+    """
+    k_caches, v_caches = _check_layers(k_caches, v_caches)
+    num_blocks, device = k_caches[0].shape[0], k_caches[0].device
+    check_block_mapping(
+        block_mapping, num_blocks, num_blocks, device, "the device of k_caches[0]", same_pool=True
+    )
+    for cache in (*k_caches, *v_caches):
+        check_runnable(cache, "k_caches and v_caches")
+    src, dst = block_mapping[:, 0], block_mapping[:, 1]
+    for cache in (*k_caches, *v_caches):
+        _copy_rows(cache, cache, src, dst)
+
+
+def swap_blocks(src: torch.Tensor, dst: torch.Tensor, block_mapping: torch.Tensor) -> None:
+    """Move whole blocks between pools on any devices. Mirrors reference.cache_ops.swap_blocks.
+
+    A kernel gathers the blocks to move into one contiguous staging buffer on src's device, the
+    buffer crosses to dst's device in one transfer, and a kernel scatters it into dst: one transfer,
+    not one per block (the paper's section 7.3: many small copies waste the bus's bandwidth).
+    """
+    check_cache_pair(src, src, "src", "src")
+    check_cache_pair(dst, dst, "dst", "dst")
+    if src.dtype != dst.dtype or src.shape[1:] != dst.shape[1:]:
+        raise ValueError(
+            f"dst must hold blocks like src ({src.dtype}, block shape {tuple(src.shape[1:])}), "
+            f"got {dst.dtype}, block shape {tuple(dst.shape[1:])}"
+        )
+    check_block_mapping(block_mapping, src.shape[0], dst.shape[0], torch.device("cpu"), "the CPU")
+    for pool, name in ((src, "src"), (dst, "dst")):
+        if not pool.is_contiguous():
+            raise ValueError(f"{name} must be contiguous for the Triton backend")
+    n = block_mapping.shape[0]
+    if n == 0:
+        return
+    staging = torch.empty((n, *src.shape[1:]), dtype=src.dtype, device=src.device)  # [n, block...]
+    order = torch.arange(n, device=src.device)
+    _copy_rows(src, staging, block_mapping[:, 0].to(src.device), order)  # gather
+    staging = staging.to(dst.device)  # the one transfer
+    _copy_rows(staging, dst, order.to(dst.device), block_mapping[:, 1].to(dst.device))  # scatter
