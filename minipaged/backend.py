@@ -121,9 +121,6 @@ def get_backend(name: str) -> KVBackend:
 def available_backends() -> list[str]:
     """The backends that `get_backend` can load here: "reference" always, "triton" when it is installed."""
     names = ["reference"]
-    if (
-        importlib.util.find_spec("triton") is not None
-        and importlib.util.find_spec("minipaged.fast") is not None
-    ):
+    if importlib.util.find_spec("triton") is not None:
         names.append("triton")
     return names
