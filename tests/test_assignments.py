@@ -121,8 +121,20 @@ def test_every_task_has_a_test_that_fails_without_its_solution(tmp_path):
     assert tasks, "no task markers registered in pyproject.toml"
     record = tmp_path / "record.json"
     env = {**os.environ, "PYTHONPATH": str(student), "RECORD_TO": str(record), "PYTHONDONTWRITEBYTECODE": "1"}
+    # The tasks are the reference's bodies; the Triton backend's parametrizations test other code.
     subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "record_outcomes", "-m", " or ".join(tasks)],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "record_outcomes",
+            "-m",
+            " or ".join(tasks),
+            "-k",
+            "not triton",
+        ],
         cwd=student,
         env=env,
         capture_output=True,
