@@ -39,19 +39,17 @@ Run from the repository root (minipaged must be importable: `pip install -e .` o
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import shlex
 import sys
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+import bench_common
 import torch
 import transformers
+from bench_common import DisagreementError, machine, positive, utc_now
 from tqdm import tqdm
 
 from minipaged import LLM, SamplingParams
@@ -81,10 +79,6 @@ GOALS = (
     "minipaged tokens/s > padded generate's",
     "minipaged peak KV memory < padded generate's",
 )
-
-
-class DisagreementError(AssertionError):
-    """minipaged's greedy output differs from transformers': the benchmark refuses to time it."""
 
 
 @dataclass
@@ -376,17 +370,6 @@ def check_minipaged(
             )
 
 
-def machine() -> str:
-    """The CPU model (from /proc/cpuinfo where there is one), the CPU count and the OS."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()} {platform.machine()}"
-
-
 def goals(rows: dict[str, dict]) -> list[dict]:
     """The project's goals beside the figures (stated, not asserted)."""
     mp, pad, cb = (rows.get(s) for s in SYSTEMS)
@@ -404,7 +387,7 @@ def goals(rows: dict[str, dict]) -> list[dict]:
 
 def run(args: argparse.Namespace, command: str = "") -> dict:
     """Build the workload, run each system, check minipaged's outputs, and assemble the report."""
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    date = utc_now()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -519,14 +502,6 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def positive(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="small-llama", help="a preset or a local checkpoint directory")
@@ -585,21 +560,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark, print the table, write the JSON; on a mismatch report nothing and return 1."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    command = shlex.join(["python", "benchmarks/engine_throughput.py", *argv])
-    try:
-        report = run(args, command)
-    except DisagreementError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(format_table(report))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-    return 0
+    """Run the benchmark, print the table, write the JSON; on a wrong answer report nothing and return 1."""
+    return bench_common.main("engine_throughput.py", argv, parse_args, run, format_table)
 
 
 if __name__ == "__main__":

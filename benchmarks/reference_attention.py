@@ -34,17 +34,14 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
-import datetime
-import json
-import os
-import platform
-import shlex
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import bench_common
 import torch
 import torch.nn.functional as F
+from bench_common import DisagreementError, machine, positive, utc_now
 from torch.utils.benchmark import Timer
 from tqdm import tqdm
 
@@ -55,10 +52,6 @@ from minipaged.testing import tolerance
 BENCHMARK = "reference_attention"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ROW_KEYS = ("mode", "batch", "context", "reference_ms", "sdpa_ms", "ratio", "gather_ms", "attend_ms")
-
-
-class DisagreementError(AssertionError):
-    """The reference and SDPA gave different outputs: the benchmark refuses to time a wrong computation."""
 
 
 @dataclass
@@ -196,20 +189,9 @@ def steady_malloc() -> str:
     return "default (mallopt refused)"
 
 
-def machine() -> str:
-    """The CPU model (from /proc/cpuinfo where there is one), the CPU count and the OS."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()} {platform.machine()}"
-
-
 def run(args: argparse.Namespace, command: str = "") -> dict:
     """Every case of the sweep, checked then timed; the report that the table and the JSON show."""
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    date = utc_now()
     gen = torch.Generator().manual_seed(args.seed)
     paged_attention = get_backend("reference").paged_attention
     cases = [
@@ -281,14 +263,6 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def positive(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--modes", nargs="+", choices=["decode", "prefill"], default=["decode", "prefill"])
@@ -318,21 +292,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark, print the table, write the JSON; on a mismatch report nothing and return 1."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    command = shlex.join(["python", "benchmarks/reference_attention.py", *argv])
-    try:
-        report = run(args, command)
-    except DisagreementError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(format_table(report))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-    return 0
+    """Run the benchmark, print the table, write the JSON; on a wrong answer report nothing and return 1."""
+    return bench_common.main("reference_attention.py", argv, parse_args, run, format_table)
 
 
 if __name__ == "__main__":

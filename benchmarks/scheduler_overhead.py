@@ -31,19 +31,18 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import datetime
 import gc
 import io
-import json
 import os
 import platform
 import pstats
-import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
 
+import bench_common
 import torch
+from bench_common import machine, positive, utc_now
 from tqdm import tqdm
 
 from minipaged.config import SchedulerConfig
@@ -199,20 +198,9 @@ def profile(num_seqs: int, args: argparse.Namespace, top: int = 15) -> list[dict
     return rows[:top]
 
 
-def machine() -> str:
-    """The CPU model (from /proc/cpuinfo where there is one), the CPU count and the OS."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()} {platform.machine()}"
-
-
 def run(args: argparse.Namespace, command: str = "") -> dict:
     """Every N of the sweep, measured; the report that the table and the JSON show."""
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    date = utc_now()
     rows = [
         measure(n, args)
         for n in tqdm(args.num_seqs, desc="num_seqs", file=sys.stderr, disable=args.no_progress)
@@ -284,14 +272,6 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def positive(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-seqs", nargs="+", type=positive, default=[1, 64, 1024])
@@ -307,16 +287,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark, print the table, write the JSON."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    report = run(args, shlex.join(["python", "benchmarks/scheduler_overhead.py", *argv]))
-    print(format_table(report))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-    return 0
+    """Run the benchmark, print the table, write the JSON; on a wrong answer report nothing and return 1."""
+    return bench_common.main("scheduler_overhead.py", argv, parse_args, run, format_table)
 
 
 if __name__ == "__main__":

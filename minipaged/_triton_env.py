@@ -13,12 +13,9 @@ import importlib.util
 import os
 import sys
 
-INTERPRETER_SET_BY_MINIPAGED = False
-
 
 def use_triton_interpreter_without_gpu() -> bool:
     """Set TRITON_INTERPRET=1 if it is safe (see the module docstring); return whether it was set."""
-    global INTERPRETER_SET_BY_MINIPAGED
     if (
         "TRITON_INTERPRET" in os.environ
         or "triton" in sys.modules
@@ -30,5 +27,4 @@ def use_triton_interpreter_without_gpu() -> bool:
     if torch.cuda.is_available():
         return False
     os.environ["TRITON_INTERPRET"] = "1"
-    INTERPRETER_SET_BY_MINIPAGED = True
     return True

@@ -25,15 +25,6 @@ WEIGHT_SEED = 0
 SCORE_TOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine threads thrash."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_prompt(gen: torch.Generator, length: int) -> list[int]:
     return torch.randint(3, 259, (length,), generator=gen).tolist()  # byte tokens: no pad / bos / eos
 

@@ -34,6 +34,8 @@ TINY = [
 @pytest.fixture(scope="module")
 def bench():
     """The script imported as a module (benchmarks/ is not a package)."""
+    if str(SCRIPT.parent) not in sys.path:  # as `python benchmarks/...` does: bench_common sits beside it
+        sys.path.insert(0, str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("reference_attention_benchmark", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up here

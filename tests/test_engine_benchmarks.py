@@ -39,6 +39,8 @@ TINY_SCHEDULER = ["--num-seqs", "1", "8", "--steps", "3", "--warmup", "1", "--no
 
 def _load(name: str):
     """A benchmark script imported as a module (benchmarks/ is not a package)."""
+    if str(BENCHMARKS) not in sys.path:  # as `python benchmarks/...` does: bench_common sits beside it
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up here

@@ -25,15 +25,6 @@ VOCAB_LOW, VOCAB_HIGH = 3, 259  # byte tokens: no pad / bos / eos in the prompts
 LOGPROB_TOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine threads thrash."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_prompts(seed: int, num: int = 5, max_len: int = 40) -> list[list[int]]:
     """`num` prompts of mixed lengths, the shortest (1) and the longest (`max_len`) always among them."""
     gen = torch.Generator().manual_seed(seed)

@@ -20,15 +20,6 @@ MAX_MODEL_LEN = 64
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine threads thrash."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_ids(seed: int, length: int) -> list[int]:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(3, 259, (length,), generator=gen).tolist()

@@ -15,8 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minipaged.reference.cache_ops import _check_layers
-from minipaged.reference.validation import check_block_mapping, check_cache_pair, check_write_kv
+from minipaged.reference.validation import check_copy_blocks, check_swap_blocks, check_write_kv
 
 COPY_TILE = 1024  # elements one program moves per loop iteration
 
@@ -138,11 +137,7 @@ def copy_blocks(
 
     One launch per pool in this first version; the paper's fused copy does every layer in one.
     """
-    k_caches, v_caches = _check_layers(k_caches, v_caches)
-    num_blocks, device = k_caches[0].shape[0], k_caches[0].device
-    check_block_mapping(
-        block_mapping, num_blocks, num_blocks, device, "the device of k_caches[0]", same_pool=True
-    )
+    check_copy_blocks(k_caches, v_caches, block_mapping)
     for cache in (*k_caches, *v_caches):
         check_runnable(cache, "k_caches and v_caches")
     src, dst = block_mapping[:, 0], block_mapping[:, 1]
@@ -157,14 +152,7 @@ def swap_blocks(src: torch.Tensor, dst: torch.Tensor, block_mapping: torch.Tenso
     buffer crosses to dst's device in one transfer, and a kernel scatters it into dst: one transfer,
     not one per block (the paper's section 7.3: many small copies waste the bus's bandwidth).
     """
-    check_cache_pair(src, src, "src", "src")
-    check_cache_pair(dst, dst, "dst", "dst")
-    if src.dtype != dst.dtype or src.shape[1:] != dst.shape[1:]:
-        raise ValueError(
-            f"dst must hold blocks like src ({src.dtype}, block shape {tuple(src.shape[1:])}), "
-            f"got {dst.dtype}, block shape {tuple(dst.shape[1:])}"
-        )
-    check_block_mapping(block_mapping, src.shape[0], dst.shape[0], torch.device("cpu"), "the CPU")
+    check_swap_blocks(src, dst, block_mapping)
     for pool, name in ((src, "src"), (dst, "dst")):
         if not pool.is_contiguous():
             raise ValueError(f"{name} must be contiguous for the Triton backend")

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-from minipaged.reference.validation import check_block_mapping, check_cache_pair, check_write_kv
+from minipaged.reference.validation import check_copy_blocks, check_swap_blocks, check_write_kv
 
 
 def write_kv(
@@ -80,11 +80,7 @@ def copy_blocks(
         ValueError: if the lists are empty or of different lengths, the layers disagree on the
             number of blocks or the device, or block_mapping is malformed.
     """
-    k_caches, v_caches = _check_layers(k_caches, v_caches)
-    num_blocks, device = k_caches[0].shape[0], k_caches[0].device
-    check_block_mapping(
-        block_mapping, num_blocks, num_blocks, device, "the device of k_caches[0]", same_pool=True
-    )
+    check_copy_blocks(k_caches, v_caches, block_mapping)
     # BEGIN SOLUTION
     src, dst = block_mapping[:, 0], block_mapping[:, 1]  # [n] each
     for k_cache, v_cache in zip(k_caches, v_caches, strict=True):
@@ -111,40 +107,9 @@ def swap_blocks(src: torch.Tensor, dst: torch.Tensor, block_mapping: torch.Tenso
         ValueError: if a pool is malformed, the pools disagree in dtype or block shape, or
             block_mapping is malformed.
     """
-    check_cache_pair(src, src, "src", "src")
-    check_cache_pair(dst, dst, "dst", "dst")
-    if src.dtype != dst.dtype or src.shape[1:] != dst.shape[1:]:
-        raise ValueError(
-            f"dst must hold blocks like src ({src.dtype}, block shape {tuple(src.shape[1:])}), "
-            f"got {dst.dtype}, block shape {tuple(dst.shape[1:])}"
-        )
-    check_block_mapping(block_mapping, src.shape[0], dst.shape[0], torch.device("cpu"), "the CPU")
+    check_swap_blocks(src, dst, block_mapping)
     # BEGIN SOLUTION
     src_ids = block_mapping[:, 0].to(src.device)  # [n]
     dst_ids = block_mapping[:, 1].to(dst.device)  # [n]
     dst[dst_ids] = src[src_ids].to(dst.device)  # one gather, one transfer, one scatter
     # END SOLUTION
-
-
-def _check_layers(
-    k_caches: Sequence[torch.Tensor], v_caches: Sequence[torch.Tensor]
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """copy_blocks' pools: one (K, V) pair per layer, all with the same number of blocks, one device."""
-    if not isinstance(k_caches, (list, tuple)) or not isinstance(v_caches, (list, tuple)):
-        raise ValueError(
-            f"k_caches and v_caches must be lists of per-layer pools, got "
-            f"{type(k_caches).__name__} and {type(v_caches).__name__}"
-        )
-    if not k_caches or len(k_caches) != len(v_caches):
-        raise ValueError(
-            f"k_caches and v_caches must list the same number (>= 1) of layers, "
-            f"got {len(k_caches)} and {len(v_caches)}"
-        )
-    for layer, (k_cache, v_cache) in enumerate(zip(k_caches, v_caches, strict=True)):
-        check_cache_pair(k_cache, v_cache, f"k_caches[{layer}]", f"v_caches[{layer}]")
-        if k_cache.shape[0] != k_caches[0].shape[0] or k_cache.device != k_caches[0].device:
-            raise ValueError(
-                f"k_caches[{layer}] must have k_caches[0]'s {k_caches[0].shape[0]} blocks on "
-                f"{k_caches[0].device}, got {k_cache.shape[0]} on {k_cache.device}"
-            )
-    return list(k_caches), list(v_caches)

@@ -97,6 +97,44 @@ def check_block_mapping(
     return mapping
 
 
+def check_copy_blocks(k_caches: object, v_caches: object, block_mapping: object) -> None:
+    """Check copy_blocks' arguments: one (K, V) pool pair per layer, all with the same number of
+    blocks on one device, and a mapping within one pool (see check_block_mapping)."""
+    if not isinstance(k_caches, (list, tuple)) or not isinstance(v_caches, (list, tuple)):
+        raise ValueError(
+            f"k_caches and v_caches must be lists of per-layer pools, got "
+            f"{type(k_caches).__name__} and {type(v_caches).__name__}"
+        )
+    if not k_caches or len(k_caches) != len(v_caches):
+        raise ValueError(
+            f"k_caches and v_caches must list the same number (>= 1) of layers, "
+            f"got {len(k_caches)} and {len(v_caches)}"
+        )
+    for layer, (k_cache, v_cache) in enumerate(zip(k_caches, v_caches, strict=True)):
+        check_cache_pair(k_cache, v_cache, f"k_caches[{layer}]", f"v_caches[{layer}]")
+        if k_cache.shape[0] != k_caches[0].shape[0] or k_cache.device != k_caches[0].device:
+            raise ValueError(
+                f"k_caches[{layer}] must have k_caches[0]'s {k_caches[0].shape[0]} blocks on "
+                f"{k_caches[0].device}, got {k_cache.shape[0]} on {k_cache.device}"
+            )
+    num_blocks, device = k_caches[0].shape[0], k_caches[0].device
+    where = "the device of k_caches[0]"
+    check_block_mapping(block_mapping, num_blocks, num_blocks, device, where, same_pool=True)
+
+
+def check_swap_blocks(src: object, dst: object, block_mapping: object) -> None:
+    """Check swap_blocks' arguments: two pools holding the same kind of block, and a mapping on the CPU."""
+    check_cache_pair(src, src, "src", "src")
+    check_cache_pair(dst, dst, "dst", "dst")
+    assert isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor)  # checked just above
+    if src.dtype != dst.dtype or src.shape[1:] != dst.shape[1:]:
+        raise ValueError(
+            f"dst must hold blocks like src ({src.dtype}, block shape {tuple(src.shape[1:])}), "
+            f"got {dst.dtype}, block shape {tuple(dst.shape[1:])}"
+        )
+    check_block_mapping(block_mapping, src.shape[0], dst.shape[0], torch.device("cpu"), "the CPU")
+
+
 def check_write_kv(
     key: object, value: object, k_cache: object, v_cache: object, slot_mapping: object
 ) -> None:
