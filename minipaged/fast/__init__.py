@@ -1,18 +1,25 @@
 """The Triton backend: every op of the kernel contract as a Triton kernel (`get_backend("triton")`).
 
 OS idea: the same mechanism, in hardware this time: where the reference reads a sequence's pages with
-PyTorch indexing, these kernels walk the block table themselves, one program per query row and head,
-like an MMU walking a page table (OSTEP ch. 18-19). KV counterpart: vLLM paper section 5.1 (its
-custom kernels: fused reshape-and-write, block-wise attention, fused block copy).
+PyTorch indexing, these kernels walk the block table themselves, a tile of tokens at a time, like an
+MMU walking a page table (OSTEP ch. 18-19). KV counterpart: vLLM paper section 5.1 (its custom
+kernels: fused reshape-and-write, block-wise attention, fused block copy).
+
+The modules, each beside the reference it mirrors:
+
+- cache_ops.py: write_kv (one program per token), copy_blocks (every layer's pairs in one launch),
+  swap_blocks (gather to a staging buffer, one transfer, scatter);
+- attention.py: the public paged_attention, which plans the step and dispatches to
+- decode.py: split-KV (flash-decoding) decode with a KV group's query heads packed into one tl.dot,
+  and the log-sum-exp merge of the chunks;
+- prefill.py: tiles of query rows against the table with the causal mask.
 
 On CUDA tensors the kernels are compiled. Without a CUDA device they run on CPU tensors through
 Triton's interpreter, which must be switched on (TRITON_INTERPRET=1) before triton is imported:
 `import minipaged` does that itself when no CUDA device is present, the variable is unset and triton
 is not imported yet (minipaged/_triton_env.py), so `get_backend("triton")` works on any machine;
 otherwise importing this package says what to set. The interpreter is slow: keep shapes small there.
-
-This first version is the simplest correct one, each kernel checked against the reference by the
-contract tests; faster variants (split-KV decode, GQA packing with tl.dot) are to come beside it.
+benchmarks/compile_kernels.py compiles every kernel for sm_90 and sm_80 without a GPU.
 """
 
 from __future__ import annotations

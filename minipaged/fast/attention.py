@@ -1,80 +1,95 @@
-"""Paged attention as a Triton kernel (mirrors reference/attention.py's paged_attention_blockwise).
+"""Paged attention in Triton: one public op, two kernels behind it (mirrors reference/attention.py).
 
-One program computes one query row for one query head: it walks its sequence's block table, loads
-one block of keys at a time, keeps a running maximum, denominator and output (the online softmax),
-and loads only the rows at or before its own position, so stale rows (and the -1 padding of the
-table) are never read. This is the simplest correct version, held to the reference by the contract
-tests; the faster variants the Kernels docs describe (split-KV decode, GQA packing) come beside it.
+OS idea: the MMU walks the page table on every access; these kernels walk the block table themselves,
+a tile of tokens at a time (OSTEP ch. 18-19). KV counterpart: vLLM paper section 5.1, the paged
+attention kernel, with its two cases made explicit:
+
+- **decode** rows (q_len = 1) go to fast/decode.py: split-KV (flash-decoding) with the query heads of
+  a KV group packed into one tl.dot, so small batches with long contexts still fill the GPU;
+- **prefill** rows (q_len > 1: a prompt, a chunk of one, or the new tokens after a cached prefix) go
+  to fast/prefill.py: tiles of query rows against the table, with the causal mask.
+
+Sequences with q_len = 0 own no rows and launch nothing. A mixed batch launches both kernels on
+disjoint rows of the same output. The split between the two is worked out once from the step's
+metadata (`plan_attention`); an engine can reuse the plan for every layer of a step, since all
+layers share seq_lens and query_start_loc.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from minipaged.fast.cache_ops import check_runnable
+from minipaged.fast.cache_ops import check_runnable, interpreting
+from minipaged.fast.decode import DECODE_BLOCK_N, _decode_split_kernel, _merge_splits_kernel, num_kv_splits
+from minipaged.fast.prefill import PREFILL_BLOCK_M, PREFILL_BLOCK_N, _prefill_kernel
 from minipaged.reference.validation import check_paged_attention
 
 
-@triton.jit
-def _paged_attention_kernel(
-    query_ptr,  # [num_q_tokens, num_heads, head_dim]
-    k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim], contiguous
-    v_cache_ptr,  # the same
-    out_ptr,  # [num_q_tokens, num_heads, head_dim], written
-    block_tables_ptr,  # [num_seqs, max_blocks] int32
-    seq_of_row_ptr,  # [num_q_tokens] int32: the sequence each query row belongs to
-    pos_of_row_ptr,  # [num_q_tokens] int32: the row's position in its sequence
-    stride_qt,  # elements between two query rows
-    stride_qh,  # elements between two query heads
-    stride_ot,  # elements between two output rows
-    stride_oh,  # elements between two output heads
-    stride_bt,  # elements between two block-table rows
-    num_kv_heads,  # KV heads of the pool
-    group,  # query heads per KV head (GQA/MQA)
-    head_dim,  # elements of one head
-    scale,  # softmax scale
-    block_size,  # tokens per KV block
-    BLOCK_S: tl.constexpr,  # block_size rounded up to a power of two (tl.arange needs one)
-    BLOCK_D: tl.constexpr,  # head_dim rounded up to a power of two
-):
-    row = tl.program_id(0)  # one query row ...
-    head = tl.program_id(1)  # ... and one query head per program
-    kv_head = head // group  # the KV head this query head reads
-    seq = tl.load(seq_of_row_ptr + row)
-    pos = tl.load(pos_of_row_ptr + row)  # this row sees positions 0 .. pos (causal)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < head_dim  # lanes past head_dim do nothing
-    q = tl.load(query_ptr + row * stride_qt + head * stride_qh + offs_d, mask=mask_d, other=0.0).to(
-        tl.float32
+@dataclass(frozen=True)
+class AttentionPlan:
+    """Which sequences take which kernel, and how decode is split; built once per step."""
+
+    decode_seqs: torch.Tensor  # [num_decodes] int32: sequences with q_len == 1
+    decode_rows: torch.Tensor  # [num_decodes] int32: their query rows
+    prefill_seqs: torch.Tensor  # [num_prefills] int32: sequences with q_len > 1
+    max_prefill_q_len: int  # sizes the prefill grid
+    num_splits: int  # chunks per decode sequence (1: no split, no merge)
+    tokens_per_split: int  # tokens per chunk, a multiple of DECODE_BLOCK_N
+
+
+def plan_attention(
+    seq_lens: torch.Tensor, query_start_loc: torch.Tensor, num_kv_heads: int, num_splits: int | None = None
+) -> AttentionPlan:
+    """Split a step's sequences between the decode and the prefill kernel.
+
+    Args:
+        seq_lens: `[num_seqs]` int32, as paged_attention takes it.
+        query_start_loc: `[num_seqs + 1]` int32, as paged_attention takes it.
+        num_kv_heads: KV heads of the pool (the decode grid has one program per KV head).
+        num_splits: chunks per decode sequence; None picks them to fill the device (num_kv_splits).
+            Tests pass it to exercise the merge on short sequences.
+    """
+    device = seq_lens.device
+    q_lens = (query_start_loc[1:] - query_start_loc[:-1]).cpu()  # [num_seqs], one small copy to the host
+    decode_seqs = torch.nonzero(q_lens == 1).flatten()  # [num_decodes]
+    prefill_seqs = torch.nonzero(q_lens > 1).flatten()  # [num_prefills]
+    max_decode_len = int(seq_lens.cpu()[decode_seqs].max()) if len(decode_seqs) else 1
+    if num_splits is None:
+        num_sms = (
+            torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        )
+        num_splits = num_kv_splits(len(decode_seqs) * num_kv_heads, max_decode_len, num_sms)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    tokens_per_split = triton.cdiv(triton.cdiv(max_decode_len, num_splits), DECODE_BLOCK_N) * DECODE_BLOCK_N
+    return AttentionPlan(
+        decode_seqs=decode_seqs.to(device=device, dtype=torch.int32),
+        decode_rows=query_start_loc[:-1].cpu()[decode_seqs].to(device=device, dtype=torch.int32),
+        prefill_seqs=prefill_seqs.to(device=device, dtype=torch.int32),
+        max_prefill_q_len=int(q_lens[prefill_seqs].max()) if len(prefill_seqs) else 0,
+        num_splits=num_splits,
+        tokens_per_split=tokens_per_split,
     )
-    offs_s = tl.arange(0, BLOCK_S)  # the rows of one block (lanes past block_size masked below)
-    row_stride = num_kv_heads * head_dim  # elements of one token row of the pool
-    m = float("-inf")  # running maximum of the scores
-    denom = 0.0  # running sum of exp(score - m)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)  # running sum of exp(score - m) * v
-    for j in range(0, pos // block_size + 1):  # the blocks holding positions 0 .. pos
-        block = tl.load(block_tables_ptr + seq * stride_bt + j).to(tl.int64)  # the page-table walk
-        # rows past this row's position (the future, or stale) and lanes past the block: not read
-        mask_s = (offs_s < block_size) & (j * block_size + offs_s <= pos)
-        rows = block * block_size + offs_s  # their slots
-        ptrs = rows[:, None] * row_stride + kv_head * head_dim + offs_d[None, :]  # [BLOCK_S, BLOCK_D]
-        mask = mask_s[:, None] & mask_d[None, :]
-        k = tl.load(k_cache_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)  # never reads a masked row
-        s = tl.sum(k * q[None, :], axis=1) * scale  # [BLOCK_S] scores
-        s = tl.where(mask_s, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=0))  # block 0 holds position 0, so m is finite from here on
-        alpha = tl.exp(m - m_new)  # rescales what was accumulated to the new maximum
-        p = tl.exp(s - m_new)  # [BLOCK_S]
-        v = tl.load(v_cache_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
-        denom = denom * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-        m = m_new
-    out = acc / denom
-    tl.store(
-        out_ptr + row * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d
-    )
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _dot_types(dtype: torch.dtype) -> tuple[tl.dtype, str]:
+    """The operand type and precision of the kernels' tl.dot for a cache of `dtype`.
+
+    Compiled, tl.dot takes the cache's own type: fp16/bf16 run on the tensor cores with fp32
+    accumulation, fp32 asks for "ieee" (true fp32 products; Triton's default for fp32 is tf32, whose
+    10-bit mantissa would miss the contract's 1e-5). Triton's interpreter multiplies bf16 wrongly
+    (triton 3.9: bf16 operands come out as garbage), so there bf16 operands go up to fp32 first.
+    """
+    if dtype == torch.bfloat16 and interpreting():
+        return tl.float32, "ieee"
+    return _TL_DTYPES[dtype], "ieee" if dtype == torch.float32 else "tf32"
 
 
 def paged_attention(
@@ -90,6 +105,9 @@ def paged_attention(
 ) -> torch.Tensor:
     """Causal paged attention of each sequence's last q_len tokens (mirrors the reference's).
 
+    Checks the inputs as the reference does, plans the step (plan_attention), and runs the kernels
+    (run_planned).
+
     Raises:
         ValueError: as the reference, with the same messages; and for a non-contiguous pool.
         RuntimeError: for CPU tensors when Triton's interpreter is off.
@@ -97,41 +115,119 @@ def paged_attention(
     check_paged_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out)
     check_runnable(k_cache, "k_cache")
     check_runnable(v_cache, "v_cache")
+    plan = plan_attention(seq_lens, query_start_loc, k_cache.shape[2])
+    return run_planned(plan, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out=out)
+
+
+def run_planned(
+    plan: AttentionPlan,
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Launch the kernels of a plan; no checks (paged_attention checks, then calls this).
+
+    For callers that check once and attend many times with the same metadata: an engine's layers,
+    or a benchmark timing the kernels alone.
+    """
     given = out
     out = torch.empty_like(query) if out is None or out.stride(2) != 1 else out  # [num_q_tokens, heads, dim]
-    num_q_tokens, num_heads, head_dim = query.shape
-    if num_q_tokens == 0:
-        return out if given is None else given
-    q_lens = (query_start_loc[1:] - query_start_loc[:-1]).long()  # [num_seqs]
-    seq_of_row = torch.repeat_interleave(
-        torch.arange(len(q_lens), device=query.device), q_lens
-    )  # [num_q_tokens]
-    row_in_seq = torch.arange(num_q_tokens, device=query.device) - query_start_loc[:-1].long()[seq_of_row]
-    pos_of_row = seq_lens.long()[seq_of_row] - q_lens[seq_of_row] + row_in_seq  # the row's position
     if query.stride(2) != 1:
         query = query.contiguous()
-    num_kv_heads = k_cache.shape[2]
-    _paged_attention_kernel[(num_q_tokens, num_heads)](
-        query,
-        k_cache,
-        v_cache,
-        out,
-        block_tables,
-        seq_of_row.to(torch.int32),
-        pos_of_row.to(torch.int32),
-        query.stride(0),
-        query.stride(1),
-        out.stride(0),
-        out.stride(1),
-        block_tables.stride(0),
-        num_kv_heads,
-        num_heads // num_kv_heads,
-        head_dim,
-        float(scale),
-        k_cache.shape[1],
-        BLOCK_S=triton.next_power_of_2(k_cache.shape[1]),
-        BLOCK_D=triton.next_power_of_2(head_dim),
-    )
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    group = num_heads // num_kv_heads
+    block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot wants every side >= 16
+    dot_dtype, precision = _dot_types(query.dtype)
+    num_decodes = plan.decode_seqs.numel()
+    if num_decodes:
+        split = plan.num_splits > 1
+        partial_out = partial_lse = out  # unused when not split
+        if split:
+            partial_out = torch.empty(
+                (num_decodes, num_heads, plan.num_splits, head_dim), dtype=torch.float32, device=query.device
+            )  # [num_decodes, num_heads, num_splits, head_dim]
+            partial_lse = torch.empty(
+                (num_decodes, num_heads, plan.num_splits), dtype=torch.float32, device=query.device
+            )  # [num_decodes, num_heads, num_splits]
+        _decode_split_kernel[(num_decodes, num_kv_heads, plan.num_splits)](
+            query,
+            k_cache,
+            v_cache,
+            out,
+            partial_out,
+            partial_lse,
+            block_tables,
+            seq_lens,
+            plan.decode_seqs,
+            plan.decode_rows,
+            query.stride(0),
+            query.stride(1),
+            out.stride(0),
+            out.stride(1),
+            block_tables.stride(0),
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            float(scale),
+            block_size,
+            plan.tokens_per_split,
+            plan.num_splits,
+            GROUP=group,
+            BLOCK_H=max(16, triton.next_power_of_2(group)),
+            BLOCK_N=DECODE_BLOCK_N,
+            BLOCK_D=block_d,
+            SPLIT=split,
+            DOT_DTYPE=dot_dtype,
+            DOT_PRECISION=precision,
+        )
+        if split:
+            _merge_splits_kernel[(num_decodes, num_heads)](
+                partial_out,
+                partial_lse,
+                out,
+                plan.decode_rows,
+                out.stride(0),
+                out.stride(1),
+                num_heads,
+                head_dim,
+                plan.num_splits,
+                BLOCK_SPLITS=triton.next_power_of_2(plan.num_splits),
+                BLOCK_D=triton.next_power_of_2(head_dim),
+            )
+    if plan.prefill_seqs.numel():
+        grid = (plan.prefill_seqs.numel(), triton.cdiv(plan.max_prefill_q_len, PREFILL_BLOCK_M), num_heads)
+        _prefill_kernel[grid](
+            query,
+            k_cache,
+            v_cache,
+            out,
+            block_tables,
+            seq_lens,
+            query_start_loc,
+            plan.prefill_seqs,
+            query.stride(0),
+            query.stride(1),
+            out.stride(0),
+            out.stride(1),
+            block_tables.stride(0),
+            num_kv_heads,
+            head_dim,
+            float(scale),
+            block_size,
+            GROUP=group,
+            BLOCK_M=PREFILL_BLOCK_M,
+            BLOCK_N=PREFILL_BLOCK_N,
+            BLOCK_D=block_d,
+            DOT_DTYPE=dot_dtype,
+            DOT_PRECISION=precision,
+        )
     if given is not None and given is not out:  # a caller's buffer the kernel could not write directly
         given.copy_(out)
         return given

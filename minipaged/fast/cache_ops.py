@@ -130,19 +130,61 @@ def _copy_rows(src: torch.Tensor, dst: torch.Tensor, src_rows: torch.Tensor, dst
     _copy_rows_kernel[(src_rows.numel(),)](src, dst, src_rows, dst_rows, row_size, TILE=COPY_TILE)
 
 
+@triton.jit
+def _copy_blocks_kernel(
+    cache_ptrs_ptr,  # [2 * num_layers] int64: the address of every layer's k_cache, then every v_cache
+    block_mapping_ptr,  # [n, 2] int64, contiguous: (src, dst) block pairs
+    block_numel,  # elements of one block (block_size * num_kv_heads * head_dim)
+    DTYPE: tl.constexpr,  # the pools' element type (their addresses arrive as plain integers)
+    TILE: tl.constexpr,  # elements moved per loop iteration
+):
+    cache = tl.program_id(0)  # one pool (one layer's K or V) ...
+    pair = tl.program_id(1)  # ... and one (src, dst) pair per program
+    pool = tl.load(cache_ptrs_ptr + cache).to(tl.pointer_type(DTYPE))  # an integer made a pointer again
+    src = tl.load(block_mapping_ptr + 2 * pair)
+    dst = tl.load(block_mapping_ptr + 2 * pair + 1)
+    for start in range(0, block_numel, TILE):
+        offs = start + tl.arange(0, TILE)
+        mask = offs < block_numel  # the last tile may run past the block
+        data = tl.load(pool + src * block_numel + offs, mask=mask)
+        tl.store(pool + dst * block_numel + offs, data, mask=mask)
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
 def copy_blocks(
     k_caches: Sequence[torch.Tensor], v_caches: Sequence[torch.Tensor], block_mapping: torch.Tensor
 ) -> None:
     """Copy whole blocks src -> dst in every layer (copy-on-write). Mirrors reference.cache_ops.copy_blocks.
 
-    One launch per pool in this first version; the paper's fused copy does every layer in one.
+    One launch for everything, the paper's fused block copy (section 5.1): a step's copy-on-writes
+    are many small copies (one block, every layer, K and V), and one launch each would cost more in
+    launch overhead than in copying. The kernel gets the pools as a table of addresses, one program
+    per (pool, pair), like vLLM's copy_blocks kernel. (Pools of different dtypes or block shapes,
+    which no model has, take one launch per kind.)
     """
     check_copy_blocks(k_caches, v_caches, block_mapping)
-    for cache in (*k_caches, *v_caches):
+    pools = [*k_caches, *v_caches]
+    for cache in pools:
         check_runnable(cache, "k_caches and v_caches")
-    src, dst = block_mapping[:, 0], block_mapping[:, 1]
-    for cache in (*k_caches, *v_caches):
-        _copy_rows(cache, cache, src, dst)
+    if block_mapping.shape[0] == 0:
+        return
+    kinds: dict[tuple, list[torch.Tensor]] = {}  # layers of one model share a kind: one launch in practice
+    for pool in pools:
+        kinds.setdefault((pool.dtype, pool[0].numel()), []).append(pool)
+    mapping = block_mapping.contiguous()  # [n, 2]
+    for (dtype, block_numel), same in kinds.items():
+        cache_ptrs = torch.tensor(
+            [pool.data_ptr() for pool in same], dtype=torch.int64, device=same[0].device
+        )  # [number of pools]
+        _copy_blocks_kernel[(len(same), mapping.shape[0])](
+            cache_ptrs,
+            mapping,
+            block_numel,
+            DTYPE=_TL_DTYPES[dtype],
+            TILE=COPY_TILE,
+        )
 
 
 def swap_blocks(src: torch.Tensor, dst: torch.Tensor, block_mapping: torch.Tensor) -> None:

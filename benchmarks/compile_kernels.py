@@ -1,0 +1,188 @@
+"""Compile every Triton kernel of minipaged/fast for a GPU, on a machine without one.
+
+Triton compiles ahead of time for a named target: Python -> Triton IR -> GPU IR -> LLVM IR -> PTX ->
+cubin (through the ptxas that ships with triton), and none of those steps needs the GPU itself. So
+this script catches what the interpreter cannot: a tl.dot tile too small for the tensor cores, a
+loop-carried value that changes type, a shape the compiler rejects. It also prints what the compiler
+reports about each kernel (shared memory, warps), the report METHOD-style tuning reads first.
+
+    python benchmarks/compile_kernels.py              # sm_90 (H100/H200) and sm_80 (A100), every config
+    python benchmarks/compile_kernels.py --arch 90 --quick
+
+The kernels are loaded from their files (not through minipaged.fast, which refuses to import on a
+machine with no GPU and no interpreter), and TRITON_INTERPRET must be unset or 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("compile_kernels.py compiles for a GPU: run it with TRITON_INTERPRET unset (or 0)")
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ROOT / "minipaged" / "fast"
+sys.path.insert(0, str(ROOT))  # cache_ops imports minipaged.reference.validation
+
+
+def _load(name: str):
+    """A module of minipaged/fast by its file, without the package's import-time device check."""
+    spec = importlib.util.spec_from_file_location(f"_minipaged_fast_{name}", FAST / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _signature(fn, pointers: dict[str, str], floats: set[str], constexprs: dict) -> dict[str, str]:
+    """Each argument's type for ASTSource: pointers typed, floats fp32, constexprs, the rest i32."""
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = pointers[name]
+        elif name in floats:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def attention_configs(quick: bool):
+    """(label, kernel, pointer types, constexprs) for the decode, merge and prefill kernels."""
+    decode, prefill = _load("decode"), _load("prefill")
+    import triton.language as tl
+
+    dtypes = ["fp16"] if quick else ["fp32", "fp16", "bf16"]
+    head_dims = [128] if quick else [64, 80, 128]
+    groups = [4] if quick else [1, 4, 8]
+    for dt in dtypes:
+        for head_dim in head_dims:
+            block_d = max(16, triton.next_power_of_2(head_dim))
+            common = {
+                "DOT_DTYPE": getattr(tl, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dt]),
+                "DOT_PRECISION": "ieee" if dt == "fp32" else "tf32",
+            }
+            for group in groups:
+                for split in (False, True):
+                    ptrs = {n: f"*{dt}" for n in ("query_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr")}
+                    ptrs |= {"partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32"}
+                    ptrs |= {
+                        n: "*i32"
+                        for n in ("block_tables_ptr", "seq_lens_ptr", "decode_seqs_ptr", "decode_rows_ptr")
+                    }
+                    consts = {
+                        "GROUP": group,
+                        "BLOCK_H": max(16, triton.next_power_of_2(group)),
+                        "BLOCK_N": decode.DECODE_BLOCK_N,
+                        "BLOCK_D": block_d,
+                        "SPLIT": split,
+                        **common,
+                    }
+                    yield (
+                        f"decode {dt} d={head_dim} group={group} split={split}",
+                        decode._decode_split_kernel,
+                        ptrs,
+                        consts,
+                    )
+                ptrs = {n: f"*{dt}" for n in ("query_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr")}
+                ptrs |= {
+                    n: "*i32"
+                    for n in ("block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr", "prefill_seqs_ptr")
+                }
+                consts = {
+                    "GROUP": group,
+                    "BLOCK_M": prefill.PREFILL_BLOCK_M,
+                    "BLOCK_N": prefill.PREFILL_BLOCK_N,
+                    "BLOCK_D": block_d,
+                    **common,
+                }
+                yield f"prefill {dt} d={head_dim} group={group}", prefill._prefill_kernel, ptrs, consts
+            ptrs = {
+                "partial_out_ptr": "*fp32",
+                "partial_lse_ptr": "*fp32",
+                "out_ptr": f"*{dt}",
+                "decode_rows_ptr": "*i32",
+            }
+            yield (
+                f"merge {dt} d={head_dim}",
+                decode._merge_splits_kernel,
+                ptrs,
+                {"BLOCK_SPLITS": 32, "BLOCK_D": triton.next_power_of_2(head_dim)},
+            )
+
+
+def cache_op_configs(quick: bool):
+    """(label, kernel, pointer types, constexprs) for write_kv and the block-copy kernels."""
+    ops = _load("cache_ops")
+    for dt in ["fp16"] if quick else ["fp32", "fp16", "bf16"]:
+        ptrs = {n: f"*{dt}" for n in ("key_ptr", "value_ptr", "k_cache_ptr", "v_cache_ptr")}
+        ptrs["slot_mapping_ptr"] = "*i64"
+        yield f"write_kv {dt}", ops._write_kv_kernel, ptrs, {"BLOCK_H": 8, "BLOCK_D": 128}
+        for name in ("_copy_blocks_kernel", "_copy_rows_kernel"):
+            kernel = getattr(ops, name)
+            ptrs = {
+                n: ("*i64" if "rows" in n or "ptrs" in n or "mapping" in n else f"*{dt}")
+                for n in kernel.arg_names
+                if n.endswith("_ptr")
+            }
+            consts = {n: ops.COPY_TILE for n in kernel.arg_names if n == "TILE"}
+            consts |= (
+                {
+                    "DTYPE": getattr(
+                        triton.language, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dt]
+                    )
+                }
+                if "DTYPE" in kernel.arg_names
+                else {}
+            )
+            yield f"{name.strip('_')} {dt}", kernel, ptrs, consts
+
+
+def compile_all(archs: list[int], quick: bool) -> int:
+    """Compile each config for each arch; print one line each; return the number of failures."""
+    failures = 0
+    for arch in archs:
+        target = GPUTarget("cuda", arch, 32)
+        for label, kernel, ptrs, consts in [*attention_configs(quick), *cache_op_configs(quick)]:
+            sig = _signature(kernel, ptrs, {"scale"}, consts)
+            start = time.perf_counter()
+            try:
+                compiled = triton.compile(
+                    ASTSource(fn=kernel, signature=sig, constexprs=consts), target=target
+                )
+            except Exception as error:  # report every failing config, not only the first
+                failures += 1
+                print(f"sm_{arch}  {label:<42} FAILED: {type(error).__name__}: {str(error)[:300]}")
+                continue
+            meta = compiled.metadata
+            print(
+                f"sm_{arch}  {label:<42} ok  shared={meta.shared:>6} B  warps={meta.num_warps}"
+                f"  {time.perf_counter() - start:5.1f} s"
+            )
+    return failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--arch", type=int, action="append", help="compute capability x10 (default: 90 and 80)"
+    )
+    parser.add_argument("--quick", action="store_true", help="one dtype, head_dim 128, group 4")
+    args = parser.parse_args(argv)
+    failures = compile_all(args.arch or [90, 80], args.quick)
+    print(f"{failures} failed" if failures else "all compiled")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
