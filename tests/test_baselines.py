@@ -1,0 +1,288 @@
+"""The baseline allocators: contiguous ranges by first fit, vAttention pages, the paged adapter.
+
+A hypothesis state machine admits, grows and frees random requests and checks after every step:
+no two live reservations overlap and all lie inside the pool, the breakdown's fields are
+non-negative and sum to the capacity, token_states is the sum of the tokens stored, first fit takes
+the lowest hole that fits, and freeing everything gives the whole pool back as one free extent.
+Unit tests pin the reservation of each policy, the docs page's worked example and the errors.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from minipaged.reference.baselines import (
+    BREAKDOWN_FIELDS,
+    ContiguousAllocator,
+    MemoryBreakdown,
+    PagedAllocator,
+    VAttentionAllocator,
+    reservation_size,
+)
+from minipaged.reference.block_allocator import NoFreeBlocksError
+
+
+@dataclass(frozen=True)
+class Req:
+    request_id: str
+    prompt_len: int
+    output_len: int
+
+
+def check_breakdown(b: MemoryBreakdown, capacity: int, tokens: int) -> None:
+    assert all(getattr(b, name) >= 0 for name in BREAKDOWN_FIELDS), b
+    assert b.capacity == capacity
+    assert b.token_states == tokens
+
+
+class AllocatorMachine(RuleBasedStateMachine):
+    """Random admit / append / free on one allocator, against a model of what each request stored."""
+
+    @initialize(
+        kind=st.sampled_from(["contiguous", "vattention", "paged"]),
+        policy=st.sampled_from(["max", "pow2", "oracle"]),
+        capacity=st.integers(16, 96),
+        page_tokens=st.sampled_from([1, 3, 4, 8]),
+        max_model_len=st.sampled_from([8, 16]),
+    )
+    def setup(self, kind, policy, capacity, page_tokens, max_model_len):
+        self.kind, self.max_model_len = kind, max_model_len
+        if kind == "contiguous":
+            self.alloc = ContiguousAllocator(capacity, policy, max_model_len)
+        elif kind == "vattention":
+            self.alloc = VAttentionAllocator(capacity, page_tokens, max_model_len, watermark=0.0)
+        else:
+            self.alloc = PagedAllocator(capacity, page_tokens, max_model_len, watermark=0.0)
+        self.tokens: dict[str, int] = {}  # live request -> tokens stored
+        self.reqs: dict[str, Req] = {}
+        self.next_id = 0
+
+    @rule(data=st.data())
+    def admit(self, data):
+        prompt_len = data.draw(st.integers(1, self.max_model_len - 1))
+        output_len = data.draw(st.integers(1, self.max_model_len - prompt_len))
+        req = Req(f"r{self.next_id}", prompt_len, output_len)
+        self.next_id += 1
+        holes = self.alloc.free_extents if self.kind == "contiguous" else None
+        try:
+            admitted = self.alloc.try_admit(req)
+        except ValueError:  # can never fit this pool: refused, and nothing changed
+            assert self.kind != "contiguous" or self.alloc.reservation(req) > self.alloc.capacity
+            return
+        if self.kind == "contiguous":
+            size = self.alloc.reservation(req)
+            fitting = [start for start, length in holes if length >= size]
+            if admitted:  # first fit: the lowest hole big enough, carved from its low end
+                assert self.alloc.range_of(req.request_id) == (fitting[0], size)
+            else:
+                assert not fitting and self.alloc.free_extents == holes
+        if admitted:
+            self.tokens[req.request_id], self.reqs[req.request_id] = prompt_len, req
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
+    def append(self, data):
+        request_id = data.draw(st.sampled_from(sorted(self.tokens)))
+        if self.alloc.can_append(request_id):
+            self.alloc.append(request_id)
+            self.tokens[request_id] += 1
+        else:
+            with pytest.raises(NoFreeBlocksError):
+                self.alloc.append(request_id)
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
+    def free(self, data):
+        request_id = data.draw(st.sampled_from(sorted(self.tokens)))
+        self.alloc.free(request_id)
+        del self.tokens[request_id], self.reqs[request_id]
+
+    @invariant()
+    def breakdown_sums_to_capacity(self):
+        check_breakdown(self.alloc.breakdown(), self.alloc.capacity, sum(self.tokens.values()))
+
+    @invariant()
+    def reservations_are_disjoint_and_inside_the_pool(self):
+        if self.kind == "contiguous":
+            spans = sorted([self.alloc.range_of(i) for i in self.tokens] + self.alloc.free_extents)
+            position = 0
+            for start, length in spans:  # ranges and holes tile the pool exactly
+                assert start == position and length > 0
+                position += length
+            assert position == self.alloc.capacity
+            holes = self.alloc.free_extents
+            assert all(sum(a) < b[0] for a, b in itertools.pairwise(holes)), "adjacent holes not merged"
+            for i, n in self.tokens.items():
+                assert n <= self.alloc.range_of(i)[1]
+        elif self.kind == "vattention":
+            pages = [p for i in self.tokens for p in self.alloc.pages_of(i)]
+            assert len(pages) == len(set(pages)) and all(0 <= p < self.alloc.pages.num_blocks for p in pages)
+            for i, n in self.tokens.items():  # mapped on demand: exactly the pages its tokens need
+                assert len(self.alloc.pages_of(i)) == -(-n // self.alloc.page_tokens)
+
+    @invariant()
+    def waiting_head_and_external_fragmentation(self):
+        head = Req("head", 1, self.max_model_len - 1)
+        b = self.alloc.breakdown([head])
+        if self.kind == "contiguous" and not self.alloc.can_place([head]):
+            assert b.external_fragmentation == self.alloc.breakdown().free and b.free == 0
+        else:
+            assert b == self.alloc.breakdown()
+
+    def teardown(self):
+        if not hasattr(self, "alloc"):
+            return
+        for request_id in list(self.tokens):
+            self.alloc.free(request_id)
+        b = self.alloc.breakdown()
+        assert b.free == self.alloc.capacity  # all memory returned
+        if self.kind == "contiguous":
+            assert self.alloc.free_extents == [(0, self.alloc.capacity)]  # as one extent
+
+
+TestAllocatorMachine = AllocatorMachine.TestCase
+
+
+@pytest.mark.parametrize(
+    ("policy", "prompt_len", "output_len", "expected"),
+    [
+        ("max", 10, 25, 2048),  # whatever the request
+        ("pow2", 10, 25, 10 + 32),  # the paper's example: output 25 -> 32 positions for outputs
+        ("pow2", 10, 32, 10 + 32),  # already a power of two
+        ("pow2", 10, 33, 10 + 64),  # at most 2x
+        ("pow2", 7, 1, 7 + 1),
+        ("pow2", 1600, 400, 2048),  # 1600 + 512 capped at max_model_len
+        ("oracle", 10, 25, 35),  # the true length
+    ],
+)
+def test_reservation_sizes(policy, prompt_len, output_len, expected):
+    assert reservation_size(policy, prompt_len, output_len, 2048) == expected
+    assert ContiguousAllocator(4096, policy).reservation(Req("a", prompt_len, output_len)) == expected
+
+
+A, B, C = Req("A", 3, 4), Req("B", 2, 9), Req("C", 5, 3)  # the worked example of the docs page
+
+
+def run_worked_example(alloc):
+    """Admit A, B, C in order (each that fits stores its prompt), then two decode steps."""
+    admitted = [r.request_id for r in (A, B, C) if alloc.try_admit(r)]
+    for _ in range(2):
+        for request_id in admitted:
+            alloc.append(request_id)
+    return admitted
+
+
+@pytest.mark.parametrize(
+    ("alloc", "admitted", "expected"),
+    [
+        (ContiguousAllocator(32, "max", 16), "AB", (9, 9, 14, 0, 0)),
+        (ContiguousAllocator(32, "pow2", 16), "ABC", (16, 10, 6, 0, 0)),
+        (ContiguousAllocator(32, "oracle", 16), "ABC", (16, 10, 0, 0, 6)),
+        (VAttentionAllocator(32, 8, 16, watermark=0.0), "ABC", (16, 0, 8, 0, 8)),
+        (PagedAllocator(32, 4, 16, watermark=0.0), "ABC", (16, 0, 4, 0, 12)),
+    ],
+    ids=["max", "pow2", "oracle", "vattention", "paged"],
+)
+def test_docs_worked_example(alloc, admitted, expected):
+    """docs/concepts/baseline-allocators.md, the table of the worked example."""
+    assert "".join(run_worked_example(alloc)) == admitted
+    waiting = [C] if admitted == "AB" else []
+    b = alloc.breakdown(waiting)
+    assert tuple(getattr(b, name) for name in BREAKDOWN_FIELDS) == expected
+    assert b.capacity == 32
+
+
+def test_docs_external_fragmentation():
+    """The docs page's exercise: Oracle, A finishes, D (9 slots) finds 13 free slots and no hole."""
+    alloc = ContiguousAllocator(32, "oracle", 16)
+    run_worked_example(alloc)
+    assert [alloc.range_of(r) for r in "ABC"] == [(0, 7), (7, 11), (18, 8)]
+    alloc.free("A")
+    assert alloc.free_extents == [(0, 7), (26, 6)]
+    d = Req("D", 4, 5)
+    b = alloc.breakdown([d])
+    assert (b.external_fragmentation, b.free) == (13, 0)
+    assert not alloc.try_admit(d)
+    alloc.free("B")  # B's range merges with the hole before it: one hole of 18 slots at 0
+    assert alloc.free_extents == [(0, 18), (26, 6)]
+    assert alloc.try_admit(d) and alloc.range_of("D") == (0, 9)
+    assert alloc.free_extents == [(9, 9), (26, 6)]
+
+
+def test_free_merges_both_neighbours():
+    alloc = ContiguousAllocator(30, "oracle", 10)
+    for name in "abc":
+        assert alloc.try_admit(Req(name, 5, 5))
+    alloc.free("a")
+    alloc.free("c")
+    assert alloc.free_extents == [(0, 10), (20, 10)]
+    alloc.free("b")
+    assert alloc.free_extents == [(0, 30)]
+
+
+def test_contiguous_range_cannot_grow_past_its_reservation():
+    alloc = ContiguousAllocator(16, "oracle", 16)
+    alloc.try_admit(Req("a", 3, 1))
+    alloc.append("a")  # the slot of its one output token
+    assert not alloc.can_append("a")
+    with pytest.raises(NoFreeBlocksError, match="filled its 4 reserved slots"):
+        alloc.append("a")
+
+
+def test_vattention_maps_pages_on_demand_and_keeps_its_watermark():
+    alloc = VAttentionAllocator(100, 10, 64, watermark=0.2)  # 10 pages, 2 kept free at admission
+    assert alloc.try_admit(Req("a", 25, 5))  # 3 pages
+    assert alloc.pages_of("a") == [0, 1, 2]
+    for _ in range(5):
+        alloc.append("a")
+    assert len(alloc.pages_of("a")) == 3  # 30 tokens still fit 3 pages
+    alloc.append("a")
+    assert len(alloc.pages_of("a")) == 4  # the 31st maps a fourth
+    assert not alloc.try_admit(Req("b", 41, 1))  # 5 pages would leave 1 < 2 free
+    assert alloc.try_admit(Req("b", 40, 1))
+    assert alloc.breakdown().internal_fragmentation == 9  # only the last page of each is partly empty
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: ContiguousAllocator(0), "capacity"),
+        (lambda: ContiguousAllocator(64, "best"), "policy"),
+        (lambda: ContiguousAllocator(64, "max", 0), "max_model_len"),
+        (lambda: VAttentionAllocator(64, 0), "page_tokens"),
+        (lambda: VAttentionAllocator(64, 128), "page_tokens"),
+        (lambda: VAttentionAllocator(64, 8, watermark=1.0), "watermark"),
+        (lambda: PagedAllocator(64, 0), "block_size"),
+        (lambda: reservation_size("first-fit", 1, 1, 8), "policy"),
+    ],
+)
+def test_bad_arguments_raise_naming_them(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize(
+    "alloc",
+    [ContiguousAllocator(64, "max", 128), VAttentionAllocator(64, 8, 128), PagedAllocator(64, 4, 128)],
+    ids=["contiguous", "vattention", "paged"],
+)
+def test_requests_that_can_never_fit_are_refused(alloc):
+    with pytest.raises(ValueError, match="can never"):
+        alloc.try_admit(Req("huge", 100, 20))  # fits max_model_len, never the pool
+    with pytest.raises(ValueError, match="max_model_len"):
+        alloc.try_admit(Req("long", 100, 100))
+    with pytest.raises(ValueError, match="output_len"):
+        alloc.try_admit(Req("empty", 4, 0))
+    assert alloc.breakdown().free == alloc.capacity  # nothing was taken
+
+
+def test_same_request_twice_is_refused():
+    alloc = ContiguousAllocator(64, "oracle", 64)
+    alloc.try_admit(Req("a", 4, 4))
+    with pytest.raises(ValueError, match="already"):
+        alloc.try_admit(Req("a", 4, 4))
