@@ -54,3 +54,42 @@ def test_triton_engine_parallel_sampling_equals_reference():
         for name in ("reference", "triton")
     ]
     assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("model", ["tiny-qwen2", "tiny-mistral", "tiny-gpt2", "tiny-opt"])
+def test_triton_engine_equals_reference_on_every_tiny_model(model):
+    got = {
+        name: tokens(LLM(model, backend=name, block_size=8, num_gpu_blocks=32))
+        for name in ("reference", "triton")
+    }
+    assert got["triton"] == got["reference"]
+
+
+def test_triton_prefix_caching_reads_the_cached_prefix_like_the_reference():
+    # the second wave's prompts start with the first wave's 12 tokens: their prefill is the
+    # "prefill after a cached prefix" path of the kernel (q_len < seq_len)
+    shared = list(range(20, 32))
+    prompts = [{"prompt_token_ids": shared + tail} for tail in ([40, 41], [50, 51, 52], [60])]
+    got = {}
+    for name in ("reference", "triton"):
+        llm = LLM("tiny-llama", backend=name, block_size=4, num_gpu_blocks=48, enable_prefix_caching=True)
+        llm.generate(prompts[:1], GREEDY, use_tqdm=False)
+        got[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+        assert llm.stats.prefix_cache_hits > 0
+    assert got["triton"] == got["reference"]
+
+
+def test_triton_beam_search_equals_reference():
+    from minipaged import BeamSearchParams
+
+    params = BeamSearchParams(beam_width=3, max_tokens=5, ignore_eos=True)
+    got = {
+        name: [
+            [s.token_ids for s in out.sequences]
+            for out in LLM("tiny-llama", backend=name, block_size=4, num_gpu_blocks=48).beam_search(
+                PROMPTS[:2], params
+            )
+        ]
+        for name in ("reference", "triton")
+    }
+    assert got["triton"] == got["reference"]
