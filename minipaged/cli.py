@@ -11,6 +11,9 @@ happening.
 - `minipaged memory` prints the step-by-step walk-through of the paged KV-cache manager alone
   (walkthrough.py): admission, demand paging, fork, copy-on-write, prefix caching, swapping, freeing.
 - `minipaged assignment DEST` writes the student version of the project (assignments.py).
+- `minipaged experiment NAME` runs one of the paper's experiments (experiments/) and prints what it
+  measured beside what the paper reports; `--json` and `--plot` save the rows and the figure, and
+  `minipaged experiment --list` names them all.
 
 Bad arguments exit with status 2 and a one-line reason (argparse's, or the engine's ValueError),
 never a traceback.
@@ -19,8 +22,12 @@ never a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import os
 import sys
+import textwrap
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,6 +35,7 @@ from minipaged import __version__
 from minipaged.assignments import make_student_copy
 from minipaged.demo import DemoConfig, format_report, run_demo
 from minipaged.engine import LLM
+from minipaged.experiments import EXPERIMENTS, ExperimentResult, get_experiment
 from minipaged.sampling import SamplingParams
 from minipaged.walkthrough import check_sizes
 from minipaged.walkthrough import run as run_walkthrough
@@ -92,8 +100,25 @@ def _add_generate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
 
 
+def _add_experiment_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", nargs="?", metavar="NAME", help="the experiment to run (see --list)")
+    parser.add_argument("--list", action="store_true", help="name every experiment and stop")
+    parser.add_argument("--json", metavar="PATH", help='write {"experiment", "rows", "paper"} to PATH')
+    parser.add_argument("--plot", metavar="PATH", help="draw the figure to PATH (.png, .svg or .pdf)")
+    parser.add_argument(
+        "--scale",
+        choices=["small", "full"],
+        default="full",
+        help="full: the documented run; small: seconds, same rows and keys (default: full)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seeds workloads, weights and tokens (default: 0)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser: `minipaged [--version] {demo,generate,memory,assignment} [options]`."""
+    """The argument parser: `minipaged [--version] {demo,generate,memory,assignment,experiment} [options]`."""
     parser = argparse.ArgumentParser(
         prog="minipaged",
         description="PagedAttention built twice (readable PyTorch and Triton), for learning.",
@@ -131,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     assignment.add_argument("dest", help="the folder to create (must not exist)")
     assignment.add_argument("--source", default=".", help="the project checkout to copy (default: .)")
+    experiment = commands.add_parser(
+        "experiment",
+        help="run one of the paper's experiments and print it beside the paper's figures",
+        description="Run experiment NAME, print its measured rows beside what the paper reports, and "
+        "optionally save them as JSON and draw the figure (docs/experiments/index.md).",
+    )
+    _add_experiment_options(experiment)
+    experiment.set_defaults(run=_experiment, subparser=experiment)
     return parser
 
 
@@ -209,6 +242,92 @@ def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             )
             print(f"    text: {completion.text!r}")
             print(f"    token_ids: {completion.token_ids}")
+    return 0
+
+
+def _experiment_list() -> list[str]:
+    width = max(len(name) for name in EXPERIMENTS)
+    lines = []
+    for name, (module, title) in EXPERIMENTS.items():
+        written = importlib.util.find_spec(f"minipaged.experiments.{module}") is not None
+        lines.append(f"{name:<{width}}  {title}" + ("" if written else "  (not written yet)"))
+    return lines
+
+
+def _cell(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _table(rows: list[dict]) -> list[str]:
+    """Rows with the same keys as a plain-text table; a column with one value is said once above it."""
+    columns = list(rows[0])
+    same = [k for k in columns if len(rows) > 1 and len({json.dumps(r[k]) for r in rows}) == 1]
+    lines = [", ".join(f"{k} {_cell(rows[0][k])}" for k in same)] if same else []
+    columns = [k for k in columns if k not in same]
+    cells = [[_cell(r[k]) for k in columns] for r in rows]
+    widths = [max(len(k), *(len(row[i]) for row in cells)) for i, k in enumerate(columns)]
+    numeric = [all(isinstance(r[k], (int, float)) for r in rows) for k in columns]
+
+    def line(values: list[str]) -> str:
+        parts = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True)]
+        return "  ".join(parts).rstrip()
+
+    return lines + [line(columns), line(["-" * w for w in widths])] + [line(row) for row in cells]
+
+
+def format_experiment(result: ExperimentResult) -> list[str]:
+    """The lines `minipaged experiment` prints: one table per kind of row, then the paper's figures."""
+    groups: dict[tuple[str, ...], list[dict]] = {}
+    for row in result.rows:
+        groups.setdefault(tuple(row), []).append(row)
+    lines = []
+    for rows in groups.values():
+        lines += ["", "measured:", *(f"  {text}" for text in _table(rows))]
+    lines += ["", "the paper:"]
+    for key, value in result.paper.items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        lines += textwrap.wrap(f"{key}: {text}", width=98, initial_indent="  ", subsequent_indent="    ")
+    return lines
+
+
+def _experiment(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.list:
+        print("\n".join(_experiment_list()))
+        return 0
+    if args.name is None:
+        parser.error("give an experiment NAME, or --list to see them")
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is not None and not Path(path).resolve().parent.is_dir():
+            parser.error(f"{option}: the folder of {path!r} does not exist")
+    if args.name not in EXPERIMENTS:
+        parser.error(f"unknown experiment {args.name!r}; expected one of {', '.join(EXPERIMENTS)}")
+    try:
+        module = get_experiment(args.name)
+    except ModuleNotFoundError as error:
+        expected = f"minipaged.experiments.{EXPERIMENTS[args.name][0]}"
+        if error.name == expected:
+            parser.error(f"experiment {args.name!r} is not written yet (no module {expected})")
+        parser.error(f"experiment {args.name!r} cannot run: {error}")
+    start = time.perf_counter()
+    try:
+        result = module.run(args.scale, args.seed, not args.no_progress)
+    except ValueError as error:
+        parser.error(str(error))
+    elapsed = time.perf_counter() - start
+    print(f"{args.name}: {EXPERIMENTS[args.name][1]}")
+    print(f"scale {args.scale}, seed {args.seed}, ran in {elapsed:.1f} s")
+    print("\n".join(format_experiment(result)))
+    if args.json is not None:
+        result.save_json(args.json)
+        print(f"wrote {args.json}")
+    if args.plot is not None:
+        try:
+            module.plot(result, args.plot)
+        except ImportError as error:
+            parser.error(f"--plot needs matplotlib (pip install matplotlib): {error}")
+        except ValueError as error:  # a suffix matplotlib cannot write
+            parser.error(f"--plot: {error}")
+        print(f"wrote {args.plot}")
     return 0
 
 

@@ -1,0 +1,158 @@
+"""The block-size and swap-vs-recompute experiments (vLLM paper sections 7.2-7.3): their small runs
+return the documented rows, the counts in them are exact, and the figures are drawn.
+
+Times are only checked to be positive: benchmarks are benchmarks, not timed assertions."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from minipaged.backend import get_backend
+from minipaged.experiments import block_size, swap_vs_recompute
+from minipaged.presets import load_preset
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+WASTE_KEYS = {
+    "part",
+    "block_size",
+    "workload",
+    "num_seqs",
+    "mean_len",
+    "allocated_slots",
+    "wasted_slots",
+    "waste_fraction",
+}
+TIME_KEYS = {
+    "part",
+    "block_size",
+    "model",
+    "num_seqs",
+    "mean_context_len",
+    "decode_steps",
+    "seconds_per_step",
+    "model_seconds_per_step",
+}
+SWAP_KEYS = {
+    "model",
+    "block_size",
+    "seq_len",
+    "blocks",
+    "bytes",
+    "swap_out_s",
+    "swap_in_s",
+    "swap_out_per_block_s",
+    "swap_in_per_block_s",
+    "recompute_s",
+}
+TINY_LLAMA_KV_BYTES_PER_TOKEN = 2 * 2 * 2 * 16 * 4  # K and V x 2 layers x 2 KV heads x 16 dims x fp32
+
+
+@pytest.fixture(scope="module")
+def block_result():
+    return block_size.run("small", seed=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def swap_result():
+    return swap_vs_recompute.run("small", seed=0, progress=False)
+
+
+def _positive(x: object) -> bool:
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+def test_internal_fragmentation_by_hand():
+    assert block_size.internal_fragmentation([5, 16, 17], 16) == (64, 26)  # 11 + 0 + 15 empty slots
+    assert block_size.internal_fragmentation([5, 16, 17], 1) == (38, 0)
+
+
+def test_block_size_rows_have_the_documented_keys(block_result):
+    assert block_result.experiment == "block-size"
+    waste = [r for r in block_result.rows if r["part"] == "waste"]
+    times = [r for r in block_result.rows if r["part"] == "time"]
+    assert len(waste) + len(times) == len(block_result.rows)
+    assert all(set(r) == WASTE_KEYS for r in waste) and all(set(r) == TIME_KEYS for r in times)
+    assert {r["workload"] for r in waste} == {"sharegpt-like", "alpaca-like"}
+    assert sorted({r["block_size"] for r in waste}) == list(block_size.BLOCK_SIZES)
+    assert [r["block_size"] for r in times] == list(block_size.SCALES["small"].time_block_sizes)
+    json.dumps(block_result.to_json())  # plain JSON values
+
+
+def test_waste_shrinks_with_the_block_size(block_result):
+    for workload in ("sharegpt-like", "alpaca-like"):
+        rows = sorted(
+            (r for r in block_result.rows if r.get("workload") == workload), key=lambda r: r["block_size"]
+        )
+        fractions = [r["waste_fraction"] for r in rows]
+        assert fractions[0] == 0.0, "blocks of one token waste nothing"
+        assert fractions == sorted(fractions) and fractions[-1] > fractions[0]
+        for r in rows:
+            total = round(r["mean_len"] * r["num_seqs"])
+            assert r["allocated_slots"] - r["wasted_slots"] == total
+            assert r["allocated_slots"] % r["block_size"] == 0
+            assert r["waste_fraction"] == pytest.approx(r["wasted_slots"] / r["allocated_slots"])
+    by = {(r["workload"], r["block_size"]): r["waste_fraction"] for r in block_result.rows if "workload" in r}
+    assert by["alpaca-like", 256] > by["sharegpt-like", 256], "short sequences waste more of a large block"
+
+
+def test_block_size_times_are_positive(block_result):
+    for r in (r for r in block_result.rows if r["part"] == "time"):
+        assert _positive(r["seconds_per_step"]) and _positive(r["model_seconds_per_step"])
+        small = block_size.SCALES["small"]
+        assert r["decode_steps"] == small.decode_steps * small.rounds
+
+
+def test_swap_rows_count_blocks_and_bytes(swap_result):
+    seq_len = swap_vs_recompute.SCALES["small"].seq_len
+    assert swap_result.experiment == "swap-vs-recompute"
+    assert [r["block_size"] for r in swap_result.rows] == list(swap_vs_recompute.SCALES["small"].block_sizes)
+    for r in swap_result.rows:
+        assert set(r) == SWAP_KEYS and r["seq_len"] == seq_len and r["model"] == "tiny-llama"
+        b = r["block_size"]
+        assert r["blocks"] == math.ceil(seq_len / b)
+        assert r["bytes"] == r["blocks"] * b * TINY_LLAMA_KV_BYTES_PER_TOKEN, "whole blocks, tails included"
+        for key in SWAP_KEYS - {"model", "block_size", "seq_len", "blocks", "bytes"}:
+            assert _positive(r[key]), key
+    json.dumps(swap_result.to_json())
+
+
+def test_per_block_swap_moves_what_swap_blocks_moves():
+    gen = torch.Generator().manual_seed(3)
+    src = torch.randn(6, 4, 2, 8, generator=gen)  # [num_blocks, block_size, num_kv_heads, head_dim]
+    mapping = [(4, 0), (1, 2), (5, 1)]
+    expected = torch.full((3, 4, 2, 8), float("nan"))
+    got = expected.clone()
+    get_backend("reference").swap_blocks(src, expected, torch.tensor(mapping, dtype=torch.int64))
+    swap_vs_recompute.swap_blocks_per_block(src, got, mapping)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("module", [block_size, swap_vs_recompute])
+def test_run_refuses_an_unknown_scale(module):
+    with pytest.raises(ValueError, match="scale must be 'small' or 'full'"):
+        module.run("medium", progress=False)
+
+
+def test_plots_are_pngs(block_result, swap_result, tmp_path):
+    for module, result in ((block_size, block_result), (swap_vs_recompute, swap_result)):
+        path = tmp_path / f"{result.experiment}.png"
+        module.plot(result, path)
+        assert path.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_exercise_block_size_page():
+    """docs/experiments/block-size.md, exercise: 100 tokens in blocks of 16 and of 64."""
+    assert block_size.internal_fragmentation([100], 16) == (112, 12)
+    assert block_size.internal_fragmentation([100], 64) == (128, 28)
+
+
+def test_exercise_swap_vs_recompute_page():
+    """docs/experiments/swap-vs-recompute.md, exercise: 512 tokens of tiny-llama in blocks of 8."""
+    model = load_preset("tiny-llama")
+    row = swap_vs_recompute.measure(model, 8, list(range(3, 3 + 256)) * 2, repeats=1)
+    assert row["blocks"] == 64 and row["bytes"] == 256 * 1024
+    assert row["bytes"] // (row["blocks"] * 2 * 2) == 1024, "one block of one pool: 8 x 2 x 16 x 4 bytes"
