@@ -58,7 +58,7 @@ def test_split_decode_matches_dense(fast, gen, num_splits, heads):
         gen, [300, 65, 1, 130], [1, 1, 1, 1], num_heads=heads[0], num_kv_heads=heads[1], block_size=16
     )
     plan, out = planned(fast, case, num_splits)
-    assert plan.num_splits == num_splits
+    assert plan.num_splits == min(num_splits, 5)  # 300 tokens fill at most five 64-token chunks
     torch.testing.assert_close(out, case.expected(), **tolerance(case.dtype))
 
 
@@ -98,7 +98,7 @@ def test_plan_sends_each_sequence_to_its_kernel(fast):
     assert plan.max_prefill_q_len == 5
     assert plan.tokens_per_split % decode.DECODE_BLOCK_N == 0
     assert plan.tokens_per_split * plan.num_splits >= 700  # the chunks cover the longest decode
-    assert plan.tokens_per_split * (plan.num_splits - 1) < 700  # and none is wholly past it
+    assert plan.tokens_per_split * (plan.num_splits - 1) < 700  # and none lies wholly past it
     with pytest.raises(ValueError, match="num_splits must be >= 1"):
         attention.plan_attention(seq_lens, starts, num_kv_heads=2, num_splits=0)
 
@@ -134,7 +134,7 @@ def test_copy_blocks_is_one_launch_for_every_layer(fast, gen, monkeypatch):
     mapping = torch.tensor([[0, 3], [2, 5], [0, 1]])
     get_backend("reference").copy_blocks(expected_k, expected_v, mapping)
     cache_ops.copy_blocks(k, v, mapping)
-    assert counter.grids == [(8, 3)]  # one launch: 8 pools x 3 pairs
+    assert counter.grids == [(3, 8)]  # one launch: 3 pairs x 8 pools
     for got, want in zip(k + v, expected_k + expected_v, strict=True):
         assert torch.equal(got, want)
 

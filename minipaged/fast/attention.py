@@ -51,7 +51,8 @@ def plan_attention(
         query_start_loc: `[num_seqs + 1]` int32, as paged_attention takes it.
         num_kv_heads: KV heads of the pool (the decode grid has one program per KV head).
         num_splits: chunks per decode sequence; None picks them to fill the device (num_kv_splits).
-            Tests pass it to exercise the merge on short sequences.
+            Tests pass it to exercise the merge on short sequences. Chunks are whole tiles, so the
+            plan may use fewer chunks than asked: never one that lies wholly past the longest decode.
     """
     device = seq_lens.device
     q_lens = (query_start_loc[1:] - query_start_loc[:-1]).cpu()  # [num_seqs], one small copy to the host
@@ -66,6 +67,7 @@ def plan_attention(
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     tokens_per_split = triton.cdiv(triton.cdiv(max_decode_len, num_splits), DECODE_BLOCK_N) * DECODE_BLOCK_N
+    num_splits = triton.cdiv(max_decode_len, tokens_per_split)  # rounding up may leave fewer chunks to do
     return AttentionPlan(
         decode_seqs=decode_seqs.to(device=device, dtype=torch.int32),
         decode_rows=query_start_loc[:-1].cpu()[decode_seqs].to(device=device, dtype=torch.int32),
@@ -202,7 +204,8 @@ def run_planned(
                 BLOCK_D=triton.next_power_of_2(head_dim),
             )
     if plan.prefill_seqs.numel():
-        grid = (plan.prefill_seqs.numel(), triton.cdiv(plan.max_prefill_q_len, PREFILL_BLOCK_M), num_heads)
+        # heads on axis 0: the GROUP programs that read one KV head's tiles run side by side
+        grid = (num_heads, triton.cdiv(plan.max_prefill_q_len, PREFILL_BLOCK_M), plan.prefill_seqs.numel())
         _prefill_kernel[grid](
             query,
             k_cache,

@@ -138,8 +138,8 @@ def _copy_blocks_kernel(
     DTYPE: tl.constexpr,  # the pools' element type (their addresses arrive as plain integers)
     TILE: tl.constexpr,  # elements moved per loop iteration
 ):
-    cache = tl.program_id(0)  # one pool (one layer's K or V) ...
-    pair = tl.program_id(1)  # ... and one (src, dst) pair per program
+    pair = tl.program_id(0)  # one (src, dst) pair (axis 0: CUDA allows 2**31 - 1 there, 65,535 on axis 1) ...
+    cache = tl.program_id(1)  # ... in one pool (one layer's K or V) per program
     pool = tl.load(cache_ptrs_ptr + cache).to(tl.pointer_type(DTYPE))  # an integer made a pointer again
     src = tl.load(block_mapping_ptr + 2 * pair)
     dst = tl.load(block_mapping_ptr + 2 * pair + 1)
@@ -161,7 +161,7 @@ def copy_blocks(
     One launch for everything, the paper's fused block copy (section 5.1): a step's copy-on-writes
     are many small copies (one block, every layer, K and V), and one launch each would cost more in
     launch overhead than in copying. The kernel gets the pools as a table of addresses, one program
-    per (pool, pair), like vLLM's copy_blocks kernel. (Pools of different dtypes or block shapes,
+    per (pair, pool), like vLLM's copy_blocks kernel. (Pools of different dtypes or block shapes,
     which no model has, take one launch per kind.)
     """
     check_copy_blocks(k_caches, v_caches, block_mapping)
@@ -178,7 +178,7 @@ def copy_blocks(
         cache_ptrs = torch.tensor(
             [pool.data_ptr() for pool in same], dtype=torch.int64, device=same[0].device
         )  # [number of pools]
-        _copy_blocks_kernel[(len(same), mapping.shape[0])](
+        _copy_blocks_kernel[(mapping.shape[0], len(same))](
             cache_ptrs,
             mapping,
             block_numel,

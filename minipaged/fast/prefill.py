@@ -12,10 +12,11 @@ and one query head; it walks the table in tiles of BLOCK_N tokens up to the last
 see, and masks each score by causality: row i sees position j when j <= pos_i. The softmax is online
 (Eq. 4), in fp32.
 
-Under GQA each query head has its own program and reads its KV head's tiles; the group's programs
-read the same tiles, which then come from the GPU's L2 cache rather than memory. Packing the group
-into the rows of one tile, as the decode kernel does, is left as an exercise: prefill is bound by
-arithmetic, not by reading K/V.
+Under GQA each query head has its own program and reads its KV head's tiles. The grid puts the heads
+on its first axis, so the GROUP programs of one KV head are launched side by side and their re-reads
+of the same tiles can come from the GPU's L2 cache rather than memory (likely, not measured here).
+Packing the group into the rows of one tile, as the decode kernel does, is left as an exercise:
+prefill is bound by arithmetic, not by reading K/V.
 """
 
 from __future__ import annotations
@@ -53,9 +54,9 @@ def _prefill_kernel(
     DOT_DTYPE: tl.constexpr,  # the operands' type in tl.dot: the cache's (fp32 when interpreting bf16)
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands (exact products, not tf32), else unused
 ):
-    seq = tl.load(prefill_seqs_ptr + tl.program_id(0))  # one prefill sequence ...
-    tile_m = tl.program_id(1)  # ... one tile of BLOCK_M of its query rows ...
-    head = tl.program_id(2)  # ... and one query head per program
+    head = tl.program_id(0)  # one query head (axis 0: a KV group's programs are neighbours) ...
+    tile_m = tl.program_id(1)  # ... one tile of BLOCK_M query rows ...
+    seq = tl.load(prefill_seqs_ptr + tl.program_id(2))  # ... of one prefill sequence per program
     kv_head = head // GROUP  # the KV head this query head reads
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
