@@ -145,8 +145,13 @@ class ModelRunner:
         self.v_caches = [
             torch.full(device_shape, nan, dtype=self.dtype, device=device) for _ in range(num_layers)
         ]
-        self.host_k_caches = [torch.full(host_shape, nan, dtype=self.dtype) for _ in range(num_layers)]
-        self.host_v_caches = [torch.full(host_shape, nan, dtype=self.dtype) for _ in range(num_layers)]
+        pin = self.device.type == "cuda"  # page-locked, as vLLM's swap space: the GPU copies it directly
+        self.host_k_caches = [
+            torch.full(host_shape, nan, dtype=self.dtype, pin_memory=pin) for _ in range(num_layers)
+        ]
+        self.host_v_caches = [
+            torch.full(host_shape, nan, dtype=self.dtype, pin_memory=pin) for _ in range(num_layers)
+        ]
 
     def move_blocks(self, out: SchedulerOutput) -> None:
         """Carry out the schedule's block moves, in order: swap out, swap in, copy-on-write."""

@@ -201,8 +201,17 @@ def swap_blocks(src: torch.Tensor, dst: torch.Tensor, block_mapping: torch.Tenso
     n = block_mapping.shape[0]
     if n == 0:
         return
-    staging = torch.empty((n, *src.shape[1:]), dtype=src.dtype, device=src.device)  # [n, block...]
+    # Host memory on the way to or from a GPU is pinned (page-locked), so the GPU's copy engine reads
+    # or writes it directly, without the driver's extra pass through its own pinned buffer.
+    pinned = src.device.type == "cpu" and dst.device.type == "cuda"
+    staging = torch.empty(
+        (n, *src.shape[1:]), dtype=src.dtype, device=src.device, pin_memory=pinned
+    )  # [n, block_size, num_kv_heads, head_dim]
     order = torch.arange(n, device=src.device)
     _copy_rows(src, staging, block_mapping[:, 0].to(src.device), order)  # gather
-    staging = staging.to(dst.device)  # the one transfer
+    if src.device.type == "cuda" and dst.device.type == "cpu":
+        host = torch.empty(staging.shape, dtype=staging.dtype, pin_memory=True)
+        staging = host.copy_(staging)  # the one transfer, into pinned memory
+    else:
+        staging = staging.to(dst.device)  # the one transfer
     _copy_rows(staging, dst, order.to(dst.device), block_mapping[:, 1].to(dst.device))  # scatter
