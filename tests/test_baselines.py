@@ -20,11 +20,10 @@ from minipaged.reference.baselines import (
     BREAKDOWN_FIELDS,
     ContiguousAllocator,
     MemoryBreakdown,
-    PagedAllocator,
-    VAttentionAllocator,
     reservation_size,
 )
 from minipaged.reference.block_allocator import NoFreeBlocksError
+from minipaged.reference.vattention import PagedAllocator, VAttentionAllocator
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from minipaged.experiments import simulator
+from minipaged.experiments import paged_driver
 from minipaged.experiments.simulator import ALLOCATORS, simulate
 from minipaged.reference.baselines import BREAKDOWN_FIELDS, MemoryBreakdown
 from minipaged.reference.memory_stats import pool_stats
@@ -163,8 +163,8 @@ def test_quick_memory_count_matches_pool_stats(monkeypatch):
         calls.append(quick)
         return quick
 
-    quick_count = simulator._paged_memory
-    monkeypatch.setattr(simulator, "_paged_memory", checked)
+    quick_count = paged_driver._paged_memory
+    monkeypatch.setattr(paged_driver, "_paged_memory", checked)
     reqs = beams_and_samples() + [Req(f"p{i}", 0.1 * i, 40 + i, 20, prefix_len=32) for i in range(6)]
     for mode in ("recompute", "swap"):
         result = simulate(reqs, kv_slots=640, block_size=8, preemption_mode=mode, enable_prefix_caching=True)

@@ -1,4 +1,4 @@
-"""Contiguous KV allocators: the systems PagedAttention is measured against.
+"""Contiguous KV allocators: the Orca baselines PagedAttention is measured against.
 
 OS idea: base and bounds, then segmentation, give each process one contiguous range of physical
 memory. A free list of holes (extents) places each new range, here by *first fit*: scan the holes from
@@ -8,9 +8,10 @@ and *external fragmentation*, free space cut into holes too small for the next r
 KV counterpart: vLLM paper section 3 (Fig. 2 and 3): systems before vLLM (FasterTransformer, Orca)
 stored each request's KV cache in one contiguous range reserved at admission; section 6.1's
 baselines are Orca (Max), Orca (Pow2) and Orca (Oracle), which differ only in how much they reserve.
-VAttentionAllocator (Prabhu et al. 2024, "vAttention") keeps a virtually contiguous range per request
-but backs it with large physical pages mapped on demand, and PagedAllocator puts the real
-BlockManager behind the same calls, so one simulator can compare all of them on one pool of slots.
+
+MemoryBreakdown, the paper's Fig. 3 categories, is the measure every allocator reports, and
+reference/vattention.py puts the demand-paged allocators (vAttention's large pages, vLLM's blocks)
+behind the same calls, so that one simulator can compare all of them on one pool of slots.
 
 Every allocator answers: try_admit(req, num_tokens) -> bool, can_append(*ids), append(id), free(id),
 breakdown(waiting) -> MemoryBreakdown. A request is anything with .request_id, .prompt_len and
@@ -23,16 +24,10 @@ import bisect
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from minipaged.reference.block_allocator import BlockAllocator, NoFreeBlocksError
-from minipaged.reference.block_manager import AllocStatus, BlockManager
-from minipaged.reference.block_table import num_blocks_for
-from minipaged.reference.memory_stats import PoolStats, pool_stats
-from minipaged.sequence import Sequence, SequenceGroup
+from minipaged.reference.block_allocator import NoFreeBlocksError
+from minipaged.reference.memory_stats import PoolStats
 
 POLICIES = ("max", "pow2", "oracle")
-# vAttention's default 2 MiB pages hold one layer's K (or V) of 2 MiB / (40 heads x 128 x 2 bytes)
-# = 204 tokens for OPT-13B in fp16: its pages are 12x coarser than vLLM's 16-token blocks.
-VATTENTION_PAGE_TOKENS = 2 * 2**20 // (40 * 128 * 2)
 BREAKDOWN_FIELDS = ("token_states", "reserved", "internal_fragmentation", "external_fragmentation", "free")
 
 
@@ -103,14 +98,16 @@ def reservation_size(policy: str, prompt_len: int, output_len: int, max_model_le
     raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
 
 
-def _positive(**values: object) -> None:
+def check_positive(**values: object) -> None:
+    """Raise ValueError naming the first of `values` that is not a positive int."""
     for name, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-def _check_request(req, max_model_len: int) -> None:
-    _positive(prompt_len=req.prompt_len, output_len=req.output_len)
+def check_request(req, max_model_len: int) -> None:
+    """Raise ValueError naming the request if its lengths are not positive or exceed max_model_len."""
+    check_positive(prompt_len=req.prompt_len, output_len=req.output_len)
     if req.prompt_len + req.output_len > max_model_len:
         raise ValueError(
             f"request {req.request_id!r}: prompt_len + output_len = {req.prompt_len + req.output_len} "
@@ -139,7 +136,7 @@ class ContiguousAllocator:
     """
 
     def __init__(self, capacity: int, policy: str = "max", max_model_len: int = 2048) -> None:
-        _positive(capacity=capacity, max_model_len=max_model_len)
+        check_positive(capacity=capacity, max_model_len=max_model_len)
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         self.capacity, self.policy, self.max_model_len = capacity, policy, max_model_len
@@ -165,7 +162,7 @@ class ContiguousAllocator:
 
     def check(self, req, copies: int = 1) -> None:
         """Raise ValueError if `copies` ranges for `req` could never fit, even in an empty pool."""
-        _check_request(req, self.max_model_len)
+        check_request(req, self.max_model_len)
         if copies * self.reservation(req) > self.capacity:
             raise ValueError(
                 f"request {req.request_id!r}: {copies} range(s) of {self.reservation(req)} slots "
@@ -247,179 +244,17 @@ class ContiguousAllocator:
         return MemoryBreakdown(tokens, reserved, internal, external, free - external)
 
 
-def _check_on_demand(req, copies: int, max_model_len: int, unit: int, usable: int, what: str) -> None:
-    """Refuse a request whose `copies` sequences, grown whole, exceed the usable pages or blocks:
-    alone in the pool it could then never be (re-)admitted."""
-    _check_request(req, max_model_len)
-    if copies * num_blocks_for(req.prompt_len + req.output_len, unit) > usable:
-        raise ValueError(
-            f"request {req.request_id!r}: {copies} x {req.prompt_len + req.output_len} tokens can never "
-            f"fit the {usable} usable {what} of {unit} slots (the watermark kept free)"
-        )
-
-
 def _first_fit(holes: list[tuple[int, int]], size: int) -> int | None:
     """Index of the lowest-addressed hole of at least `size` slots, or None."""
     return next((i for i, (_, length) in enumerate(holes) if length >= size), None)
 
 
-class VAttentionAllocator:
-    """vAttention-style: a virtually contiguous range per request, physical pages mapped as it grows.
-
-    Each request sees max_model_len contiguous virtual slots (which cost no physical memory); a
-    physical page of `page_tokens` slots is mapped only when a token falls past the last mapped one.
-    So only the last page of a request is partly empty and there is no external fragmentation, but
-    pages are large (GPU drivers map 2 MiB), so that tail is large too. Admission keeps a watermark
-    of free pages like vLLM's scheduler, which vAttention runs under.
-
-    Args:
-        capacity: token slots in the pool; rounded down to whole pages.
-        page_tokens: token slots per physical page.
-        max_model_len: the longest request (prompt plus output).
-        watermark: fraction of pages kept free at admission.
-
-    Raises:
-        ValueError: naming the argument, for non-positive sizes, a page larger than the pool, or a
-            watermark outside [0, 1).
-    """
-
-    def __init__(
-        self,
-        capacity: int,
-        page_tokens: int = VATTENTION_PAGE_TOKENS,
-        max_model_len: int = 2048,
-        watermark: float = 0.01,
-    ) -> None:
-        _positive(capacity=capacity, page_tokens=page_tokens, max_model_len=max_model_len)
-        if page_tokens > capacity:
-            raise ValueError(f"page_tokens must be <= capacity={capacity}, got {page_tokens}")
-        if not isinstance(watermark, (int, float)) or not 0.0 <= watermark < 1.0:
-            raise ValueError(f"watermark must be in [0, 1), got {watermark!r}")
-        self.page_tokens, self.max_model_len = page_tokens, max_model_len
-        self.pages = BlockAllocator(capacity // page_tokens, "vattention")  # physical page frames
-        self.capacity = self.pages.num_blocks * page_tokens
-        self.watermark_pages = int(watermark * self.pages.num_blocks)
-        self._pages_of: dict[str, list[int]] = {}  # request -> its physical pages, in virtual order
-        self._num_tokens: dict[str, int] = {}
-
-    def pages_of(self, request_id: str) -> list[int]:
-        return list(self._pages_of[request_id])
-
-    def num_tokens(self, request_id: str) -> int:
-        return self._num_tokens[request_id]
-
-    def check(self, req, copies: int = 1) -> None:
-        """Raise ValueError if `copies` requests like `req` could never fit, even in an empty pool."""
-        usable = self.pages.num_blocks - self.watermark_pages
-        _check_on_demand(req, copies, self.max_model_len, self.page_tokens, usable, "pages")
-
-    def try_admit(self, req, num_tokens: int | None = None) -> bool:
-        """Map pages for the first `num_tokens` tokens of `req` (its prompt), keeping the watermark."""
-        self.check(req)
-        if req.request_id in self._pages_of:
-            raise ValueError(f"request {req.request_id!r} is already admitted")
-        num_tokens = req.prompt_len if num_tokens is None else num_tokens
-        _positive(num_tokens=num_tokens)
-        needed = num_blocks_for(num_tokens, self.page_tokens)
-        if self.pages.num_free - needed < self.watermark_pages:
-            return False
-        self._pages_of[req.request_id] = [self.pages.allocate() for _ in range(needed)]
-        self._num_tokens[req.request_id] = num_tokens
-        return True
-
-    def can_append(self, *request_ids: str) -> bool:
-        """Are there free pages for each of these requests to store one more token?"""
-        new_pages = sum(self._num_tokens[i] % self.page_tokens == 0 for i in request_ids)
-        return new_pages <= self.pages.num_free
-
-    def append(self, request_id: str) -> None:
-        """Store one more token; map a fresh page first if the last one is full (demand paging).
-
-        Raises:
-            NoFreeBlocksError: if a page is needed and none is free (nothing changes).
-        """
-        if self._num_tokens[request_id] % self.page_tokens == 0:
-            self._pages_of[request_id].append(self.pages.allocate())
-        self._num_tokens[request_id] += 1
-
-    def free(self, request_id: str) -> None:
-        """Unmap the request's pages and give them back."""
-        for page in self._pages_of.pop(request_id):
-            self.pages.free(page)
-        del self._num_tokens[request_id]
-
-    def breakdown(self, waiting: Iterable = ()) -> MemoryBreakdown:
-        """The pool now (`waiting` is ignored: on-demand pages leave no external fragmentation)."""
-        tokens = sum(self._num_tokens.values())
-        mapped = self.pages.num_used * self.page_tokens
-        return MemoryBreakdown(tokens, 0, mapped - tokens, 0, self.pages.num_free * self.page_tokens)
-
-
-class PagedAllocator:
-    """The same calls over the real BlockManager: one sequence per request, blocks on demand.
-
-    Args:
-        capacity: token slots in the pool; rounded down to whole blocks.
-        block_size: tokens per block.
-        max_model_len: the longest request (prompt plus output).
-        watermark: fraction of blocks kept free at admission (the BlockManager's).
-    """
-
-    def __init__(
-        self, capacity: int, block_size: int = 16, max_model_len: int = 2048, watermark: float = 0.01
-    ) -> None:
-        _positive(capacity=capacity, block_size=block_size, max_model_len=max_model_len)
-        if block_size > capacity:
-            raise ValueError(f"block_size must be <= capacity={capacity}, got {block_size}")
-        self.manager = BlockManager(block_size, capacity // block_size, 0, watermark)
-        self.block_size, self.max_model_len = block_size, max_model_len
-        self.capacity = self.manager.device.num_blocks * block_size
-        self._seqs: dict[str, Sequence] = {}
-
-    def check(self, req, copies: int = 1) -> None:
-        """Raise ValueError if `copies` requests like `req` could never fit, even in an empty pool."""
-        usable = self.manager.device.num_blocks - self.manager.watermark_blocks
-        _check_on_demand(req, copies, self.max_model_len, self.block_size, usable, "blocks")
-
-    def try_admit(self, req, num_tokens: int | None = None) -> bool:
-        """Allocate blocks for the first `num_tokens` tokens of `req` (its prompt) if the manager says OK."""
-        self.check(req)
-        if req.request_id in self._seqs:
-            raise ValueError(f"request {req.request_id!r} is already admitted")
-        seq = Sequence([0] * (req.prompt_len if num_tokens is None else num_tokens))
-        group = SequenceGroup(req.request_id, [seq], arrival_time=0.0)
-        if self.manager.can_allocate(group) != AllocStatus.OK:
-            return False
-        self.manager.allocate(group)
-        self._seqs[req.request_id] = seq
-        return True
-
-    def can_append(self, *request_ids: str) -> bool:
-        tables = [self.manager.get_block_table(self._seqs[i]) for i in request_ids]
-        new_blocks = sum(t.num_filled_in_last_block == self.block_size for t in tables)
-        return new_blocks <= self.manager.device.num_free
-
-    def append(self, request_id: str) -> None:
-        seq = self._seqs[request_id]
-        seq.append_token_id(0)
-        self.manager.append_slots(seq)
-
-    def free(self, request_id: str) -> None:
-        self.manager.free(self._seqs.pop(request_id))
-
-    def breakdown(self, waiting: Iterable = ()) -> MemoryBreakdown:
-        """The pool now (`waiting` is ignored: any free block serves any request)."""
-        stats = pool_stats(self.manager.device, self.manager.device_tables, self.block_size)
-        return MemoryBreakdown.from_pool_stats(stats, self.block_size)
-
-
 __all__ = [
     "BREAKDOWN_FIELDS",
     "POLICIES",
-    "VATTENTION_PAGE_TOKENS",
     "ContiguousAllocator",
     "MemoryBreakdown",
-    "PagedAllocator",
-    "VAttentionAllocator",
+    "check_positive",
+    "check_request",
     "reservation_size",
 ]

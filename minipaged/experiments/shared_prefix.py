@@ -1,0 +1,166 @@
+"""Shared prefix: the blocks and the prefill that prefix caching saves (vLLM paper section 6.4).
+
+OS idea: a shared library is mapped once, read-only, into every process that uses it, and the page
+cache keeps a file's pages after the last process closes it, so the next one finds them in memory
+(OSTEP ch. 22-23). KV counterpart: vLLM paper sections 4.4 and 6.4, Fig. 16: translation requests
+start with the same few-shot prompt, a 1-shot prefix of 80 tokens or a 5-shot prefix of 341; vLLM
+keeps the prefix's blocks once and maps them into every request's block table, reaching 1.67x
+(1-shot) and 3.58x (5-shot) the throughput of Orca (Oracle). minipaged finds the blocks by their
+chained hashes (automatic prefix caching, reference/prefix_cache.py) rather than by a declared prefix.
+
+What is measured: requests of minipaged.workloads.shared_prefix (the prefix, then a sentence of
+about 32 tokens; about 32 output tokens: our assumption, the paper gives no lengths), all arriving at
+once (the most each system can serve), on 15,000 token slots (serving.py; LLaMA-13B keeps 800 KB a
+token like OPT-13B), until every request has finished. For each prefix length, three systems: Orca
+(Oracle), paged without prefix caching, paged with it. One row each:
+
+- throughput_rps: requests / simulated seconds; throughput_vs_orca_oracle: that over Orca (Oracle)'s;
+- mean_batch_size; peak_blocks, mean_blocks: KV memory held (token states, reservations, internal
+  fragmentation) in blocks of 16 slots; blocks_per_request: mean_blocks / mean_batch_size;
+- prefill_tokens: prompt tokens computed, recomputations included, cached ones not;
+  prefill_tokens_per_request; prefix_hit_rate: full prompt blocks found cached / looked up;
+- prefix_len, allocator, label, prefix_caching, requests, kv_slots, steps, duration_s, preemptions.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+
+from tqdm.auto import tqdm
+
+from minipaged.experiments import ExperimentResult
+from minipaged.experiments.serving import BLOCK_SIZE, KV_SLOTS, MAX_MODEL_LEN, check_run_args
+from minipaged.experiments.simulator import simulate
+from minipaged.workloads import shared_prefix
+
+NAME = "shared-prefix"
+PREFIX_LENS = (80, 341)  # the paper's 1-shot and 5-shot prefixes (Fig. 16)
+SYSTEMS = (  # (allocator, prefix caching, label)
+    ("orca-oracle", False, "Orca (Oracle)"),
+    ("paged", False, "paged, no prefix caching"),
+    ("paged", True, "paged + prefix caching"),
+)
+
+PAPER = {
+    "section": "6.4",
+    "figure": "16",
+    "setup": "LLaMA-13B on an NVIDIA A100 (40 GB), WMT16 English-to-German translation behind a shared "
+    "1-shot (80 tokens) or 5-shot (341 tokens) prefix",
+    "throughput_vs_orca_oracle": {"80": 1.67, "341": 3.58},
+    "finding": (
+        "vLLM achieves 1.67x higher throughput than Orca (Oracle) when the one-shot prefix is shared, "
+        "and 3.58x when the five-shot prefix is shared: the longer the shared prefix, the more memory "
+        "and computation sharing saves."
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How much work one run does; "small" keeps the rows and keys of "full"."""
+
+    num_requests: int  # per prefix length
+
+
+SCALES = {"small": Scale(300), "full": Scale(4_000)}
+
+
+def row(prefix_len: int, allocator: str, caching: bool, label: str, result) -> dict:
+    """One row: throughput, memory and prefill of one system on one prefix length."""
+    breakdowns = [r.breakdown for r in result.records]
+    held = [(b.token_states + b.reserved + b.internal_fragmentation) / BLOCK_SIZE for b in breakdowns]
+    mean_blocks = statistics.fmean(held) if held else 0.0
+    return {
+        "prefix_len": prefix_len,
+        "allocator": allocator,
+        "label": label,
+        "prefix_caching": caching,
+        "requests": result.num_requests,
+        "kv_slots": KV_SLOTS,
+        "steps": result.steps,
+        "duration_s": result.duration,
+        "throughput_rps": result.throughput,
+        "throughput_vs_orca_oracle": math.nan,  # filled in by run, once Orca (Oracle)'s is known
+        "mean_batch_size": result.mean_batch_size,
+        "peak_blocks": max(held, default=0.0),
+        "mean_blocks": mean_blocks,
+        "blocks_per_request": mean_blocks / result.mean_batch_size if result.records else 0.0,
+        "prefill_tokens": result.prefill_tokens,
+        "prefill_tokens_per_request": result.prefill_tokens / result.num_requests,
+        "prefix_hit_rate": result.prefix_hit_rate,
+        "preemptions": result.num_preemptions,
+    }
+
+
+def run(scale: str = "full", seed: int = 0, progress: bool = True) -> ExperimentResult:
+    """Orca (Oracle) and paged with and without prefix caching, behind 80- and 341-token prefixes.
+
+    Args:
+        scale: "full" (4,000 requests per prefix length; about ten seconds) or "small" (300).
+        seed: the workload's lengths.
+        progress: a tqdm bar over the runs.
+
+    Raises:
+        ValueError: for a scale other than "small" or "full", or a negative seed.
+    """
+    check_run_args(scale, seed, SCALES)
+    config = SCALES[scale]
+    rows = []
+    with tqdm(total=len(PREFIX_LENS) * len(SYSTEMS), desc=NAME, disable=not progress) as bar:
+        for prefix_len in PREFIX_LENS:
+            workload = shared_prefix(config.num_requests, prefix_len, seed=seed, max_model_len=MAX_MODEL_LEN)
+            for allocator, caching, label in SYSTEMS:
+                result = simulate(
+                    workload,
+                    allocator,
+                    kv_slots=KV_SLOTS,
+                    block_size=BLOCK_SIZE,
+                    max_model_len=MAX_MODEL_LEN,
+                    enable_prefix_caching=caching,
+                    seed=seed,
+                )
+                rows.append(row(prefix_len, allocator, caching, label, result))
+                bar.update(1)
+            oracle = rows[-len(SYSTEMS)]["throughput_rps"]
+            for r in rows[-len(SYSTEMS) :]:
+                r["throughput_vs_orca_oracle"] = r["throughput_rps"] / oracle
+    return ExperimentResult(NAME, rows, dict(PAPER))
+
+
+def plot(result: ExperimentResult, path) -> None:
+    """Three panels per prefix length: throughput over Orca (Oracle)'s (with the paper's vLLM), KV
+    blocks held per running request, prefill tokens computed per request."""
+    from minipaged.experiments.plotting import legend, new_figure, savefig
+
+    colors = dict(zip((s[2] for s in SYSTEMS), ("tab:purple", "tab:gray", "tab:blue"), strict=True))
+    prefix_lens = sorted({r["prefix_len"] for r in result.rows})
+    title = "Shared prefix: what prefix caching saves (cf. Fig. 16)"
+    fig, axes = new_figure(3, title=title, panel_size=(3.8, 3.4))
+    panels = [
+        ("throughput_vs_orca_oracle", "throughput / Orca (Oracle)'s", "(a) throughput"),
+        ("blocks_per_request", "KV blocks per running request", "(b) memory per request"),
+        ("prefill_tokens_per_request", "prompt tokens computed per request", "(c) prefill"),
+    ]
+    width = 0.8 / len(SYSTEMS)
+    for ax, (key, ylabel, name) in zip(axes, panels, strict=True):
+        for k, (_, _, label) in enumerate(SYSTEMS):
+            values = [
+                next(r[key] for r in result.rows if r["prefix_len"] == p and r["label"] == label)
+                for p in prefix_lens
+            ]
+            xs = [i + (k - (len(SYSTEMS) - 1) / 2) * width for i in range(len(prefix_lens))]
+            ax.bar(xs, values, width, color=colors[label], label=label)
+        ax.set_xticks(range(len(prefix_lens)), [f"{p}-token prefix" for p in prefix_lens])
+        ax.set_ylabel(ylabel)
+        ax.set_title(name)
+    paper = result.paper.get("throughput_vs_orca_oracle", {})
+    last = (len(SYSTEMS) - 1) / 2 * width  # the paper's vLLM shares the prefix: beside our last bar
+    marks = [(i + last, paper[str(p)]) for i, p in enumerate(prefix_lens) if str(p) in paper]
+    axes[0].plot([x for x, _ in marks], [v for _, v in marks], "kD", label="paper: vLLM")
+    legend(axes[0])
+    savefig(fig, path)
+
+
+__all__ = ["PAPER", "PREFIX_LENS", "SCALES", "plot", "run"]

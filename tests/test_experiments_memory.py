@@ -1,0 +1,289 @@
+"""The memory experiments (vLLM paper sections 3 and 6.2-6.4): memory-waste, batch-size, sharing and
+shared-prefix. Their small runs return the keys their docs pages document, with sane values: shares
+in [0, 1] that sum to 1, paged holding more token states than every Orca, sharing saving more with
+beam search than with parallel sampling, prefix caching saving blocks and prefill. Also the
+simulator's per-step counters they are built on, determinism under a seed, the figures and the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from minipaged.experiments import batch_size, memory_waste, shared_prefix, sharing
+from minipaged.experiments.serving import KV_SLOTS, sharegpt_load
+from minipaged.experiments.simulator import STEP_TIME, simulate
+from minipaged.workloads import Request
+from minipaged.workloads import shared_prefix as shared_prefix_workload
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+USED = ("token_states", "reserved", "internal_fragmentation", "external_fragmentation")
+POOL = tuple(f"pool_{k}" for k in (*USED, "free"))
+MEMORY_WASTE_KEYS = {
+    "allocator",
+    "label",
+    "kv_slots",
+    "rate",
+    "window_s",
+    *USED,
+    *POOL,
+    "mean_batch_size",
+    "mean_waiting",
+    "preemptions",
+}
+BATCH_SIZE_KEYS = {
+    "allocator",
+    "label",
+    "rate",
+    "kv_slots",
+    "window_s",
+    "mean_batch_size",
+    "mean_waiting",
+    "requests_arrived",
+    "requests_finished",
+    "throughput_rps",
+    "preemptions",
+}
+SHARING_KEYS = {
+    "workload",
+    "mode",
+    "width",
+    "rate",
+    "kv_slots",
+    "window_s",
+    "saving",
+    "saving_of_totals",
+    "mean_blocks_used",
+    "mean_blocks_unshared",
+    "mean_batch_size",
+    "mean_seqs",
+    "cow_copies",
+    "preemptions",
+}
+SHARED_PREFIX_KEYS = {
+    "prefix_len",
+    "allocator",
+    "label",
+    "prefix_caching",
+    "requests",
+    "kv_slots",
+    "steps",
+    "duration_s",
+    "throughput_rps",
+    "throughput_vs_orca_oracle",
+    "mean_batch_size",
+    "peak_blocks",
+    "mean_blocks",
+    "blocks_per_request",
+    "prefill_tokens",
+    "prefill_tokens_per_request",
+    "prefix_hit_rate",
+    "preemptions",
+}
+MODULES = {
+    "memory-waste": memory_waste,
+    "batch-size": batch_size,
+    "sharing": sharing,
+    "shared-prefix": shared_prefix,
+}
+KEYS = {
+    "memory-waste": MEMORY_WASTE_KEYS,
+    "batch-size": BATCH_SIZE_KEYS,
+    "sharing": SHARING_KEYS,
+    "shared-prefix": SHARED_PREFIX_KEYS,
+}
+
+
+@pytest.fixture(scope="module")
+def results():
+    return {name: module.run("small", seed=0, progress=False) for name, module in MODULES.items()}
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_rows_have_the_documented_keys(results, name):
+    result = results[name]
+    assert result.experiment == name and result.rows
+    for row in result.rows:
+        assert set(row) == KEYS[name], set(row) ^ KEYS[name]
+    assert result.paper["section"] and result.paper["figure"] and result.paper["finding"]
+    json.dumps(result.to_json(), allow_nan=False)  # plain JSON values, no NaN left behind
+
+
+def test_memory_waste_shares_sum_to_one_and_paged_wastes_least(results):
+    rows = {r["allocator"]: r for r in results["memory-waste"].rows}
+    assert list(rows) == ["orca-max", "orca-pow2", "orca-oracle", "vattention", "paged"]
+    for r in rows.values():
+        assert all(0.0 <= r[k] <= 1.0 for k in USED + POOL)
+        assert math.isclose(sum(r[k] for k in USED), 1.0) and math.isclose(sum(r[k] for k in POOL), 1.0)
+        assert r["pool_token_states"] <= r["token_states"] + 1e-9  # the pool also counts the free slots
+    paged = rows["paged"]["token_states"]
+    assert paged > 0.9 and all(
+        paged > rows[a]["token_states"] for a in ("orca-max", "orca-pow2", "orca-oracle")
+    )
+    for name in ("paged", "vattention"):  # on demand: nothing reserved, no external fragmentation
+        assert rows[name]["reserved"] == rows[name]["external_fragmentation"] == 0.0
+    assert rows["orca-oracle"]["internal_fragmentation"] == 0.0  # it reserves the true length
+    assert rows["orca-max"]["mean_batch_size"] == 7.0  # 15,000 // 2,048: see the exercise
+    assert "goal: paged token states >= 96%" in memory_waste.goal_line(results["memory-waste"].rows)
+
+
+def test_batch_size_orders_the_allocators(results):
+    rows = results["batch-size"].rows
+    for r in rows:
+        assert r["throughput_rps"] == pytest.approx(r["requests_finished"] / r["window_s"])
+        assert r["mean_batch_size"] > 0 and r["requests_finished"] > 0
+    at = {r["allocator"]: r for r in rows if r["rate"] == 2.0}
+    batch = [at[a]["mean_batch_size"] for a in ("orca-max", "orca-oracle", "paged")]
+    assert batch == sorted(batch) and batch[-1] > 2 * batch[0]
+    assert (
+        at["paged"]["throughput_rps"] > at["orca-oracle"]["throughput_rps"] > at["orca-max"]["throughput_rps"]
+    )
+    assert at["orca-max"]["mean_waiting"] > 10, "the budget must put the baselines under memory pressure"
+
+
+def test_memory_waste_and_batch_size_replay_the_same_requests(results):
+    waste = {r["allocator"]: r["mean_batch_size"] for r in results["memory-waste"].rows}
+    batch = {r["allocator"]: r["mean_batch_size"] for r in results["batch-size"].rows if r["rate"] == 2.0}
+    assert waste == batch
+
+
+def test_sharing_saves_more_with_beams(results):
+    rows = results["sharing"].rows
+    assert {r["workload"] for r in rows} == {"alpaca-like", "sharegpt-like"}
+    by = {(r["workload"], r["mode"], r["width"]): r for r in rows}
+    for r in rows:
+        assert 0.0 < r["saving"] < 1.0 and 0.0 < r["saving_of_totals"] < 1.0
+        assert r["mean_blocks_unshared"] > r["mean_blocks_used"] > 0
+        assert r["mean_seqs"] == pytest.approx(r["width"] * r["mean_batch_size"], rel=0.25)
+    for workload in ("alpaca-like", "sharegpt-like"):
+        for width in sharing.WIDTHS:
+            assert by[workload, "beam", width]["saving"] > by[workload, "parallel", width]["saving"]
+            assert by[workload, "beam", width]["cow_copies"] > 0
+
+
+def test_prefix_caching_saves_blocks_and_prefill(results):
+    rows = results["shared-prefix"].rows
+    for prefix_len in shared_prefix.PREFIX_LENS:
+        by = {(r["allocator"], r["prefix_caching"]): r for r in rows if r["prefix_len"] == prefix_len}
+        oracle, off, on = by["orca-oracle", False], by["paged", False], by["paged", True]
+        assert oracle["throughput_vs_orca_oracle"] == 1.0
+        assert (
+            on["prefill_tokens"] < off["prefill_tokens"]
+            and on["blocks_per_request"] < off["blocks_per_request"]
+        )
+        assert on["throughput_rps"] > off["throughput_rps"] >= oracle["throughput_rps"]
+        assert (
+            0.0 < on["prefix_hit_rate"] <= 1.0 and off["prefix_hit_rate"] == oracle["prefix_hit_rate"] == 0.0
+        )
+        assert on["peak_blocks"] <= KV_SLOTS / 16
+    long = {r["label"]: r["throughput_vs_orca_oracle"] for r in rows if r["prefix_len"] == 341}
+    short = {r["label"]: r["throughput_vs_orca_oracle"] for r in rows if r["prefix_len"] == 80}
+    assert long["paged + prefix caching"] > short["paged + prefix caching"], "a longer prefix saves more"
+
+
+def test_same_seed_same_rows_another_seed_differs(results):
+    assert shared_prefix.run("small", seed=0, progress=False).rows == results["shared-prefix"].rows
+    assert shared_prefix.run("small", seed=1, progress=False).rows != results["shared-prefix"].rows
+    assert memory_waste.run("small", seed=0, progress=False).rows == results["memory-waste"].rows
+
+
+@pytest.mark.parametrize("module", list(MODULES.values()))
+def test_run_refuses_bad_arguments(module):
+    with pytest.raises(ValueError, match="scale must be 'small' or 'full'"):
+        module.run("medium", progress=False)
+    with pytest.raises(ValueError, match="seed"):
+        module.run("small", seed=-1, progress=False)
+    assert set(module.SCALES) == {"small", "full"}
+
+
+def test_plots_are_pngs(results, tmp_path):
+    for name, module in MODULES.items():
+        path = tmp_path / f"{name}.png"
+        module.plot(results[name], path)
+        assert path.read_bytes()[:8] == PNG_SIGNATURE, name
+
+
+def test_cli_runs_memory_waste(tmp_path, capsys):
+    cli = pytest.importorskip("minipaged.cli")
+    if "experiment" not in cli.build_parser().format_help():
+        pytest.skip("the `minipaged experiment` subcommand is not in minipaged/cli.py yet")
+    out, png = tmp_path / "out.json", tmp_path / "out.png"
+    argv = [
+        "experiment",
+        "memory-waste",
+        "--scale",
+        "small",
+        "--no-progress",
+        "--json",
+        str(out),
+        "--plot",
+        str(png),
+    ]
+    assert cli.main(argv) == 0
+    data = json.loads(out.read_text())
+    assert set(data) == {"experiment", "rows", "paper"} and data["experiment"] == "memory-waste"
+    assert [set(r) for r in data["rows"]] == [MEMORY_WASTE_KEYS] * 5
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
+    assert "Orca (Oracle)" in capsys.readouterr().out
+
+
+# ---- the simulator's counters the experiments are built on ----------------------------------------
+
+
+def test_step_counters_add_up():
+    reqs = [Request(f"r{i}", 0.1 * i, 30 + 7 * i, 20 + 3 * i) for i in range(12)]
+    for allocator in ("paged", "orca-oracle"):
+        result = simulate(reqs, allocator, kv_slots=1024, max_model_len=512)
+        assert sum(r.num_finished for r in result.records) == result.num_finished == 12
+        assert sum(r.num_preempted for r in result.records) == result.num_preemptions
+        assert result.prefill_tokens >= sum(r.prompt_len for r in reqs)  # more if preempted
+        if not result.num_preemptions:
+            assert result.prefill_tokens == sum(r.prompt_len for r in reqs)
+        assert math.isclose(sum(result.mean_used_fractions.values()), 1.0)
+        assert result.throughput == pytest.approx(12 / result.duration)
+        half = result.window(result.records[0].time, result.records[len(result.records) // 2].time)
+        assert half.steps == len(result.records) // 2 and half.num_finished < 12
+
+
+def test_window_leaves_out_the_warmup():
+    result = simulate(sharegpt_load(2.0, 60.0, seed=0), "paged", kv_slots=KV_SLOTS, max_steps=1500)
+    later = result.window(20.0, 60.0)
+    assert all(20.0 <= r.time < 60.0 for r in later.records)
+    assert later.steps == round(40.0 / STEP_TIME)
+    assert later.num_finished == sum(r.num_finished for r in later.records) < result.num_finished
+
+
+# ---- the docs pages' exercises ---------------------------------------------------------------------
+
+
+def test_exercise_memory_waste_page():
+    """docs/experiments/memory-waste.md: how many Orca (Max) requests fit 15,000 slots?"""
+    assert KV_SLOTS // 2048 == 7 and KV_SLOTS - 7 * 2048 == 664  # 664 slots left: too few for an 8th
+
+
+def test_exercise_batch_size_page(results):
+    """docs/experiments/batch-size.md: Little's law, batch = rate x output_len x step time, while
+    paged keeps up (1 request/s)."""
+    mean_output = sharegpt_load(1.0, batch_size.SCALES["small"].end, seed=0).mean_output_len
+    paged = next(r for r in results["batch-size"].rows if r["rate"] == 1.0 and r["allocator"] == "paged")
+    assert paged["mean_waiting"] < 1.0
+    assert paged["mean_batch_size"] == pytest.approx(1.0 * mean_output * STEP_TIME, rel=0.15)
+
+
+def test_exercise_sharing_page():
+    """docs/experiments/sharing.md: a 20-token prompt, n = 4, 60 output tokens, blocks of 16."""
+    result = simulate([Request("a", 0.0, 20, 60, n=4)], kv_slots=4096)
+    first, last = result.records[0], result.records[-1]
+    assert (first.blocks_used, first.blocks_saved_by_sharing) == (2, 6)  # the prompt's 2 blocks, 4 tables
+    assert (last.blocks_used, last.blocks_saved_by_sharing) == (17, 3)  # 15% saved at the end
+    assert result.cow_copies == 3  # the prompt's partial block, copied by 3 of the 4 samples
+
+
+def test_exercise_shared_prefix_page():
+    """docs/experiments/shared-prefix.md: behind a 341-token prefix, 21 blocks are found cached."""
+    first, second = shared_prefix_workload(2, 341, seed=0)
+    result = simulate([first, second], kv_slots=KV_SLOTS, enable_prefix_caching=True)
+    assert result.prefix_cache_hits == 21 == 341 // 16
+    assert result.prefill_tokens == first.prompt_len + second.prompt_len - 21 * 16
