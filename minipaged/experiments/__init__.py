@@ -47,6 +47,18 @@ class ExperimentResult:
         Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
 
 
+def check_run_args(scale: str, seed: int, scales: dict) -> None:
+    """The checks every experiment's run() makes on its arguments.
+
+    Raises:
+        ValueError: for a scale not in `scales`, or a seed that is not an int >= 0.
+    """
+    if scale not in scales:
+        raise ValueError(f"scale must be 'small' or 'full', got {scale!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+
+
 def get_experiment(name: str):
     """The module of experiment `name` (it has `run` and `plot`).
 
@@ -58,4 +70,4 @@ def get_experiment(name: str):
     return importlib.import_module(f"minipaged.experiments.{EXPERIMENTS[name][0]}")
 
 
-__all__ = ["EXPERIMENTS", "ExperimentResult", "get_experiment"]
+__all__ = ["EXPERIMENTS", "ExperimentResult", "check_run_args", "get_experiment"]

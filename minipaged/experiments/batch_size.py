@@ -24,14 +24,13 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from minipaged.experiments import ExperimentResult
+from minipaged.experiments import ExperimentResult, check_run_args
 from minipaged.experiments.serving import (
     ALLOCATORS,
     KV_SLOTS,
     LABELS,
     PAPER_LABELS,
     arrived,
-    check_run_args,
     serve,
     sharegpt_load,
 )

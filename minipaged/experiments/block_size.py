@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from minipaged.demo import torch_threads
 from minipaged.engine import LLM
-from minipaged.experiments import ExperimentResult
+from minipaged.experiments import ExperimentResult, check_run_args
 from minipaged.presets import BYTE_OFFSET, VOCAB_SIZE, load_preset
 from minipaged.reference.block_table import num_blocks_for
 from minipaged.sampling import SamplingParams
@@ -200,10 +200,7 @@ def run(scale: str = "full", seed: int = 0, progress: bool = True) -> Experiment
     Raises:
         ValueError: for a scale other than "small" or "full", or a negative seed.
     """
-    if scale not in SCALES:
-        raise ValueError(f"scale must be 'small' or 'full', got {scale!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    check_run_args(scale, seed, SCALES)
     config = SCALES[scale]
     rows = waste_rows(config.num_requests, seed) + time_rows(config, seed, progress)
     return ExperimentResult(NAME, rows, dict(PAPER))

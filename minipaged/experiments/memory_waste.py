@@ -24,13 +24,12 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from minipaged.experiments import ExperimentResult
+from minipaged.experiments import ExperimentResult, check_run_args
 from minipaged.experiments.records import HELD_FIELDS
 from minipaged.experiments.serving import (
     ALLOCATORS,
     LABELS,
     PAPER_LABELS,
-    check_run_args,
     serve,
     sharegpt_load,
 )

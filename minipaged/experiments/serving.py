@@ -36,18 +36,6 @@ LABELS = {
 PAPER_LABELS = {"paged": "vLLM"}  # how the paper's figures name a system, where it differs from LABELS
 
 
-def check_run_args(scale: str, seed: int, scales: dict) -> None:
-    """The checks every experiment's run() makes on its arguments.
-
-    Raises:
-        ValueError: for a scale not in `scales`, or a seed that is not an int >= 0.
-    """
-    if scale not in scales:
-        raise ValueError(f"scale must be 'small' or 'full', got {scale!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-
-
 def serve(
     workload, allocator: str, end: float, warmup: float, *, progress: bool = False, **settings
 ) -> SimulationResult:
@@ -95,7 +83,6 @@ __all__ = [
     "MAX_MODEL_LEN",
     "PAPER_LABELS",
     "arrived",
-    "check_run_args",
     "serve",
     "sharegpt_load",
 ]

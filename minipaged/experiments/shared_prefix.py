@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from minipaged.experiments import ExperimentResult
-from minipaged.experiments.serving import BLOCK_SIZE, KV_SLOTS, MAX_MODEL_LEN, check_run_args
+from minipaged.experiments import ExperimentResult, check_run_args
+from minipaged.experiments.serving import BLOCK_SIZE, KV_SLOTS, MAX_MODEL_LEN
 from minipaged.experiments.simulator import simulate
 from minipaged.workloads import shared_prefix
 

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from minipaged.experiments import ExperimentResult
-from minipaged.experiments.serving import KV_SLOTS, check_run_args, serve
+from minipaged.experiments import ExperimentResult, check_run_args
+from minipaged.experiments.serving import KV_SLOTS, serve
 from minipaged.workloads import alpaca_like, sharegpt_like, with_beam_search, with_parallel_sampling
 
 NAME = "sharing"

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from minipaged.config import kv_cache_bytes_per_block
 from minipaged.demo import torch_threads
 from minipaged.engine import LLM
-from minipaged.experiments import ExperimentResult
+from minipaged.experiments import ExperimentResult, check_run_args
 from minipaged.model_runner import ModelRunner, kv_shape
 from minipaged.presets import BYTE_OFFSET, VOCAB_SIZE, load_preset
 from minipaged.reference.block_table import num_blocks_for
@@ -190,10 +190,7 @@ def run(scale: str = "full", seed: int = 0, progress: bool = True) -> Experiment
     Raises:
         ValueError: for a scale other than "small" or "full", or a negative seed.
     """
-    if scale not in SCALES:
-        raise ValueError(f"scale must be 'small' or 'full', got {scale!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    check_run_args(scale, seed, SCALES)
     config = SCALES[scale]
     model = load_preset(MODEL, seed)
     generator = torch.Generator().manual_seed(seed)
