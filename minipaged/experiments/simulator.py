@@ -25,6 +25,8 @@ when nothing is left to run, the clock jumps to the next arrival (no step is rec
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -40,7 +42,7 @@ STEP_TIME = 0.04
 
 
 def simulate(
-    workload,
+    workload: Iterable[Any],
     allocator: str = "paged",
     *,
     kv_slots: int,
