@@ -6,6 +6,15 @@ this script catches what the interpreter cannot: a tl.dot tile too small for the
 loop-carried value that changes type, a shape the compiler rejects. It also prints what the compiler
 reports about each kernel (shared memory, warps), the report METHOD-style tuning reads first.
 
+Each configuration compiles twice. `plain`: every integer argument an i32 and no pointer alignment
+known, the most general code. `launch`: the specialization a real launch at a Llama-like shape gets
+(32 query heads or 8 x group, 8 KV heads, blocks of 16, 16-byte-aligned tensors): Triton marks each
+pointer and each integer divisible by 16 as such (tt.divisibility, which lets it vectorize loads) and
+makes an integer equal to 1 a compile-time constant. The specialization is worked out by Triton's own
+function (triton.runtime.jit.native_specialize_impl) on representative argument values, so it is
+the one a launch with those values compiles, not a guess; other shapes give other specializations,
+which this does not compile.
+
     python benchmarks/compile_kernels.py              # sm_90 (H100/H200) and sm_80 (A100), every config
     python benchmarks/compile_kernels.py --arch 90 --quick
 
@@ -21,13 +30,21 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("compile_kernels.py compiles for a GPU: run it with TRITON_INTERPRET unset (or 0)")
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.compiler.compiler import make_backend
+
+try:  # triton's own per-argument specialization (3.4+); without it only the plain variants compile
+    from triton.runtime.jit import native_specialize_impl
+except ImportError:  # pragma: no cover - older or newer triton
+    native_specialize_impl = None
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ROOT / "minipaged" / "fast"
@@ -57,8 +74,47 @@ def _signature(fn, pointers: dict[str, str], floats: set[str], constexprs: dict)
     return sig
 
 
+TORCH_DTYPES = {"*fp32": torch.float32, "*fp16": torch.float16, "*bf16": torch.bfloat16}
+TORCH_DTYPES |= {"*i32": torch.int32, "*i64": torch.int64}
+
+
+def _launch_variant(fn, pointers: dict[str, str], values: dict[str, Any], constexprs: dict, backend):
+    """(signature, constexprs, attrs) as a launch with these argument values specializes the kernel.
+
+    `values` holds every non-pointer runtime argument; pointers are given 16-byte-aligned tensors of
+    their type (every allocation is). This is what JITFunction.run does before it compiles.
+    """
+    sig, consts, attrs = {}, dict(constexprs), {}
+    for index, param in enumerate(fn.params):
+        name = param.name
+        if name in constexprs:
+            sig[name] = "constexpr"
+            continue
+        value = torch.empty(64, dtype=TORCH_DTYPES[pointers[name]]) if name in pointers else values[name]
+        kind, attr = native_specialize_impl(
+            backend,
+            value,
+            param.is_const,
+            not param.do_not_specialize,
+            not param.do_not_specialize_on_alignment,
+        )
+        if kind == "constexpr":  # an integer equal to 1 becomes a compile-time constant
+            sig[name], consts[name] = "constexpr", value
+            continue
+        sig[name] = kind
+        if isinstance(attr, str):
+            attrs[(index,)] = backend.parse_attr(attr)  # "D": [["tt.divisibility", 16]]
+    return sig, consts, attrs
+
+
+NUM_KV_HEADS, BLOCK_SIZE, TABLE_WIDTH = 8, 16, 257  # the launch variants' shape: tables of up to 4,112 tokens
+
+
 def attention_configs(quick: bool):
-    """(label, kernel, pointer types, constexprs) for the decode, merge and prefill kernels."""
+    """(label, kernel, pointer types, constexprs, launch values) for the decode, merge and prefill kernels.
+
+    The launch values are the other arguments of a launch at a Llama-like shape (num_heads = 8 x group).
+    """
     decode, prefill = _load("decode"), _load("prefill")
     import triton.language as tl
 
@@ -73,6 +129,11 @@ def attention_configs(quick: bool):
                 "DOT_PRECISION": "ieee" if dt == "fp32" else "tf32",
             }
             for group in groups:
+                num_heads = NUM_KV_HEADS * group
+                rows = {"stride_qt": num_heads * head_dim, "stride_qh": head_dim}  # query and out: row-major
+                rows |= {"stride_ot": num_heads * head_dim, "stride_oh": head_dim, "stride_bt": TABLE_WIDTH}
+                shape = {"num_kv_heads": NUM_KV_HEADS, "head_dim": head_dim, "scale": head_dim**-0.5}
+                shape |= {"block_size": BLOCK_SIZE}
                 for split in (False, True):
                     ptrs = {n: f"*{dt}" for n in ("query_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr")}
                     ptrs |= {"partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32"}
@@ -88,11 +149,14 @@ def attention_configs(quick: bool):
                         "SPLIT": split,
                         **common,
                     }
+                    chunks = {"tokens_per_split": 256, "num_splits": 16} if split else {}
+                    chunks = chunks or {"tokens_per_split": 4096, "num_splits": 1}  # 1: a constant then
                     yield (
                         f"decode {dt} d={head_dim} group={group} split={split}",
                         decode._decode_split_kernel,
                         ptrs,
                         consts,
+                        {**rows, **shape, "num_heads": num_heads, **chunks},
                     )
                 ptrs = {n: f"*{dt}" for n in ("query_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr")}
                 ptrs |= {
@@ -106,7 +170,13 @@ def attention_configs(quick: bool):
                     "BLOCK_D": block_d,
                     **common,
                 }
-                yield f"prefill {dt} d={head_dim} group={group}", prefill._prefill_kernel, ptrs, consts
+                yield (
+                    f"prefill {dt} d={head_dim} group={group}",
+                    prefill._prefill_kernel,
+                    ptrs,
+                    consts,
+                    {**rows, **shape},
+                )
             ptrs = {
                 "partial_out_ptr": "*fp32",
                 "partial_lse_ptr": "*fp32",
@@ -118,16 +188,23 @@ def attention_configs(quick: bool):
                 decode._merge_splits_kernel,
                 ptrs,
                 {"BLOCK_SPLITS": 32, "BLOCK_D": triton.next_power_of_2(head_dim)},
+                {"stride_ot": 32 * head_dim, "stride_oh": head_dim, "num_heads": 32, "head_dim": head_dim}
+                | {"num_splits": 20},  # 20 chunks: BLOCK_SPLITS 32
             )
 
 
 def cache_op_configs(quick: bool):
-    """(label, kernel, pointer types, constexprs) for write_kv and the block-copy kernels."""
+    """(label, kernel, pointer types, constexprs, launch values) for write_kv and the block copies.
+
+    write_kv's launch values are views of a fused QKV projection (32 query heads, 8 KV heads of 128).
+    """
     ops = _load("cache_ops")
     for dt in ["fp16"] if quick else ["fp32", "fp16", "bf16"]:
         ptrs = {n: f"*{dt}" for n in ("key_ptr", "value_ptr", "k_cache_ptr", "v_cache_ptr")}
         ptrs["slot_mapping_ptr"] = "*i64"
-        yield f"write_kv {dt}", ops._write_kv_kernel, ptrs, {"BLOCK_H": 8, "BLOCK_D": 128}
+        fused = {"stride_kt": 48 * 128, "stride_kh": 128, "stride_vt": 48 * 128, "stride_vh": 128}
+        values = {**fused, "num_kv_heads": NUM_KV_HEADS, "head_dim": 128}
+        yield f"write_kv {dt}", ops._write_kv_kernel, ptrs, {"BLOCK_H": 8, "BLOCK_D": 128}, values
         for name in ("_copy_blocks_kernel", "_copy_rows_kernel"):
             kernel = getattr(ops, name)
             ptrs = {
@@ -145,30 +222,43 @@ def cache_op_configs(quick: bool):
                 if "DTYPE" in kernel.arg_names
                 else {}
             )
-            yield f"{name.strip('_')} {dt}", kernel, ptrs, consts
+            block = {
+                "block_numel": BLOCK_SIZE * NUM_KV_HEADS * 128,
+                "row_size": BLOCK_SIZE * NUM_KV_HEADS * 128,
+            }
+            values = {n: v for n, v in block.items() if n in kernel.arg_names}
+            yield f"{name.strip('_')} {dt}", kernel, ptrs, consts, values
 
 
 def compile_all(archs: list[int], quick: bool) -> int:
-    """Compile each config for each arch; print one line each; return the number of failures."""
+    """Compile each config for each arch, plain and launch-specialized; one line each; the failures."""
     failures = 0
     for arch in archs:
         target = GPUTarget("cuda", arch, 32)
-        for label, kernel, ptrs, consts in [*attention_configs(quick), *cache_op_configs(quick)]:
-            sig = _signature(kernel, ptrs, {"scale"}, consts)
-            start = time.perf_counter()
-            try:
-                compiled = triton.compile(
-                    ASTSource(fn=kernel, signature=sig, constexprs=consts), target=target
+        backend = make_backend(target)
+        for label, kernel, ptrs, consts, values in [*attention_configs(quick), *cache_op_configs(quick)]:
+            variants = [("plain", _signature(kernel, ptrs, {"scale"}, consts), consts, {})]
+            if native_specialize_impl is not None:
+                variants.append(("launch", *_launch_variant(kernel, ptrs, values, consts, backend)))
+            for variant, sig, constexprs, attrs in variants:
+                start = time.perf_counter()
+                try:
+                    source = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
+                    compiled = triton.compile(source, target=target)
+                except Exception as error:  # report every failing config, not only the first
+                    failures += 1
+                    print(
+                        f"sm_{arch}  {label:<42} {variant:<6}  FAILED: {type(error).__name__}: "
+                        f"{str(error)[:300]}"
+                    )
+                    continue
+                meta = compiled.metadata
+                print(
+                    f"sm_{arch}  {label:<42} {variant:<6}  ok  shared={meta.shared:>6} B  "
+                    f"warps={meta.num_warps}  {time.perf_counter() - start:5.1f} s"
                 )
-            except Exception as error:  # report every failing config, not only the first
-                failures += 1
-                print(f"sm_{arch}  {label:<42} FAILED: {type(error).__name__}: {str(error)[:300]}")
-                continue
-            meta = compiled.metadata
-            print(
-                f"sm_{arch}  {label:<42} ok  shared={meta.shared:>6} B  warps={meta.num_warps}"
-                f"  {time.perf_counter() - start:5.1f} s"
-            )
+    if native_specialize_impl is None:
+        print("launch-specialized variants not compiled: this triton has no native_specialize_impl")
     return failures
 
 

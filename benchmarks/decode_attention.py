@@ -21,23 +21,31 @@ block size 16, fp16 and bf16):
   with enable_gqa: the no-paging ideal;
 - flex-paged: torch's flex_attention on the physical pool, with a BlockMask built straight from the
   block table (KV block = page = 16 tokens), compiled on CUDA; guarded: where it is missing or fails,
-  the reason goes into the JSON and the run goes on.
+  the reason goes into the JSON and the run goes on. It runs last within each point, checked and
+  timed after every other method, because a device-side fault (an illegal address, a failed device
+  assert) leaves the CUDA context unusable for the rest of the process: after a flex failure the
+  script checks that the device still works, and if it does not, it keeps the rows measured so far,
+  marks the remaining points "not run" with the reason, and prints the report (rerun those points
+  with `--methods` leaving flex-paged out).
 
 Each point's pools hold shuffled physical blocks (a pool after churn, with spare blocks nobody owns)
-and fresh random data. Before anything is timed, every method's output on the first input set is held
-to an fp32 SDPA oracle (relative error ||out - ref|| / ||ref||); a Triton, reference or SDPA output that
-misses is a DisagreementError and the script reports nothing. Times are medians of
+and fresh random data. Before a method is timed, its output on the first input set is held to an fp32
+SDPA oracle (relative error ||out - ref|| / ||ref||): first every method but flex-paged, then those are
+timed, then flex-paged is checked and timed. A Triton, reference or SDPA output that misses is a
+DisagreementError and the script reports nothing (flex-paged's miss is recorded). Times are medians of
 triton.testing.do_bench (which flushes the L2 cache before every call), rotating among several input
-sets (distinct pools and queries, at least 256 MiB together where memory allows) so that repeated
+sets (distinct pools and queries, at least 256 MiB together where memory allows; dense K/V only where
+sdpa is timed, and in the first set, which the oracle reads) so that repeated
 calls do not find the data in the cache. A second table times prefill after a cached prefix (512 new
 tokens after 1024 or 4096 cached ones) in TFLOP/s, counting only visible (query, key) pairs.
 
 The goal, recorded and not asserted (it is printed with a pass/miss mark per point): triton-kernel at
->= 80% of copy bandwidth for contexts >= 4096, and <= 1.2x sdpa's time.
+>= 80% of copy bandwidth for contexts >= 4096, and <= 1.2x sdpa's time. A point where sdpa has no
+time (not asked for, or failed) is "n/a" for the goal, not a miss, and is not counted.
 
 Run from the repository root (minipaged must be importable: `pip install -e .` or PYTHONPATH=.):
 
-    python benchmarks/decode_attention.py --json out.json   # the full sweep: 4-6 minutes on an H100
+    python benchmarks/decode_attention.py --json out.json   # the full sweep (never yet run on a GPU)
     python benchmarks/decode_attention.py --dtypes fp16 --batches 8 --contexts 4096 --skip-prefill
     python benchmarks/decode_attention.py --quick           # tiny shapes, CPU and Triton's interpreter
 """
@@ -354,6 +362,18 @@ COMPILE_FLEX_ON = {"cuda"}  # eager elsewhere: it materializes the scores, fine 
 # long run); a wrong answer is a DisagreementError except from flex-paged, torch's feature under trial.
 GUARDED = {"flex-paged", "sdpa"}
 WRONG_RECORDED = {"flex-paged"}
+LAST = "flex-paged"  # runs after every other method of a point: a device-side fault there spoils the rest
+
+
+def device_works(device: torch.device) -> bool:
+    """Does the device still run work? False after a device-side fault (the CUDA context is lost)."""
+    if device.type != "cuda":
+        return True
+    try:
+        torch.cuda.synchronize(device)
+        return int(torch.ones(1, device=device).add_(1).item()) == 2
+    except Exception:  # the fault itself, or any error it left behind
+        return False
 
 
 # ---- checking and timing ---------------------------------------------------------------------------
@@ -410,24 +430,25 @@ def copy_bandwidth(device: torch.device, args: argparse.Namespace) -> dict:
 
 
 def num_sets(point: Point, device: torch.device, budget: int, dense: bool) -> int:
-    """Input sets to rotate among: enough to exceed ROTATE_BYTES (on CUDA), within the memory budget."""
-    size = point.set_bytes(dense)
+    """Input sets to rotate among: enough to exceed ROTATE_BYTES (on CUDA), within the memory budget.
+
+    Every set holds pools, query and output; dense K/V only when `dense` (SDPA is timed), except the
+    first set, which always has them: the oracle reads them.
+    """
+    first, size = point.set_bytes(True), point.set_bytes(dense)
+    if budget < first:
+        return 0
     want = min(MAX_SETS, max(MIN_SETS, math.ceil(ROTATE_BYTES / size))) if device.type == "cuda" else 2
-    return min(want, budget // size)
+    return min(want, 1 + (budget - first) // size)
 
 
 def run_point(
     point: Point, methods: Sequence[str], device: torch.device, gen: torch.Generator, args, state
 ) -> dict:
     """Check every method against the oracle on the first set, then time each; one row of the report."""
-    row = {"dtype": point.dtype, "batch": point.batch}
-    if point.kind == "decode":
-        row |= {"context": point.seq_len, "bytes": point.bytes_moved}
-    else:
-        row |= {"prefix": point.seq_len - point.q_len, "new_tokens": point.q_len, "flops": point.flops}
-    row |= {"sets": 0, "methods": {}}
+    row = new_row(point)
     dense = "sdpa" in methods
-    count = num_sets(point, device, state["budget"], dense=True)
+    count = num_sets(point, device, state["budget"], dense)
     if count < 1:
         row["skipped"] = f"one input set needs {point.set_bytes(True) / GiB:.1f} GiB (> --memory-gib)"
         return row
@@ -435,61 +456,95 @@ def run_point(
     sets = [make_inputs(point, shared, gen, device, dense=dense or i == 0) for i in range(count)]
     row["sets"] = count
     expected = oracle(point, shared, sets[0])
-    tol = TOLERANCE[DTYPES[point.dtype]]
-    calls = {}
-    for name in methods:
-        try:
-            if name == "flex-paged" and state["flex_compile_s"] > args.flex_compile_budget_s:
-                raise Unavailable(
-                    f"skipped: flex compiles took over --flex-compile-budget-s {args.flex_compile_budget_s:g}"
-                )
-            start = time.perf_counter()
+    for group in run_groups(methods):  # the others checked then timed; then flex-paged, checked then timed
+        calls = {}
+        for name in group:
+            checked = check_method(name, point, shared, sets[0], expected, device, args, state, row)
+            if state.get("fault"):
+                break
+            if checked is not None:
+                calls[name] = checked
+        for name, (call, error) in calls.items():
+            if state.get("fault"):
+                break
+            rotation = itertools.cycle(sets)
             try:
                 with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # eager flex and CPU SDPA say what they fall back to
-                    call = FACTORIES[name](point, shared, sets[0], args)
-                    sets[0].out.fill_(float("nan"))  # poisoned: an element the method does not write fails
-                    out = as_rows(call(sets[0]))  # the first call: it compiles
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-            finally:
-                if name == "flex-paged":
-                    state["flex_compile_s"] += time.perf_counter() - start
-            error = relative_error(out, expected)
-        except Unavailable as why:
-            row["methods"][name] = {"skipped": str(why)}
-            continue
-        except Exception as err:
-            if name not in GUARDED:
-                raise
-            row["methods"][name] = {"skipped": failure(err)}
-            continue
-        if not error <= tol:  # NaN fails too
-            message = (
-                f"{point.label()}: {name} disagrees with the fp32 oracle (relative error {error:.1e} > {tol})"
-            )
-            if name in WRONG_RECORDED:
-                row["methods"][name] = {"skipped": f"failed: {message}"}
+                    warnings.simplefilter("ignore")
+                    us = median_us(lambda call=call, rotation=rotation: call(next(rotation)), device, args)
+            except Exception as err:
+                if name not in GUARDED:
+                    raise
+                row["methods"][name] = {"skipped": failure(err)}
+                check_device(device, name, point, state)
                 continue
-            raise DisagreementError(f"{message}; refusing to time a wrong computation")
-        calls[name] = (call, error)
-    for name, (call, error) in calls.items():
-        rotation = itertools.cycle(sets)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                us = median_us(lambda call=call, rotation=rotation: call(next(rotation)), device, args)
-        except Exception as err:
-            if name not in GUARDED:
-                raise
-            row["methods"][name] = {"skipped": failure(err)}
-            continue
-        row["methods"][name] = {"time_us": us, "rel_error": error}
-        if getattr(call, "note", None):
-            row["methods"][name]["note"] = call.note
+            row["methods"][name] = {"time_us": us, "rel_error": error}
+            if getattr(call, "note", None):
+                row["methods"][name]["note"] = call.note
+    for name in methods:  # what a device fault left unchecked or untimed
+        row["methods"].setdefault(name, {"skipped": f"not run: {state.get('fault')}"})
     row["methods"] = {name: row["methods"][name] for name in methods}  # the order asked for
     add_rates(row, point, state["copy_gbps"])
     return row
+
+
+def run_groups(methods: Sequence[str]) -> list[list[str]]:
+    """The methods in the order they run: every other one (checked, then timed), then flex-paged."""
+    return [[m for m in methods if m != LAST], [m for m in methods if m == LAST]]
+
+
+def check_method(
+    name: str, point: Point, shared: Shared, first: Inputs, expected: torch.Tensor, device, args, state, row
+) -> tuple[Callable, float] | None:
+    """Build a method and hold its first output to the oracle: (call, relative error), or None with the
+    reason in `row` (unavailable, a guarded failure, a recorded wrong answer). Raises DisagreementError
+    for a wrong answer of a method whose answers must be right."""
+    try:
+        if name == "flex-paged" and state["flex_compile_s"] > args.flex_compile_budget_s:
+            raise Unavailable(
+                f"skipped: flex compiles took over --flex-compile-budget-s {args.flex_compile_budget_s:g}"
+            )
+        start = time.perf_counter()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # eager flex and CPU SDPA say what they fall back to
+                call = FACTORIES[name](point, shared, first, args)
+                first.out.fill_(float("nan"))  # poisoned: an element the method does not write fails
+                out = as_rows(call(first))  # the first call: it compiles
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        finally:
+            if name == "flex-paged":
+                state["flex_compile_s"] += time.perf_counter() - start
+        error = relative_error(out, expected)
+    except Unavailable as why:
+        row["methods"][name] = {"skipped": str(why)}
+        return None
+    except Exception as err:
+        if name not in GUARDED:
+            raise
+        row["methods"][name] = {"skipped": failure(err)}
+        check_device(device, name, point, state)
+        return None
+    tol = TOLERANCE[DTYPES[point.dtype]]
+    if not error <= tol:  # NaN fails too
+        message = (
+            f"{point.label()}: {name} disagrees with the fp32 oracle (relative error {error:.1e} > {tol})"
+        )
+        if name in WRONG_RECORDED:
+            row["methods"][name] = {"skipped": f"failed: {message}"}
+            return None
+        raise DisagreementError(f"{message}; refusing to time a wrong computation")
+    return call, error
+
+
+def check_device(device: torch.device, name: str, point: Point, state: dict) -> None:
+    """After a guarded method failed: if the device no longer works, record why; the sweep stops."""
+    if state.get("fault") is None and not device_works(device):
+        state["fault"] = (
+            f"the device stopped working after {name} failed at {point.label()}; "
+            f"rerun these points with --methods leaving {name} out"
+        )
 
 
 def failure(err: Exception) -> str:
@@ -514,14 +569,30 @@ def add_rates(row: dict, point: Point, copy_gbps: float) -> None:
 
 
 def goal_mark(m: dict) -> str:
-    if "time_us" not in m:
+    """The goal's mark: pass, miss bw, miss sdpa or miss bw+sdpa; n/a without a time, or without sdpa's."""
+    if "time_us" not in m or m.get("x_sdpa") is None:
         return "n/a"
     misses = []
     if m["copy_fraction"] < GOAL_FRACTION:
         misses.append("bw")
-    if m["x_sdpa"] is None or m["x_sdpa"] > GOAL_X_SDPA:
+    if m["x_sdpa"] > GOAL_X_SDPA:
         misses.append("sdpa")
     return "pass" if not misses else "miss " + "+".join(misses)
+
+
+def new_row(point: Point) -> dict:
+    """A report row for `point`, no method run yet."""
+    row = {"dtype": point.dtype, "batch": point.batch}
+    if point.kind == "decode":
+        row |= {"context": point.seq_len, "bytes": point.bytes_moved}
+    else:
+        row |= {"prefix": point.seq_len - point.q_len, "new_tokens": point.q_len, "flops": point.flops}
+    return row | {"sets": 0, "methods": {}}
+
+
+def not_run(point: Point, reason: str) -> dict:
+    """The row of a point the sweep could not reach."""
+    return new_row(point) | {"skipped": f"not run: {reason}"}
 
 
 def device_info(device: torch.device) -> dict:
@@ -563,11 +634,14 @@ def run(args: argparse.Namespace, command: str = "") -> dict:
         state = {"copy_gbps": copy["gbps"], "budget": int(memory_gib * GiB), "flex_compile_s": 0.0}
         rows = {"decode": [], "prefill": []}
         for point in tqdm(points, desc="points", file=sys.stderr, disable=args.no_progress):
+            if state.get("fault"):  # the device is gone: keep what was measured, say why the rest is not
+                rows[point.kind].append(not_run(point, state["fault"]))
+                continue
             methods = [m for m in args.methods if point.kind == "decode" or m in PREFILL_METHODS]
             rows[point.kind].append(run_point(point, methods, device, gen, args, state))
-            if device.type == "cuda":
+            if device.type == "cuda" and not state.get("fault"):
                 torch.cuda.empty_cache()  # the next point's sets may need the memory this one held
-    judged = [r for r in rows["decode"] if "goal" in r and GOAL_METHOD in r["goal"]]
+    judged = [r for r in rows["decode"] if r.get("goal", {}).get(GOAL_METHOD, "n/a") != "n/a"]
     return {
         "benchmark": BENCHMARK,
         "command": command,
@@ -603,6 +677,7 @@ def run(args: argparse.Namespace, command: str = "") -> dict:
             "points": len(judged),
             "met": sum(r["goal"][GOAL_METHOD] == "pass" for r in judged),
         },
+        "device_fault": state.get("fault"),
         "json": args.json,
         **rows,
     }
@@ -673,6 +748,8 @@ def format_table(report: dict) -> str:
                 collect_notes(r, notes)
     g = report["goal"]
     lines += ["", f"{GOAL} ({g['method']}): met at {g['met']} of {g['points']} points"]
+    if report.get("device_fault"):
+        lines.append(f"stopped early: {report['device_fault']}")
     lines += [f"- {reason}: {', '.join(where)}" for reason, where in notes.items()]
     lines.append(
         f"full report: {report['json']}" if report["json"] else "full report: not written (--json '')"
@@ -695,7 +772,7 @@ def collect_notes(row: dict, notes: dict[str, list[str]]) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--quick", action="store_true", help="tiny shapes (CPU: Triton's interpreter), under a minute"
+        "--quick", action="store_true", help="tiny shapes (on a CPU: through Triton's interpreter)"
     )
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["fp16", "bf16"])
     parser.add_argument("--batches", nargs="+", type=positive, help="decode batch sizes (default 1 8 64 256)")

@@ -49,7 +49,8 @@ class LLM:
         num_cpu_blocks: blocks in the host swap space; None: as many as num_gpu_blocks.
         preemption_mode: "recompute" or "swap".
         enable_prefix_caching: share full prompt blocks across requests.
-        device: "cpu" or "cuda".
+        device: "cpu" or "cuda". The Triton backend runs on "cpu" only through Triton's interpreter
+            (TRITON_INTERPRET=1, which `import minipaged` sets on a machine without a GPU).
         dtype: the model's dtype (None: float32 for presets, the checkpoint's otherwise).
         seed: seeds the preset's weights and the requests that bring no seed of their own.
         tokenizer: for a model object; presets bring a byte-level one, directories their own.
@@ -62,7 +63,8 @@ class LLM:
         watermark: fraction of device blocks kept free at admission.
 
     Raises:
-        ValueError: naming the argument, for an unknown backend or preset, or a bad setting.
+        ValueError: naming the argument, for an unknown backend or preset, a bad setting, or
+            backend="triton" with device="cpu" while Triton's interpreter is off.
     """
 
     def __init__(
@@ -86,6 +88,7 @@ class LLM:
         watermark: float = 0.01,
     ) -> None:
         self.backend = get_backend(backend)  # ValueError for an unknown name, before any loading
+        _check_backend_device(self.backend.name, device)
         self.model, self.tokenizer = _load_model(model, dtype, seed, tokenizer)
         model_dtype = next(self.model.parameters()).dtype
         num_layers, num_kv_heads, head_dim = kv_shape(self.model.config)
@@ -402,6 +405,25 @@ def _load_model(model, dtype, seed, tokenizer):
                 tokenizer = None  # token-id prompts still work
         return loaded.eval(), tokenizer
     raise ValueError(f"model must be a preset ({', '.join(PRESETS)}) or a local directory, got {model!r}")
+
+
+def _check_backend_device(backend: str, device: str | torch.device) -> None:
+    """Refuse, before loading anything, a Triton backend on the CPU without Triton's interpreter.
+
+    Compiled Triton kernels run on CUDA tensors only; CPU tensors run through the interpreter, which
+    must be on before triton is imported (minipaged/_triton_env.py). Caught here, the mistake is one
+    clear message at construction rather than an error in the first step of generate.
+    """
+    if backend != "triton" or torch.device(device).type == "cuda":
+        return
+    from minipaged.fast.cache_ops import interpreting  # the backend is loaded: this imports nothing new
+
+    if not interpreting():
+        raise ValueError(
+            f"device={str(device)!r} with backend='triton' needs Triton's interpreter, which is off "
+            "(TRITON_INTERPRET is not 1): use device='cuda', or set TRITON_INTERPRET=1 before triton "
+            "(or minipaged) is imported, or use backend='reference'"
+        )
 
 
 def _kv_cache_memory(kv_cache_memory: int | None, device: str) -> int:

@@ -10,11 +10,15 @@ and so can course assignments or a new backend's tests:
     >>> case = random_paged_case(torch.Generator().manual_seed(0), seq_lens=[5, 9], q_lens=[1, 9])
     >>> out = get_backend("reference").paged_attention(*case.args)
     >>> torch.testing.assert_close(out, case.expected(), **tolerance(case.dtype))
+
+Where a backend's tensors go is `device_for(name)`: the Triton backend needs CUDA tensors on a
+machine with a GPU (compiled) and CPU tensors only through Triton's interpreter.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,7 +30,9 @@ from minipaged.reference.attention import dense_attention
 __all__ = [
     "PagedCase",
     "available_backends",
+    "device_for",
     "get_backend",
+    "interpreted",
     "poison_pattern",
     "random_paged_case",
     "tolerance",
@@ -42,6 +48,26 @@ def tolerance(dtype: torch.dtype) -> dict[str, float]:
     if dtype == torch.bfloat16:
         return {"rtol": 2e-2, "atol": 1e-2}
     raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+
+
+def device_for(backend: str) -> torch.device:
+    """The device a test puts `backend`'s tensors on.
+
+    The reference runs anywhere: the CPU. The Triton backend runs compiled on CUDA tensors, and on
+    CPU tensors only through Triton's interpreter (TRITON_INTERPRET=1, which `import minipaged` sets
+    where there is no GPU). So: "cuda" where a GPU is present and the interpreter is off, else the CPU.
+    """
+    if backend == "triton" and torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def interpreted(backend: str) -> bool:
+    """Does `backend` run through Triton's interpreter here (thousands of times slower than compiled)?
+
+    Tests shorten their sequences when it does, and run the full lengths otherwise.
+    """
+    return backend == "triton" and device_for(backend).type == "cpu"
 
 
 def poison_pattern(num: int, device: str | torch.device = "cpu") -> torch.Tensor:

@@ -93,3 +93,29 @@ def test_an_explicit_choice_is_left_alone():
         "import os, minipaged; print(os.environ.get('TRITON_INTERPRET'))", TRITON_INTERPRET="0"
     )
     assert result.stdout.strip() == "0"
+
+
+# ---- where a backend's tests put their tensors (minipaged.testing.device_for) -------------------------
+
+
+@pytest.mark.parametrize(
+    "gpu, interpret, expected",
+    [
+        (True, None, "cuda"),  # a GPU machine: import minipaged leaves the interpreter off
+        (True, "0", "cuda"),
+        (True, "1", "cpu"),  # a GPU machine with the interpreter asked for: CPU tensors run
+        (False, "1", "cpu"),  # no GPU: import minipaged switched the interpreter on
+    ],
+)
+def test_device_for_puts_triton_on_cuda_where_it_compiles(monkeypatch, gpu, interpret, expected):
+    """Simulates a GPU machine on any machine: torch.cuda.is_available is what device_for consults."""
+    from minipaged.testing import device_for, interpreted
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    if interpret is None:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    assert device_for("triton") == torch.device(expected)
+    assert interpreted("triton") == (expected == "cpu")
+    assert device_for("reference") == torch.device("cpu") and not interpreted("reference")

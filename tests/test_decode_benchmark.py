@@ -132,6 +132,74 @@ def test_bytes_flops_and_goal_marks(bench):
     assert bench.goal_mark({"time_us": 1.0, "copy_fraction": 0.5, "x_sdpa": 1.1}) == "miss bw"
     assert bench.goal_mark({"time_us": 1.0, "copy_fraction": 0.5, "x_sdpa": 1.5}) == "miss bw+sdpa"
     assert bench.goal_mark({"skipped": "why"}) == "n/a"
+    assert bench.goal_mark({"time_us": 1.0, "copy_fraction": 0.5, "x_sdpa": None}) == "n/a"  # no sdpa time
+
+
+def test_a_point_without_sdpa_is_not_counted_for_the_goal(bench):
+    """Where sdpa has no time (left out, or failed), the goal is n/a: not a miss, not a judged point."""
+    shape = {"num_heads": 32, "num_kv_heads": 8, "head_dim": 128, "block_size": 16}
+    point = bench.Point("decode", "fp16", 1, 4096, 1, **shape)
+    row = {"methods": {"triton-kernel": {"time_us": 20.0}, "sdpa": {"skipped": "failed: OOM"}}}
+    bench.add_rates(row, point, copy_gbps=3000.0)
+    assert row["methods"]["triton-kernel"]["x_sdpa"] is None and row["goal"] == {"triton-kernel": "n/a"}
+
+
+def test_input_sets_hold_dense_kv_only_where_sdpa_needs_them(bench):
+    """Without sdpa only the first set (the oracle's) holds dense K/V, so more paged sets fit the budget."""
+    shape = {"num_heads": 32, "num_kv_heads": 8, "head_dim": 128, "block_size": 16}
+    point = bench.Point("decode", "fp16", 8, 4096, 1, **shape)
+    cuda = torch.device("cuda")  # num_sets only looks at the type: no GPU needed
+    dense, paged = point.set_bytes(True), point.set_bytes(False)
+    assert dense > 1.9 * paged  # the dense copy of K/V is about one more pool
+    budget = dense + 3 * paged
+    assert bench.num_sets(point, cuda, budget, dense=True) == 2  # 3 paged sets' bytes hold 1 dense set
+    assert bench.num_sets(point, cuda, budget, dense=False) == 4
+    assert bench.num_sets(point, cuda, dense - 1, dense=False) == 0  # the oracle's set must fit
+
+
+def test_flex_runs_last_within_each_point(bench, monkeypatch, tmp_path):
+    """Asked first, flex-paged still runs after every other method is checked and timed."""
+    events = []
+    for name, real in list(bench.FACTORIES.items()):
+
+        def factory(point, shared, first, args, name=name, real=real):
+            call = real(point, shared, first, args)
+            events.append(("check", name))
+            return lambda s: (events.append(("call", name)), call(s))[1]
+
+        monkeypatch.setitem(bench.FACTORIES, name, factory)
+    argv = [*QUICK, "--dtypes", "fp16", "--batches", "1", "--contexts", "16", "--skip-prefill"]
+    argv += ["--methods", "flex-paged", "sdpa", "triton", "--json", str(tmp_path / "out.json")]
+    assert bench.main(argv) == 0
+    first_flex = events.index(("check", "flex-paged"))
+    assert {name for _, name in events[:first_flex]} == {"sdpa", "triton"}  # checked and timed before
+    assert {name for _, name in events[first_flex:]} == {"flex-paged"}
+    row = json.loads((tmp_path / "out.json").read_text())["decode"][0]
+    assert list(row["methods"]) == ["flex-paged", "sdpa", "triton"]  # reported in the order asked
+
+
+def test_a_device_fault_in_flex_keeps_what_was_measured(bench, monkeypatch, tmp_path, capsys):
+    """A flex failure that leaves the device unusable (simulated: device_works says so) stops the sweep:
+    the point's other methods keep their times, the later points say why they were not run."""
+
+    def faulting(point, shared, first, args):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setitem(bench.FACTORIES, "flex-paged", faulting)
+    monkeypatch.setattr(bench, "device_works", lambda device: False)
+    path = tmp_path / "out.json"
+    argv = [*QUICK, "--dtypes", "fp16", "--batches", "1", "--contexts", "16", "40", "--skip-prefill"]
+    assert bench.main([*argv, "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    first, second = report["decode"]
+    assert all(first["methods"][m]["time_us"] > 0 for m in ("triton", "triton-kernel", "reference", "sdpa"))
+    assert first["methods"]["flex-paged"]["skipped"].startswith("failed: RuntimeError: CUDA error")
+    assert (
+        "the device stopped working after flex-paged failed at decode fp16 batch=1 ctx=16"
+        in (report["device_fault"])
+    )
+    assert second["skipped"].startswith("not run: the device stopped working") and second["methods"] == {}
+    assert "stopped early: the device stopped working" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

@@ -1,8 +1,10 @@
 """The kernel contract (minipaged/backend.py), held on every backend by one test file.
 
 Every test takes the `backend` fixture, so it runs once per backend that `available_backends()`
-finds: the reference always, the Triton backend where triton is installed. The tests know the
-contract, not any backend's insides. Inputs are fresh random tensors; every slot that no sequence
+finds: the reference always, the Triton backend where triton is installed. Tensors go to the
+`device` fixture (minipaged.testing.device_for): the CPU, except for the Triton backend on a machine
+with a GPU, where they go to CUDA and the kernels run compiled. The tests know the contract, not any
+backend's insides. Inputs are fresh random tensors; every slot that no sequence
 covers holds NaN or inf (minipaged.testing.random_paged_case), so reading one shows up; outputs are
 poisoned with NaN before the backend writes them, so an unwritten row shows up.
 
@@ -21,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minipaged.backend import available_backends, get_backend
-from minipaged.testing import PagedCase, random_paged_case, tolerance
+from minipaged.testing import PagedCase, device_for, interpreted, random_paged_case, tolerance
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
@@ -32,10 +34,15 @@ def backend(request):
     return get_backend(request.param)
 
 
-def interpreted(backend) -> bool:
-    """Triton on CPU tensors runs through its interpreter, thousands of times slower than compiled:
-    the sweeps keep their shapes but shorten their sequences there (the full lengths run compiled)."""
-    return backend.name == "triton" and not torch.cuda.is_available()
+@pytest.fixture
+def device(backend) -> torch.device:
+    """Where this backend's tensors go: CUDA for the Triton backend on a GPU machine, else the CPU.
+
+    Triton on CPU tensors runs through its interpreter, thousands of times slower than compiled: the
+    sweeps keep their shapes but shorten their sequences there (`interpreted`); on CUDA, compiled,
+    they run the full lengths.
+    """
+    return device_for(backend.name)
 
 
 @pytest.fixture
@@ -75,34 +82,34 @@ def random_lens(gen: torch.Generator, num_seqs: int, low: int, high: int) -> lis
 
 @pytest.mark.task2_2
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_decode_matches_dense(backend, gen, dtype):
+def test_decode_matches_dense(backend, device, gen, dtype):
     seq_lens = random_lens(gen, 4, 1, 40)
-    case = random_paged_case(gen, seq_lens, [1] * 4, dtype=dtype)
+    case = random_paged_case(gen, seq_lens, [1] * 4, dtype=dtype, device=device)
     run_attention(backend, case)
 
 
 @pytest.mark.task2_2
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_prefill_matches_dense(backend, gen, dtype):
+def test_prefill_matches_dense(backend, device, gen, dtype):
     seq_lens = random_lens(gen, 3, 1, 40)
-    case = random_paged_case(gen, seq_lens, seq_lens, dtype=dtype)
+    case = random_paged_case(gen, seq_lens, seq_lens, dtype=dtype, device=device)
     run_attention(backend, case)
 
 
 @pytest.mark.task2_2
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_chunked_prefill_matches_dense(backend, gen, dtype):
+def test_chunked_prefill_matches_dense(backend, device, gen, dtype):
     seq_lens = random_lens(gen, 3, 3, 40)
     q_lens = [int(torch.randint(2, n, (1,), generator=gen)) for n in seq_lens]  # 1 < q_len < seq_len
-    case = random_paged_case(gen, seq_lens, q_lens, dtype=dtype)
+    case = random_paged_case(gen, seq_lens, q_lens, dtype=dtype, device=device)
     run_attention(backend, case)
 
 
 @pytest.mark.task2_2
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_decode_prefill_chunk_and_idle_mixed_in_one_call(backend, gen, dtype):
+def test_decode_prefill_chunk_and_idle_mixed_in_one_call(backend, device, gen, dtype):
     # decode, prefill, a chunk of a chunked prefill (or a prefill after a prefix-cache hit), no rows
-    case = random_paged_case(gen, seq_lens=[23, 9, 30, 12], q_lens=[1, 9, 13, 0], dtype=dtype)
+    case = random_paged_case(gen, seq_lens=[23, 9, 30, 12], q_lens=[1, 9, 13, 0], dtype=dtype, device=device)
     run_attention(backend, case)
 
 
@@ -122,8 +129,8 @@ def sweep_lens(gen: torch.Generator, block_size: int, high: int = 48) -> tuple[l
 @pytest.mark.parametrize("block_size", [1, 8, 16, 32])
 @pytest.mark.parametrize("head_dim", [32, 64, 80, 128])
 @pytest.mark.parametrize("num_heads, num_kv_heads", [(8, 8), (8, 2), (8, 1)], ids=["mha", "gqa", "mqa"])
-def test_sweep_matches_dense(backend, gen, num_heads, num_kv_heads, head_dim, block_size, dtype):
-    seq_lens, q_lens = sweep_lens(gen, block_size, high=12 if interpreted(backend) else 48)
+def test_sweep_matches_dense(backend, device, gen, num_heads, num_kv_heads, head_dim, block_size, dtype):
+    seq_lens, q_lens = sweep_lens(gen, block_size, high=12 if interpreted(backend.name) else 48)
     case = random_paged_case(
         gen,
         seq_lens,
@@ -133,6 +140,7 @@ def test_sweep_matches_dense(backend, gen, num_heads, num_kv_heads, head_dim, bl
         head_dim=head_dim,
         block_size=block_size,
         dtype=dtype,
+        device=device,
     )
     run_attention(backend, case)
 
@@ -160,25 +168,25 @@ def batches(draw) -> dict:
 # 40 examples whatever the profile (each runs the whole oracle chain); the backend fixture is stateless.
 @settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(batch=batches())
-def test_random_batches_match_dense(backend, batch):
+def test_random_batches_match_dense(backend, device, batch):
     seed = batch.pop("seed")
-    if interpreted(backend):  # shorter sequences, same shapes (see `interpreted`)
+    if interpreted(backend.name):  # shorter sequences, same shapes (see the `device` fixture)
         batch["seq_lens"] = [min(n, 10) for n in batch["seq_lens"]]
         batch["q_lens"] = [min(q, n) for q, n in zip(batch["q_lens"], batch["seq_lens"], strict=True)]
-    case = random_paged_case(torch.Generator().manual_seed(seed), **batch)
+    case = random_paged_case(torch.Generator().manual_seed(seed), **batch, device=device)
     run_attention(backend, case)
 
 
 @pytest.mark.task2_2
-def test_distinct_blocks_match_dense(backend, gen):
-    case = random_paged_case(gen, [17, 5, 32], [1, 5, 4], repeat_blocks=False)
+def test_distinct_blocks_match_dense(backend, device, gen):
+    case = random_paged_case(gen, [17, 5, 32], [1, 5, 4], repeat_blocks=False, device=device)
     run_attention(backend, case)
 
 
 @pytest.mark.task2_2
-def test_shared_and_repeated_blocks(backend, gen):
+def test_shared_and_repeated_blocks(backend, device, gen):
     """Two sequences share their first two blocks (a fork); one table names a block twice."""
-    case = random_paged_case(gen, [20, 20], [1, 1], block_size=8, repeat_blocks=False)
+    case = random_paged_case(gen, [20, 20], [1, 1], block_size=8, repeat_blocks=False, device=device)
     shared = case.block_tables[0, :2].clone()
     case.block_tables[1, :2] = shared  # sequence 1 now reads sequence 0's first 16 tokens
     case.block_tables[0, 2] = shared[0]  # sequence 0's positions 16..19 read block `shared[0]`'s rows 0..3
@@ -193,9 +201,9 @@ def test_shared_and_repeated_blocks(backend, gen):
 
 
 @pytest.mark.task2_2
-def test_stale_slots_never_change_the_result(backend, gen):
+def test_stale_slots_never_change_the_result(backend, device, gen):
     """Overwrite every slot past seq_len with other garbage: the output must not move a bit."""
-    case = random_paged_case(gen, [13, 6, 9], [1, 6, 2], block_size=4, repeat_blocks=False)
+    case = random_paged_case(gen, [13, 6, 9], [1, 6, 2], block_size=4, repeat_blocks=False, device=device)
     first = run_attention(backend, case)
     for b, seq_len in enumerate(case.seq_lens.tolist()):
         last = case.block_tables[b, (seq_len - 1) // 4]
@@ -207,33 +215,101 @@ def test_stale_slots_never_change_the_result(backend, gen):
 
 @pytest.mark.task2_2
 @pytest.mark.parametrize("scale", [1.0, 0.05])
-def test_scale_is_the_one_given(backend, gen, scale):
-    case = random_paged_case(gen, [11, 7], [3, 7])
+def test_scale_is_the_one_given(backend, device, gen, scale):
+    case = random_paged_case(gen, [11, 7], [3, 7], device=device)
     case.scale = scale  # e.g. OPT scales inside its projection and passes 1.0
     run_attention(backend, case)
 
 
 @pytest.mark.task2_2
-def test_empty_batch(backend):
-    k_cache = torch.randn(4, 8, 2, 32)
-    query = torch.randn(0, 8, 32)
+def test_empty_batch(backend, device):
+    k_cache = torch.randn(4, 8, 2, 32, device=device)
+    query = torch.randn(0, 8, 32, device=device)
     out = backend.paged_attention(
         query,
         k_cache,
         k_cache.clone(),
-        torch.empty(0, 3, dtype=torch.int32),
-        torch.empty(0, dtype=torch.int32),
-        torch.zeros(1, dtype=torch.int32),
+        torch.empty(0, 3, dtype=torch.int32, device=device),
+        torch.empty(0, dtype=torch.int32, device=device),
+        torch.zeros(1, dtype=torch.int32, device=device),
         0.1,
     )
     assert out.shape == (0, 8, 32)
 
 
+def strided(values: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """A view of `values` with stride 2, `other` in the gaps: a kernel that assumes stride 1 reads it."""
+    view = torch.stack([values, other], dim=1)[:, 0]
+    assert torch.equal(view, values) and view.stride(0) == 2
+    return view
+
+
+@pytest.mark.task2_2
+@pytest.mark.parametrize("which", ["block_tables", "seq_lens", "query_start_loc", "all"])
+def test_metadata_of_any_strides(backend, device, gen, which):
+    """The metadata may come as views: a column-major block table, every other element of a buffer.
+
+    The reference indexes them like any tensor; a kernel must not assume they are contiguous. The
+    gaps hold other valid values (a table padded with real blocks, lengths and offsets of other
+    sequences), so a kernel that read the gaps would compute a wrong answer rather than fault.
+    """
+    seq_lens = sorted(random_lens(gen, 4, 2, 40))  # ascending: a gap's length is never past a table
+    case = random_paged_case(gen, seq_lens, [1, seq_lens[1], 2, 1], device=device)
+    tables = case.block_tables
+    tables[tables < 0] = torch.randint(case.k_cache.shape[0], (int((tables < 0).sum()),), generator=gen).to(
+        device=device, dtype=torch.int32
+    )  # padding may name any block: now every entry a wrong read could land on is a real block
+    expected = case.expected()
+    if which in ("block_tables", "all"):
+        case.block_tables = tables.t().contiguous().t()  # column-major: a row's entries num_seqs apart
+        assert case.block_tables.stride() == (1, tables.shape[0])
+    if which in ("seq_lens", "all"):
+        case.seq_lens = strided(case.seq_lens, case.seq_lens)  # the gaps: [s0, s0, s1, s1, ...]
+    if which in ("query_start_loc", "all"):
+        case.query_start_loc = strided(case.query_start_loc, case.query_start_loc)
+    out = run_attention(backend, case)
+    torch.testing.assert_close(out, expected, **tolerance(case.dtype))
+
+
+@pytest.mark.task2_2
+@pytest.mark.parametrize("out_layout", ["none", "permuted", "sliced"])
+def test_query_and_out_of_any_strides(backend, device, gen, out_layout):
+    """A dense query whose head_dim is not its innermost dimension, and out buffers that are views.
+
+    `out` like the query (permuted) cannot be written in place by a kernel that stores head_dim
+    elements one apart; a slice of a wider buffer can. Either way the buffer given is the one returned.
+    """
+    case = random_paged_case(gen, [21, 9, 14], [1, 9, 5], device=device)
+    expected, query = case.expected(), case.query
+    case.query = query.permute(2, 0, 1).contiguous().permute(1, 2, 0)  # dense, strides (H, 1, T*H)
+    assert case.query.stride(2) != 1 and torch.equal(case.query, query)
+    fresh = backend.paged_attention(*case.args)  # a new buffer: row-major whatever the query's strides
+    torch.testing.assert_close(fresh, expected, **tolerance(case.dtype))
+    if out_layout == "none":
+        run_attention(backend, case)  # out=full_like(query): the permuted strides again
+        return
+    rows, heads, dim = case.query.shape
+    if out_layout == "permuted":
+        buffer = torch.full((dim, rows, heads), math.nan, device=device)
+        out = buffer.permute(1, 2, 0)  # head_dim elements rows * heads apart
+    else:
+        buffer = torch.full((rows, heads + 3, dim + 5), math.nan, device=device)
+        out = buffer[:, 1 : heads + 1, 2 : dim + 2]  # head_dim elements one apart, rows and heads wider
+    assert not out.is_contiguous()
+    returned = backend.paged_attention(*case.args, out=out)
+    assert returned is out
+    torch.testing.assert_close(out, expected, **tolerance(case.dtype))
+    out.fill_(0.0)
+    assert buffer.isnan().sum() == buffer.numel() - out.numel(), "nothing outside `out` is written"
+
+
 # ---- write_kv: writing through the table -----------------------------------------------------------
 
 
-def random_pool(gen: torch.Generator, num_blocks: int, block_size: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.randn(num_blocks, block_size, 2, 16, generator=gen).to(dtype)
+def random_pool(
+    gen: torch.Generator, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    return torch.randn(num_blocks, block_size, 2, 16, generator=gen).to(dtype).to(device)
 
 
 def check_written(before: torch.Tensor, after: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> None:
@@ -247,48 +323,65 @@ def check_written(before: torch.Tensor, after: torch.Tensor, rows: torch.Tensor,
 @pytest.mark.task2_1
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("block_size", [1, 4, 16])
-def test_write_kv_stores_each_row_at_its_slot(backend, gen, dtype, block_size):
-    k_cache, v_cache = random_pool(gen, 6, block_size, dtype), random_pool(gen, 6, block_size, dtype)
+def test_write_kv_stores_each_row_at_its_slot(backend, device, gen, dtype, block_size):
+    k_cache, v_cache = (random_pool(gen, 6, block_size, dtype, device) for _ in range(2))
     k_before, v_before = k_cache.clone(), v_cache.clone()
     num_tokens = 5
     slots = torch.randperm(6 * block_size, generator=gen)[:num_tokens]
     slots[1] = -1  # a padding token: skipped
-    key = torch.randn(num_tokens, 2, 16, generator=gen).to(dtype)
-    value = torch.randn(num_tokens, 2, 16, generator=gen).to(dtype)
+    slots = slots.to(device)
+    key = torch.randn(num_tokens, 2, 16, generator=gen).to(dtype).to(device)
+    value = torch.randn(num_tokens, 2, 16, generator=gen).to(dtype).to(device)
     backend.write_kv(key, value, k_cache, v_cache, slots)
     check_written(k_before, k_cache, key, slots)
     check_written(v_before, v_cache, value, slots)
 
 
 @pytest.mark.task2_1
-def test_write_kv_takes_views_of_a_fused_qkv(backend, gen):
-    qkv = torch.randn(7, 3, 2, 16, generator=gen)  # [num_tokens, q|k|v, num_kv_heads, head_dim]
+def test_write_kv_takes_views_of_a_fused_qkv(backend, device, gen):
+    qkv = torch.randn(7, 3, 2, 16, generator=gen).to(device)  # [num_tokens, q|k|v, num_kv_heads, head_dim]
     _, key, value = qkv.unbind(1)  # non-contiguous views, as a fused projection gives them
     assert not key.is_contiguous()
-    k_cache, v_cache = random_pool(gen, 4, 4, torch.float32), random_pool(gen, 4, 4, torch.float32)
+    k_cache, v_cache = (random_pool(gen, 4, 4, torch.float32, device) for _ in range(2))
     k_before, v_before = k_cache.clone(), v_cache.clone()
-    slots = torch.tensor([3, 4, 5, 6, -1, 12, 0])
+    slots = torch.tensor([3, 4, 5, 6, -1, 12, 0], device=device)
     backend.write_kv(key, value, k_cache, v_cache, slots)
     check_written(k_before, k_cache, key, slots)
     check_written(v_before, v_cache, value, slots)
 
 
 @pytest.mark.task2_1
-def test_write_kv_all_padding_changes_nothing(backend, gen):
-    k_cache, v_cache = random_pool(gen, 3, 4, torch.float16), random_pool(gen, 3, 4, torch.float16)
+def test_write_kv_takes_a_strided_slot_mapping(backend, device, gen):
+    """slot_mapping as a view with stride 2; the gaps hold -1 and other tokens' slots, never its own."""
+    k_cache, v_cache = (random_pool(gen, 5, 4, torch.float32, device) for _ in range(2))
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    slots = torch.tensor([7, -1, 2, 19, 11, 0], device=device)
+    gaps = torch.tensor([-1, 7, -1, 2, -1, 11], device=device)  # [7, -1, -1, 7, 2, -1, ...] if read flat
+    key = torch.randn(6, 2, 16, generator=gen).to(device)
+    value = torch.randn(6, 2, 16, generator=gen).to(device)
+    view = torch.stack([slots, gaps], dim=1)[:, 0]
+    assert torch.equal(view, slots) and view.stride(0) == 2
+    backend.write_kv(key, value, k_cache, v_cache, view)
+    check_written(k_before, k_cache, key, slots)
+    check_written(v_before, v_cache, value, slots)
+
+
+@pytest.mark.task2_1
+def test_write_kv_all_padding_changes_nothing(backend, device, gen):
+    k_cache, v_cache = (random_pool(gen, 3, 4, torch.float16, device) for _ in range(2))
     k_before = bits(k_cache)
-    key = torch.randn(3, 2, 16, generator=gen).half()
-    backend.write_kv(key, key.clone(), k_cache, v_cache, torch.full((3,), -1))
+    key = torch.randn(3, 2, 16, generator=gen).half().to(device)
+    backend.write_kv(key, key.clone(), k_cache, v_cache, torch.full((3,), -1, device=device))
     assert torch.equal(bits(k_cache), k_before)
 
 
 @pytest.mark.task2_2  # needs write_kv (task 2.1) and paged attention (task 2.2)
-def test_write_then_attend_through_block_tables(backend, gen):
+def test_write_then_attend_through_block_tables(backend, device, gen):
     """The two halves together: a prefill's K/V written through its slots is what attention reads."""
     from minipaged.reference.block_table import BlockTable, block_tables_tensor
 
     num_blocks, block_size = 8, 4
-    k_cache = torch.full((num_blocks, block_size, 2, 16), math.nan)  # unwritten slots are NaN
+    k_cache = torch.full((num_blocks, block_size, 2, 16), math.nan, device=device)  # unwritten slots: NaN
     v_cache = torch.full_like(k_cache, math.nan)
     free = [6, 1, 4, 0, 7, 2]
     tables = [BlockTable(block_size), BlockTable(block_size)]
@@ -296,19 +389,19 @@ def test_write_then_attend_through_block_tables(backend, gen):
     keys, values = [], []
     for table, n in zip(tables, lens, strict=True):
         table.append_tokens(n, free.pop)
-        key = torch.randn(n, 2, 16, generator=gen)
-        value = torch.randn(n, 2, 16, generator=gen)
-        backend.write_kv(key, value, k_cache, v_cache, torch.tensor(table.slot_mapping(n)))
+        key = torch.randn(n, 2, 16, generator=gen).to(device)
+        value = torch.randn(n, 2, 16, generator=gen).to(device)
+        backend.write_kv(key, value, k_cache, v_cache, torch.tensor(table.slot_mapping(n), device=device))
         keys.append(key)
         values.append(value)
-    query = torch.randn(sum(lens), 4, 16, generator=gen)
+    query = torch.randn(sum(lens), 4, 16, generator=gen).to(device)
     case = PagedCase(
         query=query,
         k_cache=k_cache,
         v_cache=v_cache,
-        block_tables=block_tables_tensor(tables, max_blocks=4),
-        seq_lens=torch.tensor(lens, dtype=torch.int32),
-        query_start_loc=torch.tensor([0, 7, 17], dtype=torch.int32),
+        block_tables=block_tables_tensor(tables, max_blocks=4).to(device),
+        seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
+        query_start_loc=torch.tensor([0, 7, 17], dtype=torch.int32, device=device),
         scale=0.25,
         keys=keys,
         values=values,
@@ -328,12 +421,12 @@ def poisoned_pool(gen: torch.Generator, num_blocks: int, dtype: torch.dtype, dev
 
 @pytest.mark.task2_4
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_copy_blocks_in_every_layer(backend, gen, dtype):
+def test_copy_blocks_in_every_layer(backend, device, gen, dtype):
     num_layers, num_blocks = 3, 10
-    k_caches = [poisoned_pool(gen, num_blocks, dtype) for _ in range(num_layers)]
-    v_caches = [poisoned_pool(gen, num_blocks, dtype) for _ in range(num_layers)]
+    k_caches = [poisoned_pool(gen, num_blocks, dtype, device) for _ in range(num_layers)]
+    v_caches = [poisoned_pool(gen, num_blocks, dtype, device) for _ in range(num_layers)]
     before = [(k.clone(), v.clone()) for k, v in zip(k_caches, v_caches, strict=True)]
-    mapping = torch.tensor([[0, 7], [3, 5], [0, 9], [2, 4]])  # a source copied twice is fine
+    mapping = torch.tensor([[0, 7], [3, 5], [0, 9], [2, 4]], device=device)  # a source copied twice is fine
     backend.copy_blocks(k_caches, v_caches, mapping)
     for layer in range(num_layers):
         for after, old in zip((k_caches[layer], v_caches[layer]), before[layer], strict=True):
@@ -343,10 +436,11 @@ def test_copy_blocks_in_every_layer(backend, gen, dtype):
 
 
 @pytest.mark.task2_4
-def test_copy_blocks_with_no_pairs_changes_nothing(backend, gen):
-    k_caches, v_caches = [poisoned_pool(gen, 4, torch.float32)], [poisoned_pool(gen, 4, torch.float32)]
+def test_copy_blocks_with_no_pairs_changes_nothing(backend, device, gen):
+    k_caches = [poisoned_pool(gen, 4, torch.float32, device)]
+    v_caches = [poisoned_pool(gen, 4, torch.float32, device)]
     before = bits(k_caches[0])
-    backend.copy_blocks(k_caches, v_caches, torch.empty(0, 2, dtype=torch.int64))
+    backend.copy_blocks(k_caches, v_caches, torch.empty(0, 2, dtype=torch.int64, device=device))
     assert torch.equal(bits(k_caches[0]), before)
 
 
@@ -367,7 +461,7 @@ def test_swap_blocks_moves_whole_blocks(backend, gen, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_swap_round_trip_is_byte_identical(backend, gen, dtype):
     """Device -> host -> device, into other blocks: every byte comes back (on CUDA when there is one)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # every backend's swap crosses to the host
     for _layer in range(2):
         device_pool = poisoned_pool(gen, 8, dtype, device)
         host_pool = poisoned_pool(gen, 5, dtype)

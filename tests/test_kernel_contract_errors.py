@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from minipaged.backend import available_backends, get_backend
+from minipaged.testing import device_for
 
 I32, I64 = torch.int32, torch.int64
 
@@ -149,14 +150,40 @@ def test_paged_attention_rejects(backend, mutate, message):
         call_attention(backend, args)
 
 
+def to(args: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+
+
 def test_valid_arguments_pass(backend):
-    """The base of every case above is valid, so each error comes from the one broken argument."""
-    assert call_attention(backend, attention_args()).shape == (4, 4, 8)
-    args = write_kv_args()
-    backend.write_kv(*args.values())
-    caches = [torch.randn(6, 4, 2, 8)], [torch.randn(6, 4, 2, 8)]
-    backend.copy_blocks(*caches, torch.tensor([[0, 1]]))
+    """The base of every case above is valid, so each error comes from the one broken argument.
+
+    (On the backend's own device: the Triton backend on a GPU machine takes CUDA tensors; the cases
+    above fail their checks before that matters.)
+    """
+    device = device_for(backend.name)
+    assert call_attention(backend, to(attention_args(), device)).shape == (4, 4, 8)
+    backend.write_kv(*to(write_kv_args(), device).values())
+    caches = [torch.randn(6, 4, 2, 8, device=device)], [torch.randn(6, 4, 2, 8, device=device)]
+    backend.copy_blocks(*caches, torch.tensor([[0, 1]], device=device))
     backend.swap_blocks(torch.randn(6, 4, 2, 8), torch.randn(3, 4, 2, 8), torch.tensor([[5, 2]]))
+
+
+@pytest.mark.skipif("triton" not in available_backends(), reason="triton is not installed")
+def test_triton_refuses_cpu_tensors_without_its_interpreter(monkeypatch):
+    """CPU tensors with Triton's interpreter off (a GPU machine's state): a ValueError naming the argument.
+
+    TRITON_INTERPRET is what the launchers consult, so setting it to 0 here puts them in that state
+    on any machine; every check runs before a kernel would.
+    """
+    backend = get_backend("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cuda = r"must be on a CUDA device for the Triton backend, got cpu: .*set TRITON_INTERPRET=1 before triton"
+    with pytest.raises(ValueError, match=r"k_cache " + cuda):
+        call_attention(backend, attention_args())
+    with pytest.raises(ValueError, match=r"k_cache " + cuda):
+        backend.write_kv(*write_kv_args().values())
+    with pytest.raises(ValueError, match=r"k_caches and v_caches " + cuda):
+        backend.copy_blocks(*copy_args().values())
 
 
 # ---- copy_blocks and swap_blocks ---------------------------------------------------------------------

@@ -3,12 +3,15 @@
 The contract tests (test_kernel_contract.py) hold the public ops to the oracle. These tests open the
 dispatch: split-KV decode with every number of chunks (the merge, and chunks past a short sequence's
 end), the plan that sends each sequence to its kernel, prefill tiles across a cached prefix, the
-split policy, copy_blocks in one launch, and the kernels compiled for real GPUs (no GPU needed).
-On a CPU they run through Triton's interpreter, so the shapes stay small.
+split policy, copy_blocks in one launch, the launch on each tensor's own GPU, and the kernels compiled
+for real GPUs (no GPU needed). Tensors go to DEVICE (minipaged.testing.device_for): CUDA on a GPU
+machine, where the kernels run compiled; the CPU elsewhere, through Triton's interpreter, so the
+shapes stay small.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
@@ -20,12 +23,13 @@ import pytest
 import torch
 
 from minipaged.backend import available_backends, get_backend
-from minipaged.testing import random_paged_case, tolerance
+from minipaged.testing import device_for, random_paged_case, tolerance
 
 pytestmark = pytest.mark.skipif("triton" not in available_backends(), reason="triton is not installed")
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEVICE = device_for("triton")
 
 
 @pytest.fixture
@@ -55,7 +59,13 @@ def test_split_decode_matches_dense(fast, gen, num_splits, heads):
     # 300 tokens in chunks of 64-token tiles: several full chunks, a partial one, and for the short
     # sequences chunks that lie wholly past their end (lse -inf, weight 0 in the merge)
     case = random_paged_case(
-        gen, [300, 65, 1, 130], [1, 1, 1, 1], num_heads=heads[0], num_kv_heads=heads[1], block_size=16
+        gen,
+        [300, 65, 1, 130],
+        [1, 1, 1, 1],
+        num_heads=heads[0],
+        num_kv_heads=heads[1],
+        block_size=16,
+        device=DEVICE,
     )
     plan, out = planned(fast, case, num_splits)
     assert plan.num_splits == min(num_splits, 5)  # 300 tokens fill at most five 64-token chunks
@@ -65,14 +75,22 @@ def test_split_decode_matches_dense(fast, gen, num_splits, heads):
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
 def test_split_decode_dtypes_and_odd_head_dim(fast, gen, dtype):
     case = random_paged_case(
-        gen, [200, 90], [1, 1], num_heads=6, num_kv_heads=2, head_dim=40, block_size=8, dtype=DTYPES[dtype]
+        gen,
+        [200, 90],
+        [1, 1],
+        num_heads=6,
+        num_kv_heads=2,
+        head_dim=40,
+        block_size=8,
+        dtype=DTYPES[dtype],
+        device=DEVICE,
     )  # head_dim 40 pads to 64 lanes; group 3 pads to 16 rows
     _, out = planned(fast, case, 3)
     torch.testing.assert_close(out, case.expected(), **tolerance(case.dtype))
 
 
 def test_split_and_unsplit_agree(fast, gen):
-    case = random_paged_case(gen, [257, 129, 3], [1, 1, 1], block_size=16)
+    case = random_paged_case(gen, [257, 129, 3], [1, 1, 1], block_size=16, device=DEVICE)
     _, one = planned(fast, case, 1)
     _, five = planned(fast, case, 5)
     torch.testing.assert_close(five, one, rtol=1e-5, atol=1e-6)
@@ -80,7 +98,9 @@ def test_split_and_unsplit_agree(fast, gen):
 
 def test_prefill_tiles_after_a_cached_prefix(fast, gen):
     # q_len 70 spans three 32-row tiles (the last one partial); 130 cached tokens come before them
-    case = random_paged_case(gen, [200, 40, 9], [70, 40, 1], num_heads=4, num_kv_heads=2, block_size=16)
+    case = random_paged_case(
+        gen, [200, 40, 9], [70, 40, 1], num_heads=4, num_kv_heads=2, block_size=16, device=DEVICE
+    )
     plan, out = planned(fast, case, None)
     assert plan.prefill_seqs.tolist() == [0, 1] and plan.decode_seqs.tolist() == [2]
     torch.testing.assert_close(out, case.expected(), **tolerance(case.dtype))
@@ -128,10 +148,10 @@ def test_copy_blocks_is_one_launch_for_every_layer(fast, gen, monkeypatch):
     cache_ops = fast[1]
     counter = LaunchCounter(cache_ops._copy_blocks_kernel)
     monkeypatch.setattr(cache_ops, "_copy_blocks_kernel", counter)
-    k = [torch.randn(6, 4, 2, 8, generator=gen) for _ in range(4)]  # 4 layers
-    v = [torch.randn(6, 4, 2, 8, generator=gen) for _ in range(4)]
+    k = [torch.randn(6, 4, 2, 8, generator=gen).to(DEVICE) for _ in range(4)]  # 4 layers
+    v = [torch.randn(6, 4, 2, 8, generator=gen).to(DEVICE) for _ in range(4)]
     expected_k, expected_v = [t.clone() for t in k], [t.clone() for t in v]
-    mapping = torch.tensor([[0, 3], [2, 5], [0, 1]])
+    mapping = torch.tensor([[0, 3], [2, 5], [0, 1]], device=DEVICE)
     get_backend("reference").copy_blocks(expected_k, expected_v, mapping)
     cache_ops.copy_blocks(k, v, mapping)
     assert counter.grids == [(3, 8)]  # one launch: 3 pairs x 8 pools
@@ -143,15 +163,108 @@ def test_copy_blocks_with_mixed_pool_kinds_takes_one_launch_per_kind(fast, gen, 
     cache_ops = fast[1]
     counter = LaunchCounter(cache_ops._copy_blocks_kernel)
     monkeypatch.setattr(cache_ops, "_copy_blocks_kernel", counter)
-    k = [torch.randn(5, 2, 2, 4, generator=gen), torch.randn(5, 2, 1, 4, generator=gen).half()]
+    k = [
+        torch.randn(5, 2, 2, 4, generator=gen).to(DEVICE),
+        torch.randn(5, 2, 1, 4, generator=gen).half().to(DEVICE),
+    ]
     v = [t.clone() for t in k]
     expected_k, expected_v = [t.clone() for t in k], [t.clone() for t in v]
-    mapping = torch.tensor([[4, 0]])
+    mapping = torch.tensor([[4, 0]], device=DEVICE)
     get_backend("reference").copy_blocks(expected_k, expected_v, mapping)
     cache_ops.copy_blocks(k, v, mapping)
     assert len(counter.grids) == 2  # fp32 pools and fp16 pools
     for got, want in zip(k + v, expected_k + expected_v, strict=True):
         assert torch.equal(got, want)
+
+
+def test_launch_device_is_a_no_op_off_cuda(fast):
+    cache_ops = fast[1]
+    with cache_ops.launch_device(torch.device("cpu")) as entered:
+        assert entered is None  # contextlib.nullcontext: nothing switched, no CUDA call made
+
+
+def test_launch_device_makes_the_tensors_gpu_current(fast, monkeypatch):
+    """The CUDA branch, simulated: it enters torch.cuda.device with the tensors' device."""
+    cache_ops = fast[1]
+    entered = []
+
+    class Recorder:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", Recorder)
+    with cache_ops.launch_device(torch.device("cuda", 1)):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+
+
+def test_every_launcher_launches_on_its_tensors_device(fast, gen, monkeypatch):
+    """write_kv, paged_attention (decode split and merge, prefill), copy_blocks and both halves of a
+    swap each launch inside launch_device(their tensors' device), so a pool on cuda:1 is computed on
+    cuda:1 (tests/test_triton_gpu.py runs that on a machine with two GPUs)."""
+    attention, cache_ops, _ = fast
+    real, active, launches = cache_ops.launch_device, [], []
+
+    @contextlib.contextmanager
+    def recording(device):
+        with real(device):
+            active.append(device)
+            try:
+                yield
+            finally:
+                active.pop()
+
+    for module in (attention, cache_ops):
+        monkeypatch.setattr(module, "launch_device", recording)
+    for module, name in [
+        (cache_ops, "_write_kv_kernel"),
+        (cache_ops, "_copy_rows_kernel"),
+        (cache_ops, "_copy_blocks_kernel"),
+        (attention, "_decode_split_kernel"),
+        (attention, "_merge_splits_kernel"),
+        (attention, "_prefill_kernel"),
+    ]:
+        monkeypatch.setattr(module, name, InsideLaunchDevice(getattr(module, name), name, active, launches))
+
+    backend = get_backend("triton")
+    case = random_paged_case(gen, [300, 20], [1, 20], block_size=16, device=DEVICE)
+    plan = attention.plan_attention(case.seq_lens, case.query_start_loc, case.k_cache.shape[2], 3)
+    attention.run_planned(plan, *case.args)
+    slots = torch.tensor([5, 9], device=DEVICE)
+    backend.write_kv(case.query[:2, :2], case.query[2:4, :2], case.k_cache, case.v_cache, slots)
+    backend.copy_blocks([case.k_cache], [case.v_cache], torch.tensor([[0, 1]], device=DEVICE))
+    host = torch.empty((4, *case.k_cache.shape[1:]))
+    backend.swap_blocks(case.k_cache, host, torch.tensor([[2, 3]]))  # gather on DEVICE, scatter on the host
+    assert {name for name, _ in launches} == {
+        "_decode_split_kernel",
+        "_merge_splits_kernel",
+        "_prefill_kernel",
+        "_write_kv_kernel",
+        "_copy_blocks_kernel",
+        "_copy_rows_kernel",
+    }
+    assert all(device == case.k_cache.device for _, device in launches)
+
+
+class InsideLaunchDevice:
+    """Stands in for a kernel: records `kernel[grid](...)` with the launch_device it runs inside."""
+
+    def __init__(self, kernel, name, active, launches):
+        self.kernel, self.name, self.active, self.launches = kernel, name, active, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            assert self.active, f"{self.name} launched outside launch_device"
+            self.launches.append((self.name, self.active[-1]))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
 
 
 def test_kernels_compile_for_hopper_without_a_gpu():
@@ -166,4 +279,6 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "all compiled" in result.stdout
-    assert result.stdout.count(" ok ") >= 7  # decode (two), prefill, merge, write_kv, the two copies
+    # decode (two), prefill, merge, write_kv, the two copies: each plain (i32 arguments) and as a real
+    # launch specializes it (divisible-by-16 pointers and integers, integers equal to 1 made constants)
+    assert result.stdout.count(" plain   ok ") >= 7 and result.stdout.count(" launch  ok ") >= 7

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minipaged.fast.cache_ops import check_runnable, interpreting
+from minipaged.fast.cache_ops import check_runnable, interpreting, launch_device
 from minipaged.fast.decode import DECODE_BLOCK_N, _decode_split_kernel, _merge_splits_kernel, num_kv_splits
 from minipaged.fast.prefill import PREFILL_BLOCK_M, PREFILL_BLOCK_N, _prefill_kernel
 from minipaged.reference.validation import check_paged_attention
@@ -111,8 +111,8 @@ def paged_attention(
     (run_planned).
 
     Raises:
-        ValueError: as the reference, with the same messages; and for a non-contiguous pool.
-        RuntimeError: for CPU tensors when Triton's interpreter is off.
+        ValueError: as the reference, with the same messages; for a non-contiguous pool; and for CPU
+            tensors when Triton's interpreter is off.
     """
     check_paged_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out)
     check_runnable(k_cache, "k_cache")
@@ -136,12 +136,37 @@ def run_planned(
     """Launch the kernels of a plan; no checks (paged_attention checks, then calls this).
 
     For callers that check once and attend many times with the same metadata: an engine's layers,
-    or a benchmark timing the kernels alone.
+    or a benchmark timing the kernels alone. The kernels take any strides for query and out along
+    their first two dimensions; anything else they read as flat arrays, so it is made contiguous here.
     """
     given = out
-    out = torch.empty_like(query) if out is None or out.stride(2) != 1 else out  # [num_q_tokens, heads, dim]
+    if out is None or out.stride(2) != 1:  # a fresh row-major buffer (empty_like would keep odd strides)
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)  # [num_q_tokens, heads, dim]
     if query.stride(2) != 1:
         query = query.contiguous()
+    # the kernels index these as flat arrays (a table row's entries one apart): strided views are copied
+    block_tables, seq_lens = block_tables.contiguous(), seq_lens.contiguous()
+    query_start_loc = query_start_loc.contiguous()
+    with launch_device(query.device):
+        _launch(plan, query, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, scale)
+    if given is not None and given is not out:  # a caller's buffer the kernel could not write directly
+        given.copy_(out)
+        return given
+    return out
+
+
+def _launch(
+    plan: AttentionPlan,
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+) -> None:
+    """The decode kernel (and its merge when split), then the prefill kernel, on disjoint rows of out."""
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     group = num_heads // num_kv_heads
@@ -231,7 +256,3 @@ def run_planned(
             DOT_DTYPE=dot_dtype,
             DOT_PRECISION=precision,
         )
-    if given is not None and given is not out:  # a caller's buffer the kernel could not write directly
-        given.copy_(out)
-        return given
-    return out

@@ -8,6 +8,7 @@ consecutive elements in a contiguous pool, so moving a block is moving one flat 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 
@@ -27,13 +28,26 @@ def interpreting() -> bool:
 
 def check_runnable(tensor: torch.Tensor, name: str) -> None:
     """CUDA tensors run compiled, CPU tensors only through the interpreter; pools must be contiguous."""
-    if tensor.device.type == "cpu" and not interpreting():
-        raise RuntimeError(
-            f"{name} is on the CPU: the Triton backend runs CPU tensors only through Triton's interpreter; "
-            "set TRITON_INTERPRET=1 before minipaged (and triton) are imported"
+    if tensor.device.type != "cuda" and not interpreting():
+        raise ValueError(
+            f"{name} must be on a CUDA device for the Triton backend, got {tensor.device}: Triton runs "
+            "CPU tensors only through its interpreter, which is off; move the tensors to 'cuda', or set "
+            "TRITON_INTERPRET=1 before triton (or minipaged) is imported"
         )
     if not tensor.is_contiguous():
         raise ValueError(f"{name} must be contiguous for the Triton backend")
+
+
+def launch_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make `device` the current CUDA device around a launch (a no-op off CUDA).
+
+    Triton launches a kernel on the *current* CUDA device, not on the device of its tensors: a pool on
+    cuda:1 while cuda:0 is current would be read by a kernel running on cuda:0. Every launcher wraps
+    its launches in this, as torch's own ops do.
+    """
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 @triton.jit
@@ -82,21 +96,23 @@ def write_kv(
         return
     if key.stride(2) != 1 or value.stride(2) != 1:  # the kernel reads a head's elements consecutively
         key, value = key.contiguous(), value.contiguous()
-    _write_kv_kernel[(num_tokens,)](
-        key,
-        value,
-        k_cache,
-        v_cache,
-        slot_mapping,
-        key.stride(0),
-        key.stride(1),
-        value.stride(0),
-        value.stride(1),
-        num_kv_heads,
-        head_dim,
-        BLOCK_H=triton.next_power_of_2(num_kv_heads),
-        BLOCK_D=triton.next_power_of_2(head_dim),
-    )
+    slot_mapping = slot_mapping.contiguous()  # the kernel reads it as a flat array (a view may be strided)
+    with launch_device(k_cache.device):
+        _write_kv_kernel[(num_tokens,)](
+            key,
+            value,
+            k_cache,
+            v_cache,
+            slot_mapping,
+            key.stride(0),
+            key.stride(1),
+            value.stride(0),
+            value.stride(1),
+            num_kv_heads,
+            head_dim,
+            BLOCK_H=triton.next_power_of_2(num_kv_heads),
+            BLOCK_D=triton.next_power_of_2(head_dim),
+        )
 
 
 @triton.jit
@@ -127,7 +143,8 @@ def _copy_rows(src: torch.Tensor, dst: torch.Tensor, src_rows: torch.Tensor, dst
         return
     row_size = src[0].numel()
     src_rows, dst_rows = src_rows.contiguous(), dst_rows.contiguous()  # the kernel reads them as flat arrays
-    _copy_rows_kernel[(src_rows.numel(),)](src, dst, src_rows, dst_rows, row_size, TILE=COPY_TILE)
+    with launch_device(src.device):
+        _copy_rows_kernel[(src_rows.numel(),)](src, dst, src_rows, dst_rows, row_size, TILE=COPY_TILE)
 
 
 @triton.jit
@@ -178,13 +195,14 @@ def copy_blocks(
         cache_ptrs = torch.tensor(
             [pool.data_ptr() for pool in same], dtype=torch.int64, device=same[0].device
         )  # [number of pools]
-        _copy_blocks_kernel[(mapping.shape[0], len(same))](
-            cache_ptrs,
-            mapping,
-            block_numel,
-            DTYPE=_TL_DTYPES[dtype],
-            TILE=COPY_TILE,
-        )
+        with launch_device(same[0].device):
+            _copy_blocks_kernel[(mapping.shape[0], len(same))](
+                cache_ptrs,
+                mapping,
+                block_numel,
+                DTYPE=_TL_DTYPES[dtype],
+                TILE=COPY_TILE,
+            )
 
 
 def swap_blocks(src: torch.Tensor, dst: torch.Tensor, block_mapping: torch.Tensor) -> None:

@@ -144,7 +144,7 @@ def _merge_splits_kernel(
     offs_c = tl.arange(0, BLOCK_SPLITS)
     mask_c = offs_c < num_splits  # lanes past num_splits: lse -inf, weight 0
     offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < head_dim
+    mask_d = offs_d < head_dim  # lanes past head_dim: loaded as 0, never stored
     part = (decode * num_heads + head) * num_splits + offs_c  # [BLOCK_SPLITS]
     lse = tl.load(partial_lse_ptr + part, mask=mask_c, other=float("-inf"))  # [BLOCK_SPLITS]
     lse_max = tl.max(lse, axis=0)  # finite: chunk 0 always holds token 0
