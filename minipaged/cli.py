@@ -299,6 +299,15 @@ def _experiment(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     for option, path in (("--json", args.json), ("--plot", args.plot)):
         if path is not None and not Path(path).resolve().parent.is_dir():
             parser.error(f"{option}: the folder of {path!r} does not exist")
+    if args.plot is not None:  # before the run: a bad suffix must not cost a full run
+        try:
+            from minipaged.experiments.plotting import check_plot_path
+
+            check_plot_path(args.plot)
+        except ImportError as error:
+            parser.error(f"--plot needs matplotlib (pip install matplotlib): {error}")
+        except ValueError as error:
+            parser.error(f"--plot: {error}")
     if args.name not in EXPERIMENTS:
         parser.error(f"unknown experiment {args.name!r}; expected one of {', '.join(EXPERIMENTS)}")
     try:
@@ -325,8 +334,6 @@ def _experiment(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
             module.plot(result, args.plot)
         except ImportError as error:
             parser.error(f"--plot needs matplotlib (pip install matplotlib): {error}")
-        except ValueError as error:  # a suffix matplotlib cannot write
-            parser.error(f"--plot: {error}")
         print(f"wrote {args.plot}")
     return 0
 

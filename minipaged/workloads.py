@@ -1,30 +1,31 @@
 """Workloads: the requests a serving experiment replays, with the paper's length distributions.
 
-Idea: how much a KV cache wastes depends on the lengths it must hold. A system that reserves memory
-for the longest possible output (Orca) loses most when outputs are short on average but long-tailed,
-so the experiments need requests whose lengths look like real traffic. vLLM paper section 6.1,
-"Workloads", Fig. 11: ShareGPT (conversations with ChatGPT; mean input 161.31 tokens, mean output
-337.99) and Alpaca (GPT-3.5 answers to instructions; mean input 19.31, mean output 58.45), with
-requests arriving as a Poisson process at a given rate. Section 6.3 adds parallel sampling and beam
-search, section 6.4 a shared prefix (a 1-shot or 5-shot translation prompt of 80 or 341 tokens).
+OS idea: an allocator is judged on a workload, a trace of allocation sizes, arrivals and lifetimes; when
+no real trace is at hand, a synthetic one draws them from distributions fitted to measured traffic. A
+policy that reserves for the worst case loses most when sizes are small on average but long-tailed
+(OSTEP ch. 17, "Free-Space Management", and its malloc.py homework simulator). KV counterpart: how much
+a KV cache wastes depends on the lengths it must hold, so the experiments need requests whose lengths
+look like real traffic. vLLM paper section 6.1, "Workloads", Fig. 11: ShareGPT (conversations with
+ChatGPT; mean input 161.31 tokens, mean output 337.99) and Alpaca (GPT-3.5 answers to instructions; mean
+input 19.31, mean output 58.45), with requests arriving as a Poisson process at a given rate. Section
+6.3 adds parallel sampling and beam search, section 6.4 a shared prefix (a 1-shot or 5-shot translation
+prompt of 80 or 341 tokens).
 
-Lengths are log-normal: exp(mu + sigma * z) with z standard normal, rounded and clipped so that
-1 <= prompt_len, 1 <= output_len and prompt_len + output_len <= max_model_len. Sigma sets the tail
-(our choice: the paper gives histograms, not parameters); mu is solved by bisection so that the mean
-*after* clipping equals the paper's mean. A seed fixes the lengths; the arrival times come from a
-second stream of the same seed, so sweeping the rate (as Fig. 12 does) keeps the same requests.
-`load_sharegpt` reads the lengths of a real ShareGPT JSON instead; none is shipped.
+Lengths are log-normal: exp(mu + sigma * z) with z standard normal, rounded and clipped so that 1 <=
+prompt_len, 1 <= output_len and prompt_len + output_len <= max_model_len. Sigma sets the tail (our
+choice: the paper gives histograms, not parameters); mu is solved by bisection so that the mean *after*
+clipping equals the paper's mean. A seed fixes the lengths; the arrival times come from a second stream
+of the same seed, so sweeping the rate (as Fig. 12 does) keeps the same requests. `load_sharegpt`
+(minipaged/sharegpt.py, importable from here too) reads the lengths of a real ShareGPT JSON instead;
+none is shipped.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -138,10 +139,13 @@ class Workload:
 
     @property
     def mean_prompt_len(self) -> float:
+        """Prompt tokens per request, the figure section 6.1 gives per dataset (161.31 for ShareGPT)."""
         return sum(r.prompt_len for r in self.requests) / len(self.requests)
 
     @property
     def mean_output_len(self) -> float:
+        """True output tokens per request (337.99 for ShareGPT): with the step time, it sets how long
+        a request holds its KV cache (Little's law, docs/experiments/batch-size.md)."""
         return sum(r.output_len for r in self.requests) / len(self.requests)
 
     def prompts(self, vocab_size: int, seed: int = 0, low: int = 0) -> list[dict[str, list[int]]]:
@@ -280,83 +284,11 @@ def with_beam_search(workload: Workload, width: int) -> Workload:
     return Workload(f"{workload.name}+beam{width}", requests, {**workload.params, "beam_width": width})
 
 
-def _sharegpt_pairs(data: Any, path: Path, first_turn_only: bool) -> list[tuple[str, str]]:
-    """(prompt, output) texts: each human turn followed directly by a gpt turn."""
-    shape = 'a JSON list of {"conversations": [{"from": "human" | "gpt", "value": str}, ...]}'
-    _check(isinstance(data, list), f"path {str(path)!r} must hold {shape}, got a {type(data).__name__}")
-    pairs = []
-    for k, item in enumerate(data):
-        turns = item.get("conversations") if isinstance(item, dict) else None
-        ok = isinstance(turns, list) and all(
-            isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns
-        )
-        _check(ok, f"path {str(path)!r} must hold {shape}; entry {k} does not")
-        pairs_of = itertools.pairwise(turns)
-        found = [
-            (a["value"], b["value"])
-            for a, b in pairs_of
-            if (a.get("from"), b.get("from")) == ("human", "gpt")
-        ]
-        pairs += found[:1] if first_turn_only else found
-    return pairs
+def __getattr__(name: str) -> Any:
+    """`from minipaged.workloads import load_sharegpt` keeps working: the loader lives in
+    minipaged/sharegpt.py, imported on first use (it imports this module: no import cycle)."""
+    if name == "load_sharegpt":
+        from minipaged.sharegpt import load_sharegpt
 
-
-def load_sharegpt(
-    path: str | Path,
-    num_requests: int | None = None,
-    tokenizer: Any = None,
-    seed: int = 0,
-    max_model_len: int = 2048,
-    rate: float = math.inf,
-    first_turn_only: bool = False,
-) -> Workload:
-    """Requests with the lengths of real ShareGPT conversations, read from a local JSON file.
-
-    Each human turn followed by a gpt turn is one (prompt, output) pair; vLLM's benchmark_serving keeps
-    only the first pair of a conversation (`first_turn_only=True`). A length is
-    `len(tokenizer.encode(text))`, or the whitespace-separated word count without a tokenizer. Pairs
-    with an empty side or longer than `max_model_len` in all are dropped. The texts are not kept: the
-    requests carry lengths, like the synthetic ones.
-
-    Args:
-        path: a JSON list of `{"id": str, "conversations": [{"from": "human"|"gpt", "value": str}]}`.
-        num_requests: pairs to sample without replacement (None: all of them, in file order).
-        tokenizer: anything with `encode(str) -> list[int]`, e.g. `minipaged.presets.ByteTokenizer()`.
-        seed: picks the sample and the arrival times.
-        max_model_len: the longest prompt plus output kept.
-        rate: Poisson arrival rate in requests/second (inf: all at time 0).
-        first_turn_only: one pair per conversation, as vLLM's benchmark.
-
-    Raises:
-        ValueError: naming the argument: a missing file, JSON of the wrong shape, no usable pairs, or
-            more requests than usable pairs.
-    """
-    path = Path(path)
-    _check(path.is_file(), f"path {str(path)!r} is not a file (download a ShareGPT JSON first)")
-    encode = getattr(tokenizer, "encode", None)
-    _check(
-        tokenizer is None or callable(encode),
-        f"tokenizer must have encode(str) -> list[int], got {tokenizer!r}",
-    )
-    _check_int("num_requests", 1 if num_requests is None else num_requests, 1)
-    _check_int("max_model_len", max_model_len, 2)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"path {str(path)!r} is not UTF-8 JSON: {err}") from err
-    count = (lambda text: len(text.split())) if encode is None else (lambda text: len(encode(text)))
-    lens = [(count(p), count(o)) for p, o in _sharegpt_pairs(data, path, first_turn_only)]
-    lens = [(p, o) for p, o in lens if p >= 1 and o >= 1 and p + o <= max_model_len]
-    _check(
-        bool(lens), f"path {str(path)!r} has no usable pairs (non-empty, <= max_model_len={max_model_len})"
-    )
-    if num_requests is not None:
-        _check(
-            num_requests <= len(lens), f"num_requests must be <= {len(lens)} usable pairs, got {num_requests}"
-        )
-        lens = [lens[i] for i in _stream(seed, 3).choice(len(lens), num_requests, replace=False)]
-    arrivals = poisson_arrivals(len(lens), rate, seed)
-    requests = tuple(Request(f"sharegpt-{i}", arrivals[i], p, o) for i, (p, o) in enumerate(lens))
-    return Workload(
-        "sharegpt", requests, dict(path=str(path), rate=rate, seed=seed, max_model_len=max_model_len)
-    )
+        return load_sharegpt
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -125,13 +125,35 @@ class AllocatorMachine(RuleBasedStateMachine):
                 assert len(self.alloc.pages_of(i)) == -(-n // self.alloc.page_tokens)
 
     @invariant()
-    def waiting_head_and_external_fragmentation(self):
+    def waiting_head_makes_free_slots_waste(self):
+        """One rule for every allocator: while the head cannot be admitted, every free slot is waste,
+        external fragmentation if together they would hold it (holes: contiguous only), else stranded."""
         head = Req("head", 1, self.max_model_len - 1)
-        b = self.alloc.breakdown([head])
-        if self.kind == "contiguous" and not self.alloc.can_place([head]):
-            assert b.external_fragmentation == self.alloc.breakdown().free and b.free == 0
+        alone, b = self.alloc.breakdown(), self.alloc.breakdown([head])
+        assert b.token_states == alone.token_states and b.used - alone.used in (0, alone.free)
+        if self.alloc.can_admit([head]):
+            assert b == alone
+            return
+        assert b.free == 0 and b.external_fragmentation + b.stranded == alone.free
+        if self.kind == "contiguous" and self.alloc.reservation(head) <= alone.free:
+            assert b.external_fragmentation == alone.free  # enough slots in all, no hole big enough
         else:
-            assert b == self.alloc.breakdown()
+            assert b.stranded == alone.free and b.external_fragmentation == 0
+
+    @invariant()
+    def reserved_and_internal_follow_the_final_length(self):
+        """A request stores at most prompt_len + output_len - 1 tokens: its last token is never
+        stored, so a range's last slot is internal fragmentation, never reserved."""
+        if self.kind != "contiguous":
+            assert self.alloc.breakdown().reserved == 0
+            return
+        reserved = internal = 0
+        for i, n in self.tokens.items():
+            final, size = self.reqs[i].prompt_len + self.reqs[i].output_len - 1, self.alloc.range_of(i)[1]
+            reserved += max(0, final - n)
+            internal += size - max(final, n)
+        b = self.alloc.breakdown()
+        assert (b.reserved, b.internal_fragmentation) == (reserved, internal)
 
     def teardown(self):
         if not hasattr(self, "alloc"):
@@ -179,11 +201,11 @@ def run_worked_example(alloc):
 @pytest.mark.parametrize(
     ("alloc", "admitted", "expected"),
     [
-        (ContiguousAllocator(32, "max", 16), "AB", (9, 9, 14, 0, 0)),
-        (ContiguousAllocator(32, "pow2", 16), "ABC", (16, 10, 6, 0, 0)),
-        (ContiguousAllocator(32, "oracle", 16), "ABC", (16, 10, 0, 0, 6)),
-        (VAttentionAllocator(32, 8, 16, watermark=0.0), "ABC", (16, 0, 8, 0, 8)),
-        (PagedAllocator(32, 4, 16, watermark=0.0), "ABC", (16, 0, 4, 0, 12)),
+        (ContiguousAllocator(32, "max", 16), "AB", (9, 7, 16, 0, 0, 0)),
+        (ContiguousAllocator(32, "pow2", 16), "ABC", (16, 7, 9, 0, 0, 0)),
+        (ContiguousAllocator(32, "oracle", 16), "ABC", (16, 7, 3, 0, 0, 6)),
+        (VAttentionAllocator(32, 8, 16, watermark=0.0), "ABC", (16, 0, 8, 0, 0, 8)),
+        (PagedAllocator(32, 4, 16, watermark=0.0), "ABC", (16, 0, 4, 0, 0, 12)),
     ],
     ids=["max", "pow2", "oracle", "vattention", "paged"],
 )
@@ -205,12 +227,60 @@ def test_docs_external_fragmentation():
     assert alloc.free_extents == [(0, 7), (26, 6)]
     d = Req("D", 4, 5)
     b = alloc.breakdown([d])
-    assert (b.external_fragmentation, b.free) == (13, 0)
+    assert (b.external_fragmentation, b.stranded, b.free) == (13, 0, 0)  # 13 >= 9 slots, in two holes
+    big = Req("E", 4, 12)  # 16 slots: more than the 13 free slots together: they are stranded
+    b = alloc.breakdown([big])
+    assert (b.external_fragmentation, b.stranded, b.free) == (0, 13, 0)
     assert not alloc.try_admit(d)
     alloc.free("B")  # B's range merges with the hole before it: one hole of 18 slots at 0
     assert alloc.free_extents == [(0, 18), (26, 6)]
     assert alloc.try_admit(d) and alloc.range_of("D") == (0, 9)
     assert alloc.free_extents == [(9, 9), (26, 6)]
+
+
+@pytest.mark.parametrize(("policy", "size"), [("oracle", 15), ("pow2", 18), ("max", 64)])
+def test_the_last_token_is_never_stored_so_its_slot_is_internal_fragmentation(policy, size):
+    """A 10 + 5 request stores at most 14 tokens: the 5th output token ends it unstored. The slot
+    reserved for it is internal fragmentation from the start, never "reserved"."""
+    alloc = ContiguousAllocator(128, policy, 64)
+    assert alloc.try_admit(Req("a", 10, 5))  # the prefill stores the prompt
+    b = alloc.breakdown()
+    assert (b.token_states, b.reserved, b.internal_fragmentation) == (10, 4, size - 14)
+    for _ in range(4):  # output tokens 1 to 4 are stored by the next steps; the 5th never is
+        alloc.append("a")
+    b = alloc.breakdown()
+    assert (b.token_states, b.reserved, b.internal_fragmentation) == (14, 0, size - 14)
+
+
+@pytest.mark.parametrize(
+    "alloc",
+    [VAttentionAllocator(100, 10, 64, watermark=0.2), PagedAllocator(100, 10, 64, watermark=0.2)],
+    ids=["vattention", "paged"],
+)
+def test_on_demand_free_pages_are_stranded_while_the_head_waits(alloc):
+    """The same rule as the contiguous allocators': the head cannot be admitted, so the free pages are
+    waste; never external fragmentation, since any free page would serve it."""
+    assert alloc.try_admit(Req("a", 55, 5))  # 6 of the 10 pages; 2 are kept free (the watermark)
+    assert alloc.breakdown([Req("b", 20, 5)]).free == 40  # 2 more pages leave 2: it would be admitted
+    b = alloc.breakdown([Req("c", 21, 5)])  # 3 pages would leave 1 < 2: it waits
+    assert (b.external_fragmentation, b.stranded, b.free) == (0, 40, 0)
+    assert b.used == 100 and b.token_states == 55
+
+
+@pytest.mark.parametrize(
+    "alloc", [VAttentionAllocator(16, 4, 16, watermark=0.0), PagedAllocator(16, 4, 16, watermark=0.0)]
+)
+def test_a_refused_append_changes_nothing(alloc):
+    """Found by the state machine: a paged append that found no free block used to keep the token it
+    had added, so the next append asked for two blocks."""
+    assert alloc.try_admit(Req("a", 8, 8)) and alloc.try_admit(Req("b", 8, 8))  # the 4 pages: all
+    with pytest.raises(NoFreeBlocksError):
+        alloc.append("a")  # a 9th token needs a 3rd page
+    assert alloc.breakdown().token_states == 16
+    alloc.free("b")
+    assert alloc.can_append("a")
+    alloc.append("a")
+    assert alloc.breakdown().token_states == 9 and alloc.breakdown().internal_fragmentation == 3
 
 
 def test_free_merges_both_neighbours():

@@ -96,10 +96,25 @@ def test_bad_options_exit_2_before_running(extra, message, capsys):
     assert message in _exit_2(["experiment", "swap-vs-recompute", "--scale", "small", *extra], capsys)
 
 
-def test_a_plot_format_matplotlib_cannot_write(tmp_path, capsys):
-    argv = ["experiment", "swap-vs-recompute", "--scale", "small", "--no-progress"]
-    err = _exit_2([*argv, "--plot", str(tmp_path / "out.xyz")], capsys)
-    assert "--plot: " in err and "xyz" in err
+@pytest.mark.parametrize(("name", "found"), [("out.xyz", "the suffix '.xyz'"), ("out", "no suffix")])
+def test_a_plot_format_matplotlib_cannot_write_is_refused_before_the_run(
+    name, found, monkeypatch, tmp_path, capsys
+):
+    """A typo in --plot's suffix exits 2 at once: the experiment never runs and no JSON is written."""
+    ran = []
+
+    class Experiment:
+        @staticmethod
+        def run(*args):
+            ran.append(args)
+            raise AssertionError("the experiment must not run")
+
+    monkeypatch.setattr(cli, "get_experiment", lambda name: Experiment)
+    out_json = tmp_path / "out.json"
+    argv = ["experiment", "swap-vs-recompute", "--no-progress", "--json", str(out_json)]
+    err = _exit_2([*argv, "--plot", str(tmp_path / name)], capsys)
+    assert "--plot: " in err and found in err and ".png" in err
+    assert not ran and not out_json.exists()
 
 
 def test_the_figure_script_writes_json_and_png(tmp_path, capsys):

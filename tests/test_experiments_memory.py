@@ -12,6 +12,7 @@ import math
 
 import pytest
 
+from minipaged import cli
 from minipaged.experiments import batch_size, memory_waste, shared_prefix, sharing
 from minipaged.experiments.serving import KV_SLOTS, sharegpt_load
 from minipaged.experiments.simulator import STEP_TIME, simulate
@@ -19,7 +20,7 @@ from minipaged.workloads import Request
 from minipaged.workloads import shared_prefix as shared_prefix_workload
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-USED = ("token_states", "reserved", "internal_fragmentation", "external_fragmentation")
+USED = ("token_states", "reserved", "internal_fragmentation", "external_fragmentation", "stranded")
 POOL = tuple(f"pool_{k}" for k in (*USED, "free"))
 MEMORY_WASTE_KEYS = {
     "allocator",
@@ -32,6 +33,8 @@ MEMORY_WASTE_KEYS = {
     "mean_batch_size",
     "mean_waiting",
     "preemptions",
+    "prefill_tokens",
+    "recomputed_tokens",
 }
 BATCH_SIZE_KEYS = {
     "allocator",
@@ -45,6 +48,8 @@ BATCH_SIZE_KEYS = {
     "requests_finished",
     "throughput_rps",
     "preemptions",
+    "prefill_tokens",
+    "recomputed_tokens",
 }
 SHARING_KEYS = {
     "workload",
@@ -61,6 +66,7 @@ SHARING_KEYS = {
     "mean_seqs",
     "cow_copies",
     "preemptions",
+    "prompt_block_share",
 }
 SHARED_PREFIX_KEYS = {
     "prefix_len",
@@ -124,7 +130,12 @@ def test_memory_waste_shares_sum_to_one_and_paged_wastes_least(results):
     )
     for name in ("paged", "vattention"):  # on demand: nothing reserved, no external fragmentation
         assert rows[name]["reserved"] == rows[name]["external_fragmentation"] == 0.0
-    assert rows["orca-oracle"]["internal_fragmentation"] == 0.0  # it reserves the true length
+        assert rows[name]["stranded"] > 0.0  # but free pages are stranded while a request waits
+    # Oracle reserves the true length: only the never-stored last token's slot, one per range, is left
+    assert 0.0 < rows["orca-oracle"]["internal_fragmentation"] < 0.01
+    for name, r in rows.items():  # prefill_tokens counts the recomputed ones; only preemption recomputes
+        assert 0 <= r["recomputed_tokens"] < r["prefill_tokens"]
+        assert (r["recomputed_tokens"] > 0) == (r["preemptions"] > 0), name
     assert rows["orca-max"]["mean_batch_size"] == 7.0  # 15,000 // 2,048: see the exercise
     assert "goal: paged token states >= 96%" in memory_waste.goal_line(results["memory-waste"].rows)
 
@@ -161,6 +172,14 @@ def test_sharing_saves_more_with_beams(results):
         for width in sharing.WIDTHS:
             assert by[workload, "beam", width]["saving"] > by[workload, "parallel", width]["saving"]
             assert by[workload, "beam", width]["cow_copies"] > 0
+
+
+def test_prompt_block_share_counts_blocks_step_by_step():
+    """The closed form equals the step-by-step count: a (20, 3) request holds 2 blocks at each of its
+    3 steps (20 to 22 tokens), 1 of them a full prompt block; a (40, 10) one holds 3 blocks at 9 steps
+    (40 to 48 tokens) and 4 at the last (49), 2 of them full prompt blocks."""
+    reqs = [Request("a", 0.0, 20, 3), Request("b", 0.0, 40, 10)]
+    assert sharing.prompt_block_share(reqs) == pytest.approx((1 * 3 + 2 * 10) / (2 * 3 + 3 * 9 + 4))
 
 
 def test_prefix_caching_saves_blocks_and_prefill(results):
@@ -206,9 +225,6 @@ def test_plots_are_pngs(results, tmp_path):
 
 
 def test_cli_runs_memory_waste(tmp_path, capsys):
-    cli = pytest.importorskip("minipaged.cli")
-    if "experiment" not in cli.build_parser().format_help():
-        pytest.skip("the `minipaged experiment` subcommand is not in minipaged/cli.py yet")
     out, png = tmp_path / "out.json", tmp_path / "out.png"
     argv = [
         "experiment",
@@ -258,9 +274,16 @@ def test_window_leaves_out_the_warmup():
 # ---- the docs pages' exercises ---------------------------------------------------------------------
 
 
-def test_exercise_memory_waste_page():
-    """docs/experiments/memory-waste.md: how many Orca (Max) requests fit 15,000 slots?"""
-    assert KV_SLOTS // 2048 == 7 and KV_SLOTS - 7 * 2048 == 664  # 664 slots left: too few for an 8th
+def test_exercise_memory_waste_page(results):
+    """docs/experiments/memory-waste.md: Orca (Max) runs 15,000 // 2,048 = 7 requests; the 664 slots
+    left can never hold an 8th range, so while requests wait they are stranded (not external
+    fragmentation: together they would not hold the head), 664 / 15,000 = 4.4% of the pool."""
+    max_row = next(r for r in results["memory-waste"].rows if r["allocator"] == "orca-max")
+    assert max_row["mean_batch_size"] == KV_SLOTS // 2048 == 7
+    assert max_row["mean_waiting"] > 10  # requests wait at every step of the window ...
+    assert max_row["pool_stranded"] == pytest.approx((KV_SLOTS - 7 * 2048) / KV_SLOTS)  # ... 664 slots
+    assert max_row["pool_external_fragmentation"] == max_row["pool_free"] == 0.0
+    assert round(100 * max_row["stranded"], 1) == 4.4  # the share of the memory in use: the whole pool
 
 
 def test_exercise_batch_size_page(results):

@@ -72,14 +72,34 @@ def test_each_allocator_wastes_what_it_should(runs):
         assert all(
             r.breakdown.reserved == r.breakdown.external_fragmentation == 0 for r in runs[name].records
         )
-    assert all(r.breakdown.internal_fragmentation == 0 for r in runs["orca-oracle"].records)
+    # Oracle reserves the true length; the last token is never stored, so one slot per range is left
+    assert all(r.breakdown.internal_fragmentation == r.num_seqs for r in runs["orca-oracle"].records)
     for name in ("orca-max", "orca-pow2", "orca-oracle"):
         for r in runs[name].records:
-            assert r.breakdown.reserved > 0 or r.num_running == 0
-            if r.breakdown.external_fragmentation:
-                assert r.num_waiting and r.breakdown.free == 0
+            assert r.breakdown.reserved > 0 or r.num_running == r.num_finished  # all at their last token
+    for result in runs.values():  # one rule for all: free slots are waste only while one waits
+        for r in result.records:
+            b = r.breakdown
+            if b.external_fragmentation or b.stranded:
+                assert r.num_waiting and b.free == 0 and not (b.external_fragmentation and b.stranded)
+    for name in ("paged", "vattention", "orca-pow2", "orca-oracle"):  # requests wait with memory free
+        assert any(r.breakdown.stranded for r in runs[name].records), name
+    for name in ("orca-pow2", "orca-oracle"):  # ... and, for ranges only, with enough of it in holes
+        assert any(r.breakdown.external_fragmentation for r in runs[name].records), name
     # A paged sequence wastes less than a block: at most block_size - 1 slots each.
     assert all(r.breakdown.internal_fragmentation <= 15 * r.num_seqs for r in runs["paged"].records)
+
+
+def test_paged_free_blocks_are_stranded_while_the_head_waits():
+    """4 blocks of 16: A's 40-token prompt takes 3, B's 20-token prompt needs 2 and waits: the free
+    block is stranded (never external fragmentation: any block would serve B, there are too few)."""
+    result = simulate(fixed([(40, 10), (20, 5)]), kv_slots=64, watermark=0.0)
+    first = result.records[0].breakdown
+    assert (first.token_states, first.internal_fragmentation) == (40, 8)
+    assert (first.external_fragmentation, first.stranded, first.free) == (0, 16, 0)
+    assert result.records[0].num_waiting == 1
+    last = result.records[-1].breakdown  # B runs alone at the end: nothing waits, its free slots are free
+    assert last.stranded == 0 and last.free > 0
 
 
 def test_paged_uses_memory_far_better_than_orca(runs):
@@ -120,6 +140,32 @@ def test_same_seed_same_records_and_another_seed_differs():
     c = simulate(beams_and_samples(), kv_slots=2048, seed=2)
     assert a.records == b.records
     assert a.records != c.records  # the seed drives the null beam policy's parents
+
+
+@pytest.mark.parametrize("allocator", ["orca-max", "orca-pow2", "orca-oracle", "vattention"])
+def test_baselines_are_deterministic(allocator):
+    """The baselines draw nothing: the same workload gives the same records, whatever the seed;
+    a workload drawn with another seed gives others."""
+    reqs = sharegpt_toy(60, seed=3, rate=8.0)
+    a = simulate(reqs, allocator, kv_slots=4096, max_model_len=1024, seed=1)
+    b = simulate(reqs, allocator, kv_slots=4096, max_model_len=1024, seed=2)
+    assert a.records == b.records and a.num_preemptions == b.num_preemptions
+    assert (
+        simulate(sharegpt_toy(60, seed=4, rate=8.0), allocator, kv_slots=4096, max_model_len=1024).records
+        != a.records
+    )
+
+
+def test_recomputed_tokens_are_counted():
+    """A preemption by recompute computes the victim's prompt and generated tokens again: paged
+    and vAttention count them apart from the fresh prefill (the null model charges no time for them)."""
+    for allocator, kwargs in [("paged", dict(block_size=16)), ("vattention", dict(page_tokens=64))]:
+        result = simulate(fixed([(10, 300)] * 6), allocator, kv_slots=1024, max_model_len=512, **kwargs)
+        assert result.num_preemptions > 0 and result.recomputed_tokens > 0
+        fresh = result.prefill_tokens - result.recomputed_tokens
+        assert fresh == 6 * 10  # every prompt once; the rest is recomputation
+        assert result.summary()["recomputed_tokens"] == result.recomputed_tokens
+    assert simulate(fixed([(10, 30)] * 2), "orca-max", kv_slots=4096).recomputed_tokens == 0
 
 
 def test_parallel_samples_share_their_prompt_blocks():
@@ -208,9 +254,20 @@ def test_paged_run_matches_the_engine_block_for_block():
         (dict(step_time=0), "step_time"),
         (dict(max_steps=-1), "max_steps"),
         (dict(allocator="orca-oracle", preemption_mode="evict"), "preemption_mode"),
-        (dict(kv_slots=8), "kv_slots"),
+        (dict(kv_slots=8), "kv_slots must hold at least one block of block_size=16 slots, got 8"),
+        (dict(block_size=0), "block_size must be a positive int, got 0"),
+        (dict(kv_slots=0), "kv_slots must be a positive int, got 0"),
+        (dict(allocator="orca-max", kv_slots=0), "kv_slots must be a positive int, got 0"),
         (dict(allocator="orca-max", kv_slots=1000), "can never fit"),
-        (dict(allocator="vattention", page_tokens=4096), "page_tokens"),
+        (dict(allocator="vattention", page_tokens=4096), "one page of page_tokens=4096 slots, got 1024"),
+        (dict(allocator="vattention", kv_slots=100), "kv_slots must hold at least one page"),
+        (
+            dict(allocator="orca-max", preemption_mode="swap"),
+            "preemption_mode='swap' needs allocator 'paged'",
+        ),
+        (dict(allocator="vattention", preemption_mode="swap"), "preemption_mode='swap' needs allocator"),
+        (dict(allocator="orca-oracle", enable_prefix_caching=True), "enable_prefix_caching=True needs"),
+        (dict(allocator="vattention", enable_prefix_caching=True), "enable_prefix_caching=True needs"),
     ],
 )
 def test_bad_settings_raise_naming_them(kwargs, match):
@@ -233,7 +290,8 @@ def test_duplicate_request_ids_are_refused():
 
 
 def test_breakdown_fields_are_the_papers():
-    assert MemoryBreakdown(1, 2, 3, 4, 5).fractions() == pytest.approx(
-        {"token_states": 1 / 15, "reserved": 2 / 15, "internal_fragmentation": 0.2,
-         "external_fragmentation": 4 / 15, "free": 1 / 3}
+    assert MemoryBreakdown(1, 2, 3, 4, 5, 6).fractions() == pytest.approx(
+        {"token_states": 1 / 21, "reserved": 2 / 21, "internal_fragmentation": 3 / 21,
+         "external_fragmentation": 4 / 21, "stranded": 5 / 21, "free": 6 / 21}
     )  # fmt: skip
+    assert MemoryBreakdown(1, 2, 3, 4, 5, 6).used == 15  # all but the free slots

@@ -11,6 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minipaged.presets import ByteTokenizer
+from minipaged.reference.baselines import reservation_size
+from minipaged.reference.block_table import num_blocks_for
 from minipaged.reference.prefix_cache import hash_full_blocks
 from minipaged.workloads import (
     ALPACA,
@@ -262,3 +264,40 @@ def test_loader_errors_name_the_argument(tmp_path, sharegpt_file):
 def test_bad_arguments_raise_naming_the_argument(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_exercise_workloads_page():
+    """docs/experiments/workloads.md: the reservations of four requests under each Orca policy."""
+    lens = [(40, 60), (100, 200), (20, 30), (1_000, 600)]
+    reserve = {p: [reservation_size(p, a, b, 2048) for a, b in lens] for p in ("max", "pow2", "oracle")}
+    assert reserve["pow2"] == [104, 356, 52, 2024]
+    assert {p: sum(r) for p, r in reserve.items()} == {"max": 8192, "pow2": 2536, "oracle": 2050}
+    assert round(100 * 2050 / 2536) == 81
+    assert sum(num_blocks_for(a + b, 16) for a, b in lens) == 130
+
+
+def test_workloads_page_table():
+    """docs/experiments/workloads.md: the share of Max's and Pow2's reservations the true lengths fill."""
+    table = {}
+    for w in (sharegpt_like(20_000), alpaca_like(20_000)):
+        used = sum(r.total_len for r in w)
+        pow2 = sum(reservation_size("pow2", r.prompt_len, r.output_len, 2048) for r in w)
+        table[w.name] = (round(used / len(w)), round(100 * used / (2048 * len(w))), round(100 * used / pow2))
+    assert table == {"sharegpt": (497, 24, 80), "alpaca": (78, 4, 76)}
+
+
+def test_the_loader_lives_in_its_own_module_and_workloads_still_exports_it():
+    import subprocess
+    import sys
+
+    import minipaged.workloads
+    from minipaged import sharegpt
+
+    assert sharegpt.load_sharegpt is load_sharegpt is minipaged.workloads.load_sharegpt
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        minipaged.workloads.no_such_thing  # noqa: B018
+    # importing the loader's module first, in a fresh interpreter, is no import cycle
+    code = (
+        "import minipaged.sharegpt as s, minipaged.workloads as w; assert s.load_sharegpt is w.load_sharegpt"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -37,6 +37,7 @@ class _Group:
     order: int  # arrival order: the oldest runs first, the newest is preempted first
     seqs: list[_Seq]
     generated: int = 0  # tokens each sequence has generated
+    preempted: bool = False  # preempted (by recompute) at least once: its next prefill recomputes
 
 
 class OrcaDriver:
@@ -89,6 +90,7 @@ class OrcaDriver:
                 kept.append(group)
         self.running = kept
         # 2. Admit in arrival order while the allocator places every range of the head request.
+        recomputed = 0
         while not preempted and self.waiting:
             group = self.waiting[0]
             if sum(len(g.seqs) for g in self.running) + len(group.seqs) > self.max_num_seqs:
@@ -96,9 +98,13 @@ class OrcaDriver:
             if not self._admit(group):
                 break
             self.running.append(self.waiting.popleft())
-            prefill += len(group.seqs) * (group.seqs[0].prompt_len + group.generated)  # each range its own
+            tokens = len(group.seqs) * (group.seqs[0].prompt_len + group.generated)  # each range its own
+            prefill += tokens
+            recomputed += tokens if group.preempted else 0  # all computed before the preemption
         # 3. The model step has run: record, then every sequence samples a token; finished ones free.
-        breakdown = alloc.breakdown(self.waiting[0].seqs if self.waiting else ())
+        # The free memory is waste while the head waits for memory (baselines.waiting_waste).
+        head = self.waiting[0] if self.waiting else None
+        breakdown = alloc.breakdown(*self._admission(head)) if head else alloc.breakdown()
         if isinstance(alloc, VAttentionAllocator):
             units = alloc.pages.num_used
         else:
@@ -117,6 +123,7 @@ class OrcaDriver:
             0,
             prefill,
             preempted_now,
+            recomputed,
         )
         if not self.running and not preempted:
             raise RuntimeError("no request can run: the head of the waiting queue never fits")
@@ -130,12 +137,18 @@ class OrcaDriver:
                 done += 1
         return replace(record, num_finished=done)
 
+    @staticmethod
+    def _admission(group: _Group) -> tuple[list[_Seq], int]:
+        """What admitting the group asks of the allocator: its sequences, and the tokens each stores
+        (the prompt, and the tokens generated before a preemption by recompute)."""
+        return group.seqs, group.seqs[0].prompt_len + group.generated
+
     def _admit(self, group: _Group) -> bool:
-        """Place every sequence of the group, or none; a prefill stores the prompt and the tokens
-        generated before a preemption (recompute)."""
+        """Place every sequence of the group, or none (see _admission)."""
         admitted = []
-        for s in group.seqs:
-            if not self.alloc.try_admit(s, s.prompt_len + group.generated):
+        seqs, num_tokens = self._admission(group)
+        for s in seqs:
+            if not self.alloc.try_admit(s, num_tokens):
                 for i in admitted:
                     self.alloc.free(i)
                 return False
@@ -145,6 +158,7 @@ class OrcaDriver:
     def _preempt(self, group: _Group) -> None:
         for s in group.seqs:
             self.alloc.free(s.request_id)
+        group.preempted = True
         self.waiting.appendleft(group)  # newest first, so the oldest ends up first
         self.num_preemptions += 1
 

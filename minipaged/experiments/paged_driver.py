@@ -22,21 +22,20 @@ from dataclasses import replace
 
 from minipaged.config import SchedulerConfig
 from minipaged.experiments.records import SimulationResult, StepRecord, request_width
-from minipaged.reference.baselines import MemoryBreakdown
-from minipaged.reference.block_manager import BlockManager
+from minipaged.reference.baselines import MemoryBreakdown, waiting_waste
+from minipaged.reference.block_manager import AllocStatus, BlockManager
 from minipaged.reference.block_table import num_blocks_for
 from minipaged.reference.scheduler import Scheduler
 from minipaged.sequence import Sequence, SequenceGroup, SequenceStatus
 
 
 class PagedDriver:
-    """The real Scheduler and BlockManager, driven as engine.LLM.step drives them."""
+    """The real Scheduler and BlockManager, driven as engine.LLM.step drives them (simulate checks
+    the settings first)."""
 
     def __init__(
         self, kv_slots, block_size, max_model_len, max_num_seqs, prefix_caching, mode, watermark, seed
     ):
-        if not isinstance(kv_slots, int) or not isinstance(block_size, int) or not 0 < block_size <= kv_slots:
-            raise ValueError(f"kv_slots must hold at least one block of {block_size}, got {kv_slots!r}")
         num_blocks = kv_slots // block_size
         self.manager = BlockManager(
             block_size, num_blocks, num_blocks if mode == "swap" else 0, watermark, prefix_caching
@@ -47,6 +46,7 @@ class PagedDriver:
         self.rng = random.Random(seed)
         self.tokens = itertools.count(1)  # fresh token ids: no two requests' own tokens are equal
         self.requests: dict[str, object] = {}
+        self.admitted: set[str] = set()  # requests scheduled at least once: their next prefill recomputes
 
     def check(self, req, width: int) -> None:
         """engine._prepare's test: the prompt's full blocks once, the rest once per sequence."""
@@ -90,7 +90,13 @@ class PagedDriver:
         out = self.scheduler.schedule()
         if not out.scheduled and not out.preempted:
             raise RuntimeError("the scheduler made no progress: no request can run")
-        prefill = sum(i.num_query_tokens for i in out.scheduled if i.group.request_id not in resident)
+        prefill = recomputed = 0
+        for item in out.scheduled:
+            request_id = item.group.request_id
+            if request_id not in resident:  # a prefill: first admitted now, or again after a preemption
+                prefill += item.num_query_tokens
+                recomputed += item.num_query_tokens if request_id in self.admitted else 0
+        self.admitted |= {item.group.request_id for item in out.scheduled}
         for item in out.scheduled:  # the null model step: every scheduled token is now computed
             item.seq.num_computed_tokens = len(item.seq)
         record = self._record(step, clock, len(out.scheduled))
@@ -111,7 +117,11 @@ class PagedDriver:
                 del self.requests[request_id]
                 done += 1
         return replace(
-            record, num_finished=done, num_prefill_tokens=prefill, num_preempted=len(out.preempted)
+            record,
+            num_finished=done,
+            num_prefill_tokens=prefill,
+            num_preempted=len(out.preempted),
+            num_recomputed_tokens=recomputed,
         )
 
     def _sample(self, seq: Sequence, req) -> None:
@@ -150,9 +160,20 @@ class PagedDriver:
     def _record(self, step: int, clock: float, num_seqs: int) -> StepRecord:
         device, bs, s = self.manager.device, self.block_size, self.scheduler
         slots_used, saved = _paged_memory(self.manager)
-        breakdown = MemoryBreakdown(slots_used, 0, device.num_used * bs - slots_used, 0, device.num_free * bs)
+        # Free blocks are stranded while the head waits for memory; any block serves any request, so
+        # there is never external fragmentation (baselines.waiting_waste: one rule for every allocator).
+        _, stranded, free = waiting_waste(device.num_free * bs, self._head_waits_for_memory(), False)
+        breakdown = MemoryBreakdown(slots_used, 0, device.num_used * bs - slots_used, 0, stranded, free)
         waiting = len(s.waiting) + len(s.swapped)
         return StepRecord(step, clock, len(s.running), waiting, num_seqs, breakdown, device.num_used, saved)
+
+    def _head_waits_for_memory(self) -> bool:
+        """Does the request the scheduler would admit next (the oldest swapped one, else the head of
+        the waiting queue) fail the block manager's admission test now?"""
+        s, manager = self.scheduler, self.manager
+        if s.swapped:
+            return not manager.can_swap_in(s.swapped[0])
+        return bool(s.waiting) and manager.can_allocate(s.waiting[0]) != AllocStatus.OK
 
     def result(self, allocator, records, num_requests, step_time) -> SimulationResult:
         cache = self.manager.device  # a PrefixCachingBlockAllocator counts hits and misses

@@ -78,6 +78,21 @@ def legend(ax: Axes, outside: bool = False) -> None:
         ax.legend(fontsize=FONT_SIZE - 1, frameon=False, loc="best")
 
 
+def check_plot_path(path: str | Path) -> None:
+    """Raise ValueError unless matplotlib can write a figure to `path`: its suffix names a format
+    (.png, .svg, .pdf, ...). Checked before an experiment runs, so a typo does not waste the run.
+    """
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in formats:
+        found = f"the suffix {'.' + suffix!r}" if suffix else "no suffix"
+        raise ValueError(
+            f"{str(path)!r} has {found}; matplotlib writes {', '.join('.' + f for f in sorted(formats))}"
+        )
+
+
 def savefig(fig: Figure, path: str | Path) -> Path:
     """Write the figure; the format follows the suffix (.png, .svg, .pdf).
 
@@ -93,4 +108,4 @@ def savefig(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-__all__ = ["COLORS", "block_size_axis", "legend", "new_figure", "savefig"]
+__all__ = ["COLORS", "block_size_axis", "check_plot_path", "legend", "new_figure", "savefig"]

@@ -3,11 +3,12 @@
 OS idea: vmstat and sar sample the kernel's memory counters at fixed intervals (free, used, cached,
 paged in and out), and a report averages the samples over a window; OSTEP's homework simulators print
 the same kind of trace, then the totals (OSTEP ch. 17-22). KV counterpart: vLLM paper section 6: the
-memory categories of Fig. 3 (token states, reservation, internal and external fragmentation) sampled at
-every step, averaged into Fig. 2's shares, the batch size of Fig. 13 and the sharing savings of Fig. 15.
+memory categories of Fig. 3 (token states, reservation, internal fragmentation, external fragmentation
+and the free memory stranded while a request waits) sampled at every step, averaged into Fig. 2's
+shares, the batch size of Fig. 13 and the sharing savings of Fig. 15.
 
-A record is taken after the model step and before finished requests free their memory, as the
-engine records its own step statistics (engine.LLM.step_stats).
+A record is taken after the model step and before finished requests free their memory, as the engine
+records its own step statistics (engine.LLM.step_stats).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass, replace
 
 from minipaged.reference.baselines import BREAKDOWN_FIELDS, MemoryBreakdown
 
-HELD_FIELDS = BREAKDOWN_FIELDS[:4]  # the categories of the memory in use: every field but "free"
+HELD_FIELDS = BREAKDOWN_FIELDS[:-1]  # the categories of the memory in use: every field but "free"
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class StepRecord:
     num_finished: int = 0  # requests that finished in this step (their memory is freed after it)
     num_prefill_tokens: int = 0  # prompt tokens computed: admissions and recomputations, cache hits skipped
     num_preempted: int = 0  # requests preempted in this step
+    num_recomputed_tokens: int = 0  # of num_prefill_tokens, those of requests readmitted after a preemption
 
 
 @dataclass
@@ -101,7 +103,7 @@ class SimulationResult:
 
     @property
     def mean_used_fractions(self) -> dict[str, float]:
-        """The four categories of the memory in use (every field but free), each as a fraction of
+        """The five categories of the memory in use (every field but free), each as a fraction of
         capacity - free, averaged over steps with memory in use: they sum to 1 (Fig. 2's bars)."""
         used = [r.breakdown for r in self.records if r.breakdown.used]
         if not used:
@@ -117,6 +119,12 @@ class SimulationResult:
     def prefill_tokens(self) -> int:
         """Prompt tokens computed over the run (recomputations included, prefix-cache hits not)."""
         return sum(r.num_prefill_tokens for r in self.records)
+
+    @property
+    def recomputed_tokens(self) -> int:
+        """Prefill tokens computed again after a preemption by recompute (the prompt and the tokens
+        generated before it), over the run. The null model's step costs the same whatever they are."""
+        return sum(r.num_recomputed_tokens for r in self.records)
 
     @property
     def prefix_hit_rate(self) -> float:
@@ -174,6 +182,7 @@ class SimulationResult:
             "mean_sharing_saving": self.mean_sharing_saving,
             "preemptions": self.num_preemptions,
             "prefill_tokens": self.prefill_tokens,
+            "recomputed_tokens": self.recomputed_tokens,
             "prefix_cache_hits": self.prefix_cache_hits,
         }
 

@@ -23,6 +23,8 @@ One row per (workload, mode, width):
 - mean_blocks_used, mean_blocks_unshared: blocks held, and blocks the tables would hold unshared;
 - mean_batch_size, mean_seqs: requests and sequences running; cow_copies: blocks copied on write
   (whole run); preemptions (in the window);
+- prompt_block_share: what the workload's lengths let n samples share (prompt_block_share below); the
+  rule of thumb for parallel sampling is (n - 1) / n times it;
 - workload, mode ("parallel" or "beam"), width, rate, kv_slots, window_s.
 """
 
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from minipaged.experiments import ExperimentResult, check_run_args
-from minipaged.experiments.serving import KV_SLOTS, serve
+from minipaged.experiments.serving import BLOCK_SIZE, KV_SLOTS, serve
 from minipaged.workloads import alpaca_like, sharegpt_like, with_beam_search, with_parallel_sampling
 
 NAME = "sharing"
@@ -75,6 +77,30 @@ SCALES = {
         {"alpaca-like": 120.0, "sharegpt-like": 300.0}, {"alpaca-like": 20.0, "sharegpt-like": 50.0}
     ),
 }
+
+
+def _blocks_up_to(num_tokens: int, block_size: int) -> int:
+    """sum of ceil(l / block_size) for l = 1 .. num_tokens, in closed form."""
+    q, r = divmod(num_tokens, block_size)
+    return block_size * q * (q + 1) // 2 + r * (q + 1)
+
+
+def prompt_block_share(workload, block_size: int = BLOCK_SIZE) -> float:
+    """The prompt's full blocks over all the blocks of one sequence, both summed over every step of
+    every request: the share of its blocks that a sample can share with its siblings.
+
+    A sequence of prompt p and output o holds ceil((p + t) / block_size) blocks at its step t = 0 ..
+    o - 1, of which the p // block_size full prompt blocks are shared (the partial last prompt block
+    is copied on the first write). Summing blocks, not ratios, weighs long sequences as the pool
+    does; with n samples, (n - 1) / n of the shared blocks are saved. Nothing is simulated.
+    """
+    shared = sum((r.prompt_len // block_size) * r.output_len for r in workload)
+    held = sum(
+        _blocks_up_to(r.prompt_len + r.output_len - 1, block_size)
+        - _blocks_up_to(r.prompt_len - 1, block_size)
+        for r in workload
+    )
+    return shared / held
 
 
 def row(workload: str, mode: str, width: int, rate: float, window_s: float, result) -> dict:
@@ -120,10 +146,12 @@ def run(scale: str = "full", seed: int = 0, progress: bool = True) -> Experiment
         for name, (make, rate) in WORKLOADS.items():
             end, warmup = config.end[name], config.warmup[name]
             base = make(int(rate * end * 1.2) + 20, rate=rate, seed=seed)  # arrivals outlast the run
+            share = prompt_block_share(base)
             for mode, widen in MODES.items():
                 for width in WIDTHS:
                     result = serve(widen(base, width), "paged", end, warmup, seed=seed)
                     rows.append(row(name, mode, width, rate, end - warmup, result))
+                    rows[-1]["prompt_block_share"] = share
                     bar.update(1)
     return ExperimentResult(NAME, rows, dict(PAPER))
 
@@ -160,4 +188,4 @@ def plot(result: ExperimentResult, path) -> None:
     savefig(fig, path)
 
 
-__all__ = ["PAPER", "SCALES", "plot", "run"]
+__all__ = ["PAPER", "SCALES", "plot", "prompt_block_share", "run"]

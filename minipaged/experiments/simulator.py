@@ -34,6 +34,7 @@ from minipaged.config import PREEMPTION_MODES
 from minipaged.experiments.orca_driver import OrcaDriver
 from minipaged.experiments.paged_driver import PagedDriver
 from minipaged.experiments.records import SimulationResult, StepRecord, request_width
+from minipaged.reference.baselines import check_positive
 from minipaged.reference.vattention import VATTENTION_PAGE_TOKENS
 
 ALLOCATORS = ("paged", "orca-max", "orca-pow2", "orca-oracle", "vattention")
@@ -70,8 +71,10 @@ def simulate(
         block_size: tokens per block (paged).
         max_model_len: the longest request; Orca (Max) reserves this much for each.
         max_num_seqs: the most sequences running at once.
-        enable_prefix_caching: paged only: reuse cached full blocks of shared prefixes.
-        preemption_mode: paged only: "recompute" or "swap" (a host pool as large as the device's).
+        enable_prefix_caching: paged only (the others refuse True): reuse cached full blocks of
+            shared prefixes.
+        preemption_mode: "recompute" or "swap" (a host pool as large as the device's); only paged
+            can swap, the others refuse "swap".
         page_tokens: vattention's page size in token slots.
         watermark: fraction of blocks (paged) or pages (vattention) kept free at admission.
         step_time: seconds the clock advances per step.
@@ -83,12 +86,9 @@ def simulate(
         ValueError: naming the argument, for a bad setting, or naming the request, for one that can
             never be served (too long, or too large for the pool); nothing is simulated then.
     """
-    if allocator not in ALLOCATORS:
-        raise ValueError(f"allocator must be one of {', '.join(ALLOCATORS)}, got {allocator!r}")
+    _check_settings(allocator, kv_slots, block_size, page_tokens, preemption_mode, enable_prefix_caching)
     if not isinstance(step_time, (int, float)) or step_time <= 0:
         raise ValueError(f"step_time must be a positive number of seconds, got {step_time!r}")
-    if preemption_mode not in PREEMPTION_MODES:
-        raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {preemption_mode!r}")
     if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 0):
         raise ValueError(f"max_steps must be None or an int >= 0, got {max_steps!r}")
     requests = sorted(workload, key=lambda r: r.arrival_time)  # stable: ties keep workload order
@@ -123,6 +123,31 @@ def simulate(
             bar.update(record.num_finished)
             clock += step_time
     return driver.result(allocator, records, len(requests), step_time)
+
+
+def _check_settings(allocator, kv_slots, block_size, page_tokens, preemption_mode, prefix_caching) -> None:
+    """Raise ValueError naming the argument: the pool's sizes, and the paged-only options, which the
+    other allocators refuse rather than ignore."""
+    if allocator not in ALLOCATORS:
+        raise ValueError(f"allocator must be one of {', '.join(ALLOCATORS)}, got {allocator!r}")
+    check_positive(kv_slots=kv_slots, block_size=block_size, page_tokens=page_tokens)
+    units = {"paged": ("block", "block_size", block_size), "vattention": ("page", "page_tokens", page_tokens)}
+    what, name, unit = units.get(allocator, ("slot", "", 1))
+    if kv_slots < unit:
+        raise ValueError(f"kv_slots must hold at least one {what} of {name}={unit} slots, got {kv_slots}")
+    if preemption_mode not in PREEMPTION_MODES:
+        raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {preemption_mode!r}")
+    if allocator != "paged" and preemption_mode != "recompute":
+        raise ValueError(
+            f"preemption_mode={preemption_mode!r} needs allocator 'paged' (the others have no host "
+            f"pool to swap to: vattention preempts by recompute, the Orca allocators never preempt), "
+            f"got allocator {allocator!r}"
+        )
+    if allocator != "paged" and prefix_caching:
+        raise ValueError(
+            f"enable_prefix_caching=True needs allocator 'paged' (only paged blocks can be shared "
+            f"between requests), got allocator {allocator!r}"
+        )
 
 
 __all__ = ["ALLOCATORS", "STEP_TIME", "SimulationResult", "StepRecord", "simulate"]

@@ -13,9 +13,12 @@ MemoryBreakdown, the paper's Fig. 3 categories, is the measure every allocator r
 reference/vattention.py puts the demand-paged allocators (vAttention's large pages, vLLM's blocks)
 behind the same calls, so that one simulator can compare all of them on one pool of slots.
 
-Every allocator answers: try_admit(req, num_tokens) -> bool, can_append(*ids), append(id), free(id),
-breakdown(waiting) -> MemoryBreakdown. A request is anything with .request_id, .prompt_len and
-.output_len (the true number of tokens it generates); its *true length* is prompt_len + output_len.
+Every allocator answers: try_admit(req, num_tokens) -> bool, can_admit(reqs, num_tokens) -> bool (a dry
+run), can_append(*ids), append(id), free(id), breakdown(waiting, num_tokens) -> MemoryBreakdown. A
+request is anything with .request_id, .prompt_len and .output_len (the true number of tokens it
+generates); its *true length* is prompt_len + output_len. Its KV cache holds at most
+prompt_len + output_len - 1 tokens (final_kv_len): the last generated token is returned and the
+request ends, so its K and V are never computed or stored.
 """
 
 from __future__ import annotations
@@ -28,7 +31,14 @@ from minipaged.reference.block_allocator import NoFreeBlocksError
 from minipaged.reference.memory_stats import PoolStats
 
 POLICIES = ("max", "pow2", "oracle")
-BREAKDOWN_FIELDS = ("token_states", "reserved", "internal_fragmentation", "external_fragmentation", "free")
+BREAKDOWN_FIELDS = (
+    "token_states",
+    "reserved",
+    "internal_fragmentation",
+    "external_fragmentation",
+    "stranded",
+    "free",
+)
 
 
 @dataclass(frozen=True)
@@ -37,20 +47,28 @@ class MemoryBreakdown:
 
     Attributes:
         token_states: slots holding a token's K/V ("KV cache states").
-        reserved: slots reserved for tokens the request will still generate ("reserved for future
+        reserved: slots reserved for tokens the request will still store ("reserved for future
             tokens"): used later, but held now while other requests could use them.
-        internal_fragmentation: slots held that will never hold a token: past the request's true
-            length in a contiguous range, or the unfilled tail of the last page or block.
-        external_fragmentation: free slots that cannot be used: every free slot while the head of
-            the waiting queue cannot be placed (no hole fits its range); 0 when nothing waits or it
-            fits. Allocators that map pages on demand have none: any free page serves any request.
-        free: the other free slots.
+        internal_fragmentation: slots held that will never hold a token: past the most tokens the
+            request stores (final_kv_len) in a contiguous range, or the unfilled tail of the last
+            page or block.
+        external_fragmentation: free slots while the head of the waiting queue waits for memory
+            although, taken together, they would hold it: the free memory is cut into holes, none
+            big enough (the OS sense). Only contiguous allocators have any: any free page or block
+            serves any request.
+        stranded: free slots while the head of the waiting queue waits for memory and they would
+            not hold it even together (too few, or kept free by the admission watermark). With
+            external_fragmentation, the paper's Fig. 2 category "external fragmentation & others":
+            free memory that exists while a request waits for memory. The same rule for every
+            allocator (see waiting_waste).
+        free: the other free slots: free while nothing waits for memory.
     """
 
     token_states: int
     reserved: int
     internal_fragmentation: int
     external_fragmentation: int
+    stranded: int
     free: int
 
     @property
@@ -59,7 +77,7 @@ class MemoryBreakdown:
 
     @property
     def used(self) -> int:
-        """Slots not free: held by requests or lost to external fragmentation."""
+        """Slots not free: held by requests, or free but lost while a request waits for memory."""
         return self.capacity - self.free
 
     @property
@@ -72,9 +90,33 @@ class MemoryBreakdown:
         return {name: getattr(self, name) / self.capacity for name in BREAKDOWN_FIELDS}
 
     @classmethod
-    def from_pool_stats(cls, stats: PoolStats, block_size: int) -> MemoryBreakdown:
-        """The breakdown of a paged pool: blocks are mapped on demand, so nothing is reserved ahead."""
-        return cls(stats.slots_used, 0, stats.internal_waste, 0, stats.num_free * block_size)
+    def from_pool_stats(cls, stats: PoolStats, block_size: int, waiting: bool = False) -> MemoryBreakdown:
+        """The breakdown of a paged pool: blocks are mapped on demand, so nothing is reserved ahead;
+        `waiting`: whether the head of the waiting queue waits for memory (its free blocks are stranded)."""
+        _, stranded, free = waiting_waste(stats.num_free * block_size, waiting, fits_in_total=False)
+        return cls(stats.slots_used, 0, stats.internal_waste, 0, stranded, free)
+
+
+def waiting_waste(free: int, waiting: bool, fits_in_total: bool) -> tuple[int, int, int]:
+    """Split `free` slots into (external_fragmentation, stranded, free): one rule for every allocator.
+
+    While nothing waits for memory, free slots are free. While the head of the waiting queue waits
+    for memory (`waiting`: the allocator refuses to admit it now), every free slot is waste: external
+    fragmentation if the free slots together would hold the head (`fits_in_total`: only holes stop it,
+    which only a contiguous allocator has), stranded otherwise (too few, or a watermark keeps them).
+    """
+    if not waiting:
+        return 0, 0, free
+    return (free, 0, 0) if fits_in_total else (0, free, 0)
+
+
+def final_kv_len(prompt_len: int, output_len: int) -> int:
+    """The most tokens a request's KV cache ever holds: prompt_len + output_len - 1.
+
+    The last generated token ends the request as soon as it is sampled; no later step runs it through
+    the model, so its K and V are never stored (the paged side counts the same: paged_driver.check).
+    """
+    return prompt_len + output_len - 1
 
 
 def reservation_size(policy: str, prompt_len: int, output_len: int, max_model_len: int) -> int:
@@ -119,7 +161,7 @@ def check_request(req, max_model_len: int) -> None:
 class _Range:
     start: int
     size: int  # slots reserved
-    length: int  # the request's true length: prompt_len + output_len
+    final: int  # the most tokens it will hold: final_kv_len, one less than the true length
     num_tokens: int  # slots holding a token, from `start`
 
 
@@ -193,7 +235,9 @@ class ContiguousAllocator:
             del self._holes[i]
         else:
             self._holes[i] = (start + size, length - size)  # carve from the hole's low end
-        self._ranges[req.request_id] = _Range(start, size, req.prompt_len + req.output_len, num_tokens)
+        self._ranges[req.request_id] = _Range(
+            start, size, final_kv_len(req.prompt_len, req.output_len), num_tokens
+        )
         return True
 
     def can_append(self, *request_ids: str) -> bool:
@@ -233,15 +277,30 @@ class ContiguousAllocator:
             holes[i] = (holes[i][0] + size, holes[i][1] - size)
         return True
 
-    def breakdown(self, waiting: Iterable = ()) -> MemoryBreakdown:
-        """The pool now; `waiting` is the head of the waiting queue (its ranges), if any waits."""
+    def can_admit(self, reqs: Iterable, num_tokens: int | None = None) -> bool:
+        """Would try_admit place every one of `reqs` now (a dry run)? A range's size does not depend
+        on the tokens stored at admission, so `num_tokens` is accepted for symmetry and ignored."""
+        return self.can_place(reqs)
+
+    def breakdown(self, waiting: Iterable = (), num_tokens: int | None = None) -> MemoryBreakdown:
+        """The pool now, in the Fig. 3 categories.
+
+        Args:
+            waiting: the head of the waiting queue, one entry per range it needs (its sequences), if a
+                request waits; empty if none does. If first fit cannot place them, the free slots are
+                lost while it waits: external fragmentation if their total would hold the ranges,
+                stranded if not (waiting_waste).
+            num_tokens: ignored (see can_admit).
+        """
         tokens = sum(r.num_tokens for r in self._ranges.values())
-        reserved = sum(max(0, r.length - r.num_tokens) for r in self._ranges.values())
-        internal = sum(r.size - max(r.length, r.num_tokens) for r in self._ranges.values())
+        reserved = sum(max(0, r.final - r.num_tokens) for r in self._ranges.values())
+        internal = sum(r.size - max(r.final, r.num_tokens) for r in self._ranges.values())
         free = sum(length for _, length in self._holes)
         waiting = list(waiting)
-        external = free if waiting and not self.can_place(waiting) else 0
-        return MemoryBreakdown(tokens, reserved, internal, external, free - external)
+        blocked = bool(waiting) and not self.can_place(waiting)
+        fits_in_total = sum(self.reservation(req) for req in waiting) <= free
+        external, stranded, free = waiting_waste(free, blocked, fits_in_total)
+        return MemoryBreakdown(tokens, reserved, internal, external, stranded, free)
 
 
 def _first_fit(holes: list[tuple[int, int]], size: int) -> int | None:
@@ -256,5 +315,7 @@ __all__ = [
     "MemoryBreakdown",
     "check_positive",
     "check_request",
+    "final_kv_len",
     "reservation_size",
+    "waiting_waste",
 ]

@@ -9,16 +9,24 @@ section 4.2-4.3 (blocks of 16 tokens mapped as a sequence grows) and, for compar
 driver's 2 MiB pages behind it on demand.
 
 VAttentionAllocator models vAttention; PagedAllocator puts the real BlockManager behind the same
-calls as reference/baselines.py's ContiguousAllocator (try_admit, can_append, append, free,
-breakdown), so that a test or a simulator can drive the three kinds side by side.
+calls as reference/baselines.py's ContiguousAllocator (try_admit, can_admit, can_append, append, free,
+breakdown), so that a test or a simulator can drive the three kinds side by side. Neither has external
+fragmentation (any free page serves any request), but both strand their free pages while the head of
+the waiting queue waits for more than they hold (baselines.waiting_waste).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from minipaged.reference.baselines import MemoryBreakdown, check_positive, check_request
-from minipaged.reference.block_allocator import BlockAllocator
+from minipaged.reference.baselines import (
+    MemoryBreakdown,
+    check_positive,
+    check_request,
+    final_kv_len,
+    waiting_waste,
+)
+from minipaged.reference.block_allocator import BlockAllocator, NoFreeBlocksError
 from minipaged.reference.block_manager import AllocStatus, BlockManager
 from minipaged.reference.block_table import num_blocks_for
 from minipaged.reference.memory_stats import pool_stats
@@ -30,14 +38,21 @@ VATTENTION_PAGE_TOKENS = 2 * 2**20 // (40 * 128 * 2)
 
 
 def _check_on_demand(req, copies: int, max_model_len: int, unit: int, usable: int, what: str) -> None:
-    """Refuse a request whose `copies` sequences, grown whole, exceed the usable pages or blocks:
-    alone in the pool it could then never be (re-)admitted."""
+    """Refuse a request whose `copies` sequences, grown whole (final_kv_len tokens each), exceed the
+    usable pages or blocks: alone in the pool it could then never be (re-)admitted."""
     check_request(req, max_model_len)
-    if copies * num_blocks_for(req.prompt_len + req.output_len, unit) > usable:
+    final = final_kv_len(req.prompt_len, req.output_len)
+    if copies * num_blocks_for(final, unit) > usable:
         raise ValueError(
-            f"request {req.request_id!r}: {copies} x {req.prompt_len + req.output_len} tokens can never "
+            f"request {req.request_id!r}: {copies} x {final} tokens can never "
             f"fit the {usable} usable {what} of {unit} slots (the watermark kept free)"
         )
+
+
+def _pages_for(reqs: Iterable, num_tokens: int | None, unit: int) -> int:
+    """Pages (or blocks) of `unit` slots that admitting each of `reqs` with `num_tokens` (default: its
+    prompt) maps at once."""
+    return sum(num_blocks_for(req.prompt_len if num_tokens is None else num_tokens, unit) for req in reqs)
 
 
 class VAttentionAllocator:
@@ -104,6 +119,11 @@ class VAttentionAllocator:
         self._num_tokens[req.request_id] = num_tokens
         return True
 
+    def can_admit(self, reqs: Iterable, num_tokens: int | None = None) -> bool:
+        """Would try_admit admit every one of `reqs` now, storing `num_tokens` each (default: its prompt)?"""
+        needed = _pages_for(reqs, num_tokens, self.page_tokens)
+        return self.pages.num_free - needed >= self.watermark_pages
+
     def can_append(self, *request_ids: str) -> bool:
         """Are there free pages for each of these requests to store one more token?"""
         new_pages = sum(self._num_tokens[i] % self.page_tokens == 0 for i in request_ids)
@@ -125,11 +145,24 @@ class VAttentionAllocator:
             self.pages.free(page)
         del self._num_tokens[request_id]
 
-    def breakdown(self, waiting: Iterable = ()) -> MemoryBreakdown:
-        """The pool now (`waiting` is ignored: on-demand pages leave no external fragmentation)."""
+    def breakdown(self, waiting: Iterable = (), num_tokens: int | None = None) -> MemoryBreakdown:
+        """The pool now, in the Fig. 3 categories.
+
+        Args:
+            waiting: the head of the waiting queue (one entry per sequence), if a request waits. If
+                it cannot be admitted now, the free pages are stranded while it waits; never external
+                fragmentation, since any free page serves any request (waiting_waste).
+            num_tokens: the tokens its admission would store (default: its prompt; more after a
+                preemption by recompute).
+        """
         tokens = sum(self._num_tokens.values())
         mapped = self.pages.num_used * self.page_tokens
-        return MemoryBreakdown(tokens, 0, mapped - tokens, 0, self.pages.num_free * self.page_tokens)
+        waiting = list(waiting)
+        blocked = bool(waiting) and not self.can_admit(waiting, num_tokens)
+        _, stranded, free = waiting_waste(
+            self.pages.num_free * self.page_tokens, blocked, fits_in_total=False
+        )
+        return MemoryBreakdown(tokens, 0, mapped - tokens, 0, stranded, free)
 
 
 class PagedAllocator:
@@ -171,23 +204,43 @@ class PagedAllocator:
         self._seqs[req.request_id] = seq
         return True
 
+    def can_admit(self, reqs: Iterable, num_tokens: int | None = None) -> bool:
+        """Would try_admit admit every one of `reqs` now, storing `num_tokens` each (default: its prompt)?
+        The BlockManager's can_allocate test: the blocks fit above the watermark."""
+        needed = _pages_for(reqs, num_tokens, self.block_size)
+        return self.manager.device.num_free - needed >= self.manager.watermark_blocks
+
     def can_append(self, *request_ids: str) -> bool:
+        """Are there free blocks for each of these requests to store one more token? A request
+        needs a new block only when its last block is full."""
         tables = [self.manager.get_block_table(self._seqs[i]) for i in request_ids]
         new_blocks = sum(t.num_filled_in_last_block == self.block_size for t in tables)
         return new_blocks <= self.manager.device.num_free
 
     def append(self, request_id: str) -> None:
+        """Store one more token of the request: BlockManager.append_slots maps a fresh block when
+        the last one is full (demand paging).
+
+        Raises:
+            NoFreeBlocksError: if a block is needed and none is free (nothing changes).
+        """
+        if not self.can_append(request_id):  # before the token is added: a refused append changes nothing
+            raise NoFreeBlocksError(f"request {request_id!r} needs a block and none is free")
         seq = self._seqs[request_id]
         seq.append_token_id(0)
         self.manager.append_slots(seq)
 
     def free(self, request_id: str) -> None:
+        """Give the request's blocks back to the pool (BlockManager.free)."""
         self.manager.free(self._seqs.pop(request_id))
 
-    def breakdown(self, waiting: Iterable = ()) -> MemoryBreakdown:
-        """The pool now (`waiting` is ignored: any free block serves any request)."""
+    def breakdown(self, waiting: Iterable = (), num_tokens: int | None = None) -> MemoryBreakdown:
+        """The pool now, in the Fig. 3 categories (`waiting`, `num_tokens`: as VAttentionAllocator's:
+        free blocks are stranded while the head waits for more than they hold)."""
         stats = pool_stats(self.manager.device, self.manager.device_tables, self.block_size)
-        return MemoryBreakdown.from_pool_stats(stats, self.block_size)
+        waiting = list(waiting)
+        blocked = bool(waiting) and not self.can_admit(waiting, num_tokens)
+        return MemoryBreakdown.from_pool_stats(stats, self.block_size, waiting=blocked)
 
 
 __all__ = ["VATTENTION_PAGE_TOKENS", "PagedAllocator", "VAttentionAllocator"]
