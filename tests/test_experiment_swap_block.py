@@ -36,6 +36,21 @@ TIME_KEYS = {
     "seconds_per_step",
     "model_seconds_per_step",
 }
+LOAD_KEYS = {
+    "part",
+    "block_size",
+    "workload",
+    "rate",
+    "kv_slots",
+    "window_s",
+    "mean_batch_size",
+    "mean_waiting",
+    "throughput_rps",
+    "token_states",
+    "internal_fragmentation",
+    "stranded",
+    "preemptions",
+}
 SWAP_KEYS = {
     "model",
     "block_size",
@@ -74,18 +89,26 @@ def test_block_size_rows_have_the_documented_keys(block_result):
     assert block_result.experiment == "block-size"
     waste = [r for r in block_result.rows if r["part"] == "waste"]
     times = [r for r in block_result.rows if r["part"] == "time"]
-    assert len(waste) + len(times) == len(block_result.rows)
+    loads = [r for r in block_result.rows if r["part"] == "load"]
+    assert len(waste) + len(times) + len(loads) == len(block_result.rows)
     assert all(set(r) == WASTE_KEYS for r in waste) and all(set(r) == TIME_KEYS for r in times)
-    assert {r["workload"] for r in waste} == {"sharegpt-like", "alpaca-like"}
+    assert all(set(r) == LOAD_KEYS for r in loads)
+    assert (
+        {r["workload"] for r in waste} == {r["workload"] for r in loads} == {"sharegpt-like", "alpaca-like"}
+    )
     assert sorted({r["block_size"] for r in waste}) == list(block_size.BLOCK_SIZES)
     assert [r["block_size"] for r in times] == list(block_size.SCALES["small"].time_block_sizes)
+    for workload in ("sharegpt-like", "alpaca-like"):
+        sizes = [r["block_size"] for r in loads if r["workload"] == workload]
+        assert sizes == list(block_size.SCALES["small"].load_block_sizes)
     json.dumps(block_result.to_json())  # plain JSON values
 
 
 def test_waste_shrinks_with_the_block_size(block_result):
     for workload in ("sharegpt-like", "alpaca-like"):
         rows = sorted(
-            (r for r in block_result.rows if r.get("workload") == workload), key=lambda r: r["block_size"]
+            (r for r in block_result.rows if r["part"] == "waste" and r["workload"] == workload),
+            key=lambda r: r["block_size"],
         )
         fractions = [r["waste_fraction"] for r in rows]
         assert fractions[0] == 0.0, "blocks of one token waste nothing"
@@ -95,7 +118,8 @@ def test_waste_shrinks_with_the_block_size(block_result):
             assert r["allocated_slots"] - r["wasted_slots"] == total
             assert r["allocated_slots"] % r["block_size"] == 0
             assert r["waste_fraction"] == pytest.approx(r["wasted_slots"] / r["allocated_slots"])
-    by = {(r["workload"], r["block_size"]): r["waste_fraction"] for r in block_result.rows if "workload" in r}
+    waste = [r for r in block_result.rows if r["part"] == "waste"]
+    by = {(r["workload"], r["block_size"]): r["waste_fraction"] for r in waste}
     assert by["alpaca-like", 256] > by["sharegpt-like", 256], "short sequences waste more of a large block"
 
 
@@ -104,6 +128,28 @@ def test_block_size_times_are_positive(block_result):
         assert _positive(r["seconds_per_step"]) and _positive(r["model_seconds_per_step"])
         small = block_size.SCALES["small"]
         assert r["decode_steps"] == small.decode_steps * small.rounds
+
+
+def test_large_blocks_shrink_what_the_budget_serves(block_result):
+    """Fig. 18b's memory side: blocks larger than the sequences waste most of each block, so fewer
+    requests fit the budget and fewer are served per second; the offered load exceeds what is served."""
+    loads = {(r["workload"], r["block_size"]): r for r in block_result.rows if r["part"] == "load"}
+    for workload in ("sharegpt-like", "alpaca-like"):
+        small, default, large = (loads[workload, b] for b in (1, 16, 256))
+        assert small["internal_fragmentation"] == 0.0, "blocks of one token waste nothing"
+        assert large["internal_fragmentation"] > default["internal_fragmentation"] > 0.0
+        assert large["mean_batch_size"] < default["mean_batch_size"] <= small["mean_batch_size"] * 1.001
+        assert large["throughput_rps"] < small["throughput_rps"] < small["rate"], "saturated: a queue stays"
+        assert small["mean_waiting"] > 0
+        for r in (small, default, large):
+            shares = r["token_states"] + r["internal_fragmentation"] + r["stranded"]
+            assert shares == pytest.approx(1.0), "paged memory in use: tokens, last-block tails, stranded"
+            assert r["kv_slots"] == 15_000 // r["block_size"] * r["block_size"]
+    alpaca_loss = 1 - loads["alpaca-like", 256]["throughput_rps"] / loads["alpaca-like", 1]["throughput_rps"]
+    sharegpt_loss = (
+        1 - loads["sharegpt-like", 256]["throughput_rps"] / loads["sharegpt-like", 1]["throughput_rps"]
+    )
+    assert alpaca_loss > sharegpt_loss, "short sequences lose more to large blocks"
 
 
 def test_swap_rows_count_blocks_and_bytes(swap_result):

@@ -26,7 +26,7 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "batch-size": ("batch_size", "batch size and requests served per allocator under one budget"),
     "sharing": ("sharing", "memory saved by sharing: parallel sampling and beam search (Fig. 15)"),
     "shared-prefix": ("shared_prefix", "blocks and prefill tokens saved by prefix caching (Fig. 16)"),
-    "block-size": ("block_size", "block size 1 to 256: waste and time per step (Fig. 18b)"),
+    "block-size": ("block_size", "block size 1 to 256: waste, capacity and time per step (Fig. 18b)"),
     "swap-vs-recompute": ("swap_vs_recompute", "restoring a preempted sequence: swap vs recompute (Fig. 19)"),
 }
 

@@ -6,7 +6,7 @@ OS idea: the page size is a trade. Large pages waste the unused tail of a proces
 sequence leaves most of its last block empty; with small blocks the attention kernel reads many
 small pieces and cannot use the GPU's parallelism well. vLLM picks 16.
 
-Two measurements, one row per point:
+Three measurements, one row per point:
 
 - part "waste": the internal fragmentation of paged allocation, computed from the lengths of a
   ShareGPT-like and an Alpaca-like workload (minipaged.workloads): a sequence of `len` tokens holds
@@ -15,28 +15,22 @@ Two measurements, one row per point:
   "waste_fraction"}, where waste_fraction = wasted_slots / allocated_slots at the sequences' final
   lengths (prompt + output).
 - part "time": the engine (tiny-llama, reference backend, on this machine's CPU) decoding a fixed
-  batch at each block size. Rows: {"part", "block_size", "model", "num_seqs", "mean_context_len",
-  "decode_steps", "seconds_per_step", "model_seconds_per_step"}: the median wall time of one decode
-  step (`LLM.step`: schedule, append slots, model, sample) and of its model part alone
-  (`ModelRunner.execute`: build the block tables and slot mapping, forward with paged attention).
-  On a CPU the cost of small blocks is bookkeeping and gather indexing, not GPU kernel occupancy.
+  batch at each block size: the median wall time of one decode step and of its model part
+  (block_size_time.py, which lists the rows' keys). On a CPU the cost of small blocks is bookkeeping
+  and gather indexing, not GPU kernel occupancy.
+- part "load": paged allocation serving each workload on a fixed KV budget with the null-model
+  simulator, at each block size: how many requests run at once, and where the memory goes
+  (block_size_load.py, which lists the rows' keys).
 """
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
 
-import torch
-from tqdm.auto import tqdm
-
-from minipaged.demo import torch_threads
-from minipaged.engine import LLM
 from minipaged.experiments import ExperimentResult, check_run_args
-from minipaged.presets import BYTE_OFFSET, VOCAB_SIZE, load_preset
+from minipaged.experiments.block_size_load import load_rows
+from minipaged.experiments.block_size_time import MODEL, time_rows
 from minipaged.reference.block_table import num_blocks_for
-from minipaged.sampling import SamplingParams
 from minipaged.workloads import alpaca_like, sharegpt_like
 
 NAME = "block-size"
@@ -67,13 +61,33 @@ class Scale:
     prompt_lens: tuple[int, ...]  # one sequence of the decoded batch per length
     decode_steps: int  # decode steps timed per block size and round
     rounds: int  # passes over the block sizes, interleaved so that noise spreads over all of them
+    load_block_sizes: tuple[int, ...]  # block sizes of the load part
+    load_end: dict[str, float]  # simulated seconds served per workload, for the load part
+    load_warmup: dict[str, float]  # ... of which left out at the start
 
 
 SCALES = {
-    "small": Scale(1_000, (1, 16, 256), (64, 96), 6, 1),
-    "full": Scale(10_000, BLOCK_SIZES, tuple(range(256, 512, 32)), 32, 3),
+    "small": Scale(
+        num_requests=1_000,
+        time_block_sizes=(1, 16, 256),
+        prompt_lens=(64, 96),
+        decode_steps=6,
+        rounds=1,
+        load_block_sizes=(1, 16, 256),
+        load_end={"sharegpt-like": 45.0, "alpaca-like": 15.0},
+        load_warmup={"sharegpt-like": 15.0, "alpaca-like": 5.0},
+    ),
+    "full": Scale(
+        num_requests=10_000,
+        time_block_sizes=BLOCK_SIZES,
+        prompt_lens=tuple(range(256, 512, 32)),
+        decode_steps=32,
+        rounds=3,
+        load_block_sizes=BLOCK_SIZES,
+        load_end={"sharegpt-like": 300.0, "alpaca-like": 120.0},  # the sharing experiment's windows
+        load_warmup={"sharegpt-like": 50.0, "alpaca-like": 20.0},
+    ),
 }
-MODEL = "tiny-llama"
 
 
 def internal_fragmentation(lengths: list[int], block_size: int) -> tuple[int, int]:
@@ -108,92 +122,12 @@ def waste_rows(num_requests: int, seed: int, block_sizes=BLOCK_SIZES) -> list[di
     return rows
 
 
-def decode_step_times(
-    model: torch.nn.Module, block_size: int, prompts: list[list[int]], decode_steps: int, seed: int = 0
-) -> tuple[list[float], list[float]]:
-    """Seconds of each decode step of a batch, and of its model part (ModelRunner.execute).
-
-    The batch is prefilled in one step (not timed), then decodes `decode_steps` tokens per sequence
-    (greedy, `ignore_eos`), every sequence in every step. The pool holds exactly what the batch needs,
-    so nothing is preempted, and the step's token budget holds every prompt, so one step prefills them.
-    """
-    need = sum(num_blocks_for(len(p) + decode_steps, block_size) for p in prompts)
-    budget = max(2048, sum(len(p) for p in prompts))
-    llm = LLM(
-        model,
-        block_size=block_size,
-        num_gpu_blocks=need,
-        num_cpu_blocks=0,
-        seed=seed,
-        watermark=0.0,
-        max_num_batched_tokens=budget,
-    )
-    model_times: list[float] = []
-    execute = llm.runner.execute
-
-    def timed_execute(out):  # the model part of a step, timed inside the engine's own call
-        start = time.perf_counter()
-        logits = execute(out)
-        model_times.append(time.perf_counter() - start)
-        return logits
-
-    llm.runner.execute = timed_execute
-    params = SamplingParams(temperature=0.0, max_tokens=decode_steps + 1, ignore_eos=True)
-    for prompt in prompts:
-        llm.add_request({"prompt_token_ids": prompt}, params)
-    llm.step()  # the prefill of every prompt, and the first token
-    step_times = []
-    while llm.has_unfinished_requests():
-        start = time.perf_counter()
-        llm.step()
-        step_times.append(time.perf_counter() - start)
-    if len(step_times) != decode_steps or llm.stats.num_preemptions != {"recompute": 0, "swap": 0}:
-        raise RuntimeError(
-            f"expected {decode_steps} decode steps and no preemption, got {len(step_times)} steps"
-        )
-    return step_times, model_times[1:]
-
-
-def time_rows(scale: Scale, seed: int, progress: bool) -> list[dict]:
-    """The "time" rows: median seconds per decode step at each block size (tiny-llama, CPU)."""
-    model = load_preset(MODEL, seed)
-    generator = torch.Generator().manual_seed(seed)
-    prompts = [
-        torch.randint(BYTE_OFFSET, VOCAB_SIZE, (n,), generator=generator).tolist() for n in scale.prompt_lens
-    ]
-    steps: dict[int, list[float]] = {b: [] for b in scale.time_block_sizes}
-    model_steps: dict[int, list[float]] = {b: [] for b in scale.time_block_sizes}
-    total = scale.rounds * len(scale.time_block_sizes)
-    with torch_threads(1), tqdm(total=total, desc=f"{NAME}: decode steps", disable=not progress) as bar:
-        decode_step_times(model, 16, prompts[:1], 2, seed)  # warm up: first calls allocate and dispatch
-        for _ in range(scale.rounds):
-            for b in scale.time_block_sizes:
-                step_times, model_times = decode_step_times(model, b, prompts, scale.decode_steps, seed)
-                steps[b] += step_times
-                model_steps[b] += model_times
-                bar.update(1)
-    mean_prompt = sum(scale.prompt_lens) / len(scale.prompt_lens)
-    return [
-        {
-            "part": "time",
-            "block_size": b,
-            "model": MODEL,
-            "num_seqs": len(prompts),
-            "mean_context_len": mean_prompt + (scale.decode_steps + 1) / 2,
-            "decode_steps": len(steps[b]),
-            "seconds_per_step": statistics.median(steps[b]),
-            "model_seconds_per_step": statistics.median(model_steps[b]),
-        }
-        for b in scale.time_block_sizes
-    ]
-
-
 def run(scale: str = "full", seed: int = 0, progress: bool = True) -> ExperimentResult:
-    """Internal fragmentation and decode time at block sizes 1 to 256 (paper section 7.2).
+    """Internal fragmentation, decode time and batch size at block sizes 1 to 256 (paper section 7.2).
 
     Args:
-        scale: "full" (every block size in both parts, about 10 s on a 2-core CPU) or "small" (block
-            sizes 1, 16 and 256 in the time part, about a second).
+        scale: "full" (every block size in every part, about a minute on a 2-core CPU) or "small"
+            (block sizes 1, 16 and 256 in the time and load parts, shorter simulations; seconds).
         seed: the workloads' lengths, the model's random weights and the prompts' tokens.
         progress: show a tqdm bar for the time part.
 
@@ -203,14 +137,16 @@ def run(scale: str = "full", seed: int = 0, progress: bool = True) -> Experiment
     check_run_args(scale, seed, SCALES)
     config = SCALES[scale]
     rows = waste_rows(config.num_requests, seed) + time_rows(config, seed, progress)
+    rows += load_rows(config.load_block_sizes, config.load_end, config.load_warmup, seed, progress)
     return ExperimentResult(NAME, rows, dict(PAPER))
 
 
 def plot(result: ExperimentResult, path) -> None:
-    """Two panels: (a) wasted share of the allocated slots, (b) milliseconds per decode step."""
+    """Three panels: (a) wasted share of the allocated slots, (b) milliseconds per decode step, (c) the
+    requests per second the KV budget serves, relative to block size 1."""
     from minipaged.experiments.plotting import COLORS, block_size_axis, legend, new_figure, savefig
 
-    fig, (waste_ax, time_ax) = new_figure(2, title="Block size (vLLM paper section 7.2, Fig. 18b)")
+    fig, (waste_ax, time_ax, load_ax) = new_figure(3, title="Block size (vLLM paper section 7.2, Fig. 18b)")
     for workload in WORKLOADS:
         rows = [r for r in result.rows if r["part"] == "waste" and r["workload"] == workload]
         color = COLORS[workload.removesuffix("-like")]
@@ -247,7 +183,24 @@ def plot(result: ExperimentResult, path) -> None:
     model = rows[0]["model"] if rows else MODEL
     time_ax.set_title(f"(b) decode step, {model}, CPU")
     legend(time_ax)
+    for workload in WORKLOADS:
+        rows = [r for r in result.rows if r["part"] == "load" and r["workload"] == workload]
+        if not rows:
+            continue
+        base = rows[0]["throughput_rps"]  # the smallest block size: no internal fragmentation at 1
+        load_ax.plot(
+            [r["block_size"] for r in rows],
+            [r["throughput_rps"] / base for r in rows],
+            "o-",
+            color=COLORS[workload.removesuffix("-like")],
+            label=f"{workload}, {rows[0]['rate']:g} req/s offered",
+        )
+    block_size_axis(load_ax, sorted({r["block_size"] for r in result.rows if r["part"] == "load"}))
+    load_ax.set_ylim(0, 1.05)
+    load_ax.set_ylabel("requests/s served, relative to block 1")
+    load_ax.set_title("(c) capacity of a 15,000-slot budget")
+    legend(load_ax)
     savefig(fig, path)
 
 
-__all__ = ["BLOCK_SIZES", "PAPER", "internal_fragmentation", "plot", "run", "waste_rows"]
+__all__ = ["BLOCK_SIZES", "PAPER", "internal_fragmentation", "load_rows", "plot", "run", "waste_rows"]

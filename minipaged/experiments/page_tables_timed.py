@@ -50,7 +50,8 @@ def block_size(data: dict) -> dict[str, str]:
             "large blocks",
             "hurt Alpaca beyond 32, ShareGPT beyond 128",
             f"Alpaca-like wastes {alpaca[0]} at 16, {alpaca[1]} at 32, then {', '.join(alpaca[2:])}; "
-            f"ShareGPT-like stays at or under {sharegpt[128]} up to 128 and reaches {sharegpt[256]} at 256",
+            f"ShareGPT-like stays at or under {sharegpt[128]} up to 128 and reaches {sharegpt[256]} at 256. "
+            + _capacity_sentence(data),
         ],
         [
             "small blocks",
@@ -68,6 +69,7 @@ def block_size(data: dict) -> dict[str, str]:
         ],
     ]
     return {
+        **_block_size_load(data),
         "results": table(
             [
                 "block size",
@@ -93,6 +95,56 @@ def block_size(data: dict) -> dict[str, str]:
         "rest-growth": f"{ms(step[16] - model[16])} ms to {ms(step[1] - model[1])} ms",
         "flat": f"{ms(min(step[b] for b in rows_16))} to {ms(max(step[b] for b in rows_16))} ms",
         "fastest": f"{ms(step[fastest])} ms at {fastest}",
+    }
+
+
+def _loads(data: dict) -> dict[tuple[str, int], dict]:
+    return {(r["workload"], r["block_size"]): r for r in data["rows"] if r["part"] == "load"}
+
+
+def _served(loads: dict, workload: str, b: int) -> float:
+    """Requests/s served at block size b, relative to block size 1."""
+    return loads[workload, b]["throughput_rps"] / loads[workload, 1]["throughput_rps"]
+
+
+def _capacity_sentence(data: dict) -> str:
+    loads = _loads(data)
+    alpaca = ", ".join(pct(_served(loads, "alpaca-like", b), 0) for b in (16, 32, 64, 128, 256))
+    sharegpt = ", ".join(pct(_served(loads, "sharegpt-like", b), 0) for b in (16, 128, 256))
+    return (
+        f"Served at saturation, relative to block size 1: Alpaca-like {alpaca} at 16, 32, 64, 128, 256; "
+        f"ShareGPT-like {sharegpt} at 16, 128, 256"
+    )
+
+
+def _block_size_load(data: dict) -> dict[str, str]:
+    """The load part: what the 15,000-slot budget serves at each block size (block_size_load.py)."""
+    loads = _loads(data)
+    sizes = sorted({b for _, b in loads})
+    rows = []
+    for b in sizes:
+        cells = [str(b)]
+        for workload in ("sharegpt-like", "alpaca-like"):
+            r = loads[workload, b]
+            cells += [
+                f"{r['mean_batch_size']:.1f}",
+                f"{r['throughput_rps']:.2f}",
+                pct(_served(loads, workload, b), 0),
+            ]
+            cells += [pct(r["internal_fragmentation"])]
+        rows.append([f"**{c}**" for c in cells] if b == 16 else cells)
+    header = ["block size"]
+    for name in ("ShareGPT-like", "Alpaca-like"):
+        header += [f"{name}: running", "served req/s", "vs block 1", "last-block waste"]
+    first = loads["sharegpt-like", sizes[0]], loads["alpaca-like", sizes[0]]
+    return {
+        "load": table(header, rows, "r" * len(header)),
+        "load-rates": f"{first[0]['rate']:g} and {first[1]['rate']:g}",
+        "load-windows": f"{first[0]['window_s']:.0f} and {first[1]['window_s']:.0f}",
+        "load-alpaca-64": pct(1 - _served(loads, "alpaca-like", 64), 0),
+        "load-alpaca-256": pct(1 - _served(loads, "alpaca-like", 256), 0),
+        "load-sharegpt-128": pct(1 - _served(loads, "sharegpt-like", 128), 0),
+        "load-16": " and ".join(pct(1 - _served(loads, w, 16)) for w in ("sharegpt-like", "alpaca-like")),
     }
 
 
