@@ -14,7 +14,7 @@ leaves out the warm-up. One row per allocator:
 - token_states, reserved, internal_fragmentation, external_fragmentation, stranded: each a share of
   the memory in use (capacity - free), averaged over steps; they sum to 1. This is Fig. 2's measure;
   external_fragmentation + stranded is its "external fragmentation & others": the free memory while
-  the head of the queue waits for memory, the same rule for every allocator (baselines.waiting_waste).
+  the head of the queue waits for memory, the same rule for every allocator (memory_breakdown.waiting_waste).
 - pool_token_states, pool_reserved, pool_internal_fragmentation, pool_external_fragmentation,
   pool_stranded, pool_free: the same as shares of the whole pool; they sum to 1.
 - allocator, label, kv_slots, rate, window_s, mean_batch_size, mean_waiting, preemptions;
@@ -38,7 +38,7 @@ from minipaged.experiments.serving import (
     serve,
     sharegpt_load,
 )
-from minipaged.reference.baselines import BREAKDOWN_FIELDS
+from minipaged.reference.memory_breakdown import BREAKDOWN_FIELDS
 
 NAME = "memory-waste"
 RATE = 2.0  # requests/s: section 6.2's batch-size comparison (Fig. 13a), whose memory Fig. 2 shows

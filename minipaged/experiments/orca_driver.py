@@ -102,7 +102,7 @@ class OrcaDriver:
             prefill += tokens
             recomputed += tokens if group.preempted else 0  # all computed before the preemption
         # 3. The model step has run: record, then every sequence samples a token; finished ones free.
-        # The free memory is waste while the head waits for memory (baselines.waiting_waste).
+        # The free memory is waste while the head waits for memory (memory_breakdown.waiting_waste).
         head = self.waiting[0] if self.waiting else None
         breakdown = alloc.breakdown(*self._admission(head)) if head else alloc.breakdown()
         if isinstance(alloc, VAttentionAllocator):

@@ -22,9 +22,9 @@ from dataclasses import replace
 
 from minipaged.config import SchedulerConfig
 from minipaged.experiments.records import SimulationResult, StepRecord, request_width
-from minipaged.reference.baselines import MemoryBreakdown, waiting_waste
 from minipaged.reference.block_manager import AllocStatus, BlockManager
 from minipaged.reference.block_table import num_blocks_for
+from minipaged.reference.memory_breakdown import MemoryBreakdown, waiting_waste
 from minipaged.reference.scheduler import Scheduler
 from minipaged.sequence import Sequence, SequenceGroup, SequenceStatus
 
@@ -161,7 +161,7 @@ class PagedDriver:
         device, bs, s = self.manager.device, self.block_size, self.scheduler
         slots_used, saved = _paged_memory(self.manager)
         # Free blocks are stranded while the head waits for memory; any block serves any request, so
-        # there is never external fragmentation (baselines.waiting_waste: one rule for every allocator).
+        # there is never external fragmentation (memory_breakdown.waiting_waste: one rule for all).
         _, stranded, free = waiting_waste(device.num_free * bs, self._head_waits_for_memory(), False)
         breakdown = MemoryBreakdown(slots_used, 0, device.num_used * bs - slots_used, 0, stranded, free)
         waiting = len(s.waiting) + len(s.swapped)
