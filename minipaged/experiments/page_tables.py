@@ -14,18 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from minipaged.experiments.serving import ALLOCATORS, LABELS, PAPER_LABELS
+
 # A prefill token of a 13B model costs about 2 x 13e9 = 26 GFLOP; at half an A100's 312 TFLOP/s,
 # about 0.17 ms. Only to size what the null model leaves out (its steps cost 40 ms whatever they do).
 PREFILL_S_PER_TOKEN = 2 * 13e9 / (0.5 * 312e12)
-ORDER = ("orca-max", "orca-pow2", "orca-oracle", "vattention", "paged")
-NAMES = {
-    "orca-max": "Orca (Max)",
-    "orca-pow2": "Orca (Pow2)",
-    "orca-oracle": "Orca (Oracle)",
-    "vattention": "vAttention",
-    "paged": "vLLM (paged)",
-}
-PAPER_NAMES = {"paged": "vLLM"}
 
 
 def pct(x: float, digits: int = 1) -> str:
@@ -61,31 +54,31 @@ def memory_waste(data: dict) -> dict[str, str]:
     window = by["paged"]["window_s"]
     names = {"vattention": "vAttention (204-token pages)", "paged": "**vLLM (paged, block 16)**"}
     results = []
-    for a in ORDER:
-        r, theirs = by[a], paper.get(PAPER_NAMES.get(a, NAMES[a]))
+    for a in ALLOCATORS:
+        r, theirs = by[a], paper.get(PAPER_LABELS.get(a, LABELS[a]))
         cells = [
             pct(r[k]) for k in ("reserved", "internal_fragmentation", "external_fragmentation", "stranded")
         ]
         theirs = "—" if theirs is None else f"{theirs}%"
         name, tokens, batch = (
-            names.get(a, NAMES[a]),
+            names.get(a, LABELS[a]),
             f"**{pct(r['token_states'])}**",
             f"{r['mean_batch_size']:.2f}",
         )
         results.append([name, tokens, *cells, theirs, batch])
     recompute = []
-    for a in ORDER:
+    for a in ALLOCATORS:
         r = by[a]
         fresh = r["prefill_tokens"] - r["recomputed_tokens"]
         seconds = _recompute_seconds(r["recomputed_tokens"])
         time = f"{seconds:.0f} s ({pct(seconds / window)})"
         recompute.append(
-            [names.get(a, NAMES[a]), num(r["preemptions"]), num(fresh), num(r["recomputed_tokens"]), time]
+            [names.get(a, LABELS[a]), num(r["preemptions"]), num(fresh), num(r["recomputed_tokens"]), time]
         )
     beside = []
     for a in ("orca-max", "orca-pow2", "orca-oracle", "paged"):
-        theirs, ours = paper[PAPER_NAMES.get(a, NAMES[a])], by[a]["token_states"]
-        beside.append([NAMES[a], f"{theirs}%", pct(ours), points(100 * ours, theirs)])
+        theirs, ours = paper[PAPER_LABELS.get(a, LABELS[a])], by[a]["token_states"]
+        beside.append([LABELS[a], f"{theirs}%", pct(ours), points(100 * ours, theirs)])
     paged, vatt = by["paged"], by["vattention"]
     return {
         "results": table(
@@ -140,13 +133,13 @@ def memory_waste(data: dict) -> dict[str, str]:
 def batch_size(data: dict) -> dict[str, str]:
     rows, paper = data["rows"], data["paper"]
     rates = sorted({r["rate"] for r in rows})
-    header = ["rate (req/s)", *(NAMES[a] for a in ORDER)]
+    header = ["rate (req/s)", *(LABELS[a] for a in ALLOCATORS)]
 
     def grid(key: str, fmt: Callable[[float], str]) -> str:
         lines = []
         for rate in rates:
             at = _by(rows, rate=rate)
-            cells = [f"{rate:g}", *(fmt(at[a][key]) for a in ORDER)]
+            cells = [f"{rate:g}", *(fmt(at[a][key]) for a in ALLOCATORS)]
             lines.append([f"**{c}**" for c in cells] if rate == 2.0 else cells)
         return table(header, lines, "r" * len(header))
 
@@ -163,9 +156,9 @@ def batch_size(data: dict) -> dict[str, str]:
     batch_paper = paper["mean_batch_size"]
     beside = []
     for a in ("orca-max", "orca-pow2", "orca-oracle", "paged"):
-        theirs, ours = batch_paper[PAPER_NAMES.get(a, NAMES[a])], two[a]["mean_batch_size"]
+        theirs, ours = batch_paper[PAPER_LABELS.get(a, LABELS[a])], two[a]["mean_batch_size"]
         diff = "0" if round(ours, 2) == theirs else f"{100 * (ours / theirs - 1):+.1f}%".replace("-", "−")
-        beside.append([NAMES[a].replace(" (paged)", ""), f"{theirs:.2f}", f"{ours:.2f}", diff])
+        beside.append([LABELS[a].replace(" (paged)", ""), f"{theirs:.2f}", f"{ours:.2f}", diff])
     for a, theirs in paper["vllm_batch_vs"].items():
         key = "orca-oracle" if "Oracle" in a else "orca-max"
         ratio = two["paged"]["mean_batch_size"] / two[key]["mean_batch_size"]
@@ -216,8 +209,6 @@ def batch_size(data: dict) -> dict[str, str]:
 
 
 __all__ = [
-    "NAMES",
-    "ORDER",
     "PREFILL_S_PER_TOKEN",
     "batch_size",
     "memory_waste",

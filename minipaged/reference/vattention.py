@@ -107,9 +107,9 @@ class VAttentionAllocator:
             raise ValueError(f"request {req.request_id!r} is already admitted")
         num_tokens = req.prompt_len if num_tokens is None else num_tokens
         check_positive(num_tokens=num_tokens)
-        needed = num_blocks_for(num_tokens, self.page_tokens)
-        if self.pages.num_free - needed < self.watermark_pages:
+        if not self.can_admit([req], num_tokens):
             return False
+        needed = num_blocks_for(num_tokens, self.page_tokens)
         self._pages_of[req.request_id] = [self.pages.allocate() for _ in range(needed)]
         self._num_tokens[req.request_id] = num_tokens
         return True
