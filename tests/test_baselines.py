@@ -16,14 +16,14 @@ import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from minipaged.reference.baselines import (
+from minipaged.experiments.baselines import (
     BREAKDOWN_FIELDS,
     ContiguousAllocator,
     MemoryBreakdown,
     reservation_size,
 )
 from minipaged.reference.block_allocator import NoFreeBlocksError
-from minipaged.reference.vattention import PagedAllocator, VAttentionAllocator
+from minipaged.experiments.vattention import PagedAllocator, VAttentionAllocator
 
 
 @dataclass(frozen=True)

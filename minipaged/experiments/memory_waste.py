@@ -38,7 +38,7 @@ from minipaged.experiments.serving import (
     serve,
     sharegpt_load,
 )
-from minipaged.reference.memory_breakdown import BREAKDOWN_FIELDS
+from minipaged.experiments.memory_breakdown import BREAKDOWN_FIELDS
 
 NAME = "memory-waste"
 RATE = 2.0  # requests/s: section 6.2's batch-size comparison (Fig. 13a), whose memory Fig. 2 shows

@@ -6,7 +6,7 @@ first, best and worst fit (OSTEP ch. 17). KV counterpart: vLLM paper section 6.1
 (Max), Orca (Pow2) and Orca (Oracle), run with Orca's iteration-level FCFS batching (section 2.3):
 at every step the running requests store one token each, then waiting requests are admitted in
 arrival order while the allocator can place them. Nothing is shared, so a request with n samples or
-W beams holds n or W ranges. Only vAttention (reference/vattention.py) can run short of pages while a
+W beams holds n or W ranges. Only vAttention (experiments/vattention.py) can run short of pages while a
 request grows; it then preempts the newest request by recompute, as vLLM's scheduler (which it runs
 under) does.
 """
@@ -18,8 +18,8 @@ from collections import deque
 from dataclasses import dataclass, replace
 
 from minipaged.experiments.records import SimulationResult, StepRecord, request_width
-from minipaged.reference.baselines import ContiguousAllocator
-from minipaged.reference.vattention import VAttentionAllocator
+from minipaged.experiments.baselines import ContiguousAllocator
+from minipaged.experiments.vattention import VAttentionAllocator
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import math
 import statistics
 from dataclasses import dataclass, replace
 
-from minipaged.reference.memory_breakdown import BREAKDOWN_FIELDS, MemoryBreakdown
+from minipaged.experiments.memory_breakdown import BREAKDOWN_FIELDS, MemoryBreakdown
 
 HELD_FIELDS = BREAKDOWN_FIELDS[:-1]  # the categories of the memory in use: every field but "free"
 

@@ -4,7 +4,7 @@ OS idea: OSTEP's homework simulators (malloc.py, paging-policy.py, ...) replay a
 against an allocation policy and count what is used and what is wasted, without running programs.
 KV counterpart: the memory side of the vLLM paper's section 6: a workload of requests (arrival time,
 prompt length, true output length) is served by PagedAttention or by one of the baselines of
-reference/baselines.py and reference/vattention.py on one pool of `kv_slots` token slots, and every
+experiments/baselines.py and experiments/vattention.py on one pool of `kv_slots` token slots, and every
 step records where each slot is (MemoryBreakdown, the paper's Fig. 3 categories), the batch size and
 what sharing saved (records.py).
 
@@ -34,8 +34,8 @@ from minipaged.config import PREEMPTION_MODES
 from minipaged.experiments.orca_driver import OrcaDriver
 from minipaged.experiments.paged_driver import PagedDriver
 from minipaged.experiments.records import SimulationResult, StepRecord, request_width
-from minipaged.reference.baselines import check_positive
-from minipaged.reference.vattention import VATTENTION_PAGE_TOKENS
+from minipaged.experiments.baselines import check_positive
+from minipaged.experiments.vattention import VATTENTION_PAGE_TOKENS
 
 ALLOCATORS = ("paged", "orca-max", "orca-pow2", "orca-oracle", "vattention")
 # One model step, in seconds, whatever its batch: the order of an OPT-13B decode step on an A100.

@@ -9,8 +9,8 @@ KV counterpart: vLLM paper section 3 (Fig. 2 and 3): systems before vLLM (Faster
 stored each request's KV cache in one contiguous range reserved at admission; section 6.1's
 baselines are Orca (Max), Orca (Pow2) and Orca (Oracle), which differ only in how much they reserve.
 
-MemoryBreakdown (reference/memory_breakdown.py), the paper's Fig. 3 categories, is the measure every
-allocator reports, and reference/vattention.py puts the demand-paged allocators (vAttention's large
+MemoryBreakdown (experiments/memory_breakdown.py), the paper's Fig. 3 categories, is the measure every
+allocator reports, and experiments/vattention.py puts the demand-paged allocators (vAttention's large
 pages, vLLM's blocks) behind the same calls, so that one simulator can compare all of them on one
 pool of slots.
 
@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from minipaged.reference.block_allocator import NoFreeBlocksError
-from minipaged.reference.memory_breakdown import (
+from minipaged.experiments.memory_breakdown import (
     BREAKDOWN_FIELDS,
     MemoryBreakdown,
     final_kv_len,

@@ -9,7 +9,7 @@ section 4.2-4.3 (blocks of 16 tokens mapped as a sequence grows) and, for compar
 driver's 2 MiB pages behind it on demand.
 
 VAttentionAllocator models vAttention; PagedAllocator puts the real BlockManager behind the same
-calls as reference/baselines.py's ContiguousAllocator (try_admit, can_admit, can_append, append, free,
+calls as experiments/baselines.py's ContiguousAllocator (try_admit, can_admit, can_append, append, free,
 breakdown), so that a test or a simulator can drive the three kinds side by side. Neither has external
 fragmentation (any free page serves any request), but both strand their free pages while the head of
 the waiting queue waits for more than they hold (memory_breakdown.waiting_waste).
@@ -19,11 +19,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from minipaged.reference.baselines import check_positive, check_request
+from minipaged.experiments.baselines import check_positive, check_request
 from minipaged.reference.block_allocator import BlockAllocator, NoFreeBlocksError
 from minipaged.reference.block_manager import AllocStatus, BlockManager
 from minipaged.reference.block_table import num_blocks_for
-from minipaged.reference.memory_breakdown import MemoryBreakdown, final_kv_len, waiting_waste
+from minipaged.experiments.memory_breakdown import MemoryBreakdown, final_kv_len, waiting_waste
 from minipaged.reference.memory_stats import pool_stats
 from minipaged.sequence import Sequence, SequenceGroup
 
