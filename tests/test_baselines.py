@@ -22,8 +22,8 @@ from minipaged.experiments.baselines import (
     MemoryBreakdown,
     reservation_size,
 )
-from minipaged.reference.block_allocator import NoFreeBlocksError
 from minipaged.experiments.vattention import PagedAllocator, VAttentionAllocator
+from minipaged.reference.block_allocator import NoFreeBlocksError
 
 
 @dataclass(frozen=True)

@@ -138,8 +138,8 @@ def test_the_buddy_estimate_on_the_memory_waste_page():
     """docs/experiments/memory-waste.md: rounding each range up to a power of two (a buddy allocator)
     would leave a request 76% of an Oracle range and 75% of a Pow2 one, weighting each request by how
     long it runs (its output_len steps); that brings their token shares to about 37.6% and 29%."""
-    from minipaged.experiments.serving import MAX_MODEL_LEN, sharegpt_load
     from minipaged.experiments.baselines import reservation_size
+    from minipaged.experiments.serving import MAX_MODEL_LEN, sharegpt_load
 
     def buddy(size: int) -> int:
         return min(MAX_MODEL_LEN, 1 << (size - 1).bit_length())

@@ -12,8 +12,8 @@ from dataclasses import dataclass, replace
 import pytest
 
 from minipaged.experiments import paged_driver
-from minipaged.experiments.simulator import ALLOCATORS, simulate
 from minipaged.experiments.memory_breakdown import BREAKDOWN_FIELDS, MemoryBreakdown
+from minipaged.experiments.simulator import ALLOCATORS, simulate
 from minipaged.reference.memory_stats import pool_stats
 
 

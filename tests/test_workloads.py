@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minipaged.presets import ByteTokenizer
 from minipaged.experiments.baselines import reservation_size
+from minipaged.presets import ByteTokenizer
 from minipaged.reference.block_table import num_blocks_for
 from minipaged.reference.prefix_cache import hash_full_blocks
 from minipaged.workloads import (

@@ -28,13 +28,13 @@ import bisect
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from minipaged.reference.block_allocator import NoFreeBlocksError
 from minipaged.experiments.memory_breakdown import (
     BREAKDOWN_FIELDS,
     MemoryBreakdown,
     final_kv_len,
     waiting_waste,
 )
+from minipaged.reference.block_allocator import NoFreeBlocksError
 
 POLICIES = ("max", "pow2", "oracle")
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from minipaged.experiments import ExperimentResult, check_run_args
+from minipaged.experiments.memory_breakdown import BREAKDOWN_FIELDS
 from minipaged.experiments.records import HELD_FIELDS
 from minipaged.experiments.serving import (
     ALLOCATORS,
@@ -38,7 +39,6 @@ from minipaged.experiments.serving import (
     serve,
     sharegpt_load,
 )
-from minipaged.experiments.memory_breakdown import BREAKDOWN_FIELDS
 
 NAME = "memory-waste"
 RATE = 2.0  # requests/s: section 6.2's batch-size comparison (Fig. 13a), whose memory Fig. 2 shows

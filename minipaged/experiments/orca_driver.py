@@ -17,8 +17,8 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, replace
 
-from minipaged.experiments.records import SimulationResult, StepRecord, request_width
 from minipaged.experiments.baselines import ContiguousAllocator
+from minipaged.experiments.records import SimulationResult, StepRecord, request_width
 from minipaged.experiments.vattention import VAttentionAllocator
 
 

@@ -21,10 +21,10 @@ import random
 from dataclasses import replace
 
 from minipaged.config import SchedulerConfig
+from minipaged.experiments.memory_breakdown import MemoryBreakdown, waiting_waste
 from minipaged.experiments.records import SimulationResult, StepRecord, request_width
 from minipaged.reference.block_manager import AllocStatus, BlockManager
 from minipaged.reference.block_table import num_blocks_for
-from minipaged.experiments.memory_breakdown import MemoryBreakdown, waiting_waste
 from minipaged.reference.scheduler import Scheduler
 from minipaged.sequence import Sequence, SequenceGroup, SequenceStatus
 

@@ -31,10 +31,10 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from minipaged.config import PREEMPTION_MODES
+from minipaged.experiments.baselines import check_positive
 from minipaged.experiments.orca_driver import OrcaDriver
 from minipaged.experiments.paged_driver import PagedDriver
 from minipaged.experiments.records import SimulationResult, StepRecord, request_width
-from minipaged.experiments.baselines import check_positive
 from minipaged.experiments.vattention import VATTENTION_PAGE_TOKENS
 
 ALLOCATORS = ("paged", "orca-max", "orca-pow2", "orca-oracle", "vattention")

@@ -20,10 +20,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from minipaged.experiments.baselines import check_positive, check_request
+from minipaged.experiments.memory_breakdown import MemoryBreakdown, final_kv_len, waiting_waste
 from minipaged.reference.block_allocator import BlockAllocator, NoFreeBlocksError
 from minipaged.reference.block_manager import AllocStatus, BlockManager
 from minipaged.reference.block_table import num_blocks_for
-from minipaged.experiments.memory_breakdown import MemoryBreakdown, final_kv_len, waiting_waste
 from minipaged.reference.memory_stats import pool_stats
 from minipaged.sequence import Sequence, SequenceGroup
 
