@@ -109,10 +109,21 @@ class BeamState:
         return False
 
     def _advance(self, seqs, logprobs, parents, tokens, group, manager) -> None:
-        """Make the group's sequences the new beams: fork parents kept twice, free parents dropped."""
+        """Make the group's sequences the new beams: free parents dropped, fork parents kept twice.
+
+        Dropped beams exit first, so their memory is back before the forks: a memory manager that
+        cannot share (the Orca baselines, which give each beam its own reserved range) reuses a
+        dropped beam's range for a forked child. Paged forks share blocks, so for them the order
+        only changes which free blocks are handed out next.
+        """
+        kept = set(parents)
+        for i, seq in enumerate(seqs):
+            if i not in kept:  # no continuation survived: the beam exits and gives its blocks back
+                manager.free(seq)
+                seq.status = SequenceStatus.FINISHED_ABORTED
         children: list[Sequence] = []
         used: set[int] = set()
-        for parent in parents:  # fork first, while every parent still ends where the step left it
+        for parent in parents:  # fork before any token is appended: a child copies its parent as is
             if parent in used:
                 child = seqs[parent].fork()
                 manager.fork(seqs[parent], child)
@@ -120,10 +131,6 @@ class BeamState:
             else:
                 used.add(parent)
                 children.append(seqs[parent])
-        for i, seq in enumerate(seqs):
-            if i not in used:  # no continuation survived: the beam exits and gives its blocks back
-                manager.free(seq)
-                seq.status = SequenceStatus.FINISHED_ABORTED
         for child, parent, token in zip(children, parents, tokens, strict=True):
             child.append_token_id(token, float(logprobs[parent, token]))
         group.seqs = children

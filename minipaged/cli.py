@@ -13,7 +13,8 @@ happening.
 - `minipaged assignment DEST` writes the student version of the project (assignments.py).
 - `minipaged experiment NAME` runs one of the paper's experiments (experiments/) and prints what it
   measured beside what the paper reports; `--json` and `--plot` save the rows and the figure, and
-  `minipaged experiment --list` names them all.
+  `minipaged experiment --list` names them all. `--backend` and `--device` choose the kernels and the
+  device of an experiment that runs tensors; the simulations refuse them.
 
 Bad arguments exit with status 2 and a one-line reason (argparse's, or the engine's ValueError),
 never a traceback.
@@ -35,7 +36,7 @@ from minipaged import __version__
 from minipaged.assignments import make_student_copy
 from minipaged.demo import DemoConfig, format_report, run_demo
 from minipaged.engine import LLM
-from minipaged.experiments import EXPERIMENTS, ExperimentResult, get_experiment
+from minipaged.experiments import EXPERIMENTS, ExperimentResult, get_experiment, runs_tensors
 from minipaged.sampling import SamplingParams
 from minipaged.walkthrough import check_sizes
 from minipaged.walkthrough import run as run_walkthrough
@@ -103,7 +104,9 @@ def _add_generate_options(parser: argparse.ArgumentParser) -> None:
 def _add_experiment_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", nargs="?", metavar="NAME", help="the experiment to run (see --list)")
     parser.add_argument("--list", action="store_true", help="name every experiment and stop")
-    parser.add_argument("--json", metavar="PATH", help='write {"experiment", "rows", "paper"} to PATH')
+    parser.add_argument(
+        "--json", metavar="PATH", help='write {"experiment", "rows", "paper", "settings"} to PATH'
+    )
     parser.add_argument("--plot", metavar="PATH", help="draw the figure to PATH (.png, .svg or .pdf)")
     parser.add_argument(
         "--scale",
@@ -113,6 +116,17 @@ def _add_experiment_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="seeds workloads, weights and tokens (default: 0)"
+    )
+    parser.add_argument(
+        "--backend",
+        choices=["reference", "triton"],
+        default=None,
+        help="the kernels of an experiment that runs tensors (default: reference); --list marks them",
+    )
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="cpu or cuda[:N], for an experiment that runs tensors (default: cpu)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -245,12 +259,22 @@ def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0
 
 
+TAKES_TENSOR_OPTIONS = "  [--backend, --device]"  # the mark of --list for an experiment that runs tensors
+
+
 def _experiment_list() -> list[str]:
     width = max(len(name) for name in EXPERIMENTS)
     lines = []
     for name, (module, title) in EXPERIMENTS.items():
-        written = importlib.util.find_spec(f"minipaged.experiments.{module}") is not None
-        lines.append(f"{name:<{width}}  {title}" + ("" if written else "  (not written yet)"))
+        line = f"{name:<{width}}  {title}"
+        if importlib.util.find_spec(f"minipaged.experiments.{module}") is None:
+            lines.append(line + "  (not written yet)")
+            continue
+        try:
+            tensors = runs_tensors(get_experiment(name))
+        except ImportError:  # a dependency is missing: running it will say which
+            tensors = False
+        lines.append(line + (TAKES_TENSOR_OPTIONS if tensors else ""))
     return lines
 
 
@@ -317,14 +341,24 @@ def _experiment(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         if error.name == expected:
             parser.error(f"experiment {args.name!r} is not written yet (no module {expected})")
         parser.error(f"experiment {args.name!r} cannot run: {error}")
+    # Only the options given are passed: an experiment's run() keeps its own defaults.
+    tensor_options = {k: v for k, v in (("backend", args.backend), ("device", args.device)) if v is not None}
+    if tensor_options and not runs_tensors(module):
+        given = " and ".join(f"--{k}" for k in tensor_options)
+        parser.error(
+            f"experiment {args.name!r} runs no tensors (it is a simulation: no model, no kernel), so "
+            f"{given} cannot apply to it; `minipaged experiment --list` marks the experiments that take them"
+        )
     start = time.perf_counter()
     try:
-        result = module.run(args.scale, args.seed, not args.no_progress)
-    except ValueError as error:
+        result = module.run(args.scale, args.seed, not args.no_progress, **tensor_options)
+    except (ValueError, ImportError) as error:  # ImportError: backend triton without triton
         parser.error(str(error))
     elapsed = time.perf_counter() - start
+    result.settings = {"scale": args.scale, "seed": args.seed, **result.settings}  # the run's own wins
     print(f"{args.name}: {EXPERIMENTS[args.name][1]}")
-    print(f"scale {args.scale}, seed {args.seed}, ran in {elapsed:.1f} s")
+    settings = ", ".join(f"{key} {value}" for key, value in result.settings.items())
+    print(f"{settings}, ran in {elapsed:.1f} s")
     print("\n".join(format_experiment(result)))
     if args.json is not None:
         result.save_json(args.json)

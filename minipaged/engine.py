@@ -11,8 +11,11 @@ the model runner with its backend (mechanism, on the device), one iteration at a
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import os
+import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 import torch
@@ -22,10 +25,16 @@ from minipaged.backend import get_backend
 from minipaged.beam_search import BeamState
 from minipaged.config import CacheConfig, SchedulerConfig, kv_cache_bytes_per_block
 from minipaged.model_runner import ModelRunner, kv_shape
-from minipaged.outputs import BeamSearchOutput, CompletionOutput, EngineStats, RequestOutput, StepStats
+from minipaged.outputs import (
+    BeamSearchOutput,
+    CompletionOutput,
+    EngineStats,
+    RequestMetrics,
+    RequestOutput,
+    StepStats,
+)
 from minipaged.presets import PRESETS, ByteTokenizer, load_preset
 from minipaged.reference.block_manager import BlockManager
-from minipaged.reference.block_table import num_blocks_for
 from minipaged.reference.scheduler import Scheduler, SchedulerOutput
 from minipaged.sampling import BeamSearchParams, SamplingParams, sample, seeded_generator
 from minipaged.sequence import Sequence, SequenceGroup, SequenceStatus
@@ -40,9 +49,10 @@ class LLM:
     """A serving engine for a transformers decoder model on a paged KV cache (vLLM's `LLM`).
 
     Args:
-        model: a preset name (see presets.PRESETS; "tiny-llama" is the embedded default), a local
-            checkpoint directory, or a transformers model object (which is switched to the
+        model: a preset name (see presets.PRESETS; None is "tiny-llama", the embedded default), a
+            local checkpoint directory, or a transformers model object (which is switched to the
             "minipaged" attention for good: `model.set_attn_implementation("sdpa")` switches it back).
+            Must be None when `runner` is given: the runner brings its own model, or none.
         backend: "reference" or "triton" (the kernel contract's implementations).
         block_size: tokens per KV block.
         num_gpu_blocks: blocks in the device pool; None: derived from `kv_cache_memory` (below).
@@ -61,6 +71,13 @@ class LLM:
         max_num_batched_tokens: the most tokens a step computes (None: max(max_model_len, 2048)).
         max_model_len: the longest prompt plus output (None: the model's maximum positions).
         watermark: fraction of device blocks kept free at admission.
+        runner: what executes each step (None: a ModelRunner running `model` on `backend`). A
+            simulated runner (experiments/simulated_runner.py) computes no tensors: it returns
+            null-policy logits and the time the step would take, and the engine's clock then runs
+            on simulated time. The loop around it is the same.
+        block_manager: the memory manager the scheduler drives (None: a BlockManager built from
+            the arguments above). The experiments pass the baselines' reservation managers here
+            (experiments/reservation.py), so that one scheduler serves every system.
 
     Raises:
         ValueError: naming the argument, for an unknown backend or preset, a bad setting, or
@@ -69,7 +86,7 @@ class LLM:
 
     def __init__(
         self,
-        model: str | torch.nn.Module = "tiny-llama",
+        model: str | torch.nn.Module | None = None,
         backend: str = "reference",
         block_size: int = 16,
         num_gpu_blocks: int | None = None,
@@ -86,25 +103,40 @@ class LLM:
         max_num_batched_tokens: int | None = None,
         max_model_len: int | None = None,
         watermark: float = 0.01,
+        runner: object = None,
+        block_manager: object = None,
     ) -> None:
         self.backend = get_backend(backend)  # ValueError for an unknown name, before any loading
         _check_backend_device(self.backend.name, device)
-        self.model, self.tokenizer = _load_model(model, dtype, seed, tokenizer)
-        model_dtype = next(self.model.parameters()).dtype
-        num_layers, num_kv_heads, head_dim = kv_shape(self.model.config)
-        if num_gpu_blocks is None:
-            per_block = kv_cache_bytes_per_block(
-                block_size, num_layers, num_kv_heads, head_dim, model_dtype.itemsize
+        if runner is not None and model is not None:
+            raise ValueError("model must be None when runner is given (the runner brings its model)")
+        if runner is None:
+            self.model, self.tokenizer = _load_model(model or "tiny-llama", dtype, seed, tokenizer)
+            positions = _max_positions(self.model.config)
+            self.vocab_size = self.model.config.get_text_config().vocab_size
+            self.eos_token_id = _eos_id(self.model, self.tokenizer)
+        else:
+            self.model, self.tokenizer = None, tokenizer
+            positions, self.vocab_size = runner.max_model_len, runner.vocab_size
+            self.eos_token_id = getattr(runner, "eos_token_id", None)
+        self.cache_config = None  # a block_manager given brings its own sizes
+        if block_manager is None:
+            if num_gpu_blocks is None:
+                if self.model is None:
+                    raise ValueError("num_gpu_blocks must be given with a runner (no model to size it by)")
+                num_gpu_blocks = _kv_cache_memory(kv_cache_memory, device) // _bytes_per_block(
+                    self.model, block_size
+                )
+            self.cache_config = cc = CacheConfig(
+                block_size=block_size,
+                num_gpu_blocks=num_gpu_blocks,
+                num_cpu_blocks=num_gpu_blocks if num_cpu_blocks is None else num_cpu_blocks,
+                watermark=watermark,
+                enable_prefix_caching=enable_prefix_caching,
             )
-            num_gpu_blocks = _kv_cache_memory(kv_cache_memory, device) // per_block
-        self.cache_config = CacheConfig(
-            block_size=block_size,
-            num_gpu_blocks=num_gpu_blocks,
-            num_cpu_blocks=num_gpu_blocks if num_cpu_blocks is None else num_cpu_blocks,
-            watermark=watermark,
-            enable_prefix_caching=enable_prefix_caching,
-        )
-        positions = _max_positions(self.model.config)
+            block_manager = BlockManager(
+                cc.block_size, cc.num_gpu_blocks, cc.num_cpu_blocks, cc.watermark, cc.enable_prefix_caching
+            )
         model_len = positions if max_model_len is None else max_model_len
         if isinstance(model_len, int) and model_len > positions:
             raise ValueError(f"max_model_len must be <= the model's {positions} positions, got {model_len}")
@@ -116,15 +148,18 @@ class LLM:
             else max_num_batched_tokens,
             preemption_mode=preemption_mode,
         )
-        cc = self.cache_config
-        self.block_manager = BlockManager(
-            cc.block_size, cc.num_gpu_blocks, cc.num_cpu_blocks, cc.watermark, cc.enable_prefix_caching
-        )
+        self.block_manager = block_manager
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
-        self.runner = ModelRunner(self.model, self.backend, self.block_manager, device)
+        if runner is None:
+            runner = ModelRunner(self.model, self.backend, self.block_manager, device)
+        self.runner = runner
         self.seed = seed
-        self.vocab_size = self.model.config.get_text_config().vocab_size
-        self.eos_token_id = _eos_id(self.model, self.tokenizer)
+        self.simulated = bool(getattr(runner, "simulated", False))
+        self._start = time.perf_counter()
+        self._simulated_time = 0.0
+        self._pending: list[tuple[float, int, SequenceGroup]] = []  # (arrival, order, group): a heap
+        self._metrics: dict[str, RequestMetrics] = {}
+        self.step_observers: list[Callable[[LLM, SchedulerOutput], None]] = []
         self.step_stats: list[StepStats] = []
         self.stats = EngineStats()
         self._request_ids = itertools.count()
@@ -184,24 +219,59 @@ class LLM:
         ids = [self._submit(*request) for request in requests]
         return self._run(ids, use_tqdm)
 
-    def add_request(self, prompt: Prompt, params: SamplingParams | BeamSearchParams) -> str:
-        """Queue one request (checked now); returns its request id. Drive it with step()."""
-        return self._submit(*self._prepare(prompt, params))
+    def add_request(
+        self, prompt: Prompt, params: SamplingParams | BeamSearchParams, arrival_time: float | None = None
+    ) -> str:
+        """Queue one request (checked now); returns its request id. Drive it with step().
+
+        Args:
+            prompt: a string or {"prompt_token_ids": [...]}.
+            params: SamplingParams or BeamSearchParams.
+            arrival_time: when the request arrives, on the engine's clock (see now()); None: now.
+                A request from the future waits, unseen by the scheduler, until the clock reaches
+                it: this is how a trace of arrivals is replayed, in real or simulated time.
+
+        Raises:
+            ValueError: naming the field, for a request that can never be served.
+        """
+        if arrival_time is not None and (
+            not isinstance(arrival_time, (int, float)) or isinstance(arrival_time, bool) or arrival_time < 0
+        ):
+            raise ValueError(f"arrival_time must be a number of seconds >= 0, got {arrival_time!r}")
+        return self._submit(*self._prepare(prompt, params), arrival_time)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Is any request queued, running, swapped out or still to arrive?"""
+        return self.scheduler.has_unfinished() or bool(self._pending)
+
+    def now(self) -> float:
+        """The engine's clock, in seconds: simulated time under a simulated runner (the sum of its
+        steps' times and of the idle gaps between arrivals), else wall time since the engine was built."""
+        return self._simulated_time if self.simulated else time.perf_counter() - self._start
 
     def step(self) -> list[RequestOutput | BeamSearchOutput]:
-        """Run one iteration: schedule, move blocks, run the model, sample. Returns what finished."""
+        """Run one iteration: schedule, move blocks, run the model, sample. Returns what finished.
+
+        Requests whose arrival time has come join the waiting queue first. When nothing has
+        arrived yet, the clock moves to the next arrival (a simulated clock jumps, a wall clock
+        sleeps), so a step always runs while any request is unfinished.
+        """
+        self._admit_arrivals()
         if not self.scheduler.has_unfinished():
-            return []
+            if not self._pending:
+                return []
+            self._wait_until(self._pending[0][0])  # idle: nothing to run until the next arrival
+            self._admit_arrivals()
+        start = self.now()
         out = self.scheduler.schedule()
         if not out.scheduled and not out.preempted:
             raise RuntimeError("the scheduler made no progress: no request can run (a bug, please report)")
         logits = self.runner.execute(out)  # [num_seqs, vocab]
+        if self.simulated:
+            self._simulated_time += self.runner.step_time(out)
         for item in out.scheduled:
             item.seq.num_computed_tokens = len(item.seq)
-        self._record(out)  # before finished sequences give their blocks back: the step's true footprint
+        self._record(out, start)  # before finished sequences give their blocks back: the true footprint
         return self._process(out, logits)
 
     # ---- requests ------------------------------------------------------------------------------
@@ -240,36 +310,46 @@ class LLM:
         if width > self.scheduler_config.max_num_seqs:
             name = "n" if isinstance(params, SamplingParams) else "beam_width"
             raise ValueError(f"{name}={width} is more than max_num_seqs={self.scheduler_config.max_num_seqs}")
-        cc = self.cache_config
-        shared = len(token_ids) // cc.block_size  # the prompt's full blocks, shared by all its sequences
-        per_seq = num_blocks_for(total - 1, cc.block_size) - shared  # the last token's K/V is never stored
-        needed = shared + width * per_seq
-        usable = cc.num_gpu_blocks - cc.watermark_blocks
-        if needed > usable:
-            raise ValueError(
-                f"prompt plus max_tokens needs {needed} blocks of {cc.block_size} for its {width} "
-                f"sequence(s), beyond the device pool's {usable} usable blocks: this request can never fit"
-            )
+        self.block_manager.check_fits(len(token_ids), params.max_tokens, width)  # the one fit test
         return token_ids, text, params
 
-    def _submit(self, token_ids: list[int], text: str | None, params) -> str:
+    def _submit(self, token_ids: list[int], text: str | None, params, arrival_time=None) -> str:
         request_id = str(next(self._request_ids))
+        now = self.now()
+        arrival = now if arrival_time is None else float(arrival_time)
         first = Sequence(list(token_ids))
         if isinstance(params, SamplingParams):
             seqs = [first] + [first.fork() for _ in range(params.n - 1)]  # n samples share the prompt
             seed = params.seed if params.seed is not None else self.seed * 1_000_003 + int(request_id)
             for index, seq in enumerate(seqs):
                 self._generators[seq.seq_id] = seeded_generator(seed, index, self.runner.device)
-            group = SequenceGroup(request_id, seqs, max_seqs=params.n)
+            width = params.n
         else:
-            group = SequenceGroup(request_id, [first], max_seqs=params.beam_width)
+            seqs, width = [first], params.beam_width  # one sequence until the first step forks
             self._beams[request_id] = BeamState(params, len(token_ids), self._eos(params))
+        group = SequenceGroup(request_id, seqs, arrival, max_seqs=width, max_tokens=params.max_tokens)
         self._requests[request_id] = (group, params, text)
-        self.scheduler.add(group)
+        self._metrics[request_id] = RequestMetrics(arrival_time=arrival)
+        if arrival <= now:
+            self.scheduler.add(group)
+        else:  # from the future: it joins the waiting queue when the clock reaches it (step)
+            heapq.heappush(self._pending, (arrival, int(request_id), group))
         return request_id
 
+    def _admit_arrivals(self) -> None:
+        """Move the requests whose arrival time has come to the scheduler's waiting queue."""
+        now = self.now()
+        while self._pending and self._pending[0][0] <= now:
+            self.scheduler.add(heapq.heappop(self._pending)[2])
+
+    def _wait_until(self, when: float) -> None:
+        if self.simulated:
+            self._simulated_time = max(self._simulated_time, when)
+        else:
+            time.sleep(max(0.0, when - self.now()))
+
     def _check_idle(self) -> None:
-        if self.scheduler.has_unfinished():
+        if self.has_unfinished_requests():
             raise ValueError("requests added with add_request are unfinished: drive them with step() first")
 
     def _eos(self, params) -> int | None:
@@ -290,9 +370,12 @@ class LLM:
         rows: dict[str, list[int]] = {}
         for i, item in enumerate(out.scheduled):
             rows.setdefault(item.group.request_id, []).append(i)
-        finished = []
+        finished, end = [], self.now()
         for request_id, indices in rows.items():
             group, params, _ = self._requests[request_id]
+            metrics = self._metrics[request_id]
+            if metrics.first_token_time is None:  # its first step: the prompt ran, a token came out
+                metrics.first_scheduled_time, metrics.first_token_time = self.step_stats[-1].time, end
             if isinstance(params, BeamSearchParams):
                 seqs = [out.scheduled[i].seq for i in indices]
                 done = self._beams[request_id].step(seqs, logits[indices], group, self.block_manager)
@@ -303,6 +386,7 @@ class LLM:
                 done = group.is_finished()
             if done:
                 self.scheduler.finish(group)
+                metrics.finished_time = end
                 finished.append(self._output(request_id))
         return finished
 
@@ -325,6 +409,7 @@ class LLM:
         prompt_ids = group.seqs[0].prompt_token_ids
         if isinstance(params, BeamSearchParams):
             output = self._beams.pop(request_id).output(request_id, prompt_ids, self._decode)
+            output.metrics = self._metrics.pop(request_id)
         else:
             completions = [
                 CompletionOutput(
@@ -337,7 +422,9 @@ class LLM:
                 )
                 for i, seq in enumerate(group.seqs)
             ]
-            output = RequestOutput(request_id, text, list(prompt_ids), completions)
+            output = RequestOutput(
+                request_id, text, list(prompt_ids), completions, metrics=self._metrics.pop(request_id)
+            )
         return output
 
     def _decode(self, token_ids: list[int]) -> str:
@@ -345,16 +432,19 @@ class LLM:
             self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer is not None else ""
         )
 
-    def _record(self, out: SchedulerOutput) -> None:
+    def _record(self, out: SchedulerOutput, start: float) -> None:
         memory = self.block_manager.memory_stats()
         device = memory.device
         step = StepStats(
             step=self.stats.steps,
+            time=start,
+            duration=self.now() - start,
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
             num_swapped=len(self.scheduler.swapped),
             num_seqs=len(out.scheduled),
             num_batched_tokens=out.num_batched_tokens,
+            num_prefill_tokens=sum(s.num_query_tokens for s in out.scheduled if s.is_prefill),
             blocks_free=device.num_free,
             blocks_used=device.num_used,
             blocks_shared=device.num_shared,
@@ -374,6 +464,8 @@ class LLM:
         s.prefix_cache_hits, s.prefix_cache_misses = memory.prefix_cache_hits, memory.prefix_cache_misses
         s.peak_blocks_used = max(s.peak_blocks_used, device.num_used)
         s.max_blocks_saved_by_sharing = max(s.max_blocks_saved_by_sharing, device.blocks_saved_by_sharing)
+        for observe in self.step_observers:  # e.g. the experiments' per-step memory breakdown
+            observe(self, out)
 
 
 def _prompt_list(prompts: object) -> list:
@@ -435,6 +527,12 @@ def _kv_cache_memory(kv_cache_memory: int | None, device: str) -> int:
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         return int(free * KV_CACHE_FRACTION_CUDA)
     return DEFAULT_KV_CACHE_MEMORY_CPU
+
+
+def _bytes_per_block(model: torch.nn.Module, block_size: int) -> int:
+    num_layers, num_kv_heads, head_dim = kv_shape(model.config)
+    dtype_bytes = next(model.parameters()).dtype.itemsize
+    return kv_cache_bytes_per_block(block_size, num_layers, num_kv_heads, head_dim, dtype_bytes)
 
 
 def _max_positions(config) -> int:

@@ -30,14 +30,39 @@ class CompletionOutput:
 
 
 @dataclass
+class RequestMetrics:
+    """When things happened to one request, in seconds on the engine's clock (LLM.now()), as vLLM's.
+
+    Attributes:
+        arrival_time: when it arrived.
+        first_scheduled_time: when the step that first ran it started (None: not yet).
+        first_token_time: when its first token was sampled, the end of that step (None: not yet).
+        finished_time: when its last token was sampled (None: not finished).
+    """
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+    @property
+    def latency(self) -> float:
+        """End-to-end: finished_time - arrival_time (the paper's request latency, section 6.1)."""
+        if self.finished_time is None:
+            raise ValueError("latency: the request has not finished")
+        return self.finished_time - self.arrival_time
+
+
+@dataclass
 class RequestOutput:
-    """A finished request: its prompt and its samples, in index order."""
+    """A finished request: its prompt and its samples, in index order, and its timings."""
 
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = True
+    metrics: RequestMetrics | None = None
 
 
 @dataclass
@@ -64,6 +89,7 @@ class BeamSearchOutput:
     request_id: str
     prompt_token_ids: list[int]
     sequences: list[BeamSequence]
+    metrics: RequestMetrics | None = None
 
 
 @dataclass
@@ -72,8 +98,11 @@ class StepStats:
 
     Attributes:
         step: the step's number, from 0.
+        time, duration: when the step started and how long it took, in seconds on the engine's
+            clock (simulated seconds under a simulated runner).
         num_running, num_waiting, num_swapped: groups in each queue as the step ran.
-        num_seqs: sequences computed this step; num_batched_tokens: tokens computed.
+        num_seqs: sequences computed this step; num_batched_tokens: tokens computed, of which
+            num_prefill_tokens by prefills (admissions and recomputations; cached tokens skipped).
         blocks_free, blocks_used, blocks_shared: the device pool after the model step, before the
             sequences that finished in it give their blocks back.
         kv_utilization: slots holding a token over slots in used blocks (the paper's KV usage).
@@ -82,6 +111,8 @@ class StepStats:
     """
 
     step: int
+    time: float
+    duration: float
     num_running: int
     num_waiting: int
     num_swapped: int
@@ -91,6 +122,7 @@ class StepStats:
     blocks_used: int
     blocks_shared: int
     kv_utilization: float
+    num_prefill_tokens: int = 0
     preempted: list[tuple[str, str]] = field(default_factory=list)
     blocks_swapped_out: int = 0
     blocks_swapped_in: int = 0

@@ -114,12 +114,16 @@ class SequenceGroup:
         arrival_time: when it arrived; first come, first served orders by it.
         max_seqs: the most sequences it will hold at once; the scheduler counts it against its
             max_num_seqs budget at admission.
+        max_tokens: the most tokens each sequence will generate (its params' max_tokens), or None
+            when unknown. Paged memory never needs it; an allocator that reserves a request's
+            memory at admission (the Orca baselines, experiments/reservation.py) does.
     """
 
     request_id: str
     seqs: list[Sequence]
     arrival_time: float = field(default_factory=time.monotonic)
     max_seqs: int = 1  # the most sequences it will hold at once (n samples, or the beam width)
+    max_tokens: int | None = None  # the most tokens each sequence generates, when known
 
     def get_seqs(self, status: SequenceStatus | None = None) -> list[Sequence]:
         """The group's sequences, or only those with `status`."""

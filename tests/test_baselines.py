@@ -1,10 +1,12 @@
-"""The baseline allocators: contiguous ranges by first fit, vAttention pages, the paged adapter.
+"""The baseline allocators: contiguous ranges (buddy or first fit), vAttention pages, the paged adapter.
 
 A hypothesis state machine admits, grows and frees random requests and checks after every step:
 no two live reservations overlap and all lie inside the pool, the breakdown's fields are
 non-negative and sum to the capacity, token_states is the sum of the tokens stored, first fit takes
-the lowest hole that fits, and freeing everything gives the whole pool back as one free extent.
-Unit tests pin the reservation of each policy, the docs page's worked example and the errors.
+the lowest hole that fits and buddy the smallest free block large enough, and freeing everything
+gives the whole pool back (one free extent by first fit, the top-level blocks by buddy). Unit tests
+pin the reservation of each policy, the docs page's worked example (first fit) and the errors; the
+buddy allocator itself is tested in tests/test_buddy.py.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from minipaged.experiments.baselines import (
     MemoryBreakdown,
     reservation_size,
 )
+from minipaged.experiments.buddy import BuddyAllocator
 from minipaged.experiments.vattention import PagedAllocator, VAttentionAllocator
 from minipaged.reference.block_allocator import NoFreeBlocksError
 
@@ -45,14 +48,15 @@ class AllocatorMachine(RuleBasedStateMachine):
     @initialize(
         kind=st.sampled_from(["contiguous", "vattention", "paged"]),
         policy=st.sampled_from(["max", "pow2", "oracle"]),
+        placement=st.sampled_from(["buddy", "first-fit"]),
         capacity=st.integers(16, 96),
         page_tokens=st.sampled_from([1, 3, 4, 8]),
         max_model_len=st.sampled_from([8, 16]),
     )
-    def setup(self, kind, policy, capacity, page_tokens, max_model_len):
+    def setup(self, kind, policy, placement, capacity, page_tokens, max_model_len):
         self.kind, self.max_model_len = kind, max_model_len
         if kind == "contiguous":
-            self.alloc = ContiguousAllocator(capacity, policy, max_model_len)
+            self.alloc = ContiguousAllocator(capacity, policy, max_model_len, placement)
         elif kind == "vattention":
             self.alloc = VAttentionAllocator(capacity, page_tokens, max_model_len, watermark=0.0)
         else:
@@ -71,13 +75,18 @@ class AllocatorMachine(RuleBasedStateMachine):
         try:
             admitted = self.alloc.try_admit(req)
         except ValueError:  # can never fit this pool: refused, and nothing changed
-            assert self.kind != "contiguous" or self.alloc.reservation(req) > self.alloc.capacity
+            assert self.kind != "contiguous" or self.alloc.footprint(req) > self.alloc.pool.max_block_size
             return
         if self.kind == "contiguous":
-            size = self.alloc.reservation(req)
-            fitting = [start for start, length in holes if length >= size]
-            if admitted:  # first fit: the lowest hole big enough, carved from its low end
-                assert self.alloc.range_of(req.request_id) == (fitting[0], size)
+            size = self.alloc.footprint(req)  # the reservation, rounded up to a power of two by buddy
+            fitting = [(start, length) for start, length in holes if length >= size]
+            if admitted and self.alloc.placement == "first-fit":  # the lowest hole big enough
+                assert self.alloc.range_of(req.request_id) == (fitting[0][0], size)
+            elif admitted:  # buddy: the smallest free block big enough, lowest first, split
+                smallest = min(length for _, length in fitting)
+                start = min(start for start, length in fitting if length == smallest)
+                assert self.alloc.range_of(req.request_id) == (start, size)
+                assert size == BuddyAllocator(1).block_size_of(self.alloc.reservation(req))
             else:
                 assert not fitting and self.alloc.free_extents == holes
         if admitted:
@@ -115,7 +124,11 @@ class AllocatorMachine(RuleBasedStateMachine):
                 position += length
             assert position == self.alloc.capacity
             holes = self.alloc.free_extents
-            assert all(sum(a) < b[0] for a, b in itertools.pairwise(holes)), "adjacent holes not merged"
+            if self.alloc.placement == "first-fit":
+                assert all(sum(a) < b[0] for a, b in itertools.pairwise(holes)), "adjacent holes not merged"
+            else:  # buddy: no free block has its buddy free
+                buddies = {(self.alloc.pool.buddy_of(start, size), size) for start, size in holes}
+                assert not buddies & set(holes), "free buddies not merged"
             for i, n in self.tokens.items():
                 assert n <= self.alloc.range_of(i)[1]
         elif self.kind == "vattention":
@@ -135,7 +148,7 @@ class AllocatorMachine(RuleBasedStateMachine):
             assert b == alone
             return
         assert b.free == 0 and b.external_fragmentation + b.stranded == alone.free
-        if self.kind == "contiguous" and self.alloc.reservation(head) <= alone.free:
+        if self.kind == "contiguous" and self.alloc.footprint(head) <= alone.free:
             assert b.external_fragmentation == alone.free  # enough slots in all, no hole big enough
         else:
             assert b.stranded == alone.free and b.external_fragmentation == 0
@@ -162,8 +175,10 @@ class AllocatorMachine(RuleBasedStateMachine):
             self.alloc.free(request_id)
         b = self.alloc.breakdown()
         assert b.free == self.alloc.capacity  # all memory returned
-        if self.kind == "contiguous":
+        if self.kind == "contiguous" and self.alloc.placement == "first-fit":
             assert self.alloc.free_extents == [(0, self.alloc.capacity)]  # as one extent
+        elif self.kind == "contiguous":  # buddy: as the blocks it started with
+            assert self.alloc.free_extents == BuddyAllocator(self.alloc.capacity).top_level_blocks
 
 
 TestAllocatorMachine = AllocatorMachine.TestCase
@@ -201,17 +216,27 @@ def run_worked_example(alloc):
 @pytest.mark.parametrize(
     ("alloc", "admitted", "expected"),
     [
-        (ContiguousAllocator(32, "max", 16), "AB", (9, 7, 16, 0, 0, 0)),
-        (ContiguousAllocator(32, "pow2", 16), "ABC", (16, 7, 9, 0, 0, 0)),
-        (ContiguousAllocator(32, "oracle", 16), "ABC", (16, 7, 3, 0, 0, 6)),
+        (ContiguousAllocator(32, "max", 16, "first-fit"), "AB", (9, 7, 16, 0, 0, 0)),
+        (ContiguousAllocator(32, "pow2", 16, "first-fit"), "ABC", (16, 7, 9, 0, 0, 0)),
+        (ContiguousAllocator(32, "oracle", 16, "first-fit"), "ABC", (16, 7, 3, 0, 0, 6)),
+        (ContiguousAllocator(32, "max", 16), "AB", (9, 7, 16, 0, 0, 0)),  # 16: no rounding
+        (ContiguousAllocator(32, "pow2", 16), "AB", (9, 7, 8, 0, 8, 0)),  # C's 16 > 8 free
+        (ContiguousAllocator(32, "oracle", 16), "ABC", (16, 7, 9, 0, 0, 0)),
         (VAttentionAllocator(32, 8, 16, watermark=0.0), "ABC", (16, 0, 8, 0, 0, 8)),
         (PagedAllocator(32, 4, 16, watermark=0.0), "ABC", (16, 0, 4, 0, 0, 12)),
     ],
-    ids=["max", "pow2", "oracle", "vattention", "paged"],
+    ids=["max", "pow2", "oracle", "max-buddy", "pow2-buddy", "oracle-buddy", "vattention", "paged"],
 )
 def test_docs_worked_example(alloc, admitted, expected):
     """docs/concepts/baseline-allocators.md, the table of the worked example."""
     assert "".join(run_worked_example(alloc)) == admitted
+    if isinstance(alloc, ContiguousAllocator) and alloc.placement == "buddy":  # the picture's blocks
+        blocks = {
+            "max": [(0, 16), (16, 16)],
+            "pow2": [(0, 8), (16, 16)],
+            "oracle": [(0, 8), (16, 16), (8, 8)],
+        }
+        assert [alloc.range_of(r) for r in admitted] == blocks[alloc.policy]
     waiting = [C] if admitted == "AB" else []
     b = alloc.breakdown(waiting)
     assert tuple(getattr(b, name) for name in BREAKDOWN_FIELDS) == expected
@@ -220,7 +245,7 @@ def test_docs_worked_example(alloc, admitted, expected):
 
 def test_docs_external_fragmentation():
     """The docs page's exercise: Oracle, A finishes, D (9 slots) finds 13 free slots and no hole."""
-    alloc = ContiguousAllocator(32, "oracle", 16)
+    alloc = ContiguousAllocator(32, "oracle", 16, "first-fit")
     run_worked_example(alloc)
     assert [alloc.range_of(r) for r in "ABC"] == [(0, 7), (7, 11), (18, 8)]
     alloc.free("A")
@@ -238,11 +263,21 @@ def test_docs_external_fragmentation():
     assert alloc.free_extents == [(9, 9), (26, 6)]
 
 
-@pytest.mark.parametrize(("policy", "size"), [("oracle", 15), ("pow2", 18), ("max", 64)])
-def test_the_last_token_is_never_stored_so_its_slot_is_internal_fragmentation(policy, size):
+@pytest.mark.parametrize(
+    ("policy", "placement", "size"),
+    [
+        ("oracle", "first-fit", 15),
+        ("pow2", "first-fit", 18),
+        ("max", "first-fit", 64),
+        ("oracle", "buddy", 16),  # 15 rounded up to a power of two: one more slot never used
+        ("pow2", "buddy", 32),
+        ("max", "buddy", 64),
+    ],
+)
+def test_the_last_token_is_never_stored_so_its_slot_is_internal_fragmentation(policy, placement, size):
     """A 10 + 5 request stores at most 14 tokens: the 5th output token ends it unstored. The slot
     reserved for it is internal fragmentation from the start, never "reserved"."""
-    alloc = ContiguousAllocator(128, policy, 64)
+    alloc = ContiguousAllocator(128, policy, 64, placement)
     assert alloc.try_admit(Req("a", 10, 5))  # the prefill stores the prompt
     b = alloc.breakdown()
     assert (b.token_states, b.reserved, b.internal_fragmentation) == (10, 4, size - 14)
@@ -284,7 +319,7 @@ def test_a_refused_append_changes_nothing(alloc):
 
 
 def test_free_merges_both_neighbours():
-    alloc = ContiguousAllocator(30, "oracle", 10)
+    alloc = ContiguousAllocator(30, "oracle", 10, "first-fit")
     for name in "abc":
         assert alloc.try_admit(Req(name, 5, 5))
     alloc.free("a")
@@ -323,6 +358,7 @@ def test_vattention_maps_pages_on_demand_and_keeps_its_watermark():
         (lambda: ContiguousAllocator(0), "capacity"),
         (lambda: ContiguousAllocator(64, "best"), "policy"),
         (lambda: ContiguousAllocator(64, "max", 0), "max_model_len"),
+        (lambda: ContiguousAllocator(64, "max", 16, "best-fit"), "placement"),
         (lambda: VAttentionAllocator(64, 0), "page_tokens"),
         (lambda: VAttentionAllocator(64, 128), "page_tokens"),
         (lambda: VAttentionAllocator(64, 8, watermark=1.0), "watermark"),

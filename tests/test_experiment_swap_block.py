@@ -1,10 +1,13 @@
 """The block-size and swap-vs-recompute experiments (vLLM paper sections 7.2-7.3): their small runs
-return the documented rows, the counts in them are exact, and the figures are drawn.
+return the documented rows, the counts in them are exact, and the figures are drawn; both run on the
+Triton backend too (through Triton's interpreter on a machine without a GPU), with the same rows, and
+refuse a bad backend or device before any work.
 
 Times are only checked to be positive: benchmarks are benchmarks, not timed assertions."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -12,8 +15,9 @@ import pytest
 import torch
 
 from minipaged.backend import get_backend
-from minipaged.experiments import block_size, swap_vs_recompute
+from minipaged.experiments import ExperimentResult, block_size, block_size_time, swap_vs_recompute
 from minipaged.presets import load_preset
+from minipaged.testing import device_for
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 WASTE_KEYS = {
@@ -164,6 +168,113 @@ def test_swap_rows_count_blocks_and_bytes(swap_result):
         for key in SWAP_KEYS - {"model", "block_size", "seq_len", "blocks", "bytes"}:
             assert _positive(r[key]), key
     json.dumps(swap_result.to_json())
+
+
+@pytest.mark.parametrize("fixture", ["block_result", "swap_result"])
+def test_settings_record_the_defaults(fixture, request):
+    result = request.getfixturevalue(fixture)
+    assert result.settings == {"scale": "small", "seed": 0, "backend": "reference", "device": "cpu"}
+    assert result.to_json()["settings"] == result.settings
+
+
+def test_json_without_settings_still_loads():
+    """JSON written before "settings" existed (the committed docs/experiments/img/*.json) loads."""
+    old = {"experiment": "swap-vs-recompute", "rows": [{"block_size": 1}], "paper": {"section": "7.3"}}
+    result = ExperimentResult.from_json(old)
+    assert result.settings == {} and result.rows == old["rows"] and result.paper == old["paper"]
+    assert ExperimentResult.from_json(result.to_json()) == result
+
+
+@pytest.mark.parametrize("module", [block_size, swap_vs_recompute])
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"backend": "cuda"}, "backend must be one of 'reference', 'triton'; got 'cuda'"),
+        ({"device": "gpu"}, r"device must be 'cpu' or 'cuda\[:N\]' \(N a GPU's index\), got 'gpu'"),
+        ({"device": "cuda:99"}, "device 'cuda:99'"),
+    ],
+)
+def test_a_bad_backend_or_device_is_refused_before_any_work(module, arguments, message, monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("the arguments must be checked before any work")
+
+    monkeypatch.setattr(module, "load_preset" if module is swap_vs_recompute else "waste_rows", no_work)
+    with pytest.raises(ValueError, match=message):
+        module.run("small", progress=False, **arguments)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without a GPU")
+def test_cuda_without_a_gpu_is_refused():
+    with pytest.raises(ValueError, match="device 'cuda' needs a CUDA GPU, and torch sees none here"):
+        swap_vs_recompute.run("small", progress=False, device="cuda")
+
+
+TINY_SWAP = swap_vs_recompute.Scale(seq_len=24, block_sizes=(1, 16), repeats=1)  # the interpreter is slow
+TINY_BLOCK = {  # the time part small for the interpreter; the other parts (no tensors) shortened too
+    "num_requests": 100,
+    "time_block_sizes": (1, 16),
+    "prompt_lens": (5, 9),
+    "decode_steps": 2,
+    "load_block_sizes": (16,),
+    "load_end": {"sharegpt-like": 12.0, "alpaca-like": 4.0},
+    "load_warmup": {"sharegpt-like": 4.0, "alpaca-like": 1.0},
+}
+
+
+def _spy_on_llm(monkeypatch, module) -> list[tuple[str, str]]:
+    """Record the (backend, device) of every LLM that `module` builds."""
+    seen: list[tuple[str, str]] = []
+    real = module.LLM
+
+    def llm(*args, **kwargs):
+        seen.append((kwargs.get("backend", "reference"), kwargs.get("device", "cpu")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "LLM", llm)
+    return seen
+
+
+def _same_rows_but_times(triton_rows: list[dict], reference_rows: list[dict], time_keys: set[str]) -> None:
+    assert len(triton_rows) == len(reference_rows)
+    for got, want in zip(triton_rows, reference_rows, strict=True):
+        assert set(got) == set(want)
+        assert {k: v for k, v in got.items() if k not in time_keys} == {
+            k: v for k, v in want.items() if k not in time_keys
+        }
+        assert all(_positive(got[k]) for k in time_keys & set(got)), got
+
+
+def test_swap_vs_recompute_runs_on_triton(monkeypatch):
+    """The engine on the Triton backend (interpreted without a GPU): the same rows as the reference, and
+    the experiment's own check, that the K/V read back after a swap out and in is exactly what was
+    there before, passes (a failure raises)."""
+    pytest.importorskip("triton")
+    device = str(device_for("triton"))
+    monkeypatch.setitem(swap_vs_recompute.SCALES, "small", TINY_SWAP)
+    reference = swap_vs_recompute.run("small", progress=False)
+    seen = _spy_on_llm(monkeypatch, swap_vs_recompute)
+    triton = swap_vs_recompute.run("small", progress=False, backend="triton", device=device)
+    assert set(seen) == {("triton", device)} and len(seen) == 1 + len(TINY_SWAP.block_sizes)  # warm-up
+    assert triton.settings == {"scale": "small", "seed": 0, "backend": "triton", "device": device}
+    times = SWAP_KEYS - {"model", "block_size", "seq_len", "blocks", "bytes"}
+    _same_rows_but_times(triton.rows, reference.rows, times)
+    assert [r["blocks"] for r in triton.rows] == [24, 2]
+
+
+def test_block_size_time_part_runs_on_triton(monkeypatch):
+    """The time part on the Triton backend: the same rows as the reference (the engine's own check
+    holds: every step decodes every sequence, nothing is preempted); the other parts are unchanged."""
+    pytest.importorskip("triton")
+    device = str(device_for("triton"))
+    tiny = dataclasses.replace(block_size.SCALES["small"], **TINY_BLOCK)
+    monkeypatch.setitem(block_size.SCALES, "small", tiny)
+    reference = block_size.run("small", progress=False)
+    seen = _spy_on_llm(monkeypatch, block_size_time)
+    triton = block_size.run("small", progress=False, backend="triton", device=device)
+    assert set(seen) == {("triton", device)} and len(seen) == 1 + len(tiny.time_block_sizes)  # warm-up
+    assert triton.settings == {"scale": "small", "seed": 0, "backend": "triton", "device": device}
+    _same_rows_but_times(triton.rows, reference.rows, {"seconds_per_step", "model_seconds_per_step"})
+    assert [r["block_size"] for r in triton.rows if r["part"] == "time"] == [1, 16]
 
 
 def test_per_block_swap_moves_what_swap_blocks_moves():

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from minipaged.experiments import paged_driver
+from minipaged.experiments import simulator
 from minipaged.experiments.memory_breakdown import BREAKDOWN_FIELDS, MemoryBreakdown
 from minipaged.experiments.simulator import ALLOCATORS, simulate
 from minipaged.reference.memory_stats import pool_stats
@@ -51,7 +51,12 @@ KV_SLOTS = 8192
 
 @pytest.fixture(scope="module")
 def runs():
-    return {name: simulate(WORKLOAD, name, kv_slots=KV_SLOTS, max_model_len=1024) for name in ALLOCATORS}
+    runs = {name: simulate(WORKLOAD, name, kv_slots=KV_SLOTS, max_model_len=1024) for name in ALLOCATORS}
+    for name in ("orca-max", "orca-pow2", "orca-oracle"):  # the Orca baselines as first fit places them
+        runs[f"{name}/first-fit"] = simulate(
+            WORKLOAD, name, kv_slots=KV_SLOTS, max_model_len=1024, placement="first-fit"
+        )
+    return runs
 
 
 def test_every_request_finishes(runs):
@@ -73,7 +78,12 @@ def test_each_allocator_wastes_what_it_should(runs):
             r.breakdown.reserved == r.breakdown.external_fragmentation == 0 for r in runs[name].records
         )
     # Oracle reserves the true length; the last token is never stored, so one slot per range is left
-    assert all(r.breakdown.internal_fragmentation == r.num_seqs for r in runs["orca-oracle"].records)
+    first_fit = runs["orca-oracle/first-fit"].records
+    assert all(r.breakdown.internal_fragmentation == r.num_seqs for r in first_fit)
+    # ... and a buddy block rounds the range up to a power of two: more is left
+    buddy = runs["orca-oracle"].records
+    assert all(r.breakdown.internal_fragmentation >= r.num_seqs for r in buddy)
+    assert sum(r.breakdown.internal_fragmentation for r in buddy) > 10 * sum(r.num_seqs for r in buddy)
     for name in ("orca-max", "orca-pow2", "orca-oracle"):
         for r in runs[name].records:
             assert r.breakdown.reserved > 0 or r.num_running == r.num_finished  # all at their last token
@@ -202,15 +212,20 @@ def test_quick_memory_count_matches_pool_stats(monkeypatch):
     """The simulator's O(sequences) count equals pool_stats under sharing, prefix hits and preemption."""
     calls = []
 
-    def checked(manager):
-        quick = quick_count(manager)
+    def checked(manager, scheduler):
+        breakdown, used, saved = quick_count(manager, scheduler)
         stats = pool_stats(manager.device, manager.device_tables, manager.block_size)
-        assert quick == (stats.slots_used, stats.blocks_saved_by_sharing)
-        calls.append(quick)
-        return quick
+        assert (breakdown.token_states, used, saved) == (
+            stats.slots_used,
+            stats.num_used,
+            stats.blocks_saved_by_sharing,
+        )
+        assert breakdown.internal_fragmentation == stats.internal_waste
+        calls.append(saved)
+        return breakdown, used, saved
 
-    quick_count = paged_driver._paged_memory
-    monkeypatch.setattr(paged_driver, "_paged_memory", checked)
+    quick_count = simulator._paged_breakdown
+    monkeypatch.setattr(simulator, "_paged_breakdown", checked)
     reqs = beams_and_samples() + [Req(f"p{i}", 0.1 * i, 40 + i, 20, prefix_len=32) for i in range(6)]
     for mode in ("recompute", "swap"):
         result = simulate(reqs, kv_slots=640, block_size=8, preemption_mode=mode, enable_prefix_caching=True)

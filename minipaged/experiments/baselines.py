@@ -1,13 +1,16 @@
 """Contiguous KV allocators: the Orca baselines PagedAttention is measured against.
 
 OS idea: base and bounds, then segmentation, give each process one contiguous range of physical
-memory. A free list of holes (extents) places each new range, here by *first fit*: scan the holes from
-the lowest address and take the first one big enough; freeing a range merges it with free neighbours
-(coalescing). Two wastes follow: *internal fragmentation*, space inside a range that is never used,
-and *external fragmentation*, free space cut into holes too small for the next range (OSTEP ch. 15-17).
+memory, placed by a free-space manager (OSTEP ch. 15-17): here *buddy* allocation (experiments/buddy.py:
+power-of-two blocks, split and coalesced) or *first fit* over a free list of holes (the lowest hole
+big enough; a freed range merges with the holes beside it). Two wastes follow: *internal
+fragmentation*, space inside a range that is never used (buddy's rounding adds to it), and *external
+fragmentation*, free space cut into pieces too small for the next range (OSTEP ch. 17).
 KV counterpart: vLLM paper section 3 (Fig. 2 and 3): systems before vLLM (FasterTransformer, Orca)
 stored each request's KV cache in one contiguous range reserved at admission; section 6.1's
 baselines are Orca (Max), Orca (Pow2) and Orca (Oracle), which differ only in how much they reserve.
+The paper's Orca places the ranges with a buddy allocator, so buddy is the default placement;
+first fit places each range exactly, for comparison.
 
 MemoryBreakdown (experiments/memory_breakdown.py), the paper's Fig. 3 categories, is the measure every
 allocator reports, and experiments/vattention.py puts the demand-paged allocators (vAttention's large
@@ -28,6 +31,7 @@ import bisect
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from minipaged.experiments.buddy import BuddyAllocator
 from minipaged.experiments.memory_breakdown import (
     BREAKDOWN_FIELDS,
     MemoryBreakdown,
@@ -77,41 +81,108 @@ def check_request(req, max_model_len: int) -> None:
         )
 
 
+class FirstFitAllocator:
+    """First fit over a free list of holes, with the calls of BuddyAllocator (experiments/buddy.py).
+
+    A range takes exactly the slots asked, carved from the low end of the lowest hole big enough.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = self.max_block_size = capacity
+        self._holes: list[tuple[int, int]] = [(0, capacity)]  # free extents (start, length), by start
+        self._size_of: dict[int, int] = {}  # start of a live range -> its length
+
+    @property
+    def free_blocks(self) -> list[tuple[int, int]]:
+        """The holes, (start, length), lowest address first; never two adjacent (they are merged)."""
+        return list(self._holes)
+
+    @property
+    def num_free(self) -> int:
+        return sum(length for _, length in self._holes)
+
+    def block_size_of(self, size: int) -> int:
+        """Slots a range of `size` occupies: `size` itself (first fit rounds nothing)."""
+        return size
+
+    def allocate(self, size: int) -> int | None:
+        """Carve `size` slots from the lowest hole big enough: the start, or None (nothing changes)."""
+        i = _first_fit(self._holes, size)
+        if i is None:
+            return None
+        start, length = self._holes[i]
+        if length == size:
+            del self._holes[i]
+        else:
+            self._holes[i] = (start + size, length - size)  # carve from the hole's low end
+        self._size_of[start] = size
+        return start
+
+    def free(self, start: int) -> None:
+        """Return the range at `start` to the free list, merged with the holes beside it."""
+        end = start + self._size_of.pop(start)
+        i = bisect.bisect_left(self._holes, (start, 0))
+        if i < len(self._holes) and self._holes[i][0] == end:  # merge with the hole after
+            end += self._holes.pop(i)[1]
+        if i > 0 and sum(self._holes[i - 1]) == start:  # merge with the hole before
+            i -= 1
+            start = self._holes.pop(i)[0]
+        self._holes.insert(i, (start, end - start))
+
+    def can_allocate_all(self, sizes: Iterable[int]) -> bool:
+        """Would first fit place all of `sizes`, in order, now? A dry run, on a copy of the holes."""
+        trial = FirstFitAllocator(self.capacity)
+        trial._holes = list(self._holes)
+        return all(trial.allocate(size) is not None for size in sizes)
+
+
+PLACEMENTS = {"buddy": BuddyAllocator, "first-fit": FirstFitAllocator}
+
+
 @dataclass
 class _Range:
     start: int
-    size: int  # slots reserved
+    size: int  # slots occupied: the reservation, rounded up to a power of two by buddy placement
     final: int  # the most tokens it will hold: final_kv_len, one less than the true length
     num_tokens: int  # slots holding a token, from `start`
 
 
 class ContiguousAllocator:
-    """Orca-style: one contiguous range per request, reserved at admission, placed by first fit.
+    """Orca-style: one contiguous range per request, reserved at admission.
 
     Args:
         capacity: token slots in the pool.
         policy: how much to reserve: "max", "pow2" or "oracle" (see reservation_size).
         max_model_len: the longest request (prompt plus output).
+        placement: where a range goes: "buddy" (the default, as the paper's Orca: the range is the
+            reservation rounded up to a power of two, experiments/buddy.py) or "first-fit" (exactly
+            the reservation, in the lowest hole big enough).
 
     Raises:
-        ValueError: naming the argument, for a non-positive size or an unknown policy.
+        ValueError: naming the argument, for a non-positive size, an unknown policy or placement.
     """
 
-    def __init__(self, capacity: int, policy: str = "max", max_model_len: int = 2048) -> None:
+    def __init__(
+        self, capacity: int, policy: str = "max", max_model_len: int = 2048, placement: str = "buddy"
+    ) -> None:
         check_positive(capacity=capacity, max_model_len=max_model_len)
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
         self.capacity, self.policy, self.max_model_len = capacity, policy, max_model_len
-        self._holes: list[tuple[int, int]] = [(0, capacity)]  # free extents (start, length), by start
+        self.placement = placement
+        self.pool = PLACEMENTS[placement](capacity)  # the free-space manager
         self._ranges: dict[str, _Range] = {}
 
     @property
     def free_extents(self) -> list[tuple[int, int]]:
-        """The holes, (start, length), lowest address first; never two adjacent (they are merged)."""
-        return list(self._holes)
+        """The free space, (start, length), lowest address first: first fit's holes (never two
+        adjacent: they are merged) or buddy's free blocks."""
+        return self.pool.free_blocks
 
     def range_of(self, request_id: str) -> tuple[int, int]:
-        """(start, size) of a live request's range."""
+        """(start, size) of a live request's range; under buddy placement, its whole block."""
         r = self._ranges[request_id]
         return r.start, r.size
 
@@ -122,20 +193,26 @@ class ContiguousAllocator:
         """Slots this allocator reserves for `req` (see reservation_size)."""
         return reservation_size(self.policy, req.prompt_len, req.output_len, self.max_model_len)
 
+    def footprint(self, req) -> int:
+        """Slots a range for `req` occupies: the reservation, rounded up to a power of two by buddy."""
+        return self.pool.block_size_of(self.reservation(req))
+
     def check(self, req, copies: int = 1) -> None:
-        """Raise ValueError if `copies` ranges for `req` could never fit, even in an empty pool."""
+        """Raise ValueError if `copies` ranges for `req` could never fit, even in an empty pool (under
+        buddy placement, a range larger than the largest top-level block never fits)."""
         check_request(req, self.max_model_len)
-        if copies * self.reservation(req) > self.capacity:
+        size = self.reservation(req)
+        if not PLACEMENTS[self.placement](self.capacity).can_allocate_all([size] * copies):
             raise ValueError(
-                f"request {req.request_id!r}: {copies} range(s) of {self.reservation(req)} slots "
-                f"({self.policy}) can never fit a pool of capacity={self.capacity}"
+                f"request {req.request_id!r}: {copies} range(s) of {size} slots ({self.policy}, "
+                f"{self.placement}) can never fit a pool of capacity={self.capacity}"
             )
 
     def try_admit(self, req, num_tokens: int | None = None) -> bool:
-        """Reserve a range for `req` by first fit and store its first `num_tokens` tokens (the prompt).
+        """Place a range for `req` and store its first `num_tokens` tokens (the prompt) in it.
 
         Returns:
-            False if no hole is big enough (the request waits); nothing changes then.
+            False if there is no room for it now (the request waits); nothing changes then.
 
         Raises:
             ValueError: if the request is live already, or could never fit (see check).
@@ -147,17 +224,11 @@ class ContiguousAllocator:
         num_tokens = req.prompt_len if num_tokens is None else num_tokens
         if not 0 < num_tokens <= size:
             raise ValueError(f"num_tokens must be in [1, {size}], got {num_tokens}")
-        i = _first_fit(self._holes, size)
-        if i is None:
+        start = self.pool.allocate(size)
+        if start is None:
             return False
-        start, length = self._holes[i]
-        if length == size:
-            del self._holes[i]
-        else:
-            self._holes[i] = (start + size, length - size)  # carve from the hole's low end
-        self._ranges[req.request_id] = _Range(
-            start, size, final_kv_len(req.prompt_len, req.output_len), num_tokens
-        )
+        final = final_kv_len(req.prompt_len, req.output_len)
+        self._ranges[req.request_id] = _Range(start, self.footprint(req), final, num_tokens)
         return True
 
     def can_append(self, *request_ids: str) -> bool:
@@ -176,26 +247,12 @@ class ContiguousAllocator:
         r.num_tokens += 1
 
     def free(self, request_id: str) -> None:
-        """Return the request's range to the free list, merged with the holes beside it."""
-        r = self._ranges.pop(request_id)
-        start, end = r.start, r.start + r.size
-        i = bisect.bisect_left(self._holes, (start, 0))
-        if i < len(self._holes) and self._holes[i][0] == end:  # merge with the hole after
-            end += self._holes.pop(i)[1]
-        if i > 0 and sum(self._holes[i - 1]) == start:  # merge with the hole before
-            i -= 1
-            start = self._holes.pop(i)[0]
-        self._holes.insert(i, (start, end - start))
+        """Return the request's range to the pool (coalesced with the free space beside it)."""
+        self.pool.free(self._ranges.pop(request_id).start)
 
     def can_place(self, reqs: Iterable) -> bool:
-        """Would first fit place ranges for all of `reqs` now (a dry run)?"""
-        holes = list(self._holes)
-        for req in reqs:
-            i = _first_fit(holes, size := self.reservation(req))
-            if i is None:
-                return False
-            holes[i] = (holes[i][0] + size, holes[i][1] - size)
-        return True
+        """Would the placement find room for ranges for all of `reqs` now (a dry run)?"""
+        return self.pool.can_allocate_all([self.reservation(req) for req in reqs])
 
     def can_admit(self, reqs: Iterable, num_tokens: int | None = None) -> bool:
         """Would try_admit place every one of `reqs` now (a dry run)? A range's size does not depend
@@ -207,18 +264,17 @@ class ContiguousAllocator:
 
         Args:
             waiting: the head of the waiting queue, one entry per range it needs (its sequences), if a
-                request waits; empty if none does. If first fit cannot place them, the free slots are
-                lost while it waits: external fragmentation if their total would hold the ranges,
-                stranded if not (waiting_waste).
+                request waits; empty if none does. If they cannot be placed, the free slots are lost
+                while it waits: external fragmentation if their total would hold the ranges'
+                footprints, stranded if not (waiting_waste).
             num_tokens: ignored (see can_admit).
         """
         tokens = sum(r.num_tokens for r in self._ranges.values())
         reserved = sum(max(0, r.final - r.num_tokens) for r in self._ranges.values())
         internal = sum(r.size - max(r.final, r.num_tokens) for r in self._ranges.values())
-        free = sum(length for _, length in self._holes)
-        waiting = list(waiting)
+        free, waiting = self.pool.num_free, list(waiting)
         blocked = bool(waiting) and not self.can_place(waiting)
-        fits_in_total = sum(self.reservation(req) for req in waiting) <= free
+        fits_in_total = sum(self.footprint(req) for req in waiting) <= free
         external, stranded, free = waiting_waste(free, blocked, fits_in_total)
         return MemoryBreakdown(tokens, reserved, internal, external, stranded, free)
 
@@ -230,8 +286,10 @@ def _first_fit(holes: list[tuple[int, int]], size: int) -> int | None:
 
 __all__ = [
     "BREAKDOWN_FIELDS",
+    "PLACEMENTS",
     "POLICIES",
     "ContiguousAllocator",
+    "FirstFitAllocator",
     "MemoryBreakdown",
     "check_positive",
     "check_request",

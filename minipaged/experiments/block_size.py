@@ -14,10 +14,11 @@ Three measurements, one row per point:
   {"part", "block_size", "workload", "num_seqs", "mean_len", "allocated_slots", "wasted_slots",
   "waste_fraction"}, where waste_fraction = wasted_slots / allocated_slots at the sequences' final
   lengths (prompt + output).
-- part "time": the engine (tiny-llama, reference backend, on this machine's CPU) decoding a fixed
-  batch at each block size: the median wall time of one decode step and of its model part
-  (block_size_time.py, which lists the rows' keys). On a CPU the cost of small blocks is bookkeeping
-  and gather indexing, not GPU kernel occupancy.
+- part "time": the engine (tiny-llama, on the run's backend and device: the reference on the CPU by
+  default) decoding a fixed batch at each block size: the median wall time of one decode step and of
+  its model part (block_size_time.py, which lists the rows' keys). On a CPU the cost of small blocks
+  is bookkeeping and gather indexing, not GPU kernel occupancy. This is the only part that runs
+  tensors, so the only one that `backend` and `device` change.
 - part "load": paged allocation serving each workload on a fixed KV budget with the null-model
   simulator, at each block size: how many requests run at once, and where the memory goes
   (block_size_load.py, which lists the rows' keys).
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from minipaged.experiments import ExperimentResult, check_run_args
+from minipaged.experiments import ExperimentResult, check_run_args, check_tensor_args
 from minipaged.experiments.block_size_load import load_rows
 from minipaged.experiments.block_size_time import MODEL, time_rows
 from minipaged.reference.block_table import num_blocks_for
@@ -122,7 +123,14 @@ def waste_rows(num_requests: int, seed: int, block_sizes=BLOCK_SIZES) -> list[di
     return rows
 
 
-def run(scale: str = "full", seed: int = 0, progress: bool = True) -> ExperimentResult:
+def run(
+    scale: str = "full",
+    seed: int = 0,
+    progress: bool = True,
+    *,
+    backend: str = "reference",
+    device: str = "cpu",
+) -> ExperimentResult:
     """Internal fragmentation, decode time and batch size at block sizes 1 to 256 (paper section 7.2).
 
     Args:
@@ -130,15 +138,21 @@ def run(scale: str = "full", seed: int = 0, progress: bool = True) -> Experiment
             (block sizes 1, 16 and 256 in the time and load parts, shorter simulations; seconds).
         seed: the workloads' lengths, the model's random weights and the prompts' tokens.
         progress: show a tqdm bar for the time part.
+        backend: the engine's kernels in the time part, "reference" or "triton" (on "cpu" through
+            Triton's interpreter: minutes, not seconds).
+        device: where the time part's model and KV pool live, "cpu" or "cuda[:N]".
 
     Raises:
-        ValueError: for a scale other than "small" or "full", or a negative seed.
+        ValueError: for a scale other than "small" or "full", a negative seed, an unknown backend or a
+            device that is not "cpu" or a CUDA GPU present here; all before any work.
     """
     check_run_args(scale, seed, SCALES)
+    check_tensor_args(backend, device)
     config = SCALES[scale]
-    rows = waste_rows(config.num_requests, seed) + time_rows(config, seed, progress)
+    rows = waste_rows(config.num_requests, seed) + time_rows(config, seed, progress, backend, device)
     rows += load_rows(config.load_block_sizes, config.load_end, config.load_warmup, seed, progress)
-    return ExperimentResult(NAME, rows, dict(PAPER))
+    settings = {"scale": scale, "seed": seed, "backend": backend, "device": device}
+    return ExperimentResult(NAME, rows, dict(PAPER), settings)
 
 
 def plot(result: ExperimentResult, path) -> None:
@@ -181,7 +195,9 @@ def plot(result: ExperimentResult, path) -> None:
     time_ax.set_ylim(bottom=0)
     time_ax.set_ylabel("ms per decode step (median)")
     model = rows[0]["model"] if rows else MODEL
-    time_ax.set_title(f"(b) decode step, {model}, CPU")
+    device = result.settings.get("device", "cpu")  # JSON older than "settings": the CPU, reference
+    where = f"{'CPU' if device == 'cpu' else device}, {result.settings.get('backend', 'reference')}"
+    time_ax.set_title(f"(b) decode step, {model}, {where}")
     legend(time_ax)
     for workload in WORKLOADS:
         rows = [r for r in result.rows if r["part"] == "load" and r["workload"] == workload]

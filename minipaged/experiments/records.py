@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from minipaged.experiments.memory_breakdown import BREAKDOWN_FIELDS, MemoryBreakdown
 
@@ -38,6 +38,28 @@ class StepRecord:
     num_prefill_tokens: int = 0  # prompt tokens computed: admissions and recomputations, cache hits skipped
     num_preempted: int = 0  # requests preempted in this step
     num_recomputed_tokens: int = 0  # of num_prefill_tokens, those of requests readmitted after a preemption
+    duration: float = 0.0  # seconds the step took (the null model's step_time, or the cost model's)
+
+
+@dataclass(frozen=True)
+class FinishedRequest:
+    """When one request of the workload arrived, got its first token and finished (simulated s)."""
+
+    request_id: str
+    arrival_time: float
+    first_token_time: float
+    finished_time: float
+    output_len: int  # tokens it generated (each of its sequences)
+
+    @property
+    def latency(self) -> float:
+        """End-to-end latency, from arrival to the last token."""
+        return self.finished_time - self.arrival_time
+
+    @property
+    def normalized_latency(self) -> float:
+        """Latency per output token, the paper's measure (section 6.1: s/token)."""
+        return self.latency / self.output_len
 
 
 @dataclass
@@ -51,10 +73,10 @@ class SimulationResult:
     num_requests: int
     num_finished: int
     num_preemptions: int
-    step_time: float  # seconds per model step
     prefix_cache_hits: int = 0  # paged with prefix caching: full prompt blocks found cached
     prefix_cache_misses: int = 0  # ... and full prompt blocks that had to be computed
     cow_copies: int = 0
+    finished: list[FinishedRequest] = field(default_factory=list)  # in the order they finished
 
     @property
     def steps(self) -> int:
@@ -63,7 +85,9 @@ class SimulationResult:
     @property
     def duration(self) -> float:
         """Simulated seconds from the first recorded step's start to the last one's end."""
-        return self.records[-1].time + self.step_time - self.records[0].time if self.records else 0.0
+        if not self.records:
+            return 0.0
+        return self.records[-1].time + self.records[-1].duration - self.records[0].time
 
     @property
     def throughput(self) -> float:

@@ -21,8 +21,10 @@ block size (one row each):
 - blocks: the blocks moved each way, `ceil(seq_len / block_size)`; bytes: what they hold each way,
   `blocks * kv_cache_bytes_per_block(...)`, the unfilled tail of the last block included.
 
-Times are medians of `repeats` in seconds. On a CPU-only machine both pools are CPU tensors: there is
-no PCIe link, and what the per-block copies show is the fixed cost of each copy, not bus bandwidth.
+Times are medians of `repeats` in seconds. `run(backend=..., device=...)` picks the kernels (the
+engine's and its swap_blocks) and where the model and the device pool live; the host pool stays in CPU
+memory (pinned on CUDA). On a CPU-only machine both pools are CPU tensors: there is no PCIe link, and
+what the per-block copies show is the fixed cost of each copy, not bus bandwidth.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from tqdm.auto import tqdm
 from minipaged.config import kv_cache_bytes_per_block
 from minipaged.demo import torch_threads
 from minipaged.engine import LLM
-from minipaged.experiments import ExperimentResult, check_run_args
+from minipaged.experiments import ExperimentResult, check_run_args, check_tensor_args, synchronize
 from minipaged.model_runner import ModelRunner, kv_shape
 from minipaged.presets import BYTE_OFFSET, VOCAB_SIZE, load_preset
 from minipaged.reference.block_table import num_blocks_for
@@ -102,9 +104,12 @@ def _per_block(runner: ModelRunner, mapping: list[tuple[int, int]], out: bool) -
         swap_blocks_per_block(src, dst, mapping)
 
 
-def _timed(fn, *args) -> float:
+def _timed(device: str, fn, *args) -> float:
+    """Wall seconds of `fn(*args)`, including the work it queued on `device`."""
+    synchronize(device)
     start = time.perf_counter()
     fn(*args)
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -115,9 +120,19 @@ def _sequence_kv(runner: ModelRunner, block_ids: list[int], seq_len: int) -> tor
 
 
 def measure(
-    model: torch.nn.Module, block_size: int, tokens: list[int], repeats: int, seed: int = 0
+    model: torch.nn.Module,
+    block_size: int,
+    tokens: list[int],
+    repeats: int,
+    seed: int = 0,
+    *,
+    backend: str = "reference",
+    device: str = "cpu",
 ) -> dict[str, object]:
     """One row: the times to recompute and to swap out and in the KV of `tokens` at `block_size`.
+
+    The engine runs on `backend` and `device` (its model, its device pool and its swap_blocks); the
+    per-block copies move the same pairs between the same pools.
 
     Raises:
         RuntimeError: if the sequence's K/V is not the same after a swap out and in (a wrong copy
@@ -131,6 +146,8 @@ def measure(
         num_gpu_blocks=num_blocks,
         num_cpu_blocks=num_blocks,
         preemption_mode="swap",
+        backend=backend,
+        device=device,
         seed=seed,
         watermark=0.0,
         max_num_batched_tokens=max(2048, seq_len),
@@ -139,7 +156,7 @@ def measure(
     recompute = []
     for _ in range(repeats):  # admit, prefill all seq_len tokens, sample one: what a recomputation costs
         llm.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
-        recompute.append(_timed(llm.step))
+        recompute.append(_timed(device, llm.step))
     llm.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
     llm.step()  # prefilled: the sequence holds ceil(seq_len / block_size) blocks of real K/V
     group, manager, runner = llm.scheduler.running[0], llm.block_manager, llm.runner
@@ -150,13 +167,14 @@ def measure(
         out_pairs = manager.swap_out(group)  # (device, host): the policy decides, not timed
         batched = (runner.move_blocks, SchedulerOutput(blocks_to_swap_out=out_pairs))
         per_block = (_per_block, runner, out_pairs, True)
+        # alternate which goes first: neither always finds warm caches
         for key, call in [("out", batched), ("out_per_block", per_block)][:: 1 if r % 2 else -1]:
-            times[key].append(_timed(*call))  # alternate which goes first: neither always finds warm caches
+            times[key].append(_timed(device, *call))
         in_pairs = manager.swap_in(group)  # (host, device)
         batched = (runner.move_blocks, SchedulerOutput(blocks_to_swap_in=in_pairs))
         per_block = (_per_block, runner, in_pairs, False)
         for key, call in [("in", batched), ("in_per_block", per_block)][:: 1 if r % 2 else -1]:
-            times[key].append(_timed(*call))
+            times[key].append(_timed(device, *call))
     after = _sequence_kv(runner, manager.get_block_table(seq).block_ids, seq_len)
     if not torch.equal(before, after):
         raise RuntimeError(f"block size {block_size}: the K/V after a swap out and in differs from before")
@@ -178,7 +196,14 @@ def measure(
     }
 
 
-def run(scale: str = "full", seed: int = 0, progress: bool = True) -> ExperimentResult:
+def run(
+    scale: str = "full",
+    seed: int = 0,
+    progress: bool = True,
+    *,
+    backend: str = "reference",
+    device: str = "cpu",
+) -> ExperimentResult:
     """Swap out and in against recompute, block sizes 1 to 256 (paper section 7.3, Fig. 19a).
 
     Args:
@@ -186,21 +211,28 @@ def run(scale: str = "full", seed: int = 0, progress: bool = True) -> Experiment
             "small" (128 tokens, block sizes 1, 4, 16, 64, 256, 3 repeats; a second or two).
         seed: the model's random weights and the sequence's tokens.
         progress: show a tqdm bar over the block sizes.
+        backend: the engine's kernels, "reference" or "triton" (on "cpu" through Triton's interpreter:
+            minutes, not seconds).
+        device: where the model and the device pool live, "cpu" or "cuda[:N]".
 
     Raises:
-        ValueError: for a scale other than "small" or "full", or a negative seed.
+        ValueError: for a scale other than "small" or "full", a negative seed, an unknown backend or a
+            device that is not "cpu" or a CUDA GPU present here; all before any work.
     """
     check_run_args(scale, seed, SCALES)
+    check_tensor_args(backend, device)
     config = SCALES[scale]
     model = load_preset(MODEL, seed)
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(BYTE_OFFSET, VOCAB_SIZE, (config.seq_len,), generator=generator).tolist()
     rows = []
     with torch_threads(1):
-        measure(model, 16, tokens, 2, seed)  # warm up: the first calls allocate and dispatch
+        measure(model, 16, tokens, 2, seed, backend=backend, device=device)  # warm up: first calls allocate
         for b in tqdm(config.block_sizes, desc=NAME, disable=not progress):
-            rows.append({"model": MODEL, **measure(model, b, tokens, config.repeats, seed)})
-    return ExperimentResult(NAME, rows, dict(PAPER))
+            row = measure(model, b, tokens, config.repeats, seed, backend=backend, device=device)
+            rows.append({"model": MODEL, **row})
+    settings = {"scale": scale, "seed": seed, "backend": backend, "device": device}
+    return ExperimentResult(NAME, rows, dict(PAPER), settings)
 
 
 def plot(result: ExperimentResult, path) -> None:
@@ -215,7 +247,9 @@ def plot(result: ExperimentResult, path) -> None:
 
     seq_len = rows[0]["seq_len"] if rows else "?"
     model = rows[0].get("model", MODEL) if rows else MODEL
-    title = f"Restoring {seq_len} tokens of {model} on a CPU: swap vs recompute (cf. Fig. 19a)"
+    device = result.settings.get("device", "cpu")  # JSON older than "settings": the CPU, reference
+    where = f"{'a CPU' if device == 'cpu' else device}, {result.settings.get('backend', 'reference')}"
+    title = f"Restoring {seq_len} tokens of {model} ({where}): swap vs recompute (cf. Fig. 19a)"
     fig, (ax,) = new_figure(1, title=title, panel_size=(8.0, 4.0))
     ax.plot(sizes, ms("recompute_s"), "o-", color=COLORS["recompute"], label="recompute (prefill step)")
     ax.plot(sizes, ms("swap_in_per_block_s"), "v-", color=COLORS["swap_in"], label="swap in, per block")

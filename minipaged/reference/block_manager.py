@@ -98,6 +98,28 @@ class BlockManager:
         return AllocStatus.LATER
         # END SOLUTION
 
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int, num_seqs: int) -> None:
+        """Refuse a request that could never fit, however long it waited: the one fit test.
+
+        Its sequences share the prompt's full blocks (fork) and each needs its own blocks for the
+        rest. The last token's K/V is never stored (the request ends when it is sampled), so a
+        sequence holds at most num_prompt_tokens + max_tokens - 1 tokens. The engine asks this at
+        submission, so a request that can never run is refused then, never returned empty.
+
+        Raises:
+            ValueError: if the blocks needed exceed the device pool above the watermark.
+        """
+        total = num_prompt_tokens + max_tokens
+        shared = num_prompt_tokens // self.block_size  # the prompt's full blocks, shared by all
+        per_seq = num_blocks_for(total - 1, self.block_size) - shared
+        needed = shared + num_seqs * per_seq
+        usable = self.device.num_blocks - self.watermark_blocks
+        if needed > usable:
+            raise ValueError(
+                f"prompt plus max_tokens needs {needed} blocks of {self.block_size} for its {num_seqs} "
+                f"sequence(s), beyond the device pool's {usable} usable blocks: this request can never fit"
+            )
+
     def allocate(self, seq_group: SequenceGroup) -> int:
         """Give every unfinished sequence of the group the blocks for all of its tokens.
 
@@ -191,6 +213,22 @@ class BlockManager:
         if parent.seq_id in self._block_hashes:
             self._block_hashes[child.seq_id] = list(self._block_hashes[parent.seq_id])
         # END SOLUTION
+
+    def num_shared_tokens(self, seq: Sequence, first: Sequence) -> int:
+        """Tokens of `seq` that `first` computes in blocks they share: `seq` skips them.
+
+        A new request's n samples share every prompt block with the first, which computes them once.
+        At least the last token is always computed, since its logits are what the step is for.
+
+        Raises:
+            KeyError: if either sequence holds no device blocks.
+        """
+        seq_blocks = self._device_table(seq).block_ids
+        first_blocks = self._device_table(first).block_ids
+        shared = 0
+        while shared < min(len(seq_blocks), len(first_blocks)) and seq_blocks[shared] == first_blocks[shared]:
+            shared += 1
+        return min(shared * self.block_size, len(seq) - 1)
 
     def free(self, seq: Sequence) -> None:
         """Release every block `seq` holds, on the device or on the host (finished or preempted).

@@ -9,6 +9,8 @@ builds these snapshots; experiments, docs pictures and tests read them.
 
 from __future__ import annotations
 
+import itertools
+from collections import Counter
 from dataclasses import dataclass
 
 from minipaged.reference.block_allocator import BlockAllocator
@@ -70,21 +72,29 @@ class MemoryStats:
 
 
 def pool_stats(pool: BlockAllocator, tables: dict[int, BlockTable], block_size: int) -> PoolStats:
-    """The state of `pool`, whose blocks the block tables `tables` hold."""
-    filled: dict[int, int] = {}  # block -> most slots any holder has filled in it
+    """The state of `pool`, whose blocks the block tables `tables` hold.
+
+    Every block of a table but its last is full (a table fills its blocks in order), so only the
+    last blocks are looked at one by one; the rest is counted in bulk. A block's reference count is
+    the number of tables that hold it, so a shared block is one that two or more tables name.
+    """
+    holders = Counter(itertools.chain.from_iterable(t.block_ids for t in tables.values()))
+    full = set(itertools.chain.from_iterable(t.block_ids[:-1] for t in tables.values()))
+    last_fill: dict[int, int] = {}  # a table's last block -> the most slots any holder filled in it
     for table in tables.values():
-        for i, block in enumerate(table.block_ids):
-            in_block = min(block_size, table.num_tokens - i * block_size)
-            filled[block] = max(filled.get(block, 0), in_block)
-    held = sum(len(t) for t in tables.values())
+        if table.block_ids:
+            block = table.block_ids[-1]
+            fill = table.num_tokens - (len(table.block_ids) - 1) * block_size
+            last_fill[block] = max(last_fill.get(block, 0), fill)
+    partial = sum(block_size - fill for block, fill in last_fill.items() if block not in full)
     return PoolStats(
         name=pool.name,
         num_blocks=pool.num_blocks,
         num_free=pool.num_free,
         num_used=pool.num_used,
-        num_shared=sum(pool.ref_count(b) > 1 for b in filled),
+        num_shared=sum(count > 1 for count in holders.values()),
         num_cached_free=getattr(pool, "num_cached_free", 0),
-        slots_used=sum(filled.values()),
+        slots_used=len(holders) * block_size - partial,
         slots_allocated=pool.num_used * block_size,
-        blocks_saved_by_sharing=held - len(filled),
+        blocks_saved_by_sharing=holders.total() - len(holders),
     )

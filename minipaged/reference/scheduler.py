@@ -41,6 +41,7 @@ class ScheduledSeq:
     group: SequenceGroup
     seq: Sequence
     num_query_tokens: int  # q_len: the whole uncached prompt for a prefill, 1 for a decode
+    is_prefill: bool = False  # admitted from the waiting queue this step (new, or to recompute)
 
 
 @dataclass
@@ -63,7 +64,11 @@ class Scheduler:
 
     Args:
         config: the budget and the preemption mode.
-        block_manager: the memory manager whose decisions the schedule carries.
+        block_manager: the memory manager whose decisions the schedule carries: a BlockManager,
+            or anything that answers the same calls (can_allocate, allocate, num_shared_tokens,
+            can_append_slots, append_slots, free, can_swap_out, swap_out, can_swap_in, swap_in).
+            The experiments serve the paper's baselines through this interface
+            (experiments/reservation.py), so one scheduler serves every system.
     """
 
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
@@ -155,9 +160,9 @@ class Scheduler:
             self.waiting.popleft()
             num_cached = manager.allocate(group)
             for i, seq in enumerate(seqs):
-                seq.num_computed_tokens = num_cached if i == 0 else _shared_tokens(manager, seq, seqs[0])
+                seq.num_computed_tokens = num_cached if i == 0 else manager.num_shared_tokens(seq, seqs[0])
                 seq.status = SequenceStatus.RUNNING
-                out.scheduled.append(ScheduledSeq(group, seq, seq.num_uncomputed_tokens))
+                out.scheduled.append(ScheduledSeq(group, seq, seq.num_uncomputed_tokens, is_prefill=True))
             self.running.append(group)
             admitted += 1
 
@@ -186,16 +191,3 @@ class Scheduler:
 
     def _num_running_seqs(self) -> int:
         return sum(len(g.get_seqs(SequenceStatus.RUNNING)) for g in self.running)
-
-
-def _shared_tokens(manager: BlockManager, seq: Sequence, first: Sequence) -> int:
-    """Tokens of `seq` that `first` computes (or has cached) in shared blocks: `seq` skips them.
-
-    At least the last token is always computed, since its logits are what the step is for.
-    """
-    seq_blocks = manager.get_block_table(seq).block_ids
-    first_blocks = manager.get_block_table(first).block_ids
-    shared = 0
-    while shared < min(len(seq_blocks), len(first_blocks)) and seq_blocks[shared] == first_blocks[shared]:
-        shared += 1
-    return min(shared * manager.block_size, len(seq) - 1)
