@@ -46,6 +46,7 @@ def kv_cache_bytes_per_block(
 
 
 PREEMPTION_MODES = ("recompute", "swap")
+BATCHING_MODES = ("iteration", "static")
 
 
 def _positive_int(name: str, value: object) -> None:
@@ -97,6 +98,10 @@ class SchedulerConfig:
         max_num_batched_tokens: the most tokens one step computes; the first prefill of a step is
             always admitted (if memory allows), so a prompt longer than the budget still runs.
         preemption_mode: "recompute" or "swap" (falls back to recompute when the host pool is full).
+        batching: "iteration" (Orca's and vLLM's: the batch is formed anew every step, so a
+            waiting request joins as soon as it fits) or "static" (FasterTransformer's: a batch is
+            admitted only when the previous one has wholly finished; the experiments' stand-in for
+            systems without iteration-level scheduling).
 
     Raises:
         ValueError: naming the field, if a value is out of range.
@@ -106,6 +111,7 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 4096
     preemption_mode: str = "recompute"
+    batching: str = "iteration"
 
     def __post_init__(self) -> None:
         _positive_int("max_model_len", self.max_model_len)
@@ -113,3 +119,5 @@ class SchedulerConfig:
         _positive_int("max_num_batched_tokens", self.max_num_batched_tokens)
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}")
+        if self.batching not in BATCHING_MODES:
+            raise ValueError(f"batching must be 'iteration' or 'static', got {self.batching!r}")

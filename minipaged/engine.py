@@ -71,6 +71,8 @@ class LLM:
         max_num_batched_tokens: the most tokens a step computes (None: max(max_model_len, 2048)).
         max_model_len: the longest prompt plus output (None: the model's maximum positions).
         watermark: fraction of device blocks kept free at admission.
+        batching: "iteration" (default: the batch is formed anew every step) or "static" (a new
+            batch only once the last one has finished; the experiments' FasterTransformer).
         runner: what executes each step (None: a ModelRunner running `model` on `backend`). A
             simulated runner (experiments/simulated_runner.py) computes no tensors: it returns
             null-policy logits and the time the step would take, and the engine's clock then runs
@@ -103,6 +105,7 @@ class LLM:
         max_num_batched_tokens: int | None = None,
         max_model_len: int | None = None,
         watermark: float = 0.01,
+        batching: str = "iteration",
         runner: object = None,
         block_manager: object = None,
     ) -> None:
@@ -147,6 +150,7 @@ class LLM:
             if max_num_batched_tokens is None
             else max_num_batched_tokens,
             preemption_mode=preemption_mode,
+            batching=batching,
         )
         self.block_manager = block_manager
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)

@@ -96,6 +96,31 @@ def test_a_second_fork_without_a_spare_range_is_refused():
         manager.free(parent)
 
 
+def test_static_batching_admits_a_batch_only_when_the_last_one_has_finished():
+    """FasterTransformer's baseline: A and B form a batch; C, which arrives while they run and would
+    fit at once, waits until both have finished (B, the longest, at step 8)."""
+    runner = SimulatedRunner(step_time=1.0, max_model_len=64)
+    llm = LLM(
+        runner=runner,
+        block_manager=ReservationManager(ContiguousAllocator(1024, "max", max_model_len=64)),
+        max_model_len=64,
+        batching="static",
+    )
+    for max_tokens, arrival in ((3, 0.0), (8, 0.0), (2, 1.5)):
+        llm.add_request({"prompt_token_ids": [1, 2]}, greedy(max_tokens), arrival_time=arrival)
+    outputs = {}
+    while llm.has_unfinished_requests():
+        outputs.update({o.request_id: o for o in llm.step()})
+    assert outputs["2"].metrics.first_scheduled_time == 8.0  # not 2.0, when it had arrived and fit
+    assert [s.num_running for s in llm.step_stats] == [2, 2, 2, 1, 1, 1, 1, 1, 1, 1]
+    iteration = simulate([Req("a", 0, 2, 3), Req("b", 0, 2, 8), Req("c", 1.5, 2, 2)], "orca-max",
+                         kv_slots=1024, max_model_len=64, step_time=1.0)  # fmt: skip
+    static = simulate([Req("a", 0, 2, 3), Req("b", 0, 2, 8), Req("c", 1.5, 2, 2)], "fastertransformer",
+                      kv_slots=1024, max_model_len=64, step_time=1.0)  # fmt: skip
+    assert {f.request_id: f.finished_time for f in iteration.finished}["c"] == 4.0
+    assert {f.request_id: f.finished_time for f in static.finished}["c"] == 10.0
+
+
 def test_range_request_is_what_the_allocators_reserve_by():
     alloc = ContiguousAllocator(1024, "pow2", max_model_len=512)
     assert alloc.reservation(RangeRequest("x/0", 10, 25)) == 10 + 32
@@ -134,3 +159,25 @@ def test_any_workload_finishes_and_returns_every_slot(reqs, allocator):
         assert f.arrival_time <= f.first_token_time <= f.finished_time
     for record in result.records:
         assert record.breakdown.capacity == result.capacity
+
+
+def test_reserving_block_manager_admits_by_the_whole_reservation_on_a_real_model():
+    """Orca (Max) on the real pool: 64-token reservations of 4-token blocks take 16 blocks each, so a
+    40-block pool runs two requests at once although their tokens would fit many more; the tokens
+    are the paged engine's, and every block comes back."""
+    from minipaged.experiments.reservation import ReservingBlockManager
+
+    prompts = [{"prompt_token_ids": list(range(3, 3 + p))} for p in (5, 9, 3, 7, 6)]
+    params = greedy(6)
+    paged = LLM("tiny-llama", block_size=4, num_gpu_blocks=40, max_model_len=64)
+    manager = ReservingBlockManager(4, 40, "max", max_model_len=64)
+    orca = LLM("tiny-llama", block_size=4, max_model_len=64, block_manager=manager)
+    expected = paged.generate(prompts, params, use_tqdm=False)
+    outs = orca.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in expected]
+    assert max(s.num_running for s in orca.step_stats) == 2 < max(s.num_running for s in paged.step_stats)
+    assert manager.device.num_free == 40 and not manager._promised
+    oracle = ReservingBlockManager(4, 40, "oracle", max_model_len=64)
+    assert oracle.reserved_blocks(5, 6) == 3  # 11 slots
+    with pytest.raises(ValueError, match="can never fit"):
+        ReservingBlockManager(4, 8, "max", max_model_len=64).check_fits(5, 6, 1)

@@ -457,6 +457,7 @@ def test_cache_config_names_the_bad_field(field, value):
         ("max_num_batched_tokens", False),
         ("preemption_mode", "evict"),
         ("preemption_mode", None),
+        ("batching", "continuous"),
     ],
 )
 def test_scheduler_config_names_the_bad_field(field, value):
@@ -469,6 +470,8 @@ def test_configs_accept_the_documented_values():
     assert CacheConfig(num_gpu_blocks=200, watermark=0.01).watermark_blocks == 2
     for mode in ("recompute", "swap"):
         assert SchedulerConfig(preemption_mode=mode).preemption_mode == mode
+    assert SchedulerConfig().batching == "iteration"
+    assert SchedulerConfig(batching="static").batching == "static"
 
 
 # ---- a state machine: random arrivals, random steps --------------------------------------------

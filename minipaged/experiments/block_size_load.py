@@ -22,6 +22,7 @@ from __future__ import annotations
 from tqdm.auto import tqdm
 
 from minipaged.experiments.serving import KV_SLOTS, MAX_MODEL_LEN, serve
+from minipaged.experiments.simulator import STEP_TIME
 from minipaged.workloads import alpaca_like, sharegpt_like
 
 # Each workload at a rate above what the budget serves at any block size (paged allocation at block size
@@ -50,7 +51,8 @@ def load_rows(
                 int(rate * end[name] * 1.2) + 20, rate=rate, seed=seed, max_model_len=MAX_MODEL_LEN
             )
             for b in block_sizes:
-                result = serve(workload, "paged", end[name], warmup[name], block_size=b)
+                # the null model's fixed step: capacity, not time, is what this part measures
+                result = serve(workload, "paged", end[name], warmup[name], block_size=b, step_time=STEP_TIME)
                 used = result.mean_used_fractions  # shares of the memory in use, as in memory-waste
                 rows.append(
                     {

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from minipaged.experiments.baselines import ContiguousAllocator
+from minipaged.experiments.baselines import POLICIES, ContiguousAllocator, reservation_size
 from minipaged.experiments.memory_breakdown import MemoryBreakdown
 from minipaged.experiments.vattention import VAttentionAllocator
-from minipaged.reference.block_manager import AllocStatus
+from minipaged.reference.block_manager import AllocStatus, BlockManager
+from minipaged.reference.block_table import num_blocks_for
 from minipaged.reference.memory_stats import MemoryStats, PoolStats
 from minipaged.sequence import Sequence, SequenceGroup
 
@@ -199,4 +200,77 @@ class ReservationManager:
         return self._owner[seq.seq_id]
 
 
-__all__ = ["RangeRequest", "ReservationManager"]
+class ReservingBlockManager(BlockManager):
+    """Orca's admission rule on a real paged pool: the measured stand-in for Orca (serving --measured).
+
+    A real model needs real block tables, so the measured comparison keeps vLLM's pool and kernels
+    and changes only the rule: a request is admitted only if the blocks for its whole reservation
+    (experiments/baselines.py's reservation_size: max_model_len for "max", the true length for
+    "oracle", ...) are free beyond those already promised to the running requests, and they stay
+    promised to it until it finishes. So its appends never wait, nothing is preempted, and the
+    memory it has not filled yet serves nobody else, which is what costs Orca its batch size.
+    Placement is paged (no external fragmentation): the measured gap is the reservation's alone.
+    Parallel samples and beams share blocks as in vLLM; the measured workloads use neither.
+
+    Args:
+        block_size, num_gpu_blocks: the pool, as BlockManager's.
+        policy: "max", "pow2" or "oracle" (reservation_size).
+        max_model_len: what "max" reserves.
+    """
+
+    def __init__(self, block_size: int, num_gpu_blocks: int, policy: str, max_model_len: int) -> None:
+        super().__init__(block_size, num_gpu_blocks, 0, 0.0)
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        self.policy, self.max_model_len = policy, max_model_len
+        self._promised: dict[str, int] = {}  # request_id -> blocks of its whole reservation
+        self._group_of: dict[int, SequenceGroup] = {}  # live seq_id -> its group
+
+    def reserved_blocks(self, num_prompt_tokens: int, max_tokens: int) -> int:
+        """Blocks a request's reservation takes."""
+        slots = reservation_size(self.policy, num_prompt_tokens, max_tokens, self.max_model_len)
+        return num_blocks_for(slots, self.block_size)
+
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int, num_seqs: int) -> None:
+        needed = self.reserved_blocks(num_prompt_tokens, max_tokens)
+        if needed > self.device.num_blocks:
+            raise ValueError(
+                f"a reservation of {needed} blocks ({self.policy}) can never fit a pool of "
+                f"{self.device.num_blocks} blocks: this request can never fit"
+            )
+
+    def can_allocate(self, group: SequenceGroup) -> AllocStatus:
+        """OK if the whole reservation fits beside what the running requests were promised."""
+        first = group.get_unfinished_seqs()[0]
+        needed = self.reserved_blocks(len(first.prompt_token_ids), group.max_tokens)
+        return AllocStatus.OK if needed <= self.device.num_free - self._outstanding() else AllocStatus.LATER
+
+    def allocate(self, group: SequenceGroup) -> int:
+        num_cached = super().allocate(group)
+        first = group.get_unfinished_seqs()[0]
+        self._promised[group.request_id] = self.reserved_blocks(len(first.prompt_token_ids), group.max_tokens)
+        for seq in group.get_unfinished_seqs():
+            self._group_of[seq.seq_id] = group
+        return num_cached
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        super().fork(parent, child)
+        self._group_of[child.seq_id] = self._group_of[parent.seq_id]
+
+    def free(self, seq: Sequence) -> None:
+        super().free(seq)
+        group = self._group_of.pop(seq.seq_id, None)
+        if group is not None and not any(self._group_of.get(s.seq_id) is group for s in group.seqs):
+            del self._promised[group.request_id]  # the last sequence out ends the reservation
+
+    def _outstanding(self) -> int:
+        """Blocks promised to running requests that they have not taken yet."""
+        held: dict[str, int] = {}
+        for seq_id, group in self._group_of.items():
+            table = self.device_tables.get(seq_id)
+            if table is not None:
+                held[group.request_id] = max(held.get(group.request_id, 0), len(table))
+        return sum(max(0, blocks - held.get(request_id, 0)) for request_id, blocks in self._promised.items())
+
+
+__all__ = ["RangeRequest", "ReservationManager", "ReservingBlockManager"]

@@ -11,14 +11,17 @@ The KV budget: OPT-13B keeps 2 (K and V) x 40 layers x 5,120 hidden x 2 bytes = 
 the paper gives about 12 GB of the A100's 40 GB to the KV cache (Fig. 1: 26 GB of weights), so the
 pool holds 12 GB / 800 KB = 15,000 token slots: 7 requests of Orca (Max)'s 2,048 slots, about 30 of
 ShareGPT's mean 500 tokens.
+
+The time: each step is priced by the cost model (experiments/cost_model.py) for OPT-13B on an
+A100-40GB, so a batch of long contexts or a large prefill takes longer than a small decode batch, as
+on the GPU; the simulated engine's clock runs on those prices.
 """
 
 from __future__ import annotations
 
-import math
-
+from minipaged.experiments.cost_model import CostModel
 from minipaged.experiments.records import SimulationResult
-from minipaged.experiments.simulator import STEP_TIME, simulate
+from minipaged.experiments.simulator import simulate
 from minipaged.workloads import sharegpt_like
 
 KV_BYTES_PER_TOKEN = 2 * 40 * 5120 * 2  # OPT-13B in fp16: K and V x layers x hidden x bytes = 819,200
@@ -34,6 +37,7 @@ LABELS = {
     "paged": "vLLM (paged)",
 }
 PAPER_LABELS = {"paged": "vLLM"}  # how the paper's figures name a system, where it differs from LABELS
+COST_MODEL = CostModel("opt-13b", "A100-40GB")  # the paper's setup: what each step would take there
 
 
 def serve(
@@ -47,15 +51,18 @@ def serve(
         end: the simulated seconds to run.
         warmup: the seconds left out at the start, while the pool fills from empty.
         progress: a tqdm bar of finished requests.
-        **settings: more keyword arguments of simulate (seed, enable_prefix_caching, ...).
+        **settings: more keyword arguments of simulate (seed, enable_prefix_caching, ...). Steps
+            are priced by COST_MODEL (OPT-13B on an A100-40GB) unless `step_time` gives the null
+            model's fixed step.
 
     Returns:
         The windowed result (SimulationResult.window): its averages, num_finished and throughput
         are the window's.
     """
     settings = {"kv_slots": KV_SLOTS, "block_size": BLOCK_SIZE, "max_model_len": MAX_MODEL_LEN, **settings}
-    steps = math.ceil(end / STEP_TIME)
-    result = simulate(workload, allocator, max_steps=steps, progress=progress, **settings)
+    if settings.get("step_time") is None:  # priced by the cost model unless a null step is asked for
+        settings.setdefault("cost_model", COST_MODEL)
+    result = simulate(workload, allocator, until=end, progress=progress, **settings)
     return result.window(warmup, end)
 
 

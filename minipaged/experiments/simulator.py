@@ -43,7 +43,7 @@ from minipaged.reference.block_manager import AllocStatus, BlockManager
 from minipaged.reference.scheduler import SchedulerOutput
 from minipaged.sampling import BeamSearchParams, SamplingParams
 
-ALLOCATORS = ("paged", "orca-max", "orca-pow2", "orca-oracle", "vattention")
+ALLOCATORS = ("paged", "orca-max", "orca-pow2", "orca-oracle", "vattention", "fastertransformer")
 # One model step, in seconds, whatever its batch: the order of an OPT-13B decode step on an A100.
 STEP_TIME = 0.04
 
@@ -75,7 +75,9 @@ def simulate(
             generates), .prefix_len and .prefix_id (the first prefix_len prompt tokens are shared by
             every request of the same prefix_id), .n (parallel samples, each generating output_len
             tokens) and .beam_width (0: no beam search), e.g. a minipaged.workloads.Workload.
-        allocator: "paged", "orca-max", "orca-pow2", "orca-oracle" or "vattention".
+        allocator: "paged", "orca-max", "orca-pow2", "orca-oracle", "vattention", or
+            "fastertransformer": Orca (Max)'s reservation with static batching (a new batch only
+            when the last one has finished; SchedulerConfig.batching).
         kv_slots: token slots in the pool, rounded down to whole blocks (paged) or pages (vattention).
         block_size: tokens per block (paged).
         max_model_len: the longest request; Orca (Max) reserves this much for each.
@@ -118,7 +120,7 @@ def simulate(
     elif allocator == "vattention":
         manager = ReservationManager(VAttentionAllocator(kv_slots, page_tokens, max_model_len, watermark))
     else:
-        policy = allocator.removeprefix("orca-")
+        policy = "max" if allocator == "fastertransformer" else allocator.removeprefix("orca-")
         manager = ReservationManager(ContiguousAllocator(kv_slots, policy, max_model_len, placement))
     llm = LLM(
         runner=runner,
@@ -126,6 +128,7 @@ def simulate(
         max_model_len=max_model_len,
         max_num_seqs=max_num_seqs,
         preemption_mode=preemption_mode,
+        batching="static" if allocator == "fastertransformer" else "iteration",
     )
     ids = _submit_all(llm, requests)  # every request is checked before anything runs
     recorder = _Recorder(manager)
@@ -133,7 +136,7 @@ def simulate(
     finished: list[FinishedRequest] = []
     with tqdm(total=len(requests), desc=f"simulate {allocator}", disable=not progress) as bar:
         while llm.has_unfinished_requests() and (max_steps is None or len(recorder.records) < max_steps):
-            if until is not None and llm.now() >= until and llm.scheduler.has_unfinished():
+            if until is not None and llm.now() >= until:
                 break
             outputs = llm.step()
             recorder.finish_step(len(outputs))

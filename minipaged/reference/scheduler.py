@@ -18,6 +18,10 @@ The policy, first come first served:
    a few blocks free for the running ones to grow) and the step's budget allows. No group is admitted
    in a step that preempted one, and none jumps the queue: a LATER stops admission.
 
+With `batching="static"` (SchedulerConfig), step 3 runs only when nothing is running: a batch is
+admitted, runs until its last request finishes, and only then is the next one formed, as in
+FasterTransformer and other systems before Orca. The experiments use it as that baseline.
+
 A whole prompt is computed in one step (no chunked prefill): simpler to read, and it lets the prefix
 cache publish a block as soon as it is allocated, since its K/V are written in that same step.
 """
@@ -92,7 +96,8 @@ class Scheduler:
         preempted = self._schedule_running(out)
         if not preempted:
             self._schedule_swapped(out)
-        if not preempted and not self.swapped:
+        static_busy = self.config.batching == "static" and bool(self.running)  # the batch runs on
+        if not preempted and not self.swapped and not static_busy:
             self._schedule_waiting(out)
         return out
 
