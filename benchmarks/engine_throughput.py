@@ -54,6 +54,7 @@ from tqdm import tqdm
 
 from minipaged import LLM, SamplingParams
 from minipaged.config import kv_cache_bytes_per_block, kv_cache_bytes_per_token
+from minipaged.experiments import measured
 from minipaged.model_runner import kv_shape
 from minipaged.presets import PAD_ID, PRESETS, load_preset
 
@@ -201,13 +202,7 @@ def run_minipaged(
 
 def left_padded(requests: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids and attention_mask `[batch, longest prompt]`, padded on the left with PAD_ID."""
-    width = max(len(r.prompt_token_ids) for r in requests)
-    ids = torch.full((len(requests), width), PAD_ID, dtype=torch.int64)  # [batch, width]
-    mask = torch.zeros((len(requests), width), dtype=torch.int64)  # [batch, width]; 1 marks a real token
-    for i, r in enumerate(requests):
-        ids[i, width - len(r.prompt_token_ids) :] = torch.tensor(r.prompt_token_ids)
-        mask[i, width - len(r.prompt_token_ids) :] = 1
-    return ids, mask
+    return measured.left_padded([r.prompt_token_ids for r in requests])
 
 
 def cache_bytes(cache: object) -> int:
