@@ -27,11 +27,11 @@ request ends, so its K and V are never computed or stored.
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from minipaged.experiments.buddy import BuddyAllocator
+from minipaged.experiments.first_fit import FirstFitAllocator
 from minipaged.experiments.memory_breakdown import (
     BREAKDOWN_FIELDS,
     MemoryBreakdown,
@@ -79,61 +79,6 @@ def check_request(req, max_model_len: int) -> None:
             f"request {req.request_id!r}: prompt_len + output_len = {req.prompt_len + req.output_len} "
             f"is beyond max_model_len={max_model_len}: it can never be served"
         )
-
-
-class FirstFitAllocator:
-    """First fit over a free list of holes, with the calls of BuddyAllocator (experiments/buddy.py).
-
-    A range takes exactly the slots asked, carved from the low end of the lowest hole big enough.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = self.max_block_size = capacity
-        self._holes: list[tuple[int, int]] = [(0, capacity)]  # free extents (start, length), by start
-        self._size_of: dict[int, int] = {}  # start of a live range -> its length
-
-    @property
-    def free_blocks(self) -> list[tuple[int, int]]:
-        """The holes, (start, length), lowest address first; never two adjacent (they are merged)."""
-        return list(self._holes)
-
-    @property
-    def num_free(self) -> int:
-        return sum(length for _, length in self._holes)
-
-    def block_size_of(self, size: int) -> int:
-        """Slots a range of `size` occupies: `size` itself (first fit rounds nothing)."""
-        return size
-
-    def allocate(self, size: int) -> int | None:
-        """Carve `size` slots from the lowest hole big enough: the start, or None (nothing changes)."""
-        i = _first_fit(self._holes, size)
-        if i is None:
-            return None
-        start, length = self._holes[i]
-        if length == size:
-            del self._holes[i]
-        else:
-            self._holes[i] = (start + size, length - size)  # carve from the hole's low end
-        self._size_of[start] = size
-        return start
-
-    def free(self, start: int) -> None:
-        """Return the range at `start` to the free list, merged with the holes beside it."""
-        end = start + self._size_of.pop(start)
-        i = bisect.bisect_left(self._holes, (start, 0))
-        if i < len(self._holes) and self._holes[i][0] == end:  # merge with the hole after
-            end += self._holes.pop(i)[1]
-        if i > 0 and sum(self._holes[i - 1]) == start:  # merge with the hole before
-            i -= 1
-            start = self._holes.pop(i)[0]
-        self._holes.insert(i, (start, end - start))
-
-    def can_allocate_all(self, sizes: Iterable[int]) -> bool:
-        """Would first fit place all of `sizes`, in order, now? A dry run, on a copy of the holes."""
-        trial = FirstFitAllocator(self.capacity)
-        trial._holes = list(self._holes)
-        return all(trial.allocate(size) is not None for size in sizes)
 
 
 PLACEMENTS = {"buddy": BuddyAllocator, "first-fit": FirstFitAllocator}
@@ -277,11 +222,6 @@ class ContiguousAllocator:
         fits_in_total = sum(self.footprint(req) for req in waiting) <= free
         external, stranded, free = waiting_waste(free, blocked, fits_in_total)
         return MemoryBreakdown(tokens, reserved, internal, external, stranded, free)
-
-
-def _first_fit(holes: list[tuple[int, int]], size: int) -> int | None:
-    """Index of the lowest-addressed hole of at least `size` slots, or None."""
-    return next((i for i, (_, length) in enumerate(holes) if length >= size), None)
 
 
 __all__ = [
