@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -127,6 +128,11 @@ def _add_experiment_options(parser: argparse.ArgumentParser) -> None:
         "--device",
         default=None,
         help="cpu or cuda[:N], for an experiment that runs tensors (default: cpu)",
+    )
+    parser.add_argument(
+        "--measured",
+        action="store_true",
+        help="serving: replay the arrivals in real time on this machine instead of simulating them",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -260,6 +266,15 @@ def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 TAKES_TENSOR_OPTIONS = "  [--backend, --device]"  # the mark of --list for an experiment that runs tensors
+HAS_MEASURED_RUN = "  [--measured]"  # ... and for one with a measured run beside its simulation
+
+
+def _has_measured_run(module) -> bool:
+    """Does the experiment's run() take `measured` (a real-time run beside its simulation)?"""
+    try:
+        return "measured" in inspect.signature(module.run).parameters
+    except (AttributeError, TypeError, ValueError):
+        return False
 
 
 def _experiment_list() -> list[str]:
@@ -271,10 +286,13 @@ def _experiment_list() -> list[str]:
             lines.append(line + "  (not written yet)")
             continue
         try:
-            tensors = runs_tensors(get_experiment(name))
+            module = get_experiment(name)
+            marks = (TAKES_TENSOR_OPTIONS if runs_tensors(module) else "") + (
+                HAS_MEASURED_RUN if _has_measured_run(module) else ""
+            )
         except ImportError:  # a dependency is missing: running it will say which
-            tensors = False
-        lines.append(line + (TAKES_TENSOR_OPTIONS if tensors else ""))
+            marks = ""
+        lines.append(line + marks)
     return lines
 
 
@@ -343,8 +361,12 @@ def _experiment(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         parser.error(f"experiment {args.name!r} cannot run: {error}")
     # Only the options given are passed: an experiment's run() keeps its own defaults.
     tensor_options = {k: v for k, v in (("backend", args.backend), ("device", args.device)) if v is not None}
-    if tensor_options and not runs_tensors(module):
-        given = " and ".join(f"--{k}" for k in tensor_options)
+    if args.measured:
+        if not _has_measured_run(module):
+            parser.error(f"experiment {args.name!r} has no measured run (only `serving` has one)")
+        tensor_options["measured"] = True
+    if set(tensor_options) & {"backend", "device"} and not runs_tensors(module):
+        given = " and ".join(f"--{k}" for k in tensor_options if k != "measured")
         parser.error(
             f"experiment {args.name!r} runs no tensors (it is a simulation: no model, no kernel), so "
             f"{given} cannot apply to it; `minipaged experiment --list` marks the experiments that take them"

@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python scripts/make_experiment_figures.py              # every experiment, scale full
     PYTHONPATH=. python scripts/make_experiment_figures.py --only block-size swap-vs-recompute
+    PYTHONPATH=. python scripts/make_experiment_figures.py --only serving          # Fig. 12, a few minutes
     PYTHONPATH=. python scripts/make_experiment_figures.py --pages-only  # re-render the pages, run nothing
 
 Each experiment of minipaged.experiments.EXPERIMENTS runs once (`run(scale, seed)`), its rows are written

@@ -37,6 +37,7 @@ import torch
 # name -> (module, one-line title); the order is the paper's order and `minipaged experiment --list`'s
 EXPERIMENTS: dict[str, tuple[str, str]] = {
     "memory-waste": ("memory_waste", "KV memory split into token states and waste per allocator (Fig. 2)"),
+    "serving": ("serving_latency", "normalized latency against request rate, vLLM vs Orca (Fig. 12)"),
     "batch-size": ("batch_size", "batch size and requests served per allocator under one budget"),
     "sharing": ("sharing", "memory saved by sharing: parallel sampling and beam search (Fig. 15)"),
     "shared-prefix": ("shared_prefix", "blocks and prefill tokens saved by prefix caching (Fig. 16)"),

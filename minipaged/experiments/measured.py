@@ -13,9 +13,10 @@ Three systems serve the same arrivals, each in real time on a preset model:
   (reservation.ReservingBlockManager): a request is admitted only when its whole reservation (its
   true length, or max_model_len) is free beside what the running requests were promised.
 - "padded": transformers' own generate on left-padded static batches, the stand-in for systems
-  without iteration-level scheduling (FasterTransformer): when the last batch is done, every request
-  that has arrived forms the next one, which runs until its longest output is done; each request's
-  output is returned with the batch.
+  without iteration-level scheduling (FasterTransformer): when the last batch is done, the requests
+  that have arrived form the next one, which runs until its longest output is done; each request's
+  output is returned with the batch. FasterTransformer reserves max_model_len slots a request, so a
+  batch holds at most the pool's slots // MAX_MODEL_LEN requests (PADDED_BATCH).
 
 The KV pool is small on purpose (NUM_GPU_BLOCKS): on a CPU the model is tiny, and it is the pool,
 as on the paper's GPU, that must bound how many requests run at once.
@@ -48,6 +49,7 @@ BLOCK_SIZE = 16
 MAX_MODEL_LEN = 128  # Alpaca-like lengths fit (means 19 in, 58 out); Orca (Max) reserves 8 blocks
 NUM_GPU_BLOCKS = 48  # 768 slots: Orca (Max) runs 6 requests at once, paged about three times as many
 WORKLOAD = "alpaca-like (measured)"
+PADDED_BATCH = NUM_GPU_BLOCKS * BLOCK_SIZE // MAX_MODEL_LEN  # 6: Max reservations in the same pool
 
 
 def prompts_for(workload, vocab_size: int, seed: int) -> list[list[int]]:
@@ -101,7 +103,7 @@ def _serve_padded(model: torch.nn.Module, workload, prompts) -> tuple[list[float
             time.sleep(pending[0][0].arrival_time - now)
             continue
         batch = []
-        while pending and pending[0][0].arrival_time <= now:
+        while pending and pending[0][0].arrival_time <= now and len(batch) < PADDED_BATCH:
             batch.append(pending.popleft())
         longest = max(r.output_len for r, _ in batch)
         padded_generate(model, [p for _, p in batch], longest)

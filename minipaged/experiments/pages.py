@@ -28,10 +28,11 @@ import json
 import re
 from pathlib import Path
 
-from minipaged.experiments import page_tables, page_tables_sharing, page_tables_timed
+from minipaged.experiments import page_tables, page_tables_serving, page_tables_sharing, page_tables_timed
 
 RENDERERS = {  # page -> its renderer: JSON of a run -> {part: text}
     "memory-waste": page_tables.memory_waste,
+    "serving": page_tables_serving.serving,
     "batch-size": page_tables.batch_size,
     "sharing": page_tables_sharing.sharing,
     "shared-prefix": page_tables_sharing.shared_prefix,
@@ -44,6 +45,7 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "experiments"
 # Which JSON feeds which page: each experiment its own page, and the index shows one row of swap's.
 PAGES = {
     "memory-waste": ("memory-waste.md", "memory-waste"),
+    "serving": ("serving.md", "serving"),
     "batch-size": ("batch-size.md", "batch-size"),
     "sharing": ("sharing.md", "sharing"),
     "shared-prefix": ("shared-prefix.md", "shared-prefix"),

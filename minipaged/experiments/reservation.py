@@ -213,7 +213,8 @@ class ReservingBlockManager(BlockManager):
     Parallel samples and beams share blocks as in vLLM; the measured workloads use neither.
 
     Args:
-        block_size, num_gpu_blocks: the pool, as BlockManager's.
+        block_size: tokens per block, as BlockManager's.
+        num_gpu_blocks: blocks in the pool, as BlockManager's.
         policy: "max", "pow2" or "oracle" (reservation_size).
         max_model_len: what "max" reserves.
     """
