@@ -253,13 +253,24 @@ def test_paged_run_matches_the_engine_block_for_block():
 
     lens = [(9, 12, 1), (5, 20, 2), (14, 6, 1), (3, 15, 2), (7, 9, 1)]  # (prompt, output, n)
     llm = LLM("tiny-llama", block_size=4, num_gpu_blocks=20, max_model_len=64)
-    params = [SamplingParams(n=n, temperature=1.0, max_tokens=o, ignore_eos=True) for _, o, n in lens]
-    llm.generate([{"prompt_token_ids": list(range(3, 3 + p))} for p, _, _ in lens], params, use_tqdm=False)
+    for p, o, n in lens:
+        params = SamplingParams(n=n, temperature=1.0, max_tokens=o, ignore_eos=True)
+        llm.add_request({"prompt_token_ids": list(range(3, 3 + p))}, params, arrival_time=0.0)
+    finished_by_engine = []  # (request id, tokens of each sample), in the order the engine finished them
+    while llm.has_unfinished_requests():
+        finished_by_engine += [(o.request_id, [len(c.token_ids) for c in o.outputs]) for o in llm.step()]
     reqs = [Req(str(i), 0.0, p, o, n=n) for i, (p, o, n) in enumerate(lens)]
     result = simulate(reqs, kv_slots=20 * 4, block_size=4, max_model_len=64)
     assert [s.blocks_used for s in llm.step_stats] == [r.blocks_used for r in result.records]
     assert [s.num_running for s in llm.step_stats] == [r.num_running for r in result.records]
+    # the same admissions (prefill tokens) and preemptions, step by step
+    assert [s.num_prefill_tokens for s in llm.step_stats] == [r.num_prefill_tokens for r in result.records]
+    assert [len(s.preempted) for s in llm.step_stats] == [r.num_preempted for r in result.records]
     assert sum(llm.stats.num_preemptions.values()) == result.num_preemptions > 0
+    # ... and the same lengths: the requests finish in the same order, at the same lengths
+    assert [request_id for request_id, _ in finished_by_engine] == [f.request_id for f in result.finished]
+    for (request_id, samples), f in zip(finished_by_engine, result.finished, strict=True):
+        assert samples == [f.output_len] * lens[int(request_id)][2]
 
 
 @pytest.mark.parametrize(
