@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable
+from typing import Any
 
 from minipaged.experiments.cost_model import CostModel
 from minipaged.experiments.simulator import simulate
@@ -79,11 +80,16 @@ def num_requests(max_rate: float, window: float) -> int:
     return math.ceil(max_rate * window * 1.3) + 20
 
 
-def measure(requests: list, allocator: str, cost: CostModel, kv_slots: int, seed: int) -> dict:
-    """Serve `requests` to completion; the point's normalized latency, throughput and batch."""
+def measure(
+    requests: list, allocator: str, cost: CostModel, kv_slots: int, seed: int, **settings: Any
+) -> dict:
+    """Serve `requests` to completion; the point's normalized latency, throughput and batch.
+
+    `settings` go to simulate (enable_prefix_caching=True, for example)."""
     result = simulate(
-        requests, allocator, kv_slots=kv_slots, max_model_len=MAX_MODEL_LEN, cost_model=cost, seed=seed
-    )
+        requests, allocator, kv_slots=kv_slots, max_model_len=MAX_MODEL_LEN, cost_model=cost, seed=seed,
+        **settings,
+    )  # fmt: skip
     return {
         "normalized_latency": statistics.fmean(f.normalized_latency for f in result.finished),
         "throughput": result.throughput,
@@ -101,6 +107,7 @@ def sweep(
     kv_slots: int,
     seed: int,
     on_point: Callable[[], None] = lambda: None,
+    **settings: Any,
 ) -> list[dict]:
     """One system's rows over `rates` (ascending), stopping after the first past CAP.
 
@@ -114,13 +121,14 @@ def sweep(
         kv_slots: the KV pool, in token slots.
         seed: the simulator's seed.
         on_point: called after each point (a progress bar's update).
+        **settings: more keyword arguments of simulate, for every point.
 
     Returns:
         Rows with exactly ROW_KEYS; throughput is requests finished per simulated second.
     """
     rows = []
     for rate in rates:
-        point = measure(requests_at(rate), allocator, cost, kv_slots, seed)
+        point = measure(requests_at(rate), allocator, cost, kv_slots, seed, **settings)
         rows.append({"system": system, "workload": workload, "rate": rate, **point})
         on_point()
         if point["normalized_latency"] > CAP:
