@@ -8,21 +8,25 @@ Orca (Max); Fig. 12: it sustains 1.7x-2.7x the request rate of Orca (Oracle) and
 Orca (Max) at similar latency.
 
 What is measured: the ShareGPT-like workload served on 15,000 token slots (serving.py) by each
-allocator at several Poisson arrival rates, for a fixed simulated duration; the averages leave out
-the warm-up. The same requests at every rate (the workload's seed fixes their lengths; only the
-arrival times scale). One row per (rate, allocator):
+allocator at several Poisson arrival rates, for a fixed simulated duration, through the engine's own
+loop with steps priced by the cost model (serving.COST_MODEL: OPT-13B on an A100-40GB) and the Orca
+ranges placed by buddy allocation; the averages leave out the warm-up. The same requests at every
+rate (the workload's seed fixes their lengths; only the arrival times scale). One row per (rate,
+allocator):
 
 - mean_batch_size: running requests per step; mean_waiting: arrived requests not running;
 - requests_arrived, requests_finished: in the window; throughput_rps: finished per simulated second;
 - preemptions: in the window (paged and vAttention preempt by recompute when blocks run out);
+- mean_step_s: the window's steps' mean price in seconds (Little's law: a request that never waits
+  spends about output_len of them in the system);
 - prefill_tokens, recomputed_tokens: prompt tokens computed in the window, and of those the ones
-  computed again after a preemption. The null model's step takes 40 ms whatever it computes, so
-  recomputation costs no time here: the throughput of the allocators that preempt is an upper bound;
+  computed again after a preemption (the cost model charges them as it charges every token);
 - allocator, label, rate, kv_slots, window_s.
 """
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 
 from tqdm.auto import tqdm
@@ -58,6 +62,11 @@ PAPER = {
 }
 
 
+def mean_step_s(result) -> float:
+    """Seconds a step of the window takes on average: the cost model's prices (or the null step)."""
+    return statistics.fmean(r.duration for r in result.records) if result.records else 0.0
+
+
 @dataclass(frozen=True)
 class Scale:
     """How much work one run does; "small" keeps the rows and keys of "full"."""
@@ -78,7 +87,7 @@ def run(scale: str = "full", seed: int = 0, progress: bool = True) -> Experiment
 
     Args:
         scale: "full" (rates 0.5 to 3 requests/s, 1,000 simulated seconds each, the first 100 left
-            out; about half a minute) or "small" (rates 1, 2 and 3, 150 seconds, the first 50 left
+            out; a few minutes) or "small" (rates 1, 2 and 3, 150 seconds, the first 50 left
             out; a few seconds).
         seed: the workload's lengths and arrival times.
         progress: a tqdm bar over the (rate, allocator) runs.
@@ -107,6 +116,7 @@ def run(scale: str = "full", seed: int = 0, progress: bool = True) -> Experiment
                         "requests_arrived": arrived(workload, config.warmup, config.end),
                         "requests_finished": result.num_finished,
                         "throughput_rps": result.num_finished / window,
+                        "mean_step_s": mean_step_s(result),
                         "preemptions": result.num_preemptions,
                         "prefill_tokens": result.prefill_tokens,
                         "recomputed_tokens": result.recomputed_tokens,
@@ -162,4 +172,4 @@ def plot(result: ExperimentResult, path) -> None:
     savefig(fig, path)
 
 
-__all__ = ["PAPER", "SCALES", "plot", "run"]
+__all__ = ["PAPER", "SCALES", "mean_step_s", "plot", "run"]

@@ -8,7 +8,9 @@ figures derived here so that they move with the run.
 
 from __future__ import annotations
 
-from minipaged.experiments.page_tables import num, pct, points, table
+from minipaged.experiments.page_tables import ms, num, pct, points, table
+from minipaged.experiments.serving import BLOCK_SIZE
+from minipaged.workloads import ALPACA
 
 
 def sharing(data: dict) -> dict[str, str]:
@@ -29,6 +31,15 @@ def sharing(data: dict) -> dict[str, str]:
             label = workload.replace("sharegpt", "ShareGPT").replace("alpaca", "Alpaca")
             results.append([label, name, *cells, rule, f"{low}% – {high}%"])
     header = ["workload", "mode", *(f"width {w}" for w in widths), "rule of thumb", "the paper"]
+    load = []
+    for (workload, mode, width), r in by.items():
+        cells = [f"{r['rate']:g}", f"{r['mean_batch_size']:.1f}", f"{r['mean_seqs']:.0f}"]
+        cells += [f"{r['mean_blocks_used']:.0f} / {r['kv_slots'] // BLOCK_SIZE}", f"{r['mean_waiting']:.1f}"]
+        cells += [num(r["preemptions"]), ms(r["mean_step_s"])]
+        label = workload.replace("sharegpt", "ShareGPT").replace("alpaca", "Alpaca")
+        load.append([label, mode, str(width), *cells])
+    load_header = ["workload", "mode", "width", "req/s", "mean batch", "mean sequences"]
+    load_header += ["blocks used / pool", "mean waiting", "preemptions", "mean step"]
     ratios = [by[w, "beam", n]["saving"] / by[w, "parallel", n]["saving"] for (w, m, n) in by if m == "beam"]
     cows = [r["cow_copies"] for r in rows if r["mode"] == "beam"]
     sg, al = "sharegpt-like", "alpaca-like"
@@ -37,14 +48,30 @@ def sharing(data: dict) -> dict[str, str]:
         by[al, "parallel", 2]["prompt_block_share"],
     )
     low_sg, high_sg = paper["sharegpt"]["parallel"]
+    al2 = by[al, "parallel", 2]
+    best = max((w for w in widths if w > 2), key=lambda w: by[sg, "parallel", w]["saving"])
+    rule_gaps = [  # points between the measured saving and (n - 1) / n of the prompt block share
+        100 * abs(r["saving"] - (r["width"] - 1) / r["width"] * r["prompt_block_share"])
+        for r in rows
+        if r["mode"] == "parallel"
+    ]
     return {
         "results": table(header, results, "llrrrrr"),
+        "load": table(load_header, load, "llrrrrrrrr"),
+        "alpaca-little": f"{al2['rate']:g} × {ALPACA.mean_output_len:.0f} × {ms(al2['mean_step_s'])} = "
+        f"{al2['rate'] * ALPACA.mean_output_len * al2['mean_step_s']:.0f}",
         "ratio-range": f"{min(ratios):.1f} to {max(ratios):.1f}",
         "cow-range": f"{num(min(cows))} to {num(max(cows))}",
         "preemptions-max": num(max(r["preemptions"] for r in rows)),
         "alpaca-batch-2": f"{by[al, 'parallel', 2]['mean_batch_size']:.1f}",
         "sharegpt-share": pct(sg_share),
         "alpaca-share": pct(al_share),
+        "rule-gap": f"{max(rule_gaps):.1f}",
+        "sharegpt-best": f"{pct(by[sg, 'parallel', best]['saving'])} (n = {best})",
+        "alpaca-beam-seqs": " and ".join(f"{by[al, 'beam', w]['mean_seqs']:.0f}" for w in widths if w > 2),
+        "alpaca-beam-blocks": " and ".join(
+            f"{by[al, 'beam', w]['mean_blocks_used']:.0f}" for w in widths if w > 2
+        ),
         "sharegpt-2": pct(by[sg, "parallel", 2]["saving"]),
         "sharegpt-2-gap": points(100 * by[sg, "parallel", 2]["saving"], low_sg),
         "sharegpt-2-needed": pct(2 * low_sg / 100),
@@ -140,6 +167,9 @@ def shared_prefix(data: dict) -> dict[str, str]:
         "excess": " and ".join(pct(gain[p] / paper[str(p)] - 1, 0) for p in prefixes),
         "batch-ratio": f"{on[short]['mean_batch_size']:.1f} / {oracle[short]['mean_batch_size']:.1f} = "
         f"{on[short]['mean_batch_size'] / oracle[short]['mean_batch_size']:.2f}",
+        "oracle-blocks": " and ".join(
+            f"{oracle[p]['blocks_per_request'] / off[p]['blocks_per_request']:.2f}× ({p})" for p in prefixes
+        ),
         "no-caching-range": " to ".join(
             f"{v:.2f}×" for v in sorted(off[p]["throughput_vs_orca_oracle"] for p in prefixes)
         ),

@@ -11,8 +11,10 @@ chained hashes (automatic prefix caching, reference/prefix_cache.py) rather than
 What is measured: requests of minipaged.workloads.shared_prefix (the prefix, then a sentence of
 about 32 tokens; about 32 output tokens: our assumption, the paper gives no lengths), all arriving at
 once (the most each system can serve), on 15,000 token slots (serving.py; LLaMA-13B keeps 800 KB a
-token like OPT-13B), until every request has finished. For each prefix length, three systems: Orca
-(Oracle), paged without prefix caching, paged with it. One row each:
+token like OPT-13B), until every request has finished, through the engine's own loop with the null
+model's fixed step (simulator.STEP_TIME, 40 ms whatever the batch: throughput is then what memory
+allows). For each prefix length, three systems: Orca (Oracle), its ranges placed by buddy
+allocation as in the paper, paged without prefix caching, paged with it. One row each:
 
 - throughput_rps: requests / simulated seconds; throughput_vs_orca_oracle: that over Orca (Oracle)'s;
 - mean_batch_size; peak_blocks, mean_blocks: KV memory held (token states, reservations, internal
@@ -32,7 +34,7 @@ from tqdm.auto import tqdm
 
 from minipaged.experiments import ExperimentResult, check_run_args
 from minipaged.experiments.serving import BLOCK_SIZE, KV_SLOTS, MAX_MODEL_LEN
-from minipaged.experiments.simulator import simulate
+from minipaged.experiments.simulator import STEP_TIME, simulate
 from minipaged.workloads import shared_prefix
 
 NAME = "shared-prefix"
@@ -98,7 +100,7 @@ def run(scale: str = "full", seed: int = 0, progress: bool = True) -> Experiment
     """Orca (Oracle) and paged with and without prefix caching, behind 80- and 341-token prefixes.
 
     Args:
-        scale: "full" (4,000 requests per prefix length; about ten seconds) or "small" (300).
+        scale: "full" (4,000 requests per prefix length; ten to twenty seconds) or "small" (300).
         seed: the workload's lengths.
         progress: a tqdm bar over the runs.
 
@@ -119,6 +121,7 @@ def run(scale: str = "full", seed: int = 0, progress: bool = True) -> Experiment
                     block_size=BLOCK_SIZE,
                     max_model_len=MAX_MODEL_LEN,
                     enable_prefix_caching=caching,
+                    step_time=STEP_TIME,  # the null model: throughput follows the batch alone
                     seed=seed,
                 )
                 rows.append(row(prefix_len, allocator, caching, label, result))

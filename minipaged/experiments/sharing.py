@@ -9,19 +9,22 @@ blocks with parallel sampling and 37.6%-55.2% with beam search on Alpaca (16.2%-
 44.3%-66.3% on ShareGPT).
 
 What is measured: the Alpaca-like and the ShareGPT-like workloads (minipaged.workloads), each request
-sampling n = 2, 4, 6 sequences or beam searching with width 2, 4, 6, served by the paged simulator
-(the real BlockManager: fork, copy-on-write, free) on 15,000 token slots (serving.py). Beam search
-runs a null policy: at each step the W parents are drawn at random, a parent drawn twice is forked,
-one never drawn is freed (experiments/paged_driver.py). At every step, the blocks the sequences' block
-tables would hold without sharing are the sum of the tables' lengths; the blocks held are those in
-use; the saving is their difference over the former, Fig. 15's "blocks saved by sharing divided by
-the total blocks without sharing", averaged over the steps of a window that leaves out the warm-up.
-One row per (workload, mode, width):
+sampling n = 2, 4, 6 sequences or beam searching with width 2, 4, 6, served with paged allocation
+(the real BlockManager: fork, copy-on-write, free) on 15,000 token slots, through the engine's own
+loop with steps priced by the cost model (serving.py). Beam search runs the engine's real beam step
+over the simulated runner's seeded null-policy scores (experiments/simulated_runner.py): each step
+keeps the W best of the beams' candidates by cumulative log-probability, forks a beam chosen twice
+and frees one not chosen. At every step, the blocks the sequences' block tables would hold without
+sharing are the sum of the tables' lengths; the blocks held are those in use; the saving is their
+difference over the former, Fig. 15's "blocks saved by sharing divided by the total blocks without
+sharing", averaged over the steps of a window that leaves out the warm-up. One row per (workload,
+mode, width):
 
 - saving: that average; saving_of_totals: the window's blocks saved over its blocks without
   sharing, summed over steps (the long steps of a crowded pool weigh more);
 - mean_blocks_used, mean_blocks_unshared: blocks held, and blocks the tables would hold unshared;
-- mean_batch_size, mean_seqs: requests and sequences running; cow_copies: blocks copied on write
+- mean_batch_size, mean_seqs: requests and sequences running; mean_waiting: requests arrived and
+  not running; mean_step_s: the mean priced step, in seconds; cow_copies: blocks copied on write
   (whole run); preemptions (in the window);
 - prompt_block_share: what the workload's lengths let n samples share (prompt_block_share below); the
   rule of thumb for parallel sampling is (n - 1) / n times it;
@@ -36,13 +39,15 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from minipaged.experiments import ExperimentResult, check_run_args
+from minipaged.experiments.batch_size import mean_step_s
 from minipaged.experiments.serving import BLOCK_SIZE, KV_SLOTS, serve
 from minipaged.workloads import alpaca_like, sharegpt_like, with_beam_search, with_parallel_sampling
 
 NAME = "sharing"
 WIDTHS = (2, 4, 6)
 MODES = {"parallel": with_parallel_sampling, "beam": with_beam_search}
-# Requests/s: past what paged serves at width 6 (so requests wait), not past what it serves at width 2.
+# Requests/s, so that most runs wait: Alpaca-like is about what paged serves with n = 2 samples;
+# ShareGPT-like is batch-size's 2 requests/s, past what paged serves with samples at any width.
 WORKLOADS = {"alpaca-like": (alpaca_like, 30.0), "sharegpt-like": (sharegpt_like, 2.0)}
 
 PAPER = {
@@ -121,6 +126,8 @@ def row(workload: str, mode: str, width: int, rate: float, window_s: float, resu
         "mean_blocks_unshared": statistics.fmean(unshared) if unshared else 0.0,
         "mean_batch_size": result.mean_batch_size,
         "mean_seqs": statistics.fmean(r.num_seqs for r in result.records) if result.records else 0.0,
+        "mean_waiting": result.mean_waiting,
+        "mean_step_s": mean_step_s(result),
         "cow_copies": result.cow_copies,
         "preemptions": result.num_preemptions,
     }
@@ -131,8 +138,8 @@ def run(scale: str = "full", seed: int = 0, progress: bool = True) -> Experiment
 
     Args:
         scale: "full" (Alpaca-like at 30 requests/s for 120 simulated seconds, ShareGPT-like at 2
-            requests/s for 300; about a minute) or "small" (15 and 45 seconds; a few seconds).
-        seed: the workloads' lengths and arrival times, and the null beam policy.
+            requests/s for 300; several minutes) or "small" (15 and 45 seconds; under a minute).
+        seed: the workloads' lengths and arrival times, and the null policy's scores.
         progress: a tqdm bar over the runs.
 
     Raises:
