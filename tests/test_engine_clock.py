@@ -171,3 +171,16 @@ def test_generate_waits_for_requests_still_to_arrive():
     llm.add_request({"prompt_token_ids": [1]}, greedy(1), arrival_time=5.0)
     with pytest.raises(ValueError, match="unfinished"):
         llm.generate({"prompt_token_ids": [2]}, greedy(1), use_tqdm=False)
+
+
+def test_beam_searches_count_their_width_against_max_num_seqs_from_admission():
+    """A beam search holds one sequence until its first step forks it into its width: admitting
+    groups by their live sequences would let four searches of width 3 onto a budget of 6."""
+    llm = simulated(max_num_seqs=6)
+    params = BeamSearchParams(beam_width=3, max_tokens=4, ignore_eos=True)
+    for i in range(4):
+        llm.add_request({"prompt_token_ids": [1 + i, 2, 3]}, params)
+    while llm.has_unfinished_requests():
+        llm.step()
+        assert sum(len(g.get_unfinished_seqs()) for g in llm.scheduler.running) <= 6
+    assert max(s.num_running for s in llm.step_stats) == 2  # two searches of width 3 at a time

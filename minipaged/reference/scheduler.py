@@ -195,4 +195,10 @@ class Scheduler:
         out.preempted.append((group.request_id, mode))
 
     def _num_running_seqs(self) -> int:
-        return sum(len(g.get_seqs(SequenceStatus.RUNNING)) for g in self.running)
+        """Sequences the running groups hold, or may still fork into: a beam search admitted with one
+        sequence forks into its beam width at its first step, so it counts its width from the start
+        (vLLM's get_max_num_running_seqs); a group's finished samples no longer count."""
+        return sum(
+            max(len(g.get_seqs(SequenceStatus.RUNNING)), g.max_seqs - sum(s.is_finished() for s in g.seqs))
+            for g in self.running
+        )
