@@ -168,8 +168,11 @@ def split(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     return [r for r in rows if "max_rate" not in r], [r for r in rows if "max_rate" in r]
 
 
-def plot_latency(rows: list[dict], path, title: str, colors: dict[str, str]) -> None:
-    """Normalized latency against rate, one panel per workload, one line per system."""
+def plot_latency(
+    rows: list[dict], path, title: str, colors: dict[str, str], threshold: float = THRESHOLD
+) -> None:
+    """Normalized latency against rate, one panel per workload, one line per system; the y axis
+    runs to 10x `threshold` (the dotted line)."""
     from minipaged.experiments.plotting import legend, new_figure, savefig
 
     points, _ = split(rows)
@@ -181,8 +184,8 @@ def plot_latency(rows: list[dict], path, title: str, colors: dict[str, str]) -> 
                             if r["system"] == system and r["workload"] == workload)  # fmt: skip
             if series:
                 ax.plot(*zip(*series, strict=True), "o-", color=color, markersize=3, label=system)
-        ax.axhline(THRESHOLD, linestyle=":", color="black", linewidth=1, label="threshold")
-        ax.set_ylim(0, CAP * 2)
+        ax.axhline(threshold, linestyle=":", color="black", linewidth=1, label="threshold")
+        ax.set_ylim(0, 10 * threshold)
         ax.set_xlabel("request rate (requests/s)")
         ax.set_ylabel("normalized latency (s/token)")
         ax.set_title(workload)

@@ -66,6 +66,9 @@ PAPER = {
 }
 
 
+ALPACA_FROM_5 = (5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 100.0, 120.0)
+
+
 @dataclass(frozen=True)
 class Scale:
     """One workload's sweep: the arrival window and the grid of rates."""
@@ -80,10 +83,11 @@ SCALES = {
         "Alpaca": Scale(6.0, (5.0, 20.0, 60.0)),
     },
     "full": {
-        "ShareGPT": Scale(120.0, (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0, 3.5, 4.0, 5.0)),
-        "Alpaca": Scale(
-            30.0, (2.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 100.0, 120.0)
+        "ShareGPT": Scale(  # from 0.1: FasterTransformer's knee is far below the others'
+            120.0,
+            (0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0, 3.5, 4.0, 5.0),
         ),
+        "Alpaca": Scale(30.0, (0.5, 1.0, 2.0, 3.0, *ALPACA_FROM_5)),
     },
 }
 
@@ -107,8 +111,8 @@ def run(
     """Normalized latency against rate per system and workload, and each one's max_rate.
 
     Args:
-        scale: "full" (ShareGPT: 120 s of arrivals, 14 rates from 0.5 to 5 requests/s, 0.25
-            apart near the knees; Alpaca: 30 s, 15 rates from 2 to 120; a few minutes) or
+        scale: "full" (ShareGPT: 120 s of arrivals, 18 rates from 0.1 to 5 requests/s, 0.25
+            apart near the knees; Alpaca: 30 s, 18 rates from 0.5 to 120; a few minutes) or
             "small" (20 s and 4 rates, 6 s and 3 rates; seconds).
         seed: the workloads' lengths and arrival times, and the simulator's.
         progress: a tqdm bar over the points.
@@ -200,7 +204,8 @@ def plot(result: ExperimentResult, path) -> None:
     model = result.settings.get("model", "opt-13b").upper()
     where = f", measured on {result.settings.get('device', 'cpu')}" if result.settings.get("measured") else ""
     title = f"Normalized latency against request rate, {model}{where} (Fig. 12)"
-    lat.plot_latency(result.rows, path, title, COLORS)
+    threshold = result.settings.get("threshold", lat.THRESHOLD)
+    lat.plot_latency(result.rows, path, title, COLORS, threshold)
 
 
 __all__ = ["MEASURED", "MEASURED_THRESHOLD", "PAPER", "SCALES", "SYSTEMS", "plot", "run"]
