@@ -196,7 +196,8 @@ def test_weights_that_do_not_fit_name_model_and_gpu():
 
 def test_the_page_quotes_what_the_code_computes():
     problems = stale_parts((DOCS / "cost-model.md").read_text(), doc_parts())
-    assert not problems, "run `python -m minipaged.experiments.cost_model_published --sync`:\n" + "\n".join(problems)
+    sync = "python -m minipaged.experiments.cost_model_published --sync"
+    assert not problems, f"run `{sync}`:\n" + "\n".join(problems)
     # the guard works: a number the code no longer gives makes the page stale
     changed = {**doc_parts(), "kv-slots": f"{CostModel(step_overhead=0).kv_cache_tokens() + 1:,}"}
     assert stale_parts((DOCS / "cost-model.md").read_text(), changed) == [

@@ -126,6 +126,13 @@ def test_parallel_sampling_follows_the_pages_rule_of_thumb():
             assert r["saving_of_totals"] == pytest.approx(rule, rel=0.15), r
 
 
+def test_the_documented_sharing_run_keeps_the_sequence_budget():
+    """docs/experiments/sharing.md: no step of the documented run runs more than the scheduler's 256
+    sequences, beam searches included (a group counts its width from admission, before it forks)."""
+    for r in load("sharing")["rows"]:
+        assert 0 < r["mean_seqs"] <= r["max_seqs"] <= 256, r
+
+
 def test_memory_waste_goal_is_stated_as_measured():
     """The page states the goal (>= 96% token states for paged at block size 16) with the measured
     figure; it is printed, not asserted, so this only checks the page reports the run."""
@@ -184,3 +191,19 @@ def test_littles_law_on_the_batch_size_page():
     for r in kept:
         predicted = r["rate"] * SHAREGPT.mean_output_len * r["mean_step_s"]
         assert r["mean_batch_size"] == pytest.approx(predicted, rel=0.1), r["rate"]
+
+
+def test_shared_prefix_rate_part_is_on_its_page():
+    """The throughput part of shared-prefix (Fig. 16): its max_rate table and every point's latency
+    come from the JSON; vLLM's max_rate behind the 5-shot prefix, changed, makes the table stale."""
+    data = load("shared-prefix")
+    text = (DOCS / PAGES["shared-prefix"][0]).read_text()
+    assert "<!-- gen:rates -->" in text and "<!-- gen:rate-points -->" in text
+    changed = copy.deepcopy(data)
+    summaries = [r for r in changed["rows"] if r["part"] == "max_rate"]
+    row = next(r for r in summaries if (r["prefix_len"], r["system"]) == (341, "vLLM"))
+    row["max_rate"] *= 2
+    problems = stale_parts(text, render("shared-prefix", changed))
+    assert "rates" in [p.split(":")[0] for p in problems]
+    table = render("shared-prefix", data)["rate-points"]
+    assert all(f"{r['normalized_latency']:.3f}" in table for r in data["rows"] if r["part"] == "rate")

@@ -18,7 +18,7 @@ from minipaged import cli
 from minipaged.cli import main
 from minipaged.experiments import EXPERIMENTS, ExperimentResult, get_experiment, runs_tensors
 
-TENSOR_EXPERIMENTS = ("block-size", "swap-vs-recompute")  # the two that run a model and kernels
+TENSOR_EXPERIMENTS = ("serving", "block-size", "swap-vs-recompute")  # serving: its --measured run
 SIMULATIONS = ("memory-waste", "batch-size", "sharing", "shared-prefix")
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -39,7 +39,8 @@ def test_list_names_every_experiment(capsys):
     assert len(lines) == len(EXPERIMENTS)
     for line, (name, (_, title)) in zip(lines, EXPERIMENTS.items(), strict=True):
         assert line.startswith(name) and title in line
-        assert line.endswith("[--backend, --device]") == (name in TENSOR_EXPERIMENTS), line
+        assert ("[--backend, --device]" in line) == (name in TENSOR_EXPERIMENTS), line
+        assert ("[--measured]" in line) == (name == "serving"), line
     assert not any("not written yet" in line for line in lines if line.startswith(("block-size", "swap-")))
 
 

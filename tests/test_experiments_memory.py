@@ -21,6 +21,7 @@ from minipaged.workloads import Request
 from minipaged.workloads import shared_prefix as shared_prefix_workload
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_NUM_SEQS = 256  # simulate()'s default, the experiments' per-step sequence budget
 USED = ("token_states", "reserved", "internal_fragmentation", "external_fragmentation", "stranded")
 POOL = tuple(f"pool_{k}" for k in (*USED, "free"))
 MEMORY_WASTE_KEYS = {
@@ -67,6 +68,7 @@ SHARING_KEYS = {
     "mean_blocks_unshared",
     "mean_batch_size",
     "mean_seqs",
+    "max_seqs",
     "mean_waiting",
     "mean_step_s",
     "cow_copies",
@@ -74,6 +76,7 @@ SHARING_KEYS = {
     "prompt_block_share",
 }
 SHARED_PREFIX_KEYS = {
+    "part",
     "prefix_len",
     "allocator",
     "label",
@@ -92,6 +95,11 @@ SHARED_PREFIX_KEYS = {
     "prefill_tokens_per_request",
     "prefix_hit_rate",
     "preemptions",
+}
+CURVE_KEYS = {"part", "prefix_len", "system", "workload"}
+SHARED_PREFIX_RATE_KEYS = {  # the throughput part (Fig. 16): a point, and a summary per curve
+    "rate": CURVE_KEYS | {"rate", "normalized_latency", "throughput", "mean_batch_size"},
+    "max_rate": CURVE_KEYS | {"max_rate", "max_rate_vs_orca_oracle", "paper_vs_orca_oracle"},
 }
 MODULES = {
     "memory-waste": memory_waste,
@@ -117,7 +125,8 @@ def test_rows_have_the_documented_keys(results, name):
     result = results[name]
     assert result.experiment == name and result.rows
     for row in result.rows:
-        assert set(row) == KEYS[name], set(row) ^ KEYS[name]
+        keys = SHARED_PREFIX_RATE_KEYS.get(row.get("part"), KEYS[name])  # shared-prefix's rate part
+        assert set(row) == keys, set(row) ^ keys
     assert result.paper["section"] and result.paper["figure"] and result.paper["finding"]
     json.dumps(result.to_json(), allow_nan=False)  # plain JSON values, no NaN left behind
 
@@ -177,6 +186,9 @@ def test_sharing_saves_more_with_beams(results):
         assert 0.0 < r["saving"] < 1.0 and 0.0 < r["saving_of_totals"] < 1.0
         assert r["mean_blocks_unshared"] > r["mean_blocks_used"] > 0
         assert r["mean_seqs"] == pytest.approx(r["width"] * r["mean_batch_size"], rel=0.25)
+        # the scheduler's budget (simulate's max_num_seqs, 256) holds at every step, beam searches
+        # included: a group counts the width it forks into from its admission on
+        assert 0 < r["mean_seqs"] <= r["max_seqs"] <= MAX_NUM_SEQS, r
     for workload in ("alpaca-like", "sharegpt-like"):
         for width in sharing.WIDTHS:
             assert by[workload, "beam", width]["saving"] > by[workload, "parallel", width]["saving"]
@@ -192,7 +204,7 @@ def test_prompt_block_share_counts_blocks_step_by_step():
 
 
 def test_prefix_caching_saves_blocks_and_prefill(results):
-    rows = results["shared-prefix"].rows
+    rows = [r for r in results["shared-prefix"].rows if r["part"] == "memory"]
     for prefix_len in shared_prefix.PREFIX_LENS:
         by = {(r["allocator"], r["prefix_caching"]): r for r in rows if r["prefix_len"] == prefix_len}
         oracle, off, on = by["orca-oracle", False], by["paged", False], by["paged", True]
@@ -209,6 +221,33 @@ def test_prefix_caching_saves_blocks_and_prefill(results):
     long = {r["label"]: r["throughput_vs_orca_oracle"] for r in rows if r["prefix_len"] == 341}
     short = {r["label"]: r["throughput_vs_orca_oracle"] for r in rows if r["prefix_len"] == 80}
     assert long["paged + prefix caching"] > short["paged + prefix caching"], "a longer prefix saves more"
+
+
+def test_shared_prefix_rate_part_rises_with_rate_and_vllm_sustains_more(results):
+    """Fig. 16: every curve's latency rises with the rate; vLLM with prefix caching sustains at least
+    Orca (Oracle)'s rate behind each prefix, more behind the longer one; the ratios sit beside the paper's."""
+    rows = results["shared-prefix"].rows
+    assert {r["part"] for r in rows} == {"memory", "rate", "max_rate"}
+    assert results["shared-prefix"].settings["kv_slots"] == 15_409  # LLaMA-13B, A100-40GB, 0.9 of memory
+    summary = {(r["prefix_len"], r["system"]): r for r in rows if r["part"] == "max_rate"}
+    assert len(summary) == len(shared_prefix.PREFIX_LENS) * len(shared_prefix.RATE_SYSTEMS)
+    for (prefix_len, system), s in summary.items():
+        mine = [
+            r for r in rows if r["part"] == "rate" and (r["prefix_len"], r["system"]) == (prefix_len, system)
+        ]
+        curve = sorted((r["rate"], r["normalized_latency"]) for r in mine)
+        latencies = [lat for _, lat in curve]
+        assert all(b >= a for a, b in itertools.pairwise(latencies)), (prefix_len, system, curve)
+        assert latencies[-1] > 0.1 > latencies[0] > 0, "each curve shows its knee"
+        assert s["max_rate"] in [rate for rate, _ in curve]
+    for prefix_len in shared_prefix.PREFIX_LENS:
+        vllm, oracle = summary[prefix_len, "vLLM"], summary[prefix_len, "Orca (Oracle)"]
+        assert vllm["max_rate"] >= oracle["max_rate"] > 0, prefix_len
+        assert vllm["max_rate_vs_orca_oracle"] == vllm["max_rate"] / oracle["max_rate"]
+        paper = shared_prefix.PAPER["throughput_vs_orca_oracle"][str(prefix_len)]
+        assert vllm["paper_vs_orca_oracle"] == paper
+        assert oracle["max_rate_vs_orca_oracle"] == oracle["paper_vs_orca_oracle"] == 1.0
+    assert summary[341, "vLLM"]["max_rate_vs_orca_oracle"] > summary[80, "vLLM"]["max_rate_vs_orca_oracle"]
 
 
 def test_same_seed_same_rows_another_seed_differs(results):

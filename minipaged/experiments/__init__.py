@@ -28,6 +28,8 @@ import importlib
 import inspect
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ import torch
 EXPERIMENTS: dict[str, tuple[str, str]] = {
     "memory-waste": ("memory_waste", "KV memory split into token states and waste per allocator (Fig. 2)"),
     "serving": ("serving_latency", "normalized latency against request rate, vLLM vs Orca (Fig. 12)"),
+    "decoding": ("decoding", "parallel sampling and beam search: latency against rate (Fig. 14)"),
     "batch-size": ("batch_size", "batch size and requests served per allocator under one budget"),
     "sharing": ("sharing", "memory saved by sharing: parallel sampling and beam search (Fig. 15)"),
     "shared-prefix": ("shared_prefix", "blocks and prefill tokens saved by prefix caching (Fig. 16)"),
@@ -118,6 +121,22 @@ def check_tensor_args(backend: str, device: str) -> None:
     _check_backend_device(backend, device)  # triton on the CPU needs the interpreter
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one thread for the block, then back to what it was.
+
+    The simulations' tensors are tiny (the null policy's logits are a few numbers per sequence), and
+    on a busy machine a second OpenMP thread turns each tiny op from about 2 us into 10-500 us; the
+    measured runs want one thread for every system alike, as the benchmarks do.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def runs_tensors(module) -> bool:
     """Does experiment `module` run tensors, so that it takes a backend and a device?
 
@@ -154,6 +173,7 @@ __all__ = [
     "check_run_args",
     "check_tensor_args",
     "get_experiment",
+    "one_thread",
     "runs_tensors",
     "synchronize",
 ]

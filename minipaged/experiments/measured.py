@@ -32,6 +32,7 @@ import torch
 import transformers
 
 from minipaged.engine import LLM
+from minipaged.experiments import one_thread
 from minipaged.experiments.reservation import ReservingBlockManager
 from minipaged.presets import PAD_ID, load_preset
 from minipaged.sampling import SamplingParams
@@ -125,12 +126,8 @@ def measure(system: str, rate: float, duration: float, *, model=MODEL, backend="
         raise ValueError(f"system must be one of {', '.join(SYSTEMS)}, got {system!r}")
     num = max(1, round(rate * duration))
     workload = alpaca_like(num, rate=rate, seed=seed, max_model_len=MAX_MODEL_LEN)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread, as the benchmarks: steadier, and the same for every system
-    try:
+    with one_thread():  # as the benchmarks: steadier, and the same for every system
         return _measure(system, rate, workload, model, backend, device, seed)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _measure(system, rate, workload, model, backend, device, seed) -> dict:

@@ -69,6 +69,10 @@ def sharing(data: dict) -> dict[str, str]:
         "rule-gap": f"{max(rule_gaps):.1f}",
         "sharegpt-best": f"{pct(by[sg, 'parallel', best]['saving'])} (n = {best})",
         "alpaca-beam-seqs": " and ".join(f"{by[al, 'beam', w]['mean_seqs']:.0f}" for w in widths if w > 2),
+        "alpaca-beam-max": " and ".join(f"{by[al, 'beam', w]['max_seqs']}" for w in widths if w > 2),
+        "alpaca-beam-batch": " and ".join(
+            f"{by[al, 'beam', w]['mean_batch_size']:.1f}" for w in widths if w > 2
+        ),
         "alpaca-beam-blocks": " and ".join(
             f"{by[al, 'beam', w]['mean_blocks_used']:.0f}" for w in widths if w > 2
         ),
@@ -101,7 +105,11 @@ def sharing(data: dict) -> dict[str, str]:
 
 
 def shared_prefix(data: dict) -> dict[str, str]:
-    rows, paper = data["rows"], data["paper"]["throughput_vs_orca_oracle"]
+    """The memory part's tables and numbers, then the throughput part's (shared_prefix_rates)."""
+    rows, paper = (
+        [r for r in data["rows"] if r["part"] == "memory"],
+        data["paper"]["throughput_vs_orca_oracle"],
+    )
     prefixes = sorted({r["prefix_len"] for r in rows})
     results, by = [], {}
     for r in rows:
@@ -173,7 +181,75 @@ def shared_prefix(data: dict) -> dict[str, str]:
         "no-caching-range": " to ".join(
             f"{v:.2f}×" for v in sorted(off[p]["throughput_vs_orca_oracle"] for p in prefixes)
         ),
+        **shared_prefix_rates(data),
     }
 
 
-__all__ = ["shared_prefix", "sharing"]
+def _rate(x: float) -> str:
+    return f"{x:g}"
+
+
+def shared_prefix_rates(data: dict) -> dict[str, str]:
+    """The throughput part: max_rate per prefix and system beside the paper's ratio, every point's
+    normalized latency, and the numbers the prose quotes."""
+    summaries = {(r["prefix_len"], r["system"]): r for r in data["rows"] if r["part"] == "max_rate"}
+    points_ = [r for r in data["rows"] if r["part"] == "rate"]
+    prefixes = sorted({p for p, _ in summaries})
+    systems = list(dict.fromkeys(s for _, s in summaries))  # Orca (Oracle), then vLLM
+    names = {80: "1-shot, 80 tokens", 341: "5-shot, 341 tokens"}
+    vllm = {p: summaries[p, "vLLM"] for p in prefixes}
+    oracle = {p: summaries[p, "Orca (Oracle)"] for p in prefixes}
+
+    def ratio(r: dict) -> str:
+        return "—" if r["max_rate_vs_orca_oracle"] is None else f"**{r['max_rate_vs_orca_oracle']:.2f}×**"
+
+    rates = table(
+        ["prefix", "Orca (Oracle) max_rate", "vLLM max_rate", "vLLM / Orca (Oracle)", "the paper (Fig. 16)"],
+        [
+            [names.get(p, f"{p} tokens"), _rate(oracle[p]["max_rate"]), _rate(vllm[p]["max_rate"]),
+             ratio(vllm[p]), f"{vllm[p]['paper_vs_orca_oracle']}×"]
+            for p in prefixes
+        ],
+        "lrrrr",
+    )  # fmt: skip
+    columns = [(p, s) for p in prefixes for s in systems]
+    latency = {(r["prefix_len"], r["system"], r["rate"]): r["normalized_latency"] for r in points_}
+    grid = sorted({r["rate"] for r in points_})
+    curve = table(
+        ["requests/s", *(f"{p}: {s}" for p, s in columns)],
+        [[_rate(x), *(f"{latency[p, s, x]:.3f}" if (p, s, x) in latency else "—" for p, s in columns)]
+         for x in grid],
+        "r" * (1 + len(columns)),
+    )  # fmt: skip
+    gains = {p: vllm[p]["max_rate_vs_orca_oracle"] for p in prefixes}
+    settings = data["settings"]
+    return {
+        "rates": rates,
+        "rate-points": curve,
+        "rate-kv": num(settings["kv_slots"]),
+        "rate-window": f"{settings['window_s']:g} s",
+        "rate-excess": " and ".join(
+            "—"
+            if gains[p] is None
+            else f"{pct(gains[p] / vllm[p]['paper_vs_orca_oracle'] - 1, 0)} ({p})".replace("-", "−")
+            for p in prefixes
+        ),
+        "rate-batch": " and ".join(
+            f"{_batch_at(points_, p, 'vLLM', vllm[p]['max_rate']):.0f} against "
+            f"{_batch_at(points_, p, 'Orca (Oracle)', oracle[p]['max_rate']):.0f} ({p})"
+            for p in prefixes
+        ),
+    }
+
+
+def _batch_at(points_: list[dict], prefix_len: int, system: str, rate: float) -> float:
+    """The mean batch of one system's point at `rate` (its max_rate), 0.0 if there is none."""
+    found = [
+        r["mean_batch_size"]
+        for r in points_
+        if (r["prefix_len"], r["system"], r["rate"]) == (prefix_len, system, rate)
+    ]
+    return found[0] if found else 0.0
+
+
+__all__ = ["shared_prefix", "shared_prefix_rates", "sharing"]

@@ -28,11 +28,19 @@ import json
 import re
 from pathlib import Path
 
-from minipaged.experiments import page_tables, page_tables_serving, page_tables_sharing, page_tables_timed
+from minipaged.experiments import (
+    page_tables,
+    page_tables_decoding,
+    page_tables_serving,
+    page_tables_sharing,
+    page_tables_timed,
+)
 
 RENDERERS = {  # page -> its renderer: JSON of a run -> {part: text}
     "memory-waste": page_tables.memory_waste,
     "serving": page_tables_serving.serving,
+    "serving-measured": page_tables_serving.serving_measured,
+    "decoding": page_tables_decoding.decoding,
     "batch-size": page_tables.batch_size,
     "sharing": page_tables_sharing.sharing,
     "shared-prefix": page_tables_sharing.shared_prefix,
@@ -46,6 +54,8 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "experiments"
 PAGES = {
     "memory-waste": ("memory-waste.md", "memory-waste"),
     "serving": ("serving.md", "serving"),
+    "serving-measured": ("serving-measured.md", "serving-measured"),  # serving --measured --json
+    "decoding": ("decoding.md", "decoding"),
     "batch-size": ("batch-size.md", "batch-size"),
     "sharing": ("sharing.md", "sharing"),
     "shared-prefix": ("shared-prefix.md", "shared-prefix"),

@@ -21,7 +21,21 @@ allocation as in the paper, paged without prefix caching, paged with it. One row
   fragmentation) in blocks of 16 slots; blocks_per_request: mean_blocks / mean_batch_size;
 - prefill_tokens: prompt tokens computed, recomputations included, cached ones not;
   prefill_tokens_per_request; prefix_hit_rate: full prompt blocks found cached / looked up;
-- prefix_len, allocator, label, prefix_caching, requests, kv_slots, steps, duration_s, preemptions.
+- prefix_len, allocator, label, prefix_caching, requests, kv_slots, steps, duration_s, preemptions;
+- part: "memory".
+
+The throughput part (Fig. 16 itself): normalized latency against request rate (latency.py, the
+sweep of the serving experiment), each step priced by the cost model of LLaMA-13B on an A100-40GB,
+on that cost model's KV pool, kv_cache_tokens(0.9) = 15,409 slots (vLLM's own sizing rule, as
+latency.setup sizes OPT's; 2.7% more than the memory part's 15,000, which keeps the null model's
+pool). For each prefix length, two systems: vLLM (paged, prefix caching on) and Orca (Oracle). The
+requests arriving in [0, window) at each rate of the grid are served to completion. Rows:
+
+- part "rate", one per point: prefix_len, system, workload, rate (requests/s), normalized_latency
+  (s/token), throughput (requests finished per simulated second), mean_batch_size;
+- part "max_rate", one per system and prefix: prefix_len, system, workload, max_rate (the highest
+  rate of the grid before the first at latency.THRESHOLD), max_rate_vs_orca_oracle (Orca (Oracle)'s
+  own is 1.0; None if Orca (Oracle) sustains no rate of the grid) and paper_vs_orca_oracle (Fig. 16).
 """
 
 from __future__ import annotations
@@ -33,6 +47,8 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from minipaged.experiments import ExperimentResult, check_run_args
+from minipaged.experiments import latency as lat
+from minipaged.experiments.cost_model import CostModel
 from minipaged.experiments.serving import BLOCK_SIZE, KV_SLOTS, MAX_MODEL_LEN
 from minipaged.experiments.simulator import STEP_TIME, simulate
 from minipaged.workloads import shared_prefix
@@ -44,6 +60,17 @@ SYSTEMS = (  # (allocator, prefix caching, label)
     ("paged", False, "paged, no prefix caching"),
     ("paged", True, "paged + prefix caching"),
 )
+
+RATE_SYSTEMS = {  # the throughput part: name in the rows -> (allocator, more settings of simulate)
+    "Orca (Oracle)": ("orca-oracle", {}),
+    "vLLM": ("paged", {"enable_prefix_caching": True}),
+}
+MODEL, GPU = "llama-13b", "A100-40GB"  # the paper's section 6.4 setup
+# The E24 series (resistor values, about 10% apart) from 10 to 300 requests/s: a max_rate, so a
+# ratio, is known to about 10% wherever the knee falls; each sweep stops once past latency.CAP.
+E24 = (1.0, 1.1, 1.2, 1.3, 1.5, 1.6, 1.8, 2.0, 2.2, 2.4, 2.7, 3.0, 3.3, 3.6, 3.9, 4.3, 4.7, 5.1, 5.6, 6.2,
+       6.8, 7.5, 8.2, 9.1)  # fmt: skip
+FULL_RATES = tuple(round(v * 10**k) for k in (1, 2) for v in E24 if v * 10**k <= 300)
 
 PAPER = {
     "section": "6.4",
@@ -63,10 +90,15 @@ PAPER = {
 class Scale:
     """How much work one run does; "small" keeps the rows and keys of "full"."""
 
-    num_requests: int  # per prefix length
+    num_requests: int  # per prefix length, the memory part
+    window: float  # simulated seconds of arrivals at each rate, the throughput part
+    rates: tuple[float, ...]  # requests/s, ascending, the throughput part
 
 
-SCALES = {"small": Scale(300), "full": Scale(4_000)}
+SCALES = {
+    "small": Scale(300, 2.0, (10.0, 20.0, 40.0, 80.0, 160.0, 320.0)),
+    "full": Scale(4_000, 20.0, tuple(float(r) for r in FULL_RATES)),
+}
 
 
 def row(prefix_len: int, allocator: str, caching: bool, label: str, result) -> dict:
@@ -75,6 +107,7 @@ def row(prefix_len: int, allocator: str, caching: bool, label: str, result) -> d
     held = [(b.token_states + b.reserved + b.internal_fragmentation) / BLOCK_SIZE for b in breakdowns]
     mean_blocks = statistics.fmean(held) if held else 0.0
     return {
+        "part": "memory",
         "prefix_len": prefix_len,
         "allocator": allocator,
         "label": label,
@@ -97,10 +130,13 @@ def row(prefix_len: int, allocator: str, caching: bool, label: str, result) -> d
 
 
 def run(scale: str = "full", seed: int = 0, progress: bool = True) -> ExperimentResult:
-    """Orca (Oracle) and paged with and without prefix caching, behind 80- and 341-token prefixes.
+    """Orca (Oracle) and paged with and without prefix caching, behind 80- and 341-token prefixes:
+    the memory part, then the throughput part (vLLM and Orca (Oracle), latency against rate).
 
     Args:
-        scale: "full" (4,000 requests per prefix length; ten to twenty seconds) or "small" (300).
+        scale: "full" (4,000 requests per prefix length; 20 s of arrivals at each of the E24 rates
+            from 10 to 300 requests/s; about a minute and a half) or "small" (300; 2 s at 10, 20,
+            40, 80, 160 and 320; a few seconds).
         seed: the workload's lengths.
         progress: a tqdm bar over the runs.
 
@@ -129,28 +165,79 @@ def run(scale: str = "full", seed: int = 0, progress: bool = True) -> Experiment
             oracle = rows[-len(SYSTEMS)]["throughput_rps"]
             for r in rows[-len(SYSTEMS) :]:
                 r["throughput_vs_orca_oracle"] = r["throughput_rps"] / oracle
-    return ExperimentResult(NAME, rows, dict(PAPER))
+    cost = CostModel(MODEL, GPU)
+    kv_slots = cost.kv_cache_tokens()
+    rows += rate_rows(config, cost, kv_slots, seed, progress)
+    settings = {
+        "scale": scale,
+        "seed": seed,
+        "model": MODEL,
+        "gpu": GPU,
+        "kv_slots": kv_slots,
+        "threshold": lat.THRESHOLD,
+        "cap": lat.CAP,
+        "window_s": config.window,
+    }
+    return ExperimentResult(NAME, rows, dict(PAPER), settings)
+
+
+def rate_rows(config: Scale, cost: CostModel, kv_slots: int, seed: int, progress: bool) -> list[dict]:
+    """The throughput part: latency.sweep per prefix and system, then a max_rate row for each."""
+    points: list[dict] = []
+    num = lat.num_requests(max(config.rates), config.window)
+    total = len(PREFIX_LENS) * len(RATE_SYSTEMS) * len(config.rates)
+    with tqdm(total=total, desc=f"{NAME} rates", disable=not progress) as bar:
+        for prefix_len in PREFIX_LENS:
+
+            def make(n, rate, prefix_len=prefix_len):
+                return shared_prefix(n, prefix_len, rate=rate, seed=seed, max_model_len=lat.MAX_MODEL_LEN)
+
+            def requests_at(rate, make=make):
+                return lat.arrivals(make, rate, config.window, num)
+
+            for system, (allocator, settings) in RATE_SYSTEMS.items():
+                sweep = lat.sweep(
+                    system, allocator, f"{prefix_len}-token prefix", requests_at, config.rates, cost,
+                    kv_slots, seed, on_point=lambda: bar.update(1), **settings,
+                )  # fmt: skip
+                bar.update(len(config.rates) - len(sweep))  # the rates past CAP, not run
+                points += [{"part": "rate", "prefix_len": prefix_len, **p} for p in sweep]
+    rows = list(points)
+    for summary in lat.summaries(points):
+        prefix_len = next(p["prefix_len"] for p in points if p["workload"] == summary["workload"])
+        rows.append({"part": "max_rate", "prefix_len": prefix_len, **summary})
+    for r in rows[len(points) :]:
+        oracle = next(s["max_rate"] for s in rows[len(points) :]
+                      if s["prefix_len"] == r["prefix_len"] and s["system"] == "Orca (Oracle)")  # fmt: skip
+        r["max_rate_vs_orca_oracle"] = r["max_rate"] / oracle if oracle else None
+        r["paper_vs_orca_oracle"] = (
+            PAPER["throughput_vs_orca_oracle"][str(r["prefix_len"])] if r["system"] == "vLLM" else 1.0
+        )
+    return rows
 
 
 def plot(result: ExperimentResult, path) -> None:
     """Three panels per prefix length: throughput over Orca (Oracle)'s (with the paper's vLLM), KV
-    blocks held per running request, prefill tokens computed per request."""
+    blocks held per running request, prefill tokens computed per request; then one panel per prefix
+    of normalized latency against request rate (Fig. 16's own), with each system's max_rate."""
     from minipaged.experiments.plotting import legend, new_figure, savefig
 
     colors = dict(zip((s[2] for s in SYSTEMS), ("tab:purple", "tab:gray", "tab:blue"), strict=True))
-    prefix_lens = sorted({r["prefix_len"] for r in result.rows})
-    title = "Shared prefix: what prefix caching saves (cf. Fig. 16)"
-    fig, axes = new_figure(3, title=title, panel_size=(3.8, 3.4))
+    memory = [r for r in result.rows if r.get("part", "memory") == "memory"]
+    points, summaries = lat.split([r for r in result.rows if r.get("part") in ("rate", "max_rate")])
+    prefix_lens = sorted({r["prefix_len"] for r in memory})
+    title = "Shared prefix: what prefix caching saves, and the rate it sustains (cf. Fig. 16)"
+    fig, axes = new_figure(3 + (len(prefix_lens) if points else 0), title=title, panel_size=(3.6, 3.4))
     panels = [
-        ("throughput_vs_orca_oracle", "throughput / Orca (Oracle)'s", "(a) throughput"),
+        ("throughput_vs_orca_oracle", "throughput / Orca (Oracle)'s", "(a) throughput, all at once"),
         ("blocks_per_request", "KV blocks per running request", "(b) memory per request"),
         ("prefill_tokens_per_request", "prompt tokens computed per request", "(c) prefill"),
     ]
     width = 0.8 / len(SYSTEMS)
-    for ax, (key, ylabel, name) in zip(axes, panels, strict=True):
+    for ax, (key, ylabel, name) in zip(axes, panels, strict=False):
         for k, (_, _, label) in enumerate(SYSTEMS):
             values = [
-                next(r[key] for r in result.rows if r["prefix_len"] == p and r["label"] == label)
+                next(r[key] for r in memory if r["prefix_len"] == p and r["label"] == label)
                 for p in prefix_lens
             ]
             xs = [i + (k - (len(SYSTEMS) - 1) / 2) * width for i in range(len(prefix_lens))]
@@ -163,7 +250,23 @@ def plot(result: ExperimentResult, path) -> None:
     marks = [(i + last, paper[str(p)]) for i, p in enumerate(prefix_lens) if str(p) in paper]
     axes[0].plot([x for x, _ in marks], [v for _, v in marks], "kD", label="paper: vLLM")
     legend(axes[0])
+    line_colors = {"Orca (Oracle)": "tab:purple", "vLLM": "tab:red"}
+    for i, (ax, prefix_len) in enumerate(zip(axes[3:], prefix_lens, strict=False)):
+        for system, color in line_colors.items():
+            series = sorted((r["rate"], r["normalized_latency"]) for r in points
+                            if r["system"] == system and r["prefix_len"] == prefix_len)  # fmt: skip
+            best = next(
+                s["max_rate"] for s in summaries if s["system"] == system and s["prefix_len"] == prefix_len
+            )
+            ax.plot(*zip(*series, strict=True), "o-", color=color, markersize=3, label=system)
+            ax.axvline(best, color=color, linestyle="--", linewidth=1)
+        ax.axhline(lat.THRESHOLD, linestyle=":", color="black", linewidth=1, label="threshold")
+        ax.set_ylim(0, lat.CAP * 1.2)
+        ax.set_xlabel("request rate (requests/s); dashed: max_rate")
+        ax.set_ylabel("normalized latency (s/token)")
+        ax.set_title(f"({'de'[i]}) {prefix_len}-token prefix, LLaMA-13B")
+        legend(ax)
     savefig(fig, path)
 
 
-__all__ = ["PAPER", "PREFIX_LENS", "SCALES", "plot", "run"]
+__all__ = ["PAPER", "PREFIX_LENS", "RATE_SYSTEMS", "SCALES", "plot", "rate_rows", "run"]

@@ -23,8 +23,9 @@ mode, width):
 - saving: that average; saving_of_totals: the window's blocks saved over its blocks without
   sharing, summed over steps (the long steps of a crowded pool weigh more);
 - mean_blocks_used, mean_blocks_unshared: blocks held, and blocks the tables would hold unshared;
-- mean_batch_size, mean_seqs: requests and sequences running; mean_waiting: requests arrived and
-  not running; mean_step_s: the mean priced step, in seconds; cow_copies: blocks copied on write
+- mean_batch_size, mean_seqs: requests and sequences running; max_seqs: the most sequences a step
+  of the window ran (never above the scheduler's max_num_seqs, 256); mean_waiting: requests arrived
+  and not running; mean_step_s: the mean priced step, in seconds; cow_copies: blocks copied on write
   (whole run); preemptions (in the window);
 - prompt_block_share: what the workload's lengths let n samples share (prompt_block_share below); the
   rule of thumb for parallel sampling is (n - 1) / n times it;
@@ -126,6 +127,7 @@ def row(workload: str, mode: str, width: int, rate: float, window_s: float, resu
         "mean_blocks_unshared": statistics.fmean(unshared) if unshared else 0.0,
         "mean_batch_size": result.mean_batch_size,
         "mean_seqs": statistics.fmean(r.num_seqs for r in result.records) if result.records else 0.0,
+        "max_seqs": max((r.num_seqs for r in result.records), default=0),
         "mean_waiting": result.mean_waiting,
         "mean_step_s": mean_step_s(result),
         "cow_copies": result.cow_copies,

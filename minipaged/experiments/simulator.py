@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from minipaged.config import PREEMPTION_MODES
 from minipaged.engine import LLM
+from minipaged.experiments import one_thread
 from minipaged.experiments.baselines import ContiguousAllocator, check_positive
 from minipaged.experiments.cost_model import CostModel
 from minipaged.experiments.memory_breakdown import MemoryBreakdown, waiting_waste
@@ -134,7 +135,7 @@ def simulate(
     recorder = _Recorder(manager)
     llm.step_observers.append(recorder)
     finished: list[FinishedRequest] = []
-    with tqdm(total=len(requests), desc=f"simulate {allocator}", disable=not progress) as bar:
+    with one_thread(), tqdm(total=len(requests), desc=f"simulate {allocator}", disable=not progress) as bar:
         while llm.has_unfinished_requests() and (max_steps is None or len(recorder.records) < max_steps):
             if until is not None and llm.now() >= until:
                 break
