@@ -130,6 +130,11 @@ def _add_experiment_options(parser: argparse.ArgumentParser) -> None:
         help="cpu or cuda[:N], for an experiment that runs tensors (default: cpu)",
     )
     parser.add_argument(
+        "--model",
+        default=None,
+        help="serving: the simulated model (opt-13b, opt-66b, opt-175b) or, with --measured, a preset",
+    )
+    parser.add_argument(
         "--measured",
         action="store_true",
         help="serving: replay the arrivals in real time on this machine instead of simulating them",
@@ -269,10 +274,11 @@ TAKES_TENSOR_OPTIONS = "  [--backend, --device]"  # the mark of --list for an ex
 HAS_MEASURED_RUN = "  [--measured]"  # ... and for one with a measured run beside its simulation
 
 
-def _has_measured_run(module) -> bool:
-    """Does the experiment's run() take `measured` (a real-time run beside its simulation)?"""
+def _takes(module, parameter: str) -> bool:
+    """Does the experiment's run() take `parameter` (`measured`: a real-time run beside its
+    simulation; `model`: a choice of model)?"""
     try:
-        return "measured" in inspect.signature(module.run).parameters
+        return parameter in inspect.signature(module.run).parameters
     except (AttributeError, TypeError, ValueError):
         return False
 
@@ -288,7 +294,7 @@ def _experiment_list() -> list[str]:
         try:
             module = get_experiment(name)
             marks = (TAKES_TENSOR_OPTIONS if runs_tensors(module) else "") + (
-                HAS_MEASURED_RUN if _has_measured_run(module) else ""
+                HAS_MEASURED_RUN if _takes(module, "measured") else ""
             )
         except ImportError:  # a dependency is missing: running it will say which
             marks = ""
@@ -360,20 +366,24 @@ def _experiment(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
             parser.error(f"experiment {args.name!r} is not written yet (no module {expected})")
         parser.error(f"experiment {args.name!r} cannot run: {error}")
     # Only the options given are passed: an experiment's run() keeps its own defaults.
-    tensor_options = {k: v for k, v in (("backend", args.backend), ("device", args.device)) if v is not None}
+    run_options = {k: v for k, v in (("backend", args.backend), ("device", args.device)) if v is not None}
+    if args.model is not None:
+        if not _takes(module, "model"):
+            parser.error(f"experiment {args.name!r} takes no --model (only `serving` does)")
+        run_options["model"] = args.model
     if args.measured:
-        if not _has_measured_run(module):
+        if not _takes(module, "measured"):
             parser.error(f"experiment {args.name!r} has no measured run (only `serving` has one)")
-        tensor_options["measured"] = True
-    if set(tensor_options) & {"backend", "device"} and not runs_tensors(module):
-        given = " and ".join(f"--{k}" for k in tensor_options if k != "measured")
+        run_options["measured"] = True
+    if set(run_options) & {"backend", "device"} and not runs_tensors(module):
+        given = " and ".join(f"--{k}" for k in run_options if k in ("backend", "device"))
         parser.error(
             f"experiment {args.name!r} runs no tensors (it is a simulation: no model, no kernel), so "
             f"{given} cannot apply to it; `minipaged experiment --list` marks the experiments that take them"
         )
     start = time.perf_counter()
     try:
-        result = module.run(args.scale, args.seed, not args.no_progress, **tensor_options)
+        result = module.run(args.scale, args.seed, not args.no_progress, **run_options)
     except (ValueError, ImportError) as error:  # ImportError: backend triton without triton
         parser.error(str(error))
     elapsed = time.perf_counter() - start

@@ -166,3 +166,30 @@ def test_cli_measured_flag(capsys):
     with pytest.raises(SystemExit):
         cli.main(["experiment", "batch-size", "--measured"])
     assert "has no measured run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("model", "gpus"), [("opt-66b", 4), ("opt-175b", 8)])
+def test_the_larger_models_are_there_when_asked_for(monkeypatch, model, gpus):
+    tiny = {
+        "small": {
+            "ShareGPT": serving_latency.Scale(4.0, (1.0,)),
+            "Alpaca": serving_latency.Scale(2.0, (5.0,)),
+        }
+    }
+    monkeypatch.setattr(serving_latency, "SCALES", tiny)
+    result = serving_latency.run("small", progress=False, model=model)
+    assert (result.settings["model"], result.settings["tensor_parallel_size"]) == (model, gpus)
+    assert lat.split(result.rows)[0] and all(r["normalized_latency"] > 0 for r in result.rows if "rate" in r)
+
+
+def test_cli_model_flag(capsys):
+    from minipaged import cli
+
+    for argv, message in (
+        (["experiment", "batch-size", "--model", "opt-66b"], "takes no --model"),
+        (["experiment", "serving", "--model", "opt-1b", "--scale", "small"], "model must be one of"),
+        (["experiment", "serving", "--measured", "--model", "opt-13b"], "must be a preset"),
+    ):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        assert message in capsys.readouterr().err

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from minipaged.experiments import ExperimentResult, check_run_args, check_tensor_args
 from minipaged.experiments import latency as lat
 from minipaged.experiments import measured as realtime  # the measured run (run(measured=True))
+from minipaged.presets import PRESETS
 from minipaged.workloads import alpaca_like, sharegpt_like
 
 NAME = "serving"
@@ -103,7 +104,7 @@ def run(
     scale: str = "full",
     seed: int = 0,
     progress: bool = True,
-    model: str = "opt-13b",
+    model: str | None = None,
     measured: bool = False,
     backend: str | None = None,
     device: str | None = None,
@@ -116,7 +117,8 @@ def run(
             "small" (20 s and 4 rates, 6 s and 3 rates; seconds).
         seed: the workloads' lengths and arrival times, and the simulator's.
         progress: a tqdm bar over the points.
-        model: "opt-13b" (1 A100-40GB), "opt-66b" (4 A100-40GB) or "opt-175b" (8 A100-80GB).
+        model: the simulation's: "opt-13b" (default; 1 A100-40GB), "opt-66b" (4 A100-40GB) or
+            "opt-175b" (8 A100-80GB); the measured run's: a preset (default "tiny-llama").
         measured: instead of the simulation, replay arrivals in real time on this machine
             (experiments/measured.py): the engine on a preset model, the same engine under
             Orca-style reservations, and transformers' padded generate in static batches.
@@ -130,12 +132,14 @@ def run(
     """
     check_run_args(scale, seed, SCALES)
     if measured:
-        return _run_measured(scale, seed, progress, backend or "reference", device or "cpu")
+        model = model or realtime.MODEL
+        return _run_measured(scale, seed, progress, model, backend or "reference", device or "cpu")
     if backend is not None or device is not None:
         raise ValueError(
             "backend and device apply to the measured run only (measured=True, `--measured`): "
             "the simulation runs no tensors"
         )
+    model = model or "opt-13b"
     cost, kv_slots = lat.setup(model)
     config = SCALES[scale]
     rows: list[dict] = []
@@ -170,9 +174,13 @@ def run(
     return ExperimentResult(NAME, rows, dict(PAPER), settings)
 
 
-def _run_measured(scale: str, seed: int, progress: bool, backend: str, device: str) -> ExperimentResult:
+def _run_measured(
+    scale: str, seed: int, progress: bool, model: str, backend: str, device: str
+) -> ExperimentResult:
     """The measured run: every system of realtime.SYSTEMS at each rate, in real time."""
     check_tensor_args(backend, device)
+    if model not in PRESETS:
+        raise ValueError(f"model must be a preset ({', '.join(PRESETS)}) for the measured run, got {model!r}")
     rates, duration = MEASURED[scale]
     rows = []
     with tqdm(
@@ -180,7 +188,9 @@ def _run_measured(scale: str, seed: int, progress: bool, backend: str, device: s
     ) as bar:
         for system in realtime.SYSTEMS:
             for rate in rates:
-                row = realtime.measure(system, rate, duration, backend=backend, device=device, seed=seed)
+                row = realtime.measure(
+                    system, rate, duration, model=model, backend=backend, device=device, seed=seed
+                )
                 rows.append({**row, "system": realtime.LABELS[system]})
                 bar.update(1)
     rows += lat.summaries(rows, MEASURED_THRESHOLD)
@@ -188,7 +198,7 @@ def _run_measured(scale: str, seed: int, progress: bool, backend: str, device: s
         "scale": scale,
         "seed": seed,
         "measured": True,
-        "model": realtime.MODEL,
+        "model": model,
         "backend": backend,
         "device": device,
         "num_gpu_blocks": realtime.NUM_GPU_BLOCKS,
