@@ -133,31 +133,8 @@ def run(scale: str = "full", seed: int = 0, progress: bool = True) -> Experiment
 def plot(result: ExperimentResult, path) -> None:
     """Normalized latency against request rate, one panel per decoding setting (like Fig. 14):
     parallel sampling on the top row, beam search below, n or width 2, 4, 6 left to right."""
-    from matplotlib.figure import Figure
-
-    from minipaged.experiments.plotting import DPI, FONT_SIZE, PANEL_SIZE, legend, savefig
-
-    points, _ = lat.split(result.rows)
-    width, height = PANEL_SIZE
-    fig = Figure(figsize=(width * 3, height * 2), dpi=DPI, layout="constrained")
     title = "Parallel sampling and beam search, OPT-13B, Alpaca (Fig. 14)"
-    fig.suptitle(title, fontsize=FONT_SIZE + 2)
-    for ax, workload in zip(fig.subplots(2, 3).flat, WORKLOADS, strict=True):
-        for system, color in COLORS.items():
-            series = sorted((r["rate"], r["normalized_latency"]) for r in points
-                            if r["system"] == system and r["workload"] == workload)  # fmt: skip
-            if series:
-                ax.plot(*zip(*series, strict=True), "o-", color=color, markersize=3, label=system)
-        ax.axhline(lat.THRESHOLD, linestyle=":", color="black", linewidth=1, label="threshold")
-        ax.set_ylim(0, lat.CAP * 2)
-        ax.grid(True, which="major", alpha=0.3)
-        ax.spines[["top", "right"]].set_visible(False)
-        ax.tick_params(labelsize=FONT_SIZE - 1)
-        ax.set_xlabel("request rate (requests/s)", fontsize=FONT_SIZE)
-        ax.set_ylabel("normalized latency (s/token)", fontsize=FONT_SIZE)
-        ax.set_title(workload, fontsize=FONT_SIZE + 1)
-        legend(ax)
-    savefig(fig, path)
+    lat.plot_latency(result.rows, path, title, COLORS, nrows=2)
 
 
 __all__ = ["PAPER", "SCALES", "SYSTEMS", "WORKLOADS", "plot", "run"]

@@ -169,15 +169,15 @@ def split(rows: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 def plot_latency(
-    rows: list[dict], path, title: str, colors: dict[str, str], threshold: float = THRESHOLD
+    rows: list[dict], path, title: str, colors: dict[str, str], threshold: float = THRESHOLD, nrows: int = 1
 ) -> None:
-    """Normalized latency against rate, one panel per workload, one line per system; the y axis
-    runs to 10x `threshold` (the dotted line)."""
+    """Normalized latency against rate, one panel per workload (in `nrows` rows, in the rows'
+    order), one line per system; the y axis runs to 10x `threshold` (the dotted line)."""
     from minipaged.experiments.plotting import legend, new_figure, savefig
 
     points, _ = split(rows)
     workloads = list(dict.fromkeys(r["workload"] for r in points))
-    fig, axes = new_figure(len(workloads), title=title)
+    fig, axes = new_figure(-(-len(workloads) // nrows), title=title, nrows=nrows)
     for ax, workload in zip(axes, workloads, strict=True):
         for system, color in colors.items():
             series = sorted((r["rate"], r["normalized_latency"]) for r in points

@@ -34,21 +34,22 @@ DPI = 120
 
 
 def new_figure(
-    ncols: int = 1, title: str | None = None, panel_size: tuple[float, float] = PANEL_SIZE
+    ncols: int = 1, title: str | None = None, panel_size: tuple[float, float] = PANEL_SIZE, nrows: int = 1
 ) -> tuple[Figure, list[Axes]]:
-    """A figure of `ncols` panels side by side, in the shared style.
+    """A figure of `nrows` x `ncols` panels, in the shared style.
 
     Args:
         ncols: panels in one row.
         title: a title over all panels (None: none).
         panel_size: (width, height) of one panel in inches.
+        nrows: rows of panels.
 
     Returns:
-        The figure and its axes, left to right.
+        The figure and its axes, left to right, then top to bottom.
     """
     width, height = panel_size
-    fig = Figure(figsize=(width * ncols, height), dpi=DPI, layout="constrained")
-    axes = list(fig.subplots(1, ncols, squeeze=False)[0])
+    fig = Figure(figsize=(width * ncols, height * nrows), dpi=DPI, layout="constrained")
+    axes = list(fig.subplots(nrows, ncols, squeeze=False).flat)
     for ax in axes:
         ax.grid(True, which="major", alpha=0.3)
         ax.spines[["top", "right"]].set_visible(False)
