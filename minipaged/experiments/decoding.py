@@ -22,8 +22,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tqdm.auto import tqdm
-
 from minipaged.experiments import ExperimentResult, check_run_args
 from minipaged.experiments import latency as lat
 from minipaged.workloads import alpaca_like, with_beam_search, with_parallel_sampling
@@ -94,27 +92,21 @@ def run(scale: str = "full", seed: int = 0, progress: bool = True) -> Experiment
     check_run_args(scale, seed, SCALES)
     cost, kv_slots = lat.setup("opt-13b")
     config = SCALES[scale]
-    rows: list[dict] = []
-    total = len(SYSTEMS) * sum(len(s.rates) for s in config.values())
     top = max(max(s.rates) for s in config.values())  # one sample for all: the same requests
-    with tqdm(total=total, desc=NAME, disable=not progress) as bar:
-        for workload, (decode, width) in WORKLOADS.items():
-            sweep = config[workload]
-            num = lat.num_requests(top, sweep.window)
+    curves = {}
+    for workload, (decode, width) in WORKLOADS.items():
+        sweep = config[workload]
+        num = lat.num_requests(top, sweep.window)
 
-            def make(n, rate, decode=decode, width=width):
-                return decode(alpaca_like(n, rate=rate, seed=seed), width)
+        def make(n, rate, decode=decode, width=width):
+            return decode(alpaca_like(n, rate=rate, seed=seed), width)
 
-            def requests_at(rate, make=make, sweep=sweep, num=num):
-                return lat.arrivals(make, rate, sweep.window, num)
+        def requests_at(rate, make=make, sweep=sweep, num=num):
+            return lat.arrivals(make, rate, sweep.window, num)
 
-            for system, allocator in SYSTEMS.items():
-                points = lat.sweep(
-                    system, allocator, workload, requests_at, sweep.rates, cost, kv_slots, seed,
-                    on_point=lambda: bar.update(1),
-                )  # fmt: skip
-                bar.update(len(sweep.rates) - len(points))  # the rates past CAP, not run
-                rows += points
+        curves[workload] = requests_at
+    rates = {workload: sweep.rates for workload, sweep in config.items()}
+    rows = lat.sweep_all(curves, rates, SYSTEMS, cost, kv_slots, seed, NAME, progress)
     rows += lat.summaries(rows)
     settings = {
         "scale": scale,

@@ -28,6 +28,8 @@ import statistics
 from collections.abc import Callable
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from minipaged.experiments.cost_model import CostModel
 from minipaged.experiments.simulator import simulate
 
@@ -136,6 +138,44 @@ def sweep(
     return rows
 
 
+def sweep_all(
+    curves: dict[str, Callable[[float], list]],
+    rates: dict[str, tuple[float, ...]],
+    systems: dict[str, str | tuple[str, dict]],
+    cost: CostModel,
+    kv_slots: int,
+    seed: int,
+    desc: str,
+    progress: bool,
+) -> list[dict]:
+    """Every system's sweep on every curve, curve by curve, under one progress bar.
+
+    Args:
+        curves: workload name -> rate -> the requests that arrive in the window at that rate.
+        rates: workload name -> its grid, lowest first.
+        systems: name in the rows -> the simulator's allocator, or (allocator, more simulate
+            settings such as enable_prefix_caching=True).
+        cost, kv_slots, seed: as sweep's.
+        desc, progress: the bar's label, and whether to show it.
+
+    Returns:
+        The points of every sweep (ROW_KEYS), workload by workload, system by system.
+    """
+    rows: list[dict] = []
+    total = len(systems) * sum(len(rates[w]) for w in curves)
+    with tqdm(total=total, desc=desc, disable=not progress) as bar:
+        for workload, requests_at in curves.items():
+            for system, spec in systems.items():
+                allocator, settings = (spec, {}) if isinstance(spec, str) else spec
+                points = sweep(
+                    system, allocator, workload, requests_at, rates[workload], cost, kv_slots, seed,
+                    on_point=lambda: bar.update(1), **settings,
+                )  # fmt: skip
+                bar.update(len(rates[workload]) - len(points))  # the rates past CAP, not run
+                rows += points
+    return rows
+
+
 def max_rate(rows: list[dict], threshold: float = THRESHOLD) -> float:
     """The highest rate before the first whose normalized latency reaches `threshold`.
 
@@ -208,4 +248,5 @@ __all__ = [
     "split",
     "summaries",
     "sweep",
+    "sweep_all",
 ]

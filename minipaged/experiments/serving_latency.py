@@ -142,23 +142,17 @@ def run(
     model = model or "opt-13b"
     cost, kv_slots = lat.setup(model)
     config = SCALES[scale]
-    rows: list[dict] = []
-    total = len(SYSTEMS) * sum(len(s.rates) for s in config.values())
-    with tqdm(total=total, desc=NAME, disable=not progress) as bar:
-        for workload, make in WORKLOADS.items():
-            sweep = config[workload]
-            num = lat.num_requests(max(sweep.rates), sweep.window)
+    curves = {}
+    for workload, make in WORKLOADS.items():
+        sweep = config[workload]
+        num = lat.num_requests(max(sweep.rates), sweep.window)
 
-            def requests_at(rate, make=make, sweep=sweep, num=num):
-                return lat.arrivals(lambda n, r: make(n, rate=r, seed=seed), rate, sweep.window, num)
+        def requests_at(rate, make=make, sweep=sweep, num=num):
+            return lat.arrivals(lambda n, r: make(n, rate=r, seed=seed), rate, sweep.window, num)
 
-            for system, allocator in SYSTEMS.items():
-                points = lat.sweep(
-                    system, allocator, workload, requests_at, sweep.rates, cost, kv_slots, seed,
-                    on_point=lambda: bar.update(1),
-                )  # fmt: skip
-                bar.update(len(sweep.rates) - len(points))  # the rates past CAP, not run
-                rows += points
+        curves[workload] = requests_at
+    rates = {workload: sweep.rates for workload, sweep in config.items()}
+    rows = lat.sweep_all(curves, rates, SYSTEMS, cost, kv_slots, seed, NAME, progress)
     rows += lat.summaries(rows)
     settings = {
         "scale": scale,

@@ -183,25 +183,21 @@ def run(scale: str = "full", seed: int = 0, progress: bool = True) -> Experiment
 
 def rate_rows(config: Scale, cost: CostModel, kv_slots: int, seed: int, progress: bool) -> list[dict]:
     """The throughput part: latency.sweep per prefix and system, then a max_rate row for each."""
-    points: list[dict] = []
     num = lat.num_requests(max(config.rates), config.window)
-    total = len(PREFIX_LENS) * len(RATE_SYSTEMS) * len(config.rates)
-    with tqdm(total=total, desc=f"{NAME} rates", disable=not progress) as bar:
-        for prefix_len in PREFIX_LENS:
+    curves, prefix_of = {}, {}
+    for prefix_len in PREFIX_LENS:
 
-            def make(n, rate, prefix_len=prefix_len):
-                return shared_prefix(n, prefix_len, rate=rate, seed=seed, max_model_len=lat.MAX_MODEL_LEN)
+        def make(n, rate, prefix_len=prefix_len):
+            return shared_prefix(n, prefix_len, rate=rate, seed=seed, max_model_len=lat.MAX_MODEL_LEN)
 
-            def requests_at(rate, make=make):
-                return lat.arrivals(make, rate, config.window, num)
+        def requests_at(rate, make=make):
+            return lat.arrivals(make, rate, config.window, num)
 
-            for system, (allocator, settings) in RATE_SYSTEMS.items():
-                sweep = lat.sweep(
-                    system, allocator, f"{prefix_len}-token prefix", requests_at, config.rates, cost,
-                    kv_slots, seed, on_point=lambda: bar.update(1), **settings,
-                )  # fmt: skip
-                bar.update(len(config.rates) - len(sweep))  # the rates past CAP, not run
-                points += [{"part": "rate", "prefix_len": prefix_len, **p} for p in sweep]
+        curves[f"{prefix_len}-token prefix"] = requests_at
+        prefix_of[f"{prefix_len}-token prefix"] = prefix_len
+    rates = dict.fromkeys(curves, config.rates)
+    sweeps = lat.sweep_all(curves, rates, RATE_SYSTEMS, cost, kv_slots, seed, f"{NAME} rates", progress)
+    points = [{"part": "rate", "prefix_len": prefix_of[p["workload"]], **p} for p in sweeps]
     rows = list(points)
     for summary in lat.summaries(points):
         prefix_len = next(p["prefix_len"] for p in points if p["workload"] == summary["workload"])
