@@ -155,8 +155,11 @@ def sweep_all(
         rates: workload name -> its grid, lowest first.
         systems: name in the rows -> the simulator's allocator, or (allocator, more simulate
             settings such as enable_prefix_caching=True).
-        cost, kv_slots, seed: as sweep's.
-        desc, progress: the bar's label, and whether to show it.
+        cost: prices each step (as sweep's).
+        kv_slots: the KV pool, in token slots.
+        seed: the simulator's seed.
+        desc: the progress bar's label.
+        progress: whether to show it.
 
     Returns:
         The points of every sweep (ROW_KEYS), workload by workload, system by system.
