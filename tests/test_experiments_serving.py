@@ -193,3 +193,13 @@ def test_cli_model_flag(capsys):
         with pytest.raises(SystemExit):
             cli.main(argv)
         assert message in capsys.readouterr().err
+
+
+def test_measured_run_on_the_triton_backend():
+    """The measured engine runs on the chosen backend (here Triton's interpreter: slow, so a short
+    trace); its rows are the same kind as the reference's."""
+    pytest.importorskip("triton")
+    from minipaged.experiments import measured
+
+    row = measured.measure("paged", 10.0, 0.3, backend="triton")
+    assert tuple(row) == lat.ROW_KEYS and row["normalized_latency"] > 0 and row["mean_batch_size"] >= 1
