@@ -317,8 +317,8 @@ def test_swapping_exercise():
     assert ref_counts(manager.host) == [2, 1, 1]
     assert (manager.device.num_free, manager.host.num_free) == (8, 0)
     assert manager.can_swap_in(samples)
-    assert manager.swap_in(samples) == [(0, 1), (1, 0), (2, 2)]
-    assert [manager.get_block_table(s).block_ids for s in (s1, s2)] == [[1, 0], [1, 2]]
+    assert manager.swap_in(samples) == [(0, 0), (1, 1), (2, 2)]
+    assert [manager.get_block_table(s).block_ids for s in (s1, s2)] == [[0, 1], [0, 2]]
     assert (manager.blocks_swapped_out, manager.blocks_swapped_in) == (3, 3)
 
 
@@ -331,8 +331,8 @@ def test_swapping_worked_example():
     assert manager.swap_out(request) == [(0, 0), (1, 1)]
     assert manager.seq_memory(seq).location == "host"
     assert manager.device.num_free == 4
-    assert manager.swap_in(request) == [(0, 1), (1, 0)]
-    assert manager.get_block_table(seq).block_ids == [1, 0]
+    assert manager.swap_in(request) == [(0, 0), (1, 1)]
+    assert manager.get_block_table(seq).block_ids == [0, 1]
 
 
 # ---- writing-through-the-table.md ---------------------------------------------------------------

@@ -352,3 +352,19 @@ def test_swap_in_maps_blocks_still_in_the_prefix_cache_instead_of_transferring_t
     assert table.block_ids[:2] == manager.get_block_table(keep).block_ids[:2], "the prefix is shared again"
     assert manager.device.ref_count(table.block_ids[0]) == 2
     assert manager.memory_stats().blocks_swapped_in == 1 and manager.host.num_used == 0
+
+
+@pytest.mark.task1_7
+def test_swap_out_frees_the_tail_first_so_the_cache_keeps_the_prompt_head():
+    """Found by running vLLM's tests against minipaged: swap_out must give the device blocks back as
+    free() does, last first. A 32-token prompt (8 blocks of 4) fills the pool and is swapped out; a
+    16-token prompt then takes 4 blocks, evicting the 4 least recently freed: the tail's. So the first
+    4 blocks of the swapped prompt are still found in the cache (head first, none would be)."""
+    manager = BlockManager(4, 8, num_cpu_blocks=8, enable_prefix_caching=True)
+    swapped_group, swapped = group(list(range(100, 132)), "swapped")
+    manager.allocate(swapped_group)
+    manager.swap_out(swapped_group)
+    other_group, _ = group(list(range(200, 216)), "other")
+    manager.allocate(other_group)
+    hashes = manager._hashes_of(swapped)
+    assert manager.device.count_prefix(hashes) == (4, 4)  # 4 leading blocks found, all cached-free

@@ -327,6 +327,7 @@ class BlockManager:
                 else:
                     mapping[block] = dst.allocate()
                 new_ids.append(mapping[block])
+            for block in reversed(table.block_ids):  # tail first, as free(): the cache keeps the head
                 src.free(block)
             dst_tables[seq.seq_id] = BlockTable(self.block_size, new_ids, table.num_tokens)
             if dst is self.device:
