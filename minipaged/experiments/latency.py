@@ -179,6 +179,21 @@ def sweep_all(
     return rows
 
 
+def sweep_settings(scale: str, seed: int, model: str, cost: CostModel, kv_slots: int, windows: dict) -> dict:
+    """What a latency experiment's `result.settings` records: the run, the setup, the measure."""
+    return {
+        "scale": scale,
+        "seed": seed,
+        "model": model,
+        "gpu": cost.gpu.name,
+        "tensor_parallel_size": cost.tensor_parallel_size,
+        "kv_slots": kv_slots,
+        "threshold": THRESHOLD,
+        "cap": CAP,
+        "window_s": windows,
+    }
+
+
 def max_rate(rows: list[dict], threshold: float = THRESHOLD) -> float:
     """The highest rate before the first whose normalized latency reaches `threshold`.
 
@@ -252,4 +267,5 @@ __all__ = [
     "summaries",
     "sweep",
     "sweep_all",
+    "sweep_settings",
 ]

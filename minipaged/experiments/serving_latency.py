@@ -154,17 +154,8 @@ def run(
     rates = {workload: sweep.rates for workload, sweep in config.items()}
     rows = lat.sweep_all(curves, rates, SYSTEMS, cost, kv_slots, seed, NAME, progress)
     rows += lat.summaries(rows)
-    settings = {
-        "scale": scale,
-        "seed": seed,
-        "model": model,
-        "gpu": cost.gpu.name,
-        "tensor_parallel_size": cost.tensor_parallel_size,
-        "kv_slots": kv_slots,
-        "threshold": lat.THRESHOLD,
-        "cap": lat.CAP,
-        "window_s": {name: s.window for name, s in config.items()},
-    }
+    windows = {name: s.window for name, s in config.items()}
+    settings = lat.sweep_settings(scale, seed, model, cost, kv_slots, windows)
     return ExperimentResult(NAME, rows, dict(PAPER), settings)
 
 
