@@ -11,9 +11,11 @@ the model runner with its backend (mechanism, on the device), one iteration at a
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import os
+import threading
 import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
@@ -24,6 +26,7 @@ from tqdm.auto import tqdm
 from minipaged.backend import get_backend
 from minipaged.beam_search import BeamState
 from minipaged.config import CacheConfig, SchedulerConfig, kv_cache_bytes_per_block
+from minipaged.limits import check_pool_memory, check_supported_dtype, resolve_device, resolve_dtype
 from minipaged.model_runner import ModelRunner, kv_shape
 from minipaged.outputs import (
     BeamSearchOutput,
@@ -36,13 +39,32 @@ from minipaged.outputs import (
 from minipaged.presets import PRESETS, ByteTokenizer, load_preset
 from minipaged.reference.block_manager import BlockManager
 from minipaged.reference.scheduler import Scheduler, SchedulerOutput
-from minipaged.sampling import BeamSearchParams, SamplingParams, sample, seeded_generator
+from minipaged.sampling import BeamSearchParams, SamplingParams, sample, seeded_generator, top_logprobs
 from minipaged.sequence import Sequence, SequenceGroup, SequenceStatus
 
 DEFAULT_KV_CACHE_MEMORY_CPU = 64 * 2**20  # bytes of device KV pool when num_gpu_blocks is None on CPU
 KV_CACHE_FRACTION_CUDA = 0.5  # of the GPU's free memory when num_gpu_blocks is None on CUDA
 
+DEFAULT_MAX_STEP_STATS = 10_000  # the StepStats an engine keeps (the most recent), so a server does not grow
+
 Prompt = str | dict
+
+
+def _serialized(method):
+    """Run an LLM method under the engine's lock: callers on several threads take turns.
+
+    The engine's state (queues, block tables, the pools) has one owner at a time. A second
+    thread calling generate() waits until the first call has returned, then runs: serialized,
+    like a system call on a kernel with one big lock. The lock is re-entrant, so generate() may
+    call step().
+    """
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
 
 
 class LLM:
@@ -58,11 +80,12 @@ class LLM:
         num_gpu_blocks: blocks in the device pool; None: derived from `kv_cache_memory` (below).
         num_cpu_blocks: blocks in the host swap space; None: as many as num_gpu_blocks.
         preemption_mode: "recompute" or "swap".
-        enable_prefix_caching: share full prompt blocks across requests.
-        device: "cpu" or "cuda". The Triton backend runs on "cpu" only through Triton's interpreter
-            (TRITON_INTERPRET=1, which `import minipaged` sets on a machine without a GPU).
-        dtype: the model's dtype (None: float32 for presets, the checkpoint's otherwise).
-        seed: seeds the preset's weights and the requests that bring no seed of their own.
+        enable_prefix_caching: share full prompt blocks across requests (a bool).
+        device: "cpu" or "cuda" ("cuda:N"). The Triton backend runs on "cpu" only through Triton's
+            interpreter (TRITON_INTERPRET=1, which `import minipaged` sets on a machine without a GPU).
+        dtype: the model's dtype: torch.float32, float16 or bfloat16, or a name ("float16", "fp16",
+            "bf16", "auto", ...). None or "auto": float32 for presets, the checkpoint's otherwise.
+        seed: an int; seeds the preset's weights and the requests that bring no seed of their own.
         tokenizer: for a model object; presets bring a byte-level one, directories their own.
         kv_cache_memory: bytes for the device pool when num_gpu_blocks is None (default 64 MiB on
             CPU, half the free GPU memory on CUDA). num_gpu_blocks = kv_cache_memory // bytes per
@@ -80,10 +103,17 @@ class LLM:
         block_manager: the memory manager the scheduler drives (None: a BlockManager built from
             the arguments above). The experiments pass the baselines' reservation managers here
             (experiments/reservation.py), so that one scheduler serves every system.
+        max_step_stats: how many StepStats `step_stats` keeps, the most recent (None: all, as an
+            experiment that plots every step wants). A long-running server keeps a few.
 
     Raises:
-        ValueError: naming the argument, for an unknown backend or preset, a bad setting, or
-            backend="triton" with device="cpu" while Triton's interpreter is off.
+        ValueError: naming the argument, for an unknown backend, preset, device or dtype, a bad
+            setting, pools larger than the memory free (both figures given), or backend="triton"
+            with device="cpu" while Triton's interpreter is off.
+        TypeError: naming the argument, for a value of the wrong type (seed="0", ...).
+
+    Threads: every method takes the engine's lock, so calls from several threads are serialized
+    (a second generate() waits for the first to return), never interleaved.
     """
 
     def __init__(
@@ -108,13 +138,18 @@ class LLM:
         batching: str = "iteration",
         runner: object = None,
         block_manager: object = None,
+        max_step_stats: int | None = DEFAULT_MAX_STEP_STATS,
     ) -> None:
         self.backend = get_backend(backend)  # ValueError for an unknown name, before any loading
+        resolve_device(device)  # ValueError naming device: an unknown name, or CUDA that is not here
         _check_backend_device(self.backend.name, device)
+        dtype = resolve_dtype(dtype)
+        _check_arguments(seed, enable_prefix_caching, max_step_stats)
         if runner is not None and model is not None:
             raise ValueError("model must be None when runner is given (the runner brings its model)")
         if runner is None:
             self.model, self.tokenizer = _load_model(model or "tiny-llama", dtype, seed, tokenizer)
+            check_supported_dtype(next(self.model.parameters()).dtype, "the model's dtype")
             positions = _max_positions(self.model.config)
             self.vocab_size = self.model.config.get_text_config().vocab_size
             self.eos_token_id = _eos_id(self.model, self.tokenizer)
@@ -137,12 +172,26 @@ class LLM:
                 watermark=watermark,
                 enable_prefix_caching=enable_prefix_caching,
             )
+            check_pool_memory(  # before the manager's lists and the pools exist
+                cc.num_gpu_blocks,
+                cc.num_cpu_blocks,
+                0 if self.model is None else _bytes_per_block(self.model, block_size),
+                torch.device(device),
+            )
             block_manager = BlockManager(
                 cc.block_size, cc.num_gpu_blocks, cc.num_cpu_blocks, cc.watermark, cc.enable_prefix_caching
             )
-        model_len = positions if max_model_len is None else max_model_len
-        if isinstance(model_len, int) and model_len > positions:
-            raise ValueError(f"max_model_len must be <= the model's {positions} positions, got {model_len}")
+        window = None if self.model is None else _sliding_window(self.model.config)
+        limit = positions if window is None else min(positions, window)
+        limit_why = (
+            f"the model's {positions} positions"
+            if limit == positions
+            else (f"the model's sliding window of {window} tokens: minipaged's attention has no window")
+        )
+        model_len = limit if max_model_len is None else max_model_len
+        self._model_len_why = "as given" if max_model_len is not None else limit_why
+        if isinstance(model_len, int) and model_len > limit:
+            raise ValueError(f"max_model_len must be <= {limit_why}, got {model_len}")
         self.scheduler_config = SchedulerConfig(
             max_model_len=model_len,
             max_num_seqs=max_num_seqs,
@@ -164,7 +213,9 @@ class LLM:
         self._pending: list[tuple[float, int, SequenceGroup]] = []  # (arrival, order, group): a heap
         self._metrics: dict[str, RequestMetrics] = {}
         self.step_observers: list[Callable[[LLM, SchedulerOutput], None]] = []
-        self.step_stats: list[StepStats] = []
+        self.step_stats: list[StepStats] = []  # the last max_step_stats steps
+        self.max_step_stats = max_step_stats
+        self._lock = threading.RLock()
         self.stats = EngineStats()
         self._request_ids = itertools.count()
         self._requests: dict[str, tuple[SequenceGroup, object, str | None]] = {}
@@ -173,6 +224,7 @@ class LLM:
 
     # ---- the public API ------------------------------------------------------------------------
 
+    @_serialized
     def generate(
         self,
         prompts: Prompt | Seq[Prompt],
@@ -183,6 +235,9 @@ class LLM:
 
         Prompts are strings (tokenized by the model's tokenizer) or `{"prompt_token_ids": [...]}`.
         One SamplingParams applies to all prompts, or give one per prompt.
+
+        If anything fails on the way (a model error, Ctrl-C), this call's requests are aborted and
+        their blocks freed before the error propagates: the engine then serves the next call.
 
         Raises:
             ValueError: naming the field, for a prompt or a parameter that can never be served;
@@ -201,9 +256,9 @@ class LLM:
         requests = [
             self._prepare(p, sp) for p, sp in zip(prompts, params_list, strict=True)
         ]  # all checked first
-        ids = [self._submit(*request) for request in requests]
-        return self._run(ids, use_tqdm)
+        return self._run(requests, use_tqdm)
 
+    @_serialized
     def beam_search(
         self, prompts: Prompt | Seq[Prompt], params: BeamSearchParams, use_tqdm: bool = False
     ) -> list[BeamSearchOutput]:
@@ -220,9 +275,9 @@ class LLM:
             raise ValueError(f"params must be BeamSearchParams, got {type(params).__name__}")
         self._check_idle()
         requests = [self._prepare(p, params) for p in prompts]
-        ids = [self._submit(*request) for request in requests]
-        return self._run(ids, use_tqdm)
+        return self._run(requests, use_tqdm)
 
+    @_serialized
     def add_request(
         self, prompt: Prompt, params: SamplingParams | BeamSearchParams, arrival_time: float | None = None
     ) -> str:
@@ -244,6 +299,58 @@ class LLM:
             raise ValueError(f"arrival_time must be a number of seconds >= 0, got {arrival_time!r}")
         return self._submit(*self._prepare(prompt, params), arrival_time)
 
+    @_serialized
+    def abort_request(self, request_id: str | Seq[str]) -> None:
+        """Cancel requests wherever they are: still to arrive, waiting, running or swapped out.
+
+        Their blocks go back to the pools at once (device and host), and they are forgotten: no
+        output will come for them. Unknown or already finished ids are ignored, as in vLLM, so a
+        server may abort a request whose client has gone without checking it first.
+
+        Args:
+            request_id: an id from add_request, or a list of them.
+        """
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        for rid in ids:
+            entry = self._requests.get(rid)
+            if entry is None:
+                continue
+            group = entry[0]
+            if any(pending is group for _, _, pending in self._pending):
+                self._pending = [p for p in self._pending if p[2] is not group]
+                heapq.heapify(self._pending)
+            self.scheduler.abort(group)  # frees its blocks, drops it from its queue
+            self._forget(rid)
+            self.stats.aborted_requests += 1
+
+    @_serialized
+    def request_output(self, request_id: str) -> RequestOutput | None:
+        """The state of an unfinished request: its samples so far (finished=False), for streaming.
+
+        Each CompletionOutput holds the tokens generated so far and their text; finish_reason is
+        set for a sample that has ended while its siblings go on. None when the id is unknown:
+        a finished request's output is returned once, by the step() that finished it.
+
+        Raises:
+            ValueError: for a beam-search request (its beams are only known at the end).
+        """
+        entry = self._requests.get(request_id)
+        if entry is None:
+            return None
+        group, params, text = entry
+        if isinstance(params, BeamSearchParams):
+            raise ValueError("request_output: a beam search has no partial output (its beams change)")
+        completions = [self._completion(i, seq, params) for i, seq in enumerate(group.seqs)]
+        return RequestOutput(
+            request_id,
+            text,
+            list(group.seqs[0].prompt_token_ids),
+            completions,
+            finished=False,
+            metrics=self._metrics[request_id],
+        )
+
+    @_serialized
     def has_unfinished_requests(self) -> bool:
         """Is any request queued, running, swapped out or still to arrive?"""
         return self.scheduler.has_unfinished() or bool(self._pending)
@@ -253,6 +360,7 @@ class LLM:
         steps' times and of the idle gaps between arrivals), else wall time since the engine was built."""
         return self._simulated_time if self.simulated else time.perf_counter() - self._start
 
+    @_serialized
     def step(self) -> list[RequestOutput | BeamSearchOutput]:
         """Run one iteration: schedule, move blocks, run the model, sample. Returns what finished.
 
@@ -270,13 +378,29 @@ class LLM:
         out = self.scheduler.schedule()
         if not out.scheduled and not out.preempted:
             raise RuntimeError("the scheduler made no progress: no request can run (a bug, please report)")
-        logits = self.runner.execute(out)  # [num_seqs, vocab]
-        if self.simulated:
-            self._simulated_time += self.runner.step_time(out)
-        for item in out.scheduled:
-            item.seq.num_computed_tokens = len(item.seq)
-        self._record(out, start)  # before finished sequences give their blocks back: the true footprint
-        return self._process(out, logits)
+        try:
+            logits = self.runner.execute(out)  # [num_seqs, vocab]
+            if self.simulated:
+                self._simulated_time += self.runner.step_time(out)
+            for item in out.scheduled:
+                item.seq.num_computed_tokens = len(item.seq)
+            self._record(out, start)  # before finished sequences give their blocks back: the true footprint
+            return self._process(out, logits)
+        except BaseException:  # a model error, or Ctrl-C: the step's requests are in an unknown state
+            self._abort_step(out)
+            raise
+
+    def _abort_step(self, out: SchedulerOutput) -> None:
+        """Abort the requests a failed step touched, so the engine can go on serving the others.
+
+        A scheduled sequence may have its new token sampled or not, its copy-on-write copy done or
+        not; a group swapped out in this step may have host blocks that never received its K/V.
+        None of them can be trusted, so all are aborted (their blocks freed); the rest of the
+        queues are untouched and the next step runs as usual.
+        """
+        swapped_out = {request_id for request_id, mode in out.preempted if mode == "swap"}
+        request_ids = {item.group.request_id for item in out.scheduled} | swapped_out
+        self.abort_request(sorted(request_ids))
 
     # ---- requests ------------------------------------------------------------------------------
 
@@ -291,9 +415,12 @@ class LLM:
                 raise ValueError(
                     'prompt is a string but the model has no tokenizer: pass {"prompt_token_ids": [...]}'
                 )
-            token_ids, text = list(self.tokenizer.encode(prompt)), prompt
+            token_ids, text = self._encode(prompt), prompt
         elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            token_ids, text = list(prompt["prompt_token_ids"]), None
+            token_ids, text = prompt["prompt_token_ids"], None
+            if not isinstance(token_ids, (list, tuple)):
+                raise TypeError(f"prompt_token_ids must be a list of ints, got {type(token_ids).__name__}")
+            token_ids = list(token_ids)
         else:
             raise ValueError(
                 f'prompt must be a string or {{"prompt_token_ids": [...]}}, got {type(prompt).__name__}'
@@ -308,7 +435,7 @@ class LLM:
         if total > limit:
             raise ValueError(
                 f"prompt ({len(token_ids)} tokens) plus max_tokens ({params.max_tokens}) is {total}, "
-                f"beyond max_model_len={limit}: this request can never fit"
+                f"beyond max_model_len={limit} ({self._model_len_why}): this request can never fit"
             )
         width = params.n if isinstance(params, SamplingParams) else params.beam_width
         if width > self.scheduler_config.max_num_seqs:
@@ -316,6 +443,20 @@ class LLM:
             raise ValueError(f"{name}={width} is more than max_num_seqs={self.scheduler_config.max_num_seqs}")
         self.block_manager.check_fits(len(token_ids), params.max_tokens, width)  # the one fit test
         return token_ids, text, params
+
+    def _encode(self, prompt: str) -> list[int]:
+        """Tokenize a text prompt; text that cannot be encoded is the caller's error, named as such."""
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(
+                f"prompt is not valid text: {error.reason} at index {error.start} "
+                f"({prompt[error.start : error.end]!r}, a lone surrogate cannot be encoded)"
+            ) from None
+        try:
+            return list(self.tokenizer.encode(prompt))
+        except Exception as error:  # the tokenizer's own complaint, attributed to the prompt
+            raise ValueError(f"prompt could not be tokenized: {error}") from error
 
     def _submit(self, token_ids: list[int], text: str | None, params, arrival_time=None) -> str:
         request_id = str(next(self._request_ids))
@@ -359,13 +500,20 @@ class LLM:
     def _eos(self, params) -> int | None:
         return None if params.ignore_eos else self.eos_token_id
 
-    def _run(self, request_ids: list[str], use_tqdm: bool) -> list:
+    def _run(self, requests: list[tuple], use_tqdm: bool) -> list:
+        """Submit checked requests and step until all have finished; on any failure, abort them."""
+        request_ids: list[str] = []
         outputs: dict[str, object] = {}
-        with tqdm(total=len(request_ids), desc="requests", disable=not use_tqdm) as bar:
-            while len(outputs) < len(request_ids):
-                for output in self.step():
-                    outputs[output.request_id] = output
-                    bar.update(1)
+        try:
+            request_ids.extend(self._submit(*request) for request in requests)
+            with tqdm(total=len(request_ids), desc="requests", disable=not use_tqdm) as bar:
+                while len(outputs) < len(request_ids):
+                    for output in self.step():
+                        outputs[output.request_id] = output
+                        bar.update(1)
+        except BaseException:  # an error or Ctrl-C: leave nothing of this call behind
+            self.abort_request([rid for rid in request_ids if rid not in outputs])
+            raise
         return [outputs[request_id] for request_id in request_ids]
 
     # ---- after the model step ------------------------------------------------------------------
@@ -397,9 +545,15 @@ class LLM:
     def _sample(self, seq: Sequence, logits: torch.Tensor, params: SamplingParams) -> None:
         token, logprob = sample(logits, params, self._generators[seq.seq_id])
         seq.append_token_id(token, logprob)
+        if params.logprobs is not None:
+            seq.output_top_logprobs.append(top_logprobs(logits, params.logprobs))
         self.stats.generated_tokens += 1
         if token == self._eos(params):
             seq.status = SequenceStatus.FINISHED_STOPPED
+        elif token in params.stop_token_ids:
+            seq.status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, token
+        elif params.stop and (stop := self._stop_string(seq, params)) is not None:
+            seq.status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop
         elif (
             len(seq.output_token_ids) >= params.max_tokens or len(seq) >= self.scheduler_config.max_model_len
         ):
@@ -408,28 +562,53 @@ class LLM:
             self.block_manager.free(seq)
             del self._generators[seq.seq_id]
 
+    def _stop_string(self, seq: Sequence, params: SamplingParams) -> str | None:
+        """The first stop string that the sample's text now contains, if any."""
+        text = self._decode(seq.output_token_ids)
+        hits = [(text.find(stop), stop) for stop in params.stop if stop in text]
+        return min(hits)[1] if hits else None
+
+    def _completion(self, index: int, seq: Sequence, params: SamplingParams) -> CompletionOutput:
+        """One sample as the caller sees it; the text stops before a stop string that ended it."""
+        text = self._decode(seq.output_token_ids)
+        if isinstance(seq.stop_reason, str):
+            text = text[: text.find(seq.stop_reason)]
+        if not seq.is_finished():
+            reason = None
+        else:
+            reason = "stop" if seq.status == SequenceStatus.FINISHED_STOPPED else "length"
+        return CompletionOutput(
+            index=index,
+            text=text,
+            token_ids=list(seq.output_token_ids),
+            cumulative_logprob=seq.cumulative_logprob,
+            logprobs=list(seq.output_logprobs),
+            finish_reason=reason,
+            stop_reason=seq.stop_reason,
+            top_logprobs=list(seq.output_top_logprobs) if params.logprobs is not None else None,
+        )
+
     def _output(self, request_id: str):
-        group, params, text = self._requests.pop(request_id)
+        group, params, text = self._requests[request_id]
         prompt_ids = group.seqs[0].prompt_token_ids
         if isinstance(params, BeamSearchParams):
-            output = self._beams.pop(request_id).output(request_id, prompt_ids, self._decode)
-            output.metrics = self._metrics.pop(request_id)
+            output = self._beams[request_id].output(request_id, prompt_ids, self._decode)
+            output.metrics = self._metrics[request_id]
         else:
-            completions = [
-                CompletionOutput(
-                    index=i,
-                    text=self._decode(seq.output_token_ids),
-                    token_ids=list(seq.output_token_ids),
-                    cumulative_logprob=seq.cumulative_logprob,
-                    logprobs=list(seq.output_logprobs),
-                    finish_reason="stop" if seq.status == SequenceStatus.FINISHED_STOPPED else "length",
-                )
-                for i, seq in enumerate(group.seqs)
-            ]
+            completions = [self._completion(i, seq, params) for i, seq in enumerate(group.seqs)]
             output = RequestOutput(
-                request_id, text, list(prompt_ids), completions, metrics=self._metrics.pop(request_id)
+                request_id, text, list(prompt_ids), completions, metrics=self._metrics[request_id]
             )
+        self._forget(request_id)
         return output
+
+    def _forget(self, request_id: str) -> None:
+        """Drop everything the engine keeps about a request that has finished or been aborted."""
+        group, _, _ = self._requests.pop(request_id)
+        self._metrics.pop(request_id, None)
+        self._beams.pop(request_id, None)
+        for seq in group.seqs:
+            self._generators.pop(seq.seq_id, None)
 
     def _decode(self, token_ids: list[int]) -> str:
         return (
@@ -459,6 +638,8 @@ class LLM:
             blocks_copied=len(out.blocks_to_copy),
         )
         self.step_stats.append(step)
+        if self.max_step_stats is not None and len(self.step_stats) > self.max_step_stats:
+            del self.step_stats[0]  # the oldest goes: a bounded history
         s = self.stats
         s.mean_kv_utilization = (s.mean_kv_utilization * s.steps + step.kv_utilization) / (s.steps + 1)
         s.steps += 1
@@ -470,6 +651,28 @@ class LLM:
         s.max_blocks_saved_by_sharing = max(s.max_blocks_saved_by_sharing, device.blocks_saved_by_sharing)
         for observe in self.step_observers:  # e.g. the experiments' per-step memory breakdown
             observe(self, out)
+
+
+def _check_arguments(seed: object, enable_prefix_caching: object, max_step_stats: object) -> None:
+    """Type checks that name the argument (a string seed would fail only at the first sample)."""
+    if type(seed) is not int:
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    if not isinstance(enable_prefix_caching, bool):
+        raise TypeError(f"enable_prefix_caching must be True or False, got {enable_prefix_caching!r}")
+    if max_step_stats is not None and (type(max_step_stats) is not int or max_step_stats < 0):
+        raise ValueError(f"max_step_stats must be None or an int >= 0, got {max_step_stats!r}")
+
+
+def _sliding_window(config) -> int | None:
+    """The model's attention window if any layer uses one (minipaged's attention attends to all)."""
+    config = config.get_text_config()
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not window or (layer_types is not None and "sliding_attention" not in layer_types):
+        return None
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    return int(window)
 
 
 def _prompt_list(prompts: object) -> list:
@@ -493,7 +696,13 @@ def _load_model(model, dtype, seed, tokenizer):
     if os.path.isdir(model):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        loaded = AutoModelForCausalLM.from_pretrained(model, dtype=dtype or "auto", local_files_only=True)
+        try:
+            loaded = AutoModelForCausalLM.from_pretrained(model, dtype=dtype or "auto", local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(
+                f"model={model!r}: cannot load a checkpoint from this directory: {first_line}"
+            ) from error
         if tokenizer is None:
             try:
                 tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)

@@ -18,7 +18,12 @@ class CompletionOutput:
         token_ids: the generated tokens, the EOS included when it ended there.
         cumulative_logprob: the sum of `logprobs`.
         logprobs: the model's log-probability of each generated token.
-        finish_reason: "stop" (EOS) or "length" (max_tokens or the model's length).
+        finish_reason: "stop" (EOS, a stop string or a stop token) or "length" (max_tokens or
+            the model's length); None while the request is still running.
+        stop_reason: the stop string or stop token id that ended it; None for EOS, a length cap,
+            or while running (as vLLM's).
+        top_logprobs: for each generated token, the `SamplingParams.logprobs` most likely token
+            ids and their log-probabilities; None when not asked for.
     """
 
     index: int
@@ -26,7 +31,9 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: float
     logprobs: list[float]
-    finish_reason: str
+    finish_reason: str | None
+    stop_reason: str | int | None = None
+    top_logprobs: list[dict[int, float]] | None = None
 
 
 @dataclass
@@ -55,7 +62,11 @@ class RequestMetrics:
 
 @dataclass
 class RequestOutput:
-    """A finished request: its prompt and its samples, in index order, and its timings."""
+    """A request's prompt and its samples, in index order, and its timings.
+
+    `finished` is True for what generate() and step() return; LLM.request_output() gives the state
+    of an unfinished request (its samples so far), which is how a server streams tokens.
+    """
 
     request_id: str
     prompt: str | None
@@ -143,6 +154,7 @@ class EngineStats:
         mean_kv_utilization: the mean over steps of StepStats.kv_utilization.
         max_blocks_saved_by_sharing: the most blocks that sharing saved at any step.
         generated_tokens: tokens sampled.
+        aborted_requests: requests cancelled by abort_request (or by a failed step).
     """
 
     steps: int = 0
@@ -156,3 +168,4 @@ class EngineStats:
     mean_kv_utilization: float = 1.0
     max_blocks_saved_by_sharing: int = 0
     generated_tokens: int = 0
+    aborted_requests: int = 0

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+MIN_TEMPERATURE = 1e-2  # vLLM's floor too: logits / 1e-38 overflow to inf and softmax turns them to NaN
+
 
 def _check(condition: bool, message: str) -> None:
     if not condition:
@@ -40,6 +42,12 @@ class SamplingParams:
         max_tokens: the most tokens to generate.
         seed: seeds the request's generators; None draws from the engine's seed.
         ignore_eos: keep generating past the end-of-sequence token.
+        stop: strings that end a sample when its text contains one; the text returned stops
+            before it (vLLM's default). A single string is one stop string.
+        stop_token_ids: tokens that end a sample when sampled (even with ignore_eos), kept in
+            its token_ids.
+        logprobs: also report, for each generated token, the log-probabilities of this many most
+            likely tokens (None: only the sampled token's).
 
     Raises:
         ValueError: naming the field, if a value is out of range.
@@ -52,14 +60,19 @@ class SamplingParams:
     max_tokens: int = 16
     seed: int | None = None
     ignore_eos: bool = False
+    stop: str | tuple[str, ...] | list[str] | None = None  # a tuple once constructed
+    stop_token_ids: tuple[int, ...] | list[int] | None = None  # a tuple once constructed
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         _check(_is_int(self.n) and self.n >= 1, f"n must be an int >= 1, got {self.n!r}")
         _check(
             isinstance(self.temperature, (int, float))
+            and not isinstance(self.temperature, bool)
             and math.isfinite(self.temperature)
-            and self.temperature >= 0,
-            f"temperature must be a finite number >= 0, got {self.temperature!r}",
+            and (self.temperature == 0 or self.temperature >= MIN_TEMPERATURE),
+            f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE} (below it the "
+            f"scaled logits overflow), got {self.temperature!r}",
         )
         _check(
             isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1,
@@ -73,6 +86,23 @@ class SamplingParams:
             f"max_tokens must be an int >= 1, got {self.max_tokens!r}",
         )
         _check(self.seed is None or _is_int(self.seed), f"seed must be an int or None, got {self.seed!r}")
+        _check(isinstance(self.ignore_eos, bool), f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        _check(
+            stop is None or (isinstance(stop, (list, tuple)) and all(isinstance(s, str) and s for s in stop)),
+            f"stop must be a non-empty string or a list of them, got {self.stop!r}",
+        )
+        object.__setattr__(self, "stop", tuple(stop or ()))  # normalized once (frozen, hashable)
+        ids = self.stop_token_ids
+        _check(
+            ids is None or (isinstance(ids, (list, tuple)) and all(_is_int(t) and t >= 0 for t in ids)),
+            f"stop_token_ids must be a list of token ids (ints >= 0), got {ids!r}",
+        )
+        object.__setattr__(self, "stop_token_ids", tuple(ids or ()))
+        _check(
+            self.logprobs is None or (_is_int(self.logprobs) and self.logprobs >= 0),
+            f"logprobs must be None or an int >= 0 (how many top tokens to report), got {self.logprobs!r}",
+        )
 
     @property
     def greedy(self) -> bool:
@@ -117,6 +147,13 @@ def seeded_generator(seed: int, index: int, device: str | torch.device = "cpu") 
     """The generator of sample `index` of a request seeded `seed`: the same wherever it is batched."""
     digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def top_logprobs(logits: torch.Tensor, k: int) -> dict[int, float]:
+    """The k most likely tokens of one sequence's logits `[vocab]` and their log-probabilities."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [vocab]
+    values, tokens = torch.topk(logprobs, min(k, logprobs.numel()))  # [k], [k]
+    return dict(zip(tokens.tolist(), values.tolist(), strict=True))
 
 
 def sample(

@@ -10,7 +10,6 @@ blocks and are scheduled, preempted and swapped together, all or nothing.
 from __future__ import annotations
 
 import enum
-import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -30,14 +29,15 @@ class SequenceStatus(enum.Enum):
         return self.name.startswith("FINISHED")
 
 
-_next_seq_id = itertools.count()
-_taken_seq_ids: set[int] = set()
+_next_seq_id = [
+    0
+]  # one past the largest id handed out or given: constant memory, however long the process runs
 
 
 def _new_seq_id() -> int:
-    """The next id that no Sequence has, explicit ids included."""
-    while (seq_id := next(_next_seq_id)) in _taken_seq_ids:
-        pass
+    """A fresh id, above every id any Sequence has had, explicit ids included (like a pid counter)."""
+    seq_id = _next_seq_id[0]
+    _next_seq_id[0] += 1
     return seq_id
 
 
@@ -55,6 +55,9 @@ class Sequence:
         num_computed_tokens: how many leading tokens already have their K/V in the cache; the
             next model step computes the rest (all of the prompt at first, then one token a step).
         output_logprobs: the model's log-probability of each generated token.
+        output_top_logprobs: for each generated token, the most likely tokens and their
+            log-probabilities, when the request asked for them (SamplingParams.logprobs).
+        stop_reason: the stop string or stop token id that ended it, if one did.
     """
 
     prompt_token_ids: list[int]
@@ -63,9 +66,12 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache; 0 again after a recompute
     output_logprobs: list[float] = field(default_factory=list)  # log p of each generated token
+    output_top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    stop_reason: str | int | None = None
 
     def __post_init__(self) -> None:
-        _taken_seq_ids.add(self.seq_id)  # so an explicit id is never handed out again by fork()
+        if self.seq_id >= _next_seq_id[0]:  # so an explicit id is never handed out again by fork()
+            _next_seq_id[0] = self.seq_id + 1
 
     @property
     def token_ids(self) -> list[int]:
@@ -98,6 +104,7 @@ class Sequence:
             status=self.status,
             num_computed_tokens=self.num_computed_tokens,
             output_logprobs=list(self.output_logprobs),
+            output_top_logprobs=list(self.output_top_logprobs),
         )
 
     def is_finished(self) -> bool:

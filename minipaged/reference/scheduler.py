@@ -105,6 +105,17 @@ class Scheduler:
         """Drop a finished group from the running queue (its blocks are already freed)."""
         self.running.remove(group)
 
+    def abort(self, group: SequenceGroup) -> None:
+        """Cancel a group wherever it is (like kill(2)): free the blocks its sequences hold, on the
+        device or the host, and drop it from its queue. Its unfinished sequences end FINISHED_ABORTED."""
+        for queue in (self.waiting, self.running, self.swapped):
+            if group in queue:
+                queue.remove(group)
+        for seq in group.get_unfinished_seqs():
+            if seq.status in (SequenceStatus.RUNNING, SequenceStatus.SWAPPED):
+                self.block_manager.free(seq)  # a waiting sequence holds nothing
+            seq.status = SequenceStatus.FINISHED_ABORTED
+
     # ---- the three phases --------------------------------------------------------------------
 
     def _schedule_running(self, out: SchedulerOutput) -> bool:
