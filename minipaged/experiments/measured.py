@@ -142,7 +142,15 @@ def _measure(system, rate, workload, model, backend, device, seed) -> dict:
             policy = system.removeprefix("orca-")
             manager = ReservingBlockManager(BLOCK_SIZE, NUM_GPU_BLOCKS, policy, MAX_MODEL_LEN)
         pool = {"block_size": BLOCK_SIZE, "num_gpu_blocks": NUM_GPU_BLOCKS, "max_model_len": MAX_MODEL_LEN}
-        llm = LLM(model, backend=backend, device=device, seed=seed, block_manager=manager, **pool)
+        llm = LLM(
+            model,
+            backend=backend,
+            device=device,
+            seed=seed,
+            block_manager=manager,
+            max_step_stats=None,
+            **pool,
+        )  # every step kept: the running counts are read back by index
         prompts = prompts_for(workload, llm.vocab_size, seed)
         latencies, running = _serve_engine(llm, workload, prompts)
     wall = time.perf_counter() - start
