@@ -16,22 +16,32 @@ happening.
   `minipaged experiment --list` names them all. `--backend` and `--device` choose the kernels and the
   device of an experiment that runs tensors; the simulations refuse them.
 
-Bad arguments exit with status 2 and a one-line reason (argparse's, or the engine's ValueError),
-never a traceback.
+- `minipaged serve` serves the engine over HTTP, OpenAI-compatible (`/v1/completions`, streaming
+  included, `/v1/models`, `/health`, `/metrics`; minipaged/serving/), with the engine's knobs as options.
+
+Bad arguments exit with status 2 and a one-line reason, never a traceback: argparse's (with the usage
+above it) for a malformed command line, `minipaged COMMAND: error: ...` alone for a value the engine
+refuses (its ValueError or TypeError), a model folder that cannot be loaded, an output path that
+cannot be written (checked before the run) or a port in use. Ctrl-C stops a command with status 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
 import inspect
 import json
 import os
+import socket
 import sys
 import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
+
+import torch
 
 from minipaged import __version__
 from minipaged.assignments import make_student_copy
@@ -72,8 +82,11 @@ def _add_demo_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_generate_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more prompts (strings)")
+DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _add_engine_options(parser: argparse.ArgumentParser) -> None:
+    """The knobs of LLM that generate and serve share (vLLM's engine arguments, by the same names)."""
     parser.add_argument(
         "--model",
         default="tiny-llama",
@@ -81,6 +94,42 @@ def _add_generate_options(parser: argparse.ArgumentParser) -> None:
         "(default: tiny-llama, random weights)",
     )
     parser.add_argument("--backend", choices=["reference", "triton"], default="reference")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
+    parser.add_argument(
+        "--num-gpu-blocks",
+        type=int,
+        default=None,
+        help="blocks in the device pool (default: 64 MiB of them on cpu, half the free memory on cuda)",
+    )
+    parser.add_argument(
+        "--num-cpu-blocks", type=int, default=None, help="blocks in the host swap pool (default: as many)"
+    )
+    parser.add_argument("--preemption-mode", choices=["recompute", "swap"], default="recompute")
+    parser.add_argument("--enable-prefix-caching", action="store_true", help="share full prompt blocks")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    parser.add_argument(
+        "--dtype", choices=list(DTYPES), default="auto", help="of weights and KV cache (default: auto)"
+    )
+    parser.add_argument(
+        "--max-num-seqs", type=int, default=256, help="sequences in one batch at most (default: 256)"
+    )
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="tokens in one step at most (default: max(max model len, 2048))",
+    )
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="prompt + output tokens at most (default: the model's positions)",
+    )
+
+
+def _add_generate_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more prompts (strings)")
+    _add_engine_options(parser)
     parser.add_argument("--n", type=int, default=1, help="parallel samples per prompt (default: 1)")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens to generate (default: 16)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0)")
@@ -90,16 +139,38 @@ def _add_generate_options(parser: argparse.ArgumentParser) -> None:
         "--seed", type=int, default=None, help="seed of the sampling (default: from the engine's seed, 0)"
     )
     parser.add_argument("--ignore-eos", action="store_true", help="keep generating past the end token")
-    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
+
+
+def _port(text: str) -> int:
+    port = int(text)  # argparse turns a ValueError into "invalid _port value"
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in 1..65535, got {port}")
+    return port
+
+
+def _add_serve_options(parser: argparse.ArgumentParser) -> None:
+    _add_engine_options(parser)
     parser.add_argument(
-        "--num-gpu-blocks", type=int, default=None, help="blocks in the device pool (default: from 64 MiB)"
+        "--seed",
+        type=int,
+        default=0,
+        help="the engine's seed: preset weights, requests without a seed (default: 0)",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=_port, default=8000, help="port to listen on (default: 8000)")
+    parser.add_argument(
+        "--served-model-name",
+        default=None,
+        metavar="NAME",
+        help='the "model" clients name in requests and /v1/models lists (default: --model)',
     )
     parser.add_argument(
-        "--num-cpu-blocks", type=int, default=None, help="blocks in the host swap pool (default: as many)"
+        "--max-queued-requests",
+        type=int,
+        default=None,
+        metavar="N",
+        help="requests submitted and not finished at most; beyond, HTTP 503 (default: the server's)",
     )
-    parser.add_argument("--preemption-mode", choices=["recompute", "swap"], default="recompute")
-    parser.add_argument("--enable-prefix-caching", action="store_true", help="share full prompt blocks")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
 
 
 def _add_experiment_options(parser: argparse.ArgumentParser) -> None:
@@ -143,7 +214,7 @@ def _add_experiment_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser: `minipaged [--version] {demo,generate,memory,assignment,experiment} [options]`."""
+    """The argument parser: `minipaged [--version] COMMAND [options]`, one subparser a command."""
     parser = argparse.ArgumentParser(
         prog="minipaged",
         description="PagedAttention built twice (readable PyTorch and Triton), for learning.",
@@ -181,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     assignment.add_argument("dest", help="the folder to create (must not exist)")
     assignment.add_argument("--source", default=".", help="the project checkout to copy (default: .)")
+    assignment.set_defaults(run=_assignment, subparser=assignment)
     experiment = commands.add_parser(
         "experiment",
         help="run one of the paper's experiments and print it beside the paper's figures",
@@ -189,18 +261,97 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_experiment_options(experiment)
     experiment.set_defaults(run=_experiment, subparser=experiment)
+    serve = commands.add_parser(
+        "serve",
+        help="serve the engine over HTTP, OpenAI-compatible (/v1/completions, /v1/models, /health, /metrics)",
+        description="Load the model, then answer OpenAI completion requests (streaming too) on "
+        "http://HOST:PORT until Ctrl-C; every request joins the engine's one batch.",
+    )
+    _add_serve_options(serve)
+    serve.set_defaults(run=_serve, subparser=serve)
     return parser
 
 
-def _make_assignment(parser: argparse.ArgumentParser, source: str, dest: str) -> int:
-    if not (Path(source) / "pyproject.toml").is_file() or not (Path(source) / "minipaged").is_dir():
-        parser.error(
-            f"--source must be a minipaged checkout (with pyproject.toml and minipaged/), got {source!r}"
+# ---- errors: one line, no traceback ----------------------------------------------------------
+
+USER_ERRORS = (ValueError, TypeError, ImportError)  # ImportError: the triton backend without triton
+
+
+def _fail(parser: argparse.ArgumentParser, message: object) -> NoReturn:
+    """Exit 2 with `minipaged COMMAND: error: MESSAGE` on one line, as argparse words its errors.
+
+    The usage block argparse adds is left out: the command line parsed, a value was refused.
+    """
+    parser.exit(2, f"{parser.prog}: error: {' '.join(str(message).split())}\n")
+
+
+def _build_llm(parser: argparse.ArgumentParser, args: argparse.Namespace, **extra) -> LLM:
+    """The LLM of the engine options (_add_engine_options); exit 2 with one line if it is refused."""
+    try:
+        return LLM(
+            args.model,
+            backend=args.backend,
+            block_size=args.block_size,
+            num_gpu_blocks=args.num_gpu_blocks,
+            num_cpu_blocks=args.num_cpu_blocks,
+            preemption_mode=args.preemption_mode,
+            enable_prefix_caching=args.enable_prefix_caching,
+            device=args.device,
+            dtype=DTYPES[args.dtype],
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_model_len=args.max_model_len,
+            **extra,
         )
+    except USER_ERRORS as error:
+        _fail(parser, error)
+    except OSError as error:  # transformers: a checkpoint folder with a missing or broken file
+        _fail(parser, f"--model {args.model!r} cannot be loaded: {error}")
+    except (MemoryError, torch.OutOfMemoryError) as error:
+        _fail(parser, f"the KV pools do not fit in memory (lower --num-gpu-blocks/--num-cpu-blocks): {error}")
+
+
+def _check_output_path(parser: argparse.ArgumentParser, option: str, path: str) -> None:
+    """Refuse now, not after the run, a path that cannot be written: create it and remove it again."""
+    target = Path(path)
+    if target.is_dir():
+        _fail(parser, f"{option}: {path!r} is a folder; give a file path")
+    if not target.resolve().parent.exists():
+        _fail(parser, f"{option}: the folder of {path!r} does not exist")
+    existed = target.exists()
+    try:
+        with open(target, "a"):  # "a": an existing file keeps its content until the run rewrites it
+            pass
+    except OSError as error:  # a parent that is a file, a read-only disk, no permission
+        _fail(parser, f"{option}: cannot write {path!r}: {error.strerror or error}")
+    if not existed:
+        target.unlink()
+
+
+def _check_port(parser: argparse.ArgumentParser, host: str, port: int) -> None:
+    """Bind HOST:PORT and let go, so that a busy port is one line before the model loads."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as error:
+        _fail(parser, f"--host {host!r} is not an address of this machine: {error.strerror}")
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is free
+        try:
+            probe.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                _fail(parser, f"--port {port} is in use (on --host {host})")
+            _fail(parser, f"cannot listen on --host {host} --port {port}: {error.strerror or error}")
+
+
+def _assignment(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    source, dest = args.source, args.dest
+    if not (Path(source) / "pyproject.toml").is_file() or not (Path(source) / "minipaged").is_dir():
+        _fail(parser, f"--source must be a minipaged checkout (pyproject.toml, minipaged/), got {source!r}")
     try:
         stripped = make_student_copy(source, dest)
     except FileExistsError as error:
-        parser.error(str(error))
+        _fail(parser, error)
     print(f"wrote the student version to {dest}; solutions stripped in {len(stripped)} files:")
     for path in stripped:
         print(f"  {path.relative_to(dest)}")
@@ -216,7 +367,7 @@ def _memory(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         check_sizes(**sizes)
     except ValueError as error:
-        parser.error(str(error))
+        _fail(parser, error)
     run_walkthrough(**sizes)
     return 0
 
@@ -227,8 +378,8 @@ def _demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     )
     try:
         report = run_demo(config)
-    except ValueError as error:  # the engine refuses a setting: say which, no traceback
-        parser.error(str(error))
+    except USER_ERRORS as error:  # the engine refuses a setting: say which, no traceback
+        _fail(parser, error)
     for line in format_report(report):
         print(line)
     return 0
@@ -245,19 +396,13 @@ def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             seed=args.seed,
             ignore_eos=args.ignore_eos,
         )
-        llm = LLM(
-            args.model,
-            backend=args.backend,
-            block_size=args.block_size,
-            num_gpu_blocks=args.num_gpu_blocks,
-            num_cpu_blocks=args.num_cpu_blocks,
-            preemption_mode=args.preemption_mode,
-            enable_prefix_caching=args.enable_prefix_caching,
-            device=args.device,
-        )
+    except USER_ERRORS as error:
+        _fail(parser, error)
+    llm = _build_llm(parser, args)
+    try:
         outputs = llm.generate(args.prompts, params, use_tqdm=False)
-    except (ValueError, ImportError) as error:  # ImportError: the triton backend without triton
-        parser.error(str(error))
+    except USER_ERRORS as error:  # a prompt that can never be served: too long, never fits
+        _fail(parser, error)
     for request in outputs:
         print(f"prompt: {request.prompt!r} ({len(request.prompt_token_ids)} tokens)")
         for completion in request.outputs:
@@ -267,6 +412,27 @@ def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             )
             print(f"    text: {completion.text!r}")
             print(f"    token_ids: {completion.token_ids}")
+    return 0
+
+
+def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """`minipaged serve`: check the address, load the engine, then serve until Ctrl-C."""
+    if args.max_queued_requests is not None and args.max_queued_requests < 1:
+        _fail(parser, f"--max-queued-requests must be an int >= 1, got {args.max_queued_requests}")
+    _check_port(parser, args.host, args.port)  # before the model loads: a busy port is found in a blink
+    llm = _build_llm(parser, args, seed=args.seed, max_step_stats=1000)  # a server keeps recent steps
+    from minipaged.serving import serve  # here: fastapi and uvicorn load only for this command
+
+    name = args.served_model_name or args.model  # as vLLM: clients name the model as it was given
+    options = {"host": args.host, "port": args.port, "served_model_name": name}
+    if args.max_queued_requests is not None:
+        options["max_queued_requests"] = args.max_queued_requests
+    try:
+        serve(llm, **options)
+    except USER_ERRORS as error:
+        _fail(parser, error)
+    except KeyboardInterrupt:  # Ctrl-C is how a server stops: uvicorn shut down, then re-raised it
+        pass
     return 0
 
 
@@ -343,65 +509,72 @@ def _experiment(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         print("\n".join(_experiment_list()))
         return 0
     if args.name is None:
-        parser.error("give an experiment NAME, or --list to see them")
+        _fail(parser, "give an experiment NAME, or --list to see them")
+    if args.name not in EXPERIMENTS:
+        _fail(parser, f"unknown experiment {args.name!r}; expected one of {', '.join(EXPERIMENTS)}")
     for option, path in (("--json", args.json), ("--plot", args.plot)):
-        if path is not None and not Path(path).resolve().parent.is_dir():
-            parser.error(f"{option}: the folder of {path!r} does not exist")
-    if args.plot is not None:  # before the run: a bad suffix must not cost a full run
+        if path is not None:  # before the run: a path it cannot write must not cost a full run
+            _check_output_path(parser, option, path)
+    if args.plot is not None:  # ... nor a suffix matplotlib cannot draw
         try:
             from minipaged.experiments.plotting import check_plot_path
 
             check_plot_path(args.plot)
         except ImportError as error:
-            parser.error(f"--plot needs matplotlib (pip install matplotlib): {error}")
+            _fail(parser, f"--plot needs matplotlib (pip install matplotlib): {error}")
         except ValueError as error:
-            parser.error(f"--plot: {error}")
-    if args.name not in EXPERIMENTS:
-        parser.error(f"unknown experiment {args.name!r}; expected one of {', '.join(EXPERIMENTS)}")
+            _fail(parser, f"--plot: {error}")
     try:
         module = get_experiment(args.name)
     except ModuleNotFoundError as error:
         expected = f"minipaged.experiments.{EXPERIMENTS[args.name][0]}"
         if error.name == expected:
-            parser.error(f"experiment {args.name!r} is not written yet (no module {expected})")
-        parser.error(f"experiment {args.name!r} cannot run: {error}")
+            _fail(parser, f"experiment {args.name!r} is not written yet (no module {expected})")
+        _fail(parser, f"experiment {args.name!r} cannot run: {error}")
     # Only the options given are passed: an experiment's run() keeps its own defaults.
     run_options = {k: v for k, v in (("backend", args.backend), ("device", args.device)) if v is not None}
     if args.model is not None:
         if not _takes(module, "model"):
-            parser.error(f"experiment {args.name!r} takes no --model (only `serving` does)")
+            _fail(parser, f"experiment {args.name!r} takes no --model (only `serving` does)")
         run_options["model"] = args.model
     if args.measured:
         if not _takes(module, "measured"):
-            parser.error(f"experiment {args.name!r} has no measured run (only `serving` has one)")
+            _fail(parser, f"experiment {args.name!r} has no measured run (only `serving` has one)")
         run_options["measured"] = True
     if set(run_options) & {"backend", "device"} and not runs_tensors(module):
         given = " and ".join(f"--{k}" for k in run_options if k in ("backend", "device"))
-        parser.error(
+        _fail(
+            parser,
             f"experiment {args.name!r} runs no tensors (it is a simulation: no model, no kernel), so "
-            f"{given} cannot apply to it; `minipaged experiment --list` marks the experiments that take them"
+            f"{given} cannot apply to it; `minipaged experiment --list` marks the experiments that take them",
         )
     start = time.perf_counter()
     try:
         result = module.run(args.scale, args.seed, not args.no_progress, **run_options)
-    except (ValueError, ImportError) as error:  # ImportError: backend triton without triton
-        parser.error(str(error))
+    except USER_ERRORS as error:  # ImportError: backend triton without triton
+        _fail(parser, error)
     elapsed = time.perf_counter() - start
     result.settings = {"scale": args.scale, "seed": args.seed, **result.settings}  # the run's own wins
     print(f"{args.name}: {EXPERIMENTS[args.name][1]}")
     settings = ", ".join(f"{key} {value}" for key, value in result.settings.items())
     print(f"{settings}, ran in {elapsed:.1f} s")
     print("\n".join(format_experiment(result)))
-    if args.json is not None:
-        result.save_json(args.json)
-        print(f"wrote {args.json}")
-    if args.plot is not None:
-        try:
-            module.plot(result, args.plot)
-        except ImportError as error:
-            parser.error(f"--plot needs matplotlib (pip install matplotlib): {error}")
-        print(f"wrote {args.plot}")
+    _save(parser, "--json", args.json, result.save_json)
+    _save(parser, "--plot", args.plot, lambda path: module.plot(result, path))
     return 0
+
+
+def _save(parser: argparse.ArgumentParser, option: str, path: str | None, write) -> None:
+    """Write an output checked before the run; the disk may still fill or vanish meanwhile."""
+    if path is None:
+        return
+    try:
+        write(path)
+    except ImportError as error:
+        _fail(parser, f"{option} needs matplotlib (pip install matplotlib): {error}")
+    except OSError as error:
+        _fail(parser, f"{option}: cannot write {path!r}: {error.strerror or error}")
+    print(f"wrote {path}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -418,13 +591,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if args.command == "assignment":
-        return _make_assignment(parser, args.source, args.dest)
     try:
-        return args.run(args.subparser, args)  # the subcommand's parser: its usage line heads errors
+        return args.run(args.subparser, args)  # the subcommand's parser: its name heads errors
     except BrokenPipeError:  # `minipaged demo | head`: the reader left; stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except KeyboardInterrupt:  # Ctrl-C: the user stopped it; 130 = 128 + SIGINT, as a shell reports
+        print(f"{args.subparser.prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

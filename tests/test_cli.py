@@ -74,15 +74,24 @@ def test_version(capsys):
 def test_no_command_prints_help(capsys):
     assert main([]) == 0
     out = capsys.readouterr().out
-    assert "demo" in out and "generate" in out and "memory" in out and "assignment" in out
+    for command in ["demo", "generate", "memory", "assignment", "experiment", "serve"]:
+        assert re.search(rf"^    {command}\b", out, flags=re.MULTILINE), command  # a line of the list
 
 
-@pytest.mark.parametrize("argv", [["no-such-command"], ["memory", "--block-size", "1"], ["demo", "--bogus"]])
-def test_bad_arguments_exit_nonzero(argv, capsys):
+@pytest.mark.parametrize("argv", [["no-such-command"], ["memory", "--block-size", "x"], ["demo", "--bogus"]])
+def test_malformed_command_lines_exit_2_with_the_usage(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
-    assert exit_info.value.code != 0
+    assert exit_info.value.code == 2
     assert "usage: minipaged" in capsys.readouterr().err
+
+
+def test_a_size_the_walkthrough_refuses_exits_2_with_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["memory", "--block-size", "1"])
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("minipaged memory: error: ") and "block_size" in line
 
 
 def test_assignment_writes_the_student_version(tmp_path, capsys):
@@ -238,21 +247,35 @@ def test_generate_with_sampling_options(capsys):
     ("argv", "message"),
     [
         (["generate"], "the following arguments are required: PROMPT"),
-        (["generate", "x", "--n", "0"], "n must be an int >= 1, got 0"),
-        (["generate", "x", "--temperature", "-1"], "temperature must be a finite number >= 0"),
-        (["generate", "x", "--top-p", "0"], "top_p must be in (0, 1]"),
         (["generate", "x", "--max-tokens", "two"], "argument --max-tokens: invalid int value: 'two'"),
-        (["generate", "x", "--model", "no-such-model"], "model must be a preset"),
-        (["generate", "x", "--num-gpu-blocks", "1"], "this request can never fit"),
-        (["generate", "x", "--block-size", "0"], "block_size must be a positive int"),
         (["generate", "x", "--preemption-mode", "later"], "argument --preemption-mode: invalid choice"),
         (["generate", "x", "--backend", "cuda"], "argument --backend: invalid choice"),
-        (["demo", "--num-gpu-blocks", "2"], "this request can never fit"),
+        (["generate", "x", "--dtype", "float8"], "argument --dtype: invalid choice"),
     ],
 )
-def test_generate_and_demo_refuse_bad_arguments_with_a_message(argv, message, capsys):
+def test_generate_refuses_a_malformed_command_line_with_the_usage(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert f"usage: minipaged {argv[0]}" in err and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["generate", "x", "--n", "0"], "n must be an int >= 1, got 0"),
+        (["generate", "x", "--temperature", "-1"], "temperature must be 0 (greedy) or a finite number"),
+        (["generate", "x", "--top-p", "0"], "top_p must be in (0, 1]"),
+        (["generate", "x", "--model", "no-such-model"], "model must be a preset"),
+        (["generate", "x", "--num-gpu-blocks", "1"], "this request can never fit"),
+        (["generate", "x", "--block-size", "0"], "block_size must be a positive int"),
+        (["demo", "--num-gpu-blocks", "2"], "this request can never fit"),
+    ],
+)
+def test_generate_and_demo_refuse_bad_values_with_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"minipaged {argv[0]}: error: ") and message in line

@@ -29,7 +29,7 @@ def _exit_2(argv, capsys) -> str:
         main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "usage: minipaged experiment" in err and "Traceback" not in err
+    assert "Traceback" not in err and err.splitlines()[-1].startswith("minipaged experiment: error: ")
     return err
 
 
