@@ -112,6 +112,10 @@ class LLM:
             with device="cpu" while Triton's interpreter is off.
         TypeError: naming the argument, for a value of the wrong type (seed="0", ...).
 
+    Attributes:
+        model_name: the preset's name or the checkpoint directory as given (a model object's
+            `config.name_or_path`; None under a runner): what `minipaged serve` lists by default.
+
     Threads: every method takes the engine's lock, so calls from several threads are serialized
     (a second generate() waits for the first to return), never interleaved.
     """
@@ -147,6 +151,7 @@ class LLM:
         _check_arguments(seed, enable_prefix_caching, max_step_stats)
         if runner is not None and model is not None:
             raise ValueError("model must be None when runner is given (the runner brings its model)")
+        self.model_name = _model_name(model, runner)
         if runner is None:
             self.model, self.tokenizer = _load_model(model or "tiny-llama", dtype, seed, tokenizer)
             check_supported_dtype(next(self.model.parameters()).dtype, "the model's dtype")
@@ -661,6 +666,16 @@ def _check_arguments(seed: object, enable_prefix_caching: object, max_step_stats
         raise TypeError(f"enable_prefix_caching must be True or False, got {enable_prefix_caching!r}")
     if max_step_stats is not None and (type(max_step_stats) is not int or max_step_stats < 0):
         raise ValueError(f"max_step_stats must be None or an int >= 0, got {max_step_stats!r}")
+
+
+def _model_name(model: object, runner: object) -> str | None:
+    """What the model is called: the preset's name or the checkpoint directory, as given."""
+    if runner is not None:
+        return None
+    if model is None or isinstance(model, str):
+        return model or "tiny-llama"
+    config = getattr(model, "config", None)
+    return getattr(config, "name_or_path", None) or None
 
 
 def _sliding_window(config) -> int | None:

@@ -135,12 +135,14 @@ def check_pool_memory(
     share the host's memory.
 
     Args:
-        num_gpu_blocks, num_cpu_blocks: the pool sizes asked for.
+        num_gpu_blocks: the device pool's size asked for, in blocks.
+        num_cpu_blocks: the host swap space's size asked for, in blocks.
         bytes_per_block: K and V of one block in every layer (0 for a simulated runner, which
             allocates no tensors).
         device: where the device pool lives.
-        free_device, free_host: the free bytes to check against (None: measured now); the tests
-            pass small figures.
+        free_device: the bytes free on a CUDA device (None: measured now); the tests pass small
+            figures.
+        free_host: the bytes available in host memory (None: measured now).
 
     Raises:
         ValueError: naming the argument, with the bytes needed and the bytes free.

@@ -276,3 +276,39 @@ assert stats.mean_kv_utilization > 0.9  # paging wastes at most the last, partly
 # - Try `preemption_mode="recompute"` in section 5: the victims go back to the waiting queue and
 #   recompute their prompt and their output in one prefill (watch the `tokens` column), and the
 #   tokens are still the same.
+
+# %% [markdown]
+# ## 7. Serving online
+#
+# `generate` serves prompts known in advance. `minipaged serve` serves clients that come and go: an
+# HTTP server that speaks OpenAI's `/v1/completions`, with **one** engine loop in a background thread
+# that runs every connection's requests in the same batches
+# ([serving online](../../engine/serving-online/)). `running_server` starts it on a free port for the
+# length of a `with` block; the official `openai` client then talks to it as it would to OpenAI.
+# `top_k` and `ignore_eos` are vLLM's extras: they go in `extra_body`.
+
+# %%
+import openai
+
+from minipaged.serving import running_server
+
+server_llm = LLM("tiny-llama", block_size=4, num_gpu_blocks=64, max_step_stats=16)
+with running_server(server_llm) as url:
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+    completion = client.completions.create(
+        model="tiny-llama", prompt="The cat sat", max_tokens=8, temperature=0
+    )  # the request of section 2's first prompt, with the `greedy` parameters
+    print(f"{url}: {completion.choices[0].text!r}, {completion.usage.completion_tokens} tokens")
+    stream = client.completions.create(
+        model="tiny-llama",
+        prompt="Paging is",
+        max_tokens=8,
+        temperature=0.8,
+        seed=1,
+        stream=True,
+        extra_body={"top_k": 50, "ignore_eos": True},
+    )
+    pieces = [chunk.choices[0].text for chunk in stream]
+    print("streamed:", pieces)
+assert completion.choices[0].text == outputs[0].outputs[0].text  # the same greedy tokens as generate
+assert server_llm.block_manager.device.num_free == 64  # the server stopped: every block is back
