@@ -95,8 +95,10 @@ class SchedulerConfig:
     Args:
         max_model_len: the longest sequence (prompt plus output) the model can hold.
         max_num_seqs: the most sequences running at once.
-        max_num_batched_tokens: the most tokens one step computes; the first prefill of a step is
-            always admitted (if memory allows), so a prompt longer than the budget still runs.
+        max_num_batched_tokens: the most tokens one step computes, prefills and decodes together
+            (the scheduler's budget for every step). At least max_num_seqs, so that every running
+            sequence can always decode. Without chunked prefill, a group whose prefill is larger
+            than the whole budget runs alone in its step: the one step that may pass it.
         preemption_mode: "recompute" or "swap" (falls back to recompute when the host pool is full).
         batching: "iteration" (Orca's and vLLM's: the batch is formed anew every step, so a
             waiting request joins as soon as it fits) or "static" (FasterTransformer's: a batch is
@@ -104,7 +106,8 @@ class SchedulerConfig:
             systems without iteration-level scheduling).
 
     Raises:
-        ValueError: naming the field, if a value is out of range.
+        ValueError: naming the field, if a value is out of range; naming both, if
+            max_num_batched_tokens < max_num_seqs.
     """
 
     max_model_len: int = 2048
@@ -117,6 +120,11 @@ class SchedulerConfig:
         _positive_int("max_model_len", self.max_model_len)
         _positive_int("max_num_seqs", self.max_num_seqs)
         _positive_int("max_num_batched_tokens", self.max_num_batched_tokens)
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                f"({self.max_num_seqs}): each running sequence decodes one token a step"
+            )
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}")
         if self.batching not in BATCHING_MODES:

@@ -91,7 +91,9 @@ class LLM:
             CPU, half the free GPU memory on CUDA). num_gpu_blocks = kv_cache_memory // bytes per
             block, and bytes per block = 2 x layers x block_size x kv_heads x head_dim x dtype size.
         max_num_seqs: the most sequences running at once.
-        max_num_batched_tokens: the most tokens a step computes (None: max(max_model_len, 2048)).
+        max_num_batched_tokens: the most tokens a step computes, prefills, decodes and swap-ins
+            together (None: max(max_model_len + max_num_seqs, 2048), so that the longest prompt
+            always fits beside a full batch of decodes and the budget binds only when set).
         max_model_len: the longest prompt plus output (None: the model's maximum positions).
         watermark: fraction of device blocks kept free at admission.
         batching: "iteration" (default: the batch is formed anew every step) or "static" (a new
@@ -197,12 +199,14 @@ class LLM:
         self._model_len_why = "as given" if max_model_len is not None else limit_why
         if isinstance(model_len, int) and model_len > limit:
             raise ValueError(f"max_model_len must be <= {limit_why}, got {model_len}")
+        budget = max_num_batched_tokens
+        if budget is None:  # a bad max_num_seqs or max_model_len is SchedulerConfig's to name
+            sizes = (model_len, max_num_seqs)
+            budget = max(sum(sizes), 2048) if all(type(x) is int for x in sizes) else 2048
         self.scheduler_config = SchedulerConfig(
             max_model_len=model_len,
             max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max(model_len, 2048)
-            if max_num_batched_tokens is None
-            else max_num_batched_tokens,
+            max_num_batched_tokens=budget,
             preemption_mode=preemption_mode,
             batching=batching,
         )

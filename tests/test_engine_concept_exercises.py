@@ -106,7 +106,8 @@ def test_scheduling_exercise():
 
 
 def test_scheduling_budget_does_not_hold_back_the_first_prefill():
-    # The page's note: the first prefill of a step is admitted whatever the budget says.
+    # The page's note: a step with nothing else in it takes a prompt larger than the whole budget
+    # (without chunked prefill it could never run otherwise), alone.
     config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=16)
     scheduler = Scheduler(config, BlockManager(block_size=4, num_gpu_blocks=16, watermark=0.0))
     scheduler.add(request("long", 20, 0))

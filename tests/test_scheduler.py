@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from hypothesis import event, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
@@ -139,8 +139,8 @@ def test_max_num_seqs_counts_a_groups_samples_and_blocks_the_queue():
     assert len(out.scheduled) == 3
 
 
-def test_max_num_batched_tokens_stops_the_second_prefill_not_the_first():
-    scheduler = make_scheduler(32, max_num_batched_tokens=10)
+def test_max_num_batched_tokens_stops_admission_and_no_prefill_jumps_the_queue():
+    scheduler = make_scheduler(32, max_num_seqs=4, max_num_batched_tokens=10)
     scheduler.add(make_group("a", 8))
     scheduler.add(make_group("b", 8))  # 8 + 8 > 10
     scheduler.add(make_group("c", 1))  # fits the budget, but no queue jumping
@@ -152,14 +152,20 @@ def test_max_num_batched_tokens_stops_the_second_prefill_not_the_first():
     assert out.num_batched_tokens == 10
 
 
-def test_the_first_admission_of_a_step_is_always_allowed():
-    scheduler = make_scheduler(32, max_num_batched_tokens=4)
-    scheduler.add(make_group("long", 20))  # longer than the whole budget
-    scheduler.add(make_group("next", 6))
+def test_a_prompt_longer_than_the_budget_runs_alone_in_an_empty_step():
+    scheduler = make_scheduler(32, max_num_seqs=4, max_num_batched_tokens=4)
+    scheduler.add(make_group("long", 20, max_tokens=3))  # longer than the whole budget
+    scheduler.add(make_group("next", 6))  # longer too: it waits for the next empty step
+    scheduler.add(make_group("short", 1))  # would fit beside the decodes, but no queue jumping
     out = engine_step(scheduler)
-    assert q_lens(out) == [("long", 20)], "a prompt longer than the budget still runs, alone"
-    out = engine_step(scheduler)  # the decode uses 1 of 4, "next" is the step's first admission
-    assert q_lens(out) == [("long", 1), ("next", 6)]
+    assert q_lens(out) == [("long", 20)], "nothing else in the step: it runs, alone"
+    for _ in range(2):  # long's two decodes: 1 + 6 > 4, so "next" waits
+        out = engine_step(scheduler)
+        assert q_lens(out) == [("long", 1)] and ids(scheduler.waiting) == ["next", "short"]
+    out = engine_step(scheduler)  # long finished: an empty step again
+    assert q_lens(out) == [("next", 6)]
+    out = engine_step(scheduler)
+    assert q_lens(out) == [("next", 1), ("short", 1)] and out.num_batched_tokens <= 4
 
 
 def test_parallel_samples_share_the_prompt_and_compute_it_once():
@@ -171,6 +177,109 @@ def test_parallel_samples_share_the_prompt_and_compute_it_once():
     assert out.num_batched_tokens == 8
     manager = scheduler.block_manager
     assert manager.device.num_used == 2, "three samples of a 6-token prompt share its 2 blocks"
+
+
+# ---- the token budget: every step, every phase -------------------------------------------------
+
+
+def over_budget(scheduler: Scheduler, max_num_batched_tokens: int) -> None:
+    """Give `scheduler` a budget below its max_num_seqs, a pair SchedulerConfig refuses.
+
+    The config's check alone keeps decodes and swap-ins within the budget (each running sequence
+    computes one token). This takes the check away, to test that the scheduler itself never
+    spends more than its budget: a group that does not fit waits a step.
+    """
+    object.__setattr__(scheduler.config, "max_num_batched_tokens", max_num_batched_tokens)  # frozen
+
+
+def groups_in(out: SchedulerOutput) -> list[SequenceGroup]:
+    """The groups a step runs, in the order the scheduler took them."""
+    return list({id(item.group): item.group for item in out.scheduled}.values())
+
+
+@given(max_num_seqs=st.integers(2, 512), data=st.data())
+def test_scheduler_config_refuses_a_budget_below_max_num_seqs(max_num_seqs, data):
+    budget = data.draw(st.integers(1, max_num_seqs - 1))
+    expected = rf"max_num_batched_tokens \({budget}\) must be >= max_num_seqs \({max_num_seqs}\)"
+    with pytest.raises(ValueError, match=expected):
+        SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
+    config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_seqs)  # equal: enough
+    assert config.max_num_batched_tokens == max_num_seqs
+
+
+@given(num_running=st.integers(1, 6), extra=st.integers(0, 8))
+def test_a_prefill_joins_only_if_it_fits_what_the_decodes_left(num_running, extra):
+    budget = 8 + extra
+    scheduler = make_scheduler(64, max_num_seqs=8, max_num_batched_tokens=budget)
+    for i in range(num_running):
+        scheduler.add(make_group(f"r{i}", 1))
+    engine_step(scheduler)
+    scheduler.add(make_group("fits", budget - num_running))  # exactly what the decodes leave
+    out = engine_step(scheduler)
+    assert q_lens(out) == [*((f"r{i}", 1) for i in range(num_running)), ("fits", budget - num_running)]
+    assert out.num_batched_tokens == budget
+    scheduler.add(make_group("over", budget - num_running))  # one token too many: "fits" decodes too
+    scheduler.add(make_group("short", 1))  # it would fit, but it arrived after "over"
+    out = engine_step(scheduler)
+    assert out.num_batched_tokens == num_running + 1
+    assert ids(scheduler.waiting) == ["over", "short"]
+
+
+@given(max_tokens=st.lists(st.integers(1, 6), min_size=8, max_size=8), budget=st.integers(1, 7))
+def test_decodes_beyond_the_budget_wait_a_step_and_the_oldest_go_first(max_tokens, budget):
+    scheduler = make_scheduler(64, max_num_seqs=8, max_num_batched_tokens=16)
+    manager = scheduler.block_manager
+    groups = [make_group(f"g{i}", 1 + i % 3, max_tokens=m) for i, m in enumerate(max_tokens)]  # 15 tokens
+    for group in groups:
+        scheduler.add(group)
+    late = make_group("late", 1, max_tokens=2)  # over max_num_seqs until one of the 8 finishes
+    scheduler.add(late)
+    out = engine_step(scheduler)
+    assert ids(groups_in(out)) == ids(groups), "8 running sequences, one group each"
+    over_budget(scheduler, budget)
+    for _ in range(100):
+        if not scheduler.has_unfinished():
+            break
+        running = sorted(scheduler.running, key=lambda g: g.arrival_time)
+        out = engine_step(scheduler)
+        assert 1 <= out.num_batched_tokens <= budget and not out.preempted
+        ran = [g for g in groups_in(out) if g in running]
+        # The oldest running groups get the budget; the others wait a step, with their blocks.
+        assert ids(ran) == ids(running[: len(ran)]) and len(ran) == min(budget, len(running))
+        assert out.deferred == ids(running[len(ran) :])
+        for group in running[len(ran) :]:
+            assert group in scheduler.running
+            assert all(manager.get_block_table(s).num_tokens == len(s) - 1 for s in group.seqs)
+        if late in groups_in(out) and late not in running:
+            assert not out.deferred, "no newer group takes the tokens an older one waits for"
+    assert not scheduler.has_unfinished()
+    for group, m in zip(groups, max_tokens, strict=True):
+        assert group.seqs[0].output_token_ids == [10] * m
+    assert manager.device.num_free == 64
+
+
+def test_a_swapped_group_comes_back_only_within_the_budget():
+    scheduler = make_scheduler(4, num_cpu_blocks=8, preemption_mode="swap", max_num_seqs=8)
+    manager = scheduler.block_manager
+    scheduler.add(make_group("a", 4, max_tokens=2))  # needs a 2nd block at step 2
+    scheduler.add(make_group("b", 2, max_tokens=6))
+    c = make_group("c", 3, n=3, max_tokens=2)  # 1 shared partial block: 2 copies at step 2
+    scheduler.add(c)
+    engine_step(scheduler)
+    out = engine_step(scheduler)
+    assert out.preempted == [("c", "swap")]
+    assert ids(scheduler.running) == ["b"], "a finished"
+    over_budget(scheduler, 3)  # b's decode (1) + c's three samples (3) > 3
+    assert manager.can_swap_in(c), "memory would let c back in: only the budget holds it"
+    for _ in range(5):  # b's 4 remaining decodes, then c alone
+        out = engine_step(scheduler)
+        if not scheduler.swapped:
+            break
+        assert q_lens(out) == [("b", 1)] and not out.blocks_to_swap_in, "1 + 3 > 3: c stays out"
+    assert q_lens(out) == [("c", 1)] * 3 and out.blocks_to_swap_in
+    assert not scheduler.has_unfinished()
+    assert [s.output_token_ids for s in c.seqs] == [[10, 10], [11, 11], [12, 12]]
+    assert manager.device.num_free == 4 and manager.host.num_free == 8
 
 
 # ---- prefix caching ----------------------------------------------------------------------------
@@ -502,7 +611,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         num_cpu_blocks=st.integers(0, 16),
         watermark=st.sampled_from([0.0, 0.1]),
         max_num_seqs=st.integers(3, 8),
-        max_num_batched_tokens=st.integers(4, 48),
+        extra_tokens=st.integers(0, 20),  # the budget is max_num_seqs + extra_tokens
         preemption_mode=st.sampled_from(["recompute", "swap"]),
         prefix_caching=st.booleans(),
     )
@@ -513,12 +622,12 @@ class SchedulerMachine(RuleBasedStateMachine):
         num_cpu_blocks,
         watermark,
         max_num_seqs,
-        max_num_batched_tokens,
+        extra_tokens,
         preemption_mode,
         prefix_caching,
     ):
         self.manager = BlockManager(block_size, num_gpu_blocks, num_cpu_blocks, watermark, prefix_caching)
-        config = SchedulerConfig(1024, max_num_seqs, max_num_batched_tokens, preemption_mode)
+        config = SchedulerConfig(1024, max_num_seqs, max_num_seqs + extra_tokens, preemption_mode)
         self.scheduler = Scheduler(config, self.manager)
         self.unfinished: list[SequenceGroup] = []
         self.max_tokens: dict[str, int] = {}
@@ -605,6 +714,16 @@ class SchedulerMachine(RuleBasedStateMachine):
                     admitted.append(item.group)
             else:
                 assert item.num_query_tokens == 1, "a running or swapped-in sequence decodes one token"
+        # The token budget holds at every step. The one step that may pass it holds a single group's
+        # prefill, larger than the whole budget (a recompute that grew past it, or a long prompt).
+        budget = scheduler.config.max_num_batched_tokens
+        if out.num_batched_tokens > budget:
+            event("a prefill larger than the budget, alone")
+            assert len({id(item.group) for item in out.scheduled}) == 1
+            assert all(item.is_prefill for item in out.scheduled)
+        assert not out.deferred, "with a budget >= max_num_seqs every running sequence decodes"
+        if out.num_batched_tokens == budget:
+            event("the budget is spent")
         # FCFS: the groups admitted are the head of the waiting queue, in order.
         assert admitted == waiting_before[: len(admitted)]
         if admitted:

@@ -18,6 +18,15 @@ The policy, first come first served:
    a few blocks free for the running ones to grow) and the step's budget allows. No group is admitted
    in a step that preempted one, and none jumps the queue: a LATER stops admission.
 
+The token budget, max_num_batched_tokens, bounds every step: the three phases spend it in that order,
+decodes, swapped-in decodes and prefills alike, and a group runs whole or not at all. The first group
+that does not fit ends the step for everyone newer (FCFS): a running group keeps its blocks and runs
+at the next step, a swapped or waiting one stays where it is. SchedulerConfig keeps the budget at
+least max_num_seqs, so the decodes alone always fit. The one step that may pass the budget is a step
+with nothing else in it: a group whose prefill is larger than the whole budget (a prompt longer than
+the budget, or a request preempted by recompute after it grew past it) then runs alone, since
+without chunked prefill it could never run otherwise.
+
 With `batching="static"` (SchedulerConfig), step 3 runs only when nothing is running: a batch is
 admitted, runs until its last request finishes, and only then is the next one formed, as in
 FasterTransformer and other systems before Orca. The experiments use it as that baseline.
@@ -57,9 +66,11 @@ class SchedulerOutput:
     blocks_to_swap_in: BlockMapping = field(default_factory=list)  # (host, device), done second
     blocks_to_copy: BlockMapping = field(default_factory=list)  # copy-on-write (src, dst), done third
     preempted: list[tuple[str, str]] = field(default_factory=list)  # (request_id, "swap" | "recompute")
+    deferred: list[str] = field(default_factory=list)  # running request_ids left out by the token budget
 
     @property
     def num_batched_tokens(self) -> int:
+        """Query tokens the step computes (prefills and decodes): at most max_num_batched_tokens."""
         return sum(s.num_query_tokens for s in self.scheduled)
 
 
@@ -119,13 +130,23 @@ class Scheduler:
     # ---- the three phases --------------------------------------------------------------------
 
     def _schedule_running(self, out: SchedulerOutput) -> bool:
-        """Give each running group its next slots, oldest first; preempt the newest when short."""
+        """Give each running group its next slots, oldest first; preempt the newest when short.
+
+        A group that does not fit the token budget, and every newer one, waits a step with its blocks.
+
+        Returns:
+            True if a group was preempted (then no swapped or waiting group may start this step).
+        """
         manager = self.block_manager
         queue = deque(sorted(self.running, key=lambda g: g.arrival_time))
         kept: list[SequenceGroup] = []
         preempted = False
         while queue:
             group = queue.popleft()
+            if not self._fits_budget(out, group.get_seqs(SequenceStatus.RUNNING)):
+                out.deferred += [g.request_id for g in (group, *queue)]
+                kept += [group, *queue]  # no preemption: they keep their blocks and run next step
+                break
             while not manager.can_append_slots(group):
                 victim = queue.pop() if queue else group  # the most recently arrived running group
                 self._preempt(victim, out)
@@ -148,6 +169,8 @@ class Scheduler:
             seqs = group.get_seqs(SequenceStatus.SWAPPED)
             if self._num_running_seqs() + len(seqs) > self.config.max_num_seqs:
                 break
+            if not self._fits_budget(out, seqs):  # each decodes the token it sampled before the swap
+                break
             if not manager.can_swap_in(group):  # its blocks and those its next tokens need
                 break
             self.swapped.pop(0)
@@ -161,14 +184,12 @@ class Scheduler:
     def _schedule_waiting(self, out: SchedulerOutput) -> None:
         """Admit waiting groups in arrival order while memory and the step's budget allow."""
         manager = self.block_manager
-        admitted = 0
         while self.waiting:
             group = self.waiting[0]
             seqs = group.get_unfinished_seqs()
             if self._num_running_seqs() + group.max_seqs > self.config.max_num_seqs:
                 break
-            tokens = sum(len(seq) for seq in seqs)  # at most this many to compute
-            if admitted and out.num_batched_tokens + tokens > self.config.max_num_batched_tokens:
+            if not self._fits_budget(out, seqs):  # its whole prompt (and any output) at most
                 break
             status = manager.can_allocate(group)
             if status != AllocStatus.OK:  # LATER: wait for blocks; NEVER is refused at submission
@@ -180,7 +201,23 @@ class Scheduler:
                 seq.status = SequenceStatus.RUNNING
                 out.scheduled.append(ScheduledSeq(group, seq, seq.num_uncomputed_tokens, is_prefill=True))
             self.running.append(group)
-            admitted += 1
+
+    # ---- the token budget --------------------------------------------------------------------
+
+    def _fits_budget(self, out: SchedulerOutput, seqs: list[Sequence]) -> bool:
+        """May these sequences of one group join the step without passing max_num_batched_tokens?
+
+        They would compute at most their uncomputed tokens: 1 for a decode, the whole sequence for
+        a prefill (a prefix-cache hit or a block shared with a sibling only lowers that). Once a
+        running group waits for the budget, no newer group takes the tokens it left (FCFS). A step
+        with nothing in it takes any group, so one larger than the whole budget still runs, alone.
+        """
+        if out.deferred:
+            return False
+        if not out.scheduled:
+            return True
+        num_new_tokens = sum(seq.num_uncomputed_tokens for seq in seqs)
+        return out.num_batched_tokens + num_new_tokens <= self.config.max_num_batched_tokens
 
     # ---- preemption --------------------------------------------------------------------------
 
