@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from minipaged.reference.block_allocator import BlockAllocator, NoFreeBlocksError
 from minipaged.reference.block_table import BlockTable, block_tables_tensor, num_blocks_for
 
 
@@ -254,3 +258,130 @@ def test_append_negative_tokens_raises_and_changes_nothing(table):
         table.append_tokens(-1, allocate)
     assert allocate.calls == 0
     assert (table.block_ids, table.num_tokens) == ([7, 2], 6)
+
+
+# ---- task 1.3: a failed append changes nothing -----------------------------------------------
+
+
+def allocator_state(pool: BlockAllocator) -> tuple[list[int], list[int]]:
+    """Everything an allocator holds: its free list (in the order it hands blocks out) and the counts."""
+    return list(pool._free_list), [pool.ref_count(b) for b in range(pool.num_blocks)]
+
+
+def pool_blocks_in_order(state: tuple[list[int], list[int]]) -> list[int]:
+    """The blocks an allocator in `state` hands out next, first to last (it pops its free list)."""
+    return state[0][::-1]
+
+
+@pytest.mark.task1_3
+@given(block_size=st.integers(1, 8), num_blocks=st.integers(0, 6), data=st.data())
+def test_append_past_the_pool_gives_back_every_block_it_took(block_size, num_blocks, data):
+    pool = BlockAllocator(num_blocks)
+    table = BlockTable(block_size)
+    num_new_tokens = data.draw(st.integers(num_blocks * block_size + 1, (num_blocks + 3) * block_size))
+    with pytest.raises(NoFreeBlocksError):
+        table.append_tokens(num_new_tokens, pool.allocate, pool.free)
+    assert (table.block_ids, table.num_tokens) == ([], 0)
+    assert pool.num_used == 0, "the blocks taken before the pool ran dry went back"
+    assert allocator_state(pool) == allocator_state(BlockAllocator(num_blocks))
+
+
+@pytest.mark.task1_3
+def test_the_leak_case_four_blocks_from_a_pool_of_three():
+    pool = BlockAllocator(3)
+    table = BlockTable(4)
+    with pytest.raises(NoFreeBlocksError):
+        table.append_tokens(16, pool.allocate, pool.free)  # 16 tokens: 4 blocks of 4
+    assert (len(table), table.num_tokens, pool.num_used) == (0, 0, 0)
+    assert table.append_tokens(12, pool.allocate, pool.free) == [0, 1, 2], "the pool is whole again"
+
+
+@pytest.mark.task1_3
+@given(block_size=st.integers(1, 6), data=st.data())
+def test_a_failed_append_leaves_a_partly_filled_table_and_its_pool_as_they_were(block_size, data):
+    pool = BlockAllocator(data.draw(st.integers(2, 8)))
+    other = BlockTable(block_size)  # another sequence's blocks, used throughout
+    other.append_tokens(data.draw(st.integers(0, block_size)), pool.allocate, pool.free)
+    table = BlockTable(block_size)
+    table.append_tokens(data.draw(st.integers(1, pool.num_free * block_size)), pool.allocate, pool.free)
+    before = (list(table.block_ids), table.num_tokens, allocator_state(pool))
+    room = table.capacity - table.num_tokens + pool.num_free * block_size  # the most that fits
+    with pytest.raises(NoFreeBlocksError):
+        table.append_tokens(data.draw(st.integers(room + 1, room + 3 * block_size)), pool.allocate, pool.free)
+    assert (table.block_ids, table.num_tokens, allocator_state(pool)) == before
+    assert table.append_tokens(room, pool.allocate, pool.free) == pool_blocks_in_order(before[2])
+    assert pool.num_free == 0
+
+
+@pytest.mark.task1_3
+def test_the_issue_repro_pool_allocate_alone_gives_its_blocks_back():
+    """`append_tokens(16, BlockAllocator(3).allocate)`, as the bug report wrote it: no free passed."""
+    pool = BlockAllocator(3)
+    table = BlockTable(4)
+    with pytest.raises(NoFreeBlocksError):
+        table.append_tokens(16, pool.allocate)
+    assert (len(table), table.num_tokens, pool.num_used) == (0, 0, 0)
+    assert allocator_state(pool) == allocator_state(BlockAllocator(3))
+
+
+@pytest.mark.task1_3
+def test_without_free_a_failed_append_still_leaves_the_table_as_it_was(table):
+    taken = []
+
+    def allocate() -> int:  # two blocks, then the pool runs dry
+        if len(taken) == 2:
+            raise NoFreeBlocksError("dry")
+        taken.append(50 + len(taken))
+        return taken[-1]
+
+    with pytest.raises(NoFreeBlocksError):
+        table.append_tokens(11, allocate)  # 6 + 11 = 17 tokens: 5 blocks, 3 more
+    assert (table.block_ids, table.num_tokens) == ([7, 2], 6)
+    assert taken == [50, 51], "with no free, the caller is left holding the blocks taken"
+
+
+class TablesAgainstAPool(RuleBasedStateMachine):
+    """Random sequences append random token counts against a small pool, and finish: no block leaks."""
+
+    @initialize(block_size=st.integers(1, 4), num_blocks=st.integers(0, 8))
+    def setup(self, block_size, num_blocks):
+        self.pool = BlockAllocator(num_blocks)
+        self.block_size = block_size
+        self.tables: list[BlockTable] = []
+
+    @rule()
+    def new_sequence(self):
+        self.tables.append(BlockTable(self.block_size))
+
+    @precondition(lambda self: self.tables)
+    @rule(data=st.data(), num_new_tokens=st.integers(0, 12))
+    def append(self, data, num_new_tokens):
+        table = data.draw(st.sampled_from(self.tables))
+        needed = table.num_new_blocks_needed(num_new_tokens)
+        before = (list(table.block_ids), table.num_tokens)
+        if needed > self.pool.num_free:
+            with pytest.raises(NoFreeBlocksError):
+                table.append_tokens(num_new_tokens, self.pool.allocate, self.pool.free)
+            assert (table.block_ids, table.num_tokens) == before
+            event("the pool ran dry: undone")
+        else:
+            new = table.append_tokens(num_new_tokens, self.pool.allocate, self.pool.free)
+            assert len(new) == needed and table.block_ids == before[0] + new
+
+    @precondition(lambda self: self.tables)
+    @rule(data=st.data())
+    def finish(self, data):
+        table = self.tables.pop(data.draw(st.integers(0, len(self.tables) - 1)))
+        for block in table.block_ids:
+            self.pool.free(block)
+
+    @invariant()
+    def used_blocks_are_exactly_the_blocks_the_tables_hold(self):
+        held = [b for t in self.tables for b in t.block_ids]
+        assert len(held) == len(set(held)), "a block in two tables"
+        assert self.pool.num_used == len(held)
+        assert all(self.pool.ref_count(b) == 1 for b in held)
+
+
+TablesAgainstAPool.TestCase.settings = settings(max_examples=100, stateful_step_count=30, deadline=None)
+test_tables_against_a_pool_never_leak = pytest.mark.task1_3(TablesAgainstAPool.TestCase)

@@ -78,27 +78,50 @@ class BlockTable:
         """Blocks that appending `num_new_tokens` would allocate (0 while the last block has room)."""
         return num_blocks_for(self.num_tokens + num_new_tokens, self.block_size) - len(self.block_ids)
 
-    def append_tokens(self, num_new_tokens: int, allocate: Callable[[], int]) -> list[int]:
+    def append_tokens(
+        self, num_new_tokens: int, allocate: Callable[[], int], free: Callable[[int], object] | None = None
+    ) -> list[int]:
         """Make room for `num_new_tokens` more tokens, calling `allocate` only when the last block is full.
 
         This is demand paging: the table asks the frame allocator for a block at the moment a token
         would fall past the end of its last block, never earlier.
 
+        All or nothing: if `allocate` raises partway (the pool ran dry after giving some of the
+        blocks), the blocks this call took go back through `free`, the table is left as it was,
+        and the error propagates. When `allocate` is an allocator's own method
+        (`pool.allocate`), `free` defaults to that allocator's `free`, so a failed append never
+        leaks; with any other callable, pass `free` if the pool may run short (BlockManager
+        checks the free count first, so it never does).
+
         Args:
             num_new_tokens: tokens to add (>= 0).
             allocate: returns a fresh physical block id (e.g. BlockAllocator.allocate).
+            free: gives a block back (e.g. BlockAllocator.free); used only to undo a failed append.
+                None: `allocate.__self__.free` when `allocate` is a bound method of an object
+                that has one (BlockAllocator.allocate), else nothing.
 
         Returns:
             The block ids newly appended, in order.
 
         Raises:
             ValueError: if num_new_tokens is negative.
+            NoFreeBlocksError: or whatever else `allocate` raises, after the undo.
         """
         if num_new_tokens < 0:
             raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
+        if free is None:  # pool.allocate given: its pool's free undoes a failed append
+            free = getattr(getattr(allocate, "__self__", None), "free", None)
         # BEGIN SOLUTION
-        new_blocks = [allocate() for _ in range(self.num_new_blocks_needed(num_new_tokens))]
-        self.block_ids.extend(new_blocks)
+        new_blocks: list[int] = []
+        try:
+            for _ in range(self.num_new_blocks_needed(num_new_tokens)):
+                new_blocks.append(allocate())
+        except Exception:
+            if free is not None:
+                for block in reversed(new_blocks):  # reversed: the free list gets back its order
+                    free(block)
+            raise
+        self.block_ids.extend(new_blocks)  # only now, when every block was found
         self.num_tokens += num_new_tokens
         return new_blocks
         # END SOLUTION
