@@ -319,7 +319,9 @@ class LLM:
         Args:
             request_id: an id from add_request, or a list of them.
         """
-        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        ids = [request_id] if isinstance(request_id, str) else request_id
+        if not isinstance(ids, (list, tuple)) or not all(isinstance(rid, str) for rid in ids):
+            raise TypeError(f"request_id must be a string or a list of strings, got {request_id!r}")
         for rid in ids:
             entry = self._requests.get(rid)
             if entry is None:
@@ -578,8 +580,12 @@ class LLM:
         return min(hits)[1] if hits else None
 
     def _completion(self, index: int, seq: Sequence, params: SamplingParams) -> CompletionOutput:
-        """One sample as the caller sees it; the text stops before a stop string that ended it."""
-        text = self._decode(seq.output_token_ids)
+        """One sample as the caller sees it; its text stops before the stop string or stop token that
+        ended it (its token_ids keep every token sampled), as vLLM's does by default."""
+        if isinstance(seq.stop_reason, int):  # a stop token: in token_ids, not in the text
+            text = self._decode(seq.output_token_ids[:-1])
+        else:
+            text = self._decode(seq.output_token_ids)
         if isinstance(seq.stop_reason, str):
             text = text[: text.find(seq.stop_reason)]
         if not seq.is_finished():

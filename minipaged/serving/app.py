@@ -88,6 +88,7 @@ def build_app(
     async def completions(request: Request) -> Response:
         try:
             completion = parse_completion_request(await _json_body(request))
+            _check_token_ids(completion.params.stop_token_ids, llm.vocab_size)
             if completion.model not in (None, model_name):
                 raise ProtocolError(
                     f"the model `{completion.model}` does not exist (this server serves `{model_name}`)",
@@ -176,7 +177,13 @@ class _Handle:
         completion, params = self.completion, self.completion.params
         want_logprobs = params.logprobs is not None
         stream = CompletionStream(
-            model_name, tokenizer, params.n, params.stop, want_logprobs, completion.include_usage
+            model_name,
+            tokenizer,
+            params.n,
+            params.stop,
+            want_logprobs,
+            completion.include_usage,
+            completion.continuous_usage,
         )
         try:
             while True:
@@ -224,6 +231,14 @@ async def _disconnected(request: Request) -> None:
 
 def _sse_data(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
+
+
+def _check_token_ids(stop_token_ids: tuple[int, ...], vocab_size: int) -> None:
+    """A stop token the model can never sample is a mistake, refused as vLLM does (400)."""
+    bad = [t for t in stop_token_ids if t >= vocab_size]
+    if bad:
+        message = f"stop_token_ids must be token ids in [0, {vocab_size}) (the vocabulary), got {bad[:5]}"
+        raise ProtocolError(message, "stop_token_ids")
 
 
 def _error_response(error: ProtocolError) -> JSONResponse:

@@ -9,7 +9,8 @@ Fields follow OpenAI's /v1/completions and vLLM's extras (top_k, ignore_eos, sto
 
     {"model": "tiny-llama", "prompt": "Hello" | [1, 75, 104], "max_tokens": 16, "temperature": 1.0,
      "top_p": 1.0, "top_k": 0, "n": 1, "seed": null, "stop": null, "stop_token_ids": null,
-     "logprobs": null, "ignore_eos": false, "stream": false, "stream_options": {"include_usage": true}}
+     "logprobs": null, "ignore_eos": false, "stream": false,
+     "stream_options": {"include_usage": true, "continuous_usage_stats": false}}
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ MAX_LOGPROBS = 20  # vLLM's default max_logprobs (OpenAI allows 5)
 # OpenAI fields minipaged does not implement, and the value that means "not used": accepted at it.
 _INERT = {"echo": (False,), "suffix": (None, ""), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0)}
 _IGNORED = {"user"}  # accepted and ignored, as vLLM does
+_STREAM_OPTIONS = {"include_usage", "continuous_usage_stats"}  # the second is vLLM's extra
 _KNOWN = {
     "model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "seed", "stop",
     "stop_token_ids", "logprobs", "ignore_eos", "stream", "stream_options", "best_of", "logit_bias",
@@ -52,6 +54,8 @@ class CompletionRequest:
         params: the SamplingParams built from the body.
         stream: send server-sent events token by token.
         include_usage: with stream, end with a chunk that carries the usage counts.
+        continuous_usage: with include_usage, every chunk also carries the counts so far (vLLM's
+            stream_options.continuous_usage_stats).
     """
 
     model: str | None
@@ -59,6 +63,7 @@ class CompletionRequest:
     params: SamplingParams
     stream: bool
     include_usage: bool
+    continuous_usage: bool = False
 
 
 def parse_completion_request(body: object) -> CompletionRequest:
@@ -89,11 +94,16 @@ def parse_completion_request(body: object) -> CompletionRequest:
     options = body.get("stream_options")
     if options is not None and not stream:
         raise ProtocolError("stream_options is only allowed with stream: true", "stream_options")
-    if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}):
-        raise ProtocolError('stream_options must be {"include_usage": bool}', "stream_options")
+    if options is not None and (not isinstance(options, dict) or set(options) - _STREAM_OPTIONS):
+        message = 'stream_options must be {"include_usage": bool, "continuous_usage_stats": bool}'
+        raise ProtocolError(message, "stream_options")
     include_usage = _get(options or {}, "include_usage", bool, False, "stream_options.include_usage")
+    continuous = _get(
+        options or {}, "continuous_usage_stats", bool, False, "stream_options.continuous_usage_stats"
+    )
     params = _sampling_params(body, n)
-    return CompletionRequest(model, _prompt(body), params, stream, include_usage)
+    continuous = include_usage and continuous  # counts on every chunk only when counts were asked
+    return CompletionRequest(model, _prompt(body), params, stream, include_usage, continuous)
 
 
 def _sampling_params(body: dict, n: int) -> SamplingParams:
@@ -116,7 +126,7 @@ def _sampling_params(body: dict, n: int) -> SamplingParams:
         max_tokens=_get(body, "max_tokens", int, 16),  # OpenAI's default
         seed=_optional(body, "seed", int),
         ignore_eos=_get(body, "ignore_eos", bool, False),
-        stop=stop or None,
+        stop=None if stop in (None, []) else stop,  # "" goes on to be refused, as [""] is
         stop_token_ids=stop_token_ids or None,
         logprobs=logprobs,
     )

@@ -84,12 +84,24 @@ class CompletionStream:
         model: the served model name; tokenizer: the engine's (for logprobs' token texts).
         n: the request's samples; stop: its stop strings (their length sets the text held back).
         want_logprobs: add each chunk's tokens' logprobs; include_usage: null usage on every chunk.
+        continuous_usage: with include_usage, each chunk carries its choice's counts so far instead
+            (vLLM's continuous_usage_stats).
     """
 
-    def __init__(self, model: str, tokenizer, n: int, stop, want_logprobs: bool, include_usage: bool):
+    def __init__(
+        self,
+        model: str,
+        tokenizer,
+        n: int,
+        stop,
+        want_logprobs: bool,
+        include_usage: bool,
+        continuous_usage: bool = False,
+    ):
         self.id, self.created = completion_id(), int(time.time())
         self.model, self.tokenizer = model, tokenizer
         self.want_logprobs, self.include_usage = want_logprobs, include_usage
+        self.continuous_usage = include_usage and continuous_usage
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         self.hold_back = max((len(s) for s in stops), default=1) - 1  # a stop string's possible start
         self.sent_text = [""] * n
@@ -117,7 +129,11 @@ class CompletionStream:
             }
             if done:
                 choice["stop_reason"] = getattr(c, "stop_reason", None)
-            chunks.append(self._chunk([choice]))
+            chunk = self._chunk([choice])
+            if self.continuous_usage:  # as vLLM counts it: the prompt and this choice's tokens so far
+                prompt = len(output.prompt_token_ids)
+                chunk["usage"] = dict(prompt_tokens=prompt, completion_tokens=end, total_tokens=prompt + end)
+            chunks.append(chunk)
         return chunks
 
     def usage_chunk(self, output: RequestOutput) -> dict:
