@@ -21,7 +21,7 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # the plain bar: tqdm.auto warns in a notebook without ipywidgets
 
 from minipaged.backend import get_backend
 from minipaged.beam_search import BeamState

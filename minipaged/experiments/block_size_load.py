@@ -19,7 +19,7 @@ Rows: {"part": "load", "block_size", "workload", "rate", "kv_slots", "window_s",
 
 from __future__ import annotations
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from minipaged.experiments.serving import KV_SLOTS, MAX_MODEL_LEN, serve
 from minipaged.experiments.simulator import STEP_TIME

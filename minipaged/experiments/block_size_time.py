@@ -21,7 +21,7 @@ import statistics
 import time
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from minipaged.demo import torch_threads
 from minipaged.engine import LLM

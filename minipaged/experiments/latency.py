@@ -28,7 +28,7 @@ import statistics
 from collections.abc import Callable
 from typing import Any
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from minipaged.experiments.cost_model import CostModel
 from minipaged.experiments.simulator import simulate

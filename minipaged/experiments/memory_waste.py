@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from minipaged.experiments import ExperimentResult, check_run_args
 from minipaged.experiments.batch_size import PAPER as BATCH_PAPER

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from minipaged.experiments import ExperimentResult, check_run_args, check_tensor_args
 from minipaged.experiments import latency as lat

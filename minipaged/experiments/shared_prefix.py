@@ -44,7 +44,7 @@ import math
 import statistics
 from dataclasses import dataclass
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from minipaged.experiments import ExperimentResult, check_run_args
 from minipaged.experiments import latency as lat

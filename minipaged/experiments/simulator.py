@@ -28,7 +28,7 @@ import itertools
 from collections.abc import Iterable
 from typing import Any
 
-from tqdm.auto import tqdm
+from tqdm import tqdm  # the plain bar: tqdm.auto warns in a notebook without ipywidgets
 
 from minipaged.config import PREEMPTION_MODES
 from minipaged.engine import LLM

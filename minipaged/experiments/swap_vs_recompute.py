@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from minipaged.config import kv_cache_bytes_per_block
 from minipaged.demo import torch_threads
