@@ -36,6 +36,7 @@ COPIED = (
     "tests",
     "tutorials",
     "benchmarks",
+    "scripts",  # the figure and training scripts: tests replay them
     "docs",
     "pyproject.toml",
     "Makefile",

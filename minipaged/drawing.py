@@ -215,7 +215,7 @@ def _draw_pool(lay: _Layout, pool: str, y: float, free_list: bool) -> float:
     lay.parts.append(text(MARGIN, y + 29, "GPU memory" if pool == "device" else "CPU swap space", "s"))
     lay.parts.append(text(MARGIN, y + 41, f"{allocator.num_free} of {allocator.num_blocks} free", "s"))
     if free_list:  # allocate() pops from the right; the order is what the frame-allocator page teaches
-        order = ",".join(map(str, allocator._free_list))
+        order = ",".join(map(str, allocator.free_list))
         label = text(MARGIN, y + 53, f"free list: [{order}]", "s")
         lay.parts.append(f'<g data-free-list="{order}">{label}</g>')
     for cell in _blocks(lay.manager, pool):

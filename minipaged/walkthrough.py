@@ -26,10 +26,20 @@ def _claim(condition: bool, claim: str) -> None:
 class _Tour:
     """Prints numbered steps and pictures of one manager."""
 
-    def __init__(self, out: Callable[[str], object], manager: BlockManager, names: Mapping[int, str]):
+    def __init__(
+        self,
+        out: Callable[[str], object],
+        manager: BlockManager,
+        names: Mapping[int, str],
+        on_step: Callable[[str, tuple[str, ...]], object] | None = None,
+        on_show: Callable[[BlockManager, Mapping[int, str]], object] | None = None,
+    ):
         self.out, self.manager, self.names, self.number = out, manager, names, 0
+        self.on_step, self.on_show = on_step, on_show
 
     def step(self, title: str, *explanation: str) -> None:
+        if self.on_step is not None:
+            self.on_step(title, explanation)
         heading = f"Step {self.number}. {title}"
         self.out(f"\n{heading}\n{'=' * len(heading)}")
         for line in explanation:
@@ -47,6 +57,8 @@ class _Tour:
         for pool in pools:
             self.out("")
             self.out(render_pool(self.manager, pool, self.names, legend=legend and not seqs))
+        if self.on_show is not None:
+            self.on_show(self.manager, self.names)
 
 
 def check_sizes(block_size: int, num_gpu_blocks: int, num_cpu_blocks: int) -> None:
@@ -60,6 +72,9 @@ def run(
     block_size: int = 4,
     num_gpu_blocks: int = 16,
     num_cpu_blocks: int = 8,
+    *,
+    on_step: Callable[[str, tuple[str, ...]], object] | None = None,
+    on_show: Callable[[BlockManager, Mapping[int, str]], object] | None = None,
 ) -> MemoryStats:
     """Walk the block manager through admit, grow, fork, copy-on-write, prefix hit, swap and free.
 
@@ -68,6 +83,9 @@ def run(
         block_size: tokens per block (at least 2, so a block can be partly filled).
         num_gpu_blocks: blocks in the device pool (at least 12: the tour's peak).
         num_cpu_blocks: blocks in the host pool (at least 6: the swapped group's blocks).
+        on_step: called with each step's title and explanation lines as the step begins.
+        on_show: called with the manager and the sequences' names each time the tour draws
+            the pools (the HTML step-through records its states this way).
 
     Returns:
         The manager's MemoryStats after everything is freed.
@@ -85,7 +103,7 @@ def run(
     b = Sequence(system + list(range(301, 300 + bs)), status=SequenceStatus.RUNNING)
     group_a, group_b = SequenceGroup("A", [a]), SequenceGroup("B", [b])
     names = {a.seq_id: "A", b.seq_id: "B"}
-    tour = _Tour(out, manager, names)
+    tour = _Tour(out, manager, names, on_step, on_show)
 
     tour.step(
         "An empty device pool",

@@ -21,7 +21,6 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from unittest import mock
 
 from minipaged import walkthrough
 from minipaged.reference.block_allocator import NoFreeBlocksError
@@ -87,14 +86,12 @@ def _label(seq_id: int, names: Mapping[int, str]) -> str:
 def tour_states(block_size: int = 4, num_gpu_blocks: int = 16, num_cpu_blocks: int = 8) -> list[dict]:
     """Run `minipaged memory`'s tour and record each step: title, caption, CLI text, state.
 
-    The tour itself (walkthrough.run) makes every move; a recording subclass of its printer takes a
-    snapshot each time the tour draws the pools, so there is no second copy of the tour to drift.
+    The tour itself (walkthrough.run) makes every move; its on_step and on_show hooks record each
+    step and take a snapshot each time the tour draws the pools, so there is no second copy of the
+    tour to drift.
 
     Returns:
         One dict per step: {"title", "caption", "text", "block_size", "pools", "tables"}.
-
-    The recording swaps the tour's printer class for the length of the call (mock.patch), so two
-    threads must not record at once.
 
     Raises:
         TypeError: if a size is not an int.
@@ -111,19 +108,15 @@ def tour_states(block_size: int = 4, num_gpu_blocks: int = 16, num_cpu_blocks: i
     steps: list[dict] = []
     lines: list[str] = []
 
-    class RecordingTour(walkthrough._Tour):
-        def step(self, title: str, *explanation: str) -> None:
-            steps.append({"title": title, "caption": list(explanation), "block_size": block_size})
-            super().step(title, *explanation)
+    def on_step(title: str, explanation: tuple[str, ...]) -> None:
+        steps.append({"title": title, "caption": list(explanation), "block_size": block_size})
 
-        def show(
-            self, seqs: list[Sequence], pools: tuple[str, ...] = ("device",), legend: bool = False
-        ) -> None:
-            super().show(seqs, pools, legend)
-            steps[-1].update(snapshot(self.manager, self.names))
+    def on_show(manager, names) -> None:
+        steps[-1].update(snapshot(manager, names))
 
-    with mock.patch.object(walkthrough, "_Tour", RecordingTour):
-        walkthrough.run(lines.append, block_size, num_gpu_blocks, num_cpu_blocks)
+    walkthrough.run(
+        lines.append, block_size, num_gpu_blocks, num_cpu_blocks, on_step=on_step, on_show=on_show
+    )
     texts: list[list[str]] = []
     for line in lines:
         if line.startswith("\nStep "):

@@ -40,6 +40,11 @@ class BlockAllocator:
         self._ref_count: list[int] = [0] * num_blocks
 
     @property
+    def free_list(self) -> list[int]:
+        """The free blocks, a copy, in the order they wait: `allocate` hands out the last one first."""
+        return list(self._free_list)
+
+    @property
     def num_free(self) -> int:
         """Blocks that `allocate` can hand out right now."""
         return len(self._free_list)
