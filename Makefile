@@ -1,4 +1,5 @@
-# minipaged: the two entry commands are `make demo` and `make test` (see README.md).
+# minipaged: the two entry commands are `make demo` and `make test` (see README.md); `make check`
+# runs the fast tests only (under two minutes), for a quick answer while working on an assignment.
 #
 # Both create a virtualenv in $(VENV). torch: if $(PYTHON) already has a torch, the venv sees it
 # (--system-site-packages) and it is kept; otherwise $(TORCH) is installed first. The default pin,
@@ -12,14 +13,31 @@ BIN := $(VENV)/bin
 HAVE_TORCH := $(shell $(PYTHON) -c "import torch" >/dev/null 2>&1 && echo yes)
 VENV_FLAGS := $(if $(HAVE_TORCH),--system-site-packages,)
 
-.PHONY: demo test lint docs format clean
+# The fast tests: the paged memory manager (reference/), the scheduler, the kernel contract on the
+# reference backend, sampling and beam search, the engine under memory pressure and its refusals.
+# Left out (`make test` runs them): Triton's interpreter (-k "not triton"), the experiments, the
+# server, subprocesses (-k "not another_process"), the tutorials and the docs build.
+CHECK_TESTS := $(addprefix tests/test_,$(addsuffix .py,block_allocator block_table block_manager \
+	block_manager_state_machine prefix_cache scheduler scheduler_budget attention_reference \
+	kernel_contract kernel_contract_errors copy_on_write_data sampling beam_search engine_memory \
+	engine_errors viz readme))
+
+.PHONY: demo test check lint docs format clean
 
 demo: $(VENV)/.installed
 	$(BIN)/minipaged demo
+	@echo
+	@echo "To run minipaged yourself, put the virtualenv on your PATH:"
+	@echo "    source $(VENV)/bin/activate     # then: minipaged --help"
+	@echo "or call it by its path: $(BIN)/minipaged --help"
 
+# One line per test, numbered ([ 12/873]), printed as the test starts: a slow one shows its name.
 test: $(VENV)/.dev lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -v -o console_output_style=count
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+check: $(VENV)/.dev
+	$(BIN)/python -m pytest -o console_output_style=count -k "not triton and not another_process" $(CHECK_TESTS)
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
@@ -40,8 +58,20 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -e .
 	touch $@
 
+# Debian packages some tests drive: a real browser for the step-through page (chromium, chromedriver)
+# and node to compile every formula with the site's KaTeX. Installed when we are root with apt-get
+# (CI is); otherwise named, and those tests skip with the same command in their message.
+SYSTEM_PACKAGES := chromium chromium-driver nodejs
+
 $(VENV)/.dev: $(VENV)/.installed
 	$(BIN)/pip install -e ".[dev,docs]"
+	@if ! command -v chromedriver >/dev/null 2>&1 || ! command -v node >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES); \
+	  else \
+	    echo "note: the browser and KaTeX tests need: apt-get install $(SYSTEM_PACKAGES)"; \
+	  fi; \
+	fi
 	touch $@
 
 clean:

@@ -23,12 +23,16 @@ Bad arguments exit with status 2 and a one-line reason, never a traceback: argpa
 above it) for a malformed command line, `minipaged COMMAND: error: ...` alone for a value the engine
 refuses (its ValueError or TypeError), a model folder that cannot be loaded, an output path that
 cannot be written (checked before the run) or a port in use. Ctrl-C stops a command with status 130.
+
+Start-up is kept short: building the parser imports neither torch nor transformers (seconds), so
+`minipaged --help` answers at once; each command imports what it runs when it runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import importlib
 import importlib.util
 import inspect
 import json
@@ -39,18 +43,31 @@ import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
-
-import torch
+from typing import TYPE_CHECKING, NoReturn
 
 from minipaged import __version__
 from minipaged.assignments import make_student_copy
-from minipaged.demo import DemoConfig, format_report, run_demo
-from minipaged.engine import LLM
-from minipaged.experiments import EXPERIMENTS, ExperimentResult, get_experiment, runs_tensors
-from minipaged.sampling import SamplingParams
-from minipaged.walkthrough import check_sizes
-from minipaged.walkthrough import run as run_walkthrough
+
+if TYPE_CHECKING:
+    from minipaged.engine import LLM
+    from minipaged.experiments import ExperimentResult
+
+# Names imported at their first use (PEP 562 `__getattr__` below), and kept as attributes of this
+# module, where a test may replace them (the others are imported inside the commands that use them).
+_LAZY = {"LLM": "minipaged.engine", "get_experiment": "minipaged.experiments"}
+
+
+def __getattr__(name: str) -> object:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def _lazy(name: str):
+    """A name of _LAZY, as this module holds it now (imported at the first call, or replaced by a test)."""
+    return globals()[name] if name in globals() else __getattr__(name)
 
 
 def _add_memory_options(parser: argparse.ArgumentParser) -> None:
@@ -63,26 +80,45 @@ def _add_memory_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class DemoDefault:
+    """The default of a demo option, read from DemoConfig only when help shows it.
+
+    minipaged.demo imports the engine (and torch): building the parser must not, so the option's
+    default is this placeholder; `%(default)s` in the help calls str(), and _demo leaves out the
+    options still holding one, so DemoConfig's own defaults apply.
+    """
+
+    def __init__(self, field: str) -> None:
+        self.field = field
+
+    def __str__(self) -> str:
+        from minipaged.demo import DemoConfig
+
+        return str(getattr(DemoConfig, self.field))
+
+
 def _add_demo_options(parser: argparse.ArgumentParser) -> None:
-    d = DemoConfig()
     parser.add_argument(
-        "--block-size", type=int, default=d.block_size, help=f"tokens per KV block (default: {d.block_size})"
+        "--block-size",
+        type=int,
+        default=DemoDefault("block_size"),
+        help="tokens per KV block (default: %(default)s)",
     )
     parser.add_argument(
         "--num-gpu-blocks",
         type=int,
-        default=d.num_gpu_blocks,
-        help=f"blocks in the device pool (default: {d.num_gpu_blocks}, small enough to force a preemption)",
+        default=DemoDefault("num_gpu_blocks"),
+        help="blocks in the device pool (default: %(default)s, small enough to force a preemption)",
     )
     parser.add_argument(
         "--num-cpu-blocks",
         type=int,
-        default=d.num_cpu_blocks,
-        help=f"blocks in the host swap pool (default: {d.num_cpu_blocks})",
+        default=DemoDefault("num_cpu_blocks"),
+        help="blocks in the host swap pool (default: %(default)s)",
     )
 
 
-DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("auto", "float32", "float16", "bfloat16")  # auto: the model's own; the others name a torch dtype
 
 
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -108,7 +144,7 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enable-prefix-caching", action="store_true", help="share full prompt blocks")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     parser.add_argument(
-        "--dtype", choices=list(DTYPES), default="auto", help="of weights and KV cache (default: auto)"
+        "--dtype", choices=DTYPES, default="auto", help="of weights and KV cache (default: auto)"
     )
     parser.add_argument(
         "--max-num-seqs", type=int, default=256, help="sequences in one batch at most (default: 256)"
@@ -287,8 +323,10 @@ def _fail(parser: argparse.ArgumentParser, message: object) -> NoReturn:
 
 def _build_llm(parser: argparse.ArgumentParser, args: argparse.Namespace, **extra) -> LLM:
     """The LLM of the engine options (_add_engine_options); exit 2 with one line if it is refused."""
+    import torch
+
     try:
-        return LLM(
+        return _lazy("LLM")(
             args.model,
             backend=args.backend,
             block_size=args.block_size,
@@ -297,7 +335,7 @@ def _build_llm(parser: argparse.ArgumentParser, args: argparse.Namespace, **extr
             preemption_mode=args.preemption_mode,
             enable_prefix_caching=args.enable_prefix_caching,
             device=args.device,
-            dtype=DTYPES[args.dtype],
+            dtype=None if args.dtype == "auto" else getattr(torch, args.dtype),
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=args.max_model_len,
@@ -359,6 +397,9 @@ def _assignment(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
 
 
 def _memory(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from minipaged.walkthrough import check_sizes
+    from minipaged.walkthrough import run as run_walkthrough
+
     sizes = {
         "block_size": args.block_size,
         "num_gpu_blocks": args.num_gpu_blocks,
@@ -373,9 +414,10 @@ def _memory(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 def _demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    config = DemoConfig(
-        block_size=args.block_size, num_gpu_blocks=args.num_gpu_blocks, num_cpu_blocks=args.num_cpu_blocks
-    )
+    from minipaged.demo import DemoConfig, format_report, run_demo
+
+    given = {k: getattr(args, k) for k in ("block_size", "num_gpu_blocks", "num_cpu_blocks")}
+    config = DemoConfig(**{k: v for k, v in given.items() if not isinstance(v, DemoDefault)})
     try:
         report = run_demo(config)
     except USER_ERRORS as error:  # the engine refuses a setting: say which, no traceback
@@ -386,6 +428,8 @@ def _demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from minipaged.sampling import SamplingParams
+
     try:
         params = SamplingParams(
             n=args.n,
@@ -450,6 +494,8 @@ def _takes(module, parameter: str) -> bool:
 
 
 def _experiment_list() -> list[str]:
+    from minipaged.experiments import EXPERIMENTS, runs_tensors
+
     width = max(len(name) for name in EXPERIMENTS)
     lines = []
     for name, (module, title) in EXPERIMENTS.items():
@@ -458,7 +504,7 @@ def _experiment_list() -> list[str]:
             lines.append(line + "  (not written yet)")
             continue
         try:
-            module = get_experiment(name)
+            module = _lazy("get_experiment")(name)
             marks = (TAKES_TENSOR_OPTIONS if runs_tensors(module) else "") + (
                 HAS_MEASURED_RUN if _takes(module, "measured") else ""
             )
@@ -505,6 +551,8 @@ def format_experiment(result: ExperimentResult) -> list[str]:
 
 
 def _experiment(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from minipaged.experiments import EXPERIMENTS, runs_tensors
+
     if args.list:
         print("\n".join(_experiment_list()))
         return 0
@@ -525,7 +573,7 @@ def _experiment(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         except ValueError as error:
             _fail(parser, f"--plot: {error}")
     try:
-        module = get_experiment(args.name)
+        module = _lazy("get_experiment")(args.name)
     except ModuleNotFoundError as error:
         expected = f"minipaged.experiments.{EXPERIMENTS[args.name][0]}"
         if error.name == expected:

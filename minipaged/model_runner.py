@@ -24,7 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AttentionInterface
 
 from minipaged.backend import KVBackend
 from minipaged.reference.block_manager import BlockManager
@@ -99,7 +98,15 @@ def paged_attention_forward(
     return out.unsqueeze(0), None
 
 
-AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)
+def register_paged_attention() -> None:
+    """Register paged_attention_forward with transformers' attention interface as "minipaged".
+
+    Done when a ModelRunner is built, not when this module is imported: transformers takes seconds to
+    import, and `import minipaged` needs no model. Registering again replaces the entry: harmless.
+    """
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)
 
 
 def kv_shape(config) -> tuple[int, int, int]:
@@ -128,6 +135,7 @@ class ModelRunner:
         block_manager: BlockManager,
         device: str | torch.device,
     ) -> None:
+        register_paged_attention()
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
         self.model = model.to(device)
         self.backend = backend

@@ -8,20 +8,17 @@ exactly as it runs a real checkpoint loaded from a local directory. "tiny-llama"
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import (
-    GPT2Config,
-    LlamaConfig,
-    MistralConfig,
-    OPTConfig,
-    PretrainedConfig,
-    Qwen2Config,
-)
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 BYTE_OFFSET = 3  # byte b is token b + 3
 VOCAB_SIZE = 256 + BYTE_OFFSET
+SPECIAL_IDS = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}
 
 
 class ByteTokenizer:
@@ -39,25 +36,33 @@ class ByteTokenizer:
         return data.decode("utf-8", errors="replace")
 
 
-def _llama(**kw) -> PretrainedConfig:
+# The configs are built, and transformers imported, only when a preset is loaded: importing
+# transformers takes seconds, and `import minipaged` (or `minipaged --help`) needs no model.
+
+
+def _llama(hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2) -> PretrainedConfig:
+    from transformers import LlamaConfig
+
     return LlamaConfig(
         vocab_size=VOCAB_SIZE,
-        hidden_size=kw.get("hidden", 64),
-        intermediate_size=kw.get("hidden", 64) * 2,
-        num_hidden_layers=kw.get("layers", 2),
-        num_attention_heads=kw.get("heads", 4),
-        num_key_value_heads=kw.get("kv_heads", 2),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=1024,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-        pad_token_id=PAD_ID,
+        **SPECIAL_IDS,
     )
 
 
-CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
-    "tiny-llama": _llama,
-    "small-llama": lambda: _llama(hidden=512, layers=8, heads=8, kv_heads=2),
-    "tiny-qwen2": lambda: Qwen2Config(
+def _small_llama() -> PretrainedConfig:
+    return _llama(hidden=512, layers=8, heads=8, kv_heads=2)
+
+
+def _qwen2() -> PretrainedConfig:
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
         vocab_size=VOCAB_SIZE,
         hidden_size=64,
         intermediate_size=128,
@@ -65,11 +70,14 @@ CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
         num_attention_heads=4,
         num_key_value_heads=1,
         max_position_embeddings=1024,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-        pad_token_id=PAD_ID,
-    ),
-    "tiny-mistral": lambda: MistralConfig(
+        **SPECIAL_IDS,
+    )
+
+
+def _mistral() -> PretrainedConfig:
+    from transformers import MistralConfig
+
+    return MistralConfig(
         vocab_size=VOCAB_SIZE,
         hidden_size=64,
         intermediate_size=128,
@@ -78,21 +86,20 @@ CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
         num_key_value_heads=2,
         max_position_embeddings=1024,
         sliding_window=None,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-        pad_token_id=PAD_ID,
-    ),
-    "tiny-gpt2": lambda: GPT2Config(
-        vocab_size=VOCAB_SIZE,
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        n_positions=1024,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-        pad_token_id=PAD_ID,
-    ),
-    "tiny-opt": lambda: OPTConfig(
+        **SPECIAL_IDS,
+    )
+
+
+def _gpt2() -> PretrainedConfig:
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=VOCAB_SIZE, n_embd=64, n_layer=2, n_head=4, n_positions=1024, **SPECIAL_IDS)
+
+
+def _opt() -> PretrainedConfig:
+    from transformers import OPTConfig
+
+    return OPTConfig(
         vocab_size=VOCAB_SIZE,
         hidden_size=64,
         ffn_dim=128,
@@ -100,10 +107,17 @@ CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
         num_attention_heads=4,
         max_position_embeddings=1024,
         word_embed_proj_dim=64,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-        pad_token_id=PAD_ID,
-    ),
+        **SPECIAL_IDS,
+    )
+
+
+CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
+    "tiny-llama": _llama,
+    "small-llama": _small_llama,
+    "tiny-qwen2": _qwen2,
+    "tiny-mistral": _mistral,
+    "tiny-gpt2": _gpt2,
+    "tiny-opt": _opt,
 }
 PRESETS = tuple(CONFIGS)
 DEFAULT_PRESET = "tiny-llama"
