@@ -279,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Admit, grow, fork, copy-on-write, prefix-cache hit, swap and free, with pictures.",
     )
     _add_memory_options(memory)
+    memory.add_argument(
+        "--html",
+        metavar="PATH",
+        help="also write the walk-through as one interactive page (Next/Back, a playground), "
+        "self-contained: open it in a browser, offline",
+    )
     memory.set_defaults(run=_memory, subparser=memory)
     assignment = commands.add_parser(
         "assignment",
@@ -409,7 +415,13 @@ def _memory(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         check_sizes(**sizes)
     except ValueError as error:
         _fail(parser, error)
+    if args.html:
+        _check_output_path(parser, "--html", args.html)
     run_walkthrough(**sizes)
+    if args.html:
+        from minipaged.walkthrough_html import write_walkthrough_html
+
+        print(f"\nwrote the interactive walk-through to {write_walkthrough_html(args.html, **sizes)}")
     return 0
 
 

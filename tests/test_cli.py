@@ -279,3 +279,18 @@ def test_generate_and_demo_refuse_bad_values_with_one_line(argv, message, capsys
     assert exit_info.value.code == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"minipaged {argv[0]}: error: ") and message in line
+
+
+def test_memory_html_writes_the_interactive_page_and_checks_its_path_first(tmp_path, capsys):
+    from minipaged.walkthrough_html import walkthrough_html
+
+    out = tmp_path / "walk.html"
+    assert main(["memory", "--block-size", "3", "--num-gpu-blocks", "14", "--html", str(out)]) == 0
+    assert f"wrote the interactive walk-through to {out}" in capsys.readouterr().out
+    sizes = {"block_size": 3, "num_gpu_blocks": 14, "num_cpu_blocks": 8}
+    assert out.read_text() == walkthrough_html(**sizes)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["memory", "--html", str(tmp_path)])  # a folder: refused before the tour runs
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert "Step 0" not in captured.out and "is a folder" in captured.err
