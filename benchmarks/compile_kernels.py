@@ -41,7 +41,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.compiler.compiler import make_backend
 
-try:  # triton's own per-argument specialization (3.4+); without it only the plain variants compile
+# triton's own per-argument specialization (3.4+); without it only the plain variants
+# compile
+try:
     from triton.runtime.jit import native_specialize_impl
 except ImportError:  # pragma: no cover - older or newer triton
     native_specialize_impl = None
@@ -107,7 +109,8 @@ def _launch_variant(fn, pointers: dict[str, str], values: dict[str, Any], conste
     return sig, consts, attrs
 
 
-NUM_KV_HEADS, BLOCK_SIZE, TABLE_WIDTH = 8, 16, 257  # the launch variants' shape: tables of up to 4,112 tokens
+# the launch variants' shape: tables of up to 4,112 tokens
+NUM_KV_HEADS, BLOCK_SIZE, TABLE_WIDTH = 8, 16, 257
 
 
 def attention_configs(quick: bool):
@@ -130,7 +133,8 @@ def attention_configs(quick: bool):
             }
             for group in groups:
                 num_heads = NUM_KV_HEADS * group
-                rows = {"stride_qt": num_heads * head_dim, "stride_qh": head_dim}  # query and out: row-major
+                # query and out: row-major
+                rows = {"stride_qt": num_heads * head_dim, "stride_qh": head_dim}
                 rows |= {"stride_ot": num_heads * head_dim, "stride_oh": head_dim, "stride_bt": TABLE_WIDTH}
                 shape = {"num_kv_heads": NUM_KV_HEADS, "head_dim": head_dim, "scale": head_dim**-0.5}
                 shape |= {"block_size": BLOCK_SIZE}
@@ -150,7 +154,8 @@ def attention_configs(quick: bool):
                         **common,
                     }
                     chunks = {"tokens_per_split": 256, "num_splits": 16} if split else {}
-                    chunks = chunks or {"tokens_per_split": 4096, "num_splits": 1}  # 1: a constant then
+                    # 1: a constant then
+                    chunks = chunks or {"tokens_per_split": 4096, "num_splits": 1}
                     yield (
                         f"decode {dt} d={head_dim} group={group} split={split}",
                         decode._decode_split_kernel,
@@ -245,7 +250,8 @@ def compile_all(archs: list[int], quick: bool) -> int:
                 try:
                     source = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
                     compiled = triton.compile(source, target=target)
-                except Exception as error:  # report every failing config, not only the first
+                # report every failing config, not only the first
+                except Exception as error:
                     failures += 1
                     print(
                         f"sm_{arch}  {label:<42} {variant:<6}  FAILED: {type(error).__name__}: "

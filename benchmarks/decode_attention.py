@@ -77,11 +77,14 @@ from minipaged.reference import attention as reference_attention
 BENCHMARK = "decode_attention"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 METHODS = ("triton", "triton-kernel", "reference", "sdpa", "flex-paged")
-PREFILL_METHODS = ("triton", "triton-kernel", "reference", "sdpa")  # flex-paged is timed for decode only
+# flex-paged is timed for decode only
+PREFILL_METHODS = ("triton", "triton-kernel", "reference", "sdpa")
 GOAL_METHOD, GOAL_FRACTION, GOAL_CONTEXT, GOAL_X_SDPA = "triton-kernel", 0.8, 4096, 1.2
 GOAL = "goal, recorded not asserted: >= 80% of copy bandwidth at ctx >= 4096, <= 1.2x sdpa"
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}  # relative error vs fp32
-ROTATE_BYTES = 256 << 20  # rotation sets together exceed this (L2 is 50 MiB on H100/H200) ...
+# relative error vs fp32
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+# rotation sets together exceed this (L2 is 50 MiB on H100/H200) ...
+ROTATE_BYTES = 256 << 20
 MIN_SETS, MAX_SETS = 4, 256  # ... with at least MIN_SETS of them, at most MAX_SETS
 ORACLE_CHUNK_BYTES = 2 << 30  # fp32 temporaries of the oracle, per chunk of sequences
 GiB = 1 << 30
@@ -91,10 +94,12 @@ GiB = 1 << 30
 class Point:
     """One measured configuration: `batch` sequences of `seq_len` tokens, the last `q_len` of them new."""
 
-    kind: str  # "decode" (q_len 1) or "prefill" (q_len new tokens after a cached prefix)
+    # "decode" (q_len 1) or "prefill" (q_len new tokens after a cached prefix)
+    kind: str
     dtype: str
     batch: int
-    seq_len: int  # tokens each sequence holds after the step: decode's context, or prefix + new
+    # tokens each sequence holds after the step: decode's context, or prefix + new
+    seq_len: int
     q_len: int
     num_heads: int
     num_kv_heads: int
@@ -137,7 +142,8 @@ class Point:
         """Device bytes of one input set: pools (with spares), dense K/V for SDPA, query and output."""
         pool = 2 * self.num_blocks * self.block_size * self.num_kv_heads * self.head_dim
         dense = 2 * self.kv_elems if with_dense else 0
-        rows = 3 * self.batch * self.q_len * self.num_heads * self.head_dim  # query, its dense copy, output
+        # query, its dense copy, output
+        rows = 3 * self.batch * self.q_len * self.num_heads * self.head_dim
         return (pool + dense + rows) * self.itemsize
 
     def reference_bytes(self) -> int:
@@ -159,7 +165,8 @@ class Point:
 class Shared:
     """What every input set of a point shares: the step's metadata (one shuffled table) and its plan."""
 
-    block_tables: torch.Tensor  # [batch, blocks_per_seq] int32, a random permutation of pool blocks
+    # [batch, blocks_per_seq] int32, a random permutation of pool blocks
+    block_tables: torch.Tensor
     seq_lens: torch.Tensor  # [batch] int32
     query_start_loc: torch.Tensor  # [batch + 1] int32
     scale: float
@@ -185,9 +192,11 @@ class Inputs:
     query: torch.Tensor  # [batch * q_len, num_heads, head_dim]
     k_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor
-    out: torch.Tensor  # [batch * q_len, num_heads, head_dim], the Triton methods write here
+    # [batch * q_len, num_heads, head_dim], the Triton methods write here
+    out: torch.Tensor
     q_dense: torch.Tensor  # [batch, num_heads, q_len, head_dim]
-    k_dense: torch.Tensor | None  # [batch, num_kv_heads, seq_len, head_dim], for SDPA and the oracle
+    # [batch, num_kv_heads, seq_len, head_dim], for SDPA and the oracle
+    k_dense: torch.Tensor | None
     v_dense: torch.Tensor | None
 
 
@@ -196,7 +205,8 @@ class Unavailable(Exception):
 
 
 def make_shared(point: Point, gen: torch.Generator, device: torch.device) -> Shared:
-    perm = torch.randperm(point.num_blocks, generator=gen, device=device)  # shuffled: a pool after churn
+    # shuffled: a pool after churn
+    perm = torch.randperm(point.num_blocks, generator=gen, device=device)
     tables = perm[: point.batch * point.blocks_per_seq].view(point.batch, point.blocks_per_seq)
     seq_lens = torch.full((point.batch,), point.seq_len, dtype=torch.int32, device=device)
     starts = torch.arange(0, (point.batch + 1) * point.q_len, point.q_len, dtype=torch.int32, device=device)
@@ -219,9 +229,12 @@ def make_inputs(
     q_dense = q_dense.contiguous()  # [batch, num_heads, q_len, head_dim]
 
     def read_through_table(cache: torch.Tensor) -> torch.Tensor:
-        seqs = cache[shared.block_tables.long()].flatten(1, 2)  # [batch, blocks_per_seq * block_size, ...]
-        seqs = seqs[:, : point.seq_len]  # [batch, seq_len, num_kv_heads, head_dim]: no stale tail
-        return seqs.transpose(1, 2).contiguous()  # [batch, num_kv_heads, seq_len, head_dim]
+        # [batch, blocks_per_seq * block_size, ...]
+        seqs = cache[shared.block_tables.long()].flatten(1, 2)
+        # [batch, seq_len, num_kv_heads, head_dim]: no stale tail
+        seqs = seqs[:, : point.seq_len]
+        # [batch, num_kv_heads, seq_len, head_dim]
+        return seqs.transpose(1, 2).contiguous()
 
     k_dense = read_through_table(k_cache) if dense else None
     v_dense = read_through_table(v_cache) if dense else None
@@ -264,7 +277,8 @@ def sdpa(point: Point, shared: Shared, first: Inputs, args: argparse.Namespace) 
     is missing or disagrees with the explicit mask, the explicit boolean mask (slower: no flash)."""
     mask, note = None, None
     if point.q_len > 1:
-        mask, note = causal_mask(point, first.query.device), "mask: boolean"  # [q_len, seq_len]
+        # [q_len, seq_len]
+        mask, note = causal_mask(point, first.query.device), "mask: boolean"
         q, k, v = first.q_dense, first.k_dense, first.v_dense
         explicit = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, scale=shared.scale, enable_gqa=True
@@ -276,7 +290,8 @@ def sdpa(point: Point, shared: Shared, first: Inputs, args: argparse.Namespace) 
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=shared.scale, enable_gqa=True)
             if relative_error(out, explicit.float()) <= TOLERANCE[out.dtype]:
                 mask, note = bias, "mask: causal_lower_right"
-        except Exception:  # an older torch, or a backend that refuses it: keep the explicit mask
+        # an older torch, or a backend that refuses it: keep the explicit mask
+        except Exception:
             pass
 
     def call(s: Inputs) -> torch.Tensor:
@@ -310,13 +325,17 @@ def flex_paged(point: Point, shared: Shared, first: Inputs, args: argparse.Names
     full = point.seq_len // bs  # pages a sequence fills
     partial = per_seq - full  # 0 or 1: the last page, partly filled
     tables = shared.block_tables.to(torch.int32)
-    full_idx = torch.zeros(batch, 1, 1, pages, dtype=torch.int32, device=device)  # [b, h, q_blocks, pages]
+    # [b, h, q_blocks, pages]
+    full_idx = torch.zeros(batch, 1, 1, pages, dtype=torch.int32, device=device)
     full_idx[:, 0, 0, :full] = tables[:, :full]
     part_idx = torch.zeros_like(full_idx)
     part_idx[:, 0, 0, :partial] = tables[:, full:]
-    owner = torch.full((pages,), -1, dtype=torch.int32, device=device)  # page -> sequence (-1: spare)
-    logical = torch.zeros(pages, dtype=torch.int32, device=device)  # page -> its logical block
-    ids = torch.arange(batch * per_seq, device=device, dtype=torch.int32)  # [batch * blocks_per_seq]
+    # page -> sequence (-1: spare)
+    owner = torch.full((pages,), -1, dtype=torch.int32, device=device)
+    # page -> its logical block
+    logical = torch.zeros(pages, dtype=torch.int32, device=device)
+    # [batch * blocks_per_seq]
+    ids = torch.arange(batch * per_seq, device=device, dtype=torch.int32)
     owner[tables.flatten().long()] = ids // per_seq
     logical[tables.flatten().long()] = ids % per_seq
     seq_lens = shared.seq_lens
@@ -328,22 +347,27 @@ def flex_paged(point: Point, shared: Shared, first: Inputs, args: argparse.Names
 
     counts = torch.ones(batch, 1, 1, dtype=torch.int32, device=device)
     block_mask = BlockMask.from_kv_blocks(
-        kv_num_blocks=counts * partial,  # [batch, 1, 1]: the partly filled page, masked by mask_mod
+        # [batch, 1, 1]: the partly filled page, masked by mask_mod
+        kv_num_blocks=counts * partial,
         kv_indices=part_idx,
-        full_kv_num_blocks=counts * full,  # [batch, 1, 1]: whole pages, read without mask_mod
+        # [batch, 1, 1]: whole pages, read without mask_mod
+        full_kv_num_blocks=counts * full,
         full_kv_indices=full_idx,
-        BLOCK_SIZE=(128, bs),  # a Q tile of 128 rows (flex's kernels want >= their BLOCK_M), KV tile = page
+        # a Q tile of 128 rows (flex's kernels want >= their BLOCK_M), KV tile = page
+        BLOCK_SIZE=(128, bs),
         mask_mod=mask_mod,
         seq_lengths=(1, pages * bs),
     )
     attend = flex_attention
     if device.type in COMPILE_FLEX_ON:
-        torch._dynamo.reset()  # a fresh compile for this point's static shapes; no stale guards
+        # a fresh compile for this point's static shapes; no stale guards
+        torch._dynamo.reset()
         attend = torch.compile(flex_attention, dynamic=False)
 
     def call(s: Inputs) -> torch.Tensor:
         kv_shape = (1, pages * bs, point.num_kv_heads, point.head_dim)
-        k = s.k_cache.view(kv_shape).transpose(1, 2)  # [1, kv_heads, pages * block_size, head_dim]
+        # [1, kv_heads, pages * block_size, head_dim]
+        k = s.k_cache.view(kv_shape).transpose(1, 2)
         v = s.v_cache.view(kv_shape).transpose(1, 2)
         return attend(s.q_dense, k, v, block_mask=block_mask, scale=shared.scale, enable_gqa=True)
 
@@ -357,12 +381,14 @@ FACTORIES = {
     "sdpa": sdpa,
     "flex-paged": flex_paged,
 }
-COMPILE_FLEX_ON = {"cuda"}  # eager elsewhere: it materializes the scores, fine for --quick's shapes
+# eager elsewhere: it materializes the scores, fine for --quick's shapes
+COMPILE_FLEX_ON = {"cuda"}
 # Errors of torch's own methods are recorded, not raised (an OOM of SDPA's math fallback must not end a
 # long run); a wrong answer is a DisagreementError except from flex-paged, torch's feature under trial.
 GUARDED = {"flex-paged", "sdpa"}
 WRONG_RECORDED = {"flex-paged"}
-LAST = "flex-paged"  # runs after every other method of a point: a device-side fault there spoils the rest
+# runs after every other method of a point: a device-side fault there spoils the rest
+LAST = "flex-paged"
 
 
 def device_works(device: torch.device) -> bool:
@@ -421,7 +447,8 @@ def median_us(fn: Callable[[], object], device: torch.device, args: argparse.Nam
 def copy_bandwidth(device: torch.device, args: argparse.Namespace) -> dict:
     """The device's copy bandwidth: one large dst.copy_(src), bytes read plus bytes written."""
     n = args.copy_mib << 20
-    src = torch.randint(0, 256, (n,), dtype=torch.uint8, device=device)  # random bytes, not zeros
+    # random bytes, not zeros
+    src = torch.randint(0, 256, (n,), dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     us = median_us(lambda: dst.copy_(src), device, args)
     if not torch.equal(dst, src):
@@ -456,7 +483,8 @@ def run_point(
     sets = [make_inputs(point, shared, gen, device, dense=dense or i == 0) for i in range(count)]
     row["sets"] = count
     expected = oracle(point, shared, sets[0])
-    for group in run_groups(methods):  # the others checked then timed; then flex-paged, checked then timed
+    # the others checked then timed; then flex-paged, checked then timed
+    for group in run_groups(methods):
         calls = {}
         for name in group:
             checked = check_method(name, point, shared, sets[0], expected, device, args, state, row)
@@ -483,7 +511,8 @@ def run_point(
                 row["methods"][name]["note"] = call.note
     for name in methods:  # what a device fault left unchecked or untimed
         row["methods"].setdefault(name, {"skipped": f"not run: {state.get('fault')}"})
-    row["methods"] = {name: row["methods"][name] for name in methods}  # the order asked for
+    # the order asked for
+    row["methods"] = {name: row["methods"][name] for name in methods}
     add_rates(row, point, state["copy_gbps"])
     return row
 
@@ -507,9 +536,11 @@ def check_method(
         start = time.perf_counter()
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # eager flex and CPU SDPA say what they fall back to
+                # eager flex and CPU SDPA say what they fall back to
+                warnings.simplefilter("ignore")
                 call = FACTORIES[name](point, shared, first, args)
-                first.out.fill_(float("nan"))  # poisoned: an element the method does not write fails
+                # poisoned: an element the method does not write fails
+                first.out.fill_(float("nan"))
                 out = as_rows(call(first))  # the first call: it compiles
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -634,13 +665,15 @@ def run(args: argparse.Namespace, command: str = "") -> dict:
         state = {"copy_gbps": copy["gbps"], "budget": int(memory_gib * GiB), "flex_compile_s": 0.0}
         rows = {"decode": [], "prefill": []}
         for point in tqdm(points, desc="points", file=sys.stderr, disable=args.no_progress):
-            if state.get("fault"):  # the device is gone: keep what was measured, say why the rest is not
+            # the device is gone: keep what was measured, say why the rest is not
+            if state.get("fault"):
                 rows[point.kind].append(not_run(point, state["fault"]))
                 continue
             methods = [m for m in args.methods if point.kind == "decode" or m in PREFILL_METHODS]
             rows[point.kind].append(run_point(point, methods, device, gen, args, state))
             if device.type == "cuda" and not state.get("fault"):
-                torch.cuda.empty_cache()  # the next point's sets may need the memory this one held
+                # the next point's sets may need the memory this one held
+                torch.cuda.empty_cache()
     judged = [r for r in rows["decode"] if r.get("goal", {}).get(GOAL_METHOD, "n/a") != "n/a"]
     return {
         "benchmark": BENCHMARK,

@@ -119,7 +119,8 @@ def make_workload(
     """
     gen = torch.Generator().manual_seed(seed)
 
-    def spread(low: int, high: int) -> list[int]:  # evenly over [low, high], both ends included
+    # evenly over [low, high], both ends included
+    def spread(low: int, high: int) -> list[int]:
         values = torch.linspace(low, high, num_requests).round().long()
         return values[torch.randperm(num_requests, generator=gen)].tolist()
 
@@ -291,7 +292,8 @@ def run_continuous(
         return [list(results[i].generated_tokens) for i in ids], wall, allocated, bytes_per_block
 
     verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # its info and warnings about flash attention on CPU
+    # its info and warnings about flash attention on CPU
+    transformers.logging.set_verbosity_error()
     try:
         session(warmup_workload(model.config.get_text_config().vocab_size), record=False)
         walls = []
@@ -393,7 +395,8 @@ def run(args: argparse.Namespace, command: str = "") -> dict:
         )
         per_block = args.block_size * bytes_per_token(hf_model)
         num_blocks = args.num_gpu_blocks
-        if num_blocks is None:  # room for every request at once (and the 1% watermark): nobody preempts
+        # room for every request at once (and the 1% watermark): nobody preempts
+        if num_blocks is None:
             num_blocks = sum(
                 -(-(len(r.prompt_token_ids) + r.max_tokens) // args.block_size) for r in workload
             )

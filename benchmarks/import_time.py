@@ -35,7 +35,8 @@ import bench_common
 from bench_common import machine, positive, utc_now
 
 HEAVY_MODULES = ("torch", "transformers", "triton", "matplotlib", "fastapi")
-MARKER = "HEAVY_MODULES="  # the probe's last stderr line: the heavy modules it found in sys.modules
+# the probe's last stderr line: the heavy modules it found in sys.modules
+MARKER = "HEAVY_MODULES="
 
 # What each case runs, as Python code for the probe: the same work as the command line beside it.
 CASES = {
@@ -63,7 +64,8 @@ def probe_code(case: str) -> str:
     code = CASES[case][0]
     return (
         "import json, sys\n"
-        f"try:\n{_indent(code)}\nexcept SystemExit:\n    pass\n"  # --help and --version exit
+        # --help and --version exit
+        f"try:\n{_indent(code)}\nexcept SystemExit:\n    pass\n"
         f"print({MARKER!r} + json.dumps([m for m in {HEAVY_MODULES!r} if m in sys.modules]), file=sys.stderr)"
     )
 

@@ -88,17 +88,25 @@ def make_case(
     blocks_per_seq = -(-context // block_size)  # ceil
     num_blocks = batch * blocks_per_seq
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache = torch.randn(shape, generator=gen).to(dtype)  # [num_blocks, block_size, num_kv_heads, head_dim]
+    # [num_blocks, block_size, num_kv_heads, head_dim]
+    k_cache = torch.randn(shape, generator=gen).to(dtype)
     v_cache = torch.randn(shape, generator=gen).to(dtype)
-    perm = torch.randperm(num_blocks, generator=gen)  # every sequence's blocks scattered over the pool
-    block_tables = perm.view(batch, blocks_per_seq).to(torch.int32)  # [batch, blocks_per_seq]
+    # every sequence's blocks scattered over the pool
+    perm = torch.randperm(num_blocks, generator=gen)
+    # [batch, blocks_per_seq]
+    block_tables = perm.view(batch, blocks_per_seq).to(torch.int32)
     seq_lens = torch.full((batch,), context, dtype=torch.int32)  # [batch]
-    query_start_loc = torch.arange(0, (batch + 1) * q_len, q_len, dtype=torch.int32)  # [batch + 1]
-    query = torch.randn(batch * q_len, num_heads, head_dim, generator=gen).to(dtype)  # [batch * q_len, ...]
+    # [batch + 1]
+    query_start_loc = torch.arange(0, (batch + 1) * q_len, q_len, dtype=torch.int32)
+    # [batch * q_len, ...]
+    query = torch.randn(batch * q_len, num_heads, head_dim, generator=gen).to(dtype)
 
-    def dense(cache: torch.Tensor) -> torch.Tensor:  # the pool read through the tables, laid out densely
-        rows = cache[block_tables.long()].flatten(1, 2)[:, :context]  # [batch, context, kv_heads, dim]
-        return rows.transpose(1, 2).contiguous()  # [batch, num_kv_heads, context, head_dim]
+    # the pool read through the tables, laid out densely
+    def dense(cache: torch.Tensor) -> torch.Tensor:
+        # [batch, context, kv_heads, dim]
+        rows = cache[block_tables.long()].flatten(1, 2)[:, :context]
+        # [batch, num_kv_heads, context, head_dim]
+        return rows.transpose(1, 2).contiguous()
 
     q_dense = query.view(batch, q_len, num_heads, head_dim).transpose(1, 2).contiguous()
     args = (query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, head_dim**-0.5)
@@ -111,7 +119,8 @@ def sdpa(case: Case) -> torch.Tensor:
         case.q_dense,
         case.k_dense,
         case.v_dense,
-        is_causal=case.mode == "prefill",  # q_len = context: the causal mask of a whole prompt
+        # q_len = context: the causal mask of a whole prompt
+        is_causal=case.mode == "prefill",
         scale=case.scale,
         enable_gqa=True,
     )
@@ -135,7 +144,8 @@ def attend_all(case: Case, gathered: Sequence[tuple[torch.Tensor, torch.Tensor]]
 def check_case(case: Case, paged_attention: Callable[..., torch.Tensor]) -> None:
     """Raise DisagreementError unless the reference's output equals SDPA's (and the gather the dense K/V)."""
     tol = tolerance(case.paged_args[0].dtype)
-    expected = sdpa(case).transpose(1, 2).flatten(0, 1)  # [batch * q_len, num_heads, head_dim]
+    # [batch * q_len, num_heads, head_dim]
+    expected = sdpa(case).transpose(1, 2).flatten(0, 1)
     try:
         torch.testing.assert_close(paged_attention(*case.paged_args), expected, **tol)
         for b, (keys, values) in enumerate(gather_all(case)):
@@ -203,7 +213,8 @@ def run(args: argparse.Namespace, command: str = "") -> dict:
     malloc = "default" if args.default_malloc else steady_malloc()
     rows = []
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)  # for the checks too; every Timer sets the same count
+    # for the checks too; every Timer sets the same count
+    torch.set_num_threads(args.threads)
     try:
         for mode, batch, context in tqdm(cases, desc="cases", file=sys.stderr, disable=args.no_progress):
             case = make_case(
@@ -219,7 +230,8 @@ def run(args: argparse.Namespace, command: str = "") -> dict:
             )
             rows.append(time_case(case, paged_attention, args.threads, args.min_run_time))
     finally:
-        torch.set_num_threads(previous_threads)  # a caller (a test) keeps its own setting
+        # a caller (a test) keeps its own setting
+        torch.set_num_threads(previous_threads)
     return {
         "benchmark": BENCHMARK,
         "command": command,

@@ -79,7 +79,8 @@ class NullEngine:
         enable_prefix_caching: bool = False,
     ) -> None:
         blocks_per_seq = num_blocks_for(prompt_len + max_tokens, block_size)
-        num_gpu_blocks = num_seqs * blocks_per_seq + 1  # enough: nobody is ever preempted
+        # enough: nobody is ever preempted
+        num_gpu_blocks = num_seqs * blocks_per_seq + 1
         num_gpu_blocks += -(-num_gpu_blocks // 99)  # room for the 1% watermark too
         self.manager = BlockManager(
             block_size, num_gpu_blocks, 0, watermark=0.01, enable_prefix_caching=enable_prefix_caching
@@ -92,7 +93,8 @@ class NullEngine:
         self.scheduler = Scheduler(config, self.manager)
         self.max_tokens = max_tokens
         for i in range(num_seqs):
-            prompt = [1] + [3 + (i * 7919 + j) % 256 for j in range(prompt_len - 1)]  # distinct prompts
+            # distinct prompts
+            prompt = [1] + [3 + (i * 7919 + j) % 256 for j in range(prompt_len - 1)]
             self.scheduler.add(SequenceGroup(str(i), [Seq(prompt)]))
 
     def after_model(self, out: SchedulerOutput) -> None:

@@ -63,7 +63,8 @@ BENCHMARK = "serving_load"
 ARRIVALS = ("poisson", "fixed")
 WORKLOADS = ("sharegpt-like", "alpaca-like", "sharegpt")
 KEPT_ERRORS = 5  # the messages of the first few failures go into the summary
-METRICS = (  # (summary key, table label); the summary holds seconds, the table milliseconds
+# (summary key, table label); the summary holds seconds, the table milliseconds
+METRICS = (
     ("ttft_s", "TTFT (ms)"),
     ("tpot_s", "TPOT (ms)"),
     ("normalized_latency_s", "Normalized latency (ms/token)"),
@@ -90,11 +91,13 @@ def arrival_times(
     """
     if arrivals not in ARRIVALS:
         raise ValueError(f"arrivals must be one of {ARRIVALS}, got {arrivals!r}")
-    rate_ok = isinstance(request_rate, (int, float)) and request_rate > 0  # nan > 0 is False
+    # nan > 0 is False
+    rate_ok = isinstance(request_rate, (int, float)) and request_rate > 0
     if not rate_ok:
         raise ValueError(f"request_rate must be > 0 requests/s (or inf), got {request_rate!r}")
     if arrivals == "poisson" or math.isinf(request_rate):
-        return poisson_arrivals(num_requests, request_rate, seed)  # validates num_requests, seed
+        # validates num_requests, seed
+        return poisson_arrivals(num_requests, request_rate, seed)
     if not isinstance(num_requests, int) or num_requests < 1:
         raise ValueError(f"num_requests must be an int >= 1, got {num_requests!r}")
     return [(i + 1) / request_rate for i in range(num_requests)]
@@ -276,7 +279,8 @@ async def send_request(
                 if chunk.usage is not None:
                     usage_tokens = chunk.usage.completion_tokens
         result.latency = time.perf_counter() - start
-    except Exception as err:  # an HTTP status, a refused connection, a broken stream: counted
+    # an HTTP status, a refused connection, a broken stream: counted
+    except Exception as err:
         result.error = f"{type(err).__name__}: {err}"
         return result
     if chunks == 0:
@@ -341,7 +345,8 @@ async def run_load(
         t0 = time.perf_counter()
 
         async def arrive(request: LoadRequest, arrival: float) -> RequestResult:
-            await asyncio.sleep(arrival - (time.perf_counter() - t0))  # due at t0 + arrival
+            # due at t0 + arrival
+            await asyncio.sleep(arrival - (time.perf_counter() - t0))
             async with slots:
                 result = await send_request(client, model, request, arrival, t0, ignore_eos, include_usage)
             bar.update(1)
@@ -495,7 +500,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.workload, args.num_requests, args.seed, args.max_model_len, args.scale, args.dataset_path
         )
         requests = requests_from_workload(workload, args.vocab_size, args.seed, args.low_token_id)
-    except ValueError as err:  # a bad length, vocabulary or dataset: said before anything is sent
+    # a bad length, vocabulary or dataset: said before anything is sent
+    except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     load = run_load(

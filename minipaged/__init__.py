@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 
 from minipaged._triton_env import use_triton_interpreter_without_gpu
 
-use_triton_interpreter_without_gpu()  # first: transformers imports triton, and the switch must precede it
+# first: transformers imports triton, and the switch must precede it
+use_triton_interpreter_without_gpu()
 
 __version__ = "0.1.0"
 
@@ -82,7 +83,8 @@ def __getattr__(name: str) -> object:
         try:
             value = importlib.import_module(f"{__name__}.{name}")
         except ModuleNotFoundError as error:
-            if error.name != f"{__name__}.{name}":  # the submodule exists; something it imports does not
+            # the submodule exists; something it imports does not
+            if error.name != f"{__name__}.{name}":
                 raise
             raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
     globals()[name] = value  # the next lookup finds it without calling __getattr__

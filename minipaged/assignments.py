@@ -116,7 +116,8 @@ def make_student_copy(repo: str | Path, dest: str | Path) -> list[Path]:
         elif src.exists():
             shutil.copy2(src, dest / name)
     for page in sorted((dest / "docs").rglob("*.md")):
-        page.write_text(strip_doc_quotes(page.read_text(), repo))  # quotes checked against the solutions
+        # quotes checked against the solutions
+        page.write_text(strip_doc_quotes(page.read_text(), repo))
     stripped = []
     for path in sorted((dest / "minipaged").rglob("*.py")):
         text = path.read_text()

@@ -112,7 +112,8 @@ def get_backend(name: str) -> KVBackend:
             raise ImportError(
                 f"backend 'triton' needs the triton package, which is not installed: {INSTALL_TRITON}"
             )
-        from minipaged.fast import TritonBackend  # imported only when asked for: it imports triton
+        # imported only when asked for: it imports triton
+        from minipaged.fast import TritonBackend
 
         return TritonBackend()
     raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {name!r}")

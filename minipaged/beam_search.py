@@ -41,9 +41,11 @@ class BeamState:
         self.params = params
         self.prompt_len = prompt_len
         self.eos_token_id = eos_token_id
-        self.running_scores = torch.zeros(1)  # [num_running]: cumulative logprob, in the group's seq order
+        # [num_running]: cumulative logprob, in the group's seq order
+        self.running_scores = torch.zeros(1)
         self.finished_scores = torch.full((width,), NEG)  # [W], best first
-        self.finished: list[tuple[list[int], float] | None] = [None] * width  # (tokens, cumulative logprob)
+        # (tokens, cumulative logprob)
+        self.finished: list[tuple[list[int], float] | None] = [None] * width
         self.is_finished = torch.zeros(width, dtype=torch.bool)
         self.improvable = True  # transformers' is_early_stop_heuristic_unsatisfied
         self.num_generated = 0
@@ -62,8 +64,10 @@ class BeamState:
         width, lp = self.params.beam_width, self.params.length_penalty
         logprobs = torch.log_softmax(logits.float(), dim=-1)  # [num_beams, vocab]
         vocab = logprobs.shape[1]
-        total = (logprobs + self.running_scores[:, None]).reshape(-1)  # [num_beams * vocab]
-        top_scores, top_index = torch.topk(total, min(2 * width, total.numel()))  # [k], best first
+        # [num_beams * vocab]
+        total = (logprobs + self.running_scores[:, None]).reshape(-1)
+        # [k], best first
+        top_scores, top_index = torch.topk(total, min(2 * width, total.numel()))
         parents, tokens = top_index // vocab, top_index % vocab
         self.num_generated += 1
         ends = (
@@ -73,10 +77,13 @@ class BeamState:
         )
         if self.num_generated >= self.params.max_tokens:
             ends[:] = True  # max_tokens: every continuation ends here
-        running = top_scores + ends.float() * NEG  # an ended continuation cannot keep running
-        keep = torch.topk(running, min(width, running.numel())).indices  # [W]: the next running beams
+        # an ended continuation cannot keep running
+        running = top_scores + ends.float() * NEG
+        # [W]: the next running beams
+        keep = torch.topk(running, min(width, running.numel())).indices
 
-        if self.improvable:  # add the ended continuations among the first W to the finished ones
+        # add the ended continuations among the first W to the finished ones
+        if self.improvable:
             normalized = top_scores / (self.num_generated**lp)
             new = ends & (torch.arange(len(ends)) < width)
             merged = torch.cat([self.finished_scores, normalized + (~new).float() * NEG])
@@ -118,12 +125,14 @@ class BeamState:
         """
         kept = set(parents)
         for i, seq in enumerate(seqs):
-            if i not in kept:  # no continuation survived: the beam exits and gives its blocks back
+            # no continuation survived: the beam exits and gives its blocks back
+            if i not in kept:
                 manager.free(seq)
                 seq.status = SequenceStatus.FINISHED_ABORTED
         children: list[Sequence] = []
         used: set[int] = set()
-        for parent in parents:  # fork before any token is appended: a child copies its parent as is
+        # fork before any token is appended: a child copies its parent as is
+        for parent in parents:
             if parent in used:
                 child = seqs[parent].fork()
                 manager.fork(seqs[parent], child)

@@ -118,7 +118,8 @@ def _add_demo_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-DTYPES = ("auto", "float32", "float16", "bfloat16")  # auto: the model's own; the others name a torch dtype
+# auto: the model's own; the others name a torch dtype
+DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -316,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---- errors: one line, no traceback ----------------------------------------------------------
 
-USER_ERRORS = (ValueError, TypeError, ImportError)  # ImportError: the triton backend without triton
+# ImportError: the triton backend without triton
+USER_ERRORS = (ValueError, TypeError, ImportError)
 
 
 def _fail(parser: argparse.ArgumentParser, message: object) -> NoReturn:
@@ -349,7 +351,8 @@ def _build_llm(parser: argparse.ArgumentParser, args: argparse.Namespace, **extr
         )
     except USER_ERRORS as error:
         _fail(parser, error)
-    except OSError as error:  # transformers: a checkpoint folder with a missing or broken file
+    # transformers: a checkpoint folder with a missing or broken file
+    except OSError as error:
         _fail(parser, f"--model {args.model!r} cannot be loaded: {error}")
     except (MemoryError, torch.OutOfMemoryError) as error:
         _fail(parser, f"the KV pools do not fit in memory (lower --num-gpu-blocks/--num-cpu-blocks): {error}")
@@ -364,7 +367,8 @@ def _check_output_path(parser: argparse.ArgumentParser, option: str, path: str) 
         _fail(parser, f"{option}: the folder of {path!r} does not exist")
     existed = target.exists()
     try:
-        with open(target, "a"):  # "a": an existing file keeps its content until the run rewrites it
+        # "a": an existing file keeps its content until the run rewrites it
+        with open(target, "a"):
             pass
     except OSError as error:  # a parent that is a file, a read-only disk, no permission
         _fail(parser, f"{option}: cannot write {path!r}: {error.strerror or error}")
@@ -379,7 +383,8 @@ def _check_port(parser: argparse.ArgumentParser, host: str, port: int) -> None:
     except socket.gaierror as error:
         _fail(parser, f"--host {host!r} is not an address of this machine: {error.strerror}")
     with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is free
+        # as uvicorn binds: TIME_WAIT is free
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(address)
         except OSError as error:
@@ -432,7 +437,8 @@ def _demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     config = DemoConfig(**{k: v for k, v in given.items() if not isinstance(v, DemoDefault)})
     try:
         report = run_demo(config)
-    except USER_ERRORS as error:  # the engine refuses a setting: say which, no traceback
+    # the engine refuses a setting: say which, no traceback
+    except USER_ERRORS as error:
         _fail(parser, error)
     for line in format_report(report):
         print(line)
@@ -457,7 +463,8 @@ def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     llm = _build_llm(parser, args)
     try:
         outputs = llm.generate(args.prompts, params, use_tqdm=False)
-    except USER_ERRORS as error:  # a prompt that can never be served: too long, never fits
+    # a prompt that can never be served: too long, never fits
+    except USER_ERRORS as error:
         _fail(parser, error)
     for request in outputs:
         print(f"prompt: {request.prompt!r} ({len(request.prompt_token_ids)} tokens)")
@@ -475,11 +482,15 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """`minipaged serve`: check the address, load the engine, then serve until Ctrl-C."""
     if args.max_queued_requests is not None and args.max_queued_requests < 1:
         _fail(parser, f"--max-queued-requests must be an int >= 1, got {args.max_queued_requests}")
-    _check_port(parser, args.host, args.port)  # before the model loads: a busy port is found in a blink
-    llm = _build_llm(parser, args, seed=args.seed, max_step_stats=1000)  # a server keeps recent steps
-    from minipaged.serving import serve  # here: fastapi and uvicorn load only for this command
+    # before the model loads: a busy port is found in a blink
+    _check_port(parser, args.host, args.port)
+    # a server keeps recent steps
+    llm = _build_llm(parser, args, seed=args.seed, max_step_stats=1000)
+    # here: fastapi and uvicorn load only for this command
+    from minipaged.serving import serve
 
-    name = args.served_model_name or args.model  # as vLLM: clients name the model as it was given
+    # as vLLM: clients name the model as it was given
+    name = args.served_model_name or args.model
     options = {"host": args.host, "port": args.port, "served_model_name": name}
     if args.max_queued_requests is not None:
         options["max_queued_requests"] = args.max_queued_requests
@@ -487,13 +498,16 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         serve(llm, **options)
     except USER_ERRORS as error:
         _fail(parser, error)
-    except KeyboardInterrupt:  # Ctrl-C is how a server stops: uvicorn shut down, then re-raised it
+    # Ctrl-C is how a server stops: uvicorn shut down, then re-raised it
+    except KeyboardInterrupt:
         pass
     return 0
 
 
-TAKES_TENSOR_OPTIONS = "  [--backend, --device]"  # the mark of --list for an experiment that runs tensors
-HAS_MEASURED_RUN = "  [--measured]"  # ... and for one with a measured run beside its simulation
+# the mark of --list for an experiment that runs tensors
+TAKES_TENSOR_OPTIONS = "  [--backend, --device]"
+# ... and for one with a measured run beside its simulation
+HAS_MEASURED_RUN = "  [--measured]"
 
 
 def _takes(module, parameter: str) -> bool:
@@ -573,7 +587,8 @@ def _experiment(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     if args.name not in EXPERIMENTS:
         _fail(parser, f"unknown experiment {args.name!r}; expected one of {', '.join(EXPERIMENTS)}")
     for option, path in (("--json", args.json), ("--plot", args.plot)):
-        if path is not None:  # before the run: a path it cannot write must not cost a full run
+        # before the run: a path it cannot write must not cost a full run
+        if path is not None:
             _check_output_path(parser, option, path)
     if args.plot is not None:  # ... nor a suffix matplotlib cannot draw
         try:
@@ -614,7 +629,8 @@ def _experiment(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     except USER_ERRORS as error:  # ImportError: backend triton without triton
         _fail(parser, error)
     elapsed = time.perf_counter() - start
-    result.settings = {"scale": args.scale, "seed": args.seed, **result.settings}  # the run's own wins
+    # the run's own wins
+    result.settings = {"scale": args.scale, "seed": args.seed, **result.settings}
     print(f"{args.name}: {EXPERIMENTS[args.name][1]}")
     settings = ", ".join(f"{key} {value}" for key, value in result.settings.items())
     print(f"{settings}, ran in {elapsed:.1f} s")
@@ -652,11 +668,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return args.run(args.subparser, args)  # the subcommand's parser: its name heads errors
+        # the subcommand's parser: its name heads errors
+        return args.run(args.subparser, args)
     except BrokenPipeError:  # `minipaged demo | head`: the reader left; stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except KeyboardInterrupt:  # Ctrl-C: the user stopped it; 130 = 128 + SIGINT, as a shell reports
+    # Ctrl-C: the user stopped it; 130 = 128 + SIGINT, as a shell reports
+    except KeyboardInterrupt:
         print(f"{args.subparser.prog}: interrupted", file=sys.stderr)
         return 130
 

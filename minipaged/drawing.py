@@ -28,14 +28,18 @@ from xml.sax.saxutils import escape
 from minipaged.reference.block_manager import BlockManager
 from minipaged.reference.block_table import BlockTable
 
-PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#8C6D31", "#444444")  # Okabe-Ito
+# Okabe-Ito
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#8C6D31", "#444444")
 SHARED = "#D55E00"  # a block held by two or more tables, and copy-on-write arcs
 OTHER = "#9A9A9A"  # a block held by a sequence the picture does not draw
 CACHED = "#C8C8C8"  # cached-free: nobody holds it, the prefix cache keeps its K/V
-MARGIN, LABEL_W, GAP = 12, 96, 10  # px: outer margin, the label column, space between blocks
-SEQ_H, POOL_H, ROW_GAP, ARROW_GAP = 44, 58, 14, 46  # px: row heights and the room the arrows cross
+# px: outer margin, the label column, space between blocks
+MARGIN, LABEL_W, GAP = 12, 96, 10
+# px: row heights and the room the arrows cross
+SEQ_H, POOL_H, ROW_GAP, ARROW_GAP = 44, 58, 14, 46
 TITLE_CHAR_W = 7.6  # px: a generous width of one character of a 13px bold title
-SLOT_W, MAX_SLOTS = 12, 8  # one square per slot up to MAX_SLOTS per block, else a fill bar
+# one square per slot up to MAX_SLOTS per block, else a fill bar
+SLOT_W, MAX_SLOTS = 12, 8
 STYLE = (
     "text{font-family:sans-serif;font-size:11px;fill:#222}.t{font-size:13px;font-weight:bold}"
     ".s{font-size:9px;fill:#555}.m{font-family:monospace;font-size:8px;fill:#777}"
@@ -70,7 +74,8 @@ def seq_color(seq_id: int, names: Mapping[int, str] | None = None) -> str:
 def rect(x: float, y: float, w: float, h: float, cls: str = "", fill: str = "", extra: str = "") -> str:
     """An SVG rectangle; `cls` names a class of the shared style, `fill` overrides its colour."""
     attrs = f' class="{cls}"' if cls else ""
-    attrs += f' style="fill:{fill}"' if fill else ""  # inline style: it beats the class's fill
+    # inline style: it beats the class's fill
+    attrs += f' style="fill:{fill}"' if fill else ""
     return f'<rect x="{x:g}" y="{y:g}" width="{w:g}" height="{h:g}" rx="3"{attrs}{extra}/>'
 
 
@@ -176,7 +181,8 @@ class _Block:
     state: str  # "used", "free" or "cached-free"
     ref_count: int
     seqs: list[int]  # the seq_ids whose tables name it
-    filled: int  # slots holding a token: the most any holder filled; a cached block is full
+    # slots holding a token: the most any holder filled; a cached block is full
+    filled: int
     name: str | None  # its prefix-cache hash, if it has one
 
     def attrs(self, pool: str) -> str:
@@ -214,7 +220,8 @@ def _draw_pool(lay: _Layout, pool: str, y: float, free_list: bool) -> float:
     lay.parts.append(text(MARGIN, y + 16, f"{pool} pool", "t"))
     lay.parts.append(text(MARGIN, y + 29, "GPU memory" if pool == "device" else "CPU swap space", "s"))
     lay.parts.append(text(MARGIN, y + 41, f"{allocator.num_free} of {allocator.num_blocks} free", "s"))
-    if free_list:  # allocate() pops from the right; the order is what the frame-allocator page teaches
+    # allocate() pops from the right; the order is what the frame-allocator page teaches
+    if free_list:
         order = ",".join(map(str, allocator.free_list))
         label = text(MARGIN, y + 53, f"free list: [{order}]", "s")
         lay.parts.append(f'<g data-free-list="{order}">{label}</g>')
@@ -369,7 +376,8 @@ def draw_panel(
         seq_top += _draw_table(lay, s, "device", seq_top) + ROW_GAP
     y += 8 + _summary(lay, y + 8)
     width = MARGIN * 2 + LABEL_W + width_blocks * (lay.cw + GAP) - GAP
-    width = max(width, MARGIN * 2 + TITLE_CHAR_W * len(title or ""))  # room for the title
+    # room for the title
+    width = max(width, MARGIN * 2 + TITLE_CHAR_W * len(title or ""))
     return Panel("".join(lay.arrows) + "\n" + "\n".join(lay.parts), width, y, lay.features)
 
 

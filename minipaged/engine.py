@@ -42,10 +42,13 @@ from minipaged.reference.scheduler import Scheduler, SchedulerOutput
 from minipaged.sampling import BeamSearchParams, SamplingParams, sample, seeded_generator, top_logprobs
 from minipaged.sequence import Sequence, SequenceGroup, SequenceStatus
 
-DEFAULT_KV_CACHE_MEMORY_CPU = 64 * 2**20  # bytes of device KV pool when num_gpu_blocks is None on CPU
-KV_CACHE_FRACTION_CUDA = 0.5  # of the GPU's free memory when num_gpu_blocks is None on CUDA
+# bytes of device KV pool when num_gpu_blocks is None on CPU
+DEFAULT_KV_CACHE_MEMORY_CPU = 64 * 2**20
+# of the GPU's free memory when num_gpu_blocks is None on CUDA
+KV_CACHE_FRACTION_CUDA = 0.5
 
-DEFAULT_MAX_STEP_STATS = 10_000  # the StepStats an engine keeps (the most recent), so a server does not grow
+# the StepStats an engine keeps (the most recent), so a server does not grow
+DEFAULT_MAX_STEP_STATS = 10_000
 
 Prompt = str | dict
 
@@ -146,8 +149,10 @@ class LLM:
         block_manager: object = None,
         max_step_stats: int | None = DEFAULT_MAX_STEP_STATS,
     ) -> None:
-        self.backend = get_backend(backend)  # ValueError for an unknown name, before any loading
-        resolve_device(device)  # ValueError naming device: an unknown name, or CUDA that is not here
+        # ValueError for an unknown name, before any loading
+        self.backend = get_backend(backend)
+        # ValueError naming device: an unknown name, or CUDA that is not here
+        resolve_device(device)
         _check_backend_device(self.backend.name, device)
         dtype = resolve_dtype(dtype)
         _check_arguments(seed, enable_prefix_caching, max_step_stats)
@@ -200,7 +205,8 @@ class LLM:
         if isinstance(model_len, int) and model_len > limit:
             raise ValueError(f"max_model_len must be <= {limit_why}, got {model_len}")
         budget = max_num_batched_tokens
-        if budget is None:  # a bad max_num_seqs or max_model_len is SchedulerConfig's to name
+        # a bad max_num_seqs or max_model_len is SchedulerConfig's to name
+        if budget is None:
             sizes = (model_len, max_num_seqs)
             budget = max(sum(sizes), 2048) if all(type(x) is int for x in sizes) else 2048
         self.scheduler_config = SchedulerConfig(
@@ -219,7 +225,8 @@ class LLM:
         self.simulated = bool(getattr(runner, "simulated", False))
         self._start = time.perf_counter()
         self._simulated_time = 0.0
-        self._pending: list[tuple[float, int, SequenceGroup]] = []  # (arrival, order, group): a heap
+        # (arrival, order, group): a heap
+        self._pending: list[tuple[float, int, SequenceGroup]] = []
         self._metrics: dict[str, RequestMetrics] = {}
         self.step_observers: list[Callable[[LLM, SchedulerOutput], None]] = []
         self.step_stats: list[StepStats] = []  # the last max_step_stats steps
@@ -231,7 +238,8 @@ class LLM:
         self._generators: dict[int, torch.Generator] = {}
         self._beams: dict[str, BeamState] = {}
 
-    # ---- the public API ------------------------------------------------------------------------
+    # ---- the public API
+    # ------------------------------------------------------------------------
 
     @_serialized
     def generate(
@@ -383,7 +391,8 @@ class LLM:
         if not self.scheduler.has_unfinished():
             if not self._pending:
                 return []
-            self._wait_until(self._pending[0][0])  # idle: nothing to run until the next arrival
+            # idle: nothing to run until the next arrival
+            self._wait_until(self._pending[0][0])
             self._admit_arrivals()
         start = self.now()
         out = self.scheduler.schedule()
@@ -395,9 +404,11 @@ class LLM:
                 self._simulated_time += self.runner.step_time(out)
             for item in out.scheduled:
                 item.seq.num_computed_tokens = len(item.seq)
-            self._record(out, start)  # before finished sequences give their blocks back: the true footprint
+            # before finished sequences give their blocks back: the true footprint
+            self._record(out, start)
             return self._process(out, logits)
-        except BaseException:  # a model error, or Ctrl-C: the step's requests are in an unknown state
+        # a model error, or Ctrl-C: the step's requests are in an unknown state
+        except BaseException:
             self._abort_step(out)
             raise
 
@@ -413,7 +424,8 @@ class LLM:
         request_ids = {item.group.request_id for item in out.scheduled} | swapped_out
         self.abort_request(sorted(request_ids))
 
-    # ---- requests ------------------------------------------------------------------------------
+    # ---- requests
+    # ------------------------------------------------------------------------------
 
     def _prepare(self, prompt: Prompt, params) -> tuple[list[int], str | None, object]:
         """Tokenize and check one request; raise ValueError naming the field if it can never run."""
@@ -452,7 +464,8 @@ class LLM:
         if width > self.scheduler_config.max_num_seqs:
             name = "n" if isinstance(params, SamplingParams) else "beam_width"
             raise ValueError(f"{name}={width} is more than max_num_seqs={self.scheduler_config.max_num_seqs}")
-        self.block_manager.check_fits(len(token_ids), params.max_tokens, width)  # the one fit test
+        # the one fit test
+        self.block_manager.check_fits(len(token_ids), params.max_tokens, width)
         return token_ids, text, params
 
     def _encode(self, prompt: str) -> list[int]:
@@ -466,7 +479,8 @@ class LLM:
             ) from None
         try:
             return list(self.tokenizer.encode(prompt))
-        except Exception as error:  # the tokenizer's own complaint, attributed to the prompt
+        # the tokenizer's own complaint, attributed to the prompt
+        except Exception as error:
             raise ValueError(f"prompt could not be tokenized: {error}") from error
 
     def _submit(self, token_ids: list[int], text: str | None, params, arrival_time=None) -> str:
@@ -475,20 +489,23 @@ class LLM:
         arrival = now if arrival_time is None else float(arrival_time)
         first = Sequence(list(token_ids))
         if isinstance(params, SamplingParams):
-            seqs = [first] + [first.fork() for _ in range(params.n - 1)]  # n samples share the prompt
+            # n samples share the prompt
+            seqs = [first] + [first.fork() for _ in range(params.n - 1)]
             seed = params.seed if params.seed is not None else self.seed * 1_000_003 + int(request_id)
             for index, seq in enumerate(seqs):
                 self._generators[seq.seq_id] = seeded_generator(seed, index, self.runner.device)
             width = params.n
         else:
-            seqs, width = [first], params.beam_width  # one sequence until the first step forks
+            # one sequence until the first step forks
+            seqs, width = [first], params.beam_width
             self._beams[request_id] = BeamState(params, len(token_ids), self._eos(params))
         group = SequenceGroup(request_id, seqs, arrival, max_seqs=width, max_tokens=params.max_tokens)
         self._requests[request_id] = (group, params, text)
         self._metrics[request_id] = RequestMetrics(arrival_time=arrival)
         if arrival <= now:
             self.scheduler.add(group)
-        else:  # from the future: it joins the waiting queue when the clock reaches it (step)
+        # from the future: it joins the waiting queue when the clock reaches it (step)
+        else:
             heapq.heappush(self._pending, (arrival, int(request_id), group))
         return request_id
 
@@ -527,7 +544,8 @@ class LLM:
             raise
         return [outputs[request_id] for request_id in request_ids]
 
-    # ---- after the model step ------------------------------------------------------------------
+    # ---- after the model step
+    # ------------------------------------------------------------------
 
     def _process(self, out: SchedulerOutput, logits: torch.Tensor) -> list:
         rows: dict[str, list[int]] = {}
@@ -537,7 +555,8 @@ class LLM:
         for request_id, indices in rows.items():
             group, params, _ = self._requests[request_id]
             metrics = self._metrics[request_id]
-            if metrics.first_token_time is None:  # its first step: the prompt ran, a token came out
+            # its first step: the prompt ran, a token came out
+            if metrics.first_token_time is None:
                 metrics.first_scheduled_time, metrics.first_token_time = self.step_stats[-1].time, end
             if isinstance(params, BeamSearchParams):
                 seqs = [out.scheduled[i].seq for i in indices]
@@ -582,7 +601,8 @@ class LLM:
     def _completion(self, index: int, seq: Sequence, params: SamplingParams) -> CompletionOutput:
         """One sample as the caller sees it; its text stops before the stop string or stop token that
         ended it (its token_ids keep every token sampled), as vLLM's does by default."""
-        if isinstance(seq.stop_reason, int):  # a stop token: in token_ids, not in the text
+        # a stop token: in token_ids, not in the text
+        if isinstance(seq.stop_reason, int):
             text = self._decode(seq.output_token_ids[:-1])
         else:
             text = self._decode(seq.output_token_ids)
@@ -664,7 +684,8 @@ class LLM:
         s.prefix_cache_hits, s.prefix_cache_misses = memory.prefix_cache_hits, memory.prefix_cache_misses
         s.peak_blocks_used = max(s.peak_blocks_used, device.num_used)
         s.max_blocks_saved_by_sharing = max(s.max_blocks_saved_by_sharing, device.blocks_saved_by_sharing)
-        for observe in self.step_observers:  # e.g. the experiments' per-step memory breakdown
+        # e.g. the experiments' per-step memory breakdown
+        for observe in self.step_observers:
             observe(self, out)
 
 
@@ -746,7 +767,8 @@ def _check_backend_device(backend: str, device: str | torch.device) -> None:
     """
     if backend != "triton" or torch.device(device).type == "cuda":
         return
-    from minipaged.fast.cache_ops import interpreting  # the backend is loaded: this imports nothing new
+    # the backend is loaded: this imports nothing new
+    from minipaged.fast.cache_ops import interpreting
 
     if not interpreting():
         raise ValueError(

@@ -37,14 +37,17 @@ class StepMetadata:
     """What every layer's attention needs to find this step's K/V slots and each sequence's blocks."""
 
     backend: KVBackend
-    k_caches: list[torch.Tensor]  # per layer [num_blocks, block_size, num_kv_heads, head_dim]
+    # per layer [num_blocks, block_size, num_kv_heads, head_dim]
+    k_caches: list[torch.Tensor]
     v_caches: list[torch.Tensor]
-    slot_mapping: torch.Tensor  # [num_tokens] int64; -1: a slot another sequence writes this step
+    # [num_tokens] int64; -1: a slot another sequence writes this step
+    slot_mapping: torch.Tensor
     block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
     seq_lens: torch.Tensor  # [num_seqs] int32
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32
     max_seq_len: int
-    layer_of: dict[int, int] = field(default_factory=dict)  # id(attention module) -> layer index
+    # id(attention module) -> layer index
+    layer_of: dict[int, int] = field(default_factory=dict)
 
     def layer_index(self, module: torch.nn.Module) -> int:
         """The module's layer: its `layer_idx` when it has one, else the order of the first calls."""
@@ -90,7 +93,8 @@ def paged_attention_forward(
     q = query[0].transpose(0, 1)  # [num_tokens, num_heads, head_dim]
     k = key[0].transpose(0, 1)  # [num_tokens, num_kv_heads, head_dim]
     v = value[0].transpose(0, 1)
-    step.backend.write_kv(k, v, k_cache, v_cache, step.slot_mapping)  # first write, so a token sees itself
+    # first write, so a token sees itself
+    step.backend.write_kv(k, v, k_cache, v_cache, step.slot_mapping)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = step.backend.paged_attention(
         q, k_cache, v_cache, step.block_tables, step.seq_lens, step.query_start_loc, float(scale)
@@ -146,14 +150,16 @@ class ModelRunner:
         block_size = block_manager.block_size
         device_shape = (block_manager.device.num_blocks, block_size, num_kv_heads, head_dim)
         host_shape = (block_manager.host.num_blocks, block_size, num_kv_heads, head_dim)
-        nan = float("nan")  # unwritten slots hold NaN: reading one would show in the output
+        # unwritten slots hold NaN: reading one would show in the output
+        nan = float("nan")
         self.k_caches = [
             torch.full(device_shape, nan, dtype=self.dtype, device=device) for _ in range(num_layers)
         ]
         self.v_caches = [
             torch.full(device_shape, nan, dtype=self.dtype, device=device) for _ in range(num_layers)
         ]
-        pin = self.device.type == "cuda"  # page-locked, as vLLM's swap space: the GPU copies it directly
+        # page-locked, as vLLM's swap space: the GPU copies it directly
+        pin = self.device.type == "cuda"
         self.host_k_caches = [
             torch.full(host_shape, nan, dtype=self.dtype, pin_memory=pin) for _ in range(num_layers)
         ]
@@ -166,7 +172,8 @@ class ModelRunner:
         pools = zip(self.k_caches + self.v_caches, self.host_k_caches + self.host_v_caches, strict=True)
         pools = list(pools)
         if out.blocks_to_swap_out:
-            mapping = torch.tensor(out.blocks_to_swap_out, dtype=torch.int64)  # [n, 2] on the CPU
+            # [n, 2] on the CPU
+            mapping = torch.tensor(out.blocks_to_swap_out, dtype=torch.int64)
             for device_pool, host_pool in pools:
                 self.backend.swap_blocks(device_pool, host_pool, mapping)
         if out.blocks_to_swap_in:
@@ -193,7 +200,8 @@ class ModelRunner:
             tokens += seq.token_ids[first:]
             positions += range(first, len(seq))
             for slot in table.slot_mapping(q_len):
-                slots.append(-1 if slot in written else slot)  # a shared block is written once a step
+                # a shared block is written once a step
+                slots.append(-1 if slot in written else slot)
                 written.add(slot)
             tables.append(table)
             seq_lens.append(len(seq))
@@ -212,8 +220,10 @@ class ModelRunner:
             query_start_loc=torch.tensor(starts, dtype=torch.int32).to(device),
             max_seq_len=max(seq_lens),
         )
-        input_ids = torch.tensor([tokens], dtype=torch.int64).to(device)  # [1, num_tokens]
-        position_ids = torch.tensor([positions], dtype=torch.int64).to(device)  # [1, num_tokens]
+        # [1, num_tokens]
+        input_ids = torch.tensor([tokens], dtype=torch.int64).to(device)
+        # [1, num_tokens]
+        position_ids = torch.tensor([positions], dtype=torch.int64).to(device)
         last = torch.tensor(starts[1:], dtype=torch.int64).to(device) - 1  # [num_seqs]
         return input_ids, position_ids, step, last
 

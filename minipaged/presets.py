@@ -134,7 +134,8 @@ def load_preset(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) ->
     if name not in CONFIGS:
         raise ValueError(f"model must be a preset ({', '.join(PRESETS)}) or a local directory, got {name!r}")
     config = CONFIGS[name]()
-    config.initializer_range = 0.2  # larger than the usual 0.02: outputs vary more, ties are rarer
+    # larger than the usual 0.02: outputs vary more, ties are rarer
+    config.initializer_range = 0.2
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-MIN_TEMPERATURE = 1e-2  # vLLM's floor too: logits / 1e-38 overflow to inf and softmax turns them to NaN
+# vLLM's floor too: logits / 1e-38 overflow to inf and softmax turns them to NaN
+MIN_TEMPERATURE = 1e-2
 
 
 def _check(condition: bool, message: str) -> None:
@@ -61,7 +62,8 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False
     stop: str | tuple[str, ...] | list[str] | None = None  # a tuple once constructed
-    stop_token_ids: tuple[int, ...] | list[int] | None = None  # a tuple once constructed
+    # a tuple once constructed
+    stop_token_ids: tuple[int, ...] | list[int] | None = None
     logprobs: int | None = None
 
     def __post_init__(self) -> None:
@@ -92,7 +94,8 @@ class SamplingParams:
             stop is None or (isinstance(stop, (list, tuple)) and all(isinstance(s, str) and s for s in stop)),
             f"stop must be a non-empty string or a list of them, got {self.stop!r}",
         )
-        object.__setattr__(self, "stop", tuple(stop or ()))  # normalized once (frozen, hashable)
+        # normalized once (frozen, hashable)
+        object.__setattr__(self, "stop", tuple(stop or ()))
         ids = self.stop_token_ids
         _check(
             ids is None or (isinstance(ids, (list, tuple)) and all(_is_int(t) and t >= 0 for t in ids)),
@@ -165,7 +168,8 @@ def sample(
     top_p nucleus, and draw with `generator`.
     """
     logits = logits.float()  # [vocab]
-    logprobs = torch.log_softmax(logits, dim=-1)  # the model's own distribution, reported
+    # the model's own distribution, reported
+    logprobs = torch.log_softmax(logits, dim=-1)
     if params.greedy:
         token = int(torch.argmax(logits))
         return token, float(logprobs[token])
@@ -176,8 +180,10 @@ def sample(
     probs = torch.softmax(scaled, dim=-1)  # [vocab]
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
-        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of the tokens ranked above
-        sorted_probs = sorted_probs.masked_fill(before >= params.top_p, 0.0)  # the first always stays
+        # mass of the tokens ranked above
+        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        # the first always stays
+        sorted_probs = sorted_probs.masked_fill(before >= params.top_p, 0.0)
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
     token = int(torch.multinomial(probs, 1, generator=generator))
     return token, float(logprobs[token])

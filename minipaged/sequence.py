@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 class SequenceStatus(enum.Enum):
     """Where a sequence is in its life, like a process's state."""
 
-    WAITING = "waiting"  # admitted by nobody yet, or preempted by recompute: holds no blocks
+    # admitted by nobody yet, or preempted by recompute: holds no blocks
+    WAITING = "waiting"
     RUNNING = "running"  # its blocks are in the device pool
     SWAPPED = "swapped"  # its blocks are in the host pool (swapped out)
     FINISHED_STOPPED = "finished_stopped"  # hit EOS or a stop token
@@ -29,9 +30,9 @@ class SequenceStatus(enum.Enum):
         return self.name.startswith("FINISHED")
 
 
-_next_seq_id = [
-    0
-]  # one past the largest id handed out or given: constant memory, however long the process runs
+# one past the largest id handed out or given: constant memory, however long the process
+# runs
+_next_seq_id = [0]
 
 
 def _new_seq_id() -> int:
@@ -64,13 +65,16 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     seq_id: int = field(default_factory=_new_seq_id)
     status: SequenceStatus = SequenceStatus.WAITING
-    num_computed_tokens: int = 0  # tokens whose K/V are in the cache; 0 again after a recompute
-    output_logprobs: list[float] = field(default_factory=list)  # log p of each generated token
+    # tokens whose K/V are in the cache; 0 again after a recompute
+    num_computed_tokens: int = 0
+    # log p of each generated token
+    output_logprobs: list[float] = field(default_factory=list)
     output_top_logprobs: list[dict[int, float]] = field(default_factory=list)
     stop_reason: str | int | None = None
 
     def __post_init__(self) -> None:
-        if self.seq_id >= _next_seq_id[0]:  # so an explicit id is never handed out again by fork()
+        # so an explicit id is never handed out again by fork()
+        if self.seq_id >= _next_seq_id[0]:
             _next_seq_id[0] = self.seq_id + 1
 
     @property
@@ -129,7 +133,8 @@ class SequenceGroup:
     request_id: str
     seqs: list[Sequence]
     arrival_time: float = field(default_factory=time.monotonic)
-    max_seqs: int = 1  # the most sequences it will hold at once (n samples, or the beam width)
+    # the most sequences it will hold at once (n samples, or the beam width)
+    max_seqs: int = 1
     max_tokens: int | None = None  # the most tokens each sequence generates, when known
 
     def get_seqs(self, status: SequenceStatus | None = None) -> list[Sequence]:

@@ -87,7 +87,8 @@ class PagedCase:
     seq_lens: torch.Tensor  # [num_seqs] int32
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32
     scale: float
-    keys: list[torch.Tensor]  # per sequence: [seq_len, num_kv_heads, head_dim], position order
+    # per sequence: [seq_len, num_kv_heads, head_dim], position order
+    keys: list[torch.Tensor]
     values: list[torch.Tensor]
 
     @property
@@ -177,8 +178,10 @@ def random_paged_case(
     covered = torch.cat(slots_of).unique()
     for pool in pools:
         pool[covered] = torch.randn(len(covered), num_kv_heads, head_dim, generator=gen)
-    k_flat, v_flat = (pool.to(dtype) for pool in pools)  # [num_slots, num_kv_heads, head_dim]
-    keys = [k_flat[slots].to(device) for slots in slots_of]  # read back by position: the oracle's K
+    # [num_slots, num_kv_heads, head_dim]
+    k_flat, v_flat = (pool.to(dtype) for pool in pools)
+    # read back by position: the oracle's K
+    keys = [k_flat[slots].to(device) for slots in slots_of]
     values = [v_flat[slots].to(device) for slots in slots_of]
 
     query = torch.randn(sum(q_lens), num_heads, head_dim, generator=gen).to(dtype)

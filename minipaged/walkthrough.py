@@ -98,7 +98,8 @@ def run(
     bs = block_size
     manager = BlockManager(bs, num_gpu_blocks, num_cpu_blocks, watermark=0.0, enable_prefix_caching=True)
     device = manager.device
-    system = list(range(101, 101 + 2 * bs))  # a system prompt of exactly two full blocks
+    # a system prompt of exactly two full blocks
+    system = list(range(101, 101 + 2 * bs))
     a = Sequence(system + list(range(201, 200 + bs)), status=SequenceStatus.RUNNING)
     b = Sequence(system + list(range(301, 300 + bs)), status=SequenceStatus.RUNNING)
     group_a, group_b = SequenceGroup("A", [a]), SequenceGroup("B", [b])
@@ -208,12 +209,14 @@ def run(
         "A block shared in the group moves once; blocks that A or C hold stay put too.",
         "B's own blocks were full and named, so the prefix cache keeps them (~).",
     )
-    for seq, token in ((b, 313), (b2, 314)):  # one more token each first, in private blocks
+    # one more token each first, in private blocks
+    for seq, token in ((b, 313), (b2, 314)):
         seq.append_token_id(token)
         _claim(manager.append_slots(seq) == [], "the samples' last blocks are private: no copy")
     unique = {*table_b.block_ids, *table_b2.block_ids}
     others = {*manager.get_block_table(a).block_ids, *manager.get_block_table(c).block_ids}
-    own = [block for block in unique - others if device.block_hash(block) is not None]  # full, named
+    # full, named
+    own = [block for block in unique - others if device.block_hash(block) is not None]
     mapping = manager.swap_out(group_b)
     for seq in group_b.seqs:
         seq.status = SequenceStatus.SWAPPED

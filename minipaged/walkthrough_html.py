@@ -27,9 +27,11 @@ from minipaged.reference.block_allocator import NoFreeBlocksError
 from minipaged.reference.block_manager import BlockManager
 from minipaged.sequence import Sequence, SequenceGroup
 
-VERBS = {"allocate": (2, 2), "append": (1, 2), "fork": (2, 2), "free": (1, 1)}  # verb -> (min, max) args
+# verb -> (min, max) args
+VERBS = {"allocate": (2, 2), "append": (1, 2), "fork": (2, 2), "free": (1, 1)}
 _MASK = 0xFFFFFFFF
-DEFAULT_SEED = 54  # its random operations fork twice and copy on write twice, with no failure
+# its random operations fork twice and copy on write twice, with no failure
+DEFAULT_SEED = 54
 
 
 # ---- recording states -----------------------------------------------------------------------
@@ -166,7 +168,8 @@ def parse_ops(text: str) -> list[tuple[str, ...]]:
 
 
 def _is_count(word: str) -> bool:
-    return re.fullmatch("[0-9]+", word) is not None and int(word) > 0  # ASCII digits, as the page's JS
+    # ASCII digits, as the page's JS
+    return re.fullmatch("[0-9]+", word) is not None and int(word) > 0
 
 
 def format_ops(ops: list[tuple[str, ...]]) -> str:
@@ -330,7 +333,8 @@ def walkthrough_html(
         TypeError: if a size is not an int.
         ValueError: if a size is too small for the tour or the seed is not an int in [0, 2**32).
     """
-    tour = tour_states(block_size, num_gpu_blocks, num_cpu_blocks)  # validates the sizes first
+    # validates the sizes first
+    tour = tour_states(block_size, num_gpu_blocks, num_cpu_blocks)
     ops = random_ops(seed, block_size=block_size)
     data = {
         "config": {
@@ -342,7 +346,8 @@ def walkthrough_html(
         "tour": tour,
         "playground": replay_ops(ops, block_size=block_size, num_gpu_blocks=num_gpu_blocks),
     }
-    payload = json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")  # never ends the script
+    # never ends the script
+    payload = json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")
     return _TEMPLATE.replace("__DATA__", payload)
 
 

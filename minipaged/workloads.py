@@ -175,7 +175,8 @@ def _clipped_lognormal_mean(mu: float, sigma: float, cap: float) -> float:
     def cdf(x: float) -> float:  # the standard normal's
         return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
 
-    lo, hi, s2 = 0.0, math.log(cap), sigma**2  # lo, hi: logs of the clipping bounds 1 and cap
+    # lo, hi: logs of the clipping bounds 1 and cap
+    lo, hi, s2 = 0.0, math.log(cap), sigma**2
     inside = math.exp(mu + s2 / 2) * (cdf((hi - mu - s2) / sigma) - cdf((lo - mu - s2) / sigma))
     return cdf((lo - mu) / sigma) + inside + cap * (1.0 - cdf((hi - mu) / sigma))
 
@@ -204,7 +205,8 @@ def poisson_arrivals(num_requests: int, rate: float, seed: int = 0) -> list[floa
 
 def _lengths(rng: np.random.Generator, mean: float, sigma: float, cap: int, size: int) -> np.ndarray:
     """`size` log-normal lengths, rounded, whose mean once clipped to [1, cap] is `mean`."""
-    return np.rint(rng.lognormal(solve_mu(mean, sigma, cap), sigma, size))  # [size], floats
+    # [size], floats
+    return np.rint(rng.lognormal(solve_mu(mean, sigma, cap), sigma, size))
 
 
 def synthetic(
@@ -216,11 +218,13 @@ def synthetic(
     so every request fits the model; each mu is solved for the cap max_model_len - 1.
     """
     _check_int("max_model_len", max_model_len, 2)
-    arrivals = poisson_arrivals(num_requests, rate, seed)  # validates num_requests, rate and seed
+    # validates num_requests, rate and seed
+    arrivals = poisson_arrivals(num_requests, rate, seed)
     cap, rng = max_model_len - 1, _stream(seed, 0)
     prompt_lens = np.clip(_lengths(rng, spec.mean_prompt_len, spec.prompt_sigma, cap, num_requests), 1, cap)
     output_lens = _lengths(rng, spec.mean_output_len, spec.output_sigma, cap, num_requests)
-    output_lens = np.clip(output_lens, 1, max_model_len - prompt_lens)  # the pair fits the model
+    # the pair fits the model
+    output_lens = np.clip(output_lens, 1, max_model_len - prompt_lens)
     lens = zip(prompt_lens.astype(int).tolist(), output_lens.astype(int).tolist(), strict=True)
     requests = tuple(Request(f"{spec.name}-{i}", arrivals[i], p, o) for i, (p, o) in enumerate(lens))
     return Workload(spec.name, requests, dict(spec=spec, rate=rate, seed=seed, max_model_len=max_model_len))
@@ -258,9 +262,11 @@ def shared_prefix(
     """
     _check_int("prefix_len", prefix_len, 0)
     _check_int("num_prefixes", num_prefixes, 1)
-    _check_int("max_model_len", max_model_len, prefix_len + 2)  # room for one suffix and one output token
+    # room for one suffix and one output token
+    _check_int("max_model_len", max_model_len, prefix_len + 2)
     spec = LengthSpec("shared-prefix", mean_suffix_len, mean_output_len, 0.5, 0.5)
-    tail = synthetic(spec, num_requests, rate, seed, max_model_len - prefix_len)  # the part after the prefix
+    # the part after the prefix
+    tail = synthetic(spec, num_requests, rate, seed, max_model_len - prefix_len)
     prefix_ids = _stream(seed, 2).integers(0, num_prefixes, num_requests).tolist()
     requests = tuple(
         replace(r, prompt_len=prefix_len + r.prompt_len, prefix_len=prefix_len, prefix_id=p)

@@ -34,7 +34,8 @@ class Figure:
 
     page: str  # the page's file name under docs/concepts, without .md
     caption: str  # the page embeds it as ![caption](../img/concepts/PAGE.svg)
-    anchors: tuple[str, ...]  # phrases of the page's worked example that this figure replays
+    # phrases of the page's worked example that this figure replays
+    anchors: tuple[str, ...]
     draw: Callable[[], str]
 
     @property
@@ -71,7 +72,8 @@ def page_table() -> str:
     others = [Seq([1, 2, 3, 4], seq_id=i) for i in range(10)]
     for seq in others:  # seq i holds block i
         manager.allocate(_group(f"other{seq.seq_id}", seq))
-    for i in (9, 2, 7):  # the free list is a stack: 7 is handed out first, then 2, then 9
+    # the free list is a stack: 7 is handed out first, then 2, then 9
+    for i in (9, 2, 7):
         manager.free(others[i])
     seq = Seq(list(range(100, 110)), seq_id=10)
     manager.allocate(_group("S", seq))
@@ -117,7 +119,8 @@ def fork() -> str:
     beams = _group("beams", parent)
     manager.allocate(beams)
     for seq_id in (1, 2):
-        child = Seq(list(parent.token_ids), seq_id=seq_id)  # as parent.fork(), with a fixed id
+        # as parent.fork(), with a fixed id
+        child = Seq(list(parent.token_ids), seq_id=seq_id)
         beams.add(child)
         manager.fork(parent, child)
     names = {0: "P", 1: "C1", 2: "C2"}  # parent, child 1, child 2

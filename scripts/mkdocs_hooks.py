@@ -78,8 +78,10 @@ def relink(link: re.Match, page, pages_by_url: dict) -> str:
     """Rewrite one link of a notebook page to its target page's URL in this build."""
     path = link["path"]
     if not path or ":" in path or path.startswith("/") or not (path.endswith("/") or path.endswith(".md")):
-        return link[0]  # an anchor, an outbound URL, an absolute path or a file: left as written
-    if path.endswith(".md"):  # a source file, relative to the notebook's own source file
+        # an anchor, an outbound URL, an absolute path or a file: left as written
+        return link[0]
+    # a source file, relative to the notebook's own source file
+    if path.endswith(".md"):
         target = directory_url(posixpath.normpath(posixpath.join(posixpath.dirname(page.file.src_uri), path)))
     else:  # a directory URL, relative to the page's directory URL
         target = posixpath.normpath(posixpath.join(directory_url(page.file.src_uri), path))

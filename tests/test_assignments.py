@@ -83,7 +83,8 @@ def test_doc_quotes_of_solutions_are_removed_and_others_kept(tmp_path):
     )
     page = (
         '```python title="m.py"\ny = x * 2\n```\n\n'  # given code: kept
-        '```python title="m.py"\ny = x * 2\nz = y + 1\n```\n\n'  # shows a solution line: removed
+        # shows a solution line: removed
+        '```python title="m.py"\ny = x * 2\nz = y + 1\n```\n\n'
         "```python\nz = y + 1\n```\n"  # untitled: not a quote of the file, kept
     )
     assert solution_lines((tmp_path / "m.py").read_text()) == {"z = y + 1", "return z"}
@@ -100,10 +101,12 @@ def test_student_docs_show_no_solution(tmp_path):
     secrets = set()
     for path in (ROOT / "minipaged").rglob("*.py"):
         secrets |= {line for line in solution_lines(path.read_text()) if len(line) > 30}
-    secrets.discard(STUB)  # assignments.py's docstring shows a fence with the stub in it
+    # assignments.py's docstring shows a fence with the stub in it
+    secrets.discard(STUB)
     assert secrets
     for page in (student / "docs").rglob("*.md"):
-        code = "\n".join(re.findall(r"```[^\n]*\n(.*?)```", page.read_text(), flags=re.S))  # code blocks only
+        # code blocks only
+        code = "\n".join(re.findall(r"```[^\n]*\n(.*?)```", page.read_text(), flags=re.S))
         leaked = [line for line in secrets if line in code]
         assert not leaked, f"{page.relative_to(student)} shows solution lines: {leaked[:3]}"
     assert (

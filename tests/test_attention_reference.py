@@ -33,7 +33,8 @@ def test_gather_kv_walks_the_table_and_drops_the_stale_tail(gen):
     k_cache = torch.randn(6, 4, 2, 8, generator=gen)  # 6 blocks of 4 slots
     v_cache = torch.randn(6, 4, 2, 8, generator=gen)
     table = torch.tensor([5, 2, 0, -1], dtype=torch.int32)
-    keys, values = gather_kv(k_cache, v_cache, table, seq_len=10)  # blocks 5 and 2 full, 2 rows of block 0
+    # blocks 5 and 2 full, 2 rows of block 0
+    keys, values = gather_kv(k_cache, v_cache, table, seq_len=10)
     assert keys.shape == values.shape == (10, 2, 8)
     expected = torch.cat([k_cache[5], k_cache[2], k_cache[0, :2]])
     assert torch.equal(keys, expected)
@@ -45,7 +46,8 @@ def test_attend_is_causal_with_the_position_offset(gen):
     """Query row i of q_len sits at position seq_len - q_len + i: it sees exactly the keys up to there."""
     seq_len, q_len = 7, 3
     query = torch.randn(q_len, 2, 4, generator=gen)
-    keys = torch.randn(seq_len, 1, 4, generator=gen)  # MQA: one KV head for both query heads
+    # MQA: one KV head for both query heads
+    keys = torch.randn(seq_len, 1, 4, generator=gen)
     values = torch.randn(seq_len, 1, 4, generator=gen)
     out = attend(query, keys, values, scale=0.5)
     assert out.dtype == torch.float32 and out.shape == (q_len, 2, 4)
@@ -59,7 +61,8 @@ def test_attend_is_causal_with_the_position_offset(gen):
 
 @pytest.mark.task2_2
 def test_attend_gqa_pairs_consecutive_query_heads_with_a_kv_head(gen):
-    query = torch.randn(1, 4, 8, generator=gen)  # 4 query heads over 2 KV heads: (0, 1) -> 0, (2, 3) -> 1
+    # 4 query heads over 2 KV heads: (0, 1) -> 0, (2, 3) -> 1
+    query = torch.randn(1, 4, 8, generator=gen)
     keys = torch.randn(5, 2, 8, generator=gen)
     values = torch.randn(5, 2, 8, generator=gen)
     out = attend(query, keys, values, scale=0.3)
@@ -77,10 +80,12 @@ def test_attend_accumulates_in_float32_for_half_inputs(gen):
     out = attend(query, keys, values, scale=0.25)
     assert out.dtype == torch.float32
     q, k, v = query.double(), keys.double(), values.double()
-    scores = torch.einsum("qhd,khd->hqk", q, k) * 0.25  # [heads, 2, 9]; rows at positions 7 and 8
+    # [heads, 2, 9]; rows at positions 7 and 8
+    scores = torch.einsum("qhd,khd->hqk", q, k) * 0.25
     scores[:, 0, 8] = -math.inf  # the first query row does not see the last key
     exact = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
-    torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5)  # fp32 math on fp16 data
+    # fp32 math on fp16 data
+    torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.task2_3

@@ -101,9 +101,11 @@ def test_an_explicit_choice_is_left_alone():
 @pytest.mark.parametrize(
     "gpu, interpret, expected",
     [
-        (True, None, "cuda"),  # a GPU machine: import minipaged leaves the interpreter off
+        # a GPU machine: import minipaged leaves the interpreter off
+        (True, None, "cuda"),
         (True, "0", "cuda"),
-        (True, "1", "cpu"),  # a GPU machine with the interpreter asked for: CPU tensors run
+        # a GPU machine with the interpreter asked for: CPU tensors run
+        (True, "1", "cpu"),
         (False, "1", "cpu"),  # no GPU: import minipaged switched the interpreter on
     ],
 )

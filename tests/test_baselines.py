@@ -78,11 +78,14 @@ class AllocatorMachine(RuleBasedStateMachine):
             assert self.kind != "contiguous" or self.alloc.footprint(req) > self.alloc.pool.max_block_size
             return
         if self.kind == "contiguous":
-            size = self.alloc.footprint(req)  # the reservation, rounded up to a power of two by buddy
+            # the reservation, rounded up to a power of two by buddy
+            size = self.alloc.footprint(req)
             fitting = [(start, length) for start, length in holes if length >= size]
-            if admitted and self.alloc.placement == "first-fit":  # the lowest hole big enough
+            # the lowest hole big enough
+            if admitted and self.alloc.placement == "first-fit":
                 assert self.alloc.range_of(req.request_id) == (fitting[0][0], size)
-            elif admitted:  # buddy: the smallest free block big enough, lowest first, split
+            # buddy: the smallest free block big enough, lowest first, split
+            elif admitted:
                 smallest = min(length for _, length in fitting)
                 start = min(start for start, length in fitting if length == smallest)
                 assert self.alloc.range_of(req.request_id) == (start, size)
@@ -134,7 +137,8 @@ class AllocatorMachine(RuleBasedStateMachine):
         elif self.kind == "vattention":
             pages = [p for i in self.tokens for p in self.alloc.pages_of(i)]
             assert len(pages) == len(set(pages)) and all(0 <= p < self.alloc.pages.num_blocks for p in pages)
-            for i, n in self.tokens.items():  # mapped on demand: exactly the pages its tokens need
+            # mapped on demand: exactly the pages its tokens need
+            for i, n in self.tokens.items():
                 assert len(self.alloc.pages_of(i)) == -(-n // self.alloc.page_tokens)
 
     @invariant()
@@ -149,7 +153,8 @@ class AllocatorMachine(RuleBasedStateMachine):
             return
         assert b.free == 0 and b.external_fragmentation + b.stranded == alone.free
         if self.kind == "contiguous" and self.alloc.footprint(head) <= alone.free:
-            assert b.external_fragmentation == alone.free  # enough slots in all, no hole big enough
+            # enough slots in all, no hole big enough
+            assert b.external_fragmentation == alone.free
         else:
             assert b.stranded == alone.free and b.external_fragmentation == 0
 
@@ -176,7 +181,8 @@ class AllocatorMachine(RuleBasedStateMachine):
         b = self.alloc.breakdown()
         assert b.free == self.alloc.capacity  # all memory returned
         if self.kind == "contiguous" and self.alloc.placement == "first-fit":
-            assert self.alloc.free_extents == [(0, self.alloc.capacity)]  # as one extent
+            # as one extent
+            assert self.alloc.free_extents == [(0, self.alloc.capacity)]
         elif self.kind == "contiguous":  # buddy: as the blocks it started with
             assert self.alloc.free_extents == BuddyAllocator(self.alloc.capacity).top_level_blocks
 
@@ -188,7 +194,8 @@ TestAllocatorMachine = AllocatorMachine.TestCase
     ("policy", "prompt_len", "output_len", "expected"),
     [
         ("max", 10, 25, 2048),  # whatever the request
-        ("pow2", 10, 25, 10 + 32),  # the paper's example: output 25 -> 32 positions for outputs
+        # the paper's example: output 25 -> 32 positions for outputs
+        ("pow2", 10, 25, 10 + 32),
         ("pow2", 10, 32, 10 + 32),  # already a power of two
         ("pow2", 10, 33, 10 + 64),  # at most 2x
         ("pow2", 7, 1, 7 + 1),
@@ -201,7 +208,8 @@ def test_reservation_sizes(policy, prompt_len, output_len, expected):
     assert ContiguousAllocator(4096, policy).reservation(Req("a", prompt_len, output_len)) == expected
 
 
-A, B, C = Req("A", 3, 4), Req("B", 2, 9), Req("C", 5, 3)  # the worked example of the docs page
+# the worked example of the docs page
+A, B, C = Req("A", 3, 4), Req("B", 2, 9), Req("C", 5, 3)
 
 
 def run_worked_example(alloc):
@@ -219,8 +227,10 @@ def run_worked_example(alloc):
         (ContiguousAllocator(32, "max", 16, "first-fit"), "AB", (9, 7, 16, 0, 0, 0)),
         (ContiguousAllocator(32, "pow2", 16, "first-fit"), "ABC", (16, 7, 9, 0, 0, 0)),
         (ContiguousAllocator(32, "oracle", 16, "first-fit"), "ABC", (16, 7, 3, 0, 0, 6)),
-        (ContiguousAllocator(32, "max", 16), "AB", (9, 7, 16, 0, 0, 0)),  # 16: no rounding
-        (ContiguousAllocator(32, "pow2", 16), "AB", (9, 7, 8, 0, 8, 0)),  # C's 16 > 8 free
+        # 16: no rounding
+        (ContiguousAllocator(32, "max", 16), "AB", (9, 7, 16, 0, 0, 0)),
+        # C's 16 > 8 free
+        (ContiguousAllocator(32, "pow2", 16), "AB", (9, 7, 8, 0, 8, 0)),
         (ContiguousAllocator(32, "oracle", 16), "ABC", (16, 7, 9, 0, 0, 0)),
         (VAttentionAllocator(32, 8, 16, watermark=0.0), "ABC", (16, 0, 8, 0, 0, 8)),
         (PagedAllocator(32, 4, 16, watermark=0.0), "ABC", (16, 0, 4, 0, 0, 12)),
@@ -230,7 +240,8 @@ def run_worked_example(alloc):
 def test_docs_worked_example(alloc, admitted, expected):
     """docs/concepts/baseline-allocators.md, the table of the worked example."""
     assert "".join(run_worked_example(alloc)) == admitted
-    if isinstance(alloc, ContiguousAllocator) and alloc.placement == "buddy":  # the picture's blocks
+    # the picture's blocks
+    if isinstance(alloc, ContiguousAllocator) and alloc.placement == "buddy":
         blocks = {
             "max": [(0, 16), (16, 16)],
             "pow2": [(0, 8), (16, 16)],
@@ -252,12 +263,15 @@ def test_docs_external_fragmentation():
     assert alloc.free_extents == [(0, 7), (26, 6)]
     d = Req("D", 4, 5)
     b = alloc.breakdown([d])
-    assert (b.external_fragmentation, b.stranded, b.free) == (13, 0, 0)  # 13 >= 9 slots, in two holes
-    big = Req("E", 4, 12)  # 16 slots: more than the 13 free slots together: they are stranded
+    # 13 >= 9 slots, in two holes
+    assert (b.external_fragmentation, b.stranded, b.free) == (13, 0, 0)
+    # 16 slots: more than the 13 free slots together: they are stranded
+    big = Req("E", 4, 12)
     b = alloc.breakdown([big])
     assert (b.external_fragmentation, b.stranded, b.free) == (0, 13, 0)
     assert not alloc.try_admit(d)
-    alloc.free("B")  # B's range merges with the hole before it: one hole of 18 slots at 0
+    # B's range merges with the hole before it: one hole of 18 slots at 0
+    alloc.free("B")
     assert alloc.free_extents == [(0, 18), (26, 6)]
     assert alloc.try_admit(d) and alloc.range_of("D") == (0, 9)
     assert alloc.free_extents == [(9, 9), (26, 6)]
@@ -269,7 +283,8 @@ def test_docs_external_fragmentation():
         ("oracle", "first-fit", 15),
         ("pow2", "first-fit", 18),
         ("max", "first-fit", 64),
-        ("oracle", "buddy", 16),  # 15 rounded up to a power of two: one more slot never used
+        # 15 rounded up to a power of two: one more slot never used
+        ("oracle", "buddy", 16),
         ("pow2", "buddy", 32),
         ("max", "buddy", 64),
     ],
@@ -281,7 +296,8 @@ def test_the_last_token_is_never_stored_so_its_slot_is_internal_fragmentation(po
     assert alloc.try_admit(Req("a", 10, 5))  # the prefill stores the prompt
     b = alloc.breakdown()
     assert (b.token_states, b.reserved, b.internal_fragmentation) == (10, 4, size - 14)
-    for _ in range(4):  # output tokens 1 to 4 are stored by the next steps; the 5th never is
+    # output tokens 1 to 4 are stored by the next steps; the 5th never is
+    for _ in range(4):
         alloc.append("a")
     b = alloc.breakdown()
     assert (b.token_states, b.reserved, b.internal_fragmentation) == (14, 0, size - 14)
@@ -295,8 +311,10 @@ def test_the_last_token_is_never_stored_so_its_slot_is_internal_fragmentation(po
 def test_on_demand_free_pages_are_stranded_while_the_head_waits(alloc):
     """The same rule as the contiguous allocators': the head cannot be admitted, so the free pages are
     waste; never external fragmentation, since any free page would serve it."""
-    assert alloc.try_admit(Req("a", 55, 5))  # 6 of the 10 pages; 2 are kept free (the watermark)
-    assert alloc.breakdown([Req("b", 20, 5)]).free == 40  # 2 more pages leave 2: it would be admitted
+    # 6 of the 10 pages; 2 are kept free (the watermark)
+    assert alloc.try_admit(Req("a", 55, 5))
+    # 2 more pages leave 2: it would be admitted
+    assert alloc.breakdown([Req("b", 20, 5)]).free == 40
     b = alloc.breakdown([Req("c", 21, 5)])  # 3 pages would leave 1 < 2: it waits
     assert (b.external_fragmentation, b.stranded, b.free) == (0, 40, 0)
     assert b.used == 100 and b.token_states == 55
@@ -308,7 +326,8 @@ def test_on_demand_free_pages_are_stranded_while_the_head_waits(alloc):
 def test_a_refused_append_changes_nothing(alloc):
     """Found by the state machine: a paged append that found no free block used to keep the token it
     had added, so the next append asked for two blocks."""
-    assert alloc.try_admit(Req("a", 8, 8)) and alloc.try_admit(Req("b", 8, 8))  # the 4 pages: all
+    # the 4 pages: all
+    assert alloc.try_admit(Req("a", 8, 8)) and alloc.try_admit(Req("b", 8, 8))
     with pytest.raises(NoFreeBlocksError):
         alloc.append("a")  # a 9th token needs a 3rd page
     assert alloc.breakdown().token_states == 16
@@ -339,7 +358,8 @@ def test_contiguous_range_cannot_grow_past_its_reservation():
 
 
 def test_vattention_maps_pages_on_demand_and_keeps_its_watermark():
-    alloc = VAttentionAllocator(100, 10, 64, watermark=0.2)  # 10 pages, 2 kept free at admission
+    # 10 pages, 2 kept free at admission
+    alloc = VAttentionAllocator(100, 10, 64, watermark=0.2)
     assert alloc.try_admit(Req("a", 25, 5))  # 3 pages
     assert alloc.pages_of("a") == [0, 1, 2]
     for _ in range(5):
@@ -349,7 +369,8 @@ def test_vattention_maps_pages_on_demand_and_keeps_its_watermark():
     assert len(alloc.pages_of("a")) == 4  # the 31st maps a fourth
     assert not alloc.try_admit(Req("b", 41, 1))  # 5 pages would leave 1 < 2 free
     assert alloc.try_admit(Req("b", 40, 1))
-    assert alloc.breakdown().internal_fragmentation == 9  # only the last page of each is partly empty
+    # only the last page of each is partly empty
+    assert alloc.breakdown().internal_fragmentation == 9
 
 
 @pytest.mark.parametrize(

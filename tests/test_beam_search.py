@@ -26,7 +26,8 @@ SCORE_TOL = 1e-4
 
 
 def random_prompt(gen: torch.Generator, length: int) -> list[int]:
-    return torch.randint(3, 259, (length,), generator=gen).tolist()  # byte tokens: no pad / bos / eos
+    # byte tokens: no pad / bos / eos
+    return torch.randint(3, 259, (length,), generator=gen).tolist()
 
 
 def prompts_for(arch: str) -> list[list[int]]:
@@ -79,7 +80,8 @@ def forward_logprob(model, prompt: list[int], tokens: list[int]) -> float:
     """log p(tokens | prompt) from one plain forward pass: an oracle for cumulative_logprob."""
     ids = torch.tensor([prompt + tokens])
     with torch.no_grad():
-        logprobs = torch.log_softmax(model(ids).logits[0].float(), dim=-1)  # [len, vocab]
+        # [len, vocab]
+        logprobs = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
     rows = torch.arange(len(prompt) - 1, len(prompt) + len(tokens) - 1)
     return float(logprobs[rows, torch.tensor(tokens)].sum())
 
@@ -123,7 +125,8 @@ def test_beam_search_matches_transformers_without_eos(arch, width, lp):
         assert out.prompt_token_ids == prompt
         assert len(out.sequences) == width
         assert all(len(s.token_ids) == MAX_TOKENS for s in out.sequences)
-        assert len({tuple(s.token_ids) for s in out.sequences}) == width  # distinct beams
+        # distinct beams
+        assert len({tuple(s.token_ids) for s in out.sequences}) == width
         assert_beams_match(out, hf_beams(model, prompt, width, lp, MAX_TOKENS, None), model, prompt, lp)
         assert out.sequences[0].text == llm.tokenizer.decode(out.sequences[0].token_ids)
     assert_all_blocks_free(llm)
@@ -155,7 +158,8 @@ def test_beam_search_matches_transformers_with_eos(arch, width, lp):
     ended = [s for s in out.sequences if s.token_ids[-1] == eos]
     assert ended, "no returned beam ended with the EOS"
     assert all(s.token_ids[-1] == eos or len(s.token_ids) == MAX_TOKENS for s in out.sequences)
-    assert all(eos not in s.token_ids[:-1] for s in out.sequences)  # nothing continues past an EOS
+    # nothing continues past an EOS
+    assert all(eos not in s.token_ids[:-1] for s in out.sequences)
     assert_all_blocks_free(llm)
 
     # ignore_eos=True: the same engine and EOS, and no beam stops at it.
@@ -195,7 +199,8 @@ def test_max_tokens_one_returns_the_best_first_tokens(width):
     params = BeamSearchParams(beam_width=width, max_tokens=1, length_penalty=1.0, ignore_eos=True)
     (out,) = llm.beam_search({"prompt_token_ids": prompt}, params)
     with torch.no_grad():
-        first = torch.log_softmax(model(torch.tensor([prompt])).logits[0, -1].float(), dim=-1)  # [vocab]
+        # [vocab]
+        first = torch.log_softmax(model(torch.tensor([prompt])).logits[0, -1].float(), dim=-1)
     best = torch.topk(first, width)
     assert [s.token_ids for s in out.sequences] == [[t] for t in best.indices.tolist()]
     torch.testing.assert_close(
@@ -209,7 +214,8 @@ def test_max_tokens_one_returns_the_best_first_tokens(width):
 
 def test_beams_share_blocks_and_dropped_beams_free_theirs():
     """Step by step: fork shares blocks, every reference is a table's, dropped beams hold nothing."""
-    width, block_size, prompt_len = 4, 4, 10  # the prompt ends mid-block: forks share a partial block
+    # the prompt ends mid-block: forks share a partial block
+    width, block_size, prompt_len = 4, 4, 10
     llm = engine("tiny-llama", block_size=block_size, num_gpu_blocks=64, num_cpu_blocks=16)
     gen = torch.Generator().manual_seed(5)
     prompt = random_prompt(gen, prompt_len)
@@ -226,12 +232,15 @@ def test_beams_share_blocks_and_dropped_beams_free_theirs():
         (group,) = llm.scheduler.running
         live = group.seqs
         seen.update({seq.seq_id: seq for seq in live})
-        assert set(manager.device_tables) == {seq.seq_id for seq in live}  # only live beams hold blocks
+        # only live beams hold blocks
+        assert set(manager.device_tables) == {seq.seq_id for seq in live}
         holders = Counter(b for table in manager.device_tables.values() for b in table.block_ids)
-        for block in range(device.num_blocks):  # every reference count is a table's reference
+        # every reference count is a table's reference
+        for block in range(device.num_blocks):
             assert device.ref_count(block) == holders.get(block, 0)
         first_table = manager.get_block_table(live[0]).block_ids
-        for block in first_table[:num_prompt_full_blocks]:  # the full prompt blocks: shared by all beams
+        # the full prompt blocks: shared by all beams
+        for block in first_table[:num_prompt_full_blocks]:
             assert device.ref_count(block) == len(live)
         max_ref = max(max_ref, max(holders.values()))
         saved = max(saved, sum(holders.values()) - device.num_used)

@@ -34,7 +34,8 @@ TINY = [
 @pytest.fixture(scope="module")
 def bench():
     """The script imported as a module (benchmarks/ is not a package)."""
-    if str(SCRIPT.parent) not in sys.path:  # as `python benchmarks/...` does: bench_common sits beside it
+    # as `python benchmarks/...` does: bench_common sits beside it
+    if str(SCRIPT.parent) not in sys.path:
         sys.path.insert(0, str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("reference_attention_benchmark", SCRIPT)
     module = importlib.util.module_from_spec(spec)
@@ -48,7 +49,8 @@ def test_tiny_run_reports_every_case_with_positive_times(bench, tmp_path, capsys
     path = tmp_path / "out.json"
     threads = torch.get_num_threads()
     assert bench.main([*TINY, "--modes", "decode", "prefill", "--json", str(path)]) == 0
-    assert torch.get_num_threads() == threads  # the benchmark's thread count does not leak out
+    # the benchmark's thread count does not leak out
+    assert torch.get_num_threads() == threads
     report = json.loads(path.read_text())
     assert {"benchmark", "command", "machine", "date", "torch", "threads", "rows"} <= report.keys()
     assert report["command"].startswith("python benchmarks/reference_attention.py --batch-sizes 2")
@@ -75,7 +77,8 @@ def test_cases_lay_out_the_same_kv_both_ways(bench, mode):
     q_len = 1 if mode == "decode" else 40
     assert query.shape == (3 * q_len, 8, 64) and case.q_dense.shape == (3, 8, q_len, 64)
     assert case.k_dense.shape == (3, 2, 40, 64) and k_cache.shape == (9, 16, 2, 64)
-    assert sorted(block_tables.flatten().tolist()) == list(range(9))  # every block used once
+    # every block used once
+    assert sorted(block_tables.flatten().tolist()) == list(range(9))
     assert seq_lens.tolist() == [40] * 3 and query_start_loc.tolist() == [0, q_len, 2 * q_len, 3 * q_len]
     bench.check_case(case, attention.paged_attention)  # raises on a disagreement
 

@@ -116,7 +116,8 @@ def test_free_of_never_allocated_block_raises(allocator):
 @pytest.mark.parametrize("block", [-1, 4, 100, 1.0, "1", True, None])
 def test_unknown_block_id_raises(allocator, method, block):
     allocator.allocate()
-    allocator.allocate()  # blocks 0 and 1 are held, so only the id's type or range can be wrong
+    # blocks 0 and 1 are held, so only the id's type or range can be wrong
+    allocator.allocate()
     with pytest.raises(ValueError, match=r"block must be a block id in \[0, 4\) of the device pool"):
         getattr(allocator, method)(block)
     assert [allocator.ref_count(b) for b in range(4)] == [1, 1, 0, 0]

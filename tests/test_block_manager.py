@@ -112,8 +112,10 @@ def test_can_allocate_without_watermark_may_take_every_block():
 def test_can_allocate_later_when_free_blocks_minus_watermark_are_too_few():
     manager = BlockManager(BS, 100)
     manager.allocate(make_group(tokens(BS), request_id="running"))  # 99 free now
-    assert manager.can_allocate(make_group(tokens(98 * BS))) == AllocStatus.OK  # 99 - 98 = 1
-    assert manager.can_allocate(make_group(tokens(98 * BS + 1))) == AllocStatus.LATER  # 99 - 99 = 0
+    # 99 - 98 = 1
+    assert manager.can_allocate(make_group(tokens(98 * BS))) == AllocStatus.OK
+    # 99 - 99 = 0
+    assert manager.can_allocate(make_group(tokens(98 * BS + 1))) == AllocStatus.LATER
 
 
 @pytest.mark.task1_3
@@ -124,7 +126,8 @@ def test_can_allocate_counts_every_sequence_of_a_diverged_group():
     # each holds 5 blocks; they share the 2 prompt blocks: 2 + 3 + 3 = 8 blocks
     assert manager.can_allocate(SequenceGroup("g", [a, b])) == AllocStatus.OK
     c = Sequence(prompt_token_ids=list(PROMPT8), output_token_ids=tokens(9, start=400))
-    assert manager.can_allocate(SequenceGroup("g", [a, b, c])) == AllocStatus.NEVER  # 11 > 10
+    # 11 > 10
+    assert manager.can_allocate(SequenceGroup("g", [a, b, c])) == AllocStatus.NEVER
 
 
 @pytest.mark.task1_3
@@ -258,7 +261,8 @@ def test_can_append_slots_counts_a_copy_on_write():
 @pytest.mark.task1_4
 def test_fork_shares_every_block_without_allocating():
     manager = BlockManager(BS, 2)
-    parent, child = allocate_and_fork(manager, PROMPT6)  # the pool is full: a fork must still work
+    # the pool is full: a fork must still work
+    parent, child = allocate_and_fork(manager, PROMPT6)
     assert ids(manager, child) == ids(manager, parent)
     assert manager.get_block_table(child).num_tokens == 6
     assert refs(manager, ids(manager, parent)) == [2, 2]
@@ -424,7 +428,8 @@ def test_swapped_in_sequence_keeps_growing(shared_pair):
     manager.swap_in(group)
     a, _ = group.seqs
     a.append_token_id(31)
-    assert len(manager.append_slots(a)) == 1  # the partial block is still shared: copy-on-write
+    # the partial block is still shared: copy-on-write
+    assert len(manager.append_slots(a)) == 1
     assert manager.get_block_table(a).num_tokens == 7
 
 
@@ -545,7 +550,8 @@ def test_memory_stats_device_pool(busy):
     device = manager.memory_stats().device
     assert (device.name, device.num_blocks, device.num_free, device.num_used) == ("device", 8, 4, 4)
     assert (device.num_shared, device.num_cached_free) == (2, 0)
-    assert (device.slots_used, device.slots_allocated) == (6 + 5, 4 * BS)  # shared blocks count once
+    # shared blocks count once
+    assert (device.slots_used, device.slots_allocated) == (6 + 5, 4 * BS)
     assert device.utilization == pytest.approx(11 / 16)
     assert device.internal_waste == 5
     assert device.blocks_saved_by_sharing == 2

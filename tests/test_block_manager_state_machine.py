@@ -27,8 +27,10 @@ from minipaged.reference.block_table import num_blocks_for
 from minipaged.reference.prefix_cache import PrefixCachingBlockAllocator
 from minipaged.sequence import Sequence, SequenceGroup, SequenceStatus
 
-SYSTEM_PROMPT = [101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 111, 112]  # shared prefixes
-tokens = st.integers(min_value=1, max_value=9)  # a small vocabulary: identical blocks happen often
+# shared prefixes
+SYSTEM_PROMPT = [101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 111, 112]
+# a small vocabulary: identical blocks happen often
+tokens = st.integers(min_value=1, max_value=9)
 
 
 class BlockManagerMachine(RuleBasedStateMachine):
@@ -45,7 +47,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.running: list[SequenceGroup] = []  # on the device
         self.swapped: list[SequenceGroup] = []  # on the host
         self.waiting: list[SequenceGroup] = []  # preempted by recompute: no blocks
-        self.pool = {"device": {}, "host": {}}  # slot -> token id: a model of the KV pools' contents
+        # slot -> token id: a model of the KV pools' contents
+        self.pool = {"device": {}, "host": {}}
 
     # ---- helpers ------------------------------------------------------------------------------
 

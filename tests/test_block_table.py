@@ -80,7 +80,8 @@ def test_num_filled_in_last_block_is_block_size_when_full():
 def test_slot_mapping_of_the_last_tokens(table):
     assert table.slot_mapping(1) == [9]  # a decode step writes the newest token only
     assert table.slot_mapping(2) == [8, 9]
-    assert table.slot_mapping(6) == [28, 29, 30, 31, 8, 9]  # a prefill writes every token
+    # a prefill writes every token
+    assert table.slot_mapping(6) == [28, 29, 30, 31, 8, 9]
     assert table.slot_mapping(0) == []
 
 
@@ -305,7 +306,8 @@ def test_a_failed_append_leaves_a_partly_filled_table_and_its_pool_as_they_were(
     table = BlockTable(block_size)
     table.append_tokens(data.draw(st.integers(1, pool.num_free * block_size)), pool.allocate, pool.free)
     before = (list(table.block_ids), table.num_tokens, allocator_state(pool))
-    room = table.capacity - table.num_tokens + pool.num_free * block_size  # the most that fits
+    # the most that fits
+    room = table.capacity - table.num_tokens + pool.num_free * block_size
     with pytest.raises(NoFreeBlocksError):
         table.append_tokens(data.draw(st.integers(room + 1, room + 3 * block_size)), pool.allocate, pool.free)
     assert (table.block_ids, table.num_tokens, allocator_state(pool)) == before

@@ -39,7 +39,8 @@ class BuddyMachine(RuleBasedStateMachine):
         self.initial = self.pool.free_blocks
         self.live: dict[int, tuple[int, int]] = {}  # start -> (size asked, block size)
 
-    @rule(size=st.one_of(st.integers(1, 8), st.integers(1, 130)))  # small ones often; some never fit
+    # small ones often; some never fit
+    @rule(size=st.one_of(st.integers(1, 8), st.integers(1, 130)))
     def allocate(self, size):
         before, block = self.pool.free_blocks, self.pool.block_size_of(size)
         if block > self.pool.max_block_size:
@@ -52,7 +53,8 @@ class BuddyMachine(RuleBasedStateMachine):
         if start is None:  # no free block is large enough: refused, and nothing changed
             assert not fitting and self.pool.free_blocks == before
             return
-        smallest = min(n for _, n in fitting)  # the smallest free block large enough, lowest first
+        # the smallest free block large enough, lowest first
+        smallest = min(n for _, n in fitting)
         assert start == min(s for s, n in fitting if n == smallest)
         assert start not in self.live
         self.live[start] = (size, block)
@@ -94,7 +96,8 @@ class BuddyMachine(RuleBasedStateMachine):
             base, top_size = self.pool.top_level_block_of(start)
             assert size & (size - 1) == 0, "not a power of two"
             assert (start - base) % size == 0 and start + size <= base + top_size
-        for asked, block in self.live.values():  # the next power of two: at least asked, under 2x
+        # the next power of two: at least asked, under 2x
+        for asked, block in self.live.values():
             assert asked <= block < 2 * asked or block == asked == 1
 
     @invariant()
@@ -139,7 +142,8 @@ def test_docs_split_and_coalesce_walkthrough():
     assert pool.num_free == 2 and pool.largest_free_block == 2
     pool.free(0)  # A's buddy is the block at 0 ^ 4 = 4, split (C holds half): no merge
     assert pool.free_blocks == [(0, 4), (6, 2)]
-    pool.free(4)  # C merges with 4 ^ 2 = 6, then (4, 4) with 4 ^ 4 = 0; (0, 8)'s buddy 8 is B's
+    # C merges with 4 ^ 2 = 6, then (4, 4) with 4 ^ 4 = 0; (0, 8)'s buddy 8 is B's
+    pool.free(4)
     assert pool.free_blocks == [(0, 8)]
     assert pool.free_area == [[], [], [], [0], []]
     pool.free(8)
@@ -152,7 +156,8 @@ def test_docs_exercise_adjacent_free_blocks_that_are_not_buddies():
     pool = BuddyAllocator(16)
     assert [pool.allocate(size) for size in (3, 4, 2, 4)] == [0, 4, 8, 12]  # A, B, C, D
     assert pool.allocated_blocks == [(0, 4), (4, 4), (8, 2), (12, 4)]
-    assert sum(size for _, size in pool.allocated_blocks) - (3 + 4 + 2 + 4) == 1  # A's rounding
+    # A's rounding
+    assert sum(size for _, size in pool.allocated_blocks) - (3 + 4 + 2 + 4) == 1
     assert pool.free_blocks == [(10, 2)]
     pool.free(4)  # B: its buddy (0, 4) is A's
     pool.free(8)  # C: merges with (10, 2) into (8, 4), whose buddy (12, 4) is D's
@@ -163,7 +168,8 @@ def test_docs_exercise_adjacent_free_blocks_that_are_not_buddies():
     # Seen by the Orca baseline: the 8 free slots would hold E's block: external fragmentation.
     alloc = ContiguousAllocator(16, "oracle", 16)
     for name, (prompt_len, output_len) in zip("ABCD", [(2, 1), (3, 1), (1, 1), (3, 1)], strict=True):
-        assert alloc.try_admit(Req(name, prompt_len, output_len))  # reserves 3, 4, 2, 4 slots
+        # reserves 3, 4, 2, 4 slots
+        assert alloc.try_admit(Req(name, prompt_len, output_len))
     alloc.free("B")
     alloc.free("C")
     b = alloc.breakdown([Req("E", 4, 3)])
@@ -197,18 +203,22 @@ def test_a_pool_that_is_not_a_power_of_two():
     assert pool.allocate(10) == 14976  # a block of 16: the top-level 16 serves, unsplit
     assert pool.allocate(5) == 14992  # a block of 8: the top-level 8
     assert pool.allocate(100) == 14848  # a block of 128
-    assert pool.allocate(3) == 14336  # a block of 4: the smallest free block is now the 512
+    # a block of 4: the smallest free block is now the 512
+    assert pool.allocate(3) == 14336
     assert pool.free_blocks[:4] == [(0, 8192), (8192, 4096), (12288, 2048), (14340, 4)]
 
 
 def test_blocks_never_merge_across_top_level_blocks():
     pool = BuddyAllocator(24)  # 16 at 0, 8 at 16
     assert pool.allocate(16) == 0 and pool.allocate(8) == 16
-    assert pool.buddy_of(0, 16) is None and pool.buddy_of(16, 8) is None  # top-level: no buddy
+    # top-level: no buddy
+    assert pool.buddy_of(0, 16) is None and pool.buddy_of(16, 8) is None
     pool.free(0)
     pool.free(16)
-    assert pool.free_blocks == [(0, 16), (16, 8)]  # never (0, 24): 24 is not a power of two
-    assert pool.allocate(8) == 16  # the smallest block large enough serves, the 16 stays whole
+    # never (0, 24): 24 is not a power of two
+    assert pool.free_blocks == [(0, 16), (16, 8)]
+    # the smallest block large enough serves, the 16 stays whole
+    assert pool.allocate(8) == 16
     assert pool.free_blocks == [(0, 16)]
 
 
@@ -218,7 +228,8 @@ def test_a_refused_allocate_changes_nothing():
     before, area = pool.free_blocks, [list(s) for s in pool.free_area]
     assert pool.allocate(5) is None  # 6 slots free, but the largest free block is 4
     assert pool.free_blocks == before and pool.free_area == area
-    assert not pool.can_allocate_all([4, 1, 1, 1])  # 4 + 2 fit; the third single does not
+    # 4 + 2 fit; the third single does not
+    assert not pool.can_allocate_all([4, 1, 1, 1])
     assert pool.can_allocate_all([4, 1, 1]) and pool.free_blocks == before
 
 
@@ -275,7 +286,8 @@ def test_a_buddy_range_occupies_its_power_of_two_and_the_rounding_is_internal_fr
     assert sum(getattr(b, name) for name in BREAKDOWN_FIELDS) == 64
     first_fit = ContiguousAllocator(64, "oracle", 32, placement="first-fit")
     assert first_fit.try_admit(req) and first_fit.range_of("a") == (0, 9)
-    assert first_fit.breakdown().internal_fragmentation == 1  # the last token's slot only
+    # the last token's slot only
+    assert first_fit.breakdown().internal_fragmentation == 1
 
 
 def test_buddy_free_slots_too_few_for_the_block_are_stranded():
@@ -284,7 +296,8 @@ def test_buddy_free_slots_too_few_for_the_block_are_stranded():
     assert alloc.try_admit(Req("a", 10, 5))  # 15 -> a block of 16 at slot 0
     assert alloc.try_admit(Req("b", 2, 1))  # 3 -> a block of 4 at slot 16
     assert alloc.free_extents == [(20, 4), (24, 8)]
-    b = alloc.breakdown([Req("c", 4, 5)])  # 9 slots, a block of 16: 12 free slots are too few
+    # 9 slots, a block of 16: 12 free slots are too few
+    b = alloc.breakdown([Req("c", 4, 5)])
     assert (b.external_fragmentation, b.stranded, b.free) == (0, 12, 0)
     b = alloc.breakdown([Req("d", 4, 4)])  # 8 slots: the free block (24, 8) holds it
     assert (b.external_fragmentation, b.stranded, b.free) == (0, 0, 12)
@@ -309,6 +322,7 @@ def test_a_range_larger_than_the_largest_top_level_block_can_never_fit():
     alloc = ContiguousAllocator(15_000, "oracle", 16_384)
     with pytest.raises(ValueError, match="can never fit a pool of capacity=15000"):
         alloc.try_admit(req)
-    alloc.check(Req("two", 2_000, 2_000), copies=3)  # 3 blocks of 4096: 8192 holds two, 4096 one
+    # 3 blocks of 4096: 8192 holds two, 4096 one
+    alloc.check(Req("two", 2_000, 2_000), copies=3)
     with pytest.raises(ValueError, match="4 range"):
         alloc.check(Req("two", 2_000, 2_000), copies=4)

@@ -29,8 +29,10 @@ KEY_LINES = [
     "swap_out(B) returned (device, host) pairs for swap_blocks:",
     "[(0, 0), (1, 1), (5, 2), (8, 3), (3, 4), (9, 5)]",
     "swap_in(B) returned (host, device) pairs for swap_blocks: [(3, 9), (5, 8)]",
-    "4 of B's 6 blocks found in the prefix cache",  # swap-in finds cached blocks (a swap cache)
-    "A    13 tokens, device: 0->0*[####] 1->1*[####] 2->2[####] 3->4[#...]",  # a block-table line
+    # swap-in finds cached blocks (a swap cache)
+    "4 of B's 6 blocks found in the prefix cache",
+    # a block-table line
+    "A    13 tokens, device: 0->0*[####] 1->1*[####] 2->2[####] 3->4[#...]",
     "B    13 tokens, host:   0->0*[####] 1->1*[####] 2->2[####] 3->3[#...]",
     "[A,B,B',C x4]",  # a block shared four ways in the pool picture
     "device pool: 16 blocks of 4 slots, 0 used, 16 free (6 cached-free)",
@@ -75,7 +77,8 @@ def test_no_command_prints_help(capsys):
     assert main([]) == 0
     out = capsys.readouterr().out
     for command in ["demo", "generate", "memory", "assignment", "experiment", "serve"]:
-        assert re.search(rf"^    {command}\b", out, flags=re.MULTILINE), command  # a line of the list
+        # a line of the list
+        assert re.search(rf"^    {command}\b", out, flags=re.MULTILINE), command
 
 
 @pytest.mark.parametrize("argv", [["no-such-command"], ["memory", "--block-size", "x"], ["demo", "--bogus"]])
@@ -290,7 +293,8 @@ def test_memory_html_writes_the_interactive_page_and_checks_its_path_first(tmp_p
     sizes = {"block_size": 3, "num_gpu_blocks": 14, "num_cpu_blocks": 8}
     assert out.read_text() == walkthrough_html(**sizes)
     with pytest.raises(SystemExit) as exit_info:
-        main(["memory", "--html", str(tmp_path)])  # a folder: refused before the tour runs
+        # a folder: refused before the tour runs
+        main(["memory", "--html", str(tmp_path)])
     assert exit_info.value.code == 2
     captured = capsys.readouterr()
     assert "Step 0" not in captured.out and "is a folder" in captured.err

@@ -28,7 +28,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def rng() -> random.Random:
-    return random.Random(int.from_bytes(os.urandom(8), "little"))  # fresh inputs every run
+    # fresh inputs every run
+    return random.Random(int.from_bytes(os.urandom(8), "little"))
 
 
 def _one_line_exit(argv: list[str], capsys, status: int = 2) -> str:
@@ -77,7 +78,8 @@ def _bad_engine_options(rng: random.Random, tmp_path: Path) -> list[tuple[list[s
     no_config.mkdir()
     huge = 10**9 + rng.randrange(10**6)
     return [
-        (["--device", f"cuda:{torch.cuda.device_count()}"], "device"),  # no such GPU, here or anywhere
+        # no such GPU, here or anywhere
+        (["--device", f"cuda:{torch.cuda.device_count()}"], "device"),
         (["--device", "cpu" + _random_word(rng)], "device"),
         (["--model", str(garbage)], str(garbage)),
         (["--model", str(nonsense)], str(nonsense)),
@@ -101,7 +103,8 @@ def test_values_the_engine_refuses_exit_2_with_one_line(command, rng, tmp_path, 
 
 
 def test_a_temperature_below_the_floor_exits_2_with_one_line(rng, capsys):
-    temperature = 10 ** -rng.uniform(2.5, 300)  # > 0 and < 0.01: the scaled logits would overflow
+    # > 0 and < 0.01: the scaled logits would overflow
+    temperature = 10 ** -rng.uniform(2.5, 300)
     line = _one_line_exit(["generate", "x", "--temperature", repr(temperature)], capsys)
     assert "temperature" in line and repr(temperature) in line
 
@@ -186,7 +189,8 @@ def _unwritable_paths(tmp_path: Path, suffix: str) -> list[tuple[str, str]]:
     regular.write_text("a file, not a folder")
     return [
         (str(tmp_path), "is a folder"),
-        (str(regular / f"out{suffix}"), "cannot write"),  # as root too: no permission bit involved
+        # as root too: no permission bit involved
+        (str(regular / f"out{suffix}"), "cannot write"),
         (str(tmp_path / "missing" / f"out{suffix}"), "does not exist"),
     ]
 

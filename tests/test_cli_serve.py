@@ -24,7 +24,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def rng() -> random.Random:
-    return random.Random(int.from_bytes(os.urandom(8), "little"))  # fresh inputs every run
+    # fresh inputs every run
+    return random.Random(int.from_bytes(os.urandom(8), "little"))
 
 
 def _free_port() -> int:

@@ -87,9 +87,11 @@ def test_contiguous_allocation_exercise():
         run = run + 1 if block in free else 0
         if run and (block == 9 or block + 1 not in free):
             holes.append(run)
-    assert max(holes) == 2  # D needs 3 contiguous blocks: a contiguous allocator must refuse it
+    # D needs 3 contiguous blocks: a contiguous allocator must refuse it
+    assert max(holes) == 2
     d = group("D", list(range(400, 412)))  # 12 tokens: 3 blocks
-    assert manager.can_allocate(d) == AllocStatus.OK  # paging: any 3 free blocks will do
+    # paging: any 3 free blocks will do
+    assert manager.can_allocate(d) == AllocStatus.OK
     manager.allocate(d)
     assert manager.get_block_table(d.seqs[0]).block_ids == [4, 5, 9]
 
@@ -124,7 +126,8 @@ def test_pages_and_frames_exercise():
     assert a.block_ids == [0, 1, 4]  # A's logical block 2 lives in physical block 4
     assert b.block_ids == [2, 3, 5]  # B's logical block 2 lives in physical block 5
     assert (a.num_tokens, b.num_tokens) == (9, 9)
-    assert (a.capacity - a.num_tokens) + (b.capacity - b.num_tokens) == 6  # empty slots, all in last blocks
+    # empty slots, all in last blocks
+    assert (a.capacity - a.num_tokens) + (b.capacity - b.num_tokens) == 6
     assert pool.num_free == 2
 
 
@@ -266,7 +269,8 @@ def test_prefix_caching_exercise():
     assert manager.allocate(b) == 8  # tokens whose K/V are already in the pool
     assert manager.get_block_table(b.seqs[0]).block_ids == [0, 1, 2]
     assert (cache.hits, cache.misses) == (2, 2)
-    c = group("C", [91, 92, 93, 94, 15, 16, 17, 18, 41])  # second block's tokens equal the system prompt's
+    # second block's tokens equal the system prompt's
+    c = group("C", [91, 92, 93, 94, 15, 16, 17, 18, 41])
     assert manager.allocate(c) == 0
     assert manager.get_block_table(c.seqs[0]).block_ids == [3, 4, 5]
     assert (cache.hits, cache.misses) == (2, 4)
@@ -290,7 +294,8 @@ def test_prefix_caching_worked_example_lru_eviction():
     assert [cache.is_cached_free(block) for block in range(4)] == [True, True, False, False]
     y = group("Y", [41, 42, 43, 44, 45, 46, 47, 48, 49])
     manager.allocate(y)
-    assert manager.get_block_table(y.seqs[0]).block_ids == [2, 3, 1]  # block 1, X's tail, was evicted
+    # block 1, X's tail, was evicted
+    assert manager.get_block_table(y.seqs[0]).block_ids == [2, 3, 1]
     assert cache.evictions == 1
     assert cache.is_cached_free(0)  # X's first block is still cached
 
@@ -340,7 +345,8 @@ def test_swapping_worked_example():
 
 def changed_rows(before: torch.Tensor, after: torch.Tensor) -> list[tuple[int, int]]:
     """The (block, offset) rows of a float32 pool whose bytes differ (NaN compares equal to itself)."""
-    differ = (before.view(torch.int32) != after.view(torch.int32)).flatten(2).any(dim=-1)  # [blocks, size]
+    # [blocks, size]
+    differ = (before.view(torch.int32) != after.view(torch.int32)).flatten(2).any(dim=-1)
     return [(block, offset) for block, offset in differ.nonzero().tolist()]
 
 
@@ -348,16 +354,20 @@ def changed_rows(before: torch.Tensor, after: torch.Tensor) -> list[tuple[int, i
 def test_writing_through_the_table_worked_example():
     gen = torch.Generator().manual_seed(2023)
     a = BlockTable(block_size=4, block_ids=[2, 5], num_tokens=6)
-    assert a.append_tokens(1, allocate=iter([]).__next__) == []  # fits in block 5: allocate is not called
+    # fits in block 5: allocate is not called
+    assert a.append_tokens(1, allocate=iter([]).__next__) == []
     b = BlockTable(block_size=4)
-    assert b.append_tokens(3, allocate=iter([0]).__next__) == [0]  # a new 3-token prompt
-    slot_mapping = a.slot_mapping(1) + b.slot_mapping(3) + [-1]  # A's decode token, B's prompt, padding
+    # a new 3-token prompt
+    assert b.append_tokens(3, allocate=iter([0]).__next__) == [0]
+    # A's decode token, B's prompt, padding
+    slot_mapping = a.slot_mapping(1) + b.slot_mapping(3) + [-1]
     assert slot_mapping == [22, 0, 1, 2, -1]
     k_cache, v_cache = torch.randn(6, 4, 2, 8, generator=gen), torch.randn(6, 4, 2, 8, generator=gen)
     k_before, v_before = k_cache.clone(), v_cache.clone()
     key, value = torch.randn(5, 2, 8, generator=gen), torch.randn(5, 2, 8, generator=gen)
     write_kv(key, value, k_cache, v_cache, torch.tensor(slot_mapping))
-    written = [(0, 0), (0, 1), (0, 2), (5, 2)]  # B's three rows of block 0, A's row 2 of block 5
+    # B's three rows of block 0, A's row 2 of block 5
+    written = [(0, 0), (0, 1), (0, 2), (5, 2)]
     assert changed_rows(k_before, k_cache) == changed_rows(v_before, v_cache) == written
     assert torch.equal(k_cache[5, 2], key[0]) and torch.equal(k_cache[0, :3], key[1:4])
     assert torch.equal(v_cache[5, 2], value[0]) and torch.equal(v_cache[0, :3], value[1:4])
@@ -369,10 +379,12 @@ def writing_exercise(gen: torch.Generator):
     a = BlockTable(block_size=4, block_ids=[3, 1], num_tokens=7)
     b = BlockTable(block_size=4, block_ids=[5, 0, 4], num_tokens=9)
     k_cache, v_cache = torch.full((6, 4, 2, 8), math.nan), torch.full((6, 4, 2, 8), math.nan)
-    earlier = [a.slot(pos) for pos in range(6)] + [b.slot(pos) for pos in range(4)]  # written before
+    # written before
+    earlier = [a.slot(pos) for pos in range(6)] + [b.slot(pos) for pos in range(4)]
     for pool in (k_cache, v_cache):
         pool.view(-1, 2, 8)[earlier] = torch.randn(len(earlier), 2, 8, generator=gen)
-    key, value = torch.randn(8, 2, 8, generator=gen), torch.randn(8, 2, 8, generator=gen)  # 6 tokens + 2 pads
+    # 6 tokens + 2 pads
+    key, value = torch.randn(8, 2, 8, generator=gen), torch.randn(8, 2, 8, generator=gen)
     return a, b, k_cache, v_cache, key, value
 
 
@@ -385,7 +397,8 @@ def test_writing_through_the_table_exercise():
     write_kv(key, value, k_cache, v_cache, torch.tensor(slot_mapping))
     expected = sorted([(1, 2), (0, 0), (0, 1), (0, 2), (0, 3), (4, 0)])
     assert changed_rows(k_before, k_cache) == changed_rows(v_before, v_cache) == expected
-    assert torch.equal(k_cache[4, 0], key[5]) and torch.equal(v_cache[4, 0], value[5])  # B's position 8
+    # B's position 8
+    assert torch.equal(k_cache[4, 0], key[5]) and torch.equal(v_cache[4, 0], value[5])
     assert b.slot(8) == 16
 
 
@@ -393,15 +406,18 @@ def test_writing_through_the_table_exercise():
 def test_writing_through_the_table_exercise_order():
     gen = torch.Generator().manual_seed(7)
     a, b, k_cache, v_cache, key, value = writing_exercise(gen)
-    query = torch.randn(6, 4, 8, generator=gen)  # 1 row for A, 5 for B; the padding has none
+    # 1 row for A, 5 for B; the padding has none
+    query = torch.randn(6, 4, 8, generator=gen)
     args = (
         block_tables_tensor([a, b]),
         torch.tensor([7, 9], dtype=torch.int32),
         torch.tensor([0, 1, 6], dtype=torch.int32),
         8**-0.5,
     )
-    too_early = paged_attention(query, k_cache, v_cache, *args)  # attention before write_kv
-    assert too_early.isnan().flatten(1).all(dim=1).tolist() == [True] * 6  # every row sees its own NaN
+    # attention before write_kv
+    too_early = paged_attention(query, k_cache, v_cache, *args)
+    # every row sees its own NaN
+    assert too_early.isnan().flatten(1).all(dim=1).tolist() == [True] * 6
     write_kv(key, value, k_cache, v_cache, torch.tensor(a.slot_mapping(1) + b.slot_mapping(5) + [-1, -1]))
     out = paged_attention(query, k_cache, v_cache, *args)
     assert out.isfinite().all()
@@ -437,7 +453,8 @@ def test_reading_through_the_table_exercise():
     gen = torch.Generator().manual_seed(11)
     table, query, k_cache, v_cache, args = reading_exercise(gen)
     assert args[0].tolist() == [[6, 2, 9, -1]]
-    assert not k_cache[9, 3].isfinite().any()  # position 11's slot, past seq_len: poisoned
+    # position 11's slot, past seq_len: poisoned
+    assert not k_cache[9, 3].isfinite().any()
     out = paged_attention(query, k_cache, v_cache, *args)
     assert out.isfinite().all()  # the poison is never read
     # 1. Which key positions each query row sees: change one position's K/V, see which rows move.
@@ -450,7 +467,8 @@ def test_reading_through_the_table_exercise():
         for row in range(3):
             if not torch.equal(moved[row], out[row]):
                 sees[row].append(pos)
-    assert sees == [list(range(9)), list(range(10)), list(range(11))]  # rows at positions 8, 9, 10
+    # rows at positions 8, 9, 10
+    assert sees == [list(range(9)), list(range(10)), list(range(11))]
     # 2. The rows read: blocks 6 and 2 whole, rows 0-2 of block 9.
     keys, values = gather_kv(k_cache, v_cache, args[0][0], 11)
     assert torch.equal(keys, torch.cat([k_cache[6], k_cache[2], k_cache[9, :3]]))
@@ -485,5 +503,6 @@ def test_reading_through_the_table_exercise_blockwise():
     for q_len in (3, 1):  # the exercise's chunk, then a decode step at the same seq_len
         row = RecordingTable([6, 2, 9, -1])
         rows = _attend_blockwise(query[3 - q_len :], k_cache, v_cache, row, 11, args[3])
-        assert row.lookups == [0, 1, 2]  # one per block holding tokens; the -1 is never looked up
+        # one per block holding tokens; the -1 is never looked up
+        assert row.lookups == [0, 1, 2]
         torch.testing.assert_close(rows, out[3 - q_len :], **tolerance(torch.float32))

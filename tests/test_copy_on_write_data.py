@@ -20,7 +20,8 @@ BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM = 4, 2, 8
 def kv_of(token_ids: list[int], salt: int) -> torch.Tensor:
     """Deterministic random K (or V) for tokens; `salt` makes each sequence's rows its own."""
     gen = torch.Generator().manual_seed(salt)
-    rows = torch.randn(len(token_ids), NUM_KV_HEADS, HEAD_DIM, generator=gen)  # [num_tokens, heads, dim]
+    # [num_tokens, heads, dim]
+    rows = torch.randn(len(token_ids), NUM_KV_HEADS, HEAD_DIM, generator=gen)
     return rows + torch.tensor(token_ids, dtype=torch.float32)[:, None, None]
 
 
@@ -31,19 +32,23 @@ class Pool:
         self.k_cache = torch.full((num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM), float("nan"))
 
     def write(self, slots: list[int], rows: torch.Tensor) -> None:
-        self.k_cache.view(-1, NUM_KV_HEADS, HEAD_DIM)[torch.tensor(slots)] = rows  # slot = token row
+        # slot = token row
+        self.k_cache.view(-1, NUM_KV_HEADS, HEAD_DIM)[torch.tensor(slots)] = rows
 
     def copy_blocks(self, mapping: list[tuple[int, int]]) -> None:
         for src, dst in mapping:
             self.k_cache[dst] = self.k_cache[src]
 
     def read(self, block_ids: list[int], num_tokens: int) -> torch.Tensor:
-        rows = self.k_cache[torch.tensor(block_ids)]  # [num_blocks_of_seq, block_size, heads, dim]
-        return rows.flatten(0, 1)[:num_tokens]  # [num_tokens, heads, dim]: drop the unused tail
+        # [num_blocks_of_seq, block_size, heads, dim]
+        rows = self.k_cache[torch.tensor(block_ids)]
+        # [num_tokens, heads, dim]: drop the unused tail
+        return rows.flatten(0, 1)[:num_tokens]
 
 
 @pytest.mark.task1_5
-@pytest.mark.parametrize("prompt_len", [5, 8, 10])  # last block partly filled, full, partly filled
+# last block partly filled, full, partly filled
+@pytest.mark.parametrize("prompt_len", [5, 8, 10])
 def test_forked_sequences_diverge_without_touching_each_other(prompt_len):
     manager = BlockManager(BLOCK_SIZE, num_gpu_blocks=16, watermark=0.0)
     pool = Pool(16)
@@ -60,7 +65,8 @@ def test_forked_sequences_diverge_without_touching_each_other(prompt_len):
     expected = {parent.seq_id: [prompt_kv], child.seq_id: [prompt_kv]}
 
     copies = 0
-    for step in range(6):  # each writes a different token, alternately, across a block boundary
+    # each writes a different token, alternately, across a block boundary
+    for step in range(6):
         for seq, token in ((parent, 50 + step), (child, 70 + step)):
             seq.append_token_id(token)
             cow = manager.append_slots(seq)

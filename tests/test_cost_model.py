@@ -29,9 +29,11 @@ def test_sizes_of_the_tiny_model_by_hand():
     # per layer: Q, K, V, O are 4 matrices of 8 x 8 = 256; the MLP 2 x 8 x 16 = 256
     assert TINY.num_parameters == 2 * (256 + 256) + 10 * 8 == 1104  # + tied embeddings
     assert TINY.weight_bytes == 2208
-    assert TINY.kv_bytes_per_token == 2 * 2 * 2 * 4 * 2 == 64  # K and V x layers x heads x dims x 2 B
+    # K and V x layers x heads x dims x 2 B
+    assert TINY.kv_bytes_per_token == 2 * 2 * 2 * 4 * 2 == 64
     gated = ModelSpec("g", 2, 8, 2, 2, 4, 16, 10, gated_mlp=True, tie_word_embeddings=False)
-    assert gated.num_parameters == 2 * (256 + 3 * 128) + 2 * 80 == 1440  # 3 MLP matrices, own LM head
+    # 3 MLP matrices, own LM head
+    assert gated.num_parameters == 2 * (256 + 3 * 128) + 2 * 80 == 1440
 
 
 def test_step_parts_of_the_tiny_model_by_hand():
@@ -41,7 +43,8 @@ def test_step_parts_of_the_tiny_model_by_hand():
     assert parts["linear_memory"] == pytest.approx(2208 / 100)  # 22.08 s: memory-bound
     assert parts["linear"] == parts["linear_memory"]
     # causal pairs: 1 + 2 + 3 for the prefill, 5 for the decode; 4 x layers x heads x dims each
-    assert parts["attention_compute"] == pytest.approx(4 * 2 * 2 * 4 * (6 + 5) / 1000)  # 0.704 s
+    # 0.704 s
+    assert parts["attention_compute"] == pytest.approx(4 * 2 * 2 * 4 * (6 + 5) / 1000)
     # K/V read (3 and 5 tokens) plus written (3 and 1): 12 tokens of 64 bytes
     assert parts["attention_memory"] == pytest.approx(12 * 64 / 100)  # 7.68 s
     assert parts["attention"] == parts["attention_memory"]
@@ -70,7 +73,8 @@ def test_swap_copy_and_kv_slots_by_hand():
     assert cost.swap_time(3, 2, 4) == pytest.approx(384 / 10 + 4 * 0.5)
     assert cost.copy_time(3, 2) == pytest.approx(2 * 384 / 100)
     assert cost.kv_cache_tokens(0.5) == (5000 - 2208) // 64 == 43
-    assert toy(2).kv_cache_tokens(0.5) == (5000 - 1104) // 32  # each GPU: half the heads
+    # each GPU: half the heads
+    assert toy(2).kv_cache_tokens(0.5) == (5000 - 1104) // 32
 
 
 def test_presets_have_the_published_sizes():

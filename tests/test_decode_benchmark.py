@@ -23,7 +23,8 @@ QUICK = ["--quick", "--no-progress", "--cpu-runs", "1"]
 @pytest.fixture(scope="module")
 def bench():
     """The script imported as a module (benchmarks/ is not a package)."""
-    if str(SCRIPT.parent) not in sys.path:  # as `python benchmarks/...` does: bench_common sits beside it
+    # as `python benchmarks/...` does: bench_common sits beside it
+    if str(SCRIPT.parent) not in sys.path:
         sys.path.insert(0, str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("decode_attention_benchmark", SCRIPT)
     module = importlib.util.module_from_spec(spec)
@@ -51,7 +52,8 @@ def test_quick_run_times_every_method_after_checking_it(bench, tmp_path, capsys)
         for row in report[kind]:
             assert tuple(row["methods"]) == methods and row["sets"] >= 2
             for name, m in row["methods"].items():
-                if name in bench.GUARDED and "skipped" in m:  # torch without flex: a reason, no time
+                # torch without flex: a reason, no time
+                if name in bench.GUARDED and "skipped" in m:
                     assert m["skipped"]
                     continue
                 assert m["time_us"] > 0, (kind, name)
@@ -111,7 +113,8 @@ def test_inputs_lay_out_the_same_kv_both_ways(bench):
     gen, cpu = torch.Generator().manual_seed(0), torch.device("cpu")
     shared = bench.make_shared(point, gen, cpu)
     s = bench.make_inputs(point, shared, gen, cpu, dense=True)
-    assert shared.block_tables.shape == (3, 3) and point.num_blocks == 10  # 9 used, 1 spare
+    # 9 used, 1 spare
+    assert shared.block_tables.shape == (3, 3) and point.num_blocks == 10
     assert len(set(shared.block_tables.flatten().tolist())) == 9
     assert shared.seq_lens.tolist() == [40] * 3 and shared.query_start_loc.tolist() == [0, 1, 2, 3]
     for b in range(3):
@@ -119,20 +122,24 @@ def test_inputs_lay_out_the_same_kv_both_ways(bench):
             block = int(shared.block_tables[b, pos // 16])
             assert torch.equal(s.k_dense[b, :, pos], s.k_cache[block, pos % 16])
             assert torch.equal(s.v_dense[b, :, pos], s.v_cache[block, pos % 16])
-    assert torch.equal(s.q_dense[:, :, 0], s.query) and s.k_cache.abs().min() > 0  # random, never zeros
+    # random, never zeros
+    assert torch.equal(s.q_dense[:, :, 0], s.query) and s.k_cache.abs().min() > 0
 
 
 def test_bytes_flops_and_goal_marks(bench):
     shape = {"num_heads": 32, "num_kv_heads": 8, "head_dim": 128, "block_size": 16}
     decode = bench.Point("decode", "fp16", 1, 4096, 1, **shape)
-    assert decode.bytes_moved == 2 * 4096 * 8 * 128 * 2 + 2 * 32 * 128 * 2  # K and V, query and output
+    # K and V, query and output
+    assert decode.bytes_moved == 2 * 4096 * 8 * 128 * 2 + 2 * 32 * 128 * 2
     prefill = bench.Point("prefill", "bf16", 2, 1024 + 512, 512, **shape)
-    assert prefill.flops == 4 * 2 * 32 * 128 * (512 * 1024 + 512 * 513 // 2)  # visible pairs only
+    # visible pairs only
+    assert prefill.flops == 4 * 2 * 32 * 128 * (512 * 1024 + 512 * 513 // 2)
     assert bench.goal_mark({"time_us": 1.0, "copy_fraction": 0.85, "x_sdpa": 1.1}) == "pass"
     assert bench.goal_mark({"time_us": 1.0, "copy_fraction": 0.5, "x_sdpa": 1.1}) == "miss bw"
     assert bench.goal_mark({"time_us": 1.0, "copy_fraction": 0.5, "x_sdpa": 1.5}) == "miss bw+sdpa"
     assert bench.goal_mark({"skipped": "why"}) == "n/a"
-    assert bench.goal_mark({"time_us": 1.0, "copy_fraction": 0.5, "x_sdpa": None}) == "n/a"  # no sdpa time
+    # no sdpa time
+    assert bench.goal_mark({"time_us": 1.0, "copy_fraction": 0.5, "x_sdpa": None}) == "n/a"
 
 
 def test_a_point_without_sdpa_is_not_counted_for_the_goal(bench):
@@ -152,9 +159,11 @@ def test_input_sets_hold_dense_kv_only_where_sdpa_needs_them(bench):
     dense, paged = point.set_bytes(True), point.set_bytes(False)
     assert dense > 1.9 * paged  # the dense copy of K/V is about one more pool
     budget = dense + 3 * paged
-    assert bench.num_sets(point, cuda, budget, dense=True) == 2  # 3 paged sets' bytes hold 1 dense set
+    # 3 paged sets' bytes hold 1 dense set
+    assert bench.num_sets(point, cuda, budget, dense=True) == 2
     assert bench.num_sets(point, cuda, budget, dense=False) == 4
-    assert bench.num_sets(point, cuda, dense - 1, dense=False) == 0  # the oracle's set must fit
+    # the oracle's set must fit
+    assert bench.num_sets(point, cuda, dense - 1, dense=False) == 0
 
 
 def test_flex_runs_last_within_each_point(bench, monkeypatch, tmp_path):
@@ -172,10 +181,12 @@ def test_flex_runs_last_within_each_point(bench, monkeypatch, tmp_path):
     argv += ["--methods", "flex-paged", "sdpa", "triton", "--json", str(tmp_path / "out.json")]
     assert bench.main(argv) == 0
     first_flex = events.index(("check", "flex-paged"))
-    assert {name for _, name in events[:first_flex]} == {"sdpa", "triton"}  # checked and timed before
+    # checked and timed before
+    assert {name for _, name in events[:first_flex]} == {"sdpa", "triton"}
     assert {name for _, name in events[first_flex:]} == {"flex-paged"}
     row = json.loads((tmp_path / "out.json").read_text())["decode"][0]
-    assert list(row["methods"]) == ["flex-paged", "sdpa", "triton"]  # reported in the order asked
+    # reported in the order asked
+    assert list(row["methods"]) == ["flex-paged", "sdpa", "triton"]
 
 
 def test_a_device_fault_in_flex_keeps_what_was_measured(bench, monkeypatch, tmp_path, capsys):
@@ -221,7 +232,8 @@ def test_a_small_real_point_on_cuda(bench, tmp_path):
     for name in ("triton", "triton-kernel", "reference", "sdpa"):
         assert decode["methods"][name]["time_us"] > 0, name
     flex = decode["methods"]["flex-paged"]
-    assert flex.get("time_us", 0) > 0 or flex["skipped"]  # timed, or the reason it could not be
+    # timed, or the reason it could not be
+    assert flex.get("time_us", 0) > 0 or flex["skipped"]
     assert decode["goal"]["triton-kernel"] in ("pass", "miss bw", "miss sdpa", "miss bw+sdpa")
     (prefill,) = report["prefill"]
     assert prefill["methods"]["triton"]["tflops"] > 0

@@ -114,14 +114,16 @@ def test_the_kernel_pages_quote_code(page):
     """Guard against passing vacuously: these pages explain the reference code by quoting it."""
     titles = {q.title for q in QUOTES if q.page == DOCS / page}
     if not titles and "Removed from the student copy" in (DOCS / page).read_text():
-        return  # a student copy (minipaged/assignments.py): its solution quotes were removed
+        # a student copy (minipaged/assignments.py): its solution quotes were removed
+        return
     assert titles, f'docs/{page} has no ```python title="..." block quoting a file of the repo'
     assert all((ROOT / title).is_file() for title in titles)
 
 
 def test_the_checker_catches_a_changed_line_and_a_reordering():
     source = ["def f(x):", '    """Doc."""', "    y = x + 1", "    return y"]
-    assert first_missing_line(["def f(x):", "", "  return y"], source) is None  # lines left out: fine
+    # lines left out: fine
+    assert first_missing_line(["def f(x):", "", "  return y"], source) is None
     assert first_missing_line(["def f(x):", "    y = x + 2"], source) == "y = x + 2"
     assert first_missing_line(["return y", "y = x + 1"], source) == "y = x + 1"
 

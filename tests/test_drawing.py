@@ -32,7 +32,8 @@ DOCS = ROOT / "docs"
 def _load_script():
     spec = importlib.util.spec_from_file_location("draw_figures", ROOT / "scripts" / "draw_figures.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the script runs
+    # dataclasses look their module up while the script runs
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -73,7 +74,8 @@ class RandomRun:
 
     def allocate(self) -> None:
         size = self.manager.block_size
-        prompt = [self.rng.randint(1, 3) for _ in range(self.rng.randint(1, 3 * size))]  # shared prefixes
+        # shared prefixes
+        prompt = [self.rng.randint(1, 3) for _ in range(self.rng.randint(1, 3 * size))]
         group = SequenceGroup(
             f"r{self.next_id}", [self._seq(list(prompt)) for _ in range(self.rng.randint(1, 3))]
         )
@@ -140,7 +142,8 @@ def expected_blocks(manager: BlockManager, pool: str) -> dict[int, dict[str, str
         ]
         cached = getattr(allocator, "is_cached_free", lambda b: False)(block)
         ref = allocator.ref_count(block)
-        assert ref == len(holders)  # the manager's own invariant, which the picture relies on
+        # the manager's own invariant, which the picture relies on
+        assert ref == len(holders)
         out[block] = {
             "data-ref-count": str(ref),
             "data-seqs": ",".join(map(str, holders)),
@@ -338,4 +341,5 @@ def test_copy_on_write_figure_shows_figure_8(figures):
     panels = root.findall("{http://www.w3.org/2000/svg}g")
     arcs = [[(el.get("data-cow-src"), el.get("data-cow-dst")) for el in p.iter() if el.get("data-cow-src")]
             for p in panels]  # fmt: skip
-    assert arcs == [[], [("1", "2")], []]  # the first writer copies block 1 to block 2; the last does not
+    # the first writer copies block 1 to block 2; the last does not
+    assert arcs == [[], [("1", "2")], []]

@@ -39,7 +39,8 @@ TINY_SCHEDULER = ["--num-seqs", "1", "8", "--steps", "3", "--warmup", "1", "--no
 
 def _load(name: str):
     """A benchmark script imported as a module (benchmarks/ is not a package)."""
-    if str(BENCHMARKS) not in sys.path:  # as `python benchmarks/...` does: bench_common sits beside it
+    # as `python benchmarks/...` does: bench_common sits beside it
+    if str(BENCHMARKS) not in sys.path:
         sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -69,7 +70,8 @@ def test_throughput_tiny_run_reports_every_system(throughput, tmp_path, capsys):
     path = tmp_path / "out.json"
     threads = torch.get_num_threads()
     assert throughput.main([*TINY_THROUGHPUT, "--json", str(path)]) == 0
-    assert torch.get_num_threads() == threads  # the benchmark's thread count does not leak out
+    # the benchmark's thread count does not leak out
+    assert torch.get_num_threads() == threads
     report = json.loads(path.read_text())
     assert {"benchmark", "command", "machine", "date", "torch", "transformers", "threads"} <= report.keys()
     assert {"config", "rows", "goals", "notes"} <= report.keys()
@@ -87,7 +89,8 @@ def test_throughput_tiny_run_reports_every_system(throughput, tmp_path, capsys):
         assert math.isclose(row["tokens_per_s"], useful / row["wall_s"])
         assert row["kv_peak_bytes"] <= row["kv_allocated_bytes"]
     assert rows["minipaged"]["matches_minipaged"] == 3
-    assert rows["padded"]["computed_tokens"] == 3 * 9  # every row runs to the longest output
+    # every row runs to the longest output
+    assert rows["padded"]["computed_tokens"] == 3 * 9
     assert rows["minipaged"]["computed_tokens"] == rows["continuous"]["computed_tokens"] == useful
     assert [goal["goal"] for goal in report["goals"]] == list(throughput.GOALS)
     table = capsys.readouterr().out
@@ -162,12 +165,14 @@ def test_null_engine_plays_the_engine_part(scheduler, prefix_caching):
         8, prompt_len=5, max_tokens=6, block_size=4, enable_prefix_caching=prefix_caching
     )
     first = engine.step()
-    assert len(first.scheduled) == 8 and first.num_batched_tokens == 8 * 5  # the prefill
+    # the prefill
+    assert len(first.scheduled) == 8 and first.num_batched_tokens == 8 * 5
     for _ in range(4):
         out = engine.step()
         assert len(out.scheduled) == 8 and out.num_batched_tokens == 8 and not out.preempted
     seq = out.scheduled[0].seq
-    assert len(seq) == 5 + 5 and len(engine.manager.get_block_table(seq)) == 3  # ceil(10 / 4)
+    # ceil(10 / 4)
+    assert len(seq) == 5 + 5 and len(engine.manager.get_block_table(seq)) == 3
     engine.step()  # the sixth token: every sequence finishes and frees its blocks
     assert not engine.scheduler.has_unfinished()
     assert engine.manager.device.num_used == 0

@@ -40,7 +40,8 @@ def test_simulated_clock_advances_by_step_times_and_jumps_idle_gaps():
     a = llm.add_request({"prompt_token_ids": [5, 6, 7]}, greedy(3), arrival_time=1.0)
     b = llm.add_request({"prompt_token_ids": [8, 9]}, greedy(2), arrival_time=10.0)
     assert llm.now() == 0.0 and llm.has_unfinished_requests()
-    assert not llm.scheduler.has_unfinished()  # both are in the future: the scheduler sees neither
+    # both are in the future: the scheduler sees neither
+    assert not llm.scheduler.has_unfinished()
     outputs = drain(llm)
     ma, mb = outputs[a].metrics, outputs[b].metrics
     # a: the clock jumps to 1.0, then 3 steps (prefill + 2 decodes) of 0.25 s each
@@ -83,7 +84,8 @@ def test_simulated_beam_search_runs_the_real_beam_step():
     )
     assert len(out.sequences) == 3 and all(len(b.token_ids) == 6 for b in out.sequences)
     assert out.metrics.finished_time == pytest.approx(6 * STEP)
-    assert llm.stats.cow_copies > 0  # the beams forked and copied a shared partial block
+    # the beams forked and copied a shared partial block
+    assert llm.stats.cow_copies > 0
     assert llm.block_manager.device.num_free == 64
 
 
@@ -113,7 +115,8 @@ def test_wall_clock_engine_records_times_and_waits_for_a_future_arrival():
 class FakeCost:
     """A cost model that charges by what it is asked, so the runner's arithmetic can be read off."""
 
-    class model:  # a two-layer model: a swapped block is 2 x 2 transfers (K and V of each layer)
+    # a two-layer model: a swapped block is 2 x 2 transfers (K and V of each layer)
+    class model:
         num_layers = 2
 
     def step_time(self, query_lens, seq_lens):
@@ -183,4 +186,5 @@ def test_beam_searches_count_their_width_against_max_num_seqs_from_admission():
     while llm.has_unfinished_requests():
         llm.step()
         assert sum(len(g.get_unfinished_seqs()) for g in llm.scheduler.running) <= 6
-    assert max(s.num_running for s in llm.step_stats) == 2  # two searches of width 3 at a time
+    # two searches of width 3 at a time
+    assert max(s.num_running for s in llm.step_stats) == 2

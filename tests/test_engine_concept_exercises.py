@@ -22,7 +22,8 @@ from minipaged.reference.block_manager import AllocStatus, BlockManager
 from minipaged.reference.scheduler import Scheduler, SchedulerOutput
 from minipaged.sequence import Sequence, SequenceGroup, SequenceStatus
 
-NEXT_TOKEN = 7  # what the fake model "samples": the token does not matter to the scheduler
+# what the fake model "samples": the token does not matter to the scheduler
+NEXT_TOKEN = 7
 
 
 def request(request_id: str, prompt_len: int, arrival: float) -> SequenceGroup:
@@ -181,10 +182,12 @@ def test_replacement_exercise(mode, num_cpu_blocks):
     assert ids(scheduler.running) == ["B"]
     step8 = engine_step(scheduler, REPLACEMENT_LIMITS)
     if expected_mode == "swap":
-        assert batch(step8) == [("B", 1), ("C", 1)]  # a decode: its K/V came back from the host
+        # a decode: its K/V came back from the host
+        assert batch(step8) == [("B", 1), ("C", 1)]
         assert step8.blocks_to_swap_in == [(0, 0), (1, 1), (2, 6)]
     else:
-        assert batch(step8) == [("B", 1), ("C", 12)]  # prompt + 6 generated tokens, one prefill
+        # prompt + 6 generated tokens, one prefill
+        assert batch(step8) == [("B", 1), ("C", 12)]
     assert scheduler.num_preemptions == {"recompute": 0, "swap": 0, expected_mode: 1}
 
 
@@ -212,16 +215,19 @@ def thrashing_run(max_num_seqs: int) -> tuple[int, int, int]:
 
 
 def test_thrashing_worked_example():
-    useful = 16 * (16 + 48 - 1)  # every prompt token and every generated token but the last, once
+    # every prompt token and every generated token but the last, once
+    useful = 16 * (16 + 48 - 1)
     assert useful == 1008
     assert thrashing_run(16) == (288, 29, 1706)
     assert thrashing_run(4) == (290, 23, 1577)
     assert thrashing_run(2) == (384, 0, 1008)
-    assert round(1 - useful / 1706, 2) == 0.41  # of the computed tokens were recomputation
+    # of the computed tokens were recomputation
+    assert round(1 - useful / 1706, 2) == 0.41
 
 
 def test_watermark_of_a_small_pool_is_zero():
-    assert BlockManager(block_size=4, num_gpu_blocks=64).watermark_blocks == 0  # int(0.64)
+    # int(0.64)
+    assert BlockManager(block_size=4, num_gpu_blocks=64).watermark_blocks == 0
     assert BlockManager(block_size=16, num_gpu_blocks=2000).watermark_blocks == 20
 
 
@@ -248,13 +254,17 @@ def test_thrashing_exercise():
     scheduler.add(request("D", 3, 3))
     step2 = engine_step(scheduler, limits)
     assert step2.preempted == [("C", "swap")]
-    assert batch(step2) == [("A", 1), ("B", 1)]  # D is not admitted in a step that preempted
+    # D is not admitted in a step that preempted
+    assert batch(step2) == [("A", 1), ("B", 1)]
     step3 = engine_step(scheduler, limits)
-    assert manager.device.num_free == 6  # A finished at the end of step 3, freeing 4 blocks
-    assert batch(step3) == [("A", 1), ("B", 1)]  # D would fit (2 free - 1 >= 1) but C is swapped
+    # A finished at the end of step 3, freeing 4 blocks
+    assert manager.device.num_free == 6
+    # D would fit (2 free - 1 >= 1) but C is swapped
+    assert batch(step3) == [("A", 1), ("B", 1)]
     assert ids(scheduler.swapped) == ["C"] and ids(scheduler.waiting) == ["D"]
     step4 = engine_step(scheduler, limits)
-    assert batch(step4) == [("B", 1), ("C", 1), ("D", 3)]  # C swaps in, then D is admitted
+    # C swaps in, then D is admitted
+    assert batch(step4) == [("B", 1), ("C", 1), ("D", 3)]
     assert step4.blocks_to_swap_in == [(0, 0), (1, 1)]
     assert manager.device.num_free == 2
 
@@ -266,13 +276,15 @@ def small_llm() -> LLM:
 
 def test_thrashing_exercise_refused_at_submission(small_llm):
     assert small_llm.block_manager.watermark_blocks == 0  # int(0.01 * 12)
-    with pytest.raises(ValueError, match="needs 13 blocks"):  # 49 stored tokens: 13 blocks > 12
+    # 49 stored tokens: 13 blocks > 12
+    with pytest.raises(ValueError, match="needs 13 blocks"):
         small_llm.add_request({"prompt_token_ids": list(range(10, 40))}, SamplingParams(max_tokens=20))
     # Two samples of 10 + 19 = 29 tokens (28 stored, 7 blocks, 2 shared): 2 + 2 x 5 = 12, accepted.
     request_id = small_llm.add_request(
         {"prompt_token_ids": list(range(10, 20))}, SamplingParams(n=2, max_tokens=19)
     )
-    with pytest.raises(ValueError, match="needs 14 blocks"):  # 29 stored tokens: 2 + 2 x 6 blocks
+    # 29 stored tokens: 2 + 2 x 6 blocks
+    with pytest.raises(ValueError, match="needs 14 blocks"):
         small_llm.add_request({"prompt_token_ids": list(range(10, 20))}, SamplingParams(n=2, max_tokens=20))
     finished = []
     while small_llm.has_unfinished_requests():
@@ -295,40 +307,51 @@ def tables(llm: LLM) -> list[list[int]]:
 
 def test_process_trees_exercise_parallel_sampling():
     llm = LLM("tiny-llama", block_size=4, num_gpu_blocks=64)
-    prompt = {"prompt_token_ids": list(range(10, 20))}  # 10 tokens: blocks 0, 1 full, block 2 holds 2
+    # 10 tokens: blocks 0, 1 full, block 2 holds 2
+    prompt = {"prompt_token_ids": list(range(10, 20))}
     llm.add_request(prompt, SamplingParams(n=3, temperature=1.0, max_tokens=4, seed=0, ignore_eos=True))
     llm.step()  # step 0: the prefill
     step0 = llm.step_stats[-1]
-    assert step0.num_batched_tokens == 12  # 10 for the first sample, the last token for each other
+    # 10 for the first sample, the last token for each other
+    assert step0.num_batched_tokens == 12
     assert tables(llm) == [[0, 1, 2]] * 3
     assert ref_counts(llm) == {0: 3, 1: 3, 2: 3}
     assert (step0.blocks_used, step0.blocks_shared) == (3, 3)
-    llm.step()  # step 1: each sample writes position 10, into the shared, partly filled block 2
+    # step 1: each sample writes position 10, into the shared, partly filled block 2
+    llm.step()
     step1 = llm.step_stats[-1]
     assert step1.blocks_copied == 2
     assert tables(llm) == [[0, 1, 3], [0, 1, 4], [0, 1, 2]]
     assert ref_counts(llm) == {0: 3, 1: 3, 2: 1, 3: 1, 4: 1}
     assert (step1.blocks_used, step1.blocks_shared) == (5, 2)
-    assert llm.block_manager.memory_stats().device.blocks_saved_by_sharing == 4  # 9 table entries, 5 blocks
+    # 9 table entries, 5 blocks
+    assert llm.block_manager.memory_stats().device.blocks_saved_by_sharing == 4
 
 
 def test_process_trees_exercise_beam_search():
     llm = LLM("tiny-llama", block_size=4, num_gpu_blocks=64)
-    prompt = {"prompt_token_ids": list(range(10, 16))}  # 6 tokens: block 0 full, block 1 holds 2
+    # 6 tokens: block 0 full, block 1 holds 2
+    prompt = {"prompt_token_ids": list(range(10, 16))}
     llm.add_request(prompt, BeamSearchParams(beam_width=2, max_tokens=4, ignore_eos=True))
-    llm.step()  # step 0: the prefill; all 2W = 4 candidates extend the only beam, so it is kept twice
+    # step 0: the prefill; all 2W = 4 candidates extend the only beam, so it is kept
+    # twice
+    llm.step()
     (group,) = llm.scheduler.running
     beam_1, beam_2 = group.seqs
     assert tables(llm) == [[0, 1], [0, 1]]
     assert ref_counts(llm) == {0: 2, 1: 2}
     llm.step()  # step 1
     step1 = llm.step_stats[-1]
-    assert step1.blocks_copied == 1  # beam 1 wrote position 6 into a copy of block 1 (block 2)
-    assert beam_1.status == SequenceStatus.FINISHED_ABORTED  # both survivors extend beam 2
+    # beam 1 wrote position 6 into a copy of block 1 (block 2)
+    assert step1.blocks_copied == 1
+    # both survivors extend beam 2
+    assert beam_1.status == SequenceStatus.FINISHED_ABORTED
     (group,) = llm.scheduler.running
-    assert group.seqs[0] is beam_2 and group.seqs[1] not in (beam_1, beam_2)  # beam 2 and its fork
+    # beam 2 and its fork
+    assert group.seqs[0] is beam_2 and group.seqs[1] not in (beam_1, beam_2)
     assert tables(llm) == [[0, 1], [0, 1]]
-    assert ref_counts(llm) == {0: 2, 1: 2}  # block 2, beam 1's private copy, is free again
+    # block 2, beam 1's private copy, is free again
+    assert ref_counts(llm) == {0: 2, 1: 2}
     # The step's stats are taken as it ran, before the beam selection freed beam 1 and its copy.
     assert (step1.blocks_used, step1.blocks_shared) == (3, 1)
     device = llm.block_manager.memory_stats().device

@@ -57,7 +57,8 @@ def hf_greedy(model, prompt: list[int], max_tokens: int, eos_token_id: int | Non
         output_logits=True,
     )
     tokens = out.sequences[0, len(prompt) :].tolist()
-    logprobs = [torch.log_softmax(step[0].float(), dim=-1) for step in out.logits]  # each [vocab]
+    # each [vocab]
+    logprobs = [torch.log_softmax(step[0].float(), dim=-1) for step in out.logits]
     return tokens, logprobs
 
 
@@ -92,14 +93,16 @@ def test_greedy_matches_transformers(reference, block_size):
     llm = engine(name, block_size, num_gpu_blocks=num_blocks)
     outs = llm.generate(as_requests(prompts), GREEDY, use_tqdm=False)
 
-    assert [o.prompt_token_ids for o in outs] == prompts  # outputs come back in the prompts' order
+    # outputs come back in the prompts' order
+    assert [o.prompt_token_ids for o in outs] == prompts
     for out, (tokens, logprobs) in zip(outs, expected, strict=True):
         (completion,) = out.outputs
         assert completion.token_ids == tokens, (
             f"{name}, block_size {block_size}, prompt {out.prompt_token_ids}"
         )
         assert completion.finish_reason == "length"
-        want = torch.stack([lp[t] for lp, t in zip(logprobs, tokens, strict=True)])  # [MAX_TOKENS]
+        # [MAX_TOKENS]
+        want = torch.stack([lp[t] for lp, t in zip(logprobs, tokens, strict=True)])
         torch.testing.assert_close(
             torch.tensor(completion.logprobs), want, atol=LOGPROB_TOL, rtol=0, check_dtype=False
         )

@@ -85,7 +85,8 @@ def assert_still_serves(llm: LLM, expected: list[int]) -> None:
         (None, "prompt must be"),
         (7, "prompt must be"),
         ({"prompt_token_ids": random_ids(1, MAX_MODEL_LEN)}, "max_model_len"),
-        ({"prompt_token_ids": random_ids(2, MAX_MODEL_LEN - 3)}, "max_model_len"),  # + 6 tokens
+        # + 6 tokens
+        ({"prompt_token_ids": random_ids(2, MAX_MODEL_LEN - 3)}, "max_model_len"),
     ],
     ids=[
         "empty",
@@ -153,7 +154,8 @@ def test_one_bad_prompt_among_good_ones_queues_nothing(llm, expected):
         llm.generate(good, [GREEDY, GREEDY, "greedy"], use_tqdm=False)
     assert not llm.has_unfinished_requests()
     assert_still_serves(llm, expected)
-    outs = llm.generate(good, GREEDY, use_tqdm=False)  # the earlier good prompts were not left queued
+    # the earlier good prompts were not left queued
+    outs = llm.generate(good, GREEDY, use_tqdm=False)
     assert [o.prompt_token_ids for o in outs] == [g["prompt_token_ids"] for g in good]
 
 
@@ -282,7 +284,8 @@ def test_wrong_number_or_type_of_sampling_params(llm, expected):
         ({"max_num_seqs": 0}, "max_num_seqs"),
         ({"max_model_len": -5}, "max_model_len"),
         ({"max_model_len": 0}, "max_model_len"),
-        ({"model": "tiny-gpt2", "max_model_len": 2048}, "max_model_len"),  # 1024 learned positions
+        # 1024 learned positions
+        ({"model": "tiny-gpt2", "max_model_len": 2048}, "max_model_len"),
         ({"kv_cache_memory": 0, "num_gpu_blocks": None}, "kv_cache_memory"),
     ],
     ids=lambda case: ",".join(f"{k}={v}" for k, v in case.items()) if isinstance(case, dict) else None,

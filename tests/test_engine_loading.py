@@ -38,7 +38,8 @@ def test_a_model_object_gives_the_presets_tokens(preset_tokens):
     model = load_preset("tiny-llama", seed=3)
     llm = LLM(model, num_gpu_blocks=64)
     assert tokens(llm) == preset_tokens
-    assert model.config._attn_implementation == "minipaged"  # switched, as the docstring says
+    # switched, as the docstring says
+    assert model.config._attn_implementation == "minipaged"
 
 
 def test_the_seed_changes_the_presets_weights(preset_tokens):
@@ -51,7 +52,8 @@ def test_pool_size_derived_from_the_memory_budget():
     assert per_block == 8192
     llm = LLM("tiny-llama", kv_cache_memory=100 * per_block + 5)
     assert llm.cache_config.num_gpu_blocks == 100
-    assert llm.cache_config.num_cpu_blocks == 100  # the swap space defaults to the same size
+    # the swap space defaults to the same size
+    assert llm.cache_config.num_cpu_blocks == 100
     assert llm.runner.k_caches[0].shape == (100, 16, 2, 16)
     assert tokens(llm)  # and it serves
 

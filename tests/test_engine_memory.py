@@ -34,8 +34,10 @@ def random_prompts(seed: int, num: int, min_len: int, max_len: int, prefix: list
     return prompts
 
 
-PROMPTS = random_prompts(1, 8, 8, 30)  # the largest needs ceil((30 + 20) / 4) = 13 blocks
-SAMPLED = [  # two samples each; half the requests bring a seed, half draw theirs from the engine's
+# the largest needs ceil((30 + 20) / 4) = 13 blocks
+PROMPTS = random_prompts(1, 8, 8, 30)
+# two samples each; half the requests bring a seed, half draw theirs from the engine's
+SAMPLED = [
     SamplingParams(
         n=2, temperature=1.0, top_p=0.95, seed=100 + i if i % 2 else None, ignore_eos=True, max_tokens=20
     )
@@ -165,7 +167,8 @@ def test_parallel_samples_under_pressure_give_the_unpressured_tokens(
 
 # ---- prefix caching ----------------------------------------------------------------------------
 
-SYSTEM = random_prompts(7, 1, 41, 41)[0]["prompt_token_ids"]  # 10 full blocks and 1 token
+# 10 full blocks and 1 token
+SYSTEM = random_prompts(7, 1, 41, 41)[0]["prompt_token_ids"]
 SHARED_PROMPTS = random_prompts(8, 6, 1, 6, prefix=SYSTEM)
 
 
@@ -221,8 +224,10 @@ def test_prefix_caching_with_a_group_swapped_out_right_after_its_prefill(block_s
     without a model).
     """
     prompts = [
-        {"prompt_token_ids": list(range(5, 5 + block_size))},  # a: one full block, needs a 2nd next step
-        {"prompt_token_ids": list(range(20, 20 + 2 * block_size - 1))},  # c: one token short of 2 blocks
+        # a: one full block, needs a 2nd next step
+        {"prompt_token_ids": list(range(5, 5 + block_size))},
+        # c: one token short of 2 blocks
+        {"prompt_token_ids": list(range(20, 20 + 2 * block_size - 1))},
     ]
     params = [
         SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=2),

@@ -80,7 +80,8 @@ def stable_substring(text: str, rng: random.Random, length: int, start: int = 0,
 def test_stop_string_spanning_several_tokens(fresh, rng):
     """vLLM _stop_multi_tokens / _stop_partial_token: a stop string of several tokens (several bytes)
     ends the sample at the token that completes it; the text stops before it, the tokens are kept."""
-    for _ in range(30):  # random weights write many broken characters: find a stable stretch
+    # random weights write many broken characters: find a stable stretch
+    for _ in range(30):
         prompt = random_prompt(rng)
         full = run(fresh, prompt, greedy(40)).outputs[0]
         found = stable_substring(full.text, rng, rng.randint(3, 5), start=1)
@@ -93,7 +94,8 @@ def test_stop_string_spanning_several_tokens(fresh, rng):
     assert (out.text, out.finish_reason, out.stop_reason) == (full.text[:at], "stop", stop)
     assert out.token_ids == full.token_ids[: len(out.token_ids)]
     decode = fresh.tokenizer.decode
-    assert stop in decode(out.token_ids) and stop not in decode(out.token_ids[:-1])  # no token too many
+    # no token too many
+    assert stop in decode(out.token_ids) and stop not in decode(out.token_ids[:-1])
     assert len(stop.encode()) >= 3  # it did span several tokens
 
 
@@ -194,7 +196,8 @@ def test_stop_token_text_is_not_in_the_output_text(fresh, rng):
     for _ in range(30):
         prompt = random_prompt(rng)
         full = run(fresh, prompt, greedy(20)).outputs[0]
-        spots = [  # a stop token whose own text is a whole ASCII character (byte 32 to 126)
+        # a stop token whose own text is a whole ASCII character (byte 32 to 126)
+        spots = [
             i
             for i in range(1, 10)
             if full.token_ids[i] not in full.token_ids[:i] and 35 <= full.token_ids[i] < 130
@@ -240,7 +243,8 @@ def test_stop_reason_is_none_at_eos_and_at_max_tokens(rng):
     out = run(llm, prompt, SamplingParams(temperature=0.0, max_tokens=16)).outputs[0]
     assert out.token_ids == full.token_ids[: at + 1]
     assert (out.finish_reason, out.stop_reason) == ("stop", None)
-    assert run(llm, prompt, greedy(16)).outputs[0].token_ids == full.token_ids  # ignore_eos: past it
+    # ignore_eos: past it
+    assert run(llm, prompt, greedy(16)).outputs[0].token_ids == full.token_ids
 
 
 # ---- abort: vllm tests/v1/engine/test_engine_core.py test_engine_core ("Test abort cycle") --------
@@ -282,7 +286,8 @@ def test_abort_waiting_requests_before_any_step(fresh, rng):
     together (one id twice, one unknown) leave nothing unfinished; none ever ran."""
     llm = make_llm()
     ids = [llm.add_request(random_prompt(rng), greedy(8)) for _ in range(4)]
-    assert [llm.request_output(i).outputs[0].token_ids for i in ids] == [[]] * 4  # queued: nothing yet
+    # queued: nothing yet
+    assert [llm.request_output(i).outputs[0].token_ids for i in ids] == [[]] * 4
     llm.abort_request([*ids, ids[0], "no-such-request"])
     assert llm.stats.aborted_requests == 4 and llm.stats.steps == 0
     assert llm.step() == []
@@ -336,7 +341,8 @@ def test_abort_parallel_samples_and_a_beam_search_midway(fresh, rng):
     other = llm.add_request(prompts[2], greedy(14))
     for _ in range(rng.randint(2, 6)):
         llm.step()
-    assert llm.block_manager.memory_stats().device.num_shared > 0  # the samples do share blocks
+    # the samples do share blocks
+    assert llm.block_manager.memory_stats().device.num_shared > 0
     llm.abort_request([parallel, beams])
     assert drain(llm) == {other: other_expected}
     assert_all_free(llm)
@@ -401,7 +407,8 @@ def test_logprobs_line_up_with_the_tokens_of_each_sample(fresh, rng, num_logprob
             if token in top:
                 assert top[token] == pytest.approx(logprob, abs=1e-5)
             else:
-                assert all(logprob <= v + 1e-6 for v in values)  # it was not among the most likely
+                # it was not among the most likely
+                assert all(logprob <= v + 1e-6 for v in values)
     assert_all_free(llm)
 
 

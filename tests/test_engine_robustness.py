@@ -280,7 +280,8 @@ def test_generate_from_several_threads_is_serialized_and_every_caller_gets_its_a
 
 def test_sequence_ids_take_constant_memory_and_never_repeat():
     explicit = Sequence([1, 2], seq_id=sequence_module._next_seq_id[0] + 1000)
-    assert explicit.fork().seq_id > explicit.seq_id  # an explicit id is never handed out again
+    # an explicit id is never handed out again
+    assert explicit.fork().seq_id > explicit.seq_id
     gc.collect()
     tracemalloc.start()
     before = tracemalloc.take_snapshot()
@@ -440,7 +441,8 @@ def test_a_stop_string_ends_a_sample_and_is_cut_from_its_text():
     sample = out[0].outputs[0]
     assert sample.text == text[:start]
     assert (sample.finish_reason, sample.stop_reason) == ("stop", stop)
-    assert sample.token_ids == full.token_ids[: len(sample.token_ids)]  # tokens up to the stop, all kept
+    # tokens up to the stop, all kept
+    assert sample.token_ids == full.token_ids[: len(sample.token_ids)]
     assert stop in llm._decode(sample.token_ids) and stop not in llm._decode(sample.token_ids[:-1])
 
 
@@ -453,7 +455,8 @@ def test_logprobs_report_the_top_tokens_of_each_step():
     assert len(sample.top_logprobs) == len(sample.token_ids) == 5
     for token, logprob, top in zip(sample.token_ids, sample.logprobs, sample.top_logprobs, strict=True):
         assert len(top) == 3
-        assert max(top, key=top.get) == token  # greedy: the sampled token is the most likely
+        # greedy: the sampled token is the most likely
+        assert max(top, key=top.get) == token
         assert top[token] == pytest.approx(logprob)
         assert all(value <= logprob + 1e-6 for value in top.values())
     plain = llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)[0].outputs[0]

@@ -20,10 +20,12 @@ from minipaged.reference.block_table import num_blocks_for
 
 BS = 4
 NUM_REQUESTS = 30
-POOL = 24  # blocks; the largest request (2 samples of 40 + 25 tokens) needs 22 of them alone
+# blocks; the largest request (2 samples of 40 + 25 tokens) needs 22 of them alone
+POOL = 24
 MAX_STEPS = 2000
 SEEDS = [0, 1, 2, 3, 4, 5]
-SYSTEM = list(range(30, 46))  # 16 tokens, 4 full blocks, opening about a third of the prompts
+# 16 tokens, 4 full blocks, opening about a third of the prompts
+SYSTEM = list(range(30, 46))
 
 
 @dataclass
@@ -130,7 +132,8 @@ def test_requests_arriving_over_time_into_a_small_pool(
         assert preemptions["swap"] == 0
     else:
         assert preemptions["swap"] > 0 and stats.blocks_swapped_in > 0
-        if num_cpu_blocks == 64:  # every victim was swapped, and came back (found in the cache or moved)
+        # every victim was swapped, and came back (found in the cache or moved)
+        if num_cpu_blocks == 64:
             if prefix_caching:
                 assert stats.blocks_swapped_in <= stats.blocks_swapped_out
             else:

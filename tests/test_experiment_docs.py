@@ -73,7 +73,8 @@ def test_every_row_is_on_the_page(experiment):
     for i in range(len(data["rows"])):
         changed = copy.deepcopy(data)
         for key, value in changed["rows"][i].items():
-            if isinstance(value, float) and value and key not in ("rate", "window_s"):  # not settings
+            # not settings
+            if isinstance(value, float) and value and key not in ("rate", "window_s"):
                 changed["rows"][i][key] = value * 1.37
         before, after = render(experiment, data), render(experiment, changed)
         assert any(before[k] != after[k] for k in before), (experiment, i)
@@ -111,7 +112,8 @@ def test_sync_pages_repairs_a_copy_of_the_docs(tmp_path):
     page = docs / "swap-vs-recompute.md"
     good = page.read_text()
     page.write_text(good.replace("<!-- gen:ratio-1 -->", "<!-- gen:ratio-1 -->9", 1))
-    assert sync_pages(["block-size"], docs) == []  # not this page's experiment: left alone
+    # not this page's experiment: left alone
+    assert sync_pages(["block-size"], docs) == []
     assert page.read_text() != good
     assert sync_pages(["swap-vs-recompute"], docs) == [page] and page.read_text() == good
     assert sync_pages(None, docs) == []  # every page already agrees with its JSON

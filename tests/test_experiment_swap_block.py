@@ -67,7 +67,8 @@ SWAP_KEYS = {
     "swap_in_per_block_s",
     "recompute_s",
 }
-TINY_LLAMA_KV_BYTES_PER_TOKEN = 2 * 2 * 2 * 16 * 4  # K and V x 2 layers x 2 KV heads x 16 dims x fp32
+# K and V x 2 layers x 2 KV heads x 16 dims x fp32
+TINY_LLAMA_KV_BYTES_PER_TOKEN = 2 * 2 * 2 * 16 * 4
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,8 @@ def _positive(x: object) -> bool:
 
 
 def test_internal_fragmentation_by_hand():
-    assert block_size.internal_fragmentation([5, 16, 17], 16) == (64, 26)  # 11 + 0 + 15 empty slots
+    # 11 + 0 + 15 empty slots
+    assert block_size.internal_fragmentation([5, 16, 17], 16) == (64, 26)
     assert block_size.internal_fragmentation([5, 16, 17], 1) == (38, 0)
 
 
@@ -209,8 +211,10 @@ def test_cuda_without_a_gpu_is_refused():
         swap_vs_recompute.run("small", progress=False, device="cuda")
 
 
-TINY_SWAP = swap_vs_recompute.Scale(seq_len=24, block_sizes=(1, 16), repeats=1)  # the interpreter is slow
-TINY_BLOCK = {  # the time part small for the interpreter; the other parts (no tensors) shortened too
+# the interpreter is slow
+TINY_SWAP = swap_vs_recompute.Scale(seq_len=24, block_sizes=(1, 16), repeats=1)
+# the time part small for the interpreter; the other parts (no tensors) shortened too
+TINY_BLOCK = {
     "num_requests": 100,
     "time_block_sizes": (1, 16),
     "prompt_lens": (5, 9),
@@ -254,7 +258,8 @@ def test_swap_vs_recompute_runs_on_triton(monkeypatch):
     reference = swap_vs_recompute.run("small", progress=False)
     seen = _spy_on_llm(monkeypatch, swap_vs_recompute)
     triton = swap_vs_recompute.run("small", progress=False, backend="triton", device=device)
-    assert set(seen) == {("triton", device)} and len(seen) == 1 + len(TINY_SWAP.block_sizes)  # warm-up
+    # warm-up
+    assert set(seen) == {("triton", device)} and len(seen) == 1 + len(TINY_SWAP.block_sizes)
     assert triton.settings == {"scale": "small", "seed": 0, "backend": "triton", "device": device}
     times = SWAP_KEYS - {"model", "block_size", "seq_len", "blocks", "bytes"}
     _same_rows_but_times(triton.rows, reference.rows, times)
@@ -271,7 +276,8 @@ def test_block_size_time_part_runs_on_triton(monkeypatch):
     reference = block_size.run("small", progress=False)
     seen = _spy_on_llm(monkeypatch, block_size_time)
     triton = block_size.run("small", progress=False, backend="triton", device=device)
-    assert set(seen) == {("triton", device)} and len(seen) == 1 + len(tiny.time_block_sizes)  # warm-up
+    # warm-up
+    assert set(seen) == {("triton", device)} and len(seen) == 1 + len(tiny.time_block_sizes)
     assert triton.settings == {"scale": "small", "seed": 0, "backend": "triton", "device": device}
     _same_rows_but_times(triton.rows, reference.rows, {"seconds_per_step", "model_seconds_per_step"})
     assert [r["block_size"] for r in triton.rows if r["part"] == "time"] == [1, 16]
@@ -279,7 +285,8 @@ def test_block_size_time_part_runs_on_triton(monkeypatch):
 
 def test_per_block_swap_moves_what_swap_blocks_moves():
     gen = torch.Generator().manual_seed(3)
-    src = torch.randn(6, 4, 2, 8, generator=gen)  # [num_blocks, block_size, num_kv_heads, head_dim]
+    # [num_blocks, block_size, num_kv_heads, head_dim]
+    src = torch.randn(6, 4, 2, 8, generator=gen)
     mapping = [(4, 0), (1, 2), (5, 1)]
     expected = torch.full((3, 4, 2, 8), float("nan"))
     got = expected.clone()

@@ -18,7 +18,8 @@ from minipaged import cli
 from minipaged.cli import main
 from minipaged.experiments import EXPERIMENTS, ExperimentResult, get_experiment, runs_tensors
 
-TENSOR_EXPERIMENTS = ("serving", "block-size", "swap-vs-recompute")  # serving: its --measured run
+# serving: its --measured run
+TENSOR_EXPERIMENTS = ("serving", "block-size", "swap-vs-recompute")
 SIMULATIONS = ("memory-waste", "batch-size", "sharing", "shared-prefix")
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

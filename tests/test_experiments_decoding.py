@@ -100,7 +100,8 @@ def test_the_page_says_what_its_json_says():
     text = (DOCS / "decoding.md").read_text()
     assert not stale_parts(text, page_parts("decoding"))
     assert data["settings"]["scale"] == "full"
-    for i, row in enumerate(data["rows"]):  # every measured number of every row is on the page
+    # every measured number of every row is on the page
+    for i, row in enumerate(data["rows"]):
         changed = copy.deepcopy(data)
         key = "max_rate" if "max_rate" in row else "normalized_latency"
         changed["rows"][i][key] = row[key] * 1.37 + 1.0
@@ -114,6 +115,8 @@ def test_the_pages_exercise(n, paged_slots, orca_slots):
     request = Request("r0", 0.0, prompt_len=40, output_len=24, n=n)
     paged = simulate([request], "paged", kv_slots=15_837, block_size=16).records[-1]
     assert paged.blocks_used * 16 == paged_slots
-    assert paged.blocks_used == 2 + 2 * n  # two shared prompt blocks, two of each sample's own
+    # two shared prompt blocks, two of each sample's own
+    assert paged.blocks_used == 2 + 2 * n
     orca = simulate([request], "orca-oracle", kv_slots=15_837).records[-1].breakdown
-    assert orca.used == orca_slots == n * (40 + 24)  # one range of prompt + output per sample
+    # one range of prompt + output per sample
+    assert orca.used == orca_slots == n * (40 + 24)

@@ -97,7 +97,8 @@ SHARED_PREFIX_KEYS = {
     "preemptions",
 }
 CURVE_KEYS = {"part", "prefix_len", "system", "workload"}
-SHARED_PREFIX_RATE_KEYS = {  # the throughput part (Fig. 16): a point, and a summary per curve
+# the throughput part (Fig. 16): a point, and a summary per curve
+SHARED_PREFIX_RATE_KEYS = {
     "rate": CURVE_KEYS | {"rate", "normalized_latency", "throughput", "mean_batch_size"},
     "max_rate": CURVE_KEYS | {"max_rate", "max_rate_vs_orca_oracle", "paper_vs_orca_oracle"},
 }
@@ -125,10 +126,12 @@ def test_rows_have_the_documented_keys(results, name):
     result = results[name]
     assert result.experiment == name and result.rows
     for row in result.rows:
-        keys = SHARED_PREFIX_RATE_KEYS.get(row.get("part"), KEYS[name])  # shared-prefix's rate part
+        # shared-prefix's rate part
+        keys = SHARED_PREFIX_RATE_KEYS.get(row.get("part"), KEYS[name])
         assert set(row) == keys, set(row) ^ keys
     assert result.paper["section"] and result.paper["figure"] and result.paper["finding"]
-    json.dumps(result.to_json(), allow_nan=False)  # plain JSON values, no NaN left behind
+    # plain JSON values, no NaN left behind
+    json.dumps(result.to_json(), allow_nan=False)
 
 
 def test_memory_waste_shares_sum_to_one_and_paged_wastes_least(results):
@@ -137,12 +140,14 @@ def test_memory_waste_shares_sum_to_one_and_paged_wastes_least(results):
     for r in rows.values():
         assert all(0.0 <= r[k] <= 1.0 for k in USED + POOL)
         assert math.isclose(sum(r[k] for k in USED), 1.0) and math.isclose(sum(r[k] for k in POOL), 1.0)
-        assert r["pool_token_states"] <= r["token_states"] + 1e-9  # the pool also counts the free slots
+        # the pool also counts the free slots
+        assert r["pool_token_states"] <= r["token_states"] + 1e-9
     paged = rows["paged"]["token_states"]
     assert paged > 0.9 and all(
         paged > rows[a]["token_states"] for a in ("orca-max", "orca-pow2", "orca-oracle")
     )
-    for name in ("paged", "vattention"):  # on demand: nothing reserved, no external fragmentation
+    # on demand: nothing reserved, no external fragmentation
+    for name in ("paged", "vattention"):
         assert rows[name]["reserved"] == rows[name]["external_fragmentation"] == 0.0
         # free pages are stranded only while a request waits; in this short run both keep up and
         # never wait (the documented run has stranded pages: test_experiment_docs.py checks them)
@@ -150,10 +155,12 @@ def test_memory_waste_shares_sum_to_one_and_paged_wastes_least(results):
     # Oracle reserves the true length in a buddy block: the rounding up to a power of two (less than
     # half the block) and the never-stored last token's slot are never used
     assert 0.01 < rows["orca-oracle"]["internal_fragmentation"] < 0.5
-    for name, r in rows.items():  # prefill_tokens counts the recomputed ones; only preemption recomputes
+    # prefill_tokens counts the recomputed ones; only preemption recomputes
+    for name, r in rows.items():
         assert 0 <= r["recomputed_tokens"] < r["prefill_tokens"]
         assert (r["recomputed_tokens"] > 0) == (r["preemptions"] > 0), name
-    assert rows["orca-max"]["mean_batch_size"] == 7.0  # 15,000 // 2,048: see the exercise
+    # 15,000 // 2,048: see the exercise
+    assert rows["orca-max"]["mean_batch_size"] == 7.0
     assert "goal: paged token states >= 96%" in memory_waste.goal_line(results["memory-waste"].rows)
 
 
@@ -228,7 +235,8 @@ def test_shared_prefix_rate_part_rises_with_rate_and_vllm_sustains_more(results)
     Orca (Oracle)'s rate behind each prefix, more behind the longer one; the ratios sit beside the paper's."""
     rows = results["shared-prefix"].rows
     assert {r["part"] for r in rows} == {"memory", "rate", "max_rate"}
-    assert results["shared-prefix"].settings["kv_slots"] == 15_409  # LLaMA-13B, A100-40GB, 0.9 of memory
+    # LLaMA-13B, A100-40GB, 0.9 of memory
+    assert results["shared-prefix"].settings["kv_slots"] == 15_409
     summary = {(r["prefix_len"], r["system"]): r for r in rows if r["part"] == "max_rate"}
     assert len(summary) == len(shared_prefix.PREFIX_LENS) * len(shared_prefix.RATE_SYSTEMS)
     for (prefix_len, system), s in summary.items():
@@ -302,7 +310,8 @@ def test_step_counters_add_up():
         result = simulate(reqs, allocator, kv_slots=1024, max_model_len=512)
         assert sum(r.num_finished for r in result.records) == result.num_finished == 12
         assert sum(r.num_preempted for r in result.records) == result.num_preemptions
-        assert result.prefill_tokens >= sum(r.prompt_len for r in reqs)  # more if preempted
+        # more if preempted
+        assert result.prefill_tokens >= sum(r.prompt_len for r in reqs)
         if not result.num_preemptions:
             assert result.prefill_tokens == sum(r.prompt_len for r in reqs)
         assert math.isclose(sum(result.mean_used_fractions.values()), 1.0)
@@ -320,10 +329,12 @@ def test_window_leaves_out_the_warmup():
     whole = serve(workload, "paged", 60.0, 0.0)
     records = later.records
     assert all(20.0 <= r.time < 60.0 for r in records)
-    assert records[0].time - 20.0 < max(r.duration for r in whole.records)  # the first step from 20 s
+    # the first step from 20 s
+    assert records[0].time - 20.0 < max(r.duration for r in whole.records)
     assert all(b.time == pytest.approx(a.time + a.duration) for a, b in itertools.pairwise(records))
     assert sum(r.duration for r in records) == pytest.approx(40.0, abs=max(r.duration for r in records))
-    assert len({r.duration for r in records}) > 1  # priced by the cost model, not a fixed step
+    # priced by the cost model, not a fixed step
+    assert len({r.duration for r in records}) > 1
     first = records[0]  # the cost model's price, as the runner asked it
     assert first.duration >= COST_MODEL.step_overhead + COST_MODEL.model.weight_bytes / COST_MODEL.bytes_per_s
     assert later.num_finished == sum(r.num_finished for r in records) < whole.num_finished
@@ -339,9 +350,11 @@ def test_exercise_memory_waste_page(results):
     max_row = next(r for r in results["memory-waste"].rows if r["allocator"] == "orca-max")
     assert max_row["mean_batch_size"] == KV_SLOTS // 2048 == 7
     assert max_row["mean_waiting"] > 10  # requests wait at every step of the window ...
-    assert max_row["pool_stranded"] == pytest.approx((KV_SLOTS - 7 * 2048) / KV_SLOTS)  # ... 664 slots
+    # ... 664 slots
+    assert max_row["pool_stranded"] == pytest.approx((KV_SLOTS - 7 * 2048) / KV_SLOTS)
     assert max_row["pool_external_fragmentation"] == max_row["pool_free"] == 0.0
-    assert round(100 * max_row["stranded"], 1) == 4.4  # the share of the memory in use: the whole pool
+    # the share of the memory in use: the whole pool
+    assert round(100 * max_row["stranded"], 1) == 4.4
 
 
 def test_exercise_batch_size_page(results):
@@ -350,7 +363,8 @@ def test_exercise_batch_size_page(results):
     mean_output = sharegpt_load(1.0, batch_size.SCALES["small"].end, seed=0).mean_output_len
     paged = next(r for r in results["batch-size"].rows if r["rate"] == 1.0 and r["allocator"] == "paged")
     assert paged["mean_waiting"] < 1.0
-    assert 0.02 < paged["mean_step_s"] < 0.04  # an OPT-13B decode step on an A100: tens of ms
+    # an OPT-13B decode step on an A100: tens of ms
+    assert 0.02 < paged["mean_step_s"] < 0.04
     assert paged["mean_batch_size"] == pytest.approx(1.0 * mean_output * paged["mean_step_s"], rel=0.15)
 
 
@@ -358,9 +372,12 @@ def test_exercise_sharing_page():
     """docs/experiments/sharing.md: a 20-token prompt, n = 4, 60 output tokens, blocks of 16."""
     result = simulate([Request("a", 0.0, 20, 60, n=4)], kv_slots=4096)
     first, last = result.records[0], result.records[-1]
-    assert (first.blocks_used, first.blocks_saved_by_sharing) == (2, 6)  # the prompt's 2 blocks, 4 tables
-    assert (last.blocks_used, last.blocks_saved_by_sharing) == (17, 3)  # 15% saved at the end
-    assert result.cow_copies == 3  # the prompt's partial block, copied by 3 of the 4 samples
+    # the prompt's 2 blocks, 4 tables
+    assert (first.blocks_used, first.blocks_saved_by_sharing) == (2, 6)
+    # 15% saved at the end
+    assert (last.blocks_used, last.blocks_saved_by_sharing) == (17, 3)
+    # the prompt's partial block, copied by 3 of the 4 samples
+    assert result.cow_copies == 3
 
 
 def test_exercise_shared_prefix_page():

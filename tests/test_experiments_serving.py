@@ -66,9 +66,11 @@ def test_max_rate_on_hand_made_rows():
     def rows(*pairs):
         return [{"rate": rate, "normalized_latency": nl} for rate, nl in pairs]
 
-    assert lat.max_rate(rows((1, 0.02), (2, 0.05), (3, 0.2), (4, 0.05))) == 2  # the first crossing
+    # the first crossing
+    assert lat.max_rate(rows((1, 0.02), (2, 0.05), (3, 0.2), (4, 0.05))) == 2
     assert lat.max_rate(rows((3, 0.2), (1, 0.02), (2, 0.05))) == 2  # any order
-    assert lat.max_rate(rows((1, 0.02), (2, 0.1))) == 1  # reaching the threshold counts as over
+    # reaching the threshold counts as over
+    assert lat.max_rate(rows((1, 0.02), (2, 0.1))) == 1
     assert lat.max_rate(rows((1, 0.3), (2, 0.5))) == 0.0  # none under
     assert lat.max_rate(rows((1, 0.02), (2, 0.03))) == 2  # all under
     assert lat.max_rate(rows((1, 0.02), (2, 0.3)), threshold=0.5) == 2

@@ -26,7 +26,8 @@ def modules_after(code: str, **env: str) -> dict:
     """Run `code` in a fresh interpreter; return the heavy modules it left loaded and TRITON_INTERPRET."""
     probe = (
         "import json, os, sys\n"
-        f"try:\n    exec({code!r})\nexcept SystemExit:\n    pass\n"  # --help and --version exit
+        # --help and --version exit
+        f"try:\n    exec({code!r})\nexcept SystemExit:\n    pass\n"
         "heavy = [m for m in ('torch', *" + repr(NEVER_AT_START) + ") if m in sys.modules]\n"
         "print('RESULT=' + json.dumps({'heavy': heavy, 'interpret': os.environ.get('TRITON_INTERPRET')}))"
     )
@@ -52,7 +53,8 @@ def modules_after(code: str, **env: str) -> dict:
 def test_start_up_imports_no_heavy_module(code):
     heavy = modules_after(code)["heavy"]
     assert not set(heavy) & set(NEVER_AT_START), heavy
-    if no_gpu_device_file():  # torch is asked about a CUDA device only where a GPU device file exists
+    # torch is asked about a CUDA device only where a GPU device file exists
+    if no_gpu_device_file():
         assert "torch" not in heavy
 
 
@@ -122,7 +124,8 @@ def test_every_public_name_resolves_lazily():
     from minipaged.engine import LLM
 
     assert minipaged.LLM is LLM
-    assert minipaged.walkthrough.__name__ == "minipaged.walkthrough"  # a submodule loads on first use too
+    # a submodule loads on first use too
+    assert minipaged.walkthrough.__name__ == "minipaged.walkthrough"
 
 
 def test_an_unknown_name_is_an_attribute_error():

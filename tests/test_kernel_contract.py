@@ -100,7 +100,8 @@ def test_prefill_matches_dense(backend, device, gen, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_chunked_prefill_matches_dense(backend, device, gen, dtype):
     seq_lens = random_lens(gen, 3, 3, 40)
-    q_lens = [int(torch.randint(2, n, (1,), generator=gen)) for n in seq_lens]  # 1 < q_len < seq_len
+    # 1 < q_len < seq_len
+    q_lens = [int(torch.randint(2, n, (1,), generator=gen)) for n in seq_lens]
     case = random_paged_case(gen, seq_lens, q_lens, dtype=dtype, device=device)
     run_attention(backend, case)
 
@@ -170,7 +171,8 @@ def batches(draw) -> dict:
 @given(batch=batches())
 def test_random_batches_match_dense(backend, device, batch):
     seed = batch.pop("seed")
-    if interpreted(backend.name):  # shorter sequences, same shapes (see the `device` fixture)
+    # shorter sequences, same shapes (see the `device` fixture)
+    if interpreted(backend.name):
         batch["seq_lens"] = [min(n, 10) for n in batch["seq_lens"]]
         batch["q_lens"] = [min(q, n) for q, n in zip(batch["q_lens"], batch["seq_lens"], strict=True)]
     case = random_paged_case(torch.Generator().manual_seed(seed), **batch, device=device)
@@ -188,11 +190,14 @@ def test_shared_and_repeated_blocks(backend, device, gen):
     """Two sequences share their first two blocks (a fork); one table names a block twice."""
     case = random_paged_case(gen, [20, 20], [1, 1], block_size=8, repeat_blocks=False, device=device)
     shared = case.block_tables[0, :2].clone()
-    case.block_tables[1, :2] = shared  # sequence 1 now reads sequence 0's first 16 tokens
-    case.block_tables[0, 2] = shared[0]  # sequence 0's positions 16..19 read block `shared[0]`'s rows 0..3
+    # sequence 1 now reads sequence 0's first 16 tokens
+    case.block_tables[1, :2] = shared
+    # sequence 0's positions 16..19 read block `shared[0]`'s rows 0..3
+    case.block_tables[0, 2] = shared[0]
     flat_k = case.k_cache.flatten(0, 1)  # [num_slots, num_kv_heads, head_dim]
     flat_v = case.v_cache.flatten(0, 1)
-    for b in range(2):  # the oracle's contiguous K/V: read each position's slot by the formula
+    # the oracle's contiguous K/V: read each position's slot by the formula
+    for b in range(2):
         table = case.block_tables[b].tolist()
         slots = [table[pos // 8] * 8 + pos % 8 for pos in range(20)]
         case.keys[b], case.values[b] = flat_k[slots], flat_v[slots]
@@ -208,7 +213,8 @@ def test_stale_slots_never_change_the_result(backend, device, gen):
     for b, seq_len in enumerate(case.seq_lens.tolist()):
         last = case.block_tables[b, (seq_len - 1) // 4]
         for cache in (case.k_cache, case.v_cache):
-            cache[last, seq_len % 4 or 4 :] = 1e4  # finite but huge: it would dominate any softmax
+            # finite but huge: it would dominate any softmax
+            cache[last, seq_len % 4 or 4 :] = 1e4
     second = backend.paged_attention(*case.args)
     assert torch.equal(first, second)
 
@@ -253,18 +259,23 @@ def test_metadata_of_any_strides(backend, device, gen, which):
     gaps hold other valid values (a table padded with real blocks, lengths and offsets of other
     sequences), so a kernel that read the gaps would compute a wrong answer rather than fault.
     """
-    seq_lens = sorted(random_lens(gen, 4, 2, 40))  # ascending: a gap's length is never past a table
+    # ascending: a gap's length is never past a table
+    seq_lens = sorted(random_lens(gen, 4, 2, 40))
     case = random_paged_case(gen, seq_lens, [1, seq_lens[1], 2, 1], device=device)
     tables = case.block_tables
+    # padding may name any block: now every entry a wrong read could land on is a real
+    # block
     tables[tables < 0] = torch.randint(case.k_cache.shape[0], (int((tables < 0).sum()),), generator=gen).to(
         device=device, dtype=torch.int32
-    )  # padding may name any block: now every entry a wrong read could land on is a real block
+    )
     expected = case.expected()
     if which in ("block_tables", "all"):
-        case.block_tables = tables.t().contiguous().t()  # column-major: a row's entries num_seqs apart
+        # column-major: a row's entries num_seqs apart
+        case.block_tables = tables.t().contiguous().t()
         assert case.block_tables.stride() == (1, tables.shape[0])
     if which in ("seq_lens", "all"):
-        case.seq_lens = strided(case.seq_lens, case.seq_lens)  # the gaps: [s0, s0, s1, s1, ...]
+        # the gaps: [s0, s0, s1, s1, ...]
+        case.seq_lens = strided(case.seq_lens, case.seq_lens)
     if which in ("query_start_loc", "all"):
         case.query_start_loc = strided(case.query_start_loc, case.query_start_loc)
     out = run_attention(backend, case)
@@ -281,9 +292,11 @@ def test_query_and_out_of_any_strides(backend, device, gen, out_layout):
     """
     case = random_paged_case(gen, [21, 9, 14], [1, 9, 5], device=device)
     expected, query = case.expected(), case.query
-    case.query = query.permute(2, 0, 1).contiguous().permute(1, 2, 0)  # dense, strides (H, 1, T*H)
+    # dense, strides (H, 1, T*H)
+    case.query = query.permute(2, 0, 1).contiguous().permute(1, 2, 0)
     assert case.query.stride(2) != 1 and torch.equal(case.query, query)
-    fresh = backend.paged_attention(*case.args)  # a new buffer: row-major whatever the query's strides
+    # a new buffer: row-major whatever the query's strides
+    fresh = backend.paged_attention(*case.args)
     torch.testing.assert_close(fresh, expected, **tolerance(case.dtype))
     if out_layout == "none":
         run_attention(backend, case)  # out=full_like(query): the permuted strides again
@@ -294,7 +307,8 @@ def test_query_and_out_of_any_strides(backend, device, gen, out_layout):
         out = buffer.permute(1, 2, 0)  # head_dim elements rows * heads apart
     else:
         buffer = torch.full((rows, heads + 3, dim + 5), math.nan, device=device)
-        out = buffer[:, 1 : heads + 1, 2 : dim + 2]  # head_dim elements one apart, rows and heads wider
+        # head_dim elements one apart, rows and heads wider
+        out = buffer[:, 1 : heads + 1, 2 : dim + 2]
     assert not out.is_contiguous()
     returned = backend.paged_attention(*case.args, out=out)
     assert returned is out
@@ -339,8 +353,10 @@ def test_write_kv_stores_each_row_at_its_slot(backend, device, gen, dtype, block
 
 @pytest.mark.task2_1
 def test_write_kv_takes_views_of_a_fused_qkv(backend, device, gen):
-    qkv = torch.randn(7, 3, 2, 16, generator=gen).to(device)  # [num_tokens, q|k|v, num_kv_heads, head_dim]
-    _, key, value = qkv.unbind(1)  # non-contiguous views, as a fused projection gives them
+    # [num_tokens, q|k|v, num_kv_heads, head_dim]
+    qkv = torch.randn(7, 3, 2, 16, generator=gen).to(device)
+    # non-contiguous views, as a fused projection gives them
+    _, key, value = qkv.unbind(1)
     assert not key.is_contiguous()
     k_cache, v_cache = (random_pool(gen, 4, 4, torch.float32, device) for _ in range(2))
     k_before, v_before = k_cache.clone(), v_cache.clone()
@@ -356,7 +372,8 @@ def test_write_kv_takes_a_strided_slot_mapping(backend, device, gen):
     k_cache, v_cache = (random_pool(gen, 5, 4, torch.float32, device) for _ in range(2))
     k_before, v_before = k_cache.clone(), v_cache.clone()
     slots = torch.tensor([7, -1, 2, 19, 11, 0], device=device)
-    gaps = torch.tensor([-1, 7, -1, 2, -1, 11], device=device)  # [7, -1, -1, 7, 2, -1, ...] if read flat
+    # [7, -1, -1, 7, 2, -1, ...] if read flat
+    gaps = torch.tensor([-1, 7, -1, 2, -1, 11], device=device)
     key = torch.randn(6, 2, 16, generator=gen).to(device)
     value = torch.randn(6, 2, 16, generator=gen).to(device)
     view = torch.stack([slots, gaps], dim=1)[:, 0]
@@ -381,7 +398,8 @@ def test_write_then_attend_through_block_tables(backend, device, gen):
     from minipaged.reference.block_table import BlockTable, block_tables_tensor
 
     num_blocks, block_size = 8, 4
-    k_cache = torch.full((num_blocks, block_size, 2, 16), math.nan, device=device)  # unwritten slots: NaN
+    # unwritten slots: NaN
+    k_cache = torch.full((num_blocks, block_size, 2, 16), math.nan, device=device)
     v_cache = torch.full_like(k_cache, math.nan)
     free = [6, 1, 4, 0, 7, 2]
     tables = [BlockTable(block_size), BlockTable(block_size)]
@@ -426,7 +444,8 @@ def test_copy_blocks_in_every_layer(backend, device, gen, dtype):
     k_caches = [poisoned_pool(gen, num_blocks, dtype, device) for _ in range(num_layers)]
     v_caches = [poisoned_pool(gen, num_blocks, dtype, device) for _ in range(num_layers)]
     before = [(k.clone(), v.clone()) for k, v in zip(k_caches, v_caches, strict=True)]
-    mapping = torch.tensor([[0, 7], [3, 5], [0, 9], [2, 4]], device=device)  # a source copied twice is fine
+    # a source copied twice is fine
+    mapping = torch.tensor([[0, 7], [3, 5], [0, 9], [2, 4]], device=device)
     backend.copy_blocks(k_caches, v_caches, mapping)
     for layer in range(num_layers):
         for after, old in zip((k_caches[layer], v_caches[layer]), before[layer], strict=True):
@@ -447,7 +466,8 @@ def test_copy_blocks_with_no_pairs_changes_nothing(backend, device, gen):
 @pytest.mark.task2_4
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_swap_blocks_moves_whole_blocks(backend, gen, dtype):
-    src, dst = poisoned_pool(gen, 10, dtype), poisoned_pool(gen, 6, dtype)  # pools of different sizes
+    # pools of different sizes
+    src, dst = poisoned_pool(gen, 10, dtype), poisoned_pool(gen, 6, dtype)
     src_before, dst_before = bits(src), dst.clone()
     mapping = torch.tensor([[9, 0], [0, 3], [4, 5]])
     backend.swap_blocks(src, dst, mapping)
@@ -461,12 +481,14 @@ def test_swap_blocks_moves_whole_blocks(backend, gen, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_swap_round_trip_is_byte_identical(backend, gen, dtype):
     """Device -> host -> device, into other blocks: every byte comes back (on CUDA when there is one)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # every backend's swap crosses to the host
+    # every backend's swap crosses to the host
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     for _layer in range(2):
         device_pool = poisoned_pool(gen, 8, dtype, device)
         host_pool = poisoned_pool(gen, 5, dtype)
         original = bits(device_pool[torch.tensor([1, 2, 6], device=device)])
-        backend.swap_blocks(device_pool, host_pool, torch.tensor([[1, 4], [2, 0], [6, 2]]))  # swap out
+        # swap out
+        backend.swap_blocks(device_pool, host_pool, torch.tensor([[1, 4], [2, 0], [6, 2]]))
         backend.swap_blocks(
             host_pool, device_pool, torch.tensor([[4, 3], [0, 7], [2, 0]])
         )  # swap in elsewhere

@@ -117,7 +117,8 @@ def test_register_of_a_name_already_used_keeps_the_first(pool):
     assert pool.register(second, "h0") is False
     assert pool.lookup("h0") == first
     assert pool.block_hash(second) is None
-    assert pool.register(first, "h0") is True  # registering the same pair again is harmless
+    # registering the same pair again is harmless
+    assert pool.register(first, "h0") is True
 
 
 def test_register_of_a_block_under_a_second_name_raises(pool):
@@ -268,7 +269,8 @@ def test_manager_second_prompt_reuses_the_shared_full_blocks():
     assert manager.allocate(second_group) == 2 * BS
     assert manager.get_block_table(second).block_ids[:2] == first_blocks[:2]
     stats = manager.memory_stats()
-    assert (stats.prefix_cache_hits, stats.prefix_cache_misses) == (2, 2)  # b: 2 hits; a: 2 misses
+    # b: 2 hits; a: 2 misses
+    assert (stats.prefix_cache_hits, stats.prefix_cache_misses) == (2, 2)
 
 
 def test_manager_running_prompt_shares_its_full_blocks_with_a_new_request():
@@ -287,7 +289,8 @@ def test_manager_never_shares_a_partial_last_block_through_the_cache():
     manager = BlockManager(BS, 16, enable_prefix_caching=True)
     first_group, first = group(PROMPT[:6], "a")  # one full block, one half full
     manager.allocate(first_group)
-    second_group, second = group(PROMPT[:6], "b")  # the very same prompt, another request
+    # the very same prompt, another request
+    second_group, second = group(PROMPT[:6], "b")
     assert manager.allocate(second_group) == BS
     first_ids = manager.get_block_table(first).block_ids
     second_ids = manager.get_block_table(second).block_ids
@@ -343,7 +346,8 @@ def test_swap_in_maps_blocks_still_in_the_prefix_cache_instead_of_transferring_t
     manager.allocate(keep_group)
     swap_group, swapped = group([*PROMPT[:8], 41, 42], "swapped")
     manager.allocate(swap_group)
-    device_blocks = list(manager.get_block_table(swapped).block_ids)  # [shared, shared, own partial]
+    # [shared, shared, own partial]
+    device_blocks = list(manager.get_block_table(swapped).block_ids)
     out = manager.swap_out(swap_group)
     host_of = dict(out)
     mapping = manager.swap_in(swap_group)
@@ -367,4 +371,5 @@ def test_swap_out_frees_the_tail_first_so_the_cache_keeps_the_prompt_head():
     other_group, _ = group(list(range(200, 216)), "other")
     manager.allocate(other_group)
     hashes = manager._hashes_of(swapped)
-    assert manager.device.count_prefix(hashes) == (4, 4)  # 4 leading blocks found, all cached-free
+    # 4 leading blocks found, all cached-free
+    assert manager.device.count_prefix(hashes) == (4, 4)

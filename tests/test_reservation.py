@@ -37,13 +37,16 @@ def test_orca_max_reserves_max_model_len_per_sample_and_computes_each_prompt():
     llm.add_request({"prompt_token_ids": list(range(1, 11))}, greedy(5, n=3))
     llm.step()
     assert sorted(alloc.range_of(f"0/{k}")[1] for k in range(3)) == [64, 64, 64]
-    assert llm.step_stats[0].num_batched_tokens == 30  # no sharing: each sample computes the prompt
+    # no sharing: each sample computes the prompt
+    assert llm.step_stats[0].num_batched_tokens == 30
     assert [alloc.num_tokens(f"0/{k}") for k in range(3)] == [10, 10, 10]
     llm.step()
-    assert [alloc.num_tokens(f"0/{k}") for k in range(3)] == [11, 11, 11]  # the ranges grow together
+    # the ranges grow together
+    assert [alloc.num_tokens(f"0/{k}") for k in range(3)] == [11, 11, 11]
     while llm.has_unfinished_requests():
         llm.step()
-    assert alloc.free_extents == [(0, 256)]  # the last sequence out returned every range
+    # the last sequence out returned every range
+    assert alloc.free_extents == [(0, 256)]
 
 
 def test_beam_search_keeps_its_ranges_and_forks_into_dropped_beams_ranges():
@@ -53,7 +56,8 @@ def test_beam_search_keeps_its_ranges_and_forks_into_dropped_beams_ranges():
     (out,) = llm.beam_search({"prompt_token_ids": [1, 2, 3, 4]}, BeamSearchParams(3, 8, ignore_eos=True))
     assert len(out.sequences) == 3
     assert manager.num_ranges == 0 and alloc.free_extents == [(0, 512)]
-    assert all(s.blocks_used == 3 * 12 for s in llm.step_stats)  # 3 ranges of 4 + 8, from admission on
+    # 3 ranges of 4 + 8, from admission on
+    assert all(s.blocks_used == 3 * 12 for s in llm.step_stats)
 
 
 def test_a_request_that_can_never_fit_is_refused_at_submission():
@@ -69,8 +73,10 @@ def test_the_queue_waits_while_the_ranges_do_not_fit():
     for _ in range(3):
         llm.add_request({"prompt_token_ids": [1, 2, 3]}, greedy(4))
     llm.step()
-    assert (len(llm.scheduler.running), len(llm.scheduler.waiting)) == (2, 1)  # 22 slots are left
-    assert llm.block_manager.breakdown(llm.scheduler.waiting[0]).stranded == 22  # too few for 64
+    # 22 slots are left
+    assert (len(llm.scheduler.running), len(llm.scheduler.waiting)) == (2, 1)
+    # too few for 64
+    assert llm.block_manager.breakdown(llm.scheduler.waiting[0]).stranded == 22
 
 
 def test_vattention_runs_short_of_pages_and_preempts_by_recompute():
@@ -111,7 +117,8 @@ def test_static_batching_admits_a_batch_only_when_the_last_one_has_finished():
     outputs = {}
     while llm.has_unfinished_requests():
         outputs.update({o.request_id: o for o in llm.step()})
-    assert outputs["2"].metrics.first_scheduled_time == 8.0  # not 2.0, when it had arrived and fit
+    # not 2.0, when it had arrived and fit
+    assert outputs["2"].metrics.first_scheduled_time == 8.0
     assert [s.num_running for s in llm.step_stats] == [2, 2, 2, 1, 1, 1, 1, 1, 1, 1]
     iteration = simulate([Req("a", 0, 2, 3), Req("b", 0, 2, 8), Req("c", 1.5, 2, 2)], "orca-max",
                          kv_slots=1024, max_model_len=64, step_time=1.0)  # fmt: skip

@@ -21,7 +21,8 @@ WEIGHT_SEED = 0
 
 
 def random_logits(seed: int, vocab: int = VOCAB, spread: float = 3.0) -> torch.Tensor:
-    return torch.randn(vocab, generator=torch.Generator().manual_seed(seed)) * spread  # [vocab]
+    # [vocab]
+    return torch.randn(vocab, generator=torch.Generator().manual_seed(seed)) * spread
 
 
 def draw(logits: torch.Tensor, params: SamplingParams, num: int, seed: int = 0) -> torch.Tensor:
@@ -97,12 +98,14 @@ def test_top_p_keeps_the_smallest_nucleus():
     probs = torch.tensor([0.05, 0.5, 0.1, 0.25, 0.1])
     logits = torch.log(probs)  # sorted: 0.5, 0.25, then 0.1 twice, 0.05
     tokens = draw(logits, SamplingParams(temperature=1.0, top_p=0.7), 3000)
-    assert set(tokens.tolist()) == {1, 3}  # 0.5 + 0.25 reaches 0.7: nothing else is needed
+    # 0.5 + 0.25 reaches 0.7: nothing else is needed
+    assert set(tokens.tolist()) == {1, 3}
     torch.testing.assert_close(
         frequencies(tokens, 5), torch.tensor([0.0, 2 / 3, 0.0, 1 / 3, 0.0]), atol=0.03, rtol=0
     )
     tokens = draw(logits, SamplingParams(temperature=1.0, top_p=0.8), 3000)
-    assert set(tokens.tolist()) <= {1, 3, 2, 4} and len(set(tokens.tolist())) == 3  # one of the 0.1s joins
+    # one of the 0.1s joins
+    assert set(tokens.tolist()) <= {1, 3, 2, 4} and len(set(tokens.tolist())) == 3
 
 
 def test_top_k_then_top_p():
@@ -254,11 +257,14 @@ def test_parallel_samples_share_the_prompt_until_they_diverge():
     assert llm.stats.cow_copies == 0
     assert llm.step_stats[-1].blocks_shared == 3
 
-    assert llm.step() == []  # the first decode writes into the shared partial block: copy-on-write
+    # the first decode writes into the shared partial block: copy-on-write
+    assert llm.step() == []
     tables = [manager.get_block_table(seq).block_ids for seq in group.seqs]
-    assert all(t[:2] == tables[0][:2] for t in tables)  # the full prompt blocks stay shared
+    # the full prompt blocks stay shared
+    assert all(t[:2] == tables[0][:2] for t in tables)
     assert all(device.ref_count(b) == n for b in tables[0][:2])
-    assert len({t[2] for t in tables}) == n  # each sample has its own copy of the partial block
+    # each sample has its own copy of the partial block
+    assert len({t[2] for t in tables}) == n
     assert llm.stats.cow_copies == n - 1  # the last holder writes into the original
     assert llm.step_stats[-1].blocks_copied == n - 1
     assert device.num_used == 2 + n
@@ -282,7 +288,8 @@ def test_parallel_samples_of_a_block_aligned_prompt_never_copy():
         prompt_ids(2, 8), SamplingParams(n=n, max_tokens=6, seed=5, ignore_eos=True), use_tqdm=False
     )
     assert llm.stats.cow_copies == 0
-    assert llm.stats.max_blocks_saved_by_sharing >= 2 * (n - 1)  # the two prompt blocks, held once
+    # the two prompt blocks, held once
+    assert llm.stats.max_blocks_saved_by_sharing >= 2 * (n - 1)
     assert len({tuple(s) for s in tokens_of(out)}) > 1
     assert_all_blocks_free(llm)
 
@@ -302,7 +309,8 @@ def test_sampled_logprobs_are_the_models():
     for completion in out.outputs:
         ids = torch.tensor([p + completion.token_ids])
         with torch.no_grad():
-            logprobs = torch.log_softmax(model(ids).logits[0].float(), -1)  # [len, vocab]
+            # [len, vocab]
+            logprobs = torch.log_softmax(model(ids).logits[0].float(), -1)
         rows = torch.arange(len(p) - 1, ids.shape[1] - 1)
         want = logprobs[rows, torch.tensor(completion.token_ids)]
         torch.testing.assert_close(torch.tensor(completion.logprobs), want, atol=1e-4, rtol=0)
@@ -350,7 +358,8 @@ def test_unseeded_requests_draw_from_the_engine_seed():
     prompts = [prompt_ids(9, 5), prompt_ids(10, 11)]
 
     def run(engine_seed: int) -> list[list[list[int]]]:
-        model = load_preset("tiny-llama", WEIGHT_SEED)  # the same weights whatever the engine's seed
+        # the same weights whatever the engine's seed
+        model = load_preset("tiny-llama", WEIGHT_SEED)
         llm = LLM(model, block_size=4, num_gpu_blocks=64, seed=engine_seed, tokenizer=ByteTokenizer())
         outs = llm.generate(prompts, params, use_tqdm=False) + llm.generate(prompts, params, use_tqdm=False)
         assert_all_blocks_free(llm)

@@ -29,8 +29,10 @@ from minipaged.reference.scheduler import Scheduler, SchedulerOutput
 from minipaged.sequence import Sequence, SequenceGroup, SequenceStatus
 
 BS = 4
-_clock = itertools.count()  # arrival times: strictly increasing, so FCFS order is never a tie
-_max_tokens: dict[SequenceGroup, int] = {}  # each request's max_tokens, which engine_step enforces
+# arrival times: strictly increasing, so FCFS order is never a tie
+_clock = itertools.count()
+# each request's max_tokens, which engine_step enforces
+_max_tokens: dict[SequenceGroup, int] = {}
 
 
 def make_scheduler(
@@ -118,7 +120,8 @@ def test_a_later_stops_admission_no_queue_jumping():
     scheduler = make_scheduler(4)
     scheduler.add(make_group("a", 8))  # 2 blocks
     scheduler.add(make_group("big", 12))  # 3 blocks: only 2 are left
-    scheduler.add(make_group("small", 1))  # 1 block would fit, but it arrived after "big"
+    # 1 block would fit, but it arrived after "big"
+    scheduler.add(make_group("small", 1))
     out = engine_step(scheduler)
     assert q_lens(out) == [("a", 8)]
     assert ids(scheduler.waiting) == ["big", "small"]
@@ -147,7 +150,8 @@ def test_max_num_batched_tokens_stops_admission_and_no_prefill_jumps_the_queue()
     out = engine_step(scheduler)
     assert q_lens(out) == [("a", 8)] and out.num_batched_tokens == 8
     assert ids(scheduler.waiting) == ["b", "c"]
-    out = engine_step(scheduler)  # a's decode (1) + b's prefill (8) fit; c's 1 more would too
+    # a's decode (1) + b's prefill (8) fit; c's 1 more would too
+    out = engine_step(scheduler)
     assert q_lens(out) == [("a", 1), ("b", 8), ("c", 1)]
     assert out.num_batched_tokens == 10
 
@@ -156,7 +160,8 @@ def test_a_prompt_longer_than_the_budget_runs_alone_in_an_empty_step():
     scheduler = make_scheduler(32, max_num_seqs=4, max_num_batched_tokens=4)
     scheduler.add(make_group("long", 20, max_tokens=3))  # longer than the whole budget
     scheduler.add(make_group("next", 6))  # longer too: it waits for the next empty step
-    scheduler.add(make_group("short", 1))  # would fit beside the decodes, but no queue jumping
+    # would fit beside the decodes, but no queue jumping
+    scheduler.add(make_group("short", 1))
     out = engine_step(scheduler)
     assert q_lens(out) == [("long", 20)], "nothing else in the step: it runs, alone"
     for _ in range(2):  # long's two decodes: 1 + 6 > 4, so "next" waits
@@ -189,7 +194,8 @@ def over_budget(scheduler: Scheduler, max_num_batched_tokens: int) -> None:
     computes one token). This takes the check away, to test that the scheduler itself never
     spends more than its budget: a group that does not fit waits a step.
     """
-    object.__setattr__(scheduler.config, "max_num_batched_tokens", max_num_batched_tokens)  # frozen
+    # frozen
+    object.__setattr__(scheduler.config, "max_num_batched_tokens", max_num_batched_tokens)
 
 
 def groups_in(out: SchedulerOutput) -> list[SequenceGroup]:
@@ -203,7 +209,8 @@ def test_scheduler_config_refuses_a_budget_below_max_num_seqs(max_num_seqs, data
     expected = rf"max_num_batched_tokens \({budget}\) must be >= max_num_seqs \({max_num_seqs}\)"
     with pytest.raises(ValueError, match=expected):
         SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
-    config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_seqs)  # equal: enough
+    # equal: enough
+    config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_seqs)
     assert config.max_num_batched_tokens == max_num_seqs
 
 
@@ -214,11 +221,13 @@ def test_a_prefill_joins_only_if_it_fits_what_the_decodes_left(num_running, extr
     for i in range(num_running):
         scheduler.add(make_group(f"r{i}", 1))
     engine_step(scheduler)
-    scheduler.add(make_group("fits", budget - num_running))  # exactly what the decodes leave
+    # exactly what the decodes leave
+    scheduler.add(make_group("fits", budget - num_running))
     out = engine_step(scheduler)
     assert q_lens(out) == [*((f"r{i}", 1) for i in range(num_running)), ("fits", budget - num_running)]
     assert out.num_batched_tokens == budget
-    scheduler.add(make_group("over", budget - num_running))  # one token too many: "fits" decodes too
+    # one token too many: "fits" decodes too
+    scheduler.add(make_group("over", budget - num_running))
     scheduler.add(make_group("short", 1))  # it would fit, but it arrived after "over"
     out = engine_step(scheduler)
     assert out.num_batched_tokens == num_running + 1
@@ -229,10 +238,12 @@ def test_a_prefill_joins_only_if_it_fits_what_the_decodes_left(num_running, extr
 def test_decodes_beyond_the_budget_wait_a_step_and_the_oldest_go_first(max_tokens, budget):
     scheduler = make_scheduler(64, max_num_seqs=8, max_num_batched_tokens=16)
     manager = scheduler.block_manager
-    groups = [make_group(f"g{i}", 1 + i % 3, max_tokens=m) for i, m in enumerate(max_tokens)]  # 15 tokens
+    # 15 tokens
+    groups = [make_group(f"g{i}", 1 + i % 3, max_tokens=m) for i, m in enumerate(max_tokens)]
     for group in groups:
         scheduler.add(group)
-    late = make_group("late", 1, max_tokens=2)  # over max_num_seqs until one of the 8 finishes
+    # over max_num_seqs until one of the 8 finishes
+    late = make_group("late", 1, max_tokens=2)
     scheduler.add(late)
     out = engine_step(scheduler)
     assert ids(groups_in(out)) == ids(groups), "8 running sequences, one group each"
@@ -263,7 +274,8 @@ def test_a_swapped_group_comes_back_only_within_the_budget():
     manager = scheduler.block_manager
     scheduler.add(make_group("a", 4, max_tokens=2))  # needs a 2nd block at step 2
     scheduler.add(make_group("b", 2, max_tokens=6))
-    c = make_group("c", 3, n=3, max_tokens=2)  # 1 shared partial block: 2 copies at step 2
+    # 1 shared partial block: 2 copies at step 2
+    c = make_group("c", 3, n=3, max_tokens=2)
     scheduler.add(c)
     engine_step(scheduler)
     out = engine_step(scheduler)
@@ -289,11 +301,14 @@ def test_prefix_cache_hits_shorten_the_prefill():
     scheduler = make_scheduler(32, enable_prefix_caching=True)
     system = list(range(200, 212))  # 3 full blocks
     scheduler.add(make_group("a", [*system, 1, 2]))
-    scheduler.add(make_group("b", [*system, 3]))  # submitted together: a's blocks are published at once
+    # submitted together: a's blocks are published at once
+    scheduler.add(make_group("b", [*system, 3]))
     out = engine_step(scheduler)
     assert q_lens(out) == [("a", 14), ("b", 1)]
-    scheduler.add(make_group("c", [*system[:8], 5, 6, 7]))  # later: shares 2 full blocks
-    scheduler.add(make_group("d", system))  # cached whole: the block with its last token is recomputed
+    # later: shares 2 full blocks
+    scheduler.add(make_group("c", [*system[:8], 5, 6, 7]))
+    # cached whole: the block with its last token is recomputed
+    scheduler.add(make_group("d", system))
     out = engine_step(scheduler)
     assert q_lens(out) == [("a", 1), ("b", 1), ("c", 3), ("d", 4)]
     assert scheduler.block_manager.device.hits > 0
@@ -343,7 +358,8 @@ def test_recompute_preempts_the_most_recent_group_whole_and_requeues_it_first():
     assert scheduler.num_preemptions == {"recompute": 1, "swap": 0}
     assert not out.blocks_to_swap_out
 
-    engine_step(scheduler)  # a and b finish; c (4 blocks now that its samples differ) cannot fit in 3
+    # a and b finish; c (4 blocks now that its samples differ) cannot fit in 3
+    engine_step(scheduler)
     assert not scheduler.running and ids(scheduler.waiting) == ["c", "d"]
 
 
@@ -390,9 +406,11 @@ def test_swap_out_moves_the_group_to_the_host_and_resumes_it_before_admitting():
     assert ids(scheduler.waiting) == ["d"], "no admission in a step that preempted (1 block was free)"
     assert manager.device.num_free == 1
 
-    out = engine_step(scheduler)  # c cannot come back yet; d could fit, but swapped groups go first
+    # c cannot come back yet; d could fit, but swapped groups go first
+    out = engine_step(scheduler)
     assert not out.blocks_to_swap_in and ids(scheduler.waiting) == ["d"]
-    assert q_lens(out) == [("a", 1), ("b", 1)] and not scheduler.running  # a and b finish here
+    # a and b finish here
+    assert q_lens(out) == [("a", 1), ("b", 1)] and not scheduler.running
 
     out = engine_step(scheduler)
     assert len(out.blocks_to_swap_in) == 1 and out.blocks_to_swap_in[0][0] == dst
@@ -436,7 +454,8 @@ def test_an_older_group_that_cannot_grow_preempts_the_newest():
     scheduler.add(make_group("a", 4))
     scheduler.add(make_group("b", 4))
     engine_step(scheduler)
-    out = engine_step(scheduler)  # both need a 2nd block, none is free: a, the older, takes b's
+    # both need a 2nd block, none is free: a, the older, takes b's
+    out = engine_step(scheduler)
     assert out.preempted == [("b", "recompute")] and q_lens(out) == [("a", 1)]
     assert scheduler.block_manager.device.num_free == 0
 
@@ -450,7 +469,8 @@ def test_swapped_group_comes_back_once_the_pool_is_empty():
     """
     scheduler = make_scheduler(4, num_cpu_blocks=8, preemption_mode="swap")
     scheduler.add(make_group("a", 3, max_tokens=5))  # 3 + 5 = 8 tokens: 2 blocks
-    scheduler.add(make_group("b", 4, n=2, max_tokens=4))  # 2 samples x 8 tokens: 4 blocks, the pool
+    # 2 samples x 8 tokens: 4 blocks, the pool
+    scheduler.add(make_group("b", 4, n=2, max_tokens=4))
     preempted = []
     for _ in range(30):
         if not scheduler.has_unfinished():
@@ -483,14 +503,16 @@ def test_swap_in_with_prefix_caching_when_the_pending_token_fills_a_block(block_
         block_size=block_size,
     )
     manager = scheduler.block_manager
-    scheduler.add(make_group("a", block_size, max_tokens=2))  # one full block: needs a 2nd next step
+    # one full block: needs a 2nd next step
+    scheduler.add(make_group("a", block_size, max_tokens=2))
     c = make_group("c", c_prompt, n=n, max_tokens=2)
     scheduler.add(c)
     engine_step(scheduler)  # the pool is full; a needs a block, c needs one too
     out = engine_step(scheduler)
     assert out.preempted == [("c", "swap")]
     assert not scheduler.running  # a finished
-    out = engine_step(scheduler)  # c comes back and decodes the token it drew before the swap
+    # c comes back and decodes the token it drew before the swap
+    out = engine_step(scheduler)
     # (its full blocks may still be in the device's prefix cache: those come back without a transfer)
     assert q_lens(out) == [("c", 1)] * n and not scheduler.swapped
     assert not scheduler.has_unfinished()
@@ -503,9 +525,11 @@ def test_swap_in_with_prefix_caching_when_the_pending_token_fills_a_block(block_
 def test_diverging_samples_copy_their_shared_partial_block():
     scheduler = make_scheduler(8)
     manager = scheduler.block_manager
-    group = make_group("g", 5, n=2)  # 1 full block + 1 block holding one token, both shared
+    # 1 full block + 1 block holding one token, both shared
+    group = make_group("g", 5, n=2)
     scheduler.add(group)
-    engine_step(scheduler)  # sample 0 gets token 10, sample 1 token 11: they diverge in block 1
+    # sample 0 gets token 10, sample 1 token 11: they diverge in block 1
+    engine_step(scheduler)
     first, second = group.seqs
     full, partial = manager.get_block_table(first).block_ids
     out = engine_step(scheduler)
@@ -585,9 +609,11 @@ def test_configs_accept_the_documented_values():
 
 # ---- a state machine: random arrivals, random steps --------------------------------------------
 
-SYSTEM_PROMPT = list(range(50, 62))  # prompts share prefixes of it, so prefix caching finds hits
+# prompts share prefixes of it, so prefix caching finds hits
+SYSTEM_PROMPT = list(range(50, 62))
 EOS = 0
-tokens = st.integers(min_value=EOS, max_value=9)  # a small vocabulary: EOS one time in ten
+# a small vocabulary: EOS one time in ten
+tokens = st.integers(min_value=EOS, max_value=9)
 
 
 def fits_alone(manager: BlockManager, prompt_len: int, n: int, max_tokens: int) -> bool:
@@ -633,7 +659,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.max_tokens: dict[str, int] = {}
         self.clock = itertools.count()
         self.failed = False
-        self.pool = {"device": {}, "host": {}}  # slot -> token id: a model of what the KV pools hold
+        # slot -> token id: a model of what the KV pools hold
+        self.pool = {"device": {}, "host": {}}
 
     # ---- the engine's part -----------------------------------------------------------------------
 
@@ -763,7 +790,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         written = {b for item in out.scheduled for b in manager.get_block_table(item.seq).block_ids}
         for _, dst in out.blocks_to_copy:
             assert dst in written, "a copy-on-write target belongs to a sequence that runs"
-            if not manager.enable_prefix_caching:  # else a later prefill may hit it in the same step
+            # else a later prefill may hit it in the same step
+            if not manager.enable_prefix_caching:
                 assert manager.device.ref_count(dst) == 1, "a copy-on-write target is private"
 
     # ---- rules -----------------------------------------------------------------------------------

@@ -49,12 +49,14 @@ def test_a_budget_of_max_num_seqs_keeps_every_step_within_it_and_the_outputs(pre
         for _ in range(6)
     ]
     expected, free_steps = run(requests, preemption_mode, num_gpu_blocks, budget=2048)
-    got, steps = run(requests, preemption_mode, num_gpu_blocks, budget=4)  # = max_num_seqs
+    # = max_num_seqs
+    got, steps = run(requests, preemption_mode, num_gpu_blocks, budget=4)
     assert got == expected, f"seed {seed}: a small budget changed the outputs"
     # Prompts of 2 or more tokens: at most two fit a budget of 4, where the big budget admits four.
     assert len(steps[0].scheduled) <= 2 < len(free_steps[0].scheduled) == 4
     for out in steps:
-        if out.num_batched_tokens > 4:  # only a prefill longer than the whole budget, alone
+        # only a prefill longer than the whole budget, alone
+        if out.num_batched_tokens > 4:
             assert len({item.group.request_id for item in out.scheduled}) == 1, f"seed {seed}"
             assert all(item.is_prefill for item in out.scheduled), f"seed {seed}"
         assert not out.deferred, "with budget == max_num_seqs the decodes always fit"

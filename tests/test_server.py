@@ -30,7 +30,8 @@ from minipaged.serving import build_app, running_server
 
 ENGINE_ARGS = dict(block_size=4, num_gpu_blocks=256, num_cpu_blocks=0, max_model_len=160, max_step_stats=8)
 MODEL = "tiny-llama"
-SEED = random.randrange(2**31)  # fresh inputs each run; printed so a failure can be replayed
+# fresh inputs each run; printed so a failure can be replayed
+SEED = random.randrange(2**31)
 print(f"test_server: SEED={SEED}")
 
 
@@ -89,7 +90,8 @@ def ids_of(tokens: list[str]) -> list[int]:
         if token.startswith("token_id:"):
             ids.append(int(token.removeprefix("token_id:")))
         else:
-            (token_id,) = ByteTokenizer().encode(token)[1:]  # exactly one byte: one token
+            # exactly one byte: one token
+            (token_id,) = ByteTokenizer().encode(token)[1:]
             ids.append(token_id)
     return ids
 
@@ -202,7 +204,8 @@ def test_logprobs_list_the_top_tokens(client, reference, rng, stream):
     got = collect(create(client, prompt, params, stream), stream, 1)[0]
     assert got["ids"] == expected.token_ids
     for token, top, want in zip(got["ids"], got["top"], expected.top_logprobs, strict=True):
-        want = {**want, token: want.get(token, None)}  # the sampled token is always listed
+        # the sampled token is always listed
+        want = {**want, token: want.get(token, None)}
         assert sorted(ids_of(list(top))) == sorted(want)
         for text, logprob in top.items():
             (token_id,) = ids_of([text])
@@ -235,7 +238,8 @@ def test_stop_string_cuts_the_text(client, reference, rng, stream):
     # Printable ASCII only: a U+FFFD in the text may be a character still incomplete when checked
     stops = [
         text[i : i + length]
-        for length in (rng.randint(1, 2), 1)  # a single character if no two printable ones are adjacent
+        # a single character if no two printable ones are adjacent
+        for length in (rng.randint(1, 2), 1)
         for i in range(4, len(text) - 4)
         if text[i : i + length].isascii() and text[i : i + length].isprintable()
     ]
@@ -256,7 +260,8 @@ def test_stop_token_ids(client, reference, rng, stream):
     at = rng.randrange(2, 20)
     params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, stop_token_ids=[tokens[at]])
     got = collect(create(client, prompt, params, stream), stream, 1)[0]
-    assert got["ids"] == tokens[: tokens.index(tokens[at]) + 1]  # kept, as vLLM keeps it
+    # kept, as vLLM keeps it
+    assert got["ids"] == tokens[: tokens.index(tokens[at]) + 1]
     assert got["finish"] == "stop" and got["stop_reason"] == tokens[at]
 
 
@@ -349,7 +354,8 @@ BAD_REQUESTS = [
     ({"prompt": [[1, 2], [3, 4]]}, "prompt"),
     ({"prompt": [1, "a"]}, "prompt"),
     ({"prompt": [5, 99999]}, "prompt"),  # beyond the vocabulary: the engine refuses it
-    ({"prompt": list(range(3, 150)), "max_tokens": 30}, "max_tokens"),  # beyond max_model_len: never fits
+    # beyond max_model_len: never fits
+    ({"prompt": list(range(3, 150)), "max_tokens": 30}, "max_tokens"),
     ({"model": 7}, "model"),
 ]
 
@@ -403,7 +409,8 @@ def test_disconnect_mid_stream_frees_the_blocks(url, llm):
     before = metrics(url)
     sock = raw_request(url, {**LONG, "stream": True})
     received = b""
-    while b"data: " not in received:  # the first event has arrived: the request is running
+    # the first event has arrived: the request is running
+    while b"data: " not in received:
         received += sock.recv(4096)
     assert received.startswith(b"HTTP/1.1 200")
     sock.close()
@@ -544,7 +551,8 @@ def test_a_character_split_across_tokens_is_held_back_until_it_is_whole(rng):
     ]
     deltas = streamed_text(outputs)
     assert "".join(d for step in deltas for d in step) == chr(head[0] - BYTE_OFFSET) + char
-    assert all("\ufffd" not in d for step in deltas for d in step)  # never half a character
+    # never half a character
+    assert all("\ufffd" not in d for step in deltas for d in step)
 
 
 def test_the_start_of_a_stop_string_is_held_back():

@@ -122,7 +122,8 @@ def test_single_completion(client, reference, rng):
     choice = completion.choices[0]
     assert choice.text == expected.outputs[0].text and choice.finish_reason == "length"
     assert completion.usage.completion_tokens == 5
-    assert completion.usage.prompt_tokens == len(expected.prompt_token_ids) == len(text) + 1  # bos + bytes
+    # bos + bytes
+    assert completion.usage.prompt_tokens == len(expected.prompt_token_ids) == len(text) + 1
     assert completion.usage.total_tokens == completion.usage.prompt_tokens + 5
     ids = random_prompt(rng)
     by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=5, temperature=0.0)
@@ -160,7 +161,8 @@ def test_no_zero_some_and_max_logprobs(client, reference, rng, logprobs, stream)
         assert sorted(top.values(), reverse=True)[: len(want)] == pytest.approx(
             sorted(want.values(), reverse=True), abs=1e-4
         )
-        assert any(abs(value - token_logprob) < 1e-4 for value in top.values())  # the sampled token
+        # the sampled token
+        assert any(abs(value - token_logprob) < 1e-4 for value in top.values())
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
@@ -222,7 +224,8 @@ def test_parallel_sampling_with_stop_token_ids(client, reference, rng, stream):
         n=n, temperature=1.0, seed=seed, max_tokens=30, ignore_eos=True, stop_token_ids=[stop]
     )
     expected = generate(reference, prompt, params)
-    for want, whole in zip(expected.outputs, free.outputs, strict=True):  # seeded: the same draws, cut
+    # seeded: the same draws, cut
+    for want, whole in zip(expected.outputs, free.outputs, strict=True):
         cut = whole.token_ids.index(stop) + 1 if stop in whole.token_ids else 30
         assert want.token_ids == whole.token_ids[:cut]
         assert want.finish_reason == ("stop" if stop in whole.token_ids else "length")
@@ -323,7 +326,8 @@ def test_batch_completions_are_refused_but_a_batch_of_one_is_served(url, client,
     [
         ("echo", True, False),  # vLLM test_echo_logprob_completion
         ("suffix", "tail", None),
-        ("presence_penalty", 0.5, 0.0),  # vLLM test_engine_core_advanced_sampling's penalties
+        # vLLM test_engine_core_advanced_sampling's penalties
+        ("presence_penalty", 0.5, 0.0),
         ("frequency_penalty", -1.0, 0),
         ("logit_bias", {"65": 5}, {}),  # vLLM test_chat_logit_bias_validation
         ("best_of", 2, 1),
@@ -410,7 +414,8 @@ def test_stop_string_of_several_tokens_and_the_earliest_wins(client, reference, 
     """vLLM _stop_multi_tokens (stop=["group of peo", "short"]) and _stop_partial_token: a stop string
     that spans several tokens (here several bytes, often of one character); of several, the one that
     occurs first in the text ends it, whatever its place in the list."""
-    for _ in range(30):  # random weights write many broken characters: find a text with two stops
+    # random weights write many broken characters: find a text with two stops
+    for _ in range(30):
         prompt = random_prompt(rng)
         text = generate(reference, prompt, SamplingParams(max_tokens=40, **GREEDY)).outputs[0].text
         late = whole_chars(text, rng, 3, start=len(text) // 2)
@@ -442,7 +447,8 @@ def test_stop_string_at_the_very_first_token(client, reference, rng, stream):
 
 def test_a_stop_string_in_the_prompt_does_not_stop(client, reference, rng):
     """vLLM's stop checker looks at the generated text only (StopChecker tests)."""
-    prompt = "".join(rng.choice("qwxzjk") for _ in range(10))  # letters the output rarely has
+    # letters the output rarely has
+    prompt = "".join(rng.choice("qwxzjk") for _ in range(10))
     text = generate(reference, prompt, SamplingParams(max_tokens=12, **GREEDY)).outputs[0].text
     candidates = sorted(set(prompt) - set(text))
     assert candidates, f"the output {text!r} has every letter of the prompt (SEED={SEED})"
@@ -497,10 +503,12 @@ def test_max_tokens_null_zero_and_the_model_len_boundary(url, client, reference,
     assert status == 200 and full["usage"]["completion_tokens"] == room
     assert full["usage"]["total_tokens"] == ENGINE_ARGS["max_model_len"]
     status, error = post(url, {**body, "max_tokens": room + 1})
-    message = error["error"]["message"]  # the engine's: it names both fields and the limit
+    # the engine's: it names both fields and the limit
+    message = error["error"]["message"]
     assert status == 400 and error["error"]["param"] in ("prompt", "max_tokens")
     assert "max_tokens" in message and str(ENGINE_ARGS["max_model_len"]) in message
-    status, streamed = post(url, {**body, "max_tokens": room + 1, "stream": True})  # refused before any event
+    # refused before any event
+    status, streamed = post(url, {**body, "max_tokens": room + 1, "stream": True})
     assert status == 400 and streamed["error"]["message"] == message
 
 

@@ -28,7 +28,8 @@ METRIC_KEYS = ("ttft_s", "tpot_s", "normalized_latency_s", "latency_s")
 @pytest.fixture(scope="module")
 def load():
     """The script imported as a module (benchmarks/ is not a package)."""
-    if str(SCRIPT.parent) not in sys.path:  # as `python benchmarks/...` does: bench_common sits beside it
+    # as `python benchmarks/...` does: bench_common sits beside it
+    if str(SCRIPT.parent) not in sys.path:
         sys.path.insert(0, str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("serving_load_benchmark", SCRIPT)
     module = importlib.util.module_from_spec(spec)
@@ -66,7 +67,8 @@ def test_poisson_gaps_are_exponential_with_mean_one_over_rate(load, rng):
     # deviation (equal to the mean for an exponential) about sqrt(2/n) = 2.2%: both within ~4 sigma.
     assert gaps.mean() * rate == pytest.approx(1.0, abs=0.065), (seed, rate)
     assert gaps.std() * rate == pytest.approx(1.0, abs=0.09), (seed, rate)
-    assert load.arrival_times(n, rate, "poisson", seed) == times  # seeded: the same schedule again
+    # seeded: the same schedule again
+    assert load.arrival_times(n, rate, "poisson", seed) == times
     assert load.arrival_times(n, rate, "poisson", seed + 1) != times
 
 
@@ -147,7 +149,8 @@ def test_summarize_on_known_results(load, rng):
     )
     assert s["ttft_s"] == pytest.approx(load.describe([r.ttft for r in ok]))
     assert s["latency_s"] == pytest.approx(load.describe([r.latency for r in ok]))
-    assert s["errors"] == [f"HTTP {400 + i}" for i in range(load.KEPT_ERRORS)]  # the first few, in order
+    # the first few, in order
+    assert s["errors"] == [f"HTTP {400 + i}" for i in range(load.KEPT_ERRORS)]
     assert one_token.tpot is None and failed[0].normalized_latency is None
     with pytest.raises(ValueError, match="duration"):
         load.summarize(results, 0.0)
@@ -177,7 +180,8 @@ def _peak_in_flight(rows):
         [(r["start_time"] + r["latency"], -1) for r in rows] + [(r["start_time"], 1) for r in rows]
     )
     open_now = peak = 0
-    for _, delta in events:  # at a tie an end (-1) sorts before a start: the slot was freed first
+    # at a tie an end (-1) sorts before a start: the slot was freed first
+    for _, delta in events:
         open_now += delta
         peak = max(peak, open_now)
     return peak
@@ -198,9 +202,11 @@ def test_load_against_a_minipaged_server(load, server, rng, tmp_path, capsys):
     assert [r["arrival_time"] for r in rows] == load.arrival_times(n, rate, "poisson", seed)
     for r in rows:
         assert r["error"] is None, r
-        assert r["output_tokens"] == r["max_tokens"] and r["finish_reason"] == "length", r  # ignore_eos
+        # ignore_eos
+        assert r["output_tokens"] == r["max_tokens"] and r["finish_reason"] == "length", r
         assert 0 < r["ttft"] <= r["latency"], r
-        assert r["start_time"] >= r["arrival_time"] - 1e-3, r  # never sent before it is due
+        # never sent before it is due
+        assert r["start_time"] >= r["arrival_time"] - 1e-3, r
     assert _peak_in_flight(rows) <= 4
     assert (s["completed"], s["failed"], s["errors"]) == (n, 0, [])
     assert s["total_output_tokens"] == s["requested_output_tokens"] == sum(w.output_len for w in workload)
@@ -227,7 +233,8 @@ def test_a_burst_keeps_the_concurrency_cap_and_counts_a_rejected_request(load, s
     requests = [
         load.LoadRequest(f"ok-{i}", p, len(p), int(rng.integers(8, 16))) for i, p in enumerate(prompts)
     ]
-    too_long = [int(t) for t in rng.integers(3, vocab, 5000)]  # longer than the model's 1024 positions
+    # longer than the model's 1024 positions
+    too_long = [int(t) for t in rng.integers(3, vocab, 5000)]
     requests.insert(int(rng.integers(0, num_ok + 1)), load.LoadRequest("too-long", too_long, 5000, 4))
     result = asyncio.run(load.run_load(server, None, requests, max_concurrency=2, progress=False))
     by_id = {r.request_id: r for r in result.results}
@@ -241,7 +248,8 @@ def test_a_burst_keeps_the_concurrency_cap_and_counts_a_rejected_request(load, s
 
 
 def test_refused_connection_is_counted_not_raised(load, rng):
-    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens on it
+    # a port that was free a moment ago: nothing listens on it
+    with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     requests = [load.LoadRequest(f"r{i}", [5, 6, 7], 3, 4) for i in range(int(rng.integers(2, 6)))]

@@ -52,7 +52,8 @@ KV_SLOTS = 8192
 @pytest.fixture(scope="module")
 def runs():
     runs = {name: simulate(WORKLOAD, name, kv_slots=KV_SLOTS, max_model_len=1024) for name in ALLOCATORS}
-    for name in ("orca-max", "orca-pow2", "orca-oracle"):  # the Orca baselines as first fit places them
+    # the Orca baselines as first fit places them
+    for name in ("orca-max", "orca-pow2", "orca-oracle"):
         runs[f"{name}/first-fit"] = simulate(
             WORKLOAD, name, kv_slots=KV_SLOTS, max_model_len=1024, placement="first-fit"
         )
@@ -73,7 +74,8 @@ def test_breakdown_sums_to_capacity_every_step(runs):
 
 
 def test_each_allocator_wastes_what_it_should(runs):
-    for name in ("paged", "vattention"):  # on demand: nothing reserved ahead, no external fragmentation
+    # on demand: nothing reserved ahead, no external fragmentation
+    for name in ("paged", "vattention"):
         assert all(
             r.breakdown.reserved == r.breakdown.external_fragmentation == 0 for r in runs[name].records
         )
@@ -86,15 +88,19 @@ def test_each_allocator_wastes_what_it_should(runs):
     assert sum(r.breakdown.internal_fragmentation for r in buddy) > 10 * sum(r.num_seqs for r in buddy)
     for name in ("orca-max", "orca-pow2", "orca-oracle"):
         for r in runs[name].records:
-            assert r.breakdown.reserved > 0 or r.num_running == r.num_finished  # all at their last token
-    for result in runs.values():  # one rule for all: free slots are waste only while one waits
+            # all at their last token
+            assert r.breakdown.reserved > 0 or r.num_running == r.num_finished
+    # one rule for all: free slots are waste only while one waits
+    for result in runs.values():
         for r in result.records:
             b = r.breakdown
             if b.external_fragmentation or b.stranded:
                 assert r.num_waiting and b.free == 0 and not (b.external_fragmentation and b.stranded)
-    for name in ("paged", "vattention", "orca-pow2", "orca-oracle"):  # requests wait with memory free
+    # requests wait with memory free
+    for name in ("paged", "vattention", "orca-pow2", "orca-oracle"):
         assert any(r.breakdown.stranded for r in runs[name].records), name
-    for name in ("orca-pow2", "orca-oracle"):  # ... and, for ranges only, with enough of it in holes
+    # ... and, for ranges only, with enough of it in holes
+    for name in ("orca-pow2", "orca-oracle"):
         assert any(r.breakdown.external_fragmentation for r in runs[name].records), name
     # A paged sequence wastes less than a block: at most block_size - 1 slots each.
     assert all(r.breakdown.internal_fragmentation <= 15 * r.num_seqs for r in runs["paged"].records)
@@ -108,7 +114,8 @@ def test_paged_free_blocks_are_stranded_while_the_head_waits():
     assert (first.token_states, first.internal_fragmentation) == (40, 8)
     assert (first.external_fragmentation, first.stranded, first.free) == (0, 16, 0)
     assert result.records[0].num_waiting == 1
-    last = result.records[-1].breakdown  # B runs alone at the end: nothing waits, its free slots are free
+    # B runs alone at the end: nothing waits, its free slots are free
+    last = result.records[-1].breakdown
     assert last.stranded == 0 and last.free > 0
 
 
@@ -133,7 +140,8 @@ def test_requests_start_after_they_arrive():
     reqs = fixed([(20, 5), (20, 5)], gap=10.0)
     result = simulate(reqs, kv_slots=1024, step_time=0.5)
     times = [r.time for r in result.records if r.num_running]
-    assert times[0] == 0.0 and times[5] == 10.0  # 5 steps, then the clock jumps to the next arrival
+    # 5 steps, then the clock jumps to the next arrival
+    assert times[0] == 0.0 and times[5] == 10.0
     assert len(result.records) == 10
 
 
@@ -203,7 +211,8 @@ def test_prefix_caching_cuts_allocated_blocks():
     off = simulate(reqs, kv_slots=4096)
     on = simulate(reqs, kv_slots=4096, enable_prefix_caching=True)
     assert on.num_finished == off.num_finished == 20
-    assert on.prefix_cache_hits >= 19 * 4  # every request after the first finds the 4 prefix blocks
+    # every request after the first finds the 4 prefix blocks
+    assert on.prefix_cache_hits >= 19 * 4
     assert max(r.blocks_used for r in on.records) < max(r.blocks_used for r in off.records)
     assert on.mean_sharing_saving > 0.5
 
@@ -251,12 +260,14 @@ def test_paged_run_matches_the_engine_block_for_block():
     """The simulator drives the real scheduler as LLM.step does: same blocks every step, preemption too."""
     from minipaged import LLM, SamplingParams
 
-    lens = [(9, 12, 1), (5, 20, 2), (14, 6, 1), (3, 15, 2), (7, 9, 1)]  # (prompt, output, n)
+    # (prompt, output, n)
+    lens = [(9, 12, 1), (5, 20, 2), (14, 6, 1), (3, 15, 2), (7, 9, 1)]
     llm = LLM("tiny-llama", block_size=4, num_gpu_blocks=20, max_model_len=64)
     for p, o, n in lens:
         params = SamplingParams(n=n, temperature=1.0, max_tokens=o, ignore_eos=True)
         llm.add_request({"prompt_token_ids": list(range(3, 3 + p))}, params, arrival_time=0.0)
-    finished_by_engine = []  # (request id, tokens of each sample), in the order the engine finished them
+    # (request id, tokens of each sample), in the order the engine finished them
+    finished_by_engine = []
     while llm.has_unfinished_requests():
         finished_by_engine += [(o.request_id, [len(c.token_ids) for c in o.outputs]) for o in llm.step()]
     reqs = [Req(str(i), 0.0, p, o, n=n) for i, (p, o, n) in enumerate(lens)]

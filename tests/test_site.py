@@ -209,7 +209,8 @@ def test_no_stylesheet_fetches_from_the_network(site):
     """No CSS url() or @import reaches the network (fonts included): with `font: false` none should."""
     fetches = []
     sheets = {path: path.read_text(encoding="utf-8") for path in site.rglob("*.css")}
-    for page in site.rglob("*.html"):  # <style> elements (nbconvert inlines Jupyter's CSS)
+    # <style> elements (nbconvert inlines Jupyter's CSS)
+    for page in site.rglob("*.html"):
         sheets[page] = " ".join(m["css"] for m in STYLE.finditer(page.read_text(encoding="utf-8")))
     for path, css in sheets.items():
         for match in CSS_URL.finditer(css):
@@ -227,7 +228,8 @@ def internal_targets(collector: TagCollector) -> list[str]:
             if not url or tag not in LOADING_TAGS | {"a"}:
                 continue
             parts = urlsplit(url)
-            if parts.scheme or parts.netloc or not parts.path:  # http(s), mailto, data; or "#anchor"
+            # http(s), mailto, data; or "#anchor"
+            if parts.scheme or parts.netloc or not parts.path:
                 continue
             targets.append(unquote(parts.path))
     return targets
@@ -238,7 +240,8 @@ def test_every_internal_link_resolves_to_a_file(site, pages):
     broken = []
     checked = 0
     for page, collector in pages.items():
-        if page == "404.html":  # a server shows it at any depth, so its links are site-absolute
+        # a server shows it at any depth, so its links are site-absolute
+        if page == "404.html":
             continue
         base = (site / page).parent
         for target in internal_targets(collector):

@@ -27,7 +27,8 @@ pytestmark = pytest.mark.skipif("triton" not in available_backends(), reason="tr
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 SHAPES = {
     "small": {"num_heads": 8, "num_kv_heads": 2, "head_dim": 32, "block_size": 16},
-    "real": {"num_heads": 32, "num_kv_heads": 8, "head_dim": 128, "block_size": 16},  # Llama-3-8B's
+    # Llama-3-8B's
+    "real": {"num_heads": 32, "num_kv_heads": 8, "head_dim": 128, "block_size": 16},
 }
 SCALES = [pytest.param("small", id="small"), pytest.param("real", id="real", marks=pytest.mark.gpu)]
 
@@ -99,12 +100,14 @@ def test_prefill_after_a_cached_prefix(gen, dtype, scale):
 @pytest.mark.parametrize("scale", SCALES)
 def test_mqa_and_large_groups(gen, scale):
     lens = {"small": [200, 20], "real": [3000, 64]}[scale]
-    shape = {**SHAPES[scale], "num_heads": 32, "num_kv_heads": 1}  # group 32: BLOCK_H = 32 decode rows
+    # group 32: BLOCK_H = 32 decode rows
+    shape = {**SHAPES[scale], "num_heads": 32, "num_kv_heads": 1}
     case = random_paged_case(gen, lens, [1, lens[1]], dtype=torch.bfloat16, device=device_of(scale), **shape)
     check(case, attend(case))
 
 
-ROUND_TRIP = {  # pool shape, layers, and the (src, dst) pairs of a copy, a swap out, a swap in
+# pool shape, layers, and the (src, dst) pairs of a copy, a swap out, a swap in
+ROUND_TRIP = {
     "small": {
         "shape": (16, 4, 2, 32),
         "layers": 4,
@@ -138,15 +141,19 @@ def test_write_copy_and_swap_round_trip(gen, scale):
     reference.copy_blocks(want_k, want_v, mapping)
     assert all(torch.equal(a, b) for a, b in zip(k + v, want_k + want_v, strict=True))
 
-    host = torch.full((host_blocks, *shape[1:]), math.nan, dtype=torch.float16)  # the swap space
+    # the swap space
+    host = torch.full((host_blocks, *shape[1:]), math.nan, dtype=torch.float16)
     moved = [p[0] for p in out_pairs]  # device blocks swapped out
-    backend.swap_blocks(k[1], host, torch.tensor(out_pairs))  # device -> host: gather, one transfer, scatter
+    # device -> host: gather, one transfer, scatter
+    backend.swap_blocks(k[1], host, torch.tensor(out_pairs))
     assert torch.equal(host[[p[1] for p in out_pairs]], k[1][moved].cpu())
     back = torch.full_like(k[1], math.nan)
-    backend.swap_blocks(host, back, torch.tensor(in_pairs))  # host -> device, into other blocks
+    # host -> device, into other blocks
+    backend.swap_blocks(host, back, torch.tensor(in_pairs))
     assert torch.equal(back[[p[1] for p in in_pairs]], k[1][moved])
 
-    qkv = torch.randn(num_tokens, 3, *shape[2:], generator=gen).half().to(device)  # a fused projection
+    # a fused projection
+    qkv = torch.randn(num_tokens, 3, *shape[2:], generator=gen).half().to(device)
     slots = torch.randperm(shape[0] * shape[1], generator=gen)[:num_tokens].to(device)
     slots[::7] = -1
     backend.write_kv(qkv[:, 1], qkv[:, 2], k[0], v[0], slots)
@@ -170,7 +177,8 @@ def test_a_pool_past_2_31_elements(gen, scale):
     if scale == "real":
         if torch.cuda.get_device_properties(device).total_memory < 24 * 2**30:
             pytest.skip("needs a GPU with 24 GiB: two pools of 4.6 GB and their copies")
-        num_blocks, boundary = 140_000, 2**31 // block_numel  # block `boundary` starts at element 2**31
+        # block `boundary` starts at element 2**31
+        num_blocks, boundary = 140_000, 2**31 // block_numel
         assert num_blocks * block_numel > 2**31 and boundary * block_numel == 2**31
     else:
         num_blocks, boundary = 48, 24
@@ -179,13 +187,15 @@ def test_a_pool_past_2_31_elements(gen, scale):
     v_cache = torch.full(pool_shape, math.nan, dtype=torch.float16, device=device)
     top = num_blocks - 1
     tables = [[top, boundary, boundary - 1, top - 1], [top - 2, top - 3, boundary + 1]]
-    seq_lens, q_lens = [4 * block_size - 3, 3 * block_size], [1, 2 * block_size]  # a decode, a chunk
+    # a decode, a chunk
+    seq_lens, q_lens = [4 * block_size - 3, 3 * block_size], [1, 2 * block_size]
     for table in tables:
         ids = torch.tensor(table, device=device)
         k_cache[ids] = torch.randn(len(table), *pool_shape[1:], generator=gen).half().to(device)
         v_cache[ids] = torch.randn(len(table), *pool_shape[1:], generator=gen).half().to(device)
 
-    def gathered(cache, table, n):  # [n, num_kv_heads, head_dim]: the sequence's K or V by position
+    # [n, num_kv_heads, head_dim]: the sequence's K or V by position
+    def gathered(cache, table, n):
         return cache[torch.tensor(table, device=device)].flatten(0, 1)[:n]
 
     query = torch.randn(sum(q_lens), shape["num_heads"], head_dim, generator=gen).half().to(device)
@@ -221,7 +231,8 @@ def test_a_pool_past_2_31_elements(gen, scale):
     assert torch.equal(v_cache[boundary + 3], k_cache[top])
 
 
-ENGINE = {  # LLM settings under memory pressure (both modes preempt), prompt lengths, max_tokens
+# LLM settings under memory pressure (both modes preempt), prompt lengths, max_tokens
+ENGINE = {
     "small": ({"block_size": 4, "num_gpu_blocks": 6, "num_cpu_blocks": 8}, (6, 3, 9), 6),
     "real": ({"block_size": 16, "num_gpu_blocks": 8, "num_cpu_blocks": 8}, (5, 40, 17), 24),
 }
@@ -245,7 +256,8 @@ def test_engine_matches_the_reference_backend_on_the_cpu(scale, mode):
         assert llm.stats.num_preemptions[mode] > 0, "the pool was meant to be small enough to preempt"
         if mode == "swap":
             assert llm.stats.blocks_swapped_out > 0 and llm.stats.blocks_swapped_in > 0
-        assert llm.block_manager.device.num_free == settings["num_gpu_blocks"]  # every block came back
+        # every block came back
+        assert llm.block_manager.device.num_free == settings["num_gpu_blocks"]
     assert got["triton"] == got["reference"]
 
 
@@ -259,7 +271,8 @@ def test_tensors_on_the_second_gpu_are_computed_there(gen):
     case = random_paged_case(
         gen, [3000, 200, 90], [1, 1, 90], dtype=torch.float16, device=device, **SHAPES["real"]
     )
-    check(case, attend(case))  # decode (split: 2 decodes x 8 KV heads leave the chip room) and prefill
+    # decode (split: 2 decodes x 8 KV heads leave the chip room) and prefill
+    check(case, attend(case))
     check(case, attend(case, 4))  # split-KV with its merge, forced
 
     k, v = case.k_cache.clone(), case.v_cache.clone()

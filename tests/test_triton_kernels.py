@@ -56,8 +56,9 @@ def planned(fast, case, num_splits):
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 6])
 @pytest.mark.parametrize("heads", [(8, 8), (8, 2), (8, 1)], ids=["mha", "gqa", "mqa"])
 def test_split_decode_matches_dense(fast, gen, num_splits, heads):
-    # 300 tokens in chunks of 64-token tiles: several full chunks, a partial one, and for the short
-    # sequences chunks that lie wholly past their end (lse -inf, weight 0 in the merge)
+    # 300 tokens in chunks of 64-token tiles: several full chunks, a partial one, and
+    # for the short sequences chunks that lie wholly past their end (lse -inf, weight 0
+    # in the merge)
     case = random_paged_case(
         gen,
         [300, 65, 1, 130],
@@ -68,7 +69,8 @@ def test_split_decode_matches_dense(fast, gen, num_splits, heads):
         device=DEVICE,
     )
     plan, out = planned(fast, case, num_splits)
-    assert plan.num_splits == min(num_splits, 5)  # 300 tokens fill at most five 64-token chunks
+    # 300 tokens fill at most five 64-token chunks
+    assert plan.num_splits == min(num_splits, 5)
     torch.testing.assert_close(out, case.expected(), **tolerance(case.dtype))
 
 
@@ -97,7 +99,8 @@ def test_split_and_unsplit_agree(fast, gen):
 
 
 def test_prefill_tiles_after_a_cached_prefix(fast, gen):
-    # q_len 70 spans three 32-row tiles (the last one partial); 130 cached tokens come before them
+    # q_len 70 spans three 32-row tiles (the last one partial); 130 cached tokens come
+    # before them
     case = random_paged_case(
         gen, [200, 40, 9], [70, 40, 1], num_heads=4, num_kv_heads=2, block_size=16, device=DEVICE
     )
@@ -114,21 +117,27 @@ def test_plan_sends_each_sequence_to_its_kernel(fast):
     plan = attention.plan_attention(seq_lens, starts, num_kv_heads=2, num_splits=3)
     assert plan.decode_seqs.tolist() == [0, 3]  # q_len 1
     assert plan.decode_rows.tolist() == [0, 6]  # their rows: query_start_loc of each
-    assert plan.prefill_seqs.tolist() == [2, 4]  # q_len > 1; the idle sequence (q_len 0) is in neither
+    # q_len > 1; the idle sequence (q_len 0) is in neither
+    assert plan.prefill_seqs.tolist() == [2, 4]
     assert plan.max_prefill_q_len == 5
     assert plan.tokens_per_split % decode.DECODE_BLOCK_N == 0
-    assert plan.tokens_per_split * plan.num_splits >= 700  # the chunks cover the longest decode
-    assert plan.tokens_per_split * (plan.num_splits - 1) < 700  # and none lies wholly past it
+    # the chunks cover the longest decode
+    assert plan.tokens_per_split * plan.num_splits >= 700
+    # and none lies wholly past it
+    assert plan.tokens_per_split * (plan.num_splits - 1) < 700
     with pytest.raises(ValueError, match="num_splits must be >= 1"):
         attention.plan_attention(seq_lens, starts, num_kv_heads=2, num_splits=0)
 
 
 def test_split_policy_fills_the_chip_but_not_with_short_chunks(fast):
     num_kv_splits = fast[2].num_kv_splits
-    assert num_kv_splits(8, 16384, num_sms=132) == 33  # batch 1 x 8 KV heads: 8 programs -> 264
+    # batch 1 x 8 KV heads: 8 programs -> 264
+    assert num_kv_splits(8, 16384, num_sms=132) == 33
     assert num_kv_splits(64, 4096, num_sms=132) == 5  # batch 8: ceil(264 / 64)
-    assert num_kv_splits(2048, 16384, num_sms=132) == 1  # batch 256 already fills the chip
-    assert num_kv_splits(8, 300, num_sms=132) == 2  # chunks of at least MIN_TOKENS_PER_SPLIT tokens
+    # batch 256 already fills the chip
+    assert num_kv_splits(2048, 16384, num_sms=132) == 1
+    # chunks of at least MIN_TOKENS_PER_SPLIT tokens
+    assert num_kv_splits(8, 300, num_sms=132) == 2
     assert num_kv_splits(8, 100, num_sms=132) == 1
     assert num_kv_splits(1, 16384, num_sms=1) == 2  # the interpreter's "chip" of one
 
@@ -148,7 +157,8 @@ def test_copy_blocks_is_one_launch_for_every_layer(fast, gen, monkeypatch):
     cache_ops = fast[1]
     counter = LaunchCounter(cache_ops._copy_blocks_kernel)
     monkeypatch.setattr(cache_ops, "_copy_blocks_kernel", counter)
-    k = [torch.randn(6, 4, 2, 8, generator=gen).to(DEVICE) for _ in range(4)]  # 4 layers
+    # 4 layers
+    k = [torch.randn(6, 4, 2, 8, generator=gen).to(DEVICE) for _ in range(4)]
     v = [torch.randn(6, 4, 2, 8, generator=gen).to(DEVICE) for _ in range(4)]
     expected_k, expected_v = [t.clone() for t in k], [t.clone() for t in v]
     mapping = torch.tensor([[0, 3], [2, 5], [0, 1]], device=DEVICE)
@@ -180,7 +190,8 @@ def test_copy_blocks_with_mixed_pool_kinds_takes_one_launch_per_kind(fast, gen, 
 def test_launch_device_is_a_no_op_off_cuda(fast):
     cache_ops = fast[1]
     with cache_ops.launch_device(torch.device("cpu")) as entered:
-        assert entered is None  # contextlib.nullcontext: nothing switched, no CUDA call made
+        # contextlib.nullcontext: nothing switched, no CUDA call made
+        assert entered is None
 
 
 def test_launch_device_makes_the_tensors_gpu_current(fast, monkeypatch):
@@ -240,7 +251,8 @@ def test_every_launcher_launches_on_its_tensors_device(fast, gen, monkeypatch):
     backend.write_kv(case.query[:2, :2], case.query[2:4, :2], case.k_cache, case.v_cache, slots)
     backend.copy_blocks([case.k_cache], [case.v_cache], torch.tensor([[0, 1]], device=DEVICE))
     host = torch.empty((4, *case.k_cache.shape[1:]))
-    backend.swap_blocks(case.k_cache, host, torch.tensor([[2, 3]]))  # gather on DEVICE, scatter on the host
+    # gather on DEVICE, scatter on the host
+    backend.swap_blocks(case.k_cache, host, torch.tensor([[2, 3]]))
     assert {name for name, _ in launches} == {
         "_decode_split_kernel",
         "_merge_splits_kernel",
@@ -279,6 +291,7 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "all compiled" in result.stdout
-    # decode (two), prefill, merge, write_kv, the two copies: each plain (i32 arguments) and as a real
-    # launch specializes it (divisible-by-16 pointers and integers, integers equal to 1 made constants)
+    # decode (two), prefill, merge, write_kv, the two copies: each plain (i32 arguments)
+    # and as a real launch specializes it (divisible-by-16 pointers and integers,
+    # integers equal to 1 made constants)
     assert result.stdout.count(" plain   ok ") >= 7 and result.stdout.count(" launch  ok ") >= 7

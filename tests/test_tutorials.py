@@ -16,4 +16,5 @@ def test_there_is_a_tutorial():
 
 @pytest.mark.parametrize("path", TUTORIALS, ids=[path.name for path in TUTORIALS])
 def test_tutorial_runs(path):
-    runpy.run_path(str(path), run_name="__main__")  # a fresh namespace each time; any exception fails
+    # a fresh namespace each time; any exception fails
+    runpy.run_path(str(path), run_name="__main__")

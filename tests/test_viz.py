@@ -87,7 +87,8 @@ def test_stats_summary(two_prompts):
 
 def test_stats_count_copy_on_write_and_swaps():
     manager = BlockManager(2, 6, 4, watermark=0.0)
-    parent = Sequence([7, 8, 9])  # an automatic id: fork() draws the child's from the same counter
+    # an automatic id: fork() draws the child's from the same counter
+    parent = Sequence([7, 8, 9])
     group = SequenceGroup("p", [parent])
     manager.allocate(group)
     child = parent.fork()

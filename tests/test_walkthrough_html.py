@@ -115,7 +115,8 @@ def test_tour_states_match_the_pictures_the_cli_prints(capsys):
     assert len(tour) == len(steps) == 10
     num_tables = 0
     for state, printed in zip(tour, steps, strict=True):
-        assert state["text"] == printed  # the page shows exactly what `minipaged memory` prints
+        # the page shows exactly what `minipaged memory` prints
+        assert state["text"] == printed
         assert printed.startswith(f"Step {tour.index(state)}. {state['title']}")
         pools = {pool["name"]: pool for pool in state["pools"]}
         assert pools["device"]["num_blocks"] == sizes["num_gpu_blocks"]
@@ -137,7 +138,8 @@ def test_tour_ends_with_every_block_released_and_the_prefix_cache_kept():
     device = tour[-1]["pools"][0]
     assert device["num_used"] == 0 and tour[-1]["tables"] == []
     assert any(block["cached"] for block in device["blocks"])
-    assert max(b["ref"] for state in tour for b in state["pools"][0]["blocks"]) >= 3  # A, B, C share
+    # A, B, C share
+    assert max(b["ref"] for state in tour for b in state["pools"][0]["blocks"]) >= 3
 
 
 # ---- the playground's replay against the BlockManager, driven step by step -----------------------
@@ -191,7 +193,8 @@ def test_replayed_states_equal_the_manager_after_each_operation(trial):
     driven = drive_manager(
         ops, block_size, num_gpu_blocks
     )  # one manager, changed in place: compare as it goes
-    for state, (manager, seqs) in zip(result["states"], driven, strict=True):  # strict: as many states
+    # strict: as many states
+    for state, (manager, seqs) in zip(result["states"], driven, strict=True):
         assert_state_is(state, manager, seqs)
         num_states += 1
     assert (result["error"] is None) == (num_states == len(parse_ops(ops)) + 1)
@@ -200,7 +203,8 @@ def test_replayed_states_equal_the_manager_after_each_operation(trial):
 def test_copy_on_write_shows_in_the_replay():
     rng = random.Random()
     block_size = rng.randint(2, 6)
-    prompt = rng.randint(1, 3) * block_size + rng.randint(1, block_size - 1)  # a partly filled last block
+    # a partly filled last block
+    prompt = rng.randint(1, 3) * block_size + rng.randint(1, block_size - 1)
     result = replay_ops(
         f"allocate A {prompt}; fork A B; append B 1", block_size=block_size, num_gpu_blocks=12
     )
@@ -263,7 +267,8 @@ def test_page_loads_nothing_from_outside():
     html = walkthrough_html(seed=random.Random().randrange(2**32))
     assert not re.search(r"https?://|//[a-z0-9.-]+\.[a-z]{2,}/", html, re.IGNORECASE)
     assert not re.search(r"<(link|img|iframe)\b|\bsrc\s*=|@import|url\(", html, re.IGNORECASE)
-    assert html.count("<script") == 2 and html.count("<style") == 1  # the data and the code, inline
+    # the data and the code, inline
+    assert html.count("<script") == 2 and html.count("<style") == 1
 
 
 def test_committed_page_is_what_the_function_writes_now(tmp_path):
@@ -279,7 +284,8 @@ def test_committed_page_is_what_the_function_writes_now(tmp_path):
 
 @pytest.fixture(scope="module")
 def browser():
-    from selenium import webdriver  # a test dependency: not skipped when missing (pip install selenium)
+    # a test dependency: not skipped when missing (pip install selenium)
+    from selenium import webdriver
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver_path = shutil.which("chromedriver")
@@ -298,7 +304,8 @@ def browser():
 
 @pytest.fixture
 def page(browser):
-    browser.get_log("browser")  # drop what earlier tests logged; keep what loading the page logs
+    # drop what earlier tests logged; keep what loading the page logs
+    browser.get_log("browser")
     browser.get(COMMITTED.as_uri())
     return browser
 

@@ -67,9 +67,11 @@ def test_sample_means_match_the_paper(make, spec):
 
 def test_sharegpt_outputs_are_long_tailed():
     outputs = [r.output_len for r in sharegpt_like(20_000, seed=1)]
-    assert statistics.median(outputs) < 0.75 * statistics.mean(outputs)  # most are short...
+    # most are short...
+    assert statistics.median(outputs) < 0.75 * statistics.mean(outputs)
     assert max(outputs) > 5 * statistics.mean(outputs)  # ...and a few are very long
-    assert sum(r.output_len for r in alpaca_like(1000)) < sum(outputs[:1000])  # Alpaca is shorter
+    # Alpaca is shorter
+    assert sum(r.output_len for r in alpaca_like(1000)) < sum(outputs[:1000])
 
 
 @pytest.mark.parametrize(("mean", "sigma", "cap"), [(161.31, 1.0, 2047), (58.45, 0.9, 2047), (30.0, 1.5, 63)])
@@ -109,7 +111,8 @@ def test_poisson_gaps_have_mean_one_over_rate():
     gaps = [b - a for a, b in zip([0.0, *times], times, strict=False)]
     assert min(gaps) >= 0
     assert statistics.mean(gaps) == pytest.approx(0.25, rel=0.03)
-    assert statistics.stdev(gaps) == pytest.approx(0.25, rel=0.05)  # exponential: stdev = mean
+    # exponential: stdev = mean
+    assert statistics.stdev(gaps) == pytest.approx(0.25, rel=0.05)
 
 
 def test_infinite_rate_sends_everything_at_time_zero():
@@ -120,7 +123,8 @@ def test_infinite_rate_sends_everything_at_time_zero():
 # ---------------------------------------------------------------- shared prefixes and token ids
 
 
-@pytest.mark.parametrize("prefix_len", [80, 341])  # the paper's 1-shot and 5-shot prefixes
+# the paper's 1-shot and 5-shot prefixes
+@pytest.mark.parametrize("prefix_len", [80, 341])
 def test_shared_prefix_ids_are_equal_then_differ(prefix_len):
     workload = shared_prefix(20, prefix_len=prefix_len, seed=1)
     assert_valid(workload, 2048)
@@ -180,8 +184,10 @@ def conversation(*turns: tuple[str, str], id_: str = "x") -> dict:
 def sharegpt_file(tmp_path):
     data = [
         conversation(("human", "one two three"), ("gpt", "a b"), ("human", "four"), ("gpt", "c d e f")),
-        conversation(("gpt", "hello there"), ("human", "hi"), ("gpt", "yes")),  # starts with the bot
-        conversation(("human", "x"), ("human", "y z"), ("gpt", "ok")),  # two human turns in a row
+        # starts with the bot
+        conversation(("gpt", "hello there"), ("human", "hi"), ("gpt", "yes")),
+        # two human turns in a row
+        conversation(("human", "x"), ("human", "y z"), ("gpt", "ok")),
         conversation(("human", "only a question")),  # no answer: no pair
         conversation(("human", ""), ("gpt", "empty prompt is dropped")),
     ]
@@ -205,7 +211,8 @@ def test_loader_counts_with_the_tokenizer(sharegpt_file):
 
 
 def test_loader_drops_long_pairs_and_samples_with_the_seed(sharegpt_file):
-    short = load_sharegpt(sharegpt_file, max_model_len=4)  # (3, 2) and (1, 4) are too long
+    # (3, 2) and (1, 4) are too long
+    short = load_sharegpt(sharegpt_file, max_model_len=4)
     assert [(r.prompt_len, r.output_len) for r in short] == [(1, 1), (2, 1)]
     a = load_sharegpt(sharegpt_file, num_requests=3, seed=1, rate=2.0)
     assert a == load_sharegpt(sharegpt_file, num_requests=3, seed=1, rate=2.0) and len(a) == 3

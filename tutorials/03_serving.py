@@ -1,20 +1,22 @@
 # %% [markdown]
 # # Tutorial 3: serving with the engine
 #
-# [Tutorial 1](../01_memory_manager/) managed blocks by hand and [tutorial 2](../02_paged_attention/)
-# moved K/V through block tables by hand. The engine, `minipaged.LLM`, does both for a real
-# transformers model, one step at a time. Each step it
+# [Tutorial 1](../01_memory_manager/) managed blocks by hand and [tutorial
+# 2](../02_paged_attention/) moved K/V through block tables by hand. The engine,
+# `minipaged.LLM`, does both for a real transformers model, one step at a time. Each
+# step it
 #
-# 1. **schedules**: picks the sequences of the step, admitting, preempting and resuming requests
-#    ([scheduling](../../concepts/scheduling/));
+# 1. **schedules**: picks the sequences of the step, admitting, preempting and resuming
+#    requests ([scheduling](../../concepts/scheduling/));
 # 2. **moves blocks**: swap out, swap in, copy-on-write;
-# 3. **runs the model once** on all the step's tokens, packed into one row, with attention reading
-#    and writing through the block tables;
-# 4. **samples** a token for each sequence, and frees the blocks of the sequences that finished.
+# 3. **runs the model once** on all the step's tokens, packed into one row, with
+#    attention reading and writing through the block tables;
+# 4. **samples** a token for each sequence, and frees the blocks of the sequences that
+#    finished.
 #
-# We generate greedily and by sampling, run a parallel-sampling request and a beam search, and then
-# drive a run step by step on a pool too small for it, to watch preemption and swapping happen.
-# Each `assert` states a fact to take away.
+# We generate greedily and by sampling, run a parallel-sampling request and a beam
+# search, and then drive a run step by step on a pool too small for it, to watch
+# preemption and swapping happen. Each `assert` states a fact to take away.
 
 # %%
 import torch
@@ -25,12 +27,13 @@ from minipaged.presets import load_preset
 # %% [markdown]
 # ## 1. A preset model
 #
-# `LLM("tiny-llama")` loads a **preset**: a small transformers configuration (a Llama with 2 layers,
-# a hidden size of 64, 4 query heads sharing 2 KV heads) whose weights are drawn from a seed.
-# Nothing is downloaded. The weights are random, so the text is gibberish, but it is the same
-# gibberish on every run, and the engine runs the model exactly as it would run a real checkpoint
-# (`LLM("path/to/checkpoint")`). Presets come with a byte-level tokenizer: one token per UTF-8
-# byte, after the special tokens PAD, BOS and EOS.
+# `LLM("tiny-llama")` loads a **preset**: a small transformers configuration (a Llama
+# with 2 layers, a hidden size of 64, 4 query heads sharing 2 KV heads) whose weights
+# are drawn from a seed. Nothing is downloaded. The weights are random, so the text is
+# gibberish, but it is the same gibberish on every run, and the engine runs the model
+# exactly as it would run a real checkpoint (`LLM("path/to/checkpoint")`). Presets come
+# with a byte-level tokenizer: one token per UTF-8 byte, after the special tokens PAD,
+# BOS and EOS.
 #
 # We choose the KV cache's size ourselves: blocks of 4 tokens, 64 of them. Left out,
 # `num_gpu_blocks` would be derived from a memory budget.
@@ -44,15 +47,16 @@ print(
 )
 print("'Hi' ->", llm.tokenizer.encode("Hi"))
 print(f"{llm.cache_config.num_gpu_blocks} blocks of {llm.cache_config.block_size} tokens")
-assert llm.tokenizer.encode("Hi") == [1, ord("H") + 3, ord("i") + 3]  # BOS, then a token per byte
+# BOS, then a token per byte
+assert llm.tokenizer.encode("Hi") == [1, ord("H") + 3, ord("i") + 3]
 assert llm.block_manager.device.num_free == 64
 
 # %% [markdown]
 # ## 2. Greedy and sampled generation
 #
 # `generate` takes a list of prompts (strings, or `{"prompt_token_ids": [...]}`) and one
-# `SamplingParams` for all of them (or one each). `temperature=0.0` is greedy decoding: the most
-# likely token at every step. The three prompts run as one batch.
+# `SamplingParams` for all of them (or one each). `temperature=0.0` is greedy decoding:
+# the most likely token at every step. The three prompts run as one batch.
 
 # %%
 prompts = ["The cat sat", "Paging is", "Hello, world"]
@@ -66,9 +70,9 @@ assert [out.outputs[0].token_ids for out in llm.generate(prompts, greedy, use_tq
 ]  # greedy: the same tokens every time
 
 # %% [markdown]
-# The paged KV cache changes where K/V live, not what the model computes. A separate copy of the
-# same preset, run by transformers' own `generate` with its usual attention and no paging, gives
-# the same tokens:
+# The paged KV cache changes where K/V live, not what the model computes. A separate
+# copy of the same preset, run by transformers' own `generate` with its usual attention
+# and no paging, gives the same tokens:
 
 # %%
 reference_model = load_preset("tiny-llama", seed=0)
@@ -81,10 +85,10 @@ for prompt, out in zip(prompts, outputs, strict=True):
 print("transformers' generate agrees on all three prompts")
 
 # %% [markdown]
-# Sampling draws from the model's distribution, reshaped by `temperature`, `top_k` and `top_p`.
-# Each sequence draws from its own random generator, seeded by the request's `seed` and the
-# sample's index, so a seeded request gives the same tokens whichever other requests share its
-# batch.
+# Sampling draws from the model's distribution, reshaped by `temperature`, `top_k` and
+# `top_p`. Each sequence draws from its own random generator, seeded by the request's
+# `seed` and the sample's index, so a seeded request gives the same tokens whichever
+# other requests share its batch.
 
 # %%
 sampled = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=8, seed=123)
@@ -92,32 +96,38 @@ batch = llm.generate(prompts, sampled, use_tqdm=False)
 alone = llm.generate(prompts[1], sampled, use_tqdm=False)
 for out in batch:
     print(f"{out.prompt!r:15} -> {out.outputs[0].token_ids}")
-assert alone[0].outputs[0].token_ids == batch[1].outputs[0].token_ids  # batched or alone: the same
-assert batch[1].outputs[0].token_ids != outputs[1].outputs[0].token_ids  # not the greedy choice
+# batched or alone: the same
+assert alone[0].outputs[0].token_ids == batch[1].outputs[0].token_ids
+# not the greedy choice
+assert batch[1].outputs[0].token_ids != outputs[1].outputs[0].token_ids
 
 # %% [markdown]
 # ## 3. Parallel sampling: three samples, one prompt
 #
-# `n=3` asks for three completions of one prompt. The engine makes one sequence and forks it twice
-# ([process trees](../../concepts/process-trees/)); the three share the prompt's blocks. To watch
-# the sharing we drive the engine ourselves: `add_request` queues the request and `step()` runs one
-# iteration.
+# `n=3` asks for three completions of one prompt. The engine makes one sequence and
+# forks it twice ([process trees](../../concepts/process-trees/)); the three share the
+# prompt's blocks. To watch the sharing we drive the engine ourselves: `add_request`
+# queues the request and `step()` runs one iteration.
 
 # %%
 three = SamplingParams(n=3, temperature=1.0, max_tokens=8, seed=7)
-request_id = llm.add_request("Paging is", three)  # 10 tokens: 2 full blocks and 2 slots of a third
+# 10 tokens: 2 full blocks and 2 slots of a third
+request_id = llm.add_request("Paging is", three)
 llm.step()  # the first step: the prefill
 (group,) = llm.scheduler.running
 tables = [llm.block_manager.get_block_table(seq).block_ids for seq in group.seqs]
 counts = [llm.block_manager.device.ref_count(block) for block in tables[0]]
 print("tables after the prefill:", tables, " reference counts:", counts)
 assert tables[0] == tables[1] == tables[2] and counts == [3, 3, 3]
-assert llm.step_stats[-1].num_batched_tokens == 10 + 1 + 1  # the prompt once, then each sample's last token
+# the prompt once, then each sample's last token
+assert llm.step_stats[-1].num_batched_tokens == 10 + 1 + 1
 
-llm.step()  # the second: each sample writes its first token into the shared, partly filled block
+# the second: each sample writes its first token into the shared, partly filled block
+llm.step()
 tables = [llm.block_manager.get_block_table(seq).block_ids for seq in group.seqs]
 print("tables after the first decode:", tables, " copies:", llm.step_stats[-1].blocks_copied)
-assert llm.step_stats[-1].blocks_copied == 2  # copy-on-write for two samples; the third writes in place
+# copy-on-write for two samples; the third writes in place
+assert llm.step_stats[-1].blocks_copied == 2
 assert len({table[-1] for table in tables}) == 3 and len({table[0] for table in tables}) == 1
 
 finished = []
@@ -132,10 +142,11 @@ assert len({tuple(c.token_ids) for c in result.outputs}) == 3  # three different
 # %% [markdown]
 # ## 4. Beam search
 #
-# `beam_search` keeps the `beam_width` most likely outputs at every step. Its beams are sequences
-# of one request that fork when a beam has several good continuations and exit when it has none,
-# sharing blocks all the while. The selection is transformers', so it returns the same beams as
-# `generate(num_beams=3)`, scored by `cumulative_logprob / len ** length_penalty`.
+# `beam_search` keeps the `beam_width` most likely outputs at every step. Its beams are
+# sequences of one request that fork when a beam has several good continuations and exit
+# when it has none, sharing blocks all the while. The selection is transformers', so it
+# returns the same beams as `generate(num_beams=3)`, scored by
+# `cumulative_logprob / len ** length_penalty`.
 
 # %%
 beam_params = BeamSearchParams(beam_width=3, max_tokens=8)
@@ -163,15 +174,16 @@ assert llm.block_manager.device.num_free == 64  # every block came back
 # %% [markdown]
 # ## 5. Watching memory on a pool that is too small
 #
-# Now a pool of only **12 blocks** (48 token slots) and four requests: three greedy ones and a
-# pair of samples (`n=2`), each with a prompt of 10 to 13 tokens and 12 tokens to generate
-# (`ignore_eos=True`, so each generates exactly 12). At full length they would hold 28 blocks, so
-# the engine must preempt. With `preemption_mode="swap"` a victim's blocks move to the host pool
-# (12 blocks too, by default) and come back later
+# Now a pool of only **12 blocks** (48 token slots) and four requests: three greedy ones
+# and a pair of samples (`n=2`), each with a prompt of 10 to 13 tokens and 12 tokens to
+# generate (`ignore_eos=True`, so each generates exactly 12). At full length they would
+# hold 28 blocks, so the engine must preempt. With `preemption_mode="swap"` a victim's
+# blocks move to the host pool (12 blocks too, by default) and come back later
 # ([replacement and recomputation](../../concepts/replacement-and-recomputation/)).
 #
-# `llm.step_stats` holds one row per step: the queues after scheduling, the pool after the step,
-# and what moved. `util` is the share of the slots in used blocks that hold a token.
+# `llm.step_stats` holds one row per step: the queues after scheduling, the pool after
+# the step, and what moved. `util` is the share of the slots in used blocks that hold a
+# token.
 
 # %%
 small = LLM("tiny-llama", block_size=4, num_gpu_blocks=12, preemption_mode="swap")
@@ -202,34 +214,38 @@ while small.has_unfinished_requests():
 # %% [markdown]
 # Read the table from the top (the queues are counted at the end of each step):
 #
-# - **Step 0** admits requests 0, 1 and 2: 38 prompt tokens in one forward pass (request 1's second
-#   sample computes only its last token; it shares the rest). Request 3 waits: its 3 blocks do not
-#   fit in the 2 left.
-# - **Step 1**: every sequence writes its first generated token. The last blocks of requests 0 and 1
-#   are full, so they need 3 new blocks, and 2 are free. The newest running request, **2**, is
-#   swapped out (4 blocks to the host).
-# - **Step 9**: the pool is full and request 0 needs a block. Now request **1** is the newest
-#   running one, and both its samples go out together: 7 blocks, the 3 prompt blocks they share
-#   moved once, and 2 of each sample's own. A request is preempted as a whole.
-# - **Steps 12 and 15**: swapped requests come back oldest first, each once its blocks fit with a
-#   block to spare for each sequence's next token. Request 3 is admitted only at step 15, in the
-#   step of the last swap-in: while any request is swapped out, no new one starts
-#   ([thrashing and admission](../../concepts/thrashing-and-admission/)).
+# - **Step 0** admits requests 0, 1 and 2: 38 prompt tokens in one forward pass (request
+#   1's second sample computes only its last token; it shares the rest). Request 3
+#   waits: its 3 blocks do not fit in the 2 left.
+# - **Step 1**: every sequence writes its first generated token. The last blocks of
+#   requests 0 and 1 are full, so they need 3 new blocks, and 2 are free. The newest
+#   running request, **2**, is swapped out (4 blocks to the host).
+# - **Step 9**: the pool is full and request 0 needs a block. Now request **1** is the
+#   newest running one, and both its samples go out together: 7 blocks, the 3 prompt
+#   blocks they share moved once, and 2 of each sample's own. A request is preempted as
+#   a whole.
+# - **Steps 12 and 15**: swapped requests come back oldest first, each once its blocks
+#   fit with a block to spare for each sequence's next token. Request 3 is admitted only
+#   at step 15, in the step of the last swap-in: while any request is swapped out, no
+#   new one starts ([thrashing and admission](../../concepts/thrashing-and-admission/)).
 
 # %%
 rows = small.step_stats
 assert rows[0].num_batched_tokens == 12 + (12 + 1) + 13 and rows[0].num_waiting == 1
 assert rows[1].preempted == [("2", "swap")] and rows[1].blocks_swapped_out == 4
-assert rows[9].preempted == [("1", "swap")] and rows[9].blocks_swapped_out == 3 + 2 * 2  # both samples
-admitted_at = next(row.step for row in rows if row.num_waiting == 0)  # request 3 leaves the queue
+# both samples
+assert rows[9].preempted == [("1", "swap")] and rows[9].blocks_swapped_out == 3 + 2 * 2
+# request 3 leaves the queue
+admitted_at = next(row.step for row in rows if row.num_waiting == 0)
 assert admitted_at == 15 and rows[admitted_at].blocks_swapped_in == 4
-assert all(row.num_swapped > 0 for row in rows[1:admitted_at])  # it waited while a request was out
+# it waited while a request was out
+assert all(row.num_swapped > 0 for row in rows[1:admitted_at])
 assert max(row.blocks_used for row in rows) == 12 and small.block_manager.device.num_free == 12
 
 # %% [markdown]
-# Preemption costs time, but it is invisible in the output. Swapping copies the K/V out and back
-# bit for bit, and each sample's random generator does not care when it runs. The same requests on
-# a pool large enough to never preempt give the same tokens:
+# Preemption costs time, but it is invisible in the output. Swapping copies the K/V out
+# and back bit for bit, and each sample's random generator does not care when it runs.
+# The same requests on a pool large enough to never preempt give the same tokens:
 
 # %%
 roomy = LLM("tiny-llama", block_size=4, num_gpu_blocks=64)
@@ -255,37 +271,42 @@ print(f"mean KV utilization           {stats.mean_kv_utilization:.1%}")
 print(f"most blocks saved by sharing  {stats.max_blocks_saved_by_sharing}")
 assert stats.generated_tokens == 5 * 12  # five sequences, 12 tokens each
 assert stats.num_preemptions == {"recompute": 0, "swap": 2}
-assert stats.blocks_swapped_out == stats.blocks_swapped_in == 11  # everything that left came back
+# everything that left came back
+assert stats.blocks_swapped_out == stats.blocks_swapped_in == 11
 assert stats.max_blocks_saved_by_sharing == 3  # the pair's 3 prompt blocks, held twice
-assert stats.cow_copies == 0  # that prompt fills its blocks: the samples never share a partial one
-assert stats.mean_kv_utilization > 0.9  # paging wastes at most the last, partly filled block
+# that prompt fills its blocks: the samples never share a partial one
+assert stats.cow_copies == 0
+# paging wastes at most the last, partly filled block
+assert stats.mean_kv_utilization > 0.9
 
 # %% [markdown]
-# The mean KV utilization is the share of the slots in used blocks that hold a token. It is above
-# 90% even in this cramped run: the only waste is the unfilled tail of each sequence's last block,
-# at most 3 slots of 4 here. The paper measures 20-38% for systems that reserve a contiguous
-# region per request ([why the KV cache is a memory problem](../../concepts/kv-cache/)).
+# The mean KV utilization is the share of the slots in used blocks that hold a token. It
+# is above 90% even in this cramped run: the only waste is the unfilled tail of each
+# sequence's last block, at most 3 slots of 4 here. The paper measures 20-38% for
+# systems that reserve a contiguous region per request ([why the KV cache is a memory
+# problem](../../concepts/kv-cache/)).
 #
 # ## What next
 #
-# - [Scheduling](../../concepts/scheduling/),
-#   [replacement and recomputation](../../concepts/replacement-and-recomputation/),
-#   [thrashing and admission](../../concepts/thrashing-and-admission/) and
-#   [process trees](../../concepts/process-trees/) explain the policies you watched here, each with
-#   an exercise checked against the code.
-# - Try `preemption_mode="recompute"` in section 5: the victims go back to the waiting queue and
-#   recompute their prompt and their output in one prefill (watch the `tokens` column), and the
-#   tokens are still the same.
+# - [Scheduling](../../concepts/scheduling/), [replacement and
+#   recomputation](../../concepts/replacement-and-recomputation/), [thrashing and
+#   admission](../../concepts/thrashing-and-admission/) and [process
+#   trees](../../concepts/process-trees/) explain the policies you watched here, each
+#   with an exercise checked against the code.
+# - Try `preemption_mode="recompute"` in section 5: the victims go back to the waiting
+#   queue and recompute their prompt and their output in one prefill (watch the `tokens`
+#   column), and the tokens are still the same.
 
 # %% [markdown]
 # ## 7. Serving online
 #
-# `generate` serves prompts known in advance. `minipaged serve` serves clients that come and go: an
-# HTTP server that speaks OpenAI's `/v1/completions`, with **one** engine loop in a background thread
-# that runs every connection's requests in the same batches
-# ([serving online](../../engine/serving-online/)). `running_server` starts it on a free port for the
-# length of a `with` block; the official `openai` client then talks to it as it would to OpenAI.
-# `top_k` and `ignore_eos` are vLLM's extras: they go in `extra_body`.
+# `generate` serves prompts known in advance. `minipaged serve` serves clients that come
+# and go: an HTTP server that speaks OpenAI's `/v1/completions`, with **one** engine
+# loop in a background thread that runs every connection's requests in the same batches
+# ([serving online](../../engine/serving-online/)). `running_server` starts it on a free
+# port for the length of a `with` block; the official `openai` client then talks to it
+# as it would to OpenAI. `top_k` and `ignore_eos` are vLLM's extras: they go in
+# `extra_body`.
 
 # %%
 import openai
@@ -310,5 +331,7 @@ with running_server(server_llm) as url:
     )
     pieces = [chunk.choices[0].text for chunk in stream]
     print("streamed:", pieces)
-assert completion.choices[0].text == outputs[0].outputs[0].text  # the same greedy tokens as generate
-assert server_llm.block_manager.device.num_free == 64  # the server stopped: every block is back
+# the same greedy tokens as generate
+assert completion.choices[0].text == outputs[0].outputs[0].text
+# the server stopped: every block is back
+assert server_llm.block_manager.device.num_free == 64

@@ -47,7 +47,8 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "block-size": ("block_size", "block size 1 to 256: waste, capacity and time per step (Fig. 18b)"),
     "swap-vs-recompute": ("swap_vs_recompute", "restoring a preempted sequence: swap vs recompute (Fig. 19)"),
 }
-DEVICE = re.compile(r"cpu|cuda(:\d+)?")  # the devices an experiment accepts: "cpu", "cuda", "cuda:N"
+# the devices an experiment accepts: "cpu", "cuda", "cuda:N"
+DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
 @dataclass
@@ -56,8 +57,10 @@ class ExperimentResult:
 
     experiment: str  # its name in EXPERIMENTS
     rows: list[dict[str, Any]]  # one dict per measured point, plain JSON values
-    paper: dict[str, Any] = field(default_factory=dict)  # the paper's figures for the same thing
-    settings: dict[str, Any] = field(default_factory=dict)  # scale, seed; backend, device if it has them
+    # the paper's figures for the same thing
+    paper: dict[str, Any] = field(default_factory=dict)
+    # scale, seed; backend, device if it has them
+    settings: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The documented JSON form: {"experiment", "rows", "paper", "settings"}."""
@@ -145,7 +148,8 @@ def runs_tensors(module) -> bool:
     """
     try:
         parameters = inspect.signature(module.run).parameters
-    except (AttributeError, TypeError, ValueError):  # no run, or one that inspect cannot read
+    # no run, or one that inspect cannot read
+    except (AttributeError, TypeError, ValueError):
         return False
     return "backend" in parameters and "device" in parameters
 

@@ -87,8 +87,10 @@ PLACEMENTS = {"buddy": BuddyAllocator, "first-fit": FirstFitAllocator}
 @dataclass
 class _Range:
     start: int
-    size: int  # slots occupied: the reservation, rounded up to a power of two by buddy placement
-    final: int  # the most tokens it will hold: final_kv_len, one less than the true length
+    # slots occupied: the reservation, rounded up to a power of two by buddy placement
+    size: int
+    # the most tokens it will hold: final_kv_len, one less than the true length
+    final: int
     num_tokens: int  # slots holding a token, from `start`
 
 

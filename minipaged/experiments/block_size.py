@@ -61,9 +61,11 @@ class Scale:
     time_block_sizes: tuple[int, ...]  # block sizes of the time part
     prompt_lens: tuple[int, ...]  # one sequence of the decoded batch per length
     decode_steps: int  # decode steps timed per block size and round
-    rounds: int  # passes over the block sizes, interleaved so that noise spreads over all of them
+    # passes over the block sizes, interleaved so that noise spreads over all of them
+    rounds: int
     load_block_sizes: tuple[int, ...]  # block sizes of the load part
-    load_end: dict[str, float]  # simulated seconds served per workload, for the load part
+    # simulated seconds served per workload, for the load part
+    load_end: dict[str, float]
     load_warmup: dict[str, float]  # ... of which left out at the start
 
 
@@ -85,7 +87,8 @@ SCALES = {
         decode_steps=32,
         rounds=3,
         load_block_sizes=BLOCK_SIZES,
-        load_end={"sharegpt-like": 300.0, "alpaca-like": 120.0},  # the sharing experiment's windows
+        # the sharing experiment's windows
+        load_end={"sharegpt-like": 300.0, "alpaca-like": 120.0},
         load_warmup={"sharegpt-like": 50.0, "alpaca-like": 20.0},
     ),
 }
@@ -105,7 +108,8 @@ def waste_rows(num_requests: int, seed: int, block_sizes=BLOCK_SIZES) -> list[di
     """The "waste" rows: internal fragmentation at each block size, for each workload."""
     rows = []
     for workload, make in WORKLOADS.items():
-        lengths = [r.total_len for r in make(num_requests, seed=seed)]  # prompt + output, final length
+        # prompt + output, final length
+        lengths = [r.total_len for r in make(num_requests, seed=seed)]
         for b in block_sizes:
             allocated, wasted = internal_fragmentation(lengths, b)
             rows.append(
@@ -195,7 +199,8 @@ def plot(result: ExperimentResult, path) -> None:
     time_ax.set_ylim(bottom=0)
     time_ax.set_ylabel("ms per decode step (median)")
     model = rows[0]["model"] if rows else MODEL
-    device = result.settings.get("device", "cpu")  # JSON older than "settings": the CPU, reference
+    # JSON older than "settings": the CPU, reference
+    device = result.settings.get("device", "cpu")
     where = f"{'CPU' if device == 'cpu' else device}, {result.settings.get('backend', 'reference')}"
     time_ax.set_title(f"(b) decode step, {model}, {where}")
     legend(time_ax)
@@ -203,7 +208,8 @@ def plot(result: ExperimentResult, path) -> None:
         rows = [r for r in result.rows if r["part"] == "load" and r["workload"] == workload]
         if not rows:
             continue
-        base = rows[0]["throughput_rps"]  # the smallest block size: no internal fragmentation at 1
+        # the smallest block size: no internal fragmentation at 1
+        base = rows[0]["throughput_rps"]
         load_ax.plot(
             [r["block_size"] for r in rows],
             [r["throughput_rps"] / base for r in rows],

@@ -53,14 +53,16 @@ def load_rows(
             for b in block_sizes:
                 # the null model's fixed step: capacity, not time, is what this part measures
                 result = serve(workload, "paged", end[name], warmup[name], block_size=b, step_time=STEP_TIME)
-                used = result.mean_used_fractions  # shares of the memory in use, as in memory-waste
+                # shares of the memory in use, as in memory-waste
+                used = result.mean_used_fractions
                 rows.append(
                     {
                         "part": "load",
                         "block_size": b,
                         "workload": name,
                         "rate": rate,
-                        "kv_slots": result.capacity,  # 15,000 rounded down to whole blocks
+                        # 15,000 rounded down to whole blocks
+                        "kv_slots": result.capacity,
                         "window_s": end[name] - warmup[name],
                         "mean_batch_size": result.mean_batch_size,
                         "mean_waiting": result.mean_waiting,

@@ -66,7 +66,8 @@ def decode_step_times(
     model_times: list[float] = []
     execute = llm.runner.execute
 
-    def timed_execute(out):  # the model part of a step, timed inside the engine's own call
+    # the model part of a step, timed inside the engine's own call
+    def timed_execute(out):
         synchronize(device)
         start = time.perf_counter()
         logits = execute(out)
@@ -111,7 +112,8 @@ def time_rows(
     total = scale.rounds * len(scale.time_block_sizes)
     with torch_threads(1), tqdm(total=total, desc="block-size: decode steps", disable=not progress) as bar:
         engine = {"backend": backend, "device": device}
-        decode_step_times(model, 16, prompts[:1], 2, seed, **engine)  # warm up: first calls allocate
+        # warm up: first calls allocate
+        decode_step_times(model, 16, prompts[:1], 2, seed, **engine)
         for _ in range(scale.rounds):
             for b in scale.time_block_sizes:
                 step_times, model_times = decode_step_times(

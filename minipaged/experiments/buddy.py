@@ -171,7 +171,8 @@ class BuddyAllocator:
             if i == len(self.free_area[k]) or self.free_area[k][i] != buddy:
                 break  # the buddy is allocated, or split: merging stops here
             del self.free_area[k][i]
-            start, k = min(start, buddy), k + 1  # the pair: one free block, one order up
+            # the pair: one free block, one order up
+            start, k = min(start, buddy), k + 1
         bisect.insort(self.free_area[k], start)
 
     def can_allocate_all(self, sizes: Iterable[int]) -> bool:

@@ -136,9 +136,11 @@ class CostModel:
         self.compute_efficiency, self.bandwidth_efficiency = compute_efficiency, bandwidth_efficiency
         self.step_overhead, self.swap_overhead = step_overhead, swap_overhead
         self.allreduce_latency, self.allreduce_step_latency = allreduce_latency, allreduce_step_latency
-        self.flops_per_s = self.gpu.peak_flops * compute_efficiency  # what one GPU reaches
+        # what one GPU reaches
+        self.flops_per_s = self.gpu.peak_flops * compute_efficiency
         self.bytes_per_s = self.gpu.memory_bandwidth * bandwidth_efficiency
-        kv_heads_per_rank = max(m.num_kv_heads // tp, 1)  # fewer KV heads than GPUs: replicated
+        # fewer KV heads than GPUs: replicated
+        kv_heads_per_rank = max(m.num_kv_heads // tp, 1)
         self.kv_bytes_per_token_per_rank = 2 * m.num_layers * kv_heads_per_rank * m.head_dim * m.dtype_bytes
 
     def step_parts(self, query_lens: Sequence[int], seq_lens: Sequence[int]) -> dict[str, float]:
@@ -160,12 +162,15 @@ class CostModel:
         parts["linear"] = max(parts["linear_compute"], parts["linear_memory"])
         # query token at position p (0-based) attends to p + 1 keys: the last q of s positions
         pairs = sum(qi * si - qi * (qi - 1) // 2 for qi, si in zip(q, s, strict=True))
-        attention_flops = 4 * m.num_layers * m.num_heads * m.head_dim * pairs  # QK^T and PV
-        kv_tokens = sum(si + qi for qi, si in zip(q, s, strict=True) if qi)  # read all s, write the q new
+        # QK^T and PV
+        attention_flops = 4 * m.num_layers * m.num_heads * m.head_dim * pairs
+        # read all s, write the q new
+        kv_tokens = sum(si + qi for qi, si in zip(q, s, strict=True) if qi)
         parts["attention_compute"] = attention_flops / tp / self.flops_per_s
         parts["attention_memory"] = kv_tokens * self.kv_bytes_per_token_per_rank / self.bytes_per_s
         parts["attention"] = max(parts["attention_compute"], parts["attention_memory"])
-        activations = tokens * m.hidden_size * m.dtype_bytes  # after attention, after the MLP
+        # after attention, after the MLP
+        activations = tokens * m.hidden_size * m.dtype_bytes
         parts["allreduce"] = 2 * m.num_layers * self.allreduce_time(activations)
         parts["overhead"] = self.step_overhead
         return parts
@@ -242,7 +247,8 @@ class CostModel:
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
         tp, m = self.tensor_parallel_size, self.model
-        free = self.gpu.memory_bytes * gpu_memory_utilization - m.weight_bytes / tp  # per GPU
+        # per GPU
+        free = self.gpu.memory_bytes * gpu_memory_utilization - m.weight_bytes / tp
         if free <= 0:
             raise ValueError(
                 f"{m.name}'s {m.weight_bytes / 1e9:.1f} GB of weights do not fit in {tp} x "

@@ -31,7 +31,8 @@ class Published(NamedTuple):
     model: str
     gpu: str
     tensor_parallel_size: int
-    kind: str  # "prefill" | "decode" (one step) | "mean step" | "request" (whole generation)
+    # "prefill" | "decode" (one step) | "mean step" | "request" (whole generation)
+    kind: str
     batch_size: int
     prompt_len: int
     output_len: int
@@ -185,7 +186,8 @@ def doc_parts() -> dict[str, str]:
     }
 
 
-if __name__ == "__main__":  # print the comparison; --sync rewrites the docs page's numbers
+# print the comparison; --sync rewrites the docs page's numbers
+if __name__ == "__main__":
     import sys
     from pathlib import Path
 

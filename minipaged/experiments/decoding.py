@@ -92,7 +92,8 @@ def run(scale: str = "full", seed: int = 0, progress: bool = True) -> Experiment
     check_run_args(scale, seed, SCALES)
     cost, kv_slots = lat.setup("opt-13b")
     config = SCALES[scale]
-    top = max(max(s.rates) for s in config.values())  # one sample for all: the same requests
+    # one sample for all: the same requests
+    top = max(max(s.rates) for s in config.values())
     curves = {}
     for workload, (decode, width) in WORKLOADS.items():
         sweep = config[workload]

@@ -23,7 +23,8 @@ class FirstFitAllocator:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = self.max_block_size = capacity
-        self._holes: list[tuple[int, int]] = [(0, capacity)]  # free extents (start, length), by start
+        # free extents (start, length), by start
+        self._holes: list[tuple[int, int]] = [(0, capacity)]
         self._size_of: dict[int, int] = {}  # start of a live range -> its length
 
     @property
@@ -48,7 +49,8 @@ class FirstFitAllocator:
         if length == size:
             del self._holes[i]
         else:
-            self._holes[i] = (start + size, length - size)  # carve from the hole's low end
+            # carve from the hole's low end
+            self._holes[i] = (start + size, length - size)
         self._size_of[start] = size
         return start
 
@@ -56,7 +58,8 @@ class FirstFitAllocator:
         """Return the range at `start` to the free list, merged with the holes beside it."""
         end = start + self._size_of.pop(start)
         i = bisect.bisect_left(self._holes, (start, 0))
-        if i < len(self._holes) and self._holes[i][0] == end:  # merge with the hole after
+        # merge with the hole after
+        if i < len(self._holes) and self._holes[i][0] == end:
             end += self._holes.pop(i)[1]
         if i > 0 and sum(self._holes[i - 1]) == start:  # merge with the hole before
             i -= 1

@@ -174,7 +174,8 @@ def sweep_all(
                     system, allocator, workload, requests_at, rates[workload], cost, kv_slots, seed,
                     on_point=lambda: bar.update(1), **settings,
                 )  # fmt: skip
-                bar.update(len(rates[workload]) - len(points))  # the rates past CAP, not run
+                # the rates past CAP, not run
+                bar.update(len(rates[workload]) - len(points))
                 rows += points
     return rows
 

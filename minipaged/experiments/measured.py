@@ -47,10 +47,13 @@ LABELS = {
 }
 MODEL = "tiny-llama"
 BLOCK_SIZE = 16
-MAX_MODEL_LEN = 128  # Alpaca-like lengths fit (means 19 in, 58 out); Orca (Max) reserves 8 blocks
-NUM_GPU_BLOCKS = 48  # 768 slots: Orca (Max) runs 6 requests at once, paged about three times as many
+# Alpaca-like lengths fit (means 19 in, 58 out); Orca (Max) reserves 8 blocks
+MAX_MODEL_LEN = 128
+# 768 slots: Orca (Max) runs 6 requests at once, paged about three times as many
+NUM_GPU_BLOCKS = 48
 WORKLOAD = "alpaca-like (measured)"
-PADDED_BATCH = NUM_GPU_BLOCKS * BLOCK_SIZE // MAX_MODEL_LEN  # 6: Max reservations in the same pool
+# 6: Max reservations in the same pool
+PADDED_BATCH = NUM_GPU_BLOCKS * BLOCK_SIZE // MAX_MODEL_LEN
 
 
 def prompts_for(workload, vocab_size: int, seed: int) -> list[list[int]]:
@@ -63,7 +66,8 @@ def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids and attention_mask `[batch, longest prompt]`, padded on the left with PAD_ID."""
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), PAD_ID, dtype=torch.int64)  # [batch, width]
-    mask = torch.zeros((len(prompts), width), dtype=torch.int64)  # [batch, width]; 1: a real token
+    # [batch, width]; 1: a real token
+    mask = torch.zeros((len(prompts), width), dtype=torch.int64)
     for i, p in enumerate(prompts):
         ids[i, width - len(p) :] = torch.tensor(p)
         mask[i, width - len(p) :] = 1
@@ -83,7 +87,8 @@ def padded_generate(model: torch.nn.Module, prompts: list[list[int]], max_new_to
 def _serve_engine(llm: LLM, workload, prompts) -> tuple[list[float], list[int]]:
     """Replay the arrivals on the engine in real time; (normalized latencies, running per step)."""
     llm.generate({"prompt_token_ids": prompts[0][:4]}, SamplingParams(max_tokens=2), use_tqdm=False)
-    start, first_step = llm.now(), len(llm.step_stats)  # the warm-up above pays the first calls' costs
+    # the warm-up above pays the first calls' costs
+    start, first_step = llm.now(), len(llm.step_stats)
     for r, prompt in zip(workload, prompts, strict=True):
         params = SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True)
         llm.add_request({"prompt_token_ids": prompt}, params, arrival_time=start + r.arrival_time)

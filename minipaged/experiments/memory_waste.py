@@ -45,9 +45,11 @@ from minipaged.experiments.serving import (
 )
 
 NAME = "memory-waste"
-RATE = 2.0  # requests/s: section 6.2's batch-size comparison (Fig. 13a), whose memory Fig. 2 shows
+# requests/s: section 6.2's batch-size comparison (Fig. 13a), whose memory Fig. 2 shows
+RATE = 2.0
 GOAL = 0.96  # paged token-state share at block size 16: the paper's 96.3%, rounded down
-ORCA_GOAL_POINTS = 5.0  # the Orca baselines' token-state shares: within this of Fig. 2's
+# the Orca baselines' token-state shares: within this of Fig. 2's
+ORCA_GOAL_POINTS = 5.0
 
 PAPER = {
     "section": "3",
@@ -131,7 +133,8 @@ def run(scale: str = "full", seed: int = 0, progress: bool = True) -> Experiment
     """
     check_run_args(scale, seed, SCALES)
     config = SCALES[scale]
-    workload = sharegpt_load(RATE, config.end, seed)  # the batch-size experiment's requests
+    # the batch-size experiment's requests
+    workload = sharegpt_load(RATE, config.end, seed)
     rows = []
     for allocator in tqdm(ALLOCATORS, desc=NAME, disable=not progress):
         result = serve(workload, allocator, config.end, config.warmup, seed=seed)
@@ -166,7 +169,8 @@ def plot(result: ExperimentResult, path) -> None:
     papers = [paper.get(PAPER_LABELS.get(r["allocator"], r["label"])) for r in rows]
     marks = [(i, v) for i, v in enumerate(papers) if v is not None]
     ax.plot([i for i, _ in marks], [v for _, v in marks], "kD", markersize=6, label="paper: token states")
-    ticks = [  # each bar's name, its token-state share, and the paper's where it gives one
+    # each bar's name, its token-state share, and the paper's where it gives one
+    ticks = [
         f"{r['label']}\n{100 * r['token_states']:.1f}%" + ("" if v is None else f" ({v}%)")
         for r, v in zip(rows, papers, strict=True)
     ]

@@ -111,7 +111,9 @@ def memory_waste(data: dict) -> dict[str, str]:
         for a in ORCA
         if a not in within
     ]
-    held = []  # tokens a running request holds: token share x the pool / batch (Orca's pools are full)
+    # tokens a running request holds: token share x the pool / batch (Orca's pools are
+    # full)
+    held = []
     for a in ORCA:
         r, label = by[a], LABELS[a]
         theirs = paper[label] / 100 * KV_SLOTS / paper_batch[label]
@@ -235,7 +237,8 @@ def batch_size(data: dict) -> dict[str, str]:
         ratio = two["paged"]["mean_batch_size"] / two[key]["mean_batch_size"]
         beside.append([f"vLLM / {a}", f"{theirs}×", f"{ratio:.2f}×", ""])
     paged1 = _by(rows, rate=1.0)["paged"]
-    predicted1 = round(_little(1.0, paged1["mean_step_s"]), 2)  # as the exercise rounds it
+    # as the exercise rounds it
+    predicted1 = round(_little(1.0, paged1["mean_step_s"]), 2)
     saturated = {
         key: top["paged"]["throughput_rps"] / top[key]["throughput_rps"]
         for key in ("orca-oracle", "orca-max")

@@ -50,7 +50,8 @@ def sharing(data: dict) -> dict[str, str]:
     low_sg, high_sg = paper["sharegpt"]["parallel"]
     al2 = by[al, "parallel", 2]
     best = max((w for w in widths if w > 2), key=lambda w: by[sg, "parallel", w]["saving"])
-    rule_gaps = [  # points between the measured saving and (n - 1) / n of the prompt block share
+    # points between the measured saving and (n - 1) / n of the prompt block share
+    rule_gaps = [
         100 * abs(r["saving"] - (r["width"] - 1) / r["width"] * r["prompt_block_share"])
         for r in rows
         if r["mode"] == "parallel"

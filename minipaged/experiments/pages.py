@@ -54,7 +54,8 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "experiments"
 PAGES = {
     "memory-waste": ("memory-waste.md", "memory-waste"),
     "serving": ("serving.md", "serving"),
-    "serving-measured": ("serving-measured.md", "serving-measured"),  # serving --measured --json
+    # serving --measured --json
+    "serving-measured": ("serving-measured.md", "serving-measured"),
     "decoding": ("decoding.md", "decoding"),
     "batch-size": ("batch-size.md", "batch-size"),
     "sharing": ("sharing.md", "sharing"),

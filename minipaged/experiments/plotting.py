@@ -29,7 +29,8 @@ COLORS = {
     "batched": "tab:gray",
 }
 FONT_SIZE = 10
-PANEL_SIZE = (4.6, 3.4)  # inches per panel: two side by side fit a docs page at 100% zoom
+# inches per panel: two side by side fit a docs page at 100% zoom
+PANEL_SIZE = (4.6, 3.4)
 DPI = 120
 
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field, replace
 
 from minipaged.experiments.memory_breakdown import BREAKDOWN_FIELDS, MemoryBreakdown
 
-HELD_FIELDS = BREAKDOWN_FIELDS[:-1]  # the categories of the memory in use: every field but "free"
+# the categories of the memory in use: every field but "free"
+HELD_FIELDS = BREAKDOWN_FIELDS[:-1]
 
 
 @dataclass(frozen=True)
@@ -32,13 +33,19 @@ class StepRecord:
     num_waiting: int  # requests that have arrived and wait (preempted ones included)
     num_seqs: int  # sequences in the batch (samples and beams count one each)
     breakdown: MemoryBreakdown
-    blocks_used: int  # paged: KV blocks held; vattention: pages mapped; contiguous: live ranges
-    blocks_saved_by_sharing: int  # paged: blocks that tables share (sum of table lengths - blocks used)
-    num_finished: int = 0  # requests that finished in this step (their memory is freed after it)
-    num_prefill_tokens: int = 0  # prompt tokens computed: admissions and recomputations, cache hits skipped
+    # paged: KV blocks held; vattention: pages mapped; contiguous: live ranges
+    blocks_used: int
+    # paged: blocks that tables share (sum of table lengths - blocks used)
+    blocks_saved_by_sharing: int
+    # requests that finished in this step (their memory is freed after it)
+    num_finished: int = 0
+    # prompt tokens computed: admissions and recomputations, cache hits skipped
+    num_prefill_tokens: int = 0
     num_preempted: int = 0  # requests preempted in this step
-    num_recomputed_tokens: int = 0  # of num_prefill_tokens, those of requests readmitted after a preemption
-    duration: float = 0.0  # seconds the step took (the null model's step_time, or the cost model's)
+    # of num_prefill_tokens, those of requests readmitted after a preemption
+    num_recomputed_tokens: int = 0
+    # seconds the step took (the null model's step_time, or the cost model's)
+    duration: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -67,16 +74,19 @@ class SimulationResult:
     """Every step's record and the summaries the experiments plot."""
 
     allocator: str
-    capacity: int  # token slots in the pool (kv_slots rounded down to whole blocks or pages)
+    # token slots in the pool (kv_slots rounded down to whole blocks or pages)
+    capacity: int
     block_size: int  # slots per block (paged), page (vattention) or 1 (contiguous)
     records: list[StepRecord]
     num_requests: int
     num_finished: int
     num_preemptions: int
-    prefix_cache_hits: int = 0  # paged with prefix caching: full prompt blocks found cached
+    # paged with prefix caching: full prompt blocks found cached
+    prefix_cache_hits: int = 0
     prefix_cache_misses: int = 0  # ... and full prompt blocks that had to be computed
     cow_copies: int = 0
-    finished: list[FinishedRequest] = field(default_factory=list)  # in the order they finished
+    # in the order they finished
+    finished: list[FinishedRequest] = field(default_factory=list)
 
     @property
     def steps(self) -> int:

@@ -37,7 +37,8 @@ class RangeRequest:
 
     request_id: str  # "<request id>/<k>"
     prompt_len: int
-    output_len: int  # the tokens it will generate (max_tokens): Oracle and Pow2 reserve by it
+    # the tokens it will generate (max_tokens): Oracle and Pow2 reserve by it
+    output_len: int
 
 
 @dataclass
@@ -45,7 +46,8 @@ class _Reservation:
     request_id: str
     ranges: list[RangeRequest]  # one per sequence the request may hold at once
     num_tokens: int  # tokens each range stores; the ranges grow together
-    seq_range: dict[int, RangeRequest] = field(default_factory=dict)  # live seq_id -> its range
+    # live seq_id -> its range
+    seq_range: dict[int, RangeRequest] = field(default_factory=dict)
 
 
 class ReservationManager:
@@ -58,9 +60,11 @@ class ReservationManager:
 
     def __init__(self, allocator: ContiguousAllocator | VAttentionAllocator) -> None:
         self.allocator = allocator
-        self.block_size = getattr(allocator, "page_tokens", 1)  # a contiguous range's unit is a slot
+        # a contiguous range's unit is a slot
+        self.block_size = getattr(allocator, "page_tokens", 1)
         self._reservations: dict[str, _Reservation] = {}  # request_id -> its ranges
-        self._owner: dict[int, _Reservation] = {}  # live seq_id -> its request's reservation
+        # live seq_id -> its request's reservation
+        self._owner: dict[int, _Reservation] = {}
 
     def check_fits(self, num_prompt_tokens: int, max_tokens: int, num_seqs: int) -> None:
         """Refuse a request whose num_seqs ranges could never fit, even alone in the pool.
@@ -192,7 +196,8 @@ class ReservationManager:
             RangeRequest(f"{group.request_id}/{k}", prompt_len, group.max_tokens)
             for k in range(group.max_seqs)
         ]
-        return ranges, len(first)  # after a recompute, the tokens generated before it too
+        # after a recompute, the tokens generated before it too
+        return ranges, len(first)
 
     def _reservation_of(self, seq: Sequence) -> _Reservation:
         if seq.seq_id not in self._owner:
@@ -224,7 +229,8 @@ class ReservingBlockManager(BlockManager):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         self.policy, self.max_model_len = policy, max_model_len
-        self._promised: dict[str, int] = {}  # request_id -> blocks of its whole reservation
+        # request_id -> blocks of its whole reservation
+        self._promised: dict[str, int] = {}
         self._group_of: dict[int, SequenceGroup] = {}  # live seq_id -> its group
 
     def reserved_blocks(self, num_prompt_tokens: int, max_tokens: int) -> int:
@@ -262,7 +268,8 @@ class ReservingBlockManager(BlockManager):
         super().free(seq)
         group = self._group_of.pop(seq.seq_id, None)
         if group is not None and not any(self._group_of.get(s.seq_id) is group for s in group.seqs):
-            del self._promised[group.request_id]  # the last sequence out ends the reservation
+            # the last sequence out ends the reservation
+            del self._promised[group.request_id]
 
     def _outstanding(self) -> int:
         """Blocks promised to running requests that they have not taken yet."""

@@ -24,11 +24,13 @@ from minipaged.experiments.records import SimulationResult
 from minipaged.experiments.simulator import simulate
 from minipaged.workloads import sharegpt_like
 
-KV_BYTES_PER_TOKEN = 2 * 40 * 5120 * 2  # OPT-13B in fp16: K and V x layers x hidden x bytes = 819,200
+# OPT-13B in fp16: K and V x layers x hidden x bytes = 819,200
+KV_BYTES_PER_TOKEN = 2 * 40 * 5120 * 2
 KV_SLOTS = 15_000  # 12 GB / 800 KB, as the paper rounds them
 BLOCK_SIZE = 16  # vLLM's default (section 7.2)
 MAX_MODEL_LEN = 2048  # OPT's context: what Orca (Max) reserves per request
-ALLOCATORS = ("orca-max", "orca-pow2", "orca-oracle", "vattention", "paged")  # least to most frugal
+# least to most frugal
+ALLOCATORS = ("orca-max", "orca-pow2", "orca-oracle", "vattention", "paged")
 LABELS = {
     "orca-max": "Orca (Max)",
     "orca-pow2": "Orca (Pow2)",
@@ -36,8 +38,10 @@ LABELS = {
     "vattention": "vAttention",
     "paged": "vLLM (paged)",
 }
-PAPER_LABELS = {"paged": "vLLM"}  # how the paper's figures name a system, where it differs from LABELS
-COST_MODEL = CostModel("opt-13b", "A100-40GB")  # the paper's setup: what each step would take there
+# how the paper's figures name a system, where it differs from LABELS
+PAPER_LABELS = {"paged": "vLLM"}
+# the paper's setup: what each step would take there
+COST_MODEL = CostModel("opt-13b", "A100-40GB")
 
 
 def serve(
@@ -60,7 +64,8 @@ def serve(
         are the window's.
     """
     settings = {"kv_slots": KV_SLOTS, "block_size": BLOCK_SIZE, "max_model_len": MAX_MODEL_LEN, **settings}
-    if settings.get("step_time") is None:  # priced by the cost model unless a null step is asked for
+    # priced by the cost model unless a null step is asked for
+    if settings.get("step_time") is None:
         settings.setdefault("cost_model", COST_MODEL)
     result = simulate(workload, allocator, until=end, progress=progress, **settings)
     return result.window(warmup, end)

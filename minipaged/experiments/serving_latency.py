@@ -30,7 +30,9 @@ from tqdm import tqdm
 
 from minipaged.experiments import ExperimentResult, check_run_args, check_tensor_args
 from minipaged.experiments import latency as lat
-from minipaged.experiments import measured as realtime  # the measured run (run(measured=True))
+
+# the measured run (run(measured=True))
+from minipaged.experiments import measured as realtime
 from minipaged.presets import PRESETS
 from minipaged.workloads import alpaca_like, sharegpt_like
 
@@ -40,7 +42,8 @@ SYSTEMS = {  # name in the rows -> the simulator's allocator, most frugal first
     "Orca (Oracle)": "orca-oracle",
     "Orca (Pow2)": "orca-pow2",
     "Orca (Max)": "orca-max",
-    "FasterTransformer": "fastertransformer",  # Orca (Max)'s reservation, static batches
+    # Orca (Max)'s reservation, static batches
+    "FasterTransformer": "fastertransformer",
 }
 COLORS = {"vLLM": "tab:red", "Orca (Oracle)": "tab:purple", "Orca (Pow2)": "tab:orange",
           "Orca (Max)": "tab:gray", "FasterTransformer": "tab:brown",
@@ -57,7 +60,8 @@ PAPER = {
         "Orca (Max)": [2.7, 8.0],
         "FasterTransformer": [None, 22.0],
     },
-    "goal": {"Orca (Oracle)": 1.7, "Orca (Max)": 2.7},  # OPT-13B, ShareGPT: vLLM's max_rate >= x
+    # OPT-13B, ShareGPT: vLLM's max_rate >= x
+    "goal": {"Orca (Oracle)": 1.7, "Orca (Max)": 2.7},
     "finding": (
         "vLLM can sustain 1.7x-2.7x higher request rates compared to Orca (Oracle) and 2.7x-8x "
         "compared to Orca (Max), while maintaining similar latencies [ShareGPT]; ... up to 22x "
@@ -84,7 +88,8 @@ SCALES = {
         "Alpaca": Scale(6.0, (5.0, 20.0, 60.0)),
     },
     "full": {
-        "ShareGPT": Scale(  # from 0.1: FasterTransformer's knee is far below the others'
+        # from 0.1: FasterTransformer's knee is far below the others'
+        "ShareGPT": Scale(
             120.0,
             (0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0, 3.5, 4.0, 5.0),
         ),
@@ -97,7 +102,8 @@ MEASURED = {  # scale -> (rates in requests/s, seconds of arrivals at each)
     "small": ((120.0,), 2.0),
     "full": ((40.0, 80.0, 100.0, 120.0, 140.0, 160.0, 200.0), 4.0),
 }
-MEASURED_THRESHOLD = 0.01  # s/token: 5x the engine's unloaded latency on this CPU (tiny-llama, 2 ms)
+# s/token: 5x the engine's unloaded latency on this CPU (tiny-llama, 2 ms)
+MEASURED_THRESHOLD = 0.01
 
 
 def run(

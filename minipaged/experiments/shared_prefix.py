@@ -61,7 +61,8 @@ SYSTEMS = (  # (allocator, prefix caching, label)
     ("paged", True, "paged + prefix caching"),
 )
 
-RATE_SYSTEMS = {  # the throughput part: name in the rows -> (allocator, more settings of simulate)
+# the throughput part: name in the rows -> (allocator, more settings of simulate)
+RATE_SYSTEMS = {
     "Orca (Oracle)": ("orca-oracle", {}),
     "vLLM": ("paged", {"enable_prefix_caching": True}),
 }
@@ -117,7 +118,8 @@ def row(prefix_len: int, allocator: str, caching: bool, label: str, result) -> d
         "steps": result.steps,
         "duration_s": result.duration,
         "throughput_rps": result.throughput,
-        "throughput_vs_orca_oracle": math.nan,  # filled in by run, once Orca (Oracle)'s is known
+        # filled in by run, once Orca (Oracle)'s is known
+        "throughput_vs_orca_oracle": math.nan,
         "mean_batch_size": result.mean_batch_size,
         "peak_blocks": max(held, default=0.0),
         "mean_blocks": mean_blocks,
@@ -157,7 +159,8 @@ def run(scale: str = "full", seed: int = 0, progress: bool = True) -> Experiment
                     block_size=BLOCK_SIZE,
                     max_model_len=MAX_MODEL_LEN,
                     enable_prefix_caching=caching,
-                    step_time=STEP_TIME,  # the null model: throughput follows the batch alone
+                    # the null model: throughput follows the batch alone
+                    step_time=STEP_TIME,
                     seed=seed,
                 )
                 rows.append(row(prefix_len, allocator, caching, label, result))
@@ -242,7 +245,8 @@ def plot(result: ExperimentResult, path) -> None:
         ax.set_ylabel(ylabel)
         ax.set_title(name)
     paper = result.paper.get("throughput_vs_orca_oracle", {})
-    last = (len(SYSTEMS) - 1) / 2 * width  # the paper's vLLM shares the prefix: beside our last bar
+    # the paper's vLLM shares the prefix: beside our last bar
+    last = (len(SYSTEMS) - 1) / 2 * width
     marks = [(i + last, paper[str(p)]) for i, p in enumerate(prefix_lens) if str(p) in paper]
     axes[0].plot([x for x, _ in marks], [v for _, v in marks], "kD", label="paper: vLLM")
     legend(axes[0])

@@ -154,7 +154,8 @@ def run(scale: str = "full", seed: int = 0, progress: bool = True) -> Experiment
     with tqdm(total=total, desc=NAME, disable=not progress) as bar:
         for name, (make, rate) in WORKLOADS.items():
             end, warmup = config.end[name], config.warmup[name]
-            base = make(int(rate * end * 1.2) + 20, rate=rate, seed=seed)  # arrivals outlast the run
+            # arrivals outlast the run
+            base = make(int(rate * end * 1.2) + 20, rate=rate, seed=seed)
             share = prompt_block_share(base)
             for mode, widen in MODES.items():
                 for width in WIDTHS:
@@ -193,7 +194,8 @@ def plot(result: ExperimentResult, path) -> None:
         ax.set_ylim(0, 100)
         ax.set_ylabel("blocks saved (% of blocks unshared)")
         ax.set_title(workload)
-    legend(axes[-1], outside=True)  # the same four entries in every panel: said once, beside them
+    # the same four entries in every panel: said once, beside them
+    legend(axes[-1], outside=True)
     savefig(fig, path)
 
 

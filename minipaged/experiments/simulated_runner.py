@@ -52,7 +52,8 @@ class SimulatedRunner:
 
     simulated = True  # the engine's clock runs on the step times this runner returns
     vocab_size = SYNTHETIC_VOCAB
-    eos_token_id = None  # the null model never ends a sequence early: lengths come from the trace
+    # the null model never ends a sequence early: lengths come from the trace
+    eos_token_id = None
 
     def __init__(
         self,
@@ -90,7 +91,8 @@ class SimulatedRunner:
             [s.num_query_tokens for s in out.scheduled], [len(s.seq) for s in out.scheduled]
         )
         swapped = len(out.blocks_to_swap_out) + len(out.blocks_to_swap_in)
-        if swapped:  # vLLM copies a block's K and V of each layer separately: 2 x layers transfers
+        # vLLM copies a block's K and V of each layer separately: 2 x layers transfers
+        if swapped:
             seconds += cost.swap_time(swapped, bs, swapped * 2 * cost.model.num_layers)
         if out.blocks_to_copy:
             seconds += cost.copy_time(len(out.blocks_to_copy), bs)

@@ -104,7 +104,8 @@ def simulate(
     _check_settings(allocator, kv_slots, block_size, page_tokens, preemption_mode, enable_prefix_caching)
     if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 0):
         raise ValueError(f"max_steps must be None or an int >= 0, got {max_steps!r}")
-    requests = sorted(workload, key=lambda r: r.arrival_time)  # stable: ties keep workload order
+    # stable: ties keep workload order
+    requests = sorted(workload, key=lambda r: r.arrival_time)
     if len({r.request_id for r in requests}) != len(requests):
         raise ValueError("workload: request ids must be unique")
     if step_time is None and cost_model is None:
@@ -173,7 +174,8 @@ def simulate(
 def _submit_all(llm: LLM, requests: list) -> dict[str, Any]:
     """Add every request at its arrival time; its prompt's tokens are synthetic. Returns the
     engine's request ids -> the workload's requests."""
-    fresh = itertools.count(1)  # no two requests' own tokens are equal: they never share blocks
+    # no two requests' own tokens are equal: they never share blocks
+    fresh = itertools.count(1)
     ids = {}
     for req in requests:
         width = request_width(req)
@@ -200,7 +202,8 @@ class _Recorder:
     def __init__(self, manager) -> None:
         self.manager = manager
         self.records: list[StepRecord] = []
-        self.admitted: set[str] = set()  # requests scheduled before: their next prefill recomputes
+        # requests scheduled before: their next prefill recomputes
+        self.admitted: set[str] = set()
 
     def __call__(self, llm: LLM, out: SchedulerOutput) -> None:
         stats, s = llm.step_stats[-1], llm.scheduler
@@ -243,7 +246,8 @@ def _paged_breakdown(manager: BlockManager, scheduler) -> tuple[MemoryBreakdown,
     tables, bs, device = manager.device_tables.values(), manager.block_size, manager.device
     partial = {t.block_ids[-1]: t.num_filled_in_last_block for t in tables if t.num_tokens % bs}
     slots_used = device.num_used * bs - sum(bs - fill for fill in partial.values())
-    if scheduler.swapped:  # the group the scheduler would admit next: the oldest swapped, else the head
+    # the group the scheduler would admit next: the oldest swapped, else the head
+    if scheduler.swapped:
         waits = not manager.can_swap_in(scheduler.swapped[0])
     else:
         waits = bool(scheduler.waiting) and manager.can_allocate(scheduler.waiting[0]) != AllocStatus.OK

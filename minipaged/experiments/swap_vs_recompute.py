@@ -92,7 +92,8 @@ def swap_blocks_per_block(src: torch.Tensor, dst: torch.Tensor, block_mapping: l
         block_mapping: (src block, dst block) pairs.
     """
     for s, d in block_mapping:
-        dst[d].copy_(src[s])  # [block_size, num_kv_heads, head_dim]: one block, one transfer
+        # [block_size, num_kv_heads, head_dim]: one block, one transfer
+        dst[d].copy_(src[s])
 
 
 def _per_block(runner: ModelRunner, mapping: list[tuple[int, int]], out: bool) -> None:
@@ -115,8 +116,10 @@ def _timed(device: str, fn, *args) -> float:
 
 def _sequence_kv(runner: ModelRunner, block_ids: list[int], seq_len: int) -> torch.Tensor:
     """The sequence's K and V in every layer, read through its block table, for the check."""
-    pools = torch.stack(runner.k_caches + runner.v_caches)  # [2 * layers, num_blocks, block_size, kv, dim]
-    return pools[:, block_ids].flatten(1, 2)[:, :seq_len].clone()  # [2 * layers, seq_len, kv, dim]
+    # [2 * layers, num_blocks, block_size, kv, dim]
+    pools = torch.stack(runner.k_caches + runner.v_caches)
+    # [2 * layers, seq_len, kv, dim]
+    return pools[:, block_ids].flatten(1, 2)[:, :seq_len].clone()
 
 
 def measure(
@@ -139,7 +142,8 @@ def measure(
             is not timed).
     """
     seq_len = len(tokens)
-    num_blocks = 2 * num_blocks_for(seq_len + 1, block_size) + 1  # the sequence, and room for a prefill
+    # the sequence, and room for a prefill
+    num_blocks = 2 * num_blocks_for(seq_len + 1, block_size) + 1
     llm = LLM(
         model,
         block_size=block_size,
@@ -154,17 +158,20 @@ def measure(
     )
     prompt = {"prompt_token_ids": tokens}
     recompute = []
-    for _ in range(repeats):  # admit, prefill all seq_len tokens, sample one: what a recomputation costs
+    # admit, prefill all seq_len tokens, sample one: what a recomputation costs
+    for _ in range(repeats):
         llm.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
         recompute.append(_timed(device, llm.step))
     llm.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
-    llm.step()  # prefilled: the sequence holds ceil(seq_len / block_size) blocks of real K/V
+    # prefilled: the sequence holds ceil(seq_len / block_size) blocks of real K/V
+    llm.step()
     group, manager, runner = llm.scheduler.running[0], llm.block_manager, llm.runner
     seq = group.seqs[0]
     before = _sequence_kv(runner, manager.get_block_table(seq).block_ids, seq_len)
     times: dict[str, list[float]] = {k: [] for k in ("out", "in", "out_per_block", "in_per_block")}
     for r in range(repeats):
-        out_pairs = manager.swap_out(group)  # (device, host): the policy decides, not timed
+        # (device, host): the policy decides, not timed
+        out_pairs = manager.swap_out(group)
         batched = (runner.move_blocks, SchedulerOutput(blocks_to_swap_out=out_pairs))
         per_block = (_per_block, runner, out_pairs, True)
         # alternate which goes first: neither always finds warm caches
@@ -227,7 +234,8 @@ def run(
     tokens = torch.randint(BYTE_OFFSET, VOCAB_SIZE, (config.seq_len,), generator=generator).tolist()
     rows = []
     with torch_threads(1):
-        measure(model, 16, tokens, 2, seed, backend=backend, device=device)  # warm up: first calls allocate
+        # warm up: first calls allocate
+        measure(model, 16, tokens, 2, seed, backend=backend, device=device)
         for b in tqdm(config.block_sizes, desc=NAME, disable=not progress):
             row = measure(model, b, tokens, config.repeats, seed, backend=backend, device=device)
             rows.append({"model": MODEL, **row})
@@ -247,7 +255,8 @@ def plot(result: ExperimentResult, path) -> None:
 
     seq_len = rows[0]["seq_len"] if rows else "?"
     model = rows[0].get("model", MODEL) if rows else MODEL
-    device = result.settings.get("device", "cpu")  # JSON older than "settings": the CPU, reference
+    # JSON older than "settings": the CPU, reference
+    device = result.settings.get("device", "cpu")
     where = f"{'a CPU' if device == 'cpu' else device}, {result.settings.get('backend', 'reference')}"
     title = f"Restoring {seq_len} tokens of {model} ({where}): swap vs recompute (cf. Fig. 19a)"
     fig, (ax,) = new_figure(1, title=title, panel_size=(8.0, 4.0))

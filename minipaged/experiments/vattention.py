@@ -83,10 +83,12 @@ class VAttentionAllocator:
         if not isinstance(watermark, (int, float)) or not 0.0 <= watermark < 1.0:
             raise ValueError(f"watermark must be in [0, 1), got {watermark!r}")
         self.page_tokens, self.max_model_len = page_tokens, max_model_len
-        self.pages = BlockAllocator(capacity // page_tokens, "vattention")  # physical page frames
+        # physical page frames
+        self.pages = BlockAllocator(capacity // page_tokens, "vattention")
         self.capacity = self.pages.num_blocks * page_tokens
         self.watermark_pages = int(watermark * self.pages.num_blocks)
-        self._pages_of: dict[str, list[int]] = {}  # request -> its physical pages, in virtual order
+        # request -> its physical pages, in virtual order
+        self._pages_of: dict[str, list[int]] = {}
         self._num_tokens: dict[str, int] = {}
 
     def pages_of(self, request_id: str) -> list[int]:
@@ -219,7 +221,8 @@ class PagedAllocator:
         Raises:
             NoFreeBlocksError: if a block is needed and none is free (nothing changes).
         """
-        if not self.can_append(request_id):  # before the token is added: a refused append changes nothing
+        # before the token is added: a refused append changes nothing
+        if not self.can_append(request_id):
             raise NoFreeBlocksError(f"request {request_id!r} needs a block and none is free")
         seq = self._seqs[request_id]
         seq.append_token_id(0)

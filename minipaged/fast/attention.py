@@ -55,7 +55,8 @@ def plan_attention(
             plan may use fewer chunks than asked: never one that lies wholly past the longest decode.
     """
     device = seq_lens.device
-    q_lens = (query_start_loc[1:] - query_start_loc[:-1]).cpu()  # [num_seqs], one small copy to the host
+    # [num_seqs], one small copy to the host
+    q_lens = (query_start_loc[1:] - query_start_loc[:-1]).cpu()
     decode_seqs = torch.nonzero(q_lens == 1).flatten()  # [num_decodes]
     prefill_seqs = torch.nonzero(q_lens > 1).flatten()  # [num_prefills]
     max_decode_len = int(seq_lens.cpu()[decode_seqs].max()) if len(decode_seqs) else 1
@@ -67,7 +68,8 @@ def plan_attention(
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     tokens_per_split = triton.cdiv(triton.cdiv(max_decode_len, num_splits), DECODE_BLOCK_N) * DECODE_BLOCK_N
-    num_splits = triton.cdiv(max_decode_len, tokens_per_split)  # rounding up may leave fewer chunks to do
+    # rounding up may leave fewer chunks to do
+    num_splits = triton.cdiv(max_decode_len, tokens_per_split)
     return AttentionPlan(
         decode_seqs=decode_seqs.to(device=device, dtype=torch.int32),
         decode_rows=query_start_loc[:-1].cpu()[decode_seqs].to(device=device, dtype=torch.int32),
@@ -140,16 +142,20 @@ def run_planned(
     their first two dimensions; anything else they read as flat arrays, so it is made contiguous here.
     """
     given = out
-    if out is None or out.stride(2) != 1:  # a fresh row-major buffer (empty_like would keep odd strides)
-        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)  # [num_q_tokens, heads, dim]
+    # a fresh row-major buffer (empty_like would keep odd strides)
+    if out is None or out.stride(2) != 1:
+        # [num_q_tokens, heads, dim]
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     if query.stride(2) != 1:
         query = query.contiguous()
-    # the kernels index these as flat arrays (a table row's entries one apart): strided views are copied
+    # the kernels index these as flat arrays (a table row's entries one apart): strided
+    # views are copied
     block_tables, seq_lens = block_tables.contiguous(), seq_lens.contiguous()
     query_start_loc = query_start_loc.contiguous()
     with launch_device(query.device):
         _launch(plan, query, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, scale)
-    if given is not None and given is not out:  # a caller's buffer the kernel could not write directly
+    # a caller's buffer the kernel could not write directly
+    if given is not None and given is not out:
         given.copy_(out)
         return given
     return out
@@ -229,7 +235,8 @@ def _launch(
                 BLOCK_D=triton.next_power_of_2(head_dim),
             )
     if plan.prefill_seqs.numel():
-        # heads on axis 0: the GROUP programs that read one KV head's tiles run side by side
+        # heads on axis 0: the GROUP programs that read one KV head's tiles run side by
+        # side
         grid = (num_heads, triton.cdiv(plan.max_prefill_q_len, PREFILL_BLOCK_M), plan.prefill_seqs.numel())
         _prefill_kernel[grid](
             query,

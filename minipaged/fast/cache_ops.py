@@ -53,7 +53,8 @@ def launch_device(device: torch.device) -> contextlib.AbstractContextManager:
 @triton.jit
 def _write_kv_kernel(
     key_ptr,  # [num_tokens, num_kv_heads, head_dim], the step's new keys (any strides)
-    value_ptr,  # [num_tokens, num_kv_heads, head_dim], the step's new values (any strides)
+    # [num_tokens, num_kv_heads, head_dim], the step's new values (any strides)
+    value_ptr,
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim], contiguous
     v_cache_ptr,  # the same
     slot_mapping_ptr,  # [num_tokens] int64; -1 marks a padding token to skip
@@ -63,7 +64,8 @@ def _write_kv_kernel(
     stride_vh,  # elements between two heads in value
     num_kv_heads,  # heads of one token's row
     head_dim,  # elements of one head
-    BLOCK_H: tl.constexpr,  # num_kv_heads rounded up to a power of two (tl.arange needs one)
+    # num_kv_heads rounded up to a power of two (tl.arange needs one)
+    BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,  # head_dim rounded up to a power of two
 ):
     token = tl.program_id(0)  # one program stores one token's K and V rows
@@ -72,8 +74,10 @@ def _write_kv_kernel(
         return
     offs_h = tl.arange(0, BLOCK_H)[:, None]  # [BLOCK_H, 1]
     offs_d = tl.arange(0, BLOCK_D)[None, :]  # [1, BLOCK_D]
-    mask = (offs_h < num_kv_heads) & (offs_d < head_dim)  # the lanes past the row do nothing
-    row = slot * num_kv_heads * head_dim + offs_h * head_dim + offs_d  # a slot is one token row of the pool
+    # the lanes past the row do nothing
+    mask = (offs_h < num_kv_heads) & (offs_d < head_dim)
+    # a slot is one token row of the pool
+    row = slot * num_kv_heads * head_dim + offs_h * head_dim + offs_d
     key = tl.load(key_ptr + token * stride_kt + offs_h * stride_kh + offs_d, mask=mask)
     tl.store(k_cache_ptr + row, key, mask=mask)
     value = tl.load(value_ptr + token * stride_vt + offs_h * stride_vh + offs_d, mask=mask)
@@ -94,9 +98,11 @@ def write_kv(
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:
         return
-    if key.stride(2) != 1 or value.stride(2) != 1:  # the kernel reads a head's elements consecutively
+    # the kernel reads a head's elements consecutively
+    if key.stride(2) != 1 or value.stride(2) != 1:
         key, value = key.contiguous(), value.contiguous()
-    slot_mapping = slot_mapping.contiguous()  # the kernel reads it as a flat array (a view may be strided)
+    # the kernel reads it as a flat array (a view may be strided)
+    slot_mapping = slot_mapping.contiguous()
     with launch_device(k_cache.device):
         _write_kv_kernel[(num_tokens,)](
             key,
@@ -117,7 +123,9 @@ def write_kv(
 
 @triton.jit
 def _copy_rows_kernel(
-    src_ptr,  # [num_src_rows, row_size], contiguous: a row is one block of a pool (or of a staging buffer)
+    # [num_src_rows, row_size], contiguous: a row is one block of a pool (or of a
+    # staging buffer)
+    src_ptr,
     dst_ptr,  # [num_dst_rows, row_size], contiguous
     src_rows_ptr,  # [n] int64: the row of src each program reads
     dst_rows_ptr,  # [n] int64: the row of dst it writes
@@ -138,26 +146,32 @@ def _copy_rows(src: torch.Tensor, dst: torch.Tensor, src_rows: torch.Tensor, dst
     """dst[dst_rows[i]] = src[src_rows[i]] for every i, rows being whole blocks; one launch."""
     if src_rows.numel() == 0:
         return
-    if src.device.type == "cpu" and not interpreting():  # the host side of a swap on a GPU machine
+    # the host side of a swap on a GPU machine
+    if src.device.type == "cpu" and not interpreting():
         dst[dst_rows] = src[src_rows]
         return
     row_size = src[0].numel()
-    src_rows, dst_rows = src_rows.contiguous(), dst_rows.contiguous()  # the kernel reads them as flat arrays
+    # the kernel reads them as flat arrays
+    src_rows, dst_rows = src_rows.contiguous(), dst_rows.contiguous()
     with launch_device(src.device):
         _copy_rows_kernel[(src_rows.numel(),)](src, dst, src_rows, dst_rows, row_size, TILE=COPY_TILE)
 
 
 @triton.jit
 def _copy_blocks_kernel(
-    cache_ptrs_ptr,  # [2 * num_layers] int64: the address of every layer's k_cache, then every v_cache
+    # [2 * num_layers] int64: the address of every layer's k_cache, then every v_cache
+    cache_ptrs_ptr,
     block_mapping_ptr,  # [n, 2] int64, contiguous: (src, dst) block pairs
     block_numel,  # elements of one block (block_size * num_kv_heads * head_dim)
-    DTYPE: tl.constexpr,  # the pools' element type (their addresses arrive as plain integers)
+    # the pools' element type (their addresses arrive as plain integers)
+    DTYPE: tl.constexpr,
     TILE: tl.constexpr,  # elements moved per loop iteration
 ):
-    pair = tl.program_id(0)  # one (src, dst) pair (axis 0: CUDA allows 2**31 - 1 there, 65,535 on axis 1) ...
+    # one (src, dst) pair (axis 0: CUDA allows 2**31 - 1 there, 65,535 on axis 1) ...
+    pair = tl.program_id(0)
     cache = tl.program_id(1)  # ... in one pool (one layer's K or V) per program
-    pool = tl.load(cache_ptrs_ptr + cache).to(tl.pointer_type(DTYPE))  # an integer made a pointer again
+    # an integer made a pointer again
+    pool = tl.load(cache_ptrs_ptr + cache).to(tl.pointer_type(DTYPE))
     src = tl.load(block_mapping_ptr + 2 * pair)
     dst = tl.load(block_mapping_ptr + 2 * pair + 1)
     for start in range(0, block_numel, TILE):
@@ -187,7 +201,8 @@ def copy_blocks(
         check_runnable(cache, "k_caches and v_caches")
     if block_mapping.shape[0] == 0:
         return
-    kinds: dict[tuple, list[torch.Tensor]] = {}  # layers of one model share a kind: one launch in practice
+    # layers of one model share a kind: one launch in practice
+    kinds: dict[tuple, list[torch.Tensor]] = {}
     for pool in pools:
         kinds.setdefault((pool.dtype, pool[0].numel()), []).append(pool)
     mapping = block_mapping.contiguous()  # [n, 2]
@@ -219,8 +234,9 @@ def swap_blocks(src: torch.Tensor, dst: torch.Tensor, block_mapping: torch.Tenso
     n = block_mapping.shape[0]
     if n == 0:
         return
-    # Host memory on the way to or from a GPU is pinned (page-locked), so the GPU's copy engine reads
-    # or writes it directly, without the driver's extra pass through its own pinned buffer.
+    # Host memory on the way to or from a GPU is pinned (page-locked), so the GPU's copy
+    # engine reads or writes it directly, without the driver's extra pass through its
+    # own pinned buffer.
     pinned = src.device.type == "cpu" and dst.device.type == "cuda"
     staging = torch.empty(
         (n, *src.shape[1:]), dtype=src.dtype, device=src.device, pin_memory=pinned
@@ -232,4 +248,5 @@ def swap_blocks(src: torch.Tensor, dst: torch.Tensor, block_mapping: torch.Tenso
         staging = host.copy_(staging)  # the one transfer, into pinned memory
     else:
         staging = staging.to(dst.device)  # the one transfer
-    _copy_rows(staging, dst, order.to(dst.device), block_mapping[:, 1].to(dst.device))  # scatter
+    # scatter
+    _copy_rows(staging, dst, order.to(dst.device), block_mapping[:, 1].to(dst.device))

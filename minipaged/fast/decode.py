@@ -31,18 +31,23 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-DECODE_BLOCK_N = 64  # tokens per tile of the walk: 64 keys of 128 fp16 elements = 16 KiB per tile
-MIN_TOKENS_PER_SPLIT = 256  # below this a chunk is too short to pay for its share of the merge
+# tokens per tile of the walk: 64 keys of 128 fp16 elements = 16 KiB per tile
+DECODE_BLOCK_N = 64
+# below this a chunk is too short to pay for its share of the merge
+MIN_TOKENS_PER_SPLIT = 256
 
 
 @triton.jit
 def _decode_split_kernel(
-    query_ptr,  # [num_q_tokens, num_heads, head_dim]; row decode_rows[d] is decode d's query
+    # [num_q_tokens, num_heads, head_dim]; row decode_rows[d] is decode d's query
+    query_ptr,
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim], contiguous
     v_cache_ptr,  # the same
     out_ptr,  # [num_q_tokens, num_heads, head_dim]: written here when SPLIT is False
-    partial_out_ptr,  # [num_decodes, num_heads, num_splits, head_dim] fp32: each chunk's output (SPLIT)
-    partial_lse_ptr,  # [num_decodes, num_heads, num_splits] fp32: each chunk's log-sum-exp (SPLIT)
+    # [num_decodes, num_heads, num_splits, head_dim] fp32: each chunk's output (SPLIT)
+    partial_out_ptr,
+    # [num_decodes, num_heads, num_splits] fp32: each chunk's log-sum-exp (SPLIT)
+    partial_lse_ptr,
     block_tables_ptr,  # [num_seqs, max_blocks] int32
     seq_lens_ptr,  # [num_seqs] int32
     decode_seqs_ptr,  # [num_decodes] int32: the sequence of decode d
@@ -60,59 +65,82 @@ def _decode_split_kernel(
     tokens_per_split,  # tokens of one chunk, a multiple of BLOCK_N
     num_splits,  # chunks per sequence
     GROUP: tl.constexpr,  # query heads per KV head (GQA/MQA), packed into one program
-    BLOCK_H: tl.constexpr,  # GROUP rounded up to a power of two, at least 16 (tl.dot's smallest tile)
+    # GROUP rounded up to a power of two, at least 16 (tl.dot's smallest tile)
+    BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,  # tokens per tile of the walk
     BLOCK_D: tl.constexpr,  # head_dim rounded up to a power of two, at least 16
-    SPLIT: tl.constexpr,  # write partial results for the merge (True) or the output directly (False)
-    DOT_DTYPE: tl.constexpr,  # the operands' type in tl.dot: the cache's (fp32 when interpreting bf16)
-    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands (exact products, not tf32), else unused
+    # write partial results for the merge (True) or the output directly (False)
+    SPLIT: tl.constexpr,
+    # the operands' type in tl.dot: the cache's (fp32 when interpreting bf16)
+    DOT_DTYPE: tl.constexpr,
+    # "ieee" for fp32 operands (exact products, not tf32), else unused
+    DOT_PRECISION: tl.constexpr,
 ):
     decode = tl.program_id(0)  # one decode (sequence) ...
-    kv_head = tl.program_id(1)  # ... one KV head and the GROUP query heads that read it ...
+    # ... one KV head and the GROUP query heads that read it ...
+    kv_head = tl.program_id(1)
     split = tl.program_id(2)  # ... and one chunk of the sequence's tokens
     seq = tl.load(decode_seqs_ptr + decode)
     row = tl.load(decode_rows_ptr + decode)
     seq_len = tl.load(seq_lens_ptr + seq)
     start = split * tokens_per_split  # this chunk's tokens: start .. end - 1
-    end = tl.minimum(start + tokens_per_split, seq_len)  # the decode row sees every stored token
+    # the decode row sees every stored token
+    end = tl.minimum(start + tokens_per_split, seq_len)
 
-    offs_h = tl.arange(0, BLOCK_H)  # the query heads of this KV group, padded to BLOCK_H
-    heads = kv_head * GROUP + offs_h  # head h reads KV head h // GROUP, so a group is consecutive
+    # the query heads of this KV group, padded to BLOCK_H
+    offs_h = tl.arange(0, BLOCK_H)
+    # head h reads KV head h // GROUP, so a group is consecutive
+    heads = kv_head * GROUP + offs_h
     mask_h = offs_h < GROUP  # padding rows: loaded as 0, never stored
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < head_dim  # lanes past head_dim: loaded as 0, never stored
     q_ptrs = query_ptr + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=mask_h[:, None] & mask_d[None, :], other=0.0).to(DOT_DTYPE)  # [BLOCK_H, BLOCK_D]
+    # [BLOCK_H, BLOCK_D]
+    q = tl.load(q_ptrs, mask=mask_h[:, None] & mask_d[None, :], other=0.0).to(DOT_DTYPE)
 
     row_stride = num_kv_heads * head_dim  # elements of one token row of the pool
-    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)  # running max of each head's scores
+    # running max of each head's scores
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)  # running sum of exp(score - m_i)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)  # running sum of exp(score - m_i) * v
+    # running sum of exp(score - m_i) * v
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     for tile in range(start, end, BLOCK_N):
         offs_n = tile + tl.arange(0, BLOCK_N)  # the token positions of this tile
-        mask_n = offs_n < end  # positions past the chunk (or past seq_len: stale or future) are not read
-        # the page-table walk, one entry per token: logical block -> physical block -> slot
+        # positions past the chunk (or past seq_len: stale or future) are not read
+        mask_n = offs_n < end
+        # the page-table walk, one entry per token: logical block -> physical block ->
+        # slot
         blocks = tl.load(block_tables_ptr + seq * stride_bt + offs_n // block_size, mask=mask_n, other=0)
         slots = blocks.to(tl.int64) * block_size + offs_n % block_size  # [BLOCK_N]
-        kv_offs = slots[:, None] * row_stride + kv_head * head_dim + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
+        # [BLOCK_N, BLOCK_D]
+        kv_offs = slots[:, None] * row_stride + kv_head * head_dim + offs_d[None, :]
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0).to(DOT_DTYPE)  # [BLOCK_N, BLOCK_D]
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # [BLOCK_H, BLOCK_N], fp32
-        s = tl.where(mask_n[None, :], s, float("-inf"))  # unread positions get no weight
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every tile holds at least one position
+        # [BLOCK_N, BLOCK_D]
+        k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0).to(DOT_DTYPE)
+        # [BLOCK_H, BLOCK_N], fp32
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
+        # unread positions get no weight
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        # finite: every tile holds at least one position
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)  # rescales what was accumulated to the new maximum
         p = tl.exp(s - m_new[:, None])  # [BLOCK_H, BLOCK_N]
-        v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0).to(DOT_DTYPE)  # [BLOCK_N, BLOCK_D]
+        # [BLOCK_N, BLOCK_D]
+        v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0).to(DOT_DTYPE)
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
 
     if SPLIT:
-        # A chunk past seq_len saw no token: l_i = 0, so it writes out 0 and lse = -inf (weight 0).
+        # A chunk past seq_len saw no token: l_i = 0, so it writes out 0 and lse = -inf
+        # (weight 0).
         empty = l_i == 0.0
-        out = acc / tl.where(empty, 1.0, l_i)[:, None]  # [BLOCK_H, BLOCK_D] this chunk's softmax output
-        lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))  # [BLOCK_H]
-        part = (decode * num_heads + heads) * num_splits + split  # [BLOCK_H]: index of (decode, head, split)
+        # [BLOCK_H, BLOCK_D] this chunk's softmax output
+        out = acc / tl.where(empty, 1.0, l_i)[:, None]
+        # [BLOCK_H]
+        lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+        # [BLOCK_H]: index of (decode, head, split)
+        part = (decode * num_heads + heads) * num_splits + split
         tl.store(
             partial_out_ptr + part[:, None] * head_dim + offs_d[None, :],
             out,
@@ -120,7 +148,8 @@ def _decode_split_kernel(
         )
         tl.store(partial_lse_ptr + part, lse, mask=mask_h)
     else:
-        out = acc / l_i[:, None]  # seq_len >= 1, so every real head saw at least one token
+        # seq_len >= 1, so every real head saw at least one token
+        out = acc / l_i[:, None]
         o_ptrs = out_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_h[:, None] & mask_d[None, :])
 
@@ -146,9 +175,11 @@ def _merge_splits_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < head_dim  # lanes past head_dim: loaded as 0, never stored
     part = (decode * num_heads + head) * num_splits + offs_c  # [BLOCK_SPLITS]
-    lse = tl.load(partial_lse_ptr + part, mask=mask_c, other=float("-inf"))  # [BLOCK_SPLITS]
+    # [BLOCK_SPLITS]
+    lse = tl.load(partial_lse_ptr + part, mask=mask_c, other=float("-inf"))
     lse_max = tl.max(lse, axis=0)  # finite: chunk 0 always holds token 0
-    weight = tl.exp(lse - lse_max)  # [BLOCK_SPLITS]: each chunk's share of the denominator, rescaled
+    # [BLOCK_SPLITS]: each chunk's share of the denominator, rescaled
+    weight = tl.exp(lse - lse_max)
     outs = tl.load(
         partial_out_ptr + part[:, None] * head_dim + offs_d[None, :],
         mask=mask_c[:, None] & mask_d[None, :],

@@ -36,7 +36,8 @@ def _prefill_kernel(
     out_ptr,  # [num_q_tokens, num_heads, head_dim], written
     block_tables_ptr,  # [num_seqs, max_blocks] int32
     seq_lens_ptr,  # [num_seqs] int32
-    query_start_loc_ptr,  # [num_seqs + 1] int32: sequence b owns rows query_start_loc[b] .. [b+1] - 1
+    # [num_seqs + 1] int32: sequence b owns rows query_start_loc[b] .. [b+1] - 1
+    query_start_loc_ptr,
     prefill_seqs_ptr,  # [num_prefills] int32: the sequences with q_len > 1
     stride_qt,  # elements between two query rows
     stride_qh,  # elements between two query heads
@@ -51,51 +52,70 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # tokens per tile of the walk
     BLOCK_D: tl.constexpr,  # head_dim rounded up to a power of two, at least 16
-    DOT_DTYPE: tl.constexpr,  # the operands' type in tl.dot: the cache's (fp32 when interpreting bf16)
-    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands (exact products, not tf32), else unused
+    # the operands' type in tl.dot: the cache's (fp32 when interpreting bf16)
+    DOT_DTYPE: tl.constexpr,
+    # "ieee" for fp32 operands (exact products, not tf32), else unused
+    DOT_PRECISION: tl.constexpr,
 ):
-    head = tl.program_id(0)  # one query head (axis 0: a KV group's programs are neighbours) ...
+    # one query head (axis 0: a KV group's programs are neighbours) ...
+    head = tl.program_id(0)
     tile_m = tl.program_id(1)  # ... one tile of BLOCK_M query rows ...
-    seq = tl.load(prefill_seqs_ptr + tl.program_id(2))  # ... of one prefill sequence per program
+    # ... of one prefill sequence per program
+    seq = tl.load(prefill_seqs_ptr + tl.program_id(2))
     kv_head = head // GROUP  # the KV head this query head reads
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    if tile_m * BLOCK_M >= q_len:  # the grid is sized for the longest prefill; shorter ones stop here
+    # the grid is sized for the longest prefill; shorter ones stop here
+    if tile_m * BLOCK_M >= q_len:
         return
     seq_len = tl.load(seq_lens_ptr + seq)
 
-    offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)  # row indices within the sequence's q_len rows
+    # row indices within the sequence's q_len rows
+    offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < q_len  # rows past q_len belong to no one: not stored
-    pos_m = seq_len - q_len + offs_m  # their positions: the last q_len tokens of the sequence
+    # their positions: the last q_len tokens of the sequence
+    pos_m = seq_len - q_len + offs_m
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < head_dim  # lanes past head_dim: loaded as 0, never stored
     rows = q_start + offs_m  # [BLOCK_M] rows of query and out
     q_ptrs = query_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(DOT_DTYPE)  # [BLOCK_M, BLOCK_D]
+    # [BLOCK_M, BLOCK_D]
+    q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(DOT_DTYPE)
 
-    # this tile's last real row sees positions 0 .. its own, so no later token is ever read
-    last = tl.minimum(seq_len, seq_len - q_len + (tile_m + 1) * BLOCK_M)  # one past the last visible position
+    # this tile's last real row sees positions 0 .. its own, so no later token is ever
+    # read
+    # one past the last visible position
+    last = tl.minimum(seq_len, seq_len - q_len + (tile_m + 1) * BLOCK_M)
     row_stride = num_kv_heads * head_dim  # elements of one token row of the pool
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of each row's scores
+    # running max of each row's scores
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp(score - m_i)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # running sum of exp(score - m_i) * v
+    # running sum of exp(score - m_i) * v
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for tile in range(0, last, BLOCK_N):
         offs_n = tile + tl.arange(0, BLOCK_N)  # token positions of this tile
-        mask_n = offs_n < last  # positions past the tile's reach (future, stale) are not read
-        # the page-table walk, one entry per token: logical block -> physical block -> slot
+        # positions past the tile's reach (future, stale) are not read
+        mask_n = offs_n < last
+        # the page-table walk, one entry per token: logical block -> physical block ->
+        # slot
         blocks = tl.load(block_tables_ptr + seq * stride_bt + offs_n // block_size, mask=mask_n, other=0)
         slots = blocks.to(tl.int64) * block_size + offs_n % block_size  # [BLOCK_N]
-        kv_offs = slots[:, None] * row_stride + kv_head * head_dim + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
+        # [BLOCK_N, BLOCK_D]
+        kv_offs = slots[:, None] * row_stride + kv_head * head_dim + offs_d[None, :]
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0).to(DOT_DTYPE)  # [BLOCK_N, BLOCK_D]
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # [BLOCK_M, BLOCK_N], fp32
-        causal = offs_n[None, :] <= pos_m[:, None]  # row i sees position j when j <= pos_i
+        # [BLOCK_N, BLOCK_D]
+        k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0).to(DOT_DTYPE)
+        # [BLOCK_M, BLOCK_N], fp32
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
+        # row i sees position j when j <= pos_i
+        causal = offs_n[None, :] <= pos_m[:, None]
         s = tl.where(causal & mask_n[None, :], s, float("-inf"))
         # finite from the first tile on: every row sees position 0 there
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)  # rescales what was accumulated to the new maximum
         p = tl.exp(s - m_new[:, None])  # [BLOCK_M, BLOCK_N]
-        v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0).to(DOT_DTYPE)  # [BLOCK_N, BLOCK_D]
+        # [BLOCK_N, BLOCK_D]
+        v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0).to(DOT_DTYPE)
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new

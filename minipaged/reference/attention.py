@@ -52,9 +52,12 @@ def gather_kv(
     # BEGIN SOLUTION
     block_size = k_cache.shape[1]
     num_blocks = -(-seq_len // block_size)  # ceil: the last block may be partly filled
-    block_ids = block_table[:num_blocks].long()  # [num_blocks_of_seq]: the page-table walk
-    keys = k_cache[block_ids].flatten(0, 1)[:seq_len]  # [seq_len, num_kv_heads, head_dim]: no stale tail
-    values = v_cache[block_ids].flatten(0, 1)[:seq_len]  # [seq_len, num_kv_heads, head_dim]
+    # [num_blocks_of_seq]: the page-table walk
+    block_ids = block_table[:num_blocks].long()
+    # [seq_len, num_kv_heads, head_dim]: no stale tail
+    keys = k_cache[block_ids].flatten(0, 1)[:seq_len]
+    # [seq_len, num_kv_heads, head_dim]
+    values = v_cache[block_ids].flatten(0, 1)[:seq_len]
     return keys, values
     # END SOLUTION
 
@@ -77,13 +80,19 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale:
     # BEGIN SOLUTION
     q_len, num_heads, _ = query.shape
     seq_len, num_kv_heads, _ = keys.shape
-    group = num_heads // num_kv_heads  # query heads per KV head (1: MHA, num_heads: MQA)
-    keys = keys.float().repeat_interleave(group, dim=1)  # [seq_len, num_heads, head_dim]
-    values = values.float().repeat_interleave(group, dim=1)  # [seq_len, num_heads, head_dim]
-    scores = torch.einsum("qhd,khd->hqk", query.float(), keys) * scale  # [num_heads, q_len, seq_len]
-    q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)  # [q_len]: the query rows' positions
+    # query heads per KV head (1: MHA, num_heads: MQA)
+    group = num_heads // num_kv_heads
+    # [seq_len, num_heads, head_dim]
+    keys = keys.float().repeat_interleave(group, dim=1)
+    # [seq_len, num_heads, head_dim]
+    values = values.float().repeat_interleave(group, dim=1)
+    # [num_heads, q_len, seq_len]
+    scores = torch.einsum("qhd,khd->hqk", query.float(), keys) * scale
+    # [q_len]: the query rows' positions
+    q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)  # q_len rows
     k_pos = torch.arange(seq_len, device=query.device)  # [seq_len]
-    scores = scores.masked_fill(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))  # causal
+    # causal
+    scores = scores.masked_fill(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
     probs = scores.softmax(dim=-1)  # [num_heads, q_len, seq_len], float32
     return torch.einsum("hqk,khd->qhd", probs, values)  # [q_len, num_heads, head_dim]
     # END SOLUTION
@@ -125,10 +134,12 @@ def paged_attention(
             contract (block ids outside the pool, seq_lens past the table, q_len > seq_len, ...).
     """
     check_paged_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out)
-    out = torch.empty_like(query) if out is None else out  # [num_q_tokens, num_heads, head_dim]
+    # [num_q_tokens, num_heads, head_dim]
+    out = torch.empty_like(query) if out is None else out
     starts = query_start_loc.tolist()
     decodes = [b for b in range(len(starts) - 1) if starts[b + 1] - starts[b] == 1]
-    if len(decodes) > 1:  # the fast path: every decode row of the batch in one go, no Python loop
+    # the fast path: every decode row of the batch in one go, no Python loop
+    if len(decodes) > 1:
         index = torch.tensor(decodes, device=query.device)  # [num_decodes]
         rows = query_start_loc[index].long()  # each decode's one query row
         tables, lens = block_tables[index], seq_lens[index]
@@ -139,7 +150,8 @@ def paged_attention(
             continue  # no query rows this step
         if len(decodes) > 1 and end - start == 1:
             continue  # a decode, done above
-        keys, values = gather_kv(k_cache, v_cache, block_tables[b], seq_len)  # [seq_len, kv_heads, dim]
+        # [seq_len, kv_heads, dim]
+        keys, values = gather_kv(k_cache, v_cache, block_tables[b], seq_len)
         out[start:end] = attend(query[start:end], keys, values, scale).to(out.dtype)
     return out
 
@@ -173,16 +185,24 @@ def decode_attention(
     num_seqs, num_heads, head_dim = query.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     max_len = int(seq_lens.max())
-    blocks = block_tables[:, : -(-max_len // block_size)].long().clamp(min=0)  # [num_seqs, blocks_read]
-    valid = torch.arange(max_len, device=query.device)[None, :] < seq_lens[:, None]  # [num_seqs, max_len]
-    keys = k_cache[blocks].flatten(1, 2)[:, :max_len].float()  # [num_seqs, max_len, num_kv_heads, head_dim]
+    # [num_seqs, blocks_read]
+    blocks = block_tables[:, : -(-max_len // block_size)].long().clamp(min=0)
+    # [num_seqs, max_len]
+    valid = torch.arange(max_len, device=query.device)[None, :] < seq_lens[:, None]
+    # [num_seqs, max_len, num_kv_heads, head_dim]
+    keys = k_cache[blocks].flatten(1, 2)[:, :max_len].float()
     values = v_cache[blocks].flatten(1, 2)[:, :max_len].float()
-    values = values.masked_fill(~valid[:, :, None, None], 0.0)  # a stale NaN times probability 0 is NaN
-    q = query.float().view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [b, kv, group, d]
-    scores = torch.einsum("bkgd,blkd->bkgl", q, keys) * scale  # [num_seqs, num_kv_heads, group, max_len]
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))  # past seq_len: not this sequence's
+    # a stale NaN times probability 0 is NaN
+    values = values.masked_fill(~valid[:, :, None, None], 0.0)
+    # [b, kv, group, d]
+    q = query.float().view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    # [num_seqs, num_kv_heads, group, max_len]
+    scores = torch.einsum("bkgd,blkd->bkgl", q, keys) * scale
+    # past seq_len: not this sequence's
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     probs = scores.softmax(dim=-1)
-    out = torch.einsum("bkgl,blkd->bkgd", probs, values)  # [num_seqs, num_kv_heads, group, head_dim]
+    # [num_seqs, num_kv_heads, group, head_dim]
+    out = torch.einsum("bkgl,blkd->bkgd", probs, values)
     return out.reshape(num_seqs, num_heads, head_dim)
 
 
@@ -231,13 +251,18 @@ def _attend_blockwise(
     group = num_heads // num_kv_heads
     q = query.float().transpose(0, 1)  # [num_heads, q_len, head_dim]
     q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)  # [q_len]
-    m = torch.full((num_heads, q_len), float("-inf"), device=query.device)  # running max of the scores
-    denom = torch.zeros(num_heads, q_len, device=query.device)  # running sum of exp(score - m) (FA's "l")
-    acc = torch.zeros(num_heads, q_len, head_dim, device=query.device)  # running sum of exp(score - m) * v
+    # running max of the scores
+    m = torch.full((num_heads, q_len), float("-inf"), device=query.device)
+    # running sum of exp(score - m) (FA's "l")
+    denom = torch.zeros(num_heads, q_len, device=query.device)
+    # running sum of exp(score - m) * v
+    acc = torch.zeros(num_heads, q_len, head_dim, device=query.device)
     for j in range(-(-seq_len // block_size)):  # logical block j of the sequence
         block = int(block_table[j])  # its physical block: one page-table lookup
-        k_pos = torch.arange(j * block_size, min((j + 1) * block_size, seq_len), device=query.device)  # [n]
-        n = k_pos.numel()  # rows of this block that hold tokens (fewer in a partly filled last block)
+        # [n]
+        k_pos = torch.arange(j * block_size, min((j + 1) * block_size, seq_len), device=query.device)
+        # rows of this block that hold tokens (fewer in a partly filled last block)
+        n = k_pos.numel()
         k = (
             k_cache[block, :n].float().repeat_interleave(group, dim=1).transpose(0, 1)
         )  # [num_heads, n, head_dim]
@@ -245,10 +270,13 @@ def _attend_blockwise(
             v_cache[block, :n].float().repeat_interleave(group, dim=1).transpose(0, 1)
         )  # [num_heads, n, head_dim]
         s = (q @ k.transpose(1, 2)) * scale  # [num_heads, q_len, n]
-        s = s.masked_fill(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))  # causal
-        # Block 0 holds position 0, which every query row sees, so m is finite from the first block on.
+        # causal
+        s = s.masked_fill(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+        # Block 0 holds position 0, which every query row sees, so m is finite from the
+        # first block on.
         m_new = torch.maximum(m, s.amax(dim=-1))  # [num_heads, q_len]
-        alpha = torch.exp(m - m_new)  # rescales the old sums to the new maximum (0 on the first block)
+        # rescales the old sums to the new maximum (0 on the first block)
+        alpha = torch.exp(m - m_new)
         p = torch.exp(s - m_new[..., None])  # [num_heads, q_len, n]
         denom = denom * alpha + p.sum(dim=-1)
         acc = acc * alpha[..., None] + p @ v  # [num_heads, q_len, head_dim]
@@ -295,7 +323,8 @@ def dense_attention(
             continue
         q_len, seq_len = end - start, k.shape[0]
         q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)  # [q_len]
-        visible = torch.arange(seq_len, device=query.device)[None, :] <= q_pos[:, None]  # [q_len, seq_len]
+        # [q_len, seq_len]
+        visible = torch.arange(seq_len, device=query.device)[None, :] <= q_pos[:, None]
         o = F.scaled_dot_product_attention(
             query[start:end].float().transpose(0, 1),  # [num_heads, q_len, head_dim]
             k.float().transpose(0, 1),  # [num_kv_heads, seq_len, head_dim]

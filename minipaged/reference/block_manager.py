@@ -22,7 +22,8 @@ from minipaged.reference.memory_stats import MemoryStats, PoolStats, SeqMemory, 
 from minipaged.reference.prefix_cache import PrefixCachingBlockAllocator, hash_full_blocks
 from minipaged.sequence import Sequence, SequenceGroup
 
-BlockMapping = list[tuple[int, int]]  # (src block, dst block) pairs for copy_blocks / swap_blocks
+# (src block, dst block) pairs for copy_blocks / swap_blocks
+BlockMapping = list[tuple[int, int]]
 
 
 class AllocStatus(enum.Enum):
@@ -72,14 +73,18 @@ class BlockManager:
         device_cls = PrefixCachingBlockAllocator if enable_prefix_caching else BlockAllocator
         self.device: BlockAllocator = device_cls(num_gpu_blocks, "device")
         self.host = BlockAllocator(num_cpu_blocks, "host")
-        self.device_tables: dict[int, BlockTable] = {}  # seq_id -> table of device blocks
-        self.host_tables: dict[int, BlockTable] = {}  # seq_id -> table of host blocks (swapped out)
-        self._block_hashes: dict[int, list[str]] = {}  # seq_id -> hashes of its full blocks
+        # seq_id -> table of device blocks
+        self.device_tables: dict[int, BlockTable] = {}
+        # seq_id -> table of host blocks (swapped out)
+        self.host_tables: dict[int, BlockTable] = {}
+        # seq_id -> hashes of its full blocks
+        self._block_hashes: dict[int, list[str]] = {}
         self.cow_copies = 0
         self.blocks_swapped_out = 0
         self.blocks_swapped_in = 0
 
-    # ---- admission and allocation (demand paging) -------------------------------------------
+    # ---- admission and allocation (demand paging)
+    # -------------------------------------------
 
     def can_allocate(self, seq_group: SequenceGroup) -> AllocStatus:
         """Could the group's prompt blocks be allocated now, while keeping the watermark free?
@@ -110,7 +115,8 @@ class BlockManager:
             ValueError: if the blocks needed exceed the device pool above the watermark.
         """
         total = num_prompt_tokens + max_tokens
-        shared = num_prompt_tokens // self.block_size  # the prompt's full blocks, shared by all
+        # the prompt's full blocks, shared by all
+        shared = num_prompt_tokens // self.block_size
         per_seq = num_blocks_for(total - 1, self.block_size) - shared
         needed = shared + num_seqs * per_seq
         usable = self.device.num_blocks - self.watermark_blocks
@@ -180,7 +186,8 @@ class BlockManager:
         num_new_tokens = len(seq) - table.num_tokens
         if num_new_tokens > 0 and table.num_filled_in_last_block not in (0, self.block_size):
             last = table.block_ids[-1]
-            if self.device.ref_count(last) > 1:  # shared and about to be written: copy it first
+            # shared and about to be written: copy it first
+            if self.device.ref_count(last) > 1:
                 copy = self.device.allocate()
                 self.device.free(last)
                 table.block_ids[-1] = copy
@@ -191,7 +198,8 @@ class BlockManager:
         return cow
         # END SOLUTION
 
-    # ---- sharing -----------------------------------------------------------------------------
+    # ---- sharing
+    # -----------------------------------------------------------------------------
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Share every block of `parent` with `child` (like fork(): copy-on-write pages).
@@ -249,7 +257,8 @@ class BlockManager:
             pool.free(block)
         self._block_hashes.pop(seq.seq_id, None)
 
-    # ---- swapping ----------------------------------------------------------------------------
+    # ---- swapping
+    # ----------------------------------------------------------------------------
 
     def can_swap_out(self, seq_group: SequenceGroup) -> bool:
         """Does the host pool have room for the group's device blocks (each shared block once)?"""
@@ -313,8 +322,10 @@ class BlockManager:
                 f"group {seq_group.request_id!r} needs {needed} {dst.name} blocks, {dst.num_free} free"
             )
         # BEGIN SOLUTION
-        mapping: dict[int, int] = {}  # src block -> dst block: a shared block is moved once
-        found: set[int] = set()  # src blocks whose K/V the device's prefix cache still holds
+        # src block -> dst block: a shared block is moved once
+        mapping: dict[int, int] = {}
+        # src blocks whose K/V the device's prefix cache still holds
+        found: set[int] = set()
         for seq in seqs:
             table = src_tables.pop(seq.seq_id)
             new_ids = []
@@ -322,12 +333,14 @@ class BlockManager:
                 if block in mapping:
                     dst.incref(mapping[block])
                 elif (cached := self._find_in_prefix_cache(dst, seq, i)) is not None:
-                    mapping[block] = cached  # like Linux's swap cache: nothing to transfer
+                    # like Linux's swap cache: nothing to transfer
+                    mapping[block] = cached
                     found.add(block)
                 else:
                     mapping[block] = dst.allocate()
                 new_ids.append(mapping[block])
-            for block in reversed(table.block_ids):  # tail first, as free(): the cache keeps the head
+            # tail first, as free(): the cache keeps the head
+            for block in reversed(table.block_ids):
                 src.free(block)
             dst_tables[seq.seq_id] = BlockTable(self.block_size, new_ids, table.num_tokens)
             if dst is self.device:
@@ -342,7 +355,8 @@ class BlockManager:
             self.blocks_swapped_in += len(transfers)
         return transfers
 
-    # ---- what memory looks like --------------------------------------------------------------
+    # ---- what memory looks like
+    # --------------------------------------------------------------
 
     def get_block_table(self, seq: Sequence) -> BlockTable:
         """The device block table of `seq` (the engine builds slot_mapping and block_tables from it).
@@ -383,7 +397,8 @@ class BlockManager:
             blocks_swapped_in=self.blocks_swapped_in,
         )
 
-    # ---- helpers -----------------------------------------------------------------------------
+    # ---- helpers
+    # -----------------------------------------------------------------------------
 
     def _device_table(self, seq: Sequence) -> BlockTable:
         if seq.seq_id not in self.device_tables:
@@ -512,8 +527,9 @@ class BlockManager:
         if not isinstance(self.device, PrefixCachingBlockAllocator):
             return
         known = len(self._block_hashes.get(seq.seq_id, [])) if start is None else start
-        # Only blocks the table holds full: a token sampled but not yet appended (a sequence swapped
-        # out right after its step) has no K/V in the pool yet, so its block is not published.
+        # Only blocks the table holds full: a token sampled but not yet appended (a
+        # sequence swapped out right after its step) has no K/V in the pool yet, so its
+        # block is not published.
         hashes = self._hashes_of(seq)[: table.num_tokens // self.block_size]
         for i in range(known, len(hashes)):
             self.device.register(table.block_ids[i], hashes[i])

@@ -118,7 +118,8 @@ class BlockTable:
                 new_blocks.append(allocate())
         except Exception:
             if free is not None:
-                for block in reversed(new_blocks):  # reversed: the free list gets back its order
+                # reversed: the free list gets back its order
+                for block in reversed(new_blocks):
                     free(block)
             raise
         self.block_ids.extend(new_blocks)  # only now, when every block was found
@@ -183,4 +184,5 @@ def block_tables_tensor(
     width = max((len(t) for t in tables), default=0) if max_blocks is None else max_blocks
     if not tables:
         return torch.empty((0, width), dtype=torch.int32, device=device)
-    return torch.stack([t.as_tensor(width, device) for t in tables])  # [num_seqs, max_blocks]
+    # [num_seqs, max_blocks]
+    return torch.stack([t.as_tensor(width, device) for t in tables])

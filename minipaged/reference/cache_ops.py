@@ -54,8 +54,10 @@ def write_kv(
     block_size = k_cache.shape[1]
     keep = slot_mapping >= 0  # [num_tokens] bool: False for padding
     slots = slot_mapping[keep]  # [num_written]
-    block_ids, offsets = slots // block_size, slots % block_size  # physical block, row inside it
-    k_cache[block_ids, offsets] = key[keep]  # [num_written, num_kv_heads, head_dim] into their rows
+    # physical block, row inside it
+    block_ids, offsets = slots // block_size, slots % block_size
+    # [num_written, num_kv_heads, head_dim] into their rows
+    k_cache[block_ids, offsets] = key[keep]
     v_cache[block_ids, offsets] = value[keep]
     # END SOLUTION
 
@@ -84,7 +86,8 @@ def copy_blocks(
     # BEGIN SOLUTION
     src, dst = block_mapping[:, 0], block_mapping[:, 1]  # [n] each
     for k_cache, v_cache in zip(k_caches, v_caches, strict=True):
-        k_cache[dst] = k_cache[src]  # [n, block_size, num_kv_heads, head_dim]: whole pages
+        # [n, block_size, num_kv_heads, head_dim]: whole pages
+        k_cache[dst] = k_cache[src]
         v_cache[dst] = v_cache[src]
     # END SOLUTION
 

@@ -80,7 +80,8 @@ def pool_stats(pool: BlockAllocator, tables: dict[int, BlockTable], block_size: 
     """
     holders = Counter(itertools.chain.from_iterable(t.block_ids for t in tables.values()))
     full = set(itertools.chain.from_iterable(t.block_ids[:-1] for t in tables.values()))
-    last_fill: dict[int, int] = {}  # a table's last block -> the most slots any holder filled in it
+    # a table's last block -> the most slots any holder filled in it
+    last_fill: dict[int, int] = {}
     for table in tables.values():
         if table.block_ids:
             block = table.block_ids[-1]

@@ -38,7 +38,8 @@ def hash_block_tokens(parent_hash: str, token_ids: Sequence[int]) -> str:
     """
     # BEGIN SOLUTION
     digest = hashlib.sha256(parent_hash.encode("ascii"))
-    digest.update(struct.pack(f"<{len(token_ids)}q", *token_ids))  # fixed-width ints: no ambiguity
+    # fixed-width ints: no ambiguity
+    digest.update(struct.pack(f"<{len(token_ids)}q", *token_ids))
     return digest.hexdigest()
     # END SOLUTION
 
@@ -73,7 +74,8 @@ class PrefixCachingBlockAllocator(BlockAllocator):
         super().__init__(num_blocks, name)
         self._block_of_hash: dict[str, int] = {}  # the cache's index: name -> block
         self._hash_of_block: dict[int, str] = {}  # reverse index, for eviction
-        self._evictor: OrderedDict[int, None] = OrderedDict()  # cached-free blocks, least recent first
+        # cached-free blocks, least recent first
+        self._evictor: OrderedDict[int, None] = OrderedDict()
         self.hits = 0  # full prompt blocks found in the cache
         self.misses = 0  # full prompt blocks that had to be computed
         self.evictions = 0  # cached-free blocks reclaimed for new content
@@ -114,8 +116,10 @@ class PrefixCachingBlockAllocator(BlockAllocator):
             return super().allocate()
         if not self._evictor:
             raise NoFreeBlocksError(f"all {self.num_blocks} blocks of the {self.name} pool are in use")
-        block, _ = self._evictor.popitem(last=False)  # the least recently used cached-free block
-        del self._block_of_hash[self._hash_of_block.pop(block)]  # its old content is gone
+        # the least recently used cached-free block
+        block, _ = self._evictor.popitem(last=False)
+        # its old content is gone
+        del self._block_of_hash[self._hash_of_block.pop(block)]
         self.evictions += 1
         self._ref_count[block] = 1
         return block

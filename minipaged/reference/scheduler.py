@@ -53,8 +53,10 @@ class ScheduledSeq:
 
     group: SequenceGroup
     seq: Sequence
-    num_query_tokens: int  # q_len: the whole uncached prompt for a prefill, 1 for a decode
-    is_prefill: bool = False  # admitted from the waiting queue this step (new, or to recompute)
+    # q_len: the whole uncached prompt for a prefill, 1 for a decode
+    num_query_tokens: int
+    # admitted from the waiting queue this step (new, or to recompute)
+    is_prefill: bool = False
 
 
 @dataclass
@@ -62,11 +64,16 @@ class SchedulerOutput:
     """The decisions of one step, in the order the engine carries them out."""
 
     scheduled: list[ScheduledSeq] = field(default_factory=list)
-    blocks_to_swap_out: BlockMapping = field(default_factory=list)  # (device, host), done first
-    blocks_to_swap_in: BlockMapping = field(default_factory=list)  # (host, device), done second
-    blocks_to_copy: BlockMapping = field(default_factory=list)  # copy-on-write (src, dst), done third
-    preempted: list[tuple[str, str]] = field(default_factory=list)  # (request_id, "swap" | "recompute")
-    deferred: list[str] = field(default_factory=list)  # running request_ids left out by the token budget
+    # (device, host), done first
+    blocks_to_swap_out: BlockMapping = field(default_factory=list)
+    # (host, device), done second
+    blocks_to_swap_in: BlockMapping = field(default_factory=list)
+    # copy-on-write (src, dst), done third
+    blocks_to_copy: BlockMapping = field(default_factory=list)
+    # (request_id, "swap" | "recompute")
+    preempted: list[tuple[str, str]] = field(default_factory=list)
+    # running request_ids left out by the token budget
+    deferred: list[str] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -107,7 +114,8 @@ class Scheduler:
         preempted = self._schedule_running(out)
         if not preempted:
             self._schedule_swapped(out)
-        static_busy = self.config.batching == "static" and bool(self.running)  # the batch runs on
+        # the batch runs on
+        static_busy = self.config.batching == "static" and bool(self.running)
         if not preempted and not self.swapped and not static_busy:
             self._schedule_waiting(out)
         return out
@@ -127,7 +135,8 @@ class Scheduler:
                 self.block_manager.free(seq)  # a waiting sequence holds nothing
             seq.status = SequenceStatus.FINISHED_ABORTED
 
-    # ---- the three phases --------------------------------------------------------------------
+    # ---- the three phases
+    # --------------------------------------------------------------------
 
     def _schedule_running(self, out: SchedulerOutput) -> bool:
         """Give each running group its next slots, oldest first; preempt the newest when short.
@@ -145,10 +154,12 @@ class Scheduler:
             group = queue.popleft()
             if not self._fits_budget(out, group.get_seqs(SequenceStatus.RUNNING)):
                 out.deferred += [g.request_id for g in (group, *queue)]
-                kept += [group, *queue]  # no preemption: they keep their blocks and run next step
+                # no preemption: they keep their blocks and run next step
+                kept += [group, *queue]
                 break
             while not manager.can_append_slots(group):
-                victim = queue.pop() if queue else group  # the most recently arrived running group
+                # the most recently arrived running group
+                victim = queue.pop() if queue else group
                 self._preempt(victim, out)
                 preempted = True
                 if victim is group:
@@ -169,15 +180,18 @@ class Scheduler:
             seqs = group.get_seqs(SequenceStatus.SWAPPED)
             if self._num_running_seqs() + len(seqs) > self.config.max_num_seqs:
                 break
-            if not self._fits_budget(out, seqs):  # each decodes the token it sampled before the swap
+            # each decodes the token it sampled before the swap
+            if not self._fits_budget(out, seqs):
                 break
-            if not manager.can_swap_in(group):  # its blocks and those its next tokens need
+            # its blocks and those its next tokens need
+            if not manager.can_swap_in(group):
                 break
             self.swapped.pop(0)
             out.blocks_to_swap_in += manager.swap_in(group)
             for seq in seqs:
                 seq.status = SequenceStatus.RUNNING
-                out.blocks_to_copy += manager.append_slots(seq)  # the token sampled before the swap
+                # the token sampled before the swap
+                out.blocks_to_copy += manager.append_slots(seq)
                 out.scheduled.append(ScheduledSeq(group, seq, seq.num_uncomputed_tokens))
             self.running.append(group)
 
@@ -189,10 +203,12 @@ class Scheduler:
             seqs = group.get_unfinished_seqs()
             if self._num_running_seqs() + group.max_seqs > self.config.max_num_seqs:
                 break
-            if not self._fits_budget(out, seqs):  # its whole prompt (and any output) at most
+            # its whole prompt (and any output) at most
+            if not self._fits_budget(out, seqs):
                 break
             status = manager.can_allocate(group)
-            if status != AllocStatus.OK:  # LATER: wait for blocks; NEVER is refused at submission
+            # LATER: wait for blocks; NEVER is refused at submission
+            if status != AllocStatus.OK:
                 break
             self.waiting.popleft()
             num_cached = manager.allocate(group)
@@ -202,7 +218,8 @@ class Scheduler:
                 out.scheduled.append(ScheduledSeq(group, seq, seq.num_uncomputed_tokens, is_prefill=True))
             self.running.append(group)
 
-    # ---- the token budget --------------------------------------------------------------------
+    # ---- the token budget
+    # --------------------------------------------------------------------
 
     def _fits_budget(self, out: SchedulerOutput, seqs: list[Sequence]) -> bool:
         """May these sequences of one group join the step without passing max_num_batched_tokens?
@@ -219,7 +236,8 @@ class Scheduler:
         num_new_tokens = sum(seq.num_uncomputed_tokens for seq in seqs)
         return out.num_batched_tokens + num_new_tokens <= self.config.max_num_batched_tokens
 
-    # ---- preemption --------------------------------------------------------------------------
+    # ---- preemption
+    # --------------------------------------------------------------------------
 
     def _preempt(self, group: SequenceGroup, out: SchedulerOutput) -> None:
         """Evict a whole group: swap it out if asked and the host has room, else free it to recompute."""
@@ -236,8 +254,10 @@ class Scheduler:
             for seq in seqs:
                 manager.free(seq)
                 seq.status = SequenceStatus.WAITING
-                seq.num_computed_tokens = 0  # its K/V are gone: the next prefill recomputes them
-            self.waiting.appendleft(group)  # victims are preempted newest first, so the oldest ends up first
+                # its K/V are gone: the next prefill recomputes them
+                seq.num_computed_tokens = 0
+            # victims are preempted newest first, so the oldest ends up first
+            self.waiting.appendleft(group)
             mode = "recompute"
         self.num_preemptions[mode] += 1
         out.preempted.append((group.request_id, mode))

@@ -126,7 +126,8 @@ def check_swap_blocks(src: object, dst: object, block_mapping: object) -> None:
     """Check swap_blocks' arguments: two pools holding the same kind of block, and a mapping on the CPU."""
     check_cache_pair(src, src, "src", "src")
     check_cache_pair(dst, dst, "dst", "dst")
-    assert isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor)  # checked just above
+    # checked just above
+    assert isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor)
     if src.dtype != dst.dtype or src.shape[1:] != dst.shape[1:]:
         raise ValueError(
             f"dst must hold blocks like src ({src.dtype}, block shape {tuple(src.shape[1:])}), "

@@ -57,7 +57,8 @@ def build_app(
     engine = EngineLoop(llm)
     model_name = served_model_name or default_model_name(llm)
     registry = make_registry(engine)
-    in_flight = {"count": 0}  # requests submitted and not finished (touched on the event loop only)
+    # requests submitted and not finished (touched on the event loop only)
+    in_flight = {"count": 0}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -65,7 +66,8 @@ def build_app(
         try:
             yield
         finally:
-            await asyncio.to_thread(engine.stop)  # aborts what is left: every block comes back
+            # aborts what is left: every block comes back
+            await asyncio.to_thread(engine.stop)
 
     app = FastAPI(title="minipaged", lifespan=lifespan)
     app.state.engine, app.state.llm, app.state.model_name = engine, llm, model_name
@@ -127,8 +129,10 @@ class _Handle:
         self.streaming = False  # the stream's generator releases it
 
     def _deliver_from(self, loop: asyncio.AbstractEventLoop):
-        def deliver(event: Event) -> None:  # on the engine thread: hand over, never block
-            with contextlib.suppress(RuntimeError):  # the event loop has closed: nobody is waiting
+        # on the engine thread: hand over, never block
+        def deliver(event: Event) -> None:
+            # the event loop has closed: nobody is waiting
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
         return deliver
@@ -137,13 +141,15 @@ class _Handle:
         """Submit, then answer: an error, the whole completion, or a stream of events."""
         self.engine.submit(self.submission)
         try:
-            event = await self._next(request)  # ACCEPTED, or an ERROR: the engine refused it
+            # ACCEPTED, or an ERROR: the engine refused it
+            event = await self._next(request)
             if event is not None and event.kind == ACCEPTED and self.completion.stream:
                 self.streaming = True
                 return StreamingResponse(
                     self._sse(model_name, tokenizer),
                     media_type="text/event-stream",
-                    background=BackgroundTask(self._release_async),  # runs even if the stream never started
+                    # runs even if the stream never started
+                    background=BackgroundTask(self._release_async),
                 )
             while event is not None and event.kind == ACCEPTED:
                 event = await self._next(request)
@@ -188,7 +194,8 @@ class _Handle:
         try:
             while True:
                 event = self._seen(await self.queue.get())
-                while not self.queue.empty():  # the client is behind: the latest output holds it all
+                # the client is behind: the latest output holds it all
+                while not self.queue.empty():
                     event = self._seen(self.queue.get_nowait())
                 if event.kind == ERROR:
                     yield _sse_data(ProtocolError(event.message, None, event.status).body())
@@ -201,7 +208,8 @@ class _Handle:
                         yield _sse_data(stream.usage_chunk(event.output))
                     break
             yield "data: [DONE]\n\n"
-        finally:  # also on disconnect: Starlette cancels this generator when the client goes away
+        # also on disconnect: Starlette cancels this generator when the client goes away
+        finally:
             self._release()
 
     async def _release_async(self) -> None:
@@ -212,7 +220,8 @@ class _Handle:
             return
         self.released = True
         self.in_flight["count"] -= 1
-        if not self.over:  # the client left before the end: the engine must free its blocks
+        # the client left before the end: the engine must free its blocks
+        if not self.over:
             self.engine.abort(self.submission)
 
 

@@ -74,7 +74,8 @@ class EngineLoop:
         self.llm = llm
         self._inbox: deque[tuple[str, Submission]] = deque()
         self._wakeup = threading.Condition()
-        self._active: dict[str, Submission] = {}  # request_id -> its submission; the engine knows it
+        # request_id -> its submission; the engine knows it
+        self._active: dict[str, Submission] = {}
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="minipaged-engine-loop", daemon=True)
         self.num_finished = self.num_aborted = self.num_failed = 0
@@ -116,7 +117,8 @@ class EngineLoop:
 
     def _run(self) -> None:
         while True:
-            with self._wakeup:  # sleep until there is something to do: no busy-wait when idle
+            # sleep until there is something to do: no busy-wait when idle
+            with self._wakeup:
                 while not self._inbox and not self._stopping and not self.llm.has_unfinished_requests():
                     self._wakeup.wait()
                 if self._stopping:
@@ -128,7 +130,8 @@ class EngineLoop:
                     self._add(submission) if kind == "add" else self._abort(submission)
                 if self.llm.has_unfinished_requests():
                     self._step()
-            except Exception as error:  # a bug, not a model error: fail what is in flight, go on serving
+            # a bug, not a model error: fail what is in flight, go on serving
+            except Exception as error:
                 self.last_error = error
                 self._fail_all(error)
             self.snapshot = snapshot(self.llm, self)
@@ -139,7 +142,8 @@ class EngineLoop:
             return
         try:
             submission.request_id = self.llm.add_request(submission.prompt, submission.params)
-        except (ValueError, TypeError) as error:  # can never be served: the message names the field
+        # can never be served: the message names the field
+        except (ValueError, TypeError) as error:
             self._finish(submission, Event(ERROR, status=400, message=str(error)))
             return
         except Exception as error:  # a bug in the engine must not kill the loop
@@ -169,11 +173,13 @@ class EngineLoop:
             self.num_finished += 1
             self.prompt_tokens += len(output.prompt_token_ids)
             self.generation_tokens += sum(len(c.token_ids) for c in output.outputs)
-        self.snapshot = snapshot(self.llm, self)  # before the answers: a client then sees its request counted
+        # before the answers: a client then sees its request counted
+        self.snapshot = snapshot(self.llm, self)
         for submission, output in done:
             self._finish(submission, Event(FINISHED, output))
         for request_id, submission in self._active.items():
-            if submission.stream:  # the output so far: the handler sends what its client has not seen
+            # the output so far: the handler sends what its client has not seen
+            if submission.stream:
                 output = self.llm.request_output(request_id)
                 if output is not None:
                     submission.deliver(Event(PROGRESS, output))

@@ -24,7 +24,8 @@ MAX_LOGPROBS = 20  # vLLM's default max_logprobs (OpenAI allows 5)
 # OpenAI fields minipaged does not implement, and the value that means "not used": accepted at it.
 _INERT = {"echo": (False,), "suffix": (None, ""), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0)}
 _IGNORED = {"user"}  # accepted and ignored, as vLLM does
-_STREAM_OPTIONS = {"include_usage", "continuous_usage_stats"}  # the second is vLLM's extra
+# the second is vLLM's extra
+_STREAM_OPTIONS = {"include_usage", "continuous_usage_stats"}
 _KNOWN = {
     "model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "seed", "stop",
     "stop_token_ids", "logprobs", "ignore_eos", "stream", "stream_options", "best_of", "logit_bias",
@@ -102,7 +103,8 @@ def parse_completion_request(body: object) -> CompletionRequest:
         options or {}, "continuous_usage_stats", bool, False, "stream_options.continuous_usage_stats"
     )
     params = _sampling_params(body, n)
-    continuous = include_usage and continuous  # counts on every chunk only when counts were asked
+    # counts on every chunk only when counts were asked
+    continuous = include_usage and continuous
     return CompletionRequest(model, _prompt(body), params, stream, include_usage, continuous)
 
 
@@ -126,13 +128,15 @@ def _sampling_params(body: dict, n: int) -> SamplingParams:
         max_tokens=_get(body, "max_tokens", int, 16),  # OpenAI's default
         seed=_optional(body, "seed", int),
         ignore_eos=_get(body, "ignore_eos", bool, False),
-        stop=None if stop in (None, []) else stop,  # "" goes on to be refused, as [""] is
+        # "" goes on to be refused, as [""] is
+        stop=None if stop in (None, []) else stop,
         stop_token_ids=stop_token_ids or None,
         logprobs=logprobs,
     )
     try:
         return SamplingParams(**fields)
-    except (ValueError, TypeError) as error:  # a value out of range: the message names the field
+    # a value out of range: the message names the field
+    except (ValueError, TypeError) as error:
         raise ProtocolError(str(error), field_named_in(str(error))) from None
 
 

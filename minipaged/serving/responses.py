@@ -40,7 +40,8 @@ def logprobs_body(tokenizer, completion: CompletionOutput, start: int = 0, end: 
         body["tokens"].append(token_text(tokenizer, token))
         body["token_logprobs"].append(completion.logprobs[i])
         candidates = dict(top[i]) if top is not None else {}
-        candidates.setdefault(token, completion.logprobs[i])  # the sampled token is always listed
+        # the sampled token is always listed
+        candidates.setdefault(token, completion.logprobs[i])
         body["top_logprobs"].append({token_text(tokenizer, t): lp for t, lp in candidates.items()})
         prefix = tokenizer.decode(completion.token_ids[:i]) if tokenizer is not None else ""
         body["text_offset"].append(len(prefix))
@@ -63,7 +64,8 @@ def completion_body(
             "text": c.text,
             "logprobs": logprobs_body(tokenizer, c) if want_logprobs else None,
             "finish_reason": c.finish_reason,
-            "stop_reason": getattr(c, "stop_reason", None),  # vLLM's extra: the stop string or token
+            # vLLM's extra: the stop string or token
+            "stop_reason": getattr(c, "stop_reason", None),
         }
         for c in output.outputs
     ]
@@ -103,7 +105,8 @@ class CompletionStream:
         self.want_logprobs, self.include_usage = want_logprobs, include_usage
         self.continuous_usage = include_usage and continuous_usage
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        self.hold_back = max((len(s) for s in stops), default=1) - 1  # a stop string's possible start
+        # a stop string's possible start
+        self.hold_back = max((len(s) for s in stops), default=1) - 1
         self.sent_text = [""] * n
         self.sent_tokens = [0] * n
         self.done = [False] * n  # its finish_reason was sent: nothing more comes for it
@@ -115,11 +118,14 @@ class CompletionStream:
         for c in output.outputs:
             if self.done[c.index]:
                 continue
-            done = finished or c.finish_reason is not None  # a sample may end before its siblings
+            # a sample may end before its siblings
+            done = finished or c.finish_reason is not None
             text = self._new_text(c, done)
             start, end = self.sent_tokens[c.index], len(c.token_ids)
             if not text and not done and not (self.want_logprobs and end > start):
-                continue  # nothing to show yet (the text is held back): the tokens go in a later chunk
+                # nothing to show yet (the text is held back): the tokens go in a later
+                # chunk
+                continue
             self.sent_tokens[c.index], self.done[c.index] = end, done
             choice = {
                 "index": c.index,
@@ -130,7 +136,8 @@ class CompletionStream:
             if done:
                 choice["stop_reason"] = getattr(c, "stop_reason", None)
             chunk = self._chunk([choice])
-            if self.continuous_usage:  # as vLLM counts it: the prompt and this choice's tokens so far
+            # as vLLM counts it: the prompt and this choice's tokens so far
+            if self.continuous_usage:
                 prompt = len(output.prompt_token_ids)
                 chunk["usage"] = dict(prompt_tokens=prompt, completion_tokens=end, total_tokens=prompt + end)
             chunks.append(chunk)
@@ -142,7 +149,8 @@ class CompletionStream:
 
     def _new_text(self, c: CompletionOutput, finished: bool) -> str:
         text = c.text
-        if not finished:  # keep back what may still change: a split character, a stop string's start
+        # keep back what may still change: a split character, a stop string's start
+        if not finished:
             text = text[: len(text) - self.hold_back] if self.hold_back else text
             text = text.rstrip(REPLACEMENT_CHARACTER)
         sent = self.sent_text[c.index]

@@ -18,7 +18,8 @@ import uvicorn
 
 from minipaged.serving.app import DEFAULT_MAX_QUEUED_REQUESTS, build_app
 
-GRACEFUL_SHUTDOWN_S = 5  # open streams get this long to end at shutdown, then they are cancelled
+# open streams get this long to end at shutdown, then they are cancelled
+GRACEFUL_SHUTDOWN_S = 5
 
 
 def serve(
@@ -44,7 +45,8 @@ def serve(
     config = uvicorn.Config(
         app, host=host, port=port, log_level="info", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S
     )
-    uvicorn.Server(config).run()  # handles SIGINT/SIGTERM: a clean shutdown runs the app's lifespan end
+    # handles SIGINT/SIGTERM: a clean shutdown runs the app's lifespan end
+    uvicorn.Server(config).run()
 
 
 @contextlib.contextmanager
@@ -94,7 +96,8 @@ def running_server(
     finally:
         server.should_exit = True
         thread.join(GRACEFUL_SHUTDOWN_S + 30)
-        app.state.engine.stop()  # a no-op after a clean shutdown; here if uvicorn never started
+        # a no-op after a clean shutdown; here if uvicorn never started
+        app.state.engine.stop()
         sock.close()
 
 
