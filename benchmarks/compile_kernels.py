@@ -33,7 +33,9 @@ from pathlib import Path
 from typing import Any
 
 if os.environ.get("TRITON_INTERPRET") == "1":
-    sys.exit("compile_kernels.py compiles for a GPU: run it with TRITON_INTERPRET unset (or 0)")
+    sys.exit(
+        "compile_kernels.py compiles for a GPU: run it with TRITON_INTERPRET unset (or 0)"
+    )
 
 import torch
 import triton
@@ -55,13 +57,17 @@ sys.path.insert(0, str(ROOT))  # cache_ops imports minipaged.reference.validatio
 
 def _load(name: str):
     """A module of minipaged/fast by its file, without the package's import-time device check."""
-    spec = importlib.util.spec_from_file_location(f"_minipaged_fast_{name}", FAST / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(
+        f"_minipaged_fast_{name}", FAST / f"{name}.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def _signature(fn, pointers: dict[str, str], floats: set[str], constexprs: dict) -> dict[str, str]:
+def _signature(
+    fn, pointers: dict[str, str], floats: set[str], constexprs: dict
+) -> dict[str, str]:
     """Each argument's type for ASTSource: pointers typed, floats fp32, constexprs, the rest i32."""
     sig = {}
     for name in fn.arg_names:
@@ -80,7 +86,9 @@ TORCH_DTYPES = {"*fp32": torch.float32, "*fp16": torch.float16, "*bf16": torch.b
 TORCH_DTYPES |= {"*i32": torch.int32, "*i64": torch.int64}
 
 
-def _launch_variant(fn, pointers: dict[str, str], values: dict[str, Any], constexprs: dict, backend):
+def _launch_variant(
+    fn, pointers: dict[str, str], values: dict[str, Any], constexprs: dict, backend
+):
     """(signature, constexprs, attrs) as a launch with these argument values specializes the kernel.
 
     `values` holds every non-pointer runtime argument; pointers are given 16-byte-aligned tensors of
@@ -92,7 +100,11 @@ def _launch_variant(fn, pointers: dict[str, str], values: dict[str, Any], conste
         if name in constexprs:
             sig[name] = "constexpr"
             continue
-        value = torch.empty(64, dtype=TORCH_DTYPES[pointers[name]]) if name in pointers else values[name]
+        value = (
+            torch.empty(64, dtype=TORCH_DTYPES[pointers[name]])
+            if name in pointers
+            else values[name]
+        )
         kind, attr = native_specialize_impl(
             backend,
             value,
@@ -128,22 +140,40 @@ def attention_configs(quick: bool):
         for head_dim in head_dims:
             block_d = max(16, triton.next_power_of_2(head_dim))
             common = {
-                "DOT_DTYPE": getattr(tl, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dt]),
+                "DOT_DTYPE": getattr(
+                    tl, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dt]
+                ),
                 "DOT_PRECISION": "ieee" if dt == "fp32" else "tf32",
             }
             for group in groups:
                 num_heads = NUM_KV_HEADS * group
                 # query and out: row-major
                 rows = {"stride_qt": num_heads * head_dim, "stride_qh": head_dim}
-                rows |= {"stride_ot": num_heads * head_dim, "stride_oh": head_dim, "stride_bt": TABLE_WIDTH}
-                shape = {"num_kv_heads": NUM_KV_HEADS, "head_dim": head_dim, "scale": head_dim**-0.5}
+                rows |= {
+                    "stride_ot": num_heads * head_dim,
+                    "stride_oh": head_dim,
+                    "stride_bt": TABLE_WIDTH,
+                }
+                shape = {
+                    "num_kv_heads": NUM_KV_HEADS,
+                    "head_dim": head_dim,
+                    "scale": head_dim**-0.5,
+                }
                 shape |= {"block_size": BLOCK_SIZE}
                 for split in (False, True):
-                    ptrs = {n: f"*{dt}" for n in ("query_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr")}
+                    ptrs = {
+                        n: f"*{dt}"
+                        for n in ("query_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr")
+                    }
                     ptrs |= {"partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32"}
                     ptrs |= {
                         n: "*i32"
-                        for n in ("block_tables_ptr", "seq_lens_ptr", "decode_seqs_ptr", "decode_rows_ptr")
+                        for n in (
+                            "block_tables_ptr",
+                            "seq_lens_ptr",
+                            "decode_seqs_ptr",
+                            "decode_rows_ptr",
+                        )
                     }
                     consts = {
                         "GROUP": group,
@@ -153,7 +183,9 @@ def attention_configs(quick: bool):
                         "SPLIT": split,
                         **common,
                     }
-                    chunks = {"tokens_per_split": 256, "num_splits": 16} if split else {}
+                    chunks = (
+                        {"tokens_per_split": 256, "num_splits": 16} if split else {}
+                    )
                     # 1: a constant then
                     chunks = chunks or {"tokens_per_split": 4096, "num_splits": 1}
                     yield (
@@ -163,10 +195,18 @@ def attention_configs(quick: bool):
                         consts,
                         {**rows, **shape, "num_heads": num_heads, **chunks},
                     )
-                ptrs = {n: f"*{dt}" for n in ("query_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr")}
+                ptrs = {
+                    n: f"*{dt}"
+                    for n in ("query_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr")
+                }
                 ptrs |= {
                     n: "*i32"
-                    for n in ("block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr", "prefill_seqs_ptr")
+                    for n in (
+                        "block_tables_ptr",
+                        "seq_lens_ptr",
+                        "query_start_loc_ptr",
+                        "prefill_seqs_ptr",
+                    )
                 }
                 consts = {
                     "GROUP": group,
@@ -193,7 +233,12 @@ def attention_configs(quick: bool):
                 decode._merge_splits_kernel,
                 ptrs,
                 {"BLOCK_SPLITS": 32, "BLOCK_D": triton.next_power_of_2(head_dim)},
-                {"stride_ot": 32 * head_dim, "stride_oh": head_dim, "num_heads": 32, "head_dim": head_dim}
+                {
+                    "stride_ot": 32 * head_dim,
+                    "stride_oh": head_dim,
+                    "num_heads": 32,
+                    "head_dim": head_dim,
+                }
                 | {"num_splits": 20},  # 20 chunks: BLOCK_SPLITS 32
             )
 
@@ -205,15 +250,30 @@ def cache_op_configs(quick: bool):
     """
     ops = _load("cache_ops")
     for dt in ["fp16"] if quick else ["fp32", "fp16", "bf16"]:
-        ptrs = {n: f"*{dt}" for n in ("key_ptr", "value_ptr", "k_cache_ptr", "v_cache_ptr")}
+        ptrs = {
+            n: f"*{dt}" for n in ("key_ptr", "value_ptr", "k_cache_ptr", "v_cache_ptr")
+        }
         ptrs["slot_mapping_ptr"] = "*i64"
-        fused = {"stride_kt": 48 * 128, "stride_kh": 128, "stride_vt": 48 * 128, "stride_vh": 128}
+        fused = {
+            "stride_kt": 48 * 128,
+            "stride_kh": 128,
+            "stride_vt": 48 * 128,
+            "stride_vh": 128,
+        }
         values = {**fused, "num_kv_heads": NUM_KV_HEADS, "head_dim": 128}
-        yield f"write_kv {dt}", ops._write_kv_kernel, ptrs, {"BLOCK_H": 8, "BLOCK_D": 128}, values
+        yield (
+            f"write_kv {dt}",
+            ops._write_kv_kernel,
+            ptrs,
+            {"BLOCK_H": 8, "BLOCK_D": 128},
+            values,
+        )
         for name in ("_copy_blocks_kernel", "_copy_rows_kernel"):
             kernel = getattr(ops, name)
             ptrs = {
-                n: ("*i64" if "rows" in n or "ptrs" in n or "mapping" in n else f"*{dt}")
+                n: (
+                    "*i64" if "rows" in n or "ptrs" in n or "mapping" in n else f"*{dt}"
+                )
                 for n in kernel.arg_names
                 if n.endswith("_ptr")
             }
@@ -221,7 +281,8 @@ def cache_op_configs(quick: bool):
             consts |= (
                 {
                     "DTYPE": getattr(
-                        triton.language, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dt]
+                        triton.language,
+                        {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dt],
                     )
                 }
                 if "DTYPE" in kernel.arg_names
@@ -241,14 +302,23 @@ def compile_all(archs: list[int], quick: bool) -> int:
     for arch in archs:
         target = GPUTarget("cuda", arch, 32)
         backend = make_backend(target)
-        for label, kernel, ptrs, consts, values in [*attention_configs(quick), *cache_op_configs(quick)]:
-            variants = [("plain", _signature(kernel, ptrs, {"scale"}, consts), consts, {})]
+        for label, kernel, ptrs, consts, values in [
+            *attention_configs(quick),
+            *cache_op_configs(quick),
+        ]:
+            variants = [
+                ("plain", _signature(kernel, ptrs, {"scale"}, consts), consts, {})
+            ]
             if native_specialize_impl is not None:
-                variants.append(("launch", *_launch_variant(kernel, ptrs, values, consts, backend)))
+                variants.append(
+                    ("launch", *_launch_variant(kernel, ptrs, values, consts, backend))
+                )
             for variant, sig, constexprs, attrs in variants:
                 start = time.perf_counter()
                 try:
-                    source = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
+                    source = ASTSource(
+                        fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs
+                    )
                     compiled = triton.compile(source, target=target)
                 # report every failing config, not only the first
                 except Exception as error:
@@ -264,16 +334,23 @@ def compile_all(archs: list[int], quick: bool) -> int:
                     f"warps={meta.num_warps}  {time.perf_counter() - start:5.1f} s"
                 )
     if native_specialize_impl is None:
-        print("launch-specialized variants not compiled: this triton has no native_specialize_impl")
+        print(
+            "launch-specialized variants not compiled: this triton has no native_specialize_impl"
+        )
     return failures
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--arch", type=int, action="append", help="compute capability x10 (default: 90 and 80)"
+        "--arch",
+        type=int,
+        action="append",
+        help="compute capability x10 (default: 90 and 80)",
     )
-    parser.add_argument("--quick", action="store_true", help="one dtype, head_dim 128, group 4")
+    parser.add_argument(
+        "--quick", action="store_true", help="one dtype, head_dim 128, group 4"
+    )
     args = parser.parse_args(argv)
     failures = compile_all(args.arch or [90, 80], args.quick)
     print(f"{failures} failed" if failures else "all compiled")

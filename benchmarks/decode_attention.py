@@ -80,7 +80,9 @@ METHODS = ("triton", "triton-kernel", "reference", "sdpa", "flex-paged")
 # flex-paged is timed for decode only
 PREFILL_METHODS = ("triton", "triton-kernel", "reference", "sdpa")
 GOAL_METHOD, GOAL_FRACTION, GOAL_CONTEXT, GOAL_X_SDPA = "triton-kernel", 0.8, 4096, 1.2
-GOAL = "goal, recorded not asserted: >= 80% of copy bandwidth at ctx >= 4096, <= 1.2x sdpa"
+GOAL = (
+    "goal, recorded not asserted: >= 80% of copy bandwidth at ctx >= 4096, <= 1.2x sdpa"
+)
 # relative error vs fp32
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 # rotation sets together exceed this (L2 is 50 MiB on H100/H200) ...
@@ -135,7 +137,10 @@ class Point:
     def flops(self) -> int:
         """Prefill FLOPs over the visible (query, key) pairs only: row i of q_len sees seq_len - q_len + i + 1
         keys; each pair costs a multiply-add in Q K^T and one in P V, 4 x head_dim FLOPs per head."""
-        pairs = self.q_len * (self.seq_len - self.q_len) + self.q_len * (self.q_len + 1) // 2
+        pairs = (
+            self.q_len * (self.seq_len - self.q_len)
+            + self.q_len * (self.q_len + 1) // 2
+        )
         return 4 * self.batch * self.num_heads * self.head_dim * pairs
 
     def set_bytes(self, with_dense: bool) -> int:
@@ -158,7 +163,9 @@ class Point:
         if self.kind == "decode":
             return f"decode {self.dtype} batch={self.batch} ctx={self.seq_len}"
         prefix = self.seq_len - self.q_len
-        return f"prefill {self.dtype} batch={self.batch} prefix={prefix} new={self.q_len}"
+        return (
+            f"prefill {self.dtype} batch={self.batch} prefix={prefix} new={self.q_len}"
+        )
 
 
 @dataclass
@@ -207,25 +214,48 @@ class Unavailable(Exception):
 def make_shared(point: Point, gen: torch.Generator, device: torch.device) -> Shared:
     # shuffled: a pool after churn
     perm = torch.randperm(point.num_blocks, generator=gen, device=device)
-    tables = perm[: point.batch * point.blocks_per_seq].view(point.batch, point.blocks_per_seq)
-    seq_lens = torch.full((point.batch,), point.seq_len, dtype=torch.int32, device=device)
-    starts = torch.arange(0, (point.batch + 1) * point.q_len, point.q_len, dtype=torch.int32, device=device)
+    tables = perm[: point.batch * point.blocks_per_seq].view(
+        point.batch, point.blocks_per_seq
+    )
+    seq_lens = torch.full(
+        (point.batch,), point.seq_len, dtype=torch.int32, device=device
+    )
+    starts = torch.arange(
+        0,
+        (point.batch + 1) * point.q_len,
+        point.q_len,
+        dtype=torch.int32,
+        device=device,
+    )
     plan = fast_attention.plan_attention(seq_lens, starts, point.num_kv_heads)
     return Shared(tables.to(torch.int32), seq_lens, starts, point.head_dim**-0.5, plan)
 
 
 def make_inputs(
-    point: Point, shared: Shared, gen: torch.Generator, device: torch.device, dense: bool
+    point: Point,
+    shared: Shared,
+    gen: torch.Generator,
+    device: torch.device,
+    dense: bool,
 ) -> Inputs:
     """Fresh random pools (stale slots too: never zeros), a query, the dense K/V read through the table."""
     dtype = DTYPES[point.dtype]
-    pool_shape = (point.num_blocks, point.block_size, point.num_kv_heads, point.head_dim)
+    pool_shape = (
+        point.num_blocks,
+        point.block_size,
+        point.num_kv_heads,
+        point.head_dim,
+    )
     k_cache = torch.randn(pool_shape, generator=gen, device=device, dtype=dtype)
     v_cache = torch.randn(pool_shape, generator=gen, device=device, dtype=dtype)
     rows = point.batch * point.q_len
-    query = torch.randn(rows, point.num_heads, point.head_dim, generator=gen, device=device, dtype=dtype)
+    query = torch.randn(
+        rows, point.num_heads, point.head_dim, generator=gen, device=device, dtype=dtype
+    )
     out = torch.empty_like(query)  # [batch * q_len, num_heads, head_dim]
-    q_dense = query.view(point.batch, point.q_len, point.num_heads, point.head_dim).transpose(1, 2)
+    q_dense = query.view(
+        point.batch, point.q_len, point.num_heads, point.head_dim
+    ).transpose(1, 2)
     q_dense = q_dense.contiguous()  # [batch, num_heads, q_len, head_dim]
 
     def read_through_table(cache: torch.Tensor) -> torch.Tensor:
@@ -249,17 +279,25 @@ def as_rows(out: torch.Tensor) -> torch.Tensor:
 # ---- the methods: each factory returns a call on one input set, or raises Unavailable -----------------
 
 
-def triton_op(point: Point, shared: Shared, first: Inputs, args: argparse.Namespace) -> Callable:
+def triton_op(
+    point: Point, shared: Shared, first: Inputs, args: argparse.Namespace
+) -> Callable:
     """The public op: checks, plan, kernels; into the set's output buffer, as a model layer would."""
     return lambda s: fast_attention.paged_attention(*shared.paged_args(s), out=s.out)
 
 
-def triton_kernel(point: Point, shared: Shared, first: Inputs, args: argparse.Namespace) -> Callable:
+def triton_kernel(
+    point: Point, shared: Shared, first: Inputs, args: argparse.Namespace
+) -> Callable:
     """The kernels alone, on the plan built once for the point (an engine builds one per step)."""
-    return lambda s: fast_attention.run_planned(shared.plan, *shared.paged_args(s), out=s.out)
+    return lambda s: fast_attention.run_planned(
+        shared.plan, *shared.paged_args(s), out=s.out
+    )
 
 
-def reference(point: Point, shared: Shared, first: Inputs, args: argparse.Namespace) -> Callable:
+def reference(
+    point: Point, shared: Shared, first: Inputs, args: argparse.Namespace
+) -> Callable:
     """The reference backend's op, where its temporaries fit the budget."""
     need = point.reference_bytes()
     if need > args.reference_budget_gib * GiB:
@@ -271,7 +309,9 @@ def reference(point: Point, shared: Shared, first: Inputs, args: argparse.Namesp
     return lambda s: reference_attention.paged_attention(*shared.paged_args(s))
 
 
-def sdpa(point: Point, shared: Shared, first: Inputs, args: argparse.Namespace) -> Callable:
+def sdpa(
+    point: Point, shared: Shared, first: Inputs, args: argparse.Namespace
+) -> Callable:
     """The no-paging ideal. Prefill's rows see keys up to their own positions: a causal mask aligned to
     the bottom right (torch's causal_lower_right, which flash attention runs natively), or, where that
     is missing or disagrees with the explicit mask, the explicit boolean mask (slower: no flash)."""
@@ -287,7 +327,9 @@ def sdpa(point: Point, shared: Shared, first: Inputs, args: argparse.Namespace) 
             from torch.nn.attention.bias import causal_lower_right
 
             bias = causal_lower_right(point.q_len, point.seq_len)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=shared.scale, enable_gqa=True)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias, scale=shared.scale, enable_gqa=True
+            )
             if relative_error(out, explicit.float()) <= TOLERANCE[out.dtype]:
                 mask, note = bias, "mask: causal_lower_right"
         # an older torch, or a backend that refuses it: keep the explicit mask
@@ -296,14 +338,21 @@ def sdpa(point: Point, shared: Shared, first: Inputs, args: argparse.Namespace) 
 
     def call(s: Inputs) -> torch.Tensor:
         return F.scaled_dot_product_attention(
-            s.q_dense, s.k_dense, s.v_dense, attn_mask=mask, scale=shared.scale, enable_gqa=True
+            s.q_dense,
+            s.k_dense,
+            s.v_dense,
+            attn_mask=mask,
+            scale=shared.scale,
+            enable_gqa=True,
         )  # [batch, num_heads, q_len, head_dim]
 
     call.note = note
     return call
 
 
-def flex_paged(point: Point, shared: Shared, first: Inputs, args: argparse.Namespace) -> Callable:
+def flex_paged(
+    point: Point, shared: Shared, first: Inputs, args: argparse.Namespace
+) -> Callable:
     """flex_attention reading the physical pool through a BlockMask built from the block table.
 
     The pool is one long sequence `[1, kv_heads, num_blocks * block_size, head_dim]` that every batch
@@ -369,7 +418,9 @@ def flex_paged(point: Point, shared: Shared, first: Inputs, args: argparse.Names
         # [1, kv_heads, pages * block_size, head_dim]
         k = s.k_cache.view(kv_shape).transpose(1, 2)
         v = s.v_cache.view(kv_shape).transpose(1, 2)
-        return attend(s.q_dense, k, v, block_mask=block_mask, scale=shared.scale, enable_gqa=True)
+        return attend(
+            s.q_dense, k, v, block_mask=block_mask, scale=shared.scale, enable_gqa=True
+        )
 
     return call
 
@@ -414,13 +465,19 @@ def causal_mask(point: Point, device: torch.device) -> torch.Tensor:
 def oracle(point: Point, shared: Shared, s: Inputs) -> torch.Tensor:
     """fp32 SDPA over the dense K/V, a few sequences at a time; `[batch * q_len, num_heads, head_dim]`."""
     mask = causal_mask(point, s.query.device) if point.q_len > 1 else None
-    per_seq = 4 * point.seq_len * (2 * point.num_heads * point.head_dim + point.num_heads * point.q_len)
+    per_seq = (
+        4
+        * point.seq_len
+        * (2 * point.num_heads * point.head_dim + point.num_heads * point.q_len)
+    )
     chunk = max(1, ORACLE_CHUNK_BYTES // per_seq)
     outs = []
     for b in range(0, point.batch, chunk):
         q, k, v = (t[b : b + chunk].float() for t in (s.q_dense, s.k_dense, s.v_dense))
         outs.append(
-            F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=shared.scale, enable_gqa=True)
+            F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=shared.scale, enable_gqa=True
+            )
         )
     return as_rows(torch.cat(outs))
 
@@ -429,12 +486,17 @@ def relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
     return float((out.float() - expected).norm() / expected.norm())
 
 
-def median_us(fn: Callable[[], object], device: torch.device, args: argparse.Namespace) -> float:
+def median_us(
+    fn: Callable[[], object], device: torch.device, args: argparse.Namespace
+) -> float:
     """Median microseconds per call: do_bench on CUDA (L2 flushed before each call), perf_counter on CPU."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        return do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median") * 1e3
+        return (
+            do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median")
+            * 1e3
+        )
     fn()  # warm-up (the interpreter's first call of a kernel is slower)
     times = []
     for _ in range(args.cpu_runs):
@@ -465,29 +527,45 @@ def num_sets(point: Point, device: torch.device, budget: int, dense: bool) -> in
     first, size = point.set_bytes(True), point.set_bytes(dense)
     if budget < first:
         return 0
-    want = min(MAX_SETS, max(MIN_SETS, math.ceil(ROTATE_BYTES / size))) if device.type == "cuda" else 2
+    want = (
+        min(MAX_SETS, max(MIN_SETS, math.ceil(ROTATE_BYTES / size)))
+        if device.type == "cuda"
+        else 2
+    )
     return min(want, 1 + (budget - first) // size)
 
 
 def run_point(
-    point: Point, methods: Sequence[str], device: torch.device, gen: torch.Generator, args, state
+    point: Point,
+    methods: Sequence[str],
+    device: torch.device,
+    gen: torch.Generator,
+    args,
+    state,
 ) -> dict:
     """Check every method against the oracle on the first set, then time each; one row of the report."""
     row = new_row(point)
     dense = "sdpa" in methods
     count = num_sets(point, device, state["budget"], dense)
     if count < 1:
-        row["skipped"] = f"one input set needs {point.set_bytes(True) / GiB:.1f} GiB (> --memory-gib)"
+        row["skipped"] = (
+            f"one input set needs {point.set_bytes(True) / GiB:.1f} GiB (> --memory-gib)"
+        )
         return row
     shared = make_shared(point, gen, device)
-    sets = [make_inputs(point, shared, gen, device, dense=dense or i == 0) for i in range(count)]
+    sets = [
+        make_inputs(point, shared, gen, device, dense=dense or i == 0)
+        for i in range(count)
+    ]
     row["sets"] = count
     expected = oracle(point, shared, sets[0])
     # the others checked then timed; then flex-paged, checked then timed
     for group in run_groups(methods):
         calls = {}
         for name in group:
-            checked = check_method(name, point, shared, sets[0], expected, device, args, state, row)
+            checked = check_method(
+                name, point, shared, sets[0], expected, device, args, state, row
+            )
             if state.get("fault"):
                 break
             if checked is not None:
@@ -499,7 +577,11 @@ def run_point(
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    us = median_us(lambda call=call, rotation=rotation: call(next(rotation)), device, args)
+                    us = median_us(
+                        lambda call=call, rotation=rotation: call(next(rotation)),
+                        device,
+                        args,
+                    )
             except Exception as err:
                 if name not in GUARDED:
                     raise
@@ -523,13 +605,24 @@ def run_groups(methods: Sequence[str]) -> list[list[str]]:
 
 
 def check_method(
-    name: str, point: Point, shared: Shared, first: Inputs, expected: torch.Tensor, device, args, state, row
+    name: str,
+    point: Point,
+    shared: Shared,
+    first: Inputs,
+    expected: torch.Tensor,
+    device,
+    args,
+    state,
+    row,
 ) -> tuple[Callable, float] | None:
     """Build a method and hold its first output to the oracle: (call, relative error), or None with the
     reason in `row` (unavailable, a guarded failure, a recorded wrong answer). Raises DisagreementError
     for a wrong answer of a method whose answers must be right."""
     try:
-        if name == "flex-paged" and state["flex_compile_s"] > args.flex_compile_budget_s:
+        if (
+            name == "flex-paged"
+            and state["flex_compile_s"] > args.flex_compile_budget_s
+        ):
             raise Unavailable(
                 f"skipped: flex compiles took over --flex-compile-budget-s {args.flex_compile_budget_s:g}"
             )
@@ -560,7 +653,8 @@ def check_method(
     tol = TOLERANCE[DTYPES[point.dtype]]
     if not error <= tol:  # NaN fails too
         message = (
-            f"{point.label()}: {name} disagrees with the fp32 oracle (relative error {error:.1e} > {tol})"
+            f"{point.label()}: {name} disagrees with the fp32 oracle "
+            f"(relative error {error:.1e} > {tol})"
         )
         if name in WRONG_RECORDED:
             row["methods"][name] = {"skipped": f"failed: {message}"}
@@ -596,7 +690,11 @@ def add_rates(row: dict, point: Point, copy_gbps: float) -> None:
             m["tflops"] = point.flops / m["time_us"] / 1e6
         m["x_sdpa"] = m["time_us"] / sdpa_us if sdpa_us else None
     if point.kind == "decode" and point.seq_len >= GOAL_CONTEXT:
-        row["goal"] = {name: goal_mark(m) for name, m in row["methods"].items() if name.startswith("triton")}
+        row["goal"] = {
+            name: goal_mark(m)
+            for name, m in row["methods"].items()
+            if name.startswith("triton")
+        }
 
 
 def goal_mark(m: dict) -> str:
@@ -617,7 +715,11 @@ def new_row(point: Point) -> dict:
     if point.kind == "decode":
         row |= {"context": point.seq_len, "bytes": point.bytes_moved}
     else:
-        row |= {"prefix": point.seq_len - point.q_len, "new_tokens": point.q_len, "flops": point.flops}
+        row |= {
+            "prefix": point.seq_len - point.q_len,
+            "new_tokens": point.q_len,
+            "flops": point.flops,
+        }
     return row | {"sets": 0, "methods": {}}
 
 
@@ -644,9 +746,16 @@ def run(args: argparse.Namespace, command: str = "") -> dict:
     date = utc_now()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 8 * GiB
+    total = (
+        torch.cuda.get_device_properties(device).total_memory
+        if device.type == "cuda"
+        else 8 * GiB
+    )
     memory_gib = args.memory_gib if args.memory_gib is not None else 0.45 * total / GiB
-    shape = {k: getattr(args, k) for k in ("num_heads", "num_kv_heads", "head_dim", "block_size")}
+    shape = {
+        k: getattr(args, k)
+        for k in ("num_heads", "num_kv_heads", "head_dim", "block_size")
+    }
     points = [
         Point("decode", dtype, batch, ctx, 1, **shape)
         for dtype in args.dtypes
@@ -655,26 +764,45 @@ def run(args: argparse.Namespace, command: str = "") -> dict:
     ]
     if not args.skip_prefill:
         points += [
-            Point("prefill", dtype, batch, prefix + args.new_tokens, args.new_tokens, **shape)
+            Point(
+                "prefill",
+                dtype,
+                batch,
+                prefix + args.new_tokens,
+                args.new_tokens,
+                **shape,
+            )
             for dtype in args.dtypes
             for batch in args.prefill_batches
             for prefix in args.prefixes
         ]
     with torch.no_grad():
         copy = copy_bandwidth(device, args)
-        state = {"copy_gbps": copy["gbps"], "budget": int(memory_gib * GiB), "flex_compile_s": 0.0}
+        state = {
+            "copy_gbps": copy["gbps"],
+            "budget": int(memory_gib * GiB),
+            "flex_compile_s": 0.0,
+        }
         rows = {"decode": [], "prefill": []}
-        for point in tqdm(points, desc="points", file=sys.stderr, disable=args.no_progress):
+        for point in tqdm(
+            points, desc="points", file=sys.stderr, disable=args.no_progress
+        ):
             # the device is gone: keep what was measured, say why the rest is not
             if state.get("fault"):
                 rows[point.kind].append(not_run(point, state["fault"]))
                 continue
-            methods = [m for m in args.methods if point.kind == "decode" or m in PREFILL_METHODS]
+            methods = [
+                m
+                for m in args.methods
+                if point.kind == "decode" or m in PREFILL_METHODS
+            ]
             rows[point.kind].append(run_point(point, methods, device, gen, args, state))
             if device.type == "cuda" and not state.get("fault"):
                 # the next point's sets may need the memory this one held
                 torch.cuda.empty_cache()
-    judged = [r for r in rows["decode"] if r.get("goal", {}).get(GOAL_METHOD, "n/a") != "n/a"]
+    judged = [
+        r for r in rows["decode"] if r.get("goal", {}).get(GOAL_METHOD, "n/a") != "n/a"
+    ]
     return {
         "benchmark": BENCHMARK,
         "command": command,
@@ -785,7 +913,9 @@ def format_table(report: dict) -> str:
         lines.append(f"stopped early: {report['device_fault']}")
     lines += [f"- {reason}: {', '.join(where)}" for reason, where in notes.items()]
     lines.append(
-        f"full report: {report['json']}" if report["json"] else "full report: not written (--json '')"
+        f"full report: {report['json']}"
+        if report["json"]
+        else "full report: not written (--json '')"
     )
     return "\n".join(lines)
 
@@ -805,41 +935,81 @@ def collect_notes(row: dict, notes: dict[str, list[str]]) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--quick", action="store_true", help="tiny shapes (on a CPU: through Triton's interpreter)"
+        "--quick",
+        action="store_true",
+        help="tiny shapes (on a CPU: through Triton's interpreter)",
     )
-    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["fp16", "bf16"])
-    parser.add_argument("--batches", nargs="+", type=positive, help="decode batch sizes (default 1 8 64 256)")
     parser.add_argument(
-        "--contexts", nargs="+", type=positive, help="decode contexts (default 128 1024 4096 16384)"
+        "--dtypes", nargs="+", choices=list(DTYPES), default=["fp16", "bf16"]
+    )
+    parser.add_argument(
+        "--batches",
+        nargs="+",
+        type=positive,
+        help="decode batch sizes (default 1 8 64 256)",
+    )
+    parser.add_argument(
+        "--contexts",
+        nargs="+",
+        type=positive,
+        help="decode contexts (default 128 1024 4096 16384)",
     )
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument(
-        "--prefill-batches", nargs="+", type=positive, help="prefill batch sizes (default 1 8)"
+        "--prefill-batches",
+        nargs="+",
+        type=positive,
+        help="prefill batch sizes (default 1 8)",
     )
     parser.add_argument(
-        "--prefixes", nargs="+", type=positive, help="cached prefix lengths (default 1024 4096)"
+        "--prefixes",
+        nargs="+",
+        type=positive,
+        help="cached prefix lengths (default 1024 4096)",
     )
-    parser.add_argument("--new-tokens", type=positive, help="new tokens after the prefix (default 512)")
-    parser.add_argument("--skip-prefill", action="store_true", help="decode points only")
+    parser.add_argument(
+        "--new-tokens", type=positive, help="new tokens after the prefix (default 512)"
+    )
+    parser.add_argument(
+        "--skip-prefill", action="store_true", help="decode points only"
+    )
     parser.add_argument("--num-heads", type=positive)
     parser.add_argument("--num-kv-heads", type=positive)
     parser.add_argument("--head-dim", type=positive)
     parser.add_argument("--block-size", type=positive, default=16)
-    parser.add_argument("--warmup-ms", type=positive, default=25, help="do_bench warm-up, ms (default 25)")
     parser.add_argument(
-        "--rep-ms", type=positive, default=100, help="do_bench repetition time, ms (default 100)"
+        "--warmup-ms",
+        type=positive,
+        default=25,
+        help="do_bench warm-up, ms (default 25)",
     )
     parser.add_argument(
-        "--cpu-runs", type=positive, default=3, help="timed runs per method on CPU (default 3)"
+        "--rep-ms",
+        type=positive,
+        default=100,
+        help="do_bench repetition time, ms (default 100)",
     )
     parser.add_argument(
-        "--copy-mib", type=positive, help="copy-bandwidth buffer, MiB (default 1024; --quick 64)"
+        "--cpu-runs",
+        type=positive,
+        default=3,
+        help="timed runs per method on CPU (default 3)",
     )
     parser.add_argument(
-        "--memory-gib", type=float, help="device memory for input sets (default 45%% of the GPU's)"
+        "--copy-mib",
+        type=positive,
+        help="copy-bandwidth buffer, MiB (default 1024; --quick 64)",
     )
     parser.add_argument(
-        "--reference-budget-gib", type=float, default=8.0, help="skip the reference past this"
+        "--memory-gib",
+        type=float,
+        help="device memory for input sets (default 45%% of the GPU's)",
+    )
+    parser.add_argument(
+        "--reference-budget-gib",
+        type=float,
+        default=8.0,
+        help="skip the reference past this",
     )
     parser.add_argument(
         "--flex-compile-budget-s",
@@ -849,9 +1019,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--json", metavar="PATH", help="the full report (default $OUT/decode_attention.json or ./)"
+        "--json",
+        metavar="PATH",
+        help="the full report (default $OUT/decode_attention.json or ./)",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar on stderr"
+    )
     args = parser.parse_args(argv)
     full = {
         "batches": [1, 8, 64, 256],
@@ -879,7 +1053,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     if not args.quick and not torch.cuda.is_available():
-        parser.error("no CUDA device: the full sweep needs a GPU; --quick runs tiny shapes on the CPU")
+        parser.error(
+            "no CUDA device: the full sweep needs a GPU; --quick runs tiny shapes on the CPU"
+        )
     if args.num_heads % args.num_kv_heads:
         parser.error("--num-heads must be a multiple of --num-kv-heads")
     if args.json is None:

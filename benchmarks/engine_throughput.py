@@ -126,19 +126,27 @@ def make_workload(
 
     requests = []
     for p, o in zip(spread(*prompt_lens), spread(*output_lens), strict=True):
-        body = torch.randint(first_token_id, vocab_size, (p - 1,), generator=gen).tolist()
+        body = torch.randint(
+            first_token_id, vocab_size, (p - 1,), generator=gen
+        ).tolist()
         requests.append(Request([bos_token_id, *body], o))
     return requests
 
 
-def load_model(name: str, seed: int, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def load_model(
+    name: str, seed: int, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
     """A fresh copy of the model: a preset with weights from `seed`, or a local checkpoint directory."""
     if name in PRESETS:
         return load_preset(name, seed, dtype)
     if os.path.isdir(name):
-        model = transformers.AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=True)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, local_files_only=True
+        )
         return model.eval()
-    raise ValueError(f"--model must be a preset ({', '.join(PRESETS)}) or a local directory, got {name!r}")
+    raise ValueError(
+        f"--model must be a preset ({', '.join(PRESETS)}) or a local directory, got {name!r}"
+    )
 
 
 def bytes_per_token(model: torch.nn.Module) -> int:
@@ -158,19 +166,31 @@ def warmup_workload(vocab_size: int) -> list[Request]:
 
 
 def run_minipaged(
-    model: torch.nn.Module, workload: list[Request], block_size: int, num_gpu_blocks: int, repeats: int = 1
+    model: torch.nn.Module,
+    workload: list[Request],
+    block_size: int,
+    num_gpu_blocks: int,
+    repeats: int = 1,
 ) -> SystemResult:
     """minipaged's LLM on the reference backend: one generate call for the whole workload.
 
     With `repeats` > 1 the call is timed that many times and the fastest is kept.
     """
-    llm = LLM(model, backend="reference", block_size=block_size, num_gpu_blocks=num_gpu_blocks)
+    llm = LLM(
+        model, backend="reference", block_size=block_size, num_gpu_blocks=num_gpu_blocks
+    )
     vocab = llm.vocab_size
 
     def generate(requests: list[Request]) -> list[list[int]]:
         prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
-        params = [SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True) for r in requests]
-        return [out.outputs[0].token_ids for out in llm.generate(prompts, params, use_tqdm=False)]
+        params = [
+            SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True)
+            for r in requests
+        ]
+        return [
+            out.outputs[0].token_ids
+            for out in llm.generate(prompts, params, use_tqdm=False)
+        ]
 
     generate(warmup_workload(vocab))
     walls = []
@@ -211,7 +231,9 @@ def cache_bytes(cache: object) -> int:
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
 
 
-def run_padded(model: torch.nn.Module, workload: list[Request], repeats: int = 1) -> SystemResult:
+def run_padded(
+    model: torch.nn.Module, workload: list[Request], repeats: int = 1
+) -> SystemResult:
     """transformers' generate on one left-padded batch, until the longest output is done.
 
     With `repeats` > 1 the call is timed that many times and the fastest is kept.
@@ -227,7 +249,9 @@ def run_padded(model: torch.nn.Module, workload: list[Request], repeats: int = 1
             return_dict_in_generate=True,  # to read the cache it grew
         )
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, generation_config=config
+            )
         return out, ids.shape[1]
 
     generate(warmup_workload(model.config.get_text_config().vocab_size))
@@ -236,7 +260,10 @@ def run_padded(model: torch.nn.Module, workload: list[Request], repeats: int = 1
         start = time.perf_counter()
         out, width = generate(workload)
         walls.append(time.perf_counter() - start)
-    outputs = [out.sequences[i, width : width + r.max_tokens].tolist() for i, r in enumerate(workload)]
+    outputs = [
+        out.sequences[i, width : width + r.max_tokens].tolist()
+        for i, r in enumerate(workload)
+    ]
     max_new = max(r.max_tokens for r in workload)
     kv = cache_bytes(out.past_key_values)
     notes = [
@@ -245,19 +272,32 @@ def run_padded(model: torch.nn.Module, workload: list[Request], repeats: int = 1
         f"tokens x {bytes_per_token(model)} bytes"
     ]
     return SystemResult(
-        "padded", outputs, min(walls), sum(len(o) for o in outputs), len(workload) * max_new, kv, kv, notes
+        "padded",
+        outputs,
+        min(walls),
+        sum(len(o) for o in outputs),
+        len(workload) * max_new,
+        kv,
+        kv,
+        notes,
     )
 
 
 def run_continuous(
-    model: torch.nn.Module, workload: list[Request], block_size: int, num_blocks: int, repeats: int = 1
+    model: torch.nn.Module,
+    workload: list[Request],
+    block_size: int,
+    num_blocks: int,
+    repeats: int = 1,
 ) -> SystemResult:
     """transformers' continuous batching with a paged cache, each request with its own max_new_tokens.
 
     Each run is a session of its manager; the wall time counts from the first add_request to the
     last result, not the session's setup. With `repeats` > 1 the fastest of that many runs is kept.
     """
-    cb_config = transformers.ContinuousBatchingConfig(page_size=block_size, num_blocks=num_blocks)
+    cb_config = transformers.ContinuousBatchingConfig(
+        page_size=block_size, num_blocks=num_blocks
+    )
     config = transformers.GenerationConfig(
         do_sample=False,
         max_new_tokens=max(r.max_tokens for r in workload),
@@ -267,16 +307,23 @@ def run_continuous(
     peak = {"blocks": 0}
     lock = threading.Lock()
 
-    def session(requests: list[Request], record: bool) -> tuple[list[list[int]], float, int, int]:
+    def session(
+        requests: list[Request], record: bool
+    ) -> tuple[list[list[int]], float, int, int]:
         with model.continuous_batching_context_manager(
-            generation_config=config, continuous_batching_config=cb_config, block=True, timeout=5
+            generation_config=config,
+            continuous_batching_config=cb_config,
+            block=True,
+            timeout=5,
         ) as manager:
             cache = manager.batch_processor.cache
             if record:
                 _record_peak_blocks(cache, peak, lock)
             start = time.perf_counter()
             ids = [
-                manager.add_request(r.prompt_token_ids, max_new_tokens=r.max_tokens, eos_token_id=-1)
+                manager.add_request(
+                    r.prompt_token_ids, max_new_tokens=r.max_tokens, eos_token_id=-1
+                )
                 for r in requests
             ]
             results = {}
@@ -285,17 +332,28 @@ def run_continuous(
                 if result is not None and result.is_finished():
                     results[result.request_id] = result
                 elif result is None and not manager.is_running():
-                    raise RuntimeError("transformers' continuous batching thread stopped early")
+                    raise RuntimeError(
+                        "transformers' continuous batching thread stopped early"
+                    )
             wall = time.perf_counter() - start
             allocated = cache.cache_tensor.nbytes
-            bytes_per_block = next(iter(cache.cache_allocators.values())).bytes_per_block
-        return [list(results[i].generated_tokens) for i in ids], wall, allocated, bytes_per_block
+            bytes_per_block = next(
+                iter(cache.cache_allocators.values())
+            ).bytes_per_block
+        return (
+            [list(results[i].generated_tokens) for i in ids],
+            wall,
+            allocated,
+            bytes_per_block,
+        )
 
     verbosity = transformers.logging.get_verbosity()
     # its info and warnings about flash attention on CPU
     transformers.logging.set_verbosity_error()
     try:
-        session(warmup_workload(model.config.get_text_config().vocab_size), record=False)
+        session(
+            warmup_workload(model.config.get_text_config().vocab_size), record=False
+        )
         walls = []
         for _ in range(repeats):
             outputs, wall, allocated, per_block = session(workload, record=True)
@@ -310,7 +368,14 @@ def run_continuous(
         f"(trash sectors included); peak = the most blocks its allocator's tables held ({peak['blocks']})",
     ]
     return SystemResult(
-        "continuous", outputs, min(walls), useful, useful, peak["blocks"] * per_block, allocated, notes
+        "continuous",
+        outputs,
+        min(walls),
+        useful,
+        useful,
+        peak["blocks"] * per_block,
+        allocated,
+        notes,
     )
 
 
@@ -337,9 +402,13 @@ def _record_peak_blocks(cache: object, peak: dict, lock: threading.Lock) -> None
 
 def sample_indices(workload: list[Request], num_checked: int) -> list[int]:
     """The requests to check against unbatched generate: the longest prompt, the longest output, more."""
-    longest_prompt = max(range(len(workload)), key=lambda i: len(workload[i].prompt_token_ids))
+    longest_prompt = max(
+        range(len(workload)), key=lambda i: len(workload[i].prompt_token_ids)
+    )
     longest_output = max(range(len(workload)), key=lambda i: workload[i].max_tokens)
-    chosen = list(dict.fromkeys([longest_prompt, longest_output, *range(len(workload))]))
+    chosen = list(
+        dict.fromkeys([longest_prompt, longest_output, *range(len(workload))])
+    )
     return sorted(chosen[: max(num_checked, 0)])
 
 
@@ -352,14 +421,20 @@ def check_minipaged(
         with torch.inference_mode():
             expected = model.generate(
                 torch.tensor([r.prompt_token_ids]),
-                attention_mask=torch.ones(1, len(r.prompt_token_ids), dtype=torch.int64),
+                attention_mask=torch.ones(
+                    1, len(r.prompt_token_ids), dtype=torch.int64
+                ),
                 do_sample=False,
                 max_new_tokens=r.max_tokens,
                 eos_token_id=None,
                 pad_token_id=PAD_ID,
             )[0, len(r.prompt_token_ids) :].tolist()
         if outputs[i] != expected:
-            first = next(j for j, (a, b) in enumerate(zip(outputs[i], expected, strict=False)) if a != b)
+            first = next(
+                j
+                for j, (a, b) in enumerate(zip(outputs[i], expected, strict=False))
+                if a != b
+            )
             raise DisagreementError(
                 f"request {i} (prompt {len(r.prompt_token_ids)} tokens, {r.max_tokens} out): minipaged and "
                 f"transformers' generate differ from token {first} on; refusing to report.\n"
@@ -378,7 +453,9 @@ def goals(rows: dict[str, dict]) -> list[dict]:
         ratio = mp["tokens_per_s"] / pad["tokens_per_s"]
         out.append({"goal": GOALS[1], "value": f"{ratio:.2f}x", "met": ratio > 1.0})
         ratio = mp["kv_peak_bytes"] / pad["kv_peak_bytes"]
-        out.append({"goal": GOALS[2], "value": f"{ratio:.2f}x of padded", "met": ratio < 1.0})
+        out.append(
+            {"goal": GOALS[2], "value": f"{ratio:.2f}x of padded", "met": ratio < 1.0}
+        )
     return out
 
 
@@ -391,24 +468,38 @@ def run(args: argparse.Namespace, command: str = "") -> dict:
         hf_model = load_model(args.model, args.seed)
         vocab = hf_model.config.get_text_config().vocab_size
         workload = make_workload(
-            args.num_requests, tuple(args.prompt_lens), tuple(args.output_lens), vocab, seed=args.seed
+            args.num_requests,
+            tuple(args.prompt_lens),
+            tuple(args.output_lens),
+            vocab,
+            seed=args.seed,
         )
         per_block = args.block_size * bytes_per_token(hf_model)
         num_blocks = args.num_gpu_blocks
         # room for every request at once (and the 1% watermark): nobody preempts
         if num_blocks is None:
             num_blocks = sum(
-                -(-(len(r.prompt_token_ids) + r.max_tokens) // args.block_size) for r in workload
+                -(-(len(r.prompt_token_ids) + r.max_tokens) // args.block_size)
+                for r in workload
             )
             num_blocks += -(-num_blocks // 99)
         results: dict[str, SystemResult] = {}
-        for system in tqdm(args.systems, desc="systems", file=sys.stderr, disable=args.no_progress):
+        for system in tqdm(
+            args.systems, desc="systems", file=sys.stderr, disable=args.no_progress
+        ):
             if system == "minipaged":
                 results[system] = run_minipaged(
-                    load_model(args.model, args.seed), workload, args.block_size, num_blocks, args.repeats
+                    load_model(args.model, args.seed),
+                    workload,
+                    args.block_size,
+                    num_blocks,
+                    args.repeats,
                 )
                 check_minipaged(
-                    hf_model, workload, results[system].outputs, sample_indices(workload, args.num_checked)
+                    hf_model,
+                    workload,
+                    results[system].outputs,
+                    sample_indices(workload, args.num_checked),
                 )
             elif system == "padded":
                 results[system] = run_padded(hf_model, workload, args.repeats)
@@ -422,7 +513,9 @@ def run(args: argparse.Namespace, command: str = "") -> dict:
     rows = {}
     for system, r in results.items():
         matches = (
-            sum(a == b for a, b in zip(r.outputs, reference.outputs, strict=True)) if reference else None
+            sum(a == b for a, b in zip(r.outputs, reference.outputs, strict=True))
+            if reference
+            else None
         )
         rows[system] = {
             "system": system,
@@ -454,12 +547,16 @@ def run(args: argparse.Namespace, command: str = "") -> dict:
             "bytes_per_block": per_block,
             "seed": args.seed,
             "repeats": args.repeats,
-            "checked_requests": sample_indices(workload, args.num_checked) if reference else [],
+            "checked_requests": sample_indices(workload, args.num_checked)
+            if reference
+            else [],
         },
         "rows": list(rows.values()),
         "goals": goals(rows),
         "notes": [note for r in results.values() for note in r.notes],
-        "workload": [asdict(r) | {"prompt_len": len(r.prompt_token_ids)} for r in workload]
+        "workload": [
+            asdict(r) | {"prompt_len": len(r.prompt_token_ids)} for r in workload
+        ]
         if args.json_workload
         else None,
     }
@@ -485,7 +582,9 @@ def format_table(report: dict) -> str:
     ]
     n = c["num_requests"]
     for r in report["rows"]:
-        matches = "-" if r["matches_minipaged"] is None else f"{r['matches_minipaged']}/{n}"
+        matches = (
+            "-" if r["matches_minipaged"] is None else f"{r['matches_minipaged']}/{n}"
+        )
         lines.append(
             f"| {SYSTEM_NAMES[r['system']]} | {r['useful_tokens']} | {r['computed_tokens']} "
             f"| {r['wall_s']:.2f} | {r['tokens_per_s']:.1f} | {r['kv_peak_bytes'] / 2**20:.2f} "
@@ -494,7 +593,8 @@ def format_table(report: dict) -> str:
     if report["goals"]:
         lines += ["", "goals (stated, not asserted):"]
         lines += [
-            f"- {g['goal']}: {g['value']} ({'met' if g['met'] else 'not met'})" for g in report["goals"]
+            f"- {g['goal']}: {g['value']} ({'met' if g['met'] else 'not met'})"
+            for g in report["goals"]
         ]
     lines += ["", "notes:"] + [f"- {note}" for note in report["notes"]]
     return "\n".join(lines)
@@ -502,7 +602,11 @@ def format_table(report: dict) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="small-llama", help="a preset or a local checkpoint directory")
+    parser.add_argument(
+        "--model",
+        default="small-llama",
+        help="a preset or a local checkpoint directory",
+    )
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
     parser.add_argument("--num-requests", type=positive, default=32)
     parser.add_argument(
@@ -541,12 +645,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="requests checked against unbatched generate (default 4; 0 checks none)",
     )
     parser.add_argument(
-        "--repeats", type=positive, default=1, help="timed runs per system, the fastest kept (default 1)"
+        "--repeats",
+        type=positive,
+        default=1,
+        help="timed runs per system, the fastest kept (default 1)",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
-    parser.add_argument("--json-workload", action="store_true", help="include the workload in the JSON")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument(
+        "--json", metavar="PATH", help="also write the report as JSON to PATH"
+    )
+    parser.add_argument(
+        "--json-workload", action="store_true", help="include the workload in the JSON"
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar on stderr"
+    )
     args = parser.parse_args(argv)
     for name in ("prompt_lens", "output_lens"):
         low, high = getattr(args, name)
@@ -559,7 +672,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark, print the table, write the JSON; on a wrong answer report nothing and return 1."""
-    return bench_common.main("engine_throughput.py", argv, parse_args, run, format_table)
+    return bench_common.main(
+        "engine_throughput.py", argv, parse_args, run, format_table
+    )
 
 
 if __name__ == "__main__":

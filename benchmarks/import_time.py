@@ -41,8 +41,14 @@ MARKER = "HEAVY_MODULES="
 # What each case runs, as Python code for the probe: the same work as the command line beside it.
 CASES = {
     "import minipaged": ("import minipaged", None),
-    "minipaged --help": ("from minipaged.cli import main\nmain(['--help'])", ["--help"]),
-    "minipaged --version": ("from minipaged.cli import main\nmain(['--version'])", ["--version"]),
+    "minipaged --help": (
+        "from minipaged.cli import main\nmain(['--help'])",
+        ["--help"],
+    ),
+    "minipaged --version": (
+        "from minipaged.cli import main\nmain(['--version'])",
+        ["--version"],
+    ),
     "from minipaged import LLM": ("from minipaged import LLM", None),
 }
 
@@ -56,7 +62,11 @@ def console_script() -> list[str]:
 def command_of(case: str) -> list[str]:
     """The command line that is timed: the console script for a CLI case, `python -c` otherwise."""
     code, cli_args = CASES[case]
-    return console_script() + cli_args if cli_args is not None else [sys.executable, "-c", code]
+    return (
+        console_script() + cli_args
+        if cli_args is not None
+        else [sys.executable, "-c", code]
+    )
 
 
 def probe_code(case: str) -> str:
@@ -81,18 +91,30 @@ def heavy_modules_of(case: str) -> list[str]:
         RuntimeError: if the probe fails (its stderr is in the message).
     """
     result = subprocess.run(
-        [sys.executable, "-c", probe_code(case)], capture_output=True, text=True, timeout=600, check=False
+        [sys.executable, "-c", probe_code(case)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     lines = [line for line in result.stderr.splitlines() if line.startswith(MARKER)]
     if result.returncode != 0 or not lines:
-        raise RuntimeError(f"{case!r} failed (status {result.returncode}): {result.stderr.strip()}")
+        raise RuntimeError(
+            f"{case!r} failed (status {result.returncode}): {result.stderr.strip()}"
+        )
     return json.loads(lines[-1][len(MARKER) :])
 
 
 def time_command(command: list[str]) -> float:
     """Seconds of wall time of one fresh process running `command` (its output is discarded)."""
     start = time.perf_counter()
-    subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600, check=True)
+    subprocess.run(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=600,
+        check=True,
+    )
     return time.perf_counter() - start
 
 
@@ -102,7 +124,9 @@ def measure(case: str, repeats: int) -> dict:
     times = [time_command(command) for _ in range(repeats)]
     return {
         "case": case,
-        "command": " ".join(Path(command[0]).name if i == 0 else part for i, part in enumerate(command)),
+        "command": " ".join(
+            Path(command[0]).name if i == 0 else part for i, part in enumerate(command)
+        ),
         "median_s": statistics.median(times),
         "min_s": min(times),
         "max_s": max(times),
@@ -147,11 +171,19 @@ def format_table(report: dict) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=positive, default=5, help="fresh processes a case (default 5)")
     parser.add_argument(
-        "--cases", nargs="+", choices=list(CASES), default=list(CASES), help="what to time (default: all)"
+        "--repeats", type=positive, default=5, help="fresh processes a case (default 5)"
     )
-    parser.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        choices=list(CASES),
+        default=list(CASES),
+        help="what to time (default: all)",
+    )
+    parser.add_argument(
+        "--json", metavar="PATH", help="also write the report as JSON to PATH"
+    )
     return parser.parse_args(argv)
 
 

@@ -51,7 +51,16 @@ from minipaged.testing import tolerance
 
 BENCHMARK = "reference_attention"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-ROW_KEYS = ("mode", "batch", "context", "reference_ms", "sdpa_ms", "ratio", "gather_ms", "attend_ms")
+ROW_KEYS = (
+    "mode",
+    "batch",
+    "context",
+    "reference_ms",
+    "sdpa_ms",
+    "ratio",
+    "gather_ms",
+    "attend_ms",
+)
 
 
 @dataclass
@@ -109,7 +118,15 @@ def make_case(
         return rows.transpose(1, 2).contiguous()
 
     q_dense = query.view(batch, q_len, num_heads, head_dim).transpose(1, 2).contiguous()
-    args = (query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, head_dim**-0.5)
+    args = (
+        query,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        head_dim**-0.5,
+    )
     return Case(mode, batch, context, args, q_dense, dense(k_cache), dense(v_cache))
 
 
@@ -129,10 +146,15 @@ def sdpa(case: Case) -> torch.Tensor:
 def gather_all(case: Case) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The reference's copy of the context alone: gather_kv for every sequence, as paged_attention does."""
     _, k_cache, v_cache, block_tables, seq_lens, _, _ = case.paged_args
-    return [gather_kv(k_cache, v_cache, block_tables[b], n) for b, n in enumerate(seq_lens.tolist())]
+    return [
+        gather_kv(k_cache, v_cache, block_tables[b], n)
+        for b, n in enumerate(seq_lens.tolist())
+    ]
 
 
-def attend_all(case: Case, gathered: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+def attend_all(
+    case: Case, gathered: Sequence[tuple[torch.Tensor, torch.Tensor]]
+) -> list[torch.Tensor]:
     """The reference's math alone: attend for every sequence on already gathered K/V."""
     query, starts = case.paged_args[0], case.paged_args[5].tolist()
     return [
@@ -149,8 +171,12 @@ def check_case(case: Case, paged_attention: Callable[..., torch.Tensor]) -> None
     try:
         torch.testing.assert_close(paged_attention(*case.paged_args), expected, **tol)
         for b, (keys, values) in enumerate(gather_all(case)):
-            torch.testing.assert_close(keys, case.k_dense[b].transpose(0, 1), rtol=0, atol=0)
-            torch.testing.assert_close(values, case.v_dense[b].transpose(0, 1), rtol=0, atol=0)
+            torch.testing.assert_close(
+                keys, case.k_dense[b].transpose(0, 1), rtol=0, atol=0
+            )
+            torch.testing.assert_close(
+                values, case.v_dense[b].transpose(0, 1), rtol=0, atol=0
+            )
     except AssertionError as err:
         raise DisagreementError(
             f"{case.mode} batch={case.batch} context={case.context}: the reference disagrees with SDPA; "
@@ -165,12 +191,17 @@ def median_ms(fn: Callable[[], object], threads: int, min_run_time: float) -> fl
 
 
 def time_case(
-    case: Case, paged_attention: Callable[..., torch.Tensor], threads: int, min_run_time: float
+    case: Case,
+    paged_attention: Callable[..., torch.Tensor],
+    threads: int,
+    min_run_time: float,
 ) -> dict:
     """One row of the table: the four timings of a case, checked first."""
     check_case(case, paged_attention)
     gathered = gather_all(case)
-    reference_ms = median_ms(lambda: paged_attention(*case.paged_args), threads, min_run_time)
+    reference_ms = median_ms(
+        lambda: paged_attention(*case.paged_args), threads, min_run_time
+    )
     sdpa_ms = median_ms(lambda: sdpa(case), threads, min_run_time)
     return {
         "mode": case.mode,
@@ -180,7 +211,9 @@ def time_case(
         "sdpa_ms": sdpa_ms,
         "ratio": reference_ms / sdpa_ms,
         "gather_ms": median_ms(lambda: gather_all(case), threads, min_run_time),
-        "attend_ms": median_ms(lambda: attend_all(case, gathered), threads, min_run_time),
+        "attend_ms": median_ms(
+            lambda: attend_all(case, gathered), threads, min_run_time
+        ),
     }
 
 
@@ -216,7 +249,9 @@ def run(args: argparse.Namespace, command: str = "") -> dict:
     # for the checks too; every Timer sets the same count
     torch.set_num_threads(args.threads)
     try:
-        for mode, batch, context in tqdm(cases, desc="cases", file=sys.stderr, disable=args.no_progress):
+        for mode, batch, context in tqdm(
+            cases, desc="cases", file=sys.stderr, disable=args.no_progress
+        ):
             case = make_case(
                 gen,
                 mode,
@@ -228,7 +263,9 @@ def run(args: argparse.Namespace, command: str = "") -> dict:
                 block_size=args.block_size,
                 dtype=DTYPES[args.dtype],
             )
-            rows.append(time_case(case, paged_attention, args.threads, args.min_run_time))
+            rows.append(
+                time_case(case, paged_attention, args.threads, args.min_run_time)
+            )
     finally:
         # a caller (a test) keeps its own setting
         torch.set_num_threads(previous_threads)
@@ -277,9 +314,16 @@ def format_table(report: dict) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--modes", nargs="+", choices=["decode", "prefill"], default=["decode", "prefill"])
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=["decode", "prefill"],
+        default=["decode", "prefill"],
+    )
     parser.add_argument("--batch-sizes", nargs="+", type=positive, default=[1, 4, 16])
-    parser.add_argument("--contexts", nargs="+", type=positive, default=[128, 512, 2048])
+    parser.add_argument(
+        "--contexts", nargs="+", type=positive, default=[128, 512, 2048]
+    )
     parser.add_argument("--num-heads", type=positive, default=8)
     parser.add_argument("--num-kv-heads", type=positive, default=2)
     parser.add_argument("--head-dim", type=positive, default=64)
@@ -292,20 +336,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="torch intra-op threads for every timing (default 1: the work, not how well it parallelizes)",
     )
     parser.add_argument(
-        "--min-run-time", type=float, default=0.2, help="seconds per blocked_autorange (default 0.2)"
+        "--min-run-time",
+        type=float,
+        default=0.2,
+        help="seconds per blocked_autorange (default 0.2)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--default-malloc", action="store_true", help="keep glibc's malloc thresholds (see the docstring)"
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's malloc thresholds (see the docstring)",
     )
-    parser.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument(
+        "--json", metavar="PATH", help="also write the report as JSON to PATH"
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar on stderr"
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark, print the table, write the JSON; on a wrong answer report nothing and return 1."""
-    return bench_common.main("reference_attention.py", argv, parse_args, run, format_table)
+    return bench_common.main(
+        "reference_attention.py", argv, parse_args, run, format_table
+    )
 
 
 if __name__ == "__main__":

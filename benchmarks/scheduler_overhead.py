@@ -55,7 +55,13 @@ from minipaged.sequence import SequenceGroup, SequenceStatus
 BENCHMARK = "scheduler_overhead"
 GOAL_US = 10.0  # microseconds per sequence-step at GOAL_SEQS sequences
 GOAL_SEQS = 1024
-ROW_KEYS = ("num_seqs", "steps", "step_us_per_seq", "schedule_us_per_seq", "memory_stats_us_per_seq")
+ROW_KEYS = (
+    "num_seqs",
+    "steps",
+    "step_us_per_seq",
+    "schedule_us_per_seq",
+    "memory_stats_us_per_seq",
+)
 DUMMY_TOKEN = 3
 
 
@@ -83,7 +89,11 @@ class NullEngine:
         num_gpu_blocks = num_seqs * blocks_per_seq + 1
         num_gpu_blocks += -(-num_gpu_blocks // 99)  # room for the 1% watermark too
         self.manager = BlockManager(
-            block_size, num_gpu_blocks, 0, watermark=0.01, enable_prefix_caching=enable_prefix_caching
+            block_size,
+            num_gpu_blocks,
+            0,
+            watermark=0.01,
+            enable_prefix_caching=enable_prefix_caching,
         )
         config = SchedulerConfig(
             max_model_len=prompt_len + max_tokens,
@@ -115,12 +125,23 @@ class NullEngine:
         return out
 
 
-def steady_engine(num_seqs: int, prompt_len: int, steps: int, warmup: int, block_size: int, prefix: bool):
+def steady_engine(
+    num_seqs: int,
+    prompt_len: int,
+    steps: int,
+    warmup: int,
+    block_size: int,
+    prefix: bool,
+):
     """A NullEngine with every sequence admitted (one prefill step) and `warmup` decode steps done."""
-    engine = NullEngine(num_seqs, prompt_len, warmup + 2 * steps + 2, block_size, prefix)
+    engine = NullEngine(
+        num_seqs, prompt_len, warmup + 2 * steps + 2, block_size, prefix
+    )
     out = engine.step()
     if len(out.scheduled) != num_seqs:
-        raise RuntimeError(f"the prefill step admitted {len(out.scheduled)} of {num_seqs} sequences")
+        raise RuntimeError(
+            f"the prefill step admitted {len(out.scheduled)} of {num_seqs} sequences"
+        )
     for _ in range(warmup):
         engine.step()
     return engine
@@ -142,7 +163,12 @@ def time_steps(fn: Callable[[], object], steps: int) -> float:
 def measure(num_seqs: int, args: argparse.Namespace) -> dict:
     """One row: microseconds per sequence-step for a step, schedule() alone, and memory_stats()."""
     engine = steady_engine(
-        num_seqs, args.prompt_len, args.steps, args.warmup, args.block_size, args.prefix_caching
+        num_seqs,
+        args.prompt_len,
+        args.steps,
+        args.warmup,
+        args.block_size,
+        args.prefix_caching,
     )
     outs: list[SchedulerOutput] = []
 
@@ -150,8 +176,13 @@ def measure(num_seqs: int, args: argparse.Namespace) -> dict:
         outs.append(engine.step())
 
     step_s = time_steps(step_checked, args.steps)
-    if any(len(o.scheduled) != num_seqs or o.preempted or o.num_batched_tokens != num_seqs for o in outs):
-        raise RuntimeError("a timed step was not a decode step of every sequence (preemption or a finish)")
+    if any(
+        len(o.scheduled) != num_seqs or o.preempted or o.num_batched_tokens != num_seqs
+        for o in outs
+    ):
+        raise RuntimeError(
+            "a timed step was not a decode step of every sequence (preemption or a finish)"
+        )
     # schedule() alone: the engine's part runs untimed between calls, so each call sees a decode step
     schedule_s = 0.0
     gc.collect()
@@ -178,7 +209,12 @@ def measure(num_seqs: int, args: argparse.Namespace) -> dict:
 def profile(num_seqs: int, args: argparse.Namespace, top: int = 15) -> list[dict]:
     """Where a steady-state step's time goes (cProfile, sorted by own time), at `num_seqs` sequences."""
     engine = steady_engine(
-        num_seqs, args.prompt_len, args.steps, args.warmup, args.block_size, args.prefix_caching
+        num_seqs,
+        args.prompt_len,
+        args.steps,
+        args.warmup,
+        args.block_size,
+        args.prefix_caching,
     )
     profiler = cProfile.Profile()
     profiler.enable()
@@ -205,7 +241,9 @@ def run(args: argparse.Namespace, command: str = "") -> dict:
     date = utc_now()
     rows = [
         measure(n, args)
-        for n in tqdm(args.num_seqs, desc="num_seqs", file=sys.stderr, disable=args.no_progress)
+        for n in tqdm(
+            args.num_seqs, desc="num_seqs", file=sys.stderr, disable=args.no_progress
+        )
     ]
     goal_row = next((r for r in rows if r["num_seqs"] == GOAL_SEQS), None)
     return {
@@ -228,7 +266,10 @@ def run(args: argparse.Namespace, command: str = "") -> dict:
             "value_us": goal_row["step_us_per_seq"] if goal_row else None,
             "met": goal_row["step_us_per_seq"] <= GOAL_US if goal_row else None,
         },
-        "profile": {"num_seqs": max(args.num_seqs), "top": profile(max(args.num_seqs), args)}
+        "profile": {
+            "num_seqs": max(args.num_seqs),
+            "top": profile(max(args.num_seqs), args),
+        }
         if args.profile
         else None,
     }
@@ -255,7 +296,10 @@ def format_table(report: dict) -> str:
     goal = report["goal"]
     if goal["value_us"] is not None:
         verdict = "met" if goal["met"] else "not met"
-        lines += ["", f"goal (stated, not asserted): {goal['goal']}: {goal['value_us']:.2f} us ({verdict})"]
+        lines += [
+            "",
+            f"goal (stated, not asserted): {goal['goal']}: {goal['value_us']:.2f} us ({verdict})",
+        ]
     if report["profile"]:
         p = report["profile"]
         lines += [
@@ -279,18 +323,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-seqs", nargs="+", type=positive, default=[1, 64, 1024])
     parser.add_argument("--prompt-len", type=positive, default=16)
     parser.add_argument("--block-size", type=positive, default=16)
-    parser.add_argument("--steps", type=positive, default=50, help="timed decode steps (default 50)")
-    parser.add_argument("--warmup", type=int, default=5, help="decode steps before timing (default 5)")
-    parser.add_argument("--prefix-caching", action="store_true", help="hash full blocks as they fill")
-    parser.add_argument("--profile", action="store_true", help="also profile a step at the largest N")
-    parser.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument(
+        "--steps", type=positive, default=50, help="timed decode steps (default 50)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=5, help="decode steps before timing (default 5)"
+    )
+    parser.add_argument(
+        "--prefix-caching", action="store_true", help="hash full blocks as they fill"
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="also profile a step at the largest N"
+    )
+    parser.add_argument(
+        "--json", metavar="PATH", help="also write the report as JSON to PATH"
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar on stderr"
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark, print the table, write the JSON; on a wrong answer report nothing and return 1."""
-    return bench_common.main("scheduler_overhead.py", argv, parse_args, run, format_table)
+    return bench_common.main(
+        "scheduler_overhead.py", argv, parse_args, run, format_table
+    )
 
 
 if __name__ == "__main__":

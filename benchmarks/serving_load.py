@@ -57,7 +57,13 @@ from bench_common import machine, positive, utc_now
 from tqdm import tqdm
 
 from minipaged.presets import BYTE_OFFSET, VOCAB_SIZE
-from minipaged.workloads import Workload, alpaca_like, load_sharegpt, poisson_arrivals, sharegpt_like
+from minipaged.workloads import (
+    Workload,
+    alpaca_like,
+    load_sharegpt,
+    poisson_arrivals,
+    sharegpt_like,
+)
 
 BENCHMARK = "serving_load"
 ARRIVALS = ("poisson", "fixed")
@@ -94,7 +100,9 @@ def arrival_times(
     # nan > 0 is False
     rate_ok = isinstance(request_rate, (int, float)) and request_rate > 0
     if not rate_ok:
-        raise ValueError(f"request_rate must be > 0 requests/s (or inf), got {request_rate!r}")
+        raise ValueError(
+            f"request_rate must be > 0 requests/s (or inf), got {request_rate!r}"
+        )
     if arrivals == "poisson" or math.isinf(request_rate):
         # validates num_requests, seed
         return poisson_arrivals(num_requests, request_rate, seed)
@@ -156,7 +164,11 @@ def make_workload(
         if dataset_path is None:
             raise ValueError("dataset_path is required for the 'sharegpt' workload")
         workload = load_sharegpt(
-            dataset_path, num_requests, seed=seed, max_model_len=max_model_len, first_turn_only=True
+            dataset_path,
+            num_requests,
+            seed=seed,
+            max_model_len=max_model_len,
+            first_turn_only=True,
         )
     elif name in ("sharegpt-like", "alpaca-like"):
         synthetic = sharegpt_like if name == "sharegpt-like" else alpaca_like
@@ -167,7 +179,10 @@ def make_workload(
 
 
 def requests_from_workload(
-    workload: Workload, vocab_size: int = VOCAB_SIZE, seed: int = 0, low: int = BYTE_OFFSET
+    workload: Workload,
+    vocab_size: int = VOCAB_SIZE,
+    seed: int = 0,
+    low: int = BYTE_OFFSET,
 ) -> list[LoadRequest]:
     """One LoadRequest per workload request: random prompt ids in [low, vocab_size), seeded.
 
@@ -176,7 +191,12 @@ def requests_from_workload(
     `beam_width` are not sent: every request asks for one sample.
     """
     return [
-        LoadRequest(r.request_id, r.prompt_token_ids(vocab_size, seed, low), r.prompt_len, r.output_len)
+        LoadRequest(
+            r.request_id,
+            r.prompt_token_ids(vocab_size, seed, low),
+            r.prompt_len,
+            r.output_len,
+        )
         for r in workload
     ]
 
@@ -219,8 +239,15 @@ class RequestResult:
 
     def row(self) -> dict[str, Any]:
         """A JSON-ready dict: every field, the derived metrics, NaN as None."""
-        row = {**asdict(self), "tpot": self.tpot, "normalized_latency": self.normalized_latency}
-        return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+        row = {
+            **asdict(self),
+            "tpot": self.tpot,
+            "normalized_latency": self.normalized_latency,
+        }
+        return {
+            k: None if isinstance(v, float) and math.isnan(v) else v
+            for k, v in row.items()
+        }
 
 
 @dataclass
@@ -256,7 +283,9 @@ async def send_request(
     include_usage: bool = True,
 ) -> RequestResult:
     """Stream one completion and time it; a failure is recorded in the result, never raised."""
-    result = RequestResult(request.request_id, request.prompt_len, request.max_tokens, arrival_time)
+    result = RequestResult(
+        request.request_id, request.prompt_len, request.max_tokens, arrival_time
+    )
     start = time.perf_counter()
     result.start_time = start - t0
     chunks, usage_tokens = 0, None
@@ -275,7 +304,9 @@ async def send_request(
                     if chunks == 0:
                         result.ttft = time.perf_counter() - start
                     chunks += 1
-                    result.finish_reason = chunk.choices[0].finish_reason or result.finish_reason
+                    result.finish_reason = (
+                        chunk.choices[0].finish_reason or result.finish_reason
+                    )
                 if chunk.usage is not None:
                     usage_tokens = chunk.usage.completion_tokens
         result.latency = time.perf_counter() - start
@@ -330,25 +361,39 @@ async def run_load(
         ValueError: naming the argument, for bad settings.
     """
     if not requests or not all(isinstance(r, LoadRequest) for r in requests):
-        raise ValueError(f"requests must be a non-empty sequence of LoadRequest, got {requests!r:.80}")
+        raise ValueError(
+            f"requests must be a non-empty sequence of LoadRequest, got {requests!r:.80}"
+        )
     capped = isinstance(max_concurrency, int) and max_concurrency >= 1
     if not (max_concurrency is None or capped):
-        raise ValueError(f"max_concurrency must be None or an int >= 1, got {max_concurrency!r}")
+        raise ValueError(
+            f"max_concurrency must be None or an int >= 1, got {max_concurrency!r}"
+        )
     times = arrival_times(len(requests), request_rate, arrivals, seed)
     api_key = api_key or os.environ.get("OPENAI_API_KEY", "EMPTY")
     url = openai_base_url(base_url)
-    client = openai.AsyncOpenAI(base_url=url, api_key=api_key, max_retries=0, timeout=timeout)
+    client = openai.AsyncOpenAI(
+        base_url=url, api_key=api_key, max_retries=0, timeout=timeout
+    )
     async with client:  # no retries: a failure is a result
         model = model or await first_model(client)
-        slots = asyncio.Semaphore(max_concurrency) if max_concurrency else contextlib.nullcontext()
-        bar = tqdm(total=len(requests), desc="requests", unit="req", disable=not progress)
+        slots = (
+            asyncio.Semaphore(max_concurrency)
+            if max_concurrency
+            else contextlib.nullcontext()
+        )
+        bar = tqdm(
+            total=len(requests), desc="requests", unit="req", disable=not progress
+        )
         t0 = time.perf_counter()
 
         async def arrive(request: LoadRequest, arrival: float) -> RequestResult:
             # due at t0 + arrival
             await asyncio.sleep(arrival - (time.perf_counter() - t0))
             async with slots:
-                result = await send_request(client, model, request, arrival, t0, ignore_eos, include_usage)
+                result = await send_request(
+                    client, model, request, arrival, t0, ignore_eos, include_usage
+                )
             bar.update(1)
             return result
 
@@ -454,7 +499,9 @@ def format_table(report: dict[str, Any]) -> str:
     ]
     for key, label in METRICS:
         d = s[key]
-        lines.append(f"{label:<34}{_ms(d['mean']):>10}{_ms(d['median']):>10}{_ms(d['p99']):>10}")
+        lines.append(
+            f"{label:<34}{_ms(d['mean']):>10}{_ms(d['median']):>10}{_ms(d['p99']):>10}"
+        )
     lines += [f"error: {e}" for e in s["errors"]]
     return "\n".join(lines)
 
@@ -472,20 +519,48 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="the server")
     p.add_argument("--model", default=None, help="default: the first of GET /v1/models")
     p.add_argument("--workload", choices=WORKLOADS, default="sharegpt-like")
-    p.add_argument("--dataset-path", default=None, help="a ShareGPT JSON, for --workload sharegpt")
+    p.add_argument(
+        "--dataset-path", default=None, help="a ShareGPT JSON, for --workload sharegpt"
+    )
     p.add_argument("--num-requests", type=positive, default=100)
-    p.add_argument("--scale", type=_positive_float, default=1.0, help="multiply every length by this")
-    p.add_argument("--max-model-len", type=positive, default=2048, help="longest prompt + output")
-    p.add_argument("--vocab-size", type=positive, default=VOCAB_SIZE, help="prompt ids are below it")
-    p.add_argument("--low-token-id", type=int, default=BYTE_OFFSET, help="prompt ids are at least it")
-    p.add_argument("--request-rate", type=_positive_float, default=math.inf, help="req/s; inf: all at once")
+    p.add_argument(
+        "--scale",
+        type=_positive_float,
+        default=1.0,
+        help="multiply every length by this",
+    )
+    p.add_argument(
+        "--max-model-len", type=positive, default=2048, help="longest prompt + output"
+    )
+    p.add_argument(
+        "--vocab-size",
+        type=positive,
+        default=VOCAB_SIZE,
+        help="prompt ids are below it",
+    )
+    p.add_argument(
+        "--low-token-id",
+        type=int,
+        default=BYTE_OFFSET,
+        help="prompt ids are at least it",
+    )
+    p.add_argument(
+        "--request-rate",
+        type=_positive_float,
+        default=math.inf,
+        help="req/s; inf: all at once",
+    )
     p.add_argument("--arrivals", choices=ARRIVALS, default="poisson")
     p.add_argument("--max-concurrency", type=positive, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false")
     p.add_argument("--no-stream-usage", dest="include_usage", action="store_false")
-    p.add_argument("--timeout", type=_positive_float, default=600.0, help="seconds per request")
-    p.add_argument("--json", default=None, help="write the settings, summary and rows here")
+    p.add_argument(
+        "--timeout", type=_positive_float, default=600.0, help="seconds per request"
+    )
+    p.add_argument(
+        "--json", default=None, help="write the settings, summary and rows here"
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p.parse_args(argv)
 
@@ -497,9 +572,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = shlex.join(["python", f"benchmarks/{BENCHMARK}.py", *argv])
     try:
         workload = make_workload(
-            args.workload, args.num_requests, args.seed, args.max_model_len, args.scale, args.dataset_path
+            args.workload,
+            args.num_requests,
+            args.seed,
+            args.max_model_len,
+            args.scale,
+            args.dataset_path,
         )
-        requests = requests_from_workload(workload, args.vocab_size, args.seed, args.low_token_id)
+        requests = requests_from_workload(
+            workload, args.vocab_size, args.seed, args.low_token_id
+        )
     # a bad length, vocabulary or dataset: said before anything is sent
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -86,7 +86,9 @@ def __getattr__(name: str) -> object:
             # the submodule exists; something it imports does not
             if error.name != f"{__name__}.{name}":
                 raise
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+            raise AttributeError(
+                f"module {__name__!r} has no attribute {name!r}"
+            ) from None
     globals()[name] = value  # the next lookup finds it without calling __getattr__
     return value
 

@@ -25,7 +25,9 @@ GPU_DEVICE_FILES = ("/dev/nvidia*", "/dev/kfd", "/dev/dxg")
 
 def no_gpu_device_file() -> bool:
     """True on Linux when none of GPU_DEVICE_FILES exists: no process here can use a GPU."""
-    return sys.platform.startswith("linux") and not any(glob.glob(pattern) for pattern in GPU_DEVICE_FILES)
+    return sys.platform.startswith("linux") and not any(
+        glob.glob(pattern) for pattern in GPU_DEVICE_FILES
+    )
 
 
 def cuda_device_present() -> bool:

@@ -24,8 +24,13 @@ from pathlib import Path
 
 BEGIN, END = "# BEGIN SOLUTION", "# END SOLUTION"
 STUB = 'raise NotImplementedError("write this body: see the docstring")'
-_FENCE = re.compile(rf"^(?P<indent>[ \t]*){re.escape(BEGIN)}\n.*?^(?P=indent){re.escape(END)}\n", re.M | re.S)
-REMOVED_QUOTE = "# Removed from the student copy: this excerpt is a task's solution, in {path}."
+_FENCE = re.compile(
+    rf"^(?P<indent>[ \t]*){re.escape(BEGIN)}\n.*?^(?P=indent){re.escape(END)}\n",
+    re.M | re.S,
+)
+REMOVED_QUOTE = (
+    "# Removed from the student copy: this excerpt is a task's solution, in {path}."
+)
 _QUOTE = re.compile(
     r"^(?P<indent>[ \t]*)(?P<fence>`{3,})[ \t]*python[^\n]*?\btitle=\"(?P<path>[^\"]+)\"[^\n]*\n"
     r"(?P<body>.*?)^(?P=indent)(?P=fence)[ \t]*$",
@@ -52,10 +57,12 @@ def strip_solutions(source: str) -> str:
         ValueError: if a fence is opened and never closed at the same indentation.
     """
     stripped, num_fences = _FENCE.subn(
-        lambda m: f"{m['indent']}{BEGIN}\n{m['indent']}{STUB}\n{m['indent']}{END}\n", source
+        lambda m: f"{m['indent']}{BEGIN}\n{m['indent']}{STUB}\n{m['indent']}{END}\n",
+        source,
     )
     num_begin, num_end = (
-        len(re.findall(rf"^[ \t]*{re.escape(mark)}[ \t]*$", source, re.M)) for mark in (BEGIN, END)
+        len(re.findall(rf"^[ \t]*{re.escape(mark)}[ \t]*$", source, re.M))
+        for mark in (BEGIN, END)
     )
     if not num_begin == num_end == num_fences:
         raise ValueError(
@@ -88,7 +95,9 @@ def strip_doc_quotes(markdown: str, repo: str | Path) -> str:
             return match[0]
         indent = match["indent"]
         note = REMOVED_QUOTE.format(path=match["path"])
-        return f"{indent}{match['fence']}python\n{indent}{note}\n{indent}{match['fence']}"
+        return (
+            f"{indent}{match['fence']}python\n{indent}{note}\n{indent}{match['fence']}"
+        )
 
     return _QUOTE.sub(replace, markdown)
 

@@ -74,12 +74,17 @@ class KVBackend(Protocol):
         ...
 
     def copy_blocks(
-        self, k_caches: Sequence[torch.Tensor], v_caches: Sequence[torch.Tensor], block_mapping: torch.Tensor
+        self,
+        k_caches: Sequence[torch.Tensor],
+        v_caches: Sequence[torch.Tensor],
+        block_mapping: torch.Tensor,
     ) -> None:
         """Copy whole blocks (src, dst) of block_mapping `[n, 2]` int64 in every layer (copy-on-write)."""
         ...
 
-    def swap_blocks(self, src: torch.Tensor, dst: torch.Tensor, block_mapping: torch.Tensor) -> None:
+    def swap_blocks(
+        self, src: torch.Tensor, dst: torch.Tensor, block_mapping: torch.Tensor
+    ) -> None:
         """Move whole blocks between two pools that may sit on different devices (swap out / in)."""
         ...
 
@@ -116,7 +121,9 @@ def get_backend(name: str) -> KVBackend:
         from minipaged.fast import TritonBackend
 
         return TritonBackend()
-    raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {name!r}")
+    raise ValueError(
+        f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {name!r}"
+    )
 
 
 def available_backends() -> list[str]:

@@ -36,7 +36,9 @@ class BeamState:
         eos_token_id: the token that ends a beam (None: none does).
     """
 
-    def __init__(self, params: BeamSearchParams, prompt_len: int, eos_token_id: int | None) -> None:
+    def __init__(
+        self, params: BeamSearchParams, prompt_len: int, eos_token_id: int | None
+    ) -> None:
         width = params.beam_width
         self.params = params
         self.prompt_len = prompt_len
@@ -51,7 +53,11 @@ class BeamState:
         self.num_generated = 0
 
     def step(
-        self, seqs: list[Sequence], logits: torch.Tensor, group: SequenceGroup, manager: BlockManager
+        self,
+        seqs: list[Sequence],
+        logits: torch.Tensor,
+        group: SequenceGroup,
+        manager: BlockManager,
     ) -> bool:
         """Advance the beams by one token after a model step; return True when the search is over.
 
@@ -86,7 +92,9 @@ class BeamState:
         if self.improvable:
             normalized = top_scores / (self.num_generated**lp)
             new = ends & (torch.arange(len(ends)) < width)
-            merged = torch.cat([self.finished_scores, normalized + (~new).float() * NEG])
+            merged = torch.cat(
+                [self.finished_scores, normalized + (~new).float() * NEG]
+            )
             best = torch.topk(merged, width).indices
             finished, flags = [], []
             for j in best.tolist():
@@ -95,7 +103,10 @@ class BeamState:
                     flags.append(bool(self.is_finished[j]))
                 else:
                     c = j - width
-                    tokens_so_far = [*seqs[int(parents[c])].output_token_ids, int(tokens[c])]
+                    tokens_so_far = [
+                        *seqs[int(parents[c])].output_token_ids,
+                        int(tokens[c]),
+                    ]
                     finished.append((tokens_so_far, float(top_scores[c])))
                     flags.append(bool(new[c]))
             self.finished, self.finished_scores = finished, merged[best]
@@ -103,7 +114,9 @@ class BeamState:
 
         self.running_scores = running[keep]
         best_possible = self.running_scores[0] / (self.num_generated**lp)
-        worst = torch.where(self.is_finished, self.finished_scores.min(), torch.tensor(NEG))
+        worst = torch.where(
+            self.is_finished, self.finished_scores.min(), torch.tensor(NEG)
+        )
         self.improvable = self.improvable and bool((best_possible > worst).any())
         if not self.improvable or bool(ends.all()):
             for seq in seqs:
@@ -111,7 +124,12 @@ class BeamState:
                 seq.status = SequenceStatus.FINISHED_STOPPED
             return True
         self._advance(
-            seqs, logprobs, [int(parents[c]) for c in keep], [int(tokens[c]) for c in keep], group, manager
+            seqs,
+            logprobs,
+            [int(parents[c]) for c in keep],
+            [int(tokens[c]) for c in keep],
+            group,
+            manager,
         )
         return False
 
@@ -151,7 +169,10 @@ class BeamState:
         beams = [
             BeamSequence(list(tokens), cumulative, float(score), decode(tokens))
             for entry, score, flag in zip(
-                self.finished, self.finished_scores.tolist(), self.is_finished.tolist(), strict=True
+                self.finished,
+                self.finished_scores.tolist(),
+                self.is_finished.tolist(),
+                strict=True,
             )
             if flag and entry is not None
             for tokens, cumulative in [entry]

@@ -71,12 +71,20 @@ def _lazy(name: str):
 
 
 def _add_memory_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--block-size", type=int, default=4, help="tokens per KV block (default: 4)")
     parser.add_argument(
-        "--num-gpu-blocks", type=int, default=16, help="blocks in the device pool (default: 16, minimum 12)"
+        "--block-size", type=int, default=4, help="tokens per KV block (default: 4)"
     )
     parser.add_argument(
-        "--num-cpu-blocks", type=int, default=8, help="blocks in the host swap pool (default: 8, minimum 6)"
+        "--num-gpu-blocks",
+        type=int,
+        default=16,
+        help="blocks in the device pool (default: 16, minimum 12)",
+    )
+    parser.add_argument(
+        "--num-cpu-blocks",
+        type=int,
+        default=8,
+        help="blocks in the host swap pool (default: 8, minimum 6)",
     )
 
 
@@ -130,8 +138,12 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
         help="a preset (tiny-llama, small-llama, tiny-qwen2, ...) or a local checkpoint directory "
         "(default: tiny-llama, random weights)",
     )
-    parser.add_argument("--backend", choices=["reference", "triton"], default="reference")
-    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
+    parser.add_argument(
+        "--backend", choices=["reference", "triton"], default="reference"
+    )
+    parser.add_argument(
+        "--block-size", type=int, default=16, help="tokens per KV block (default: 16)"
+    )
     parser.add_argument(
         "--num-gpu-blocks",
         type=int,
@@ -139,16 +151,31 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
         help="blocks in the device pool (default: 64 MiB of them on cpu, half the free memory on cuda)",
     )
     parser.add_argument(
-        "--num-cpu-blocks", type=int, default=None, help="blocks in the host swap pool (default: as many)"
-    )
-    parser.add_argument("--preemption-mode", choices=["recompute", "swap"], default="recompute")
-    parser.add_argument("--enable-prefix-caching", action="store_true", help="share full prompt blocks")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
-    parser.add_argument(
-        "--dtype", choices=DTYPES, default="auto", help="of weights and KV cache (default: auto)"
+        "--num-cpu-blocks",
+        type=int,
+        default=None,
+        help="blocks in the host swap pool (default: as many)",
     )
     parser.add_argument(
-        "--max-num-seqs", type=int, default=256, help="sequences in one batch at most (default: 256)"
+        "--preemption-mode", choices=["recompute", "swap"], default="recompute"
+    )
+    parser.add_argument(
+        "--enable-prefix-caching", action="store_true", help="share full prompt blocks"
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="cpu or cuda[:N] (default: cpu)"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="of weights and KV cache (default: auto)",
+    )
+    parser.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=256,
+        help="sequences in one batch at most (default: 256)",
     )
     parser.add_argument(
         "--max-num-batched-tokens",
@@ -165,17 +192,40 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_generate_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more prompts (strings)")
-    _add_engine_options(parser)
-    parser.add_argument("--n", type=int, default=1, help="parallel samples per prompt (default: 1)")
-    parser.add_argument("--max-tokens", type=int, default=16, help="tokens to generate (default: 16)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass to keep (default: 1, all)")
-    parser.add_argument("--top-k", type=int, default=0, help="most likely tokens to keep (default: 0, all)")
     parser.add_argument(
-        "--seed", type=int, default=None, help="seed of the sampling (default: from the engine's seed, 0)"
+        "prompts", nargs="+", metavar="PROMPT", help="one or more prompts (strings)"
     )
-    parser.add_argument("--ignore-eos", action="store_true", help="keep generating past the end token")
+    _add_engine_options(parser)
+    parser.add_argument(
+        "--n", type=int, default=1, help="parallel samples per prompt (default: 1)"
+    )
+    parser.add_argument(
+        "--max-tokens", type=int, default=16, help="tokens to generate (default: 16)"
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, help="0 is greedy (default: 0)"
+    )
+    parser.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="nucleus mass to keep (default: 1, all)",
+    )
+    parser.add_argument(
+        "--top-k",
+        type=int,
+        default=0,
+        help="most likely tokens to keep (default: 0, all)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the sampling (default: from the engine's seed, 0)",
+    )
+    parser.add_argument(
+        "--ignore-eos", action="store_true", help="keep generating past the end token"
+    )
 
 
 def _port(text: str) -> int:
@@ -193,8 +243,12 @@ def _add_serve_options(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="the engine's seed: preset weights, requests without a seed (default: 0)",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    parser.add_argument("--port", type=_port, default=8000, help="port to listen on (default: 8000)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)"
+    )
+    parser.add_argument(
+        "--port", type=_port, default=8000, help="port to listen on (default: 8000)"
+    )
     parser.add_argument(
         "--served-model-name",
         default=None,
@@ -211,12 +265,20 @@ def _add_serve_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_experiment_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", nargs="?", metavar="NAME", help="the experiment to run (see --list)")
-    parser.add_argument("--list", action="store_true", help="name every experiment and stop")
     parser.add_argument(
-        "--json", metavar="PATH", help='write {"experiment", "rows", "paper", "settings"} to PATH'
+        "name", nargs="?", metavar="NAME", help="the experiment to run (see --list)"
     )
-    parser.add_argument("--plot", metavar="PATH", help="draw the figure to PATH (.png, .svg or .pdf)")
+    parser.add_argument(
+        "--list", action="store_true", help="name every experiment and stop"
+    )
+    parser.add_argument(
+        "--json",
+        metavar="PATH",
+        help='write {"experiment", "rows", "paper", "settings"} to PATH',
+    )
+    parser.add_argument(
+        "--plot", metavar="PATH", help="draw the figure to PATH (.png, .svg or .pdf)"
+    )
     parser.add_argument(
         "--scale",
         choices=["small", "full"],
@@ -224,7 +286,10 @@ def _add_experiment_options(parser: argparse.ArgumentParser) -> None:
         help="full: the documented run; small: seconds, same rows and keys (default: full)",
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="seeds workloads, weights and tokens (default: 0)"
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds workloads, weights and tokens (default: 0)",
     )
     parser.add_argument(
         "--backend",
@@ -256,7 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="minipaged",
         description="PagedAttention built twice (readable PyTorch and Triton), for learning.",
     )
-    parser.add_argument("--version", action="version", version=f"minipaged {__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"minipaged {__version__}"
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = commands.add_parser(
         "demo",
@@ -294,7 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
         "'# END SOLUTION' replaced by a NotImplementedError stub (see docs/assignments.md).",
     )
     assignment.add_argument("dest", help="the folder to create (must not exist)")
-    assignment.add_argument("--source", default=".", help="the project checkout to copy (default: .)")
+    assignment.add_argument(
+        "--source", default=".", help="the project checkout to copy (default: .)"
+    )
     assignment.set_defaults(run=_assignment, subparser=assignment)
     experiment = commands.add_parser(
         "experiment",
@@ -329,7 +398,9 @@ def _fail(parser: argparse.ArgumentParser, message: object) -> NoReturn:
     parser.exit(2, f"{parser.prog}: error: {' '.join(str(message).split())}\n")
 
 
-def _build_llm(parser: argparse.ArgumentParser, args: argparse.Namespace, **extra) -> LLM:
+def _build_llm(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, **extra
+) -> LLM:
     """The LLM of the engine options (_add_engine_options); exit 2 with one line if it is refused."""
     import torch
 
@@ -355,7 +426,10 @@ def _build_llm(parser: argparse.ArgumentParser, args: argparse.Namespace, **extr
     except OSError as error:
         _fail(parser, f"--model {args.model!r} cannot be loaded: {error}")
     except (MemoryError, torch.OutOfMemoryError) as error:
-        _fail(parser, f"the KV pools do not fit in memory (lower --num-gpu-blocks/--num-cpu-blocks): {error}")
+        _fail(
+            parser,
+            f"the KV pools do not fit in memory (lower --num-gpu-blocks/--num-cpu-blocks): {error}",
+        )
 
 
 def _check_output_path(parser: argparse.ArgumentParser, option: str, path: str) -> None:
@@ -379,9 +453,14 @@ def _check_output_path(parser: argparse.ArgumentParser, option: str, path: str) 
 def _check_port(parser: argparse.ArgumentParser, host: str, port: int) -> None:
     """Bind HOST:PORT and let go, so that a busy port is one line before the model loads."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM
+        )[0]
     except socket.gaierror as error:
-        _fail(parser, f"--host {host!r} is not an address of this machine: {error.strerror}")
+        _fail(
+            parser,
+            f"--host {host!r} is not an address of this machine: {error.strerror}",
+        )
     with socket.socket(family, kind, proto) as probe:
         # as uvicorn binds: TIME_WAIT is free
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -390,18 +469,29 @@ def _check_port(parser: argparse.ArgumentParser, host: str, port: int) -> None:
         except OSError as error:
             if error.errno == errno.EADDRINUSE:
                 _fail(parser, f"--port {port} is in use (on --host {host})")
-            _fail(parser, f"cannot listen on --host {host} --port {port}: {error.strerror or error}")
+            _fail(
+                parser,
+                f"cannot listen on --host {host} --port {port}: {error.strerror or error}",
+            )
 
 
 def _assignment(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     source, dest = args.source, args.dest
-    if not (Path(source) / "pyproject.toml").is_file() or not (Path(source) / "minipaged").is_dir():
-        _fail(parser, f"--source must be a minipaged checkout (pyproject.toml, minipaged/), got {source!r}")
+    if (
+        not (Path(source) / "pyproject.toml").is_file()
+        or not (Path(source) / "minipaged").is_dir()
+    ):
+        _fail(
+            parser,
+            f"--source must be a minipaged checkout (pyproject.toml, minipaged/), got {source!r}",
+        )
     try:
         stripped = make_student_copy(source, dest)
     except FileExistsError as error:
         _fail(parser, error)
-    print(f"wrote the student version to {dest}; solutions stripped in {len(stripped)} files:")
+    print(
+        f"wrote the student version to {dest}; solutions stripped in {len(stripped)} files:"
+    )
     for path in stripped:
         print(f"  {path.relative_to(dest)}")
     return 0
@@ -426,15 +516,21 @@ def _memory(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.html:
         from minipaged.walkthrough_html import write_walkthrough_html
 
-        print(f"\nwrote the interactive walk-through to {write_walkthrough_html(args.html, **sizes)}")
+        print(
+            f"\nwrote the interactive walk-through to {write_walkthrough_html(args.html, **sizes)}"
+        )
     return 0
 
 
 def _demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from minipaged.demo import DemoConfig, format_report, run_demo
 
-    given = {k: getattr(args, k) for k in ("block_size", "num_gpu_blocks", "num_cpu_blocks")}
-    config = DemoConfig(**{k: v for k, v in given.items() if not isinstance(v, DemoDefault)})
+    given = {
+        k: getattr(args, k) for k in ("block_size", "num_gpu_blocks", "num_cpu_blocks")
+    }
+    config = DemoConfig(
+        **{k: v for k, v in given.items() if not isinstance(v, DemoDefault)}
+    )
     try:
         report = run_demo(config)
     # the engine refuses a setting: say which, no traceback
@@ -481,7 +577,10 @@ def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """`minipaged serve`: check the address, load the engine, then serve until Ctrl-C."""
     if args.max_queued_requests is not None and args.max_queued_requests < 1:
-        _fail(parser, f"--max-queued-requests must be an int >= 1, got {args.max_queued_requests}")
+        _fail(
+            parser,
+            f"--max-queued-requests must be an int >= 1, got {args.max_queued_requests}",
+        )
     # before the model loads: a busy port is found in a blink
     _check_port(parser, args.host, args.port)
     # a server keeps recent steps
@@ -547,18 +646,31 @@ def _cell(value: object) -> str:
 def _table(rows: list[dict]) -> list[str]:
     """Rows with the same keys as a plain-text table; a column with one value is said once above it."""
     columns = list(rows[0])
-    same = [k for k in columns if len(rows) > 1 and len({json.dumps(r[k]) for r in rows}) == 1]
+    same = [
+        k
+        for k in columns
+        if len(rows) > 1 and len({json.dumps(r[k]) for r in rows}) == 1
+    ]
     lines = [", ".join(f"{k} {_cell(rows[0][k])}" for k in same)] if same else []
     columns = [k for k in columns if k not in same]
     cells = [[_cell(r[k]) for k in columns] for r in rows]
-    widths = [max(len(k), *(len(row[i]) for row in cells)) for i, k in enumerate(columns)]
+    widths = [
+        max(len(k), *(len(row[i]) for row in cells)) for i, k in enumerate(columns)
+    ]
     numeric = [all(isinstance(r[k], (int, float)) for r in rows) for k in columns]
 
     def line(values: list[str]) -> str:
-        parts = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True)]
+        parts = [
+            v.rjust(w) if num else v.ljust(w)
+            for v, w, num in zip(values, widths, numeric, strict=True)
+        ]
         return "  ".join(parts).rstrip()
 
-    return lines + [line(columns), line(["-" * w for w in widths])] + [line(row) for row in cells]
+    return (
+        lines
+        + [line(columns), line(["-" * w for w in widths])]
+        + [line(row) for row in cells]
+    )
 
 
 def format_experiment(result: ExperimentResult) -> list[str]:
@@ -572,7 +684,9 @@ def format_experiment(result: ExperimentResult) -> list[str]:
     lines += ["", "the paper:"]
     for key, value in result.paper.items():
         text = value if isinstance(value, str) else json.dumps(value)
-        lines += textwrap.wrap(f"{key}: {text}", width=98, initial_indent="  ", subsequent_indent="    ")
+        lines += textwrap.wrap(
+            f"{key}: {text}", width=98, initial_indent="  ", subsequent_indent="    "
+        )
     return lines
 
 
@@ -585,7 +699,10 @@ def _experiment(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     if args.name is None:
         _fail(parser, "give an experiment NAME, or --list to see them")
     if args.name not in EXPERIMENTS:
-        _fail(parser, f"unknown experiment {args.name!r}; expected one of {', '.join(EXPERIMENTS)}")
+        _fail(
+            parser,
+            f"unknown experiment {args.name!r}; expected one of {', '.join(EXPERIMENTS)}",
+        )
     for option, path in (("--json", args.json), ("--plot", args.plot)):
         # before the run: a path it cannot write must not cost a full run
         if path is not None:
@@ -604,20 +721,35 @@ def _experiment(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     except ModuleNotFoundError as error:
         expected = f"minipaged.experiments.{EXPERIMENTS[args.name][0]}"
         if error.name == expected:
-            _fail(parser, f"experiment {args.name!r} is not written yet (no module {expected})")
+            _fail(
+                parser,
+                f"experiment {args.name!r} is not written yet (no module {expected})",
+            )
         _fail(parser, f"experiment {args.name!r} cannot run: {error}")
     # Only the options given are passed: an experiment's run() keeps its own defaults.
-    run_options = {k: v for k, v in (("backend", args.backend), ("device", args.device)) if v is not None}
+    run_options = {
+        k: v
+        for k, v in (("backend", args.backend), ("device", args.device))
+        if v is not None
+    }
     if args.model is not None:
         if not _takes(module, "model"):
-            _fail(parser, f"experiment {args.name!r} takes no --model (only `serving` does)")
+            _fail(
+                parser,
+                f"experiment {args.name!r} takes no --model (only `serving` does)",
+            )
         run_options["model"] = args.model
     if args.measured:
         if not _takes(module, "measured"):
-            _fail(parser, f"experiment {args.name!r} has no measured run (only `serving` has one)")
+            _fail(
+                parser,
+                f"experiment {args.name!r} has no measured run (only `serving` has one)",
+            )
         run_options["measured"] = True
     if set(run_options) & {"backend", "device"} and not runs_tensors(module):
-        given = " and ".join(f"--{k}" for k in run_options if k in ("backend", "device"))
+        given = " and ".join(
+            f"--{k}" for k in run_options if k in ("backend", "device")
+        )
         _fail(
             parser,
             f"experiment {args.name!r} runs no tensors (it is a simulation: no model, no kernel), so "
@@ -640,7 +772,9 @@ def _experiment(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     return 0
 
 
-def _save(parser: argparse.ArgumentParser, option: str, path: str | None, write) -> None:
+def _save(
+    parser: argparse.ArgumentParser, option: str, path: str | None, write
+) -> None:
     """Write an output checked before the run; the disk may still fill or vanish meanwhile."""
     if path is None:
         return

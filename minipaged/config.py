@@ -12,7 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-def kv_cache_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
+def kv_cache_bytes_per_token(
+    num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: int
+) -> int:
     """Bytes of K and V that one token keeps in the cache: 2 x layers x kv_heads x head_dim x dtype size.
 
     Example: OPT-13B (40 layers, 40 heads of 128, fp16) keeps 2 x 40 x 40 x 128 x 2 = 819,200 bytes,
@@ -42,7 +44,9 @@ def kv_cache_bytes_per_block(
     """
     if not isinstance(block_size, int) or block_size <= 0:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    return block_size * kv_cache_bytes_per_token(num_layers, num_kv_heads, head_dim, dtype_bytes)
+    return block_size * kv_cache_bytes_per_token(
+        num_layers, num_kv_heads, head_dim, dtype_bytes
+    )
 
 
 PREEMPTION_MODES = ("recompute", "swap")
@@ -79,8 +83,13 @@ class CacheConfig:
         _positive_int("block_size", self.block_size)
         _positive_int("num_gpu_blocks", self.num_gpu_blocks)
         if not isinstance(self.num_cpu_blocks, int) or self.num_cpu_blocks < 0:
-            raise ValueError(f"num_cpu_blocks must be a non-negative int, got {self.num_cpu_blocks!r}")
-        if not isinstance(self.watermark, (int, float)) or not 0.0 <= self.watermark < 1.0:
+            raise ValueError(
+                f"num_cpu_blocks must be a non-negative int, got {self.num_cpu_blocks!r}"
+            )
+        if (
+            not isinstance(self.watermark, (int, float))
+            or not 0.0 <= self.watermark < 1.0
+        ):
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark!r}")
 
     @property
@@ -126,6 +135,10 @@ class SchedulerConfig:
                 f"({self.max_num_seqs}): each running sequence decodes one token a step"
             )
         if self.preemption_mode not in PREEMPTION_MODES:
-            raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}")
+            raise ValueError(
+                f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}"
+            )
         if self.batching not in BATCHING_MODES:
-            raise ValueError(f"batching must be 'iteration' or 'static', got {self.batching!r}")
+            raise ValueError(
+                f"batching must be 'iteration' or 'static', got {self.batching!r}"
+            )

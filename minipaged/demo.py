@@ -28,8 +28,15 @@ import torch
 from minipaged.engine import LLM
 from minipaged.sampling import BeamSearchParams, SamplingParams
 
-SYSTEM_PROMPT = "You are a careful tutor of operating systems. Answer in one sentence.\n"
-QUESTIONS = ("What is a page table?", "Why share pages?", "What does swap do?", "What is a TLB?")
+SYSTEM_PROMPT = (
+    "You are a careful tutor of operating systems. Answer in one sentence.\n"
+)
+QUESTIONS = (
+    "What is a page table?",
+    "Why share pages?",
+    "What does swap do?",
+    "What is a TLB?",
+)
 PARALLEL_PROMPT = "Three names for a block of memory:"
 BEAM_PROMPT = "Paging in one word:"
 WIDTH = 80  # the report fits a terminal
@@ -121,7 +128,9 @@ def run_demo(config: DemoConfig | None = None) -> DemoReport:
     """
     config = config or DemoConfig()
     llm = build_engine(config)
-    greedy = SamplingParams(temperature=0.0, max_tokens=config.max_tokens, ignore_eos=True)
+    greedy = SamplingParams(
+        temperature=0.0, max_tokens=config.max_tokens, ignore_eos=True
+    )
     sampled = SamplingParams(
         n=config.n,
         temperature=0.8,
@@ -130,7 +139,9 @@ def run_demo(config: DemoConfig | None = None) -> DemoReport:
         seed=config.seed,
         ignore_eos=True,
     )
-    beam = BeamSearchParams(beam_width=config.beam_width, max_tokens=config.beam_max_tokens, ignore_eos=True)
+    beam = BeamSearchParams(
+        beam_width=config.beam_width, max_tokens=config.beam_max_tokens, ignore_eos=True
+    )
     prompts = [SYSTEM_PROMPT + q for q in QUESTIONS] + [PARALLEL_PROMPT]
     params = [greedy] * len(QUESTIONS) + [sampled]
 
@@ -141,7 +152,9 @@ def run_demo(config: DemoConfig | None = None) -> DemoReport:
         wall = time.perf_counter() - start
 
     outputs = [
-        DemoOutput("greedy", q, [c.text for c in r.outputs], [c.token_ids for c in r.outputs])
+        DemoOutput(
+            "greedy", q, [c.text for c in r.outputs], [c.token_ids for c in r.outputs]
+        )
         for q, r in zip(QUESTIONS, results[: len(QUESTIONS)], strict=True)
     ]
     parallel = results[len(QUESTIONS)]
@@ -178,7 +191,11 @@ def run_demo(config: DemoConfig | None = None) -> DemoReport:
         "cow_copies": stats.cow_copies,
     }
     tokens = stats.generated_tokens
-    throughput = {"generated_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
+    throughput = {
+        "generated_tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+    }
     return DemoReport(config, outputs, memory, memory_events(llm), throughput)
 
 
@@ -208,12 +225,16 @@ def memory_events(llm: LLM) -> list[str]:
                 f"{step.blocks_free} of {llm.cache_config.num_gpu_blocks} free after)"
             )
         if step.blocks_swapped_in:
-            events.append(f"step {step.step}: {step.blocks_swapped_in} blocks swapped back in")
+            events.append(
+                f"step {step.step}: {step.blocks_swapped_in} blocks swapped back in"
+            )
     return events
 
 
 def _wrap(label: str, text: str) -> list[str]:
-    return textwrap.wrap(text, WIDTH, initial_indent=label, subsequent_indent=" " * len(label)) or [label]
+    return textwrap.wrap(
+        text, WIDTH, initial_indent=label, subsequent_indent=" " * len(label)
+    ) or [label]
 
 
 def format_report(report: DemoReport) -> list[str]:

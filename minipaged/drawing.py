@@ -71,15 +71,27 @@ def seq_color(seq_id: int, names: Mapping[int, str] | None = None) -> str:
     return PALETTE[(order.index(seq_id) if seq_id in order else seq_id) % len(PALETTE)]
 
 
-def rect(x: float, y: float, w: float, h: float, cls: str = "", fill: str = "", extra: str = "") -> str:
+def rect(
+    x: float,
+    y: float,
+    w: float,
+    h: float,
+    cls: str = "",
+    fill: str = "",
+    extra: str = "",
+) -> str:
     """An SVG rectangle; `cls` names a class of the shared style, `fill` overrides its colour."""
     attrs = f' class="{cls}"' if cls else ""
     # inline style: it beats the class's fill
     attrs += f' style="fill:{fill}"' if fill else ""
-    return f'<rect x="{x:g}" y="{y:g}" width="{w:g}" height="{h:g}" rx="3"{attrs}{extra}/>'
+    return (
+        f'<rect x="{x:g}" y="{y:g}" width="{w:g}" height="{h:g}" rx="3"{attrs}{extra}/>'
+    )
 
 
-def text(x: float, y: float, label: str, cls: str = "", anchor: str = "start", fill: str = "") -> str:
+def text(
+    x: float, y: float, label: str, cls: str = "", anchor: str = "start", fill: str = ""
+) -> str:
     """An SVG text element at baseline (x, y); the label is escaped."""
     attrs = f' class="{cls}"' if cls else ""
     attrs += f' text-anchor="{anchor}"' if anchor != "start" else ""
@@ -87,7 +99,9 @@ def text(x: float, y: float, label: str, cls: str = "", anchor: str = "start", f
     return f'<text x="{x:g}" y="{y:g}"{attrs}>{escape(label)}</text>'
 
 
-def arrow(x1: float, y1: float, x2: float, y2: float, color: str, dash: bool = False) -> str:
+def arrow(
+    x1: float, y1: float, x2: float, y2: float, color: str, dash: bool = False
+) -> str:
     """A vertical S-curve from (x1, y1) to (x2, y2) with a head at (x2, y2), up or down."""
     d = (y2 - y1) / 2
     head = 6 if y2 > y1 else -6
@@ -109,10 +123,21 @@ def document(body: str, width: float, height: float, title: str) -> str:
 
 def cell_width(block_size: int) -> int:
     """Width of one block: a square per slot (or a bar for large blocks) plus padding."""
-    return max(52, min(block_size, MAX_SLOTS) * SLOT_W + 12) if block_size <= MAX_SLOTS else 64
+    return (
+        max(52, min(block_size, MAX_SLOTS) * SLOT_W + 12)
+        if block_size <= MAX_SLOTS
+        else 64
+    )
 
 
-def slots(x: float, y: float, block_size: int, filled: int, color: str, first: int | None = None) -> str:
+def slots(
+    x: float,
+    y: float,
+    block_size: int,
+    filled: int,
+    color: str,
+    first: int | None = None,
+) -> str:
     """A block's slots, filled ones in `color` (always a prefix: a block fills left to right).
 
     Up to MAX_SLOTS slots are squares, numbered from `first` when given (slot or position ids);
@@ -128,12 +153,19 @@ def slots(x: float, y: float, block_size: int, filled: int, color: str, first: i
         )
     outline = f"M{x:g} {y:g}h{width:g}v{SLOT_W}h{-width:g}Z"
     if squares:
-        outline += "".join(f"M{x + i * SLOT_W:g} {y:g}v{SLOT_W}" for i in range(1, block_size))
+        outline += "".join(
+            f"M{x + i * SLOT_W:g} {y:g}v{SLOT_W}" for i in range(1, block_size)
+        )
     parts.append(f'<path class="q" d="{outline}"/>')
     if squares and first is not None:  # number each slot under its square
-        parts += [text(x + i * SLOT_W + 6, y + 21, str(first + i), "m", "middle") for i in range(block_size)]
+        parts += [
+            text(x + i * SLOT_W + 6, y + 21, str(first + i), "m", "middle")
+            for i in range(block_size)
+        ]
     if not squares:
-        parts.append(text(x + width / 2, y + 22, f"{filled}/{block_size}", "m", "middle"))
+        parts.append(
+            text(x + width / 2, y + 22, f"{filled}/{block_size}", "m", "middle")
+        )
     return "".join(parts)
 
 
@@ -210,7 +242,9 @@ def _blocks(manager: BlockManager, pool: str) -> list[_Block]:
         ref = allocator.ref_count(block)
         state = "used" if ref else "cached-free" if cached_free(block) else "free"
         filled = manager.block_size if state == "cached-free" else fill.get(block, 0)
-        blocks.append(_Block(block, state, ref, holders.get(block, []), filled, block_hash(block)))
+        blocks.append(
+            _Block(block, state, ref, holders.get(block, []), filled, block_hash(block))
+        )
     return blocks
 
 
@@ -218,8 +252,16 @@ def _draw_pool(lay: _Layout, pool: str, y: float, free_list: bool) -> float:
     """Draw one pool's physical blocks from height y; returns the height used."""
     allocator = lay.manager.device if pool == "device" else lay.manager.host
     lay.parts.append(text(MARGIN, y + 16, f"{pool} pool", "t"))
-    lay.parts.append(text(MARGIN, y + 29, "GPU memory" if pool == "device" else "CPU swap space", "s"))
-    lay.parts.append(text(MARGIN, y + 41, f"{allocator.num_free} of {allocator.num_blocks} free", "s"))
+    lay.parts.append(
+        text(
+            MARGIN, y + 29, "GPU memory" if pool == "device" else "CPU swap space", "s"
+        )
+    )
+    lay.parts.append(
+        text(
+            MARGIN, y + 41, f"{allocator.num_free} of {allocator.num_blocks} free", "s"
+        )
+    )
     # allocate() pops from the right; the order is what the frame-allocator page teaches
     if free_list:
         order = ",".join(map(str, allocator.free_list))
@@ -238,7 +280,12 @@ def _block_cell(lay: _Layout, cell: _Block, x: float, y: float) -> str:
     shared = len(cell.seqs) > 1
     who = ",".join(_label(s, lay.names) for s in shown) or "other"
     if shared:
-        cls, color, feature, who = "sh", SHARED, "shared", f"{who} \u00d7{len(cell.seqs)}"
+        cls, color, feature, who = (
+            "sh",
+            SHARED,
+            "shared",
+            f"{who} \u00d7{len(cell.seqs)}",
+        )
     elif cell.state == "cached-free":
         cls, color, feature, who = "cf", CACHED, "cached", "cached"
     elif cell.state == "free":
@@ -252,8 +299,14 @@ def _block_cell(lay: _Layout, cell: _Block, x: float, y: float) -> str:
     if cell.name:  # a prefix-cache name: the first hex digits of its chained hash
         parts.append(text(x + lay.cw - 4, y + 12, cell.name[:4], "m", "end"))
     first = cell.block * lay.manager.block_size if lay.show_slots else None
-    parts.append(slots(x + 6, y + 19, lay.manager.block_size, cell.filled, color, first))
-    parts.append(text(x + lay.cw / 2, y + POOL_H - 6, who, "s", "middle", SHARED if shared else ""))
+    parts.append(
+        slots(x + 6, y + 19, lay.manager.block_size, cell.filled, color, first)
+    )
+    parts.append(
+        text(
+            x + lay.cw / 2, y + POOL_H - 6, who, "s", "middle", SHARED if shared else ""
+        )
+    )
     return "".join(parts)
 
 
@@ -270,7 +323,12 @@ def _draw_table(lay: _Layout, seq_id: int, pool: str, y: float) -> float:
     parts = [
         f'<g data-table="{seq_id}" data-location="{pool}" data-num-tokens="{table.num_tokens}">',
         text(MARGIN, y + 18, _label(seq_id, lay.names), "t", fill=color),
-        text(MARGIN, y + 31, f"{table.num_tokens} tokens" + (", on host" if pool == "host" else ""), "s"),
+        text(
+            MARGIN,
+            y + 31,
+            f"{table.num_tokens} tokens" + (", on host" if pool == "host" else ""),
+            "s",
+        ),
     ]
     for i, block in enumerate(table.block_ids):
         x, top = lay.x_of(i), y + (i // lay.per_row) * (SEQ_H + GAP)
@@ -280,14 +338,31 @@ def _draw_table(lay: _Layout, seq_id: int, pool: str, y: float) -> float:
             f'data-filled="{filled}">'
         )
         parts.append(rect(x, top, lay.cw, SEQ_H, "b", extra=f' style="stroke:{color}"'))
-        parts.append(text(x + 5, top + 13, f"{i} \u2192 #{block}", fill=SHARED if shared else ""))
-        parts.append(slots(x + 6, top + 18, size, filled, color, i * size if lay.show_slots else None))
+        parts.append(
+            text(x + 5, top + 13, f"{i} \u2192 #{block}", fill=SHARED if shared else "")
+        )
+        parts.append(
+            slots(
+                x + 6,
+                top + 18,
+                size,
+                filled,
+                color,
+                i * size if lay.show_slots else None,
+            )
+        )
         parts.append("</g>")
         px, py = lay.pool_xy[(pool, block)]
         if pool == "device":
-            lay.arrows.append(arrow(x + lay.cw / 2, top + SEQ_H, px + lay.cw / 2, py, color))
+            lay.arrows.append(
+                arrow(x + lay.cw / 2, top + SEQ_H, px + lay.cw / 2, py, color)
+            )
         else:
-            lay.arrows.append(arrow(x + lay.cw / 2, top, px + lay.cw / 2, py + POOL_H, color, dash=True))
+            lay.arrows.append(
+                arrow(
+                    x + lay.cw / 2, top, px + lay.cw / 2, py + POOL_H, color, dash=True
+                )
+            )
     lay.parts.append("".join(parts) + "</g>")
     return lay.rows(len(table)) * (SEQ_H + GAP) - GAP
 
@@ -300,7 +375,9 @@ def _draw_cow(lay: _Layout, cow: list[tuple[int, int]]) -> float:
         y1, y2 = sy + POOL_H, dy + POOL_H
         curve = f"M{x1:g} {y1:g}C{x1:g} {low:g} {x2:g} {low:g} {x2:g} {y2 + 6:g}"
         tip = f"M{x2 - 4:g} {y2 + 6:g}L{x2 + 4:g} {y2 + 6:g}L{x2:g} {y2:g}Z"
-        label = text((x1 + x2) / 2, low + 4, f"copy #{src} \u2192 #{dst}", "s", "middle", SHARED)
+        label = text(
+            (x1 + x2) / 2, low + 4, f"copy #{src} \u2192 #{dst}", "s", "middle", SHARED
+        )
         lay.parts.append(
             f'<g data-cow-src="{src}" data-cow-dst="{dst}"><path class="a" stroke="{SHARED}" '
             f'stroke-dasharray="4 3" d="{curve}"/><path d="{tip}" fill="{SHARED}"/>{label}</g>'
@@ -346,16 +423,25 @@ def draw_panel(
     cow = list(cow)
     for pair in cow:
         if len(pair) != 2 or not all(0 <= b < manager.device.num_blocks for b in pair):
-            raise ValueError(f"cow must hold (src, dst) device block pairs, got {pair!r}")
+            raise ValueError(
+                f"cow must hold (src, dst) device block pairs, got {pair!r}"
+            )
     names = dict(names or {})
     tables = {**manager.host_tables, **manager.device_tables}
-    drawn = sorted(tables, key=lambda s: (s not in names, list(names).index(s) if s in names else s))
+    drawn = sorted(
+        tables,
+        key=lambda s: (s not in names, list(names).index(s) if s in names else s),
+    )
     drawn = [s for s in drawn if seqs is None or s in set(seqs)]
     if show_host is None:
         show_host = manager.host.num_used > 0
     longest = max([manager.device.num_blocks, *(len(tables[s]) for s in drawn)])
-    width_blocks = min(per_row, max(1, longest, manager.host.num_blocks if show_host else 0))
-    lay = _Layout(manager, names, drawn, per_row, show_slots, cell_width(manager.block_size))
+    width_blocks = min(
+        per_row, max(1, longest, manager.host.num_blocks if show_host else 0)
+    )
+    lay = _Layout(
+        manager, names, drawn, per_row, show_slots, cell_width(manager.block_size)
+    )
     y = 0.0
     if title:
         lay.parts.append(text(MARGIN, 16, title, "t"))
@@ -366,7 +452,9 @@ def draw_panel(
     if show_host:
         y += _draw_pool(lay, "host", y, False) + ARROW_GAP
     seq_top = y
-    y += sum(_rows_height(lay, len(tables[s])) + ROW_GAP for s in host_seqs + device_seqs)
+    y += sum(
+        _rows_height(lay, len(tables[s])) + ROW_GAP for s in host_seqs + device_seqs
+    )
     y += ARROW_GAP - ROW_GAP if host_seqs + device_seqs else 0
     y += _draw_pool(lay, "device", y, show_free_list)
     y += _draw_cow(lay, cow)
@@ -378,7 +466,9 @@ def draw_panel(
     width = MARGIN * 2 + LABEL_W + width_blocks * (lay.cw + GAP) - GAP
     # room for the title
     width = max(width, MARGIN * 2 + TITLE_CHAR_W * len(title or ""))
-    return Panel("".join(lay.arrows) + "\n" + "\n".join(lay.parts), width, y, lay.features)
+    return Panel(
+        "".join(lay.arrows) + "\n" + "\n".join(lay.parts), width, y, lay.features
+    )
 
 
 def _rows_height(lay: _Layout, num_blocks: int) -> float:
@@ -413,7 +503,9 @@ def compose(panels: Iterable[Panel], title: str) -> str:
         raise ValueError("panels must hold at least one Panel")
     body, y = [], MARGIN
     for i, panel in enumerate(panels):
-        body.append(f'<g data-panel="{i}" transform="translate(0 {y:g})">{panel.body}</g>')
+        body.append(
+            f'<g data-panel="{i}" transform="translate(0 {y:g})">{panel.body}</g>'
+        )
         y += panel.height + 18
     features = set().union(*(p.features for p in panels))
     x = MARGIN
@@ -426,7 +518,9 @@ def compose(panels: Iterable[Panel], title: str) -> str:
     return document("\n".join(body), width, height, title)
 
 
-def draw_manager(manager: BlockManager, names: Mapping[int, str] | None = None, **kwargs) -> str:
+def draw_manager(
+    manager: BlockManager, names: Mapping[int, str] | None = None, **kwargs
+) -> str:
     """The manager's state as one SVG document: `draw_panel` (same arguments) then `compose`."""
     title = kwargs.get("title") or "block tables and KV block pools"
     return compose([draw_panel(manager, names, **kwargs)], title)

@@ -26,7 +26,12 @@ from tqdm import tqdm  # the plain bar: tqdm.auto warns in a notebook without ip
 from minipaged.backend import get_backend
 from minipaged.beam_search import BeamState
 from minipaged.config import CacheConfig, SchedulerConfig, kv_cache_bytes_per_block
-from minipaged.limits import check_pool_memory, check_supported_dtype, resolve_device, resolve_dtype
+from minipaged.limits import (
+    check_pool_memory,
+    check_supported_dtype,
+    resolve_device,
+    resolve_dtype,
+)
 from minipaged.model_runner import ModelRunner, kv_shape
 from minipaged.outputs import (
     BeamSearchOutput,
@@ -39,7 +44,13 @@ from minipaged.outputs import (
 from minipaged.presets import PRESETS, ByteTokenizer, load_preset
 from minipaged.reference.block_manager import BlockManager
 from minipaged.reference.scheduler import Scheduler, SchedulerOutput
-from minipaged.sampling import BeamSearchParams, SamplingParams, sample, seeded_generator, top_logprobs
+from minipaged.sampling import (
+    BeamSearchParams,
+    SamplingParams,
+    sample,
+    seeded_generator,
+    top_logprobs,
+)
 from minipaged.sequence import Sequence, SequenceGroup, SequenceStatus
 
 # bytes of device KV pool when num_gpu_blocks is None on CPU
@@ -157,11 +168,17 @@ class LLM:
         dtype = resolve_dtype(dtype)
         _check_arguments(seed, enable_prefix_caching, max_step_stats)
         if runner is not None and model is not None:
-            raise ValueError("model must be None when runner is given (the runner brings its model)")
+            raise ValueError(
+                "model must be None when runner is given (the runner brings its model)"
+            )
         self.model_name = _model_name(model, runner)
         if runner is None:
-            self.model, self.tokenizer = _load_model(model or "tiny-llama", dtype, seed, tokenizer)
-            check_supported_dtype(next(self.model.parameters()).dtype, "the model's dtype")
+            self.model, self.tokenizer = _load_model(
+                model or "tiny-llama", dtype, seed, tokenizer
+            )
+            check_supported_dtype(
+                next(self.model.parameters()).dtype, "the model's dtype"
+            )
             positions = _max_positions(self.model.config)
             self.vocab_size = self.model.config.get_text_config().vocab_size
             self.eos_token_id = _eos_id(self.model, self.tokenizer)
@@ -173,14 +190,18 @@ class LLM:
         if block_manager is None:
             if num_gpu_blocks is None:
                 if self.model is None:
-                    raise ValueError("num_gpu_blocks must be given with a runner (no model to size it by)")
-                num_gpu_blocks = _kv_cache_memory(kv_cache_memory, device) // _bytes_per_block(
-                    self.model, block_size
-                )
+                    raise ValueError(
+                        "num_gpu_blocks must be given with a runner (no model to size it by)"
+                    )
+                num_gpu_blocks = _kv_cache_memory(
+                    kv_cache_memory, device
+                ) // _bytes_per_block(self.model, block_size)
             self.cache_config = cc = CacheConfig(
                 block_size=block_size,
                 num_gpu_blocks=num_gpu_blocks,
-                num_cpu_blocks=num_gpu_blocks if num_cpu_blocks is None else num_cpu_blocks,
+                num_cpu_blocks=num_gpu_blocks
+                if num_cpu_blocks is None
+                else num_cpu_blocks,
                 watermark=watermark,
                 enable_prefix_caching=enable_prefix_caching,
             )
@@ -191,14 +212,20 @@ class LLM:
                 torch.device(device),
             )
             block_manager = BlockManager(
-                cc.block_size, cc.num_gpu_blocks, cc.num_cpu_blocks, cc.watermark, cc.enable_prefix_caching
+                cc.block_size,
+                cc.num_gpu_blocks,
+                cc.num_cpu_blocks,
+                cc.watermark,
+                cc.enable_prefix_caching,
             )
         window = None if self.model is None else _sliding_window(self.model.config)
         limit = positions if window is None else min(positions, window)
         limit_why = (
             f"the model's {positions} positions"
             if limit == positions
-            else (f"the model's sliding window of {window} tokens: minipaged's attention has no window")
+            else (
+                f"the model's sliding window of {window} tokens: minipaged's attention has no window"
+            )
         )
         model_len = limit if max_model_len is None else max_model_len
         self._model_len_why = "as given" if max_model_len is not None else limit_why
@@ -208,7 +235,9 @@ class LLM:
         # a bad max_num_seqs or max_model_len is SchedulerConfig's to name
         if budget is None:
             sizes = (model_len, max_num_seqs)
-            budget = max(sum(sizes), 2048) if all(type(x) is int for x in sizes) else 2048
+            budget = (
+                max(sum(sizes), 2048) if all(type(x) is int for x in sizes) else 2048
+            )
         self.scheduler_config = SchedulerConfig(
             max_model_len=model_len,
             max_num_seqs=max_num_seqs,
@@ -262,13 +291,19 @@ class LLM:
         """
         prompts = _prompt_list(prompts)
         params = sampling_params if sampling_params is not None else SamplingParams()
-        params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        params_list = (
+            list(params)
+            if isinstance(params, (list, tuple))
+            else [params] * len(prompts)
+        )
         if len(params_list) != len(prompts):
             raise ValueError(
                 f"sampling_params must be one, or one per prompt ({len(prompts)}), got {len(params_list)}"
             )
         if not all(isinstance(sp, SamplingParams) for sp in params_list):
-            raise ValueError("sampling_params must be SamplingParams (use beam_search for BeamSearchParams)")
+            raise ValueError(
+                "sampling_params must be SamplingParams (use beam_search for BeamSearchParams)"
+            )
         self._check_idle()
         requests = [
             self._prepare(p, sp) for p, sp in zip(prompts, params_list, strict=True)
@@ -277,7 +312,10 @@ class LLM:
 
     @_serialized
     def beam_search(
-        self, prompts: Prompt | Seq[Prompt], params: BeamSearchParams, use_tqdm: bool = False
+        self,
+        prompts: Prompt | Seq[Prompt],
+        params: BeamSearchParams,
+        use_tqdm: bool = False,
     ) -> list[BeamSearchOutput]:
         """Beam search for every prompt; each output holds beam_width beams, best first.
 
@@ -289,14 +327,19 @@ class LLM:
         """
         prompts = _prompt_list(prompts)
         if not isinstance(params, BeamSearchParams):
-            raise ValueError(f"params must be BeamSearchParams, got {type(params).__name__}")
+            raise ValueError(
+                f"params must be BeamSearchParams, got {type(params).__name__}"
+            )
         self._check_idle()
         requests = [self._prepare(p, params) for p in prompts]
         return self._run(requests, use_tqdm)
 
     @_serialized
     def add_request(
-        self, prompt: Prompt, params: SamplingParams | BeamSearchParams, arrival_time: float | None = None
+        self,
+        prompt: Prompt,
+        params: SamplingParams | BeamSearchParams,
+        arrival_time: float | None = None,
     ) -> str:
         """Queue one request (checked now); returns its request id. Drive it with step().
 
@@ -311,9 +354,13 @@ class LLM:
             ValueError: naming the field, for a request that can never be served.
         """
         if arrival_time is not None and (
-            not isinstance(arrival_time, (int, float)) or isinstance(arrival_time, bool) or arrival_time < 0
+            not isinstance(arrival_time, (int, float))
+            or isinstance(arrival_time, bool)
+            or arrival_time < 0
         ):
-            raise ValueError(f"arrival_time must be a number of seconds >= 0, got {arrival_time!r}")
+            raise ValueError(
+                f"arrival_time must be a number of seconds >= 0, got {arrival_time!r}"
+            )
         return self._submit(*self._prepare(prompt, params), arrival_time)
 
     @_serialized
@@ -328,8 +375,12 @@ class LLM:
             request_id: an id from add_request, or a list of them.
         """
         ids = [request_id] if isinstance(request_id, str) else request_id
-        if not isinstance(ids, (list, tuple)) or not all(isinstance(rid, str) for rid in ids):
-            raise TypeError(f"request_id must be a string or a list of strings, got {request_id!r}")
+        if not isinstance(ids, (list, tuple)) or not all(
+            isinstance(rid, str) for rid in ids
+        ):
+            raise TypeError(
+                f"request_id must be a string or a list of strings, got {request_id!r}"
+            )
         for rid in ids:
             entry = self._requests.get(rid)
             if entry is None:
@@ -358,8 +409,12 @@ class LLM:
             return None
         group, params, text = entry
         if isinstance(params, BeamSearchParams):
-            raise ValueError("request_output: a beam search has no partial output (its beams change)")
-        completions = [self._completion(i, seq, params) for i, seq in enumerate(group.seqs)]
+            raise ValueError(
+                "request_output: a beam search has no partial output (its beams change)"
+            )
+        completions = [
+            self._completion(i, seq, params) for i, seq in enumerate(group.seqs)
+        ]
         return RequestOutput(
             request_id,
             text,
@@ -377,7 +432,11 @@ class LLM:
     def now(self) -> float:
         """The engine's clock, in seconds: simulated time under a simulated runner (the sum of its
         steps' times and of the idle gaps between arrivals), else wall time since the engine was built."""
-        return self._simulated_time if self.simulated else time.perf_counter() - self._start
+        return (
+            self._simulated_time
+            if self.simulated
+            else time.perf_counter() - self._start
+        )
 
     @_serialized
     def step(self) -> list[RequestOutput | BeamSearchOutput]:
@@ -397,7 +456,9 @@ class LLM:
         start = self.now()
         out = self.scheduler.schedule()
         if not out.scheduled and not out.preempted:
-            raise RuntimeError("the scheduler made no progress: no request can run (a bug, please report)")
+            raise RuntimeError(
+                "the scheduler made no progress: no request can run (a bug, please report)"
+            )
         try:
             logits = self.runner.execute(out)  # [num_seqs, vocab]
             if self.simulated:
@@ -420,7 +481,9 @@ class LLM:
         None of them can be trusted, so all are aborted (their blocks freed); the rest of the
         queues are untouched and the next step runs as usual.
         """
-        swapped_out = {request_id for request_id, mode in out.preempted if mode == "swap"}
+        swapped_out = {
+            request_id for request_id, mode in out.preempted if mode == "swap"
+        }
         request_ids = {item.group.request_id for item in out.scheduled} | swapped_out
         self.abort_request(sorted(request_ids))
 
@@ -442,7 +505,9 @@ class LLM:
         elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             token_ids, text = prompt["prompt_token_ids"], None
             if not isinstance(token_ids, (list, tuple)):
-                raise TypeError(f"prompt_token_ids must be a list of ints, got {type(token_ids).__name__}")
+                raise TypeError(
+                    f"prompt_token_ids must be a list of ints, got {type(token_ids).__name__}"
+                )
             token_ids = list(token_ids)
         else:
             raise ValueError(
@@ -450,9 +515,13 @@ class LLM:
             )
         if not token_ids:
             raise ValueError("prompt must not be empty (it has no tokens)")
-        bad = [t for t in token_ids if type(t) is not int or not 0 <= t < self.vocab_size]
+        bad = [
+            t for t in token_ids if type(t) is not int or not 0 <= t < self.vocab_size
+        ]
         if bad:
-            raise ValueError(f"prompt_token_ids must be ints in [0, {self.vocab_size}), got {bad[:5]}")
+            raise ValueError(
+                f"prompt_token_ids must be ints in [0, {self.vocab_size}), got {bad[:5]}"
+            )
         total = len(token_ids) + params.max_tokens
         limit = self.scheduler_config.max_model_len
         if total > limit:
@@ -463,7 +532,9 @@ class LLM:
         width = params.n if isinstance(params, SamplingParams) else params.beam_width
         if width > self.scheduler_config.max_num_seqs:
             name = "n" if isinstance(params, SamplingParams) else "beam_width"
-            raise ValueError(f"{name}={width} is more than max_num_seqs={self.scheduler_config.max_num_seqs}")
+            raise ValueError(
+                f"{name}={width} is more than max_num_seqs={self.scheduler_config.max_num_seqs}"
+            )
         # the one fit test
         self.block_manager.check_fits(len(token_ids), params.max_tokens, width)
         return token_ids, text, params
@@ -483,7 +554,9 @@ class LLM:
         except Exception as error:
             raise ValueError(f"prompt could not be tokenized: {error}") from error
 
-    def _submit(self, token_ids: list[int], text: str | None, params, arrival_time=None) -> str:
+    def _submit(
+        self, token_ids: list[int], text: str | None, params, arrival_time=None
+    ) -> str:
         request_id = str(next(self._request_ids))
         now = self.now()
         arrival = now if arrival_time is None else float(arrival_time)
@@ -491,15 +564,25 @@ class LLM:
         if isinstance(params, SamplingParams):
             # n samples share the prompt
             seqs = [first] + [first.fork() for _ in range(params.n - 1)]
-            seed = params.seed if params.seed is not None else self.seed * 1_000_003 + int(request_id)
+            seed = (
+                params.seed
+                if params.seed is not None
+                else self.seed * 1_000_003 + int(request_id)
+            )
             for index, seq in enumerate(seqs):
-                self._generators[seq.seq_id] = seeded_generator(seed, index, self.runner.device)
+                self._generators[seq.seq_id] = seeded_generator(
+                    seed, index, self.runner.device
+                )
             width = params.n
         else:
             # one sequence until the first step forks
             seqs, width = [first], params.beam_width
-            self._beams[request_id] = BeamState(params, len(token_ids), self._eos(params))
-        group = SequenceGroup(request_id, seqs, arrival, max_seqs=width, max_tokens=params.max_tokens)
+            self._beams[request_id] = BeamState(
+                params, len(token_ids), self._eos(params)
+            )
+        group = SequenceGroup(
+            request_id, seqs, arrival, max_seqs=width, max_tokens=params.max_tokens
+        )
         self._requests[request_id] = (group, params, text)
         self._metrics[request_id] = RequestMetrics(arrival_time=arrival)
         if arrival <= now:
@@ -523,7 +606,9 @@ class LLM:
 
     def _check_idle(self) -> None:
         if self.has_unfinished_requests():
-            raise ValueError("requests added with add_request are unfinished: drive them with step() first")
+            raise ValueError(
+                "requests added with add_request are unfinished: drive them with step() first"
+            )
 
     def _eos(self, params) -> int | None:
         return None if params.ignore_eos else self.eos_token_id
@@ -534,7 +619,9 @@ class LLM:
         outputs: dict[str, object] = {}
         try:
             request_ids.extend(self._submit(*request) for request in requests)
-            with tqdm(total=len(request_ids), desc="requests", disable=not use_tqdm) as bar:
+            with tqdm(
+                total=len(request_ids), desc="requests", disable=not use_tqdm
+            ) as bar:
                 while len(outputs) < len(request_ids):
                     for output in self.step():
                         outputs[output.request_id] = output
@@ -557,10 +644,15 @@ class LLM:
             metrics = self._metrics[request_id]
             # its first step: the prompt ran, a token came out
             if metrics.first_token_time is None:
-                metrics.first_scheduled_time, metrics.first_token_time = self.step_stats[-1].time, end
+                metrics.first_scheduled_time, metrics.first_token_time = (
+                    self.step_stats[-1].time,
+                    end,
+                )
             if isinstance(params, BeamSearchParams):
                 seqs = [out.scheduled[i].seq for i in indices]
-                done = self._beams[request_id].step(seqs, logits[indices], group, self.block_manager)
+                done = self._beams[request_id].step(
+                    seqs, logits[indices], group, self.block_manager
+                )
                 self.stats.generated_tokens += len(seqs)
             else:
                 for i in indices:
@@ -572,7 +664,9 @@ class LLM:
                 finished.append(self._output(request_id))
         return finished
 
-    def _sample(self, seq: Sequence, logits: torch.Tensor, params: SamplingParams) -> None:
+    def _sample(
+        self, seq: Sequence, logits: torch.Tensor, params: SamplingParams
+    ) -> None:
         token, logprob = sample(logits, params, self._generators[seq.seq_id])
         seq.append_token_id(token, logprob)
         if params.logprobs is not None:
@@ -585,7 +679,8 @@ class LLM:
         elif params.stop and (stop := self._stop_string(seq, params)) is not None:
             seq.status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop
         elif (
-            len(seq.output_token_ids) >= params.max_tokens or len(seq) >= self.scheduler_config.max_model_len
+            len(seq.output_token_ids) >= params.max_tokens
+            or len(seq) >= self.scheduler_config.max_model_len
         ):
             seq.status = SequenceStatus.FINISHED_LENGTH_CAPPED
         if seq.is_finished():
@@ -598,7 +693,9 @@ class LLM:
         hits = [(text.find(stop), stop) for stop in params.stop if stop in text]
         return min(hits)[1] if hits else None
 
-    def _completion(self, index: int, seq: Sequence, params: SamplingParams) -> CompletionOutput:
+    def _completion(
+        self, index: int, seq: Sequence, params: SamplingParams
+    ) -> CompletionOutput:
         """One sample as the caller sees it; its text stops before the stop string or stop token that
         ended it (its token_ids keep every token sampled), as vLLM's does by default."""
         # a stop token: in token_ids, not in the text
@@ -611,7 +708,9 @@ class LLM:
         if not seq.is_finished():
             reason = None
         else:
-            reason = "stop" if seq.status == SequenceStatus.FINISHED_STOPPED else "length"
+            reason = (
+                "stop" if seq.status == SequenceStatus.FINISHED_STOPPED else "length"
+            )
         return CompletionOutput(
             index=index,
             text=text,
@@ -620,19 +719,29 @@ class LLM:
             logprobs=list(seq.output_logprobs),
             finish_reason=reason,
             stop_reason=seq.stop_reason,
-            top_logprobs=list(seq.output_top_logprobs) if params.logprobs is not None else None,
+            top_logprobs=list(seq.output_top_logprobs)
+            if params.logprobs is not None
+            else None,
         )
 
     def _output(self, request_id: str):
         group, params, text = self._requests[request_id]
         prompt_ids = group.seqs[0].prompt_token_ids
         if isinstance(params, BeamSearchParams):
-            output = self._beams[request_id].output(request_id, prompt_ids, self._decode)
+            output = self._beams[request_id].output(
+                request_id, prompt_ids, self._decode
+            )
             output.metrics = self._metrics[request_id]
         else:
-            completions = [self._completion(i, seq, params) for i, seq in enumerate(group.seqs)]
+            completions = [
+                self._completion(i, seq, params) for i, seq in enumerate(group.seqs)
+            ]
             output = RequestOutput(
-                request_id, text, list(prompt_ids), completions, metrics=self._metrics[request_id]
+                request_id,
+                text,
+                list(prompt_ids),
+                completions,
+                metrics=self._metrics[request_id],
             )
         self._forget(request_id)
         return output
@@ -647,7 +756,9 @@ class LLM:
 
     def _decode(self, token_ids: list[int]) -> str:
         return (
-            self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer is not None else ""
+            self.tokenizer.decode(token_ids, skip_special_tokens=True)
+            if self.tokenizer is not None
+            else ""
         )
 
     def _record(self, out: SchedulerOutput, start: float) -> None:
@@ -662,7 +773,9 @@ class LLM:
             num_swapped=len(self.scheduler.swapped),
             num_seqs=len(out.scheduled),
             num_batched_tokens=out.num_batched_tokens,
-            num_prefill_tokens=sum(s.num_query_tokens for s in out.scheduled if s.is_prefill),
+            num_prefill_tokens=sum(
+                s.num_query_tokens for s in out.scheduled if s.is_prefill
+            ),
             blocks_free=device.num_free,
             blocks_used=device.num_used,
             blocks_shared=device.num_shared,
@@ -673,30 +786,51 @@ class LLM:
             blocks_copied=len(out.blocks_to_copy),
         )
         self.step_stats.append(step)
-        if self.max_step_stats is not None and len(self.step_stats) > self.max_step_stats:
+        if (
+            self.max_step_stats is not None
+            and len(self.step_stats) > self.max_step_stats
+        ):
             del self.step_stats[0]  # the oldest goes: a bounded history
         s = self.stats
-        s.mean_kv_utilization = (s.mean_kv_utilization * s.steps + step.kv_utilization) / (s.steps + 1)
+        s.mean_kv_utilization = (
+            s.mean_kv_utilization * s.steps + step.kv_utilization
+        ) / (s.steps + 1)
         s.steps += 1
         s.num_preemptions = dict(self.scheduler.num_preemptions)
-        s.blocks_swapped_out, s.blocks_swapped_in = memory.blocks_swapped_out, memory.blocks_swapped_in
+        s.blocks_swapped_out, s.blocks_swapped_in = (
+            memory.blocks_swapped_out,
+            memory.blocks_swapped_in,
+        )
         s.cow_copies = memory.cow_copies
-        s.prefix_cache_hits, s.prefix_cache_misses = memory.prefix_cache_hits, memory.prefix_cache_misses
+        s.prefix_cache_hits, s.prefix_cache_misses = (
+            memory.prefix_cache_hits,
+            memory.prefix_cache_misses,
+        )
         s.peak_blocks_used = max(s.peak_blocks_used, device.num_used)
-        s.max_blocks_saved_by_sharing = max(s.max_blocks_saved_by_sharing, device.blocks_saved_by_sharing)
+        s.max_blocks_saved_by_sharing = max(
+            s.max_blocks_saved_by_sharing, device.blocks_saved_by_sharing
+        )
         # e.g. the experiments' per-step memory breakdown
         for observe in self.step_observers:
             observe(self, out)
 
 
-def _check_arguments(seed: object, enable_prefix_caching: object, max_step_stats: object) -> None:
+def _check_arguments(
+    seed: object, enable_prefix_caching: object, max_step_stats: object
+) -> None:
     """Type checks that name the argument (a string seed would fail only at the first sample)."""
     if type(seed) is not int:
         raise TypeError(f"seed must be an int, got {seed!r}")
     if not isinstance(enable_prefix_caching, bool):
-        raise TypeError(f"enable_prefix_caching must be True or False, got {enable_prefix_caching!r}")
-    if max_step_stats is not None and (type(max_step_stats) is not int or max_step_stats < 0):
-        raise ValueError(f"max_step_stats must be None or an int >= 0, got {max_step_stats!r}")
+        raise TypeError(
+            f"enable_prefix_caching must be True or False, got {enable_prefix_caching!r}"
+        )
+    if max_step_stats is not None and (
+        type(max_step_stats) is not int or max_step_stats < 0
+    ):
+        raise ValueError(
+            f"max_step_stats must be None or an int >= 0, got {max_step_stats!r}"
+        )
 
 
 def _model_name(model: object, runner: object) -> str | None:
@@ -714,7 +848,9 @@ def _sliding_window(config) -> int | None:
     config = config.get_text_config()
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
-    if not window or (layer_types is not None and "sliding_attention" not in layer_types):
+    if not window or (
+        layer_types is not None and "sliding_attention" not in layer_types
+    ):
         return None
     if getattr(config, "use_sliding_window", True) is False:
         return None
@@ -726,7 +862,9 @@ def _prompt_list(prompts: object) -> list:
         return [prompts]
     if isinstance(prompts, (list, tuple)):
         return list(prompts)
-    raise ValueError(f"prompts must be a prompt or a list of prompts, got {type(prompts).__name__}")
+    raise ValueError(
+        f"prompts must be a prompt or a list of prompts, got {type(prompts).__name__}"
+    )
 
 
 def _load_model(model, dtype, seed, tokenizer):
@@ -738,14 +876,22 @@ def _load_model(model, dtype, seed, tokenizer):
             f"model must be a preset name, a local directory or a model, got {type(model).__name__}"
         )
     if model in PRESETS:
-        return load_preset(model, seed, dtype or torch.float32), tokenizer or ByteTokenizer()
+        return load_preset(
+            model, seed, dtype or torch.float32
+        ), tokenizer or ByteTokenizer()
     if os.path.isdir(model):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         try:
-            loaded = AutoModelForCausalLM.from_pretrained(model, dtype=dtype or "auto", local_files_only=True)
+            loaded = AutoModelForCausalLM.from_pretrained(
+                model, dtype=dtype or "auto", local_files_only=True
+            )
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            first_line = (
+                str(error).strip().splitlines()[0]
+                if str(error).strip()
+                else type(error).__name__
+            )
             raise ValueError(
                 f"model={model!r}: cannot load a checkpoint from this directory: {first_line}"
             ) from error
@@ -755,7 +901,9 @@ def _load_model(model, dtype, seed, tokenizer):
             except (OSError, ValueError):
                 tokenizer = None  # token-id prompts still work
         return loaded.eval(), tokenizer
-    raise ValueError(f"model must be a preset ({', '.join(PRESETS)}) or a local directory, got {model!r}")
+    raise ValueError(
+        f"model must be a preset ({', '.join(PRESETS)}) or a local directory, got {model!r}"
+    )
 
 
 def _check_backend_device(backend: str, device: str | torch.device) -> None:
@@ -781,7 +929,9 @@ def _check_backend_device(backend: str, device: str | torch.device) -> None:
 def _kv_cache_memory(kv_cache_memory: int | None, device: str) -> int:
     if kv_cache_memory is not None:
         if not isinstance(kv_cache_memory, int) or kv_cache_memory <= 0:
-            raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {kv_cache_memory!r}")
+            raise ValueError(
+                f"kv_cache_memory must be a positive number of bytes, got {kv_cache_memory!r}"
+            )
         return kv_cache_memory
     if torch.device(device).type == "cuda":
         free, _ = torch.cuda.mem_get_info(torch.device(device))
@@ -792,7 +942,9 @@ def _kv_cache_memory(kv_cache_memory: int | None, device: str) -> int:
 def _bytes_per_block(model: torch.nn.Module, block_size: int) -> int:
     num_layers, num_kv_heads, head_dim = kv_shape(model.config)
     dtype_bytes = next(model.parameters()).dtype.itemsize
-    return kv_cache_bytes_per_block(block_size, num_layers, num_kv_heads, head_dim, dtype_bytes)
+    return kv_cache_bytes_per_block(
+        block_size, num_layers, num_kv_heads, head_dim, dtype_bytes
+    )
 
 
 def _max_positions(config) -> int:
@@ -806,5 +958,8 @@ def _max_positions(config) -> int:
 def _eos_id(model, tokenizer) -> int | None:
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
-        eos = getattr(model.generation_config, "eos_token_id", None) or model.config.eos_token_id
+        eos = (
+            getattr(model.generation_config, "eos_token_id", None)
+            or model.config.eos_token_id
+        )
     return eos[0] if isinstance(eos, list) else eos

@@ -47,16 +47,24 @@ def resolve_device(device: object) -> torch.device:
             (meta, mps, ...), or CUDA that torch cannot find.
     """
     if not isinstance(device, (str, torch.device)):
-        raise TypeError(f"device must be a string such as 'cpu' or 'cuda', got {type(device).__name__}")
+        raise TypeError(
+            f"device must be a string such as 'cpu' or 'cuda', got {type(device).__name__}"
+        )
     try:
         resolved = torch.device(device)
     except (RuntimeError, ValueError):
-        raise ValueError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'), got {device!r}") from None
+        raise ValueError(
+            f"device must be 'cpu' or 'cuda' (or 'cuda:N'), got {device!r}"
+        ) from None
     if resolved.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'), got {device!r}")
+        raise ValueError(
+            f"device must be 'cpu' or 'cuda' (or 'cuda:N'), got {device!r}"
+        )
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device={device!r} but torch finds no CUDA device here: use device='cpu'")
+            raise ValueError(
+                f"device={device!r} but torch finds no CUDA device here: use device='cpu'"
+            )
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
             raise ValueError(
                 f"device={device!r} but this machine has {torch.cuda.device_count()} CUDA device(s)"
@@ -76,10 +84,14 @@ def resolve_dtype(dtype: object) -> torch.dtype | None:
         return None
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or a torch dtype, got {dtype!r}")
+            raise ValueError(
+                f"dtype must be one of {', '.join(DTYPES)} or a torch dtype, got {dtype!r}"
+            )
         return DTYPES[dtype]
     if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"dtype must be a torch dtype or its name, got {type(dtype).__name__}")
+        raise TypeError(
+            f"dtype must be a torch dtype or its name, got {type(dtype).__name__}"
+        )
     check_supported_dtype(dtype, "dtype")
     return dtype
 
@@ -150,7 +162,10 @@ def check_pool_memory(
     host = torch.device("cpu")
     free_host = available_memory(host) if free_host is None else free_host
     bookkeeping = (num_gpu_blocks + num_cpu_blocks) * BOOKKEEPING_BYTES_PER_BLOCK
-    device_bytes, host_bytes = num_gpu_blocks * bytes_per_block, num_cpu_blocks * bytes_per_block
+    device_bytes, host_bytes = (
+        num_gpu_blocks * bytes_per_block,
+        num_cpu_blocks * bytes_per_block,
+    )
     if device.type == "cuda":
         free_device = available_memory(device) if free_device is None else free_device
         if free_device is not None and device_bytes > free_device:

@@ -84,10 +84,14 @@ def paged_attention_forward(
     """
     step: StepMetadata | None = kwargs.get(ATTN_IMPLEMENTATION)
     if step is None:
-        raise RuntimeError("minipaged attention needs the step's metadata: run the model through ModelRunner")
+        raise RuntimeError(
+            "minipaged attention needs the step's metadata: run the model through ModelRunner"
+        )
     window = kwargs.get("sliding_window")
     if window is not None and step.max_seq_len > window:
-        raise NotImplementedError(f"sliding-window attention (window {window}) is not supported by minipaged")
+        raise NotImplementedError(
+            f"sliding-window attention (window {window}) is not supported by minipaged"
+        )
     layer = step.layer_index(module)
     k_cache, v_cache = step.k_caches[layer], step.v_caches[layer]
     q = query[0].transpose(0, 1)  # [num_tokens, num_heads, head_dim]
@@ -97,7 +101,13 @@ def paged_attention_forward(
     step.backend.write_kv(k, v, k_cache, v_cache, step.slot_mapping)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = step.backend.paged_attention(
-        q, k_cache, v_cache, step.block_tables, step.seq_lens, step.query_start_loc, float(scale)
+        q,
+        k_cache,
+        v_cache,
+        step.block_tables,
+        step.seq_lens,
+        step.query_start_loc,
+        float(scale),
     )  # [num_tokens, num_heads, head_dim]
     return out.unsqueeze(0), None
 
@@ -148,28 +158,41 @@ class ModelRunner:
         self.dtype = next(model.parameters()).dtype
         num_layers, num_kv_heads, head_dim = kv_shape(model.config)
         block_size = block_manager.block_size
-        device_shape = (block_manager.device.num_blocks, block_size, num_kv_heads, head_dim)
+        device_shape = (
+            block_manager.device.num_blocks,
+            block_size,
+            num_kv_heads,
+            head_dim,
+        )
         host_shape = (block_manager.host.num_blocks, block_size, num_kv_heads, head_dim)
         # unwritten slots hold NaN: reading one would show in the output
         nan = float("nan")
         self.k_caches = [
-            torch.full(device_shape, nan, dtype=self.dtype, device=device) for _ in range(num_layers)
+            torch.full(device_shape, nan, dtype=self.dtype, device=device)
+            for _ in range(num_layers)
         ]
         self.v_caches = [
-            torch.full(device_shape, nan, dtype=self.dtype, device=device) for _ in range(num_layers)
+            torch.full(device_shape, nan, dtype=self.dtype, device=device)
+            for _ in range(num_layers)
         ]
         # page-locked, as vLLM's swap space: the GPU copies it directly
         pin = self.device.type == "cuda"
         self.host_k_caches = [
-            torch.full(host_shape, nan, dtype=self.dtype, pin_memory=pin) for _ in range(num_layers)
+            torch.full(host_shape, nan, dtype=self.dtype, pin_memory=pin)
+            for _ in range(num_layers)
         ]
         self.host_v_caches = [
-            torch.full(host_shape, nan, dtype=self.dtype, pin_memory=pin) for _ in range(num_layers)
+            torch.full(host_shape, nan, dtype=self.dtype, pin_memory=pin)
+            for _ in range(num_layers)
         ]
 
     def move_blocks(self, out: SchedulerOutput) -> None:
         """Carry out the schedule's block moves, in order: swap out, swap in, copy-on-write."""
-        pools = zip(self.k_caches + self.v_caches, self.host_k_caches + self.host_v_caches, strict=True)
+        pools = zip(
+            self.k_caches + self.v_caches,
+            self.host_k_caches + self.host_v_caches,
+            strict=True,
+        )
         pools = list(pools)
         if out.blocks_to_swap_out:
             # [n, 2] on the CPU
@@ -181,10 +204,14 @@ class ModelRunner:
             for device_pool, host_pool in pools:
                 self.backend.swap_blocks(host_pool, device_pool, mapping)
         if out.blocks_to_copy:
-            mapping = torch.tensor(out.blocks_to_copy, dtype=torch.int64, device=self.device)
+            mapping = torch.tensor(
+                out.blocks_to_copy, dtype=torch.int64, device=self.device
+            )
             self.backend.copy_blocks(self.k_caches, self.v_caches, mapping)
 
-    def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, StepMetadata, torch.Tensor]:
+    def prepare(
+        self, out: SchedulerOutput
+    ) -> tuple[torch.Tensor, torch.Tensor, StepMetadata, torch.Tensor]:
         """Pack the step's tokens into one row and build its metadata.
 
         Returns:
@@ -214,7 +241,8 @@ class ModelRunner:
             v_caches=self.v_caches,
             slot_mapping=torch.tensor(slots, dtype=torch.int64).to(device),
             block_tables=torch.tensor(
-                [t.block_ids + [-1] * (width - len(t)) for t in tables], dtype=torch.int32
+                [t.block_ids + [-1] * (width - len(t)) for t in tables],
+                dtype=torch.int32,
             ).to(device),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(device),
             query_start_loc=torch.tensor(starts, dtype=torch.int32).to(device),

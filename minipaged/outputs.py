@@ -158,7 +158,9 @@ class EngineStats:
     """
 
     steps: int = 0
-    num_preemptions: dict[str, int] = field(default_factory=lambda: {"recompute": 0, "swap": 0})
+    num_preemptions: dict[str, int] = field(
+        default_factory=lambda: {"recompute": 0, "swap": 0}
+    )
     blocks_swapped_out: int = 0
     blocks_swapped_in: int = 0
     cow_copies: int = 0

@@ -40,7 +40,9 @@ class ByteTokenizer:
 # transformers takes seconds, and `import minipaged` (or `minipaged --help`) needs no model.
 
 
-def _llama(hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2) -> PretrainedConfig:
+def _llama(
+    hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2
+) -> PretrainedConfig:
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -93,7 +95,14 @@ def _mistral() -> PretrainedConfig:
 def _gpt2() -> PretrainedConfig:
     from transformers import GPT2Config
 
-    return GPT2Config(vocab_size=VOCAB_SIZE, n_embd=64, n_layer=2, n_head=4, n_positions=1024, **SPECIAL_IDS)
+    return GPT2Config(
+        vocab_size=VOCAB_SIZE,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=1024,
+        **SPECIAL_IDS,
+    )
 
 
 def _opt() -> PretrainedConfig:
@@ -123,7 +132,9 @@ PRESETS = tuple(CONFIGS)
 DEFAULT_PRESET = "tiny-llama"
 
 
-def load_preset(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def load_preset(
+    name: str, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
     """The preset's model with weights drawn from `seed` (the global RNG is left as it was).
 
     Raises:
@@ -132,7 +143,9 @@ def load_preset(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) ->
     from transformers import AutoModelForCausalLM
 
     if name not in CONFIGS:
-        raise ValueError(f"model must be a preset ({', '.join(PRESETS)}) or a local directory, got {name!r}")
+        raise ValueError(
+            f"model must be a preset ({', '.join(PRESETS)}) or a local directory, got {name!r}"
+        )
     config = CONFIGS[name]()
     # larger than the usual 0.02: outputs vary more, ties are rarer
     config.initializer_range = 0.2

@@ -67,7 +67,9 @@ class SamplingParams:
     logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        _check(_is_int(self.n) and self.n >= 1, f"n must be an int >= 1, got {self.n!r}")
+        _check(
+            _is_int(self.n) and self.n >= 1, f"n must be an int >= 1, got {self.n!r}"
+        )
         _check(
             isinstance(self.temperature, (int, float))
             and not isinstance(self.temperature, bool)
@@ -81,24 +83,39 @@ class SamplingParams:
             f"top_p must be in (0, 1], got {self.top_p!r}",
         )
         _check(
-            _is_int(self.top_k) and self.top_k >= 0, f"top_k must be an int >= 0 (0: off), got {self.top_k!r}"
+            _is_int(self.top_k) and self.top_k >= 0,
+            f"top_k must be an int >= 0 (0: off), got {self.top_k!r}",
         )
         _check(
             _is_int(self.max_tokens) and self.max_tokens >= 1,
             f"max_tokens must be an int >= 1, got {self.max_tokens!r}",
         )
-        _check(self.seed is None or _is_int(self.seed), f"seed must be an int or None, got {self.seed!r}")
-        _check(isinstance(self.ignore_eos, bool), f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        _check(
+            self.seed is None or _is_int(self.seed),
+            f"seed must be an int or None, got {self.seed!r}",
+        )
+        _check(
+            isinstance(self.ignore_eos, bool),
+            f"ignore_eos must be a bool, got {self.ignore_eos!r}",
+        )
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
         _check(
-            stop is None or (isinstance(stop, (list, tuple)) and all(isinstance(s, str) and s for s in stop)),
+            stop is None
+            or (
+                isinstance(stop, (list, tuple))
+                and all(isinstance(s, str) and s for s in stop)
+            ),
             f"stop must be a non-empty string or a list of them, got {self.stop!r}",
         )
         # normalized once (frozen, hashable)
         object.__setattr__(self, "stop", tuple(stop or ()))
         ids = self.stop_token_ids
         _check(
-            ids is None or (isinstance(ids, (list, tuple)) and all(_is_int(t) and t >= 0 for t in ids)),
+            ids is None
+            or (
+                isinstance(ids, (list, tuple))
+                and all(_is_int(t) and t >= 0 for t in ids)
+            ),
             f"stop_token_ids must be a list of token ids (ints >= 0), got {ids!r}",
         )
         object.__setattr__(self, "stop_token_ids", tuple(ids or ()))
@@ -141,15 +158,20 @@ class BeamSearchParams:
             f"max_tokens must be an int >= 1, got {self.max_tokens!r}",
         )
         _check(
-            isinstance(self.length_penalty, (int, float)) and math.isfinite(self.length_penalty),
+            isinstance(self.length_penalty, (int, float))
+            and math.isfinite(self.length_penalty),
             f"length_penalty must be a finite number, got {self.length_penalty!r}",
         )
 
 
-def seeded_generator(seed: int, index: int, device: str | torch.device = "cpu") -> torch.Generator:
+def seeded_generator(
+    seed: int, index: int, device: str | torch.device = "cpu"
+) -> torch.Generator:
     """The generator of sample `index` of a request seeded `seed`: the same wherever it is batched."""
     digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return torch.Generator(device=device).manual_seed(
+        int.from_bytes(digest[:8], "little") >> 1
+    )
 
 
 def top_logprobs(logits: torch.Tensor, k: int) -> dict[int, float]:

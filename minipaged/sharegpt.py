@@ -17,13 +17,25 @@ import math
 from pathlib import Path
 from typing import Any
 
-from minipaged.workloads import Request, Workload, _check, _check_int, _stream, poisson_arrivals
+from minipaged.workloads import (
+    Request,
+    Workload,
+    _check,
+    _check_int,
+    _stream,
+    poisson_arrivals,
+)
 
 
-def _sharegpt_pairs(data: Any, path: Path, first_turn_only: bool) -> list[tuple[str, str]]:
+def _sharegpt_pairs(
+    data: Any, path: Path, first_turn_only: bool
+) -> list[tuple[str, str]]:
     """(prompt, output) texts: each human turn followed directly by a gpt turn."""
     shape = 'a JSON list of {"conversations": [{"from": "human" | "gpt", "value": str}, ...]}'
-    _check(isinstance(data, list), f"path {str(path)!r} must hold {shape}, got a {type(data).__name__}")
+    _check(
+        isinstance(data, list),
+        f"path {str(path)!r} must hold {shape}, got a {type(data).__name__}",
+    )
     pairs = []
     for k, item in enumerate(data):
         turns = item.get("conversations") if isinstance(item, dict) else None
@@ -72,7 +84,10 @@ def load_sharegpt(
             more requests than usable pairs.
     """
     path = Path(path)
-    _check(path.is_file(), f"path {str(path)!r} is not a file (download a ShareGPT JSON first)")
+    _check(
+        path.is_file(),
+        f"path {str(path)!r} is not a file (download a ShareGPT JSON first)",
+    )
     encode = getattr(tokenizer, "encode", None)
     _check(
         tokenizer is None or callable(encode),
@@ -84,21 +99,36 @@ def load_sharegpt(
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"path {str(path)!r} is not UTF-8 JSON: {err}") from err
-    count = (lambda text: len(text.split())) if encode is None else (lambda text: len(encode(text)))
-    lens = [(count(p), count(o)) for p, o in _sharegpt_pairs(data, path, first_turn_only)]
+    count = (
+        (lambda text: len(text.split()))
+        if encode is None
+        else (lambda text: len(encode(text)))
+    )
+    lens = [
+        (count(p), count(o)) for p, o in _sharegpt_pairs(data, path, first_turn_only)
+    ]
     lens = [(p, o) for p, o in lens if p >= 1 and o >= 1 and p + o <= max_model_len]
     _check(
-        bool(lens), f"path {str(path)!r} has no usable pairs (non-empty, <= max_model_len={max_model_len})"
+        bool(lens),
+        f"path {str(path)!r} has no usable pairs (non-empty, <= max_model_len={max_model_len})",
     )
     if num_requests is not None:
         _check(
-            num_requests <= len(lens), f"num_requests must be <= {len(lens)} usable pairs, got {num_requests}"
+            num_requests <= len(lens),
+            f"num_requests must be <= {len(lens)} usable pairs, got {num_requests}",
         )
-        lens = [lens[i] for i in _stream(seed, 3).choice(len(lens), num_requests, replace=False)]
+        lens = [
+            lens[i]
+            for i in _stream(seed, 3).choice(len(lens), num_requests, replace=False)
+        ]
     arrivals = poisson_arrivals(len(lens), rate, seed)
-    requests = tuple(Request(f"sharegpt-{i}", arrivals[i], p, o) for i, (p, o) in enumerate(lens))
+    requests = tuple(
+        Request(f"sharegpt-{i}", arrivals[i], p, o) for i, (p, o) in enumerate(lens)
+    )
     return Workload(
-        "sharegpt", requests, dict(path=str(path), rate=rate, seed=seed, max_model_len=max_model_len)
+        "sharegpt",
+        requests,
+        dict(path=str(path), rate=rate, seed=seed, max_model_len=max_model_len),
     )
 
 

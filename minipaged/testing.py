@@ -57,7 +57,11 @@ def device_for(backend: str) -> torch.device:
     CPU tensors only through Triton's interpreter (TRITON_INTERPRET=1, which `import minipaged` sets
     where there is no GPU). So: "cuda" where a GPU is present and the interpreter is off, else the CPU.
     """
-    if backend == "triton" and torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    if (
+        backend == "triton"
+        and torch.cuda.is_available()
+        and os.environ.get("TRITON_INTERPRET") != "1"
+    ):
         return torch.device("cuda")
     return torch.device("cpu")
 
@@ -110,7 +114,9 @@ class PagedCase:
 
     def expected(self) -> torch.Tensor:
         """The oracle's answer: dense SDPA over the contiguous K/V."""
-        return dense_attention(self.query, self.keys, self.values, self.query_start_loc, self.scale)
+        return dense_attention(
+            self.query, self.keys, self.values, self.query_start_loc, self.scale
+        )
 
 
 def random_paged_case(
@@ -169,10 +175,16 @@ def random_paged_case(
     num_slots = num_blocks * block_size
     pools = []
     for _ in range(2):  # K, then V
-        pool = poison_pattern(num_slots)[:, None, None].expand(num_slots, num_kv_heads, head_dim).clone()
+        pool = (
+            poison_pattern(num_slots)[:, None, None]
+            .expand(num_slots, num_kv_heads, head_dim)
+            .clone()
+        )
         pools.append(pool)  # [num_slots, num_kv_heads, head_dim], float32 for now
     slots_of = [
-        torch.tensor([row[pos // block_size] * block_size + pos % block_size for pos in range(n)])
+        torch.tensor(
+            [row[pos // block_size] * block_size + pos % block_size for pos in range(n)]
+        )
         for row, n in zip(ids, seq_lens, strict=True)
     ]
     covered = torch.cat(slots_of).unique()
@@ -185,7 +197,9 @@ def random_paged_case(
     values = [v_flat[slots].to(device) for slots in slots_of]
 
     query = torch.randn(sum(q_lens), num_heads, head_dim, generator=gen).to(dtype)
-    starts = torch.tensor([0, *torch.tensor(list(q_lens)).cumsum(0).tolist()], dtype=torch.int32)
+    starts = torch.tensor(
+        [0, *torch.tensor(list(q_lens)).cumsum(0).tolist()], dtype=torch.int32
+    )
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     return PagedCase(
         query=query.to(device),

@@ -81,7 +81,9 @@ def render_allocator(
             who = ",".join(holders.get(block, ())) or "held"
             cells.append(who if ref == 1 else f"{who} x{ref}")
     if title is None:
-        title = f"{allocator.name} pool: {allocator.num_blocks} blocks, " + _counts(allocator)
+        title = f"{allocator.name} pool: {allocator.num_blocks} blocks, " + _counts(
+            allocator
+        )
     lines = [title]
     if not cells:
         lines.append("  (no blocks)")
@@ -125,11 +127,18 @@ def render_pool(
     for seq_id in sorted(tables):
         for block in tables[seq_id].block_ids:
             holders.setdefault(block, []).append(seq_label(seq_id, names))
-    title = f"{pool} pool: {allocator.num_blocks} blocks of {manager.block_size} slots, " + _counts(allocator)
-    return render_allocator(allocator, holders, title=title, per_row=per_row, legend=legend)
+    title = (
+        f"{pool} pool: {allocator.num_blocks} blocks of {manager.block_size} slots, "
+        + _counts(allocator)
+    )
+    return render_allocator(
+        allocator, holders, title=title, per_row=per_row, legend=legend
+    )
 
 
-def render_block_table(table: BlockTable, allocator: BlockAllocator | None = None) -> str:
+def render_block_table(
+    table: BlockTable, allocator: BlockAllocator | None = None
+) -> str:
     """One table as `0->3[####] 1->5*[##..]`: logical -> physical, its filled slots, * if shared.
 
     Args:
@@ -140,7 +149,11 @@ def render_block_table(table: BlockTable, allocator: BlockAllocator | None = Non
     entries = []
     for i, block in enumerate(table.block_ids):
         filled = min(size, table.num_tokens - i * size)
-        bar = "#" * filled + "." * (size - filled) if size <= MAX_BAR else f"{filled}/{size}"
+        bar = (
+            "#" * filled + "." * (size - filled)
+            if size <= MAX_BAR
+            else f"{filled}/{size}"
+        )
         shared = "*" if allocator is not None and allocator.ref_count(block) > 1 else ""
         entries.append(f"{i}->{block}{shared}[{bar}]")
     return " ".join(entries) or "(empty)"

@@ -49,14 +49,21 @@ class _Tour:
     def say(self, line: str) -> None:
         self.out(f"  {line}")
 
-    def show(self, seqs: list[Sequence], pools: tuple[str, ...] = ("device",), legend: bool = False) -> None:
+    def show(
+        self,
+        seqs: list[Sequence],
+        pools: tuple[str, ...] = ("device",),
+        legend: bool = False,
+    ) -> None:
         """Print the tables of `seqs`, then each pool; `legend` adds the legend of each picture."""
         if seqs:
             self.out("")
             self.out(render_block_tables(self.manager, seqs, self.names, legend=legend))
         for pool in pools:
             self.out("")
-            self.out(render_pool(self.manager, pool, self.names, legend=legend and not seqs))
+            self.out(
+                render_pool(self.manager, pool, self.names, legend=legend and not seqs)
+            )
         if self.on_show is not None:
             self.on_show(self.manager, self.names)
 
@@ -64,7 +71,9 @@ class _Tour:
 def check_sizes(block_size: int, num_gpu_blocks: int, num_cpu_blocks: int) -> None:
     """Raise ValueError unless the pools are big enough for the tour (see `run`)."""
     if block_size < 2 or num_gpu_blocks < 12 or num_cpu_blocks < 6:
-        raise ValueError("the tour needs block_size >= 2, num_gpu_blocks >= 12 and num_cpu_blocks >= 6")
+        raise ValueError(
+            "the tour needs block_size >= 2, num_gpu_blocks >= 12 and num_cpu_blocks >= 6"
+        )
 
 
 def run(
@@ -96,7 +105,9 @@ def run(
     """
     check_sizes(block_size, num_gpu_blocks, num_cpu_blocks)
     bs = block_size
-    manager = BlockManager(bs, num_gpu_blocks, num_cpu_blocks, watermark=0.0, enable_prefix_caching=True)
+    manager = BlockManager(
+        bs, num_gpu_blocks, num_cpu_blocks, watermark=0.0, enable_prefix_caching=True
+    )
     device = manager.device
     # a system prompt of exactly two full blocks
     system = list(range(101, 101 + 2 * bs))
@@ -121,7 +132,10 @@ def run(
         "The full blocks go into the prefix cache, named by a hash of their tokens.",
     )
     cached = manager.allocate(group_a)
-    _claim(cached == 0 and len(manager.get_block_table(a)) == len(a) // bs + 1, "A gets fresh blocks")
+    _claim(
+        cached == 0 and len(manager.get_block_table(a)) == len(a) // bs + 1,
+        "A gets fresh blocks",
+    )
     tour.say(f"allocate(A): {cached} tokens found in the prefix cache (it was empty)")
     tour.show([a], legend=True)
 
@@ -133,9 +147,17 @@ def run(
     hits = device.hits
     cached = manager.allocate(group_b)
     table_a, table_b = manager.get_block_table(a), manager.get_block_table(b)
-    _claim(device.hits - hits == 2 and cached == 2 * bs, "B hits the two system-prompt blocks")
-    _claim(table_a.block_ids[:2] == table_b.block_ids[:2], "A and B share their first two blocks")
-    tour.say(f"allocate(B): {cached} of B's {len(b)} tokens are already in the pool: not computed")
+    _claim(
+        device.hits - hits == 2 and cached == 2 * bs,
+        "B hits the two system-prompt blocks",
+    )
+    _claim(
+        table_a.block_ids[:2] == table_b.block_ids[:2],
+        "A and B share their first two blocks",
+    )
+    tour.say(
+        f"allocate(B): {cached} of B's {len(b)} tokens are already in the pool: not computed"
+    )
     tour.show([a, b])
 
     tour.step(
@@ -148,11 +170,18 @@ def run(
         before = len(table_a)
         a.append_token_id(token)
         copies = manager.append_slots(a)
-        _claim(copies == [] and len(table_a) - before == int(was_full), "a block only when the last is full")
+        _claim(
+            copies == [] and len(table_a) - before == int(was_full),
+            "a block only when the last is full",
+        )
         if was_full:
-            tour.say(f"A += {token}: the last block was full: new block {table_a.block_ids[-1]}")
+            tour.say(
+                f"A += {token}: the last block was full: new block {table_a.block_ids[-1]}"
+            )
         else:
-            tour.say(f"A += {token}: written into block {table_a.block_ids[-1]}, no new block")
+            tour.say(
+                f"A += {token}: written into block {table_a.block_ids[-1]}, no new block"
+            )
     tour.show([a])
 
     b2 = b.fork()
@@ -163,11 +192,18 @@ def run(
         "B' is a child of B, as in fork(): a copy of B's table, sharing every block.",
         "No block is allocated; each of B's blocks gains one reference.",
     )
-    used, refs = device.num_used, [device.ref_count(block) for block in table_b.block_ids]
+    used, refs = (
+        device.num_used,
+        [device.ref_count(block) for block in table_b.block_ids],
+    )
     manager.fork(b, b2)
     table_b2 = manager.get_block_table(b2)
     _claim(device.num_used == used, "a fork allocates no block")
-    _claim([device.ref_count(block) for block in table_b.block_ids] == [r + 1 for r in refs], "refs go up")
+    _claim(
+        [device.ref_count(block) for block in table_b.block_ids]
+        == [r + 1 for r in refs],
+        "refs go up",
+    )
     tour.say(f"fork(B, B'): blocks used before {used}, after {device.num_used}")
     tour.show([a, b, b2])
 
@@ -180,12 +216,22 @@ def run(
     shared_last = table_b.block_ids[-1]
     b.append_token_id(311)
     copies = manager.append_slots(b)
-    _claim(copies == [(shared_last, table_b.block_ids[-1])], "B's write copies the shared block")
-    tour.say(f"B  += 311: append_slots returned {copies}: copy {copies[0][0]} to {copies[0][1]}")
+    _claim(
+        copies == [(shared_last, table_b.block_ids[-1])],
+        "B's write copies the shared block",
+    )
+    tour.say(
+        f"B  += 311: append_slots returned {copies}: copy {copies[0][0]} to {copies[0][1]}"
+    )
     b2.append_token_id(312)
     copies = manager.append_slots(b2)
-    _claim(copies == [] and table_b2.block_ids[-1] == shared_last, "B' then writes in place")
-    tour.say(f"B' += 312: append_slots returned []: B' alone holds {shared_last} now, no copy")
+    _claim(
+        copies == [] and table_b2.block_ids[-1] == shared_last,
+        "B' then writes in place",
+    )
+    tour.say(
+        f"B' += 312: append_slots returned []: B' alone holds {shared_last} now, no copy"
+    )
     tour.show([a, b, b2])
 
     c = Sequence(system + list(range(401, 402 + bs)), status=SequenceStatus.RUNNING)
@@ -198,8 +244,13 @@ def run(
     hits, misses = device.hits, device.misses
     cached = manager.allocate(SequenceGroup("C", [c]))
     new_hits, new_misses = device.hits - hits, device.misses - misses
-    _claim(new_hits == 2 and new_misses == 1 and cached == 2 * bs, "C hits the system prompt's 2 blocks")
-    tour.say(f"allocate(C): {new_hits} hits, {new_misses} miss; {cached} of {len(c)} tokens not computed")
+    _claim(
+        new_hits == 2 and new_misses == 1 and cached == 2 * bs,
+        "C hits the system prompt's 2 blocks",
+    )
+    tour.say(
+        f"allocate(C): {new_hits} hits, {new_misses} miss; {cached} of {len(c)} tokens not computed"
+    )
     tour.show([a, b, b2, c])
 
     tour.step(
@@ -212,18 +263,35 @@ def run(
     # one more token each first, in private blocks
     for seq, token in ((b, 313), (b2, 314)):
         seq.append_token_id(token)
-        _claim(manager.append_slots(seq) == [], "the samples' last blocks are private: no copy")
+        _claim(
+            manager.append_slots(seq) == [],
+            "the samples' last blocks are private: no copy",
+        )
     unique = {*table_b.block_ids, *table_b2.block_ids}
-    others = {*manager.get_block_table(a).block_ids, *manager.get_block_table(c).block_ids}
+    others = {
+        *manager.get_block_table(a).block_ids,
+        *manager.get_block_table(c).block_ids,
+    }
     # full, named
     own = [block for block in unique - others if device.block_hash(block) is not None]
     mapping = manager.swap_out(group_b)
     for seq in group_b.seqs:
         seq.status = SequenceStatus.SWAPPED
-    _claim(sorted(src for src, _ in mapping) == sorted(unique), "each of the group's blocks moves once")
-    _claim(b.seq_id in manager.host_tables and b2.seq_id in manager.host_tables, "B and B' are on the host")
-    _claim(all(device.is_cached_free(block) for block in own), "B's own full blocks stay cached-free")
-    tour.say(f"swap_out(B) returned (device, host) pairs for swap_blocks:\n    {mapping}")
+    _claim(
+        sorted(src for src, _ in mapping) == sorted(unique),
+        "each of the group's blocks moves once",
+    )
+    _claim(
+        b.seq_id in manager.host_tables and b2.seq_id in manager.host_tables,
+        "B and B' are on the host",
+    )
+    _claim(
+        all(device.is_cached_free(block) for block in own),
+        "B's own full blocks stay cached-free",
+    )
+    tour.say(
+        f"swap_out(B) returned (device, host) pairs for swap_blocks:\n    {mapping}"
+    )
     tour.show([a, b, b2, c], pools=("device", "host"))
 
     tour.step(
@@ -234,20 +302,40 @@ def run(
         "like a page found in Linux's swap cache; only the rest is copied in.",
     )
     lengths = {seq.seq_id: manager.seq_memory(seq).slots_used for seq in group_b.seqs}
-    host_blocks = {block for seq in group_b.seqs for block in manager.host_tables[seq.seq_id].block_ids}
+    host_blocks = {
+        block
+        for seq in group_b.seqs
+        for block in manager.host_tables[seq.seq_id].block_ids
+    }
     swapped_in = manager.blocks_swapped_in
     mapping = manager.swap_in(group_b)
     for seq in group_b.seqs:
         seq.status = SequenceStatus.RUNNING
-    _claim({src for src, _ in mapping} <= host_blocks, "only B's host blocks are transferred")
-    _claim(len(mapping) > 0, "the blocks the cache does not hold (partly filled ones) are transferred")
-    _claim(manager.blocks_swapped_in - swapped_in == len(mapping), "the counter counts transfers")
     _claim(
-        all(manager.get_block_table(s).num_tokens == lengths[s.seq_id] for s in group_b.seqs), "same tokens"
+        {src for src, _ in mapping} <= host_blocks,
+        "only B's host blocks are transferred",
+    )
+    _claim(
+        len(mapping) > 0,
+        "the blocks the cache does not hold (partly filled ones) are transferred",
+    )
+    _claim(
+        manager.blocks_swapped_in - swapped_in == len(mapping),
+        "the counter counts transfers",
+    )
+    _claim(
+        all(
+            manager.get_block_table(s).num_tokens == lengths[s.seq_id]
+            for s in group_b.seqs
+        ),
+        "same tokens",
     )
     _claim(manager.host.num_used == 0, "the host pool is empty again")
     system_blocks = manager.get_block_table(b).block_ids[:2]
-    _claim(system_blocks == table_a.block_ids[:2], "the system prompt is shared with A again")
+    _claim(
+        system_blocks == table_a.block_ids[:2],
+        "the system prompt is shared with A again",
+    )
     tour.say(
         f"swap_in(B) returned (host, device) pairs for swap_blocks: {mapping}\n"
         f"    {len(host_blocks) - len(mapping)} of B's {len(host_blocks)} blocks found in the prefix cache"
@@ -262,7 +350,9 @@ def run(
     for seq in (a, b, b2, c):
         seq.status = SequenceStatus.FINISHED_STOPPED
         manager.free(seq)
-    _claim(device.num_used == 0 and manager.host.num_used == 0, "every block is released")
+    _claim(
+        device.num_used == 0 and manager.host.num_used == 0, "every block is released"
+    )
     _claim(device.num_cached_free > 0, "cached blocks remain in the prefix cache")
     tour.show([], pools=("device",))
     stats = manager.memory_stats()

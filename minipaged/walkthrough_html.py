@@ -48,7 +48,10 @@ def snapshot(manager: BlockManager, names: Mapping[int, str]) -> dict:
         {"pools": [...], "tables": [...]}; a pool of 0 blocks (no swap space) is left out.
     """
     pools = []
-    for pool, tables in (("device", manager.device_tables), ("host", manager.host_tables)):
+    for pool, tables in (
+        ("device", manager.device_tables),
+        ("host", manager.host_tables),
+    ):
         allocator = manager.device if pool == "device" else manager.host
         if allocator.num_blocks == 0:
             continue
@@ -67,7 +70,14 @@ def snapshot(manager: BlockManager, names: Mapping[int, str]) -> dict:
             for b in range(allocator.num_blocks)
         ]
         used = sum(block["ref"] > 0 for block in blocks)
-        pools.append({"name": pool, "num_blocks": allocator.num_blocks, "num_used": used, "blocks": blocks})
+        pools.append(
+            {
+                "name": pool,
+                "num_blocks": allocator.num_blocks,
+                "num_used": used,
+                "blocks": blocks,
+            }
+        )
     tables = [
         {
             "name": _label(seq_id, names),
@@ -75,7 +85,10 @@ def snapshot(manager: BlockManager, names: Mapping[int, str]) -> dict:
             "num_tokens": table.num_tokens,
             "block_ids": table.block_ids[:],
         }
-        for pool, all_tables in (("device", manager.device_tables), ("host", manager.host_tables))
+        for pool, all_tables in (
+            ("device", manager.device_tables),
+            ("host", manager.host_tables),
+        )
         for seq_id, table in all_tables.items()
     ]
     return {"pools": pools, "tables": sorted(tables, key=lambda t: t["name"])}
@@ -85,7 +98,9 @@ def _label(seq_id: int, names: Mapping[int, str]) -> str:
     return names.get(seq_id, f"s{seq_id}")
 
 
-def tour_states(block_size: int = 4, num_gpu_blocks: int = 16, num_cpu_blocks: int = 8) -> list[dict]:
+def tour_states(
+    block_size: int = 4, num_gpu_blocks: int = 16, num_cpu_blocks: int = 8
+) -> list[dict]:
     """Run `minipaged memory`'s tour and record each step: title, caption, CLI text, state.
 
     The tour itself (walkthrough.run) makes every move; its on_step and on_show hooks record each
@@ -111,13 +126,20 @@ def tour_states(block_size: int = 4, num_gpu_blocks: int = 16, num_cpu_blocks: i
     lines: list[str] = []
 
     def on_step(title: str, explanation: tuple[str, ...]) -> None:
-        steps.append({"title": title, "caption": list(explanation), "block_size": block_size})
+        steps.append(
+            {"title": title, "caption": list(explanation), "block_size": block_size}
+        )
 
     def on_show(manager, names) -> None:
         steps[-1].update(snapshot(manager, names))
 
     walkthrough.run(
-        lines.append, block_size, num_gpu_blocks, num_cpu_blocks, on_step=on_step, on_show=on_show
+        lines.append,
+        block_size,
+        num_gpu_blocks,
+        num_cpu_blocks,
+        on_step=on_step,
+        on_show=on_show,
     )
     texts: list[list[str]] = []
     for line in lines:
@@ -125,7 +147,9 @@ def tour_states(block_size: int = 4, num_gpu_blocks: int = 16, num_cpu_blocks: i
             texts.append([])
         texts[-1].append(line)
     if len(texts) != len(steps) or any("pools" not in step for step in steps):
-        raise AssertionError("every step of the tour must print one heading and draw the pools once")
+        raise AssertionError(
+            "every step of the tour must print one heading and draw the pools once"
+        )
     for step, text in zip(steps, texts, strict=True):
         step["text"] = "\n".join(text).strip("\n")
     return steps
@@ -155,14 +179,18 @@ def parse_ops(text: str) -> list[tuple[str, ...]]:
             continue
         verb, args = words[0].lower(), words[1:]
         if verb not in VERBS:
-            raise ValueError(f"ops: unknown operation {raw.strip()!r}; expected one of {', '.join(VERBS)}")
+            raise ValueError(
+                f"ops: unknown operation {raw.strip()!r}; expected one of {', '.join(VERBS)}"
+            )
         low, high = VERBS[verb]
         if not low <= len(args) <= high:
             raise ValueError(
                 f"ops: {raw.strip()!r} takes {low if low == high else f'{low} or {high}'} arguments"
             )
         if verb in ("allocate", "append") and len(args) == 2 and not _is_count(args[1]):
-            raise ValueError(f"ops: {raw.strip()!r}: the token count must be a positive int")
+            raise ValueError(
+                f"ops: {raw.strip()!r}: the token count must be a positive int"
+            )
         ops.append((verb, *args))
     return ops
 
@@ -200,14 +228,23 @@ def replay_ops(ops: str, *, block_size: int = 4, num_gpu_blocks: int = 16) -> di
     names: dict[int, str] = {}
     parsed = parse_ops(ops)
     states = [
-        _op_state(manager, names, "Start: an empty pool", [f"{num_gpu_blocks} blocks of {block_size} slots"])
+        _op_state(
+            manager,
+            names,
+            "Start: an empty pool",
+            [f"{num_gpu_blocks} blocks of {block_size} slots"],
+        )
     ]
     for number, op in enumerate(parsed, 1):
         _check_names(op, seqs)
         try:
             caption = _apply(manager, op, seqs, names)
         except NoFreeBlocksError:
-            return {"ops": format_ops(parsed), "states": states, "error": _oom_message(number, op)}
+            return {
+                "ops": format_ops(parsed),
+                "states": states,
+                "error": _oom_message(number, op),
+            }
         states.append(_op_state(manager, names, f"{number}. {' '.join(op)}", caption))
     return {"ops": format_ops(parsed), "states": states, "error": None}
 
@@ -222,7 +259,9 @@ def _check_names(op: tuple[str, ...], seqs: Mapping[str, Sequence]) -> None:
         raise ValueError(f"ops: {' '.join(op)!r}: sequence {op[2]!r} already exists")
 
 
-def _apply(manager: BlockManager, op: tuple[str, ...], seqs: dict, names: dict) -> list[str]:
+def _apply(
+    manager: BlockManager, op: tuple[str, ...], seqs: dict, names: dict
+) -> list[str]:
     """Do one operation; return the caption lines that say what the manager did."""
     verb, name = op[0], op[1]
     if verb == "allocate":
@@ -234,7 +273,9 @@ def _apply(manager: BlockManager, op: tuple[str, ...], seqs: dict, names: dict) 
         child = seqs[name].fork()
         manager.fork(seqs[name], child)
         seqs[op[2]], names[child.seq_id] = child, op[2]
-        return [f"{op[2]} shares {name}'s blocks {_blocks(manager, child)}: no block allocated"]
+        return [
+            f"{op[2]} shares {name}'s blocks {_blocks(manager, child)}: no block allocated"
+        ]
     if verb == "free":
         manager.free(seqs.pop(name))
         return [f"{name}'s blocks lose one reference each; a block at 0 is free"]
@@ -243,10 +284,16 @@ def _apply(manager: BlockManager, op: tuple[str, ...], seqs: dict, names: dict) 
         before = len(manager.get_block_table(seq))
         seq.append_token_id(7)
         for src, dst in manager.append_slots(seq):
-            caption.append(f"copy-on-write: block {src} is shared, {name} copies it to {dst}")
+            caption.append(
+                f"copy-on-write: block {src} is shared, {name} copies it to {dst}"
+            )
         if len(manager.get_block_table(seq)) > before:
-            caption.append(f"the last block was full: new block {manager.get_block_table(seq).block_ids[-1]}")
-    return caption or [f"written into block {manager.get_block_table(seq).block_ids[-1]}, no new block"]
+            caption.append(
+                f"the last block was full: new block {manager.get_block_table(seq).block_ids[-1]}"
+            )
+    return caption or [
+        f"written into block {manager.get_block_table(seq).block_ids[-1]}, no new block"
+    ]
 
 
 def _blocks(manager: BlockManager, seq: Sequence) -> list[int]:
@@ -257,8 +304,15 @@ def _oom_message(number: int, op: tuple[str, ...]) -> str:
     return f"operation {number} ({' '.join(op)}): not enough free blocks; the replay stops here"
 
 
-def _op_state(manager: BlockManager, names: Mapping[int, str], title: str, caption: list[str]) -> dict:
-    return {"title": title, "caption": caption, "block_size": manager.block_size, **snapshot(manager, names)}
+def _op_state(
+    manager: BlockManager, names: Mapping[int, str], title: str, caption: list[str]
+) -> dict:
+    return {
+        "title": title,
+        "caption": caption,
+        "block_size": manager.block_size,
+        **snapshot(manager, names),
+    }
 
 
 def random_ops(seed: int, num_ops: int = 10, block_size: int = 4) -> str:
@@ -274,13 +328,20 @@ def random_ops(seed: int, num_ops: int = 10, block_size: int = 4) -> str:
         ("num_ops", num_ops, 1, 1000),
         ("block_size", block_size, 1, 1 << 20),
     ):
-        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        if (
+            not isinstance(value, int)
+            or isinstance(value, bool)
+            or not low <= value <= high
+        ):
             raise ValueError(f"{name} must be an int in [{low}, {high}], got {value!r}")
     rand, live, ops, next_name = _mulberry32(seed), [], [], 0
     for _ in range(num_ops):
         roll = rand()
         if not live or (roll < 0.3 and len(live) < 4):
-            name, next_name = chr(65 + next_name % 26) * (1 + next_name // 26), next_name + 1
+            name, next_name = (
+                chr(65 + next_name % 26) * (1 + next_name // 26),
+                next_name + 1,
+            )
             ops.append(f"allocate {name} {_randint(rand, 1, 3 * block_size)}")
             live.append(name)
             continue
@@ -288,7 +349,10 @@ def random_ops(seed: int, num_ops: int = 10, block_size: int = 4) -> str:
         if roll < 0.65:
             ops.append(f"append {target} {_randint(rand, 1, block_size + 1)}")
         elif roll < 0.85 and len(live) < 5:
-            name, next_name = chr(65 + next_name % 26) * (1 + next_name // 26), next_name + 1
+            name, next_name = (
+                chr(65 + next_name % 26) * (1 + next_name // 26),
+                next_name + 1,
+            )
             ops.append(f"fork {target} {name}")
             live.append(name)
         else:
@@ -319,7 +383,11 @@ def _randint(rand, low: int, high: int) -> int:
 
 
 def walkthrough_html(
-    *, seed: int = DEFAULT_SEED, block_size: int = 4, num_gpu_blocks: int = 16, num_cpu_blocks: int = 8
+    *,
+    seed: int = DEFAULT_SEED,
+    block_size: int = 4,
+    num_gpu_blocks: int = 16,
+    num_cpu_blocks: int = 8,
 ) -> str:
     """The step-through page as one HTML string: inline CSS, JS and the recorded states as JSON.
 
@@ -344,7 +412,9 @@ def walkthrough_html(
             "num_cpu_blocks": num_cpu_blocks,
         },
         "tour": tour,
-        "playground": replay_ops(ops, block_size=block_size, num_gpu_blocks=num_gpu_blocks),
+        "playground": replay_ops(
+            ops, block_size=block_size, num_gpu_blocks=num_gpu_blocks
+        ),
     }
     # never ends the script
     payload = json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")
@@ -366,7 +436,10 @@ def write_walkthrough_html(
         OSError: if the file cannot be written.
     """
     html = walkthrough_html(
-        seed=seed, block_size=block_size, num_gpu_blocks=num_gpu_blocks, num_cpu_blocks=num_cpu_blocks
+        seed=seed,
+        block_size=block_size,
+        num_gpu_blocks=num_gpu_blocks,
+        num_cpu_blocks=num_cpu_blocks,
     )
     path = Path(path)
     path.write_text(html, encoding="utf-8")
@@ -754,9 +827,18 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m minipaged.walkthrough_html PATH [--seed N]`: write the page to PATH."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m minipaged.walkthrough_html", description=main.__doc__)
-    parser.add_argument("path", help="where to write the page, e.g. docs/step-through/walk.html")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="the playground's random operations")
+    parser = argparse.ArgumentParser(
+        prog="python -m minipaged.walkthrough_html", description=main.__doc__
+    )
+    parser.add_argument(
+        "path", help="where to write the page, e.g. docs/step-through/walk.html"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=DEFAULT_SEED,
+        help="the playground's random operations",
+    )
     args = parser.parse_args(argv)
     try:
         print(f"wrote {write_walkthrough_html(args.path, seed=args.seed)}")

@@ -37,7 +37,11 @@ def _check(condition: bool, message: str) -> None:
 
 
 def _check_int(name: str, value: object, low: int) -> None:
-    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= low
+    ok = (
+        isinstance(value, (int, np.integer))
+        and not isinstance(value, bool)
+        and value >= low
+    )
     _check(ok, f"{name} must be an int >= {low}, got {value!r}")
 
 
@@ -86,12 +90,23 @@ class Request:
             isinstance(t, (int, float)) and math.isfinite(t) and t >= 0,
             f"arrival_time must be >= 0, got {t!r}",
         )
-        lows = {"prompt_len": 1, "output_len": 1, "prefix_len": 0, "prefix_id": 0, "n": 1, "beam_width": 0}
+        lows = {
+            "prompt_len": 1,
+            "output_len": 1,
+            "prefix_len": 0,
+            "prefix_id": 0,
+            "n": 1,
+            "beam_width": 0,
+        }
         for name, low in lows.items():
             _check_int(name, getattr(self, name), low)
-        _check(self.prefix_len <= self.prompt_len, f"prefix_len must be <= prompt_len={self.prompt_len}")
         _check(
-            self.n == 1 or self.beam_width == 0, f"a request samples n={self.n} or beam searches, not both"
+            self.prefix_len <= self.prompt_len,
+            f"prefix_len must be <= prompt_len={self.prompt_len}",
+        )
+        _check(
+            self.n == 1 or self.beam_width == 0,
+            f"a request samples n={self.n} or beam searches, not both",
         )
 
     @property
@@ -99,7 +114,9 @@ class Request:
         """prompt_len + output_len: the most tokens one of its sequences holds."""
         return self.prompt_len + self.output_len
 
-    def prompt_token_ids(self, vocab_size: int, seed: int = 0, low: int = 0) -> list[int]:
+    def prompt_token_ids(
+        self, vocab_size: int, seed: int = 0, low: int = 0
+    ) -> list[int]:
         """Deterministic random token ids for the prompt, uniform in [low, vocab_size).
 
         The first `prefix_len` ids come from a stream keyed by (seed, prefix_id) alone, so requests
@@ -114,7 +131,9 @@ class Request:
         """
         _check_int("low", low, 0)
         _check_int("vocab_size", vocab_size, low + 1)
-        prefix = _stream(seed, 0, self.prefix_id).integers(low, vocab_size, self.prefix_len)
+        prefix = _stream(seed, 0, self.prefix_id).integers(
+            low, vocab_size, self.prefix_len
+        )
         rest_stream = _stream(seed, 1, _str_entropy(self.request_id))
         rest = rest_stream.integers(low, vocab_size, self.prompt_len - self.prefix_len)
         return [int(t) for t in np.concatenate([prefix, rest])]
@@ -148,9 +167,14 @@ class Workload:
         a request holds its KV cache (Little's law, docs/experiments/batch-size.md)."""
         return sum(r.output_len for r in self.requests) / len(self.requests)
 
-    def prompts(self, vocab_size: int, seed: int = 0, low: int = 0) -> list[dict[str, list[int]]]:
+    def prompts(
+        self, vocab_size: int, seed: int = 0, low: int = 0
+    ) -> list[dict[str, list[int]]]:
         """The prompts as vLLM-style `{"prompt_token_ids": [...]}` dicts, for `LLM.generate`."""
-        return [{"prompt_token_ids": r.prompt_token_ids(vocab_size, seed, low)} for r in self.requests]
+        return [
+            {"prompt_token_ids": r.prompt_token_ids(vocab_size, seed, low)}
+            for r in self.requests
+        ]
 
 
 @dataclass(frozen=True)
@@ -177,7 +201,9 @@ def _clipped_lognormal_mean(mu: float, sigma: float, cap: float) -> float:
 
     # lo, hi: logs of the clipping bounds 1 and cap
     lo, hi, s2 = 0.0, math.log(cap), sigma**2
-    inside = math.exp(mu + s2 / 2) * (cdf((hi - mu - s2) / sigma) - cdf((lo - mu - s2) / sigma))
+    inside = math.exp(mu + s2 / 2) * (
+        cdf((hi - mu - s2) / sigma) - cdf((lo - mu - s2) / sigma)
+    )
     return cdf((lo - mu) / sigma) + inside + cap * (1.0 - cdf((hi - mu) / sigma))
 
 
@@ -189,7 +215,9 @@ def solve_mu(mean: float, sigma: float, cap: float) -> float:
     lo, hi = -10.0 * sigma, math.log(cap) + 10.0 * sigma
     for _ in range(100):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if _clipped_lognormal_mean(mid, sigma, cap) < mean else (lo, mid)
+        lo, hi = (
+            (mid, hi) if _clipped_lognormal_mean(mid, sigma, cap) < mean else (lo, mid)
+        )
     return (lo + hi) / 2
 
 
@@ -197,20 +225,32 @@ def poisson_arrivals(num_requests: int, rate: float, seed: int = 0) -> list[floa
     """Arrival times of a Poisson process: exponential gaps of mean 1/rate; all 0.0 if rate is inf."""
     _check_int("num_requests", num_requests, 1)
     _check_int("seed", seed, 0)
-    _check(isinstance(rate, (int, float)) and rate > 0, f"rate must be > 0 requests/s (or inf), got {rate!r}")
+    _check(
+        isinstance(rate, (int, float)) and rate > 0,
+        f"rate must be > 0 requests/s (or inf), got {rate!r}",
+    )
     if math.isinf(rate):
         return [0.0] * num_requests
-    return [float(t) for t in np.cumsum(_stream(seed, 1).exponential(1.0 / rate, num_requests))]
+    return [
+        float(t)
+        for t in np.cumsum(_stream(seed, 1).exponential(1.0 / rate, num_requests))
+    ]
 
 
-def _lengths(rng: np.random.Generator, mean: float, sigma: float, cap: int, size: int) -> np.ndarray:
+def _lengths(
+    rng: np.random.Generator, mean: float, sigma: float, cap: int, size: int
+) -> np.ndarray:
     """`size` log-normal lengths, rounded, whose mean once clipped to [1, cap] is `mean`."""
     # [size], floats
     return np.rint(rng.lognormal(solve_mu(mean, sigma, cap), sigma, size))
 
 
 def synthetic(
-    spec: LengthSpec, num_requests: int, rate: float = math.inf, seed: int = 0, max_model_len: int = 2048
+    spec: LengthSpec,
+    num_requests: int,
+    rate: float = math.inf,
+    seed: int = 0,
+    max_model_len: int = 2048,
 ) -> Workload:
     """Requests with log-normal lengths (see `LengthSpec`) and Poisson arrivals at `rate` requests/s.
 
@@ -221,13 +261,27 @@ def synthetic(
     # validates num_requests, rate and seed
     arrivals = poisson_arrivals(num_requests, rate, seed)
     cap, rng = max_model_len - 1, _stream(seed, 0)
-    prompt_lens = np.clip(_lengths(rng, spec.mean_prompt_len, spec.prompt_sigma, cap, num_requests), 1, cap)
-    output_lens = _lengths(rng, spec.mean_output_len, spec.output_sigma, cap, num_requests)
+    prompt_lens = np.clip(
+        _lengths(rng, spec.mean_prompt_len, spec.prompt_sigma, cap, num_requests),
+        1,
+        cap,
+    )
+    output_lens = _lengths(
+        rng, spec.mean_output_len, spec.output_sigma, cap, num_requests
+    )
     # the pair fits the model
     output_lens = np.clip(output_lens, 1, max_model_len - prompt_lens)
-    lens = zip(prompt_lens.astype(int).tolist(), output_lens.astype(int).tolist(), strict=True)
-    requests = tuple(Request(f"{spec.name}-{i}", arrivals[i], p, o) for i, (p, o) in enumerate(lens))
-    return Workload(spec.name, requests, dict(spec=spec, rate=rate, seed=seed, max_model_len=max_model_len))
+    lens = zip(
+        prompt_lens.astype(int).tolist(), output_lens.astype(int).tolist(), strict=True
+    )
+    requests = tuple(
+        Request(f"{spec.name}-{i}", arrivals[i], p, o) for i, (p, o) in enumerate(lens)
+    )
+    return Workload(
+        spec.name,
+        requests,
+        dict(spec=spec, rate=rate, seed=seed, max_model_len=max_model_len),
+    )
 
 
 def sharegpt_like(
@@ -269,10 +323,17 @@ def shared_prefix(
     tail = synthetic(spec, num_requests, rate, seed, max_model_len - prefix_len)
     prefix_ids = _stream(seed, 2).integers(0, num_prefixes, num_requests).tolist()
     requests = tuple(
-        replace(r, prompt_len=prefix_len + r.prompt_len, prefix_len=prefix_len, prefix_id=p)
+        replace(
+            r, prompt_len=prefix_len + r.prompt_len, prefix_len=prefix_len, prefix_id=p
+        )
         for r, p in zip(tail, prefix_ids, strict=True)
     )
-    params = dict(tail.params, max_model_len=max_model_len, prefix_len=prefix_len, num_prefixes=num_prefixes)
+    params = dict(
+        tail.params,
+        max_model_len=max_model_len,
+        prefix_len=prefix_len,
+        num_prefixes=num_prefixes,
+    )
     return Workload(spec.name, requests, params)
 
 
@@ -287,7 +348,11 @@ def with_beam_search(workload: Workload, width: int) -> Workload:
     """The same requests, each beam searching with `width` beams (section 6.3, Fig. 14)."""
     _check_int("width", width, 1)
     requests = tuple(replace(r, n=1, beam_width=width) for r in workload)
-    return Workload(f"{workload.name}+beam{width}", requests, {**workload.params, "beam_width": width})
+    return Workload(
+        f"{workload.name}+beam{width}",
+        requests,
+        {**workload.params, "beam_width": width},
+    )
 
 
 def __getattr__(name: str) -> Any:

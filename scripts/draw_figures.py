@@ -63,7 +63,9 @@ def pages_and_frames() -> str:
     manager.allocate(_group("A", a))
     manager.allocate(_group("B", b))
     title = "A's 6-token prompt, then B's 5-token prompt: 2 blocks each, from one pool"
-    return compose([draw_panel(manager, {0: "A", 1: "B"}, title=title)], "Pages and frames")
+    return compose(
+        [draw_panel(manager, {0: "A", 1: "B"}, title=title)], "Pages and frames"
+    )
 
 
 def page_table() -> str:
@@ -85,7 +87,11 @@ def page_table() -> str:
 def frame_allocator() -> str:
     """The page's allocator calls, made by sequences: A and B allocate, C = fork(A), B frees."""
     manager = BlockManager(block_size=4, num_gpu_blocks=4, watermark=0.0)
-    a, b, c = Seq([1, 2, 3, 4], seq_id=0), Seq([5, 6, 7, 8], seq_id=1), Seq([1, 2, 3, 4], seq_id=2)
+    a, b, c = (
+        Seq([1, 2, 3, 4], seq_id=0),
+        Seq([5, 6, 7, 8], seq_id=1),
+        Seq([1, 2, 3, 4], seq_id=2),
+    )
     names = {0: "A", 1: "B", 2: "C"}
     manager.allocate(_group("A", a))  # allocate() -> 0
     manager.allocate(_group("B", b))  # allocate() -> 1
@@ -102,7 +108,11 @@ def demand_paging() -> str:
     manager = BlockManager(block_size=4, num_gpu_blocks=10, watermark=0.1)
     seq = Seq([101, 102, 103, 104, 105, 106, 107], seq_id=0)
     manager.allocate(_group("A", seq))
-    panels = [draw_panel(manager, {0: "A"}, title="len(seq) = 7: the prompt takes blocks 0 and 1")]
+    panels = [
+        draw_panel(
+            manager, {0: "A"}, title="len(seq) = 7: the prompt takes blocks 0 and 1"
+        )
+    ]
     for token in range(201, 207):
         _write(manager, seq, token)
         if len(seq) == 9:
@@ -124,9 +134,13 @@ def fork() -> str:
         beams.add(child)
         manager.fork(parent, child)
     names = {0: "P", 1: "C1", 2: "C2"}  # parent, child 1, child 2
-    first = draw_panel(manager, names, title="after two forks: three tables, three blocks, ref count 3")
+    first = draw_panel(
+        manager, names, title="after two forks: three tables, three blocks, ref count 3"
+    )
     manager.free(child)
-    second = draw_panel(manager, names, title="after freeing child 2: ref count 2, nothing released")
+    second = draw_panel(
+        manager, names, title="after freeing child 2: ref count 2, nothing released"
+    )
     return compose([first, second], "Fork and shared pages")
 
 
@@ -136,7 +150,9 @@ def copy_on_write() -> str:
     a1, a2 = Seq(list(prompt), seq_id=0), Seq(list(prompt), seq_id=1)
     manager.allocate(_group("A", a1, a2))
     names = {0: "A1", 1: "A2"}  # sample 1 and sample 2, named as in Figure 8
-    panels = [draw_panel(manager, names, title="after allocate: both samples share [0, 1]")]
+    panels = [
+        draw_panel(manager, names, title="after allocate: both samples share [0, 1]")
+    ]
     cow = _write(manager, a1, 201)
     title = f"sample 1 writes: block 1 is shared and partly filled, copied first {cow}"
     panels.append(draw_panel(manager, names, title=title, cow=cow))
@@ -147,13 +163,25 @@ def copy_on_write() -> str:
 
 
 def prefix_caching() -> str:
-    manager = BlockManager(block_size=4, num_gpu_blocks=4, watermark=0.0, enable_prefix_caching=True)
+    manager = BlockManager(
+        block_size=4, num_gpu_blocks=4, watermark=0.0, enable_prefix_caching=True
+    )
     x, y = Seq(list(range(1, 9)), seq_id=0), Seq(list(range(41, 50)), seq_id=1)
     names = {0: "X", 1: "Y"}
     manager.allocate(_group("X", x))
-    panels = [draw_panel(manager, names, title="X = [1, ..., 8] allocated: two full blocks, named")]
+    panels = [
+        draw_panel(
+            manager, names, title="X = [1, ..., 8] allocated: two full blocks, named"
+        )
+    ]
     manager.free(x)
-    panels.append(draw_panel(manager, names, title="X freed: its blocks stay cached (LRU first: 1, then 0)"))
+    panels.append(
+        draw_panel(
+            manager,
+            names,
+            title="X freed: its blocks stay cached (LRU first: 1, then 0)",
+        )
+    )
     manager.allocate(_group("Y", y))
     title = "Y = [41, ..., 49] allocated: blocks 2, 3 from the free list, then block 1 evicted"
     panels.append(draw_panel(manager, names, title=title))
@@ -161,11 +189,20 @@ def prefix_caching() -> str:
 
 
 def swapping() -> str:
-    manager = BlockManager(block_size=4, num_gpu_blocks=4, num_cpu_blocks=4, watermark=0.0)
+    manager = BlockManager(
+        block_size=4, num_gpu_blocks=4, num_cpu_blocks=4, watermark=0.0
+    )
     seq = Seq([1, 2, 3, 4, 5, 6], seq_id=0)
     request = _group("A", seq)
     manager.allocate(request)
-    panels = [draw_panel(manager, {0: "A"}, title="running: table [0, 1] on the device", show_host=True)]
+    panels = [
+        draw_panel(
+            manager,
+            {0: "A"},
+            title="running: table [0, 1] on the device",
+            show_host=True,
+        )
+    ]
     moved = manager.swap_out(request)
     title = f"swap_out returns {moved}: A is on the host"
     panels.append(draw_panel(manager, {0: "A"}, title=title, show_host=True))
@@ -179,7 +216,11 @@ FIGURES = (
     Figure(
         "pages-and-frames",
         "Two sequences' logical blocks in one pool of physical blocks, drawn from a real BlockManager",
-        ("A pool of 8 physical blocks, `block_size=4`", "a.append_tokens(6", "b.append_tokens(5"),
+        (
+            "A pool of 8 physical blocks, `block_size=4`",
+            "a.append_tokens(6",
+            "b.append_tokens(5",
+        ),
         pages_and_frames,
     ),
     Figure(
@@ -207,7 +248,10 @@ FIGURES = (
     Figure(
         "fork",
         "Beam width 3: three block tables share three physical blocks",
-        ("`BlockManager(block_size=4, num_gpu_blocks=8)`, a 10-token prompt", "list(range(100, 110))"),
+        (
+            "`BlockManager(block_size=4, num_gpu_blocks=8)`, a 10-token prompt",
+            "list(range(100, 110))",
+        ),
         fork,
     ),
     Figure(
@@ -243,7 +287,8 @@ FIGURES = (
 )
 
 OVERVIEW_CAPTION = (
-    "How a request's memory flows: the scheduler asks the block manager, the kernels follow the tables"
+    "How a request's memory flows: the scheduler asks the block manager, "
+    "the kernels follow the tables"
 )
 OVERVIEW_BOXES = (  # (name, the OS counterpart, what it does), left to right
     ("request", "a process", "prompt + params"),
@@ -261,10 +306,26 @@ OVERVIEW_POOLS = (
 def overview() -> str:
     """The home page's diagram: request -> scheduler -> block manager -> tables -> kernels -> pools."""
     w, h, gap, top, pool_w = 112, 70, 24, 40, 136
-    body = [text(12, 22, "one engine step, and the operating-system part each piece plays", "t")]
+    body = [
+        text(
+            12,
+            22,
+            "one engine step, and the operating-system part each piece plays",
+            "t",
+        )
+    ]
     for i, (name, os_name, does) in enumerate(OVERVIEW_BOXES):
         x = 12 + i * (w + gap)
-        body.append(rect(x, top, w, h, "b", extra=f' style="stroke:{PALETTE[0]};stroke-width:1.5"'))
+        body.append(
+            rect(
+                x,
+                top,
+                w,
+                h,
+                "b",
+                extra=f' style="stroke:{PALETTE[0]};stroke-width:1.5"',
+            )
+        )
         body.append(text(x + w / 2, top + 22, name, "t", "middle"))
         body.append(text(x + w / 2, top + 40, os_name, "", "middle", PALETTE[0]))
         body.append(text(x + w / 2, top + 57, does, "s", "middle"))
@@ -273,14 +334,27 @@ def overview() -> str:
     pool_x = 12 + len(OVERVIEW_BOXES) * (w + gap)
     for j, (name, os_name, color) in enumerate(OVERVIEW_POOLS):
         y = top - 24 + j * 82
-        body.append(rect(pool_x, y, pool_w, 58, "b", extra=f' style="stroke:{color};stroke-width:1.5"'))
+        body.append(
+            rect(
+                pool_x,
+                y,
+                pool_w,
+                58,
+                "b",
+                extra=f' style="stroke:{color};stroke-width:1.5"',
+            )
+        )
         body.append(text(pool_x + pool_w / 2, y + 24, name, "t", "middle"))
         body.append(text(pool_x + pool_w / 2, y + 42, os_name, "", "middle", color))
         body.append(_side_arrow(pool_x - gap + 2, top + h / 2, pool_x, y + 29))
-    body.append(text(pool_x + pool_w / 2, top + 52, "\u2195 swap_blocks", "s", "middle"))
+    body.append(
+        text(pool_x + pool_w / 2, top + 52, "\u2195 swap_blocks", "s", "middle")
+    )
     note = "K/V live in blocks anywhere in the pools; only the block tables know which block is whose."
     body.append(text(12, top + h + 30, note, "s"))
-    return document("\n".join(body), pool_x + pool_w + 12, top + h + 44, OVERVIEW_CAPTION)
+    return document(
+        "\n".join(body), pool_x + pool_w + 12, top + h + 44, OVERVIEW_CAPTION
+    )
 
 
 def _side_arrow(x1: float, y1: float, x2: float, y2: float) -> str:
@@ -288,7 +362,10 @@ def _side_arrow(x1: float, y1: float, x2: float, y2: float) -> str:
     mid = (x1 + x2) / 2
     d = f"M{x1:g} {y1:g}C{mid:g} {y1:g} {mid:g} {y2:g} {x2 - 7:g} {y2:g}"
     curve = f'<path d="{d}" fill="none" stroke="#555"/>'
-    return curve + f'<path d="M{x2 - 7:g} {y2 - 4:g}L{x2 - 7:g} {y2 + 4:g}L{x2:g} {y2:g}Z" fill="#555"/>'
+    return (
+        curve
+        + f'<path d="M{x2 - 7:g} {y2 - 4:g}L{x2 - 7:g} {y2 + 4:g}L{x2:g} {y2:g}Z" fill="#555"/>'
+    )
 
 
 def build_figures() -> dict[str, str]:
@@ -300,8 +377,14 @@ def build_figures() -> dict[str, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DOCS, help="the docs folder to write img/ into")
-    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a figure is stale")
+    parser.add_argument(
+        "--out", type=Path, default=DOCS, help="the docs folder to write img/ into"
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 if a figure is stale",
+    )
     args = parser.parse_args(argv)
     stale = []
     for path, svg in build_figures().items():
@@ -314,7 +397,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         target.write_text(svg)
         print(f"wrote {target} ({len(svg)} bytes)")
     for path in stale:
-        print(f"stale: {path} (run PYTHONPATH=. python scripts/draw_figures.py)", file=sys.stderr)
+        print(
+            f"stale: {path} (run PYTHONPATH=. python scripts/draw_figures.py)",
+            file=sys.stderr,
+        )
     return 1 if stale else 0
 
 

@@ -38,7 +38,11 @@ def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            cpu = next(
+                line.split(":", 1)[1].strip()
+                for line in f
+                if line.startswith("model name")
+            )
     except (OSError, StopIteration):
         pass
     return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}"
@@ -46,11 +50,21 @@ def machine() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", metavar="NAME", help="these experiments only (default: all)")
-    parser.add_argument("--scale", choices=["small", "full"], default="full", help="default: full")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="NAME",
+        help="these experiments only (default: all)",
+    )
+    parser.add_argument(
+        "--scale", choices=["small", "full"], default="full", help="default: full"
+    )
     parser.add_argument("--seed", type=int, default=0, help="default: 0")
     parser.add_argument(
-        "--out", type=Path, default=OUT, help="the folder to write (default: docs/experiments/img)"
+        "--out",
+        type=Path,
+        default=OUT,
+        help="the folder to write (default: docs/experiments/img)",
     )
     parser.add_argument(
         "--pages-only",
@@ -61,7 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = args.only or list(EXPERIMENTS)
     unknown = [name for name in names if name not in EXPERIMENTS]
     if unknown:
-        parser.error(f"unknown experiment(s) {', '.join(unknown)}; expected some of {', '.join(EXPERIMENTS)}")
+        parser.error(
+            f"unknown experiment(s) {', '.join(unknown)}; expected some of {', '.join(EXPERIMENTS)}"
+        )
     if args.pages_only:
         for page in sync_pages(names):
             print(f"rewrote {page}")
@@ -70,7 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     today = datetime.date.today().isoformat()
     print(f"{machine()}; {today}; scale {args.scale}, seed {args.seed}")
     for name in names:
-        if importlib.util.find_spec(f"minipaged.experiments.{EXPERIMENTS[name][0]}") is None:
+        if (
+            importlib.util.find_spec(f"minipaged.experiments.{EXPERIMENTS[name][0]}")
+            is None
+        ):
             print(f"{name}: skipped, its module is not written yet", file=sys.stderr)
             continue
         module = get_experiment(name)

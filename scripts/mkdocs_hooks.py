@@ -71,23 +71,40 @@ def on_config(config):
 def loads_from_network(script: re.Match) -> bool:
     """Whether a notebook page's <script> element would fetch something (or is MathJax's config)."""
     attrs, body = script["attrs"], script["body"]
-    return 'src=""' in attrs or "x-mathjax-config" in attrs or bool(URL.search(attrs + body))
+    return (
+        'src=""' in attrs
+        or "x-mathjax-config" in attrs
+        or bool(URL.search(attrs + body))
+    )
 
 
 def relink(link: re.Match, page, pages_by_url: dict) -> str:
     """Rewrite one link of a notebook page to its target page's URL in this build."""
     path = link["path"]
-    if not path or ":" in path or path.startswith("/") or not (path.endswith("/") or path.endswith(".md")):
+    if (
+        not path
+        or ":" in path
+        or path.startswith("/")
+        or not (path.endswith("/") or path.endswith(".md"))
+    ):
         # an anchor, an outbound URL, an absolute path or a file: left as written
         return link[0]
     # a source file, relative to the notebook's own source file
     if path.endswith(".md"):
-        target = directory_url(posixpath.normpath(posixpath.join(posixpath.dirname(page.file.src_uri), path)))
+        target = directory_url(
+            posixpath.normpath(
+                posixpath.join(posixpath.dirname(page.file.src_uri), path)
+            )
+        )
     else:  # a directory URL, relative to the page's directory URL
-        target = posixpath.normpath(posixpath.join(directory_url(page.file.src_uri), path))
+        target = posixpath.normpath(
+            posixpath.join(directory_url(page.file.src_uri), path)
+        )
         target = "" if target == "." else f"{target}/"
     if target not in pages_by_url:
-        log.warning("%s links %r, which names no page of the docs", page.file.src_uri, path)
+        log.warning(
+            "%s links %r, which names no page of the docs", page.file.src_uri, path
+        )
         return link[0]
     return f'{link["open"]}{get_relative_url(pages_by_url[target].url, page.url)}{link["fragment"] or ""}"'
 
@@ -107,7 +124,9 @@ def on_page_content(html: str, page, config, files) -> str:
     """On a notebook page: strip the network scripts, fix the links, add the download note."""
     if not is_notebook_page(page):
         return html
-    html = SCRIPT.sub(lambda script: "" if loads_from_network(script) else script[0], html)
+    html = SCRIPT.sub(
+        lambda script: "" if loads_from_network(script) else script[0], html
+    )
     pages_by_url = {directory_url(f.src_uri): f for f in files.documentation_pages()}
     html = HREF.sub(lambda link: relink(link, page, pages_by_url), html)
     note = download_note(Path(page.file.src_uri).stem)
@@ -122,7 +141,8 @@ def on_post_page(output: str, page, config) -> str:
     if is_notebook_page(page):
         notebook = jupytext.read(page.file.abs_src_path)
         notebook.metadata.setdefault(
-            "kernelspec", {"name": "python3", "display_name": "Python 3", "language": "python"}
+            "kernelspec",
+            {"name": "python3", "display_name": "Python 3", "language": "python"},
         )
         target = Path(page.file.abs_dest_path).with_suffix(".ipynb")
         target.parent.mkdir(parents=True, exist_ok=True)

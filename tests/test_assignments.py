@@ -60,7 +60,11 @@ def test_strip_solutions_keeps_the_fences_and_stubs_the_body():
     )
     stripped = strip_solutions(source)
     assert "y = x + 1" not in stripped
-    assert stripped.splitlines()[2:] == ["    # BEGIN SOLUTION", f"    {STUB}", "    # END SOLUTION"]
+    assert stripped.splitlines()[2:] == [
+        "    # BEGIN SOLUTION",
+        f"    {STUB}",
+        "    # END SOLUTION",
+    ]
     namespace: dict = {}
     exec(stripped, namespace)
     with pytest.raises(NotImplementedError, match="write this body"):
@@ -106,9 +110,13 @@ def test_student_docs_show_no_solution(tmp_path):
     assert secrets
     for page in (student / "docs").rglob("*.md"):
         # code blocks only
-        code = "\n".join(re.findall(r"```[^\n]*\n(.*?)```", page.read_text(), flags=re.S))
+        code = "\n".join(
+            re.findall(r"```[^\n]*\n(.*?)```", page.read_text(), flags=re.S)
+        )
         leaked = [line for line in secrets if line in code]
-        assert not leaked, f"{page.relative_to(student)} shows solution lines: {leaked[:3]}"
+        assert not leaked, (
+            f"{page.relative_to(student)} shows solution lines: {leaked[:3]}"
+        )
     assert (
         "Removed from the student copy"
         in (student / "docs/concepts/writing-through-the-table.md").read_text()
@@ -123,7 +131,12 @@ def test_every_task_has_a_test_that_fails_without_its_solution(tmp_path):
     tasks = re.findall(r'"(task\d+_\d+):', (ROOT / "pyproject.toml").read_text())
     assert tasks, "no task markers registered in pyproject.toml"
     record = tmp_path / "record.json"
-    env = {**os.environ, "PYTHONPATH": str(student), "RECORD_TO": str(record), "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(student),
+        "RECORD_TO": str(record),
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
     # The tasks are the reference's bodies; the Triton backend's parametrizations test other code.
     subprocess.run(
         [
@@ -149,4 +162,6 @@ def test_every_task_has_a_test_that_fails_without_its_solution(tmp_path):
         selected = [node for node, marks in outcome["markers"].items() if task in marks]
         assert selected, f"no test is marked {task}"
         failing = [node for node in selected if node in outcome["failed"]]
-        assert failing, f"every {task} test passes with the solutions stripped: they test nothing of the task"
+        assert failing, (
+            f"every {task} test passes with the solutions stripped: they test nothing of the task"
+        )

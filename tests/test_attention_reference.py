@@ -120,11 +120,17 @@ def test_blockwise_survives_scores_that_would_overflow_a_naive_softmax(gen):
 @pytest.mark.task2_3
 def test_blockwise_equals_gather_based(gen):
     case = random_paged_case(gen, [40, 3, 17], [2, 3, 1], block_size=8)
-    torch.testing.assert_close(paged_attention_blockwise(*case.args), paged_attention(*case.args))
+    torch.testing.assert_close(
+        paged_attention_blockwise(*case.args), paged_attention(*case.args)
+    )
 
 
 def test_dense_attention_needs_one_kv_per_sequence(gen):
     query = torch.randn(3, 2, 4, generator=gen)
     starts = torch.tensor([0, 1, 3], dtype=torch.int32)
-    with pytest.raises(ValueError, match=r"keys and values must hold one tensor per sequence \(2 from"):
-        dense_attention(query, [torch.randn(2, 2, 4)], [torch.randn(2, 2, 4)], starts, 0.5)
+    with pytest.raises(
+        ValueError, match=r"keys and values must hold one tensor per sequence \(2 from"
+    ):
+        dense_attention(
+            query, [torch.randn(2, 2, 4)], [torch.randn(2, 2, 4)], starts, 0.5
+        )

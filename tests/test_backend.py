@@ -10,7 +10,13 @@ import sys
 import pytest
 import torch
 
-from minipaged.backend import BACKENDS, KVBackend, ReferenceBackend, available_backends, get_backend
+from minipaged.backend import (
+    BACKENDS,
+    KVBackend,
+    ReferenceBackend,
+    available_backends,
+    get_backend,
+)
 
 
 def test_reference_is_always_available():
@@ -40,7 +46,10 @@ def test_a_missing_op_breaks_the_protocol():
 
 @pytest.mark.parametrize("name", ["Reference", "cuda", "", "flash"])
 def test_unknown_name_lists_the_backends(name):
-    with pytest.raises(ValueError, match=r"backend must be one of 'reference', 'triton'; got " + repr(name)):
+    with pytest.raises(
+        ValueError,
+        match=r"backend must be one of 'reference', 'triton'; got " + repr(name),
+    ):
         get_backend(name)
 
 
@@ -55,7 +64,10 @@ def test_triton_without_triton_says_how_to_install(monkeypatch):
         return None if name == "triton" else real_find_spec(name, *args)
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
-    with pytest.raises(ImportError, match=r"needs the triton package.*pip install 'minipaged\[triton\]'"):
+    with pytest.raises(
+        ImportError,
+        match=r"needs the triton package.*pip install 'minipaged\[triton\]'",
+    ):
         get_backend("triton")
     assert available_backends() == ["reference"]
 
@@ -69,13 +81,19 @@ needs_triton_on_cpu = pytest.mark.skipif(
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | env
     return subprocess.run(
-        [sys.executable, "-c", code], env=environment, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", code],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
 @needs_triton_on_cpu
 def test_importing_minipaged_switches_triton_to_its_interpreter_without_a_gpu():
-    result = run_python("import os, minipaged; print(os.environ.get('TRITON_INTERPRET'))")
+    result = run_python(
+        "import os, minipaged; print(os.environ.get('TRITON_INTERPRET'))"
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "1"
 
@@ -90,7 +108,8 @@ def test_triton_imported_first_without_the_interpreter_says_what_to_set():
 @needs_triton_on_cpu
 def test_an_explicit_choice_is_left_alone():
     result = run_python(
-        "import os, minipaged; print(os.environ.get('TRITON_INTERPRET'))", TRITON_INTERPRET="0"
+        "import os, minipaged; print(os.environ.get('TRITON_INTERPRET'))",
+        TRITON_INTERPRET="0",
     )
     assert result.stdout.strip() == "0"
 
@@ -109,7 +128,9 @@ def test_an_explicit_choice_is_left_alone():
         (False, "1", "cpu"),  # no GPU: import minipaged switched the interpreter on
     ],
 )
-def test_device_for_puts_triton_on_cuda_where_it_compiles(monkeypatch, gpu, interpret, expected):
+def test_device_for_puts_triton_on_cuda_where_it_compiles(
+    monkeypatch, gpu, interpret, expected
+):
     """Simulates a GPU machine on any machine: torch.cuda.is_available is what device_for consults."""
     from minipaged.testing import device_for, interpreted
 
@@ -120,4 +141,6 @@ def test_device_for_puts_triton_on_cuda_where_it_compiles(monkeypatch, gpu, inte
         monkeypatch.setenv("TRITON_INTERPRET", interpret)
     assert device_for("triton") == torch.device(expected)
     assert interpreted("triton") == (expected == "cpu")
-    assert device_for("reference") == torch.device("cpu") and not interpreted("reference")
+    assert device_for("reference") == torch.device("cpu") and not interpreted(
+        "reference"
+    )

@@ -16,7 +16,13 @@ from dataclasses import dataclass
 
 import pytest
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 
 from minipaged.experiments.baselines import (
     BREAKDOWN_FIELDS,
@@ -58,9 +64,13 @@ class AllocatorMachine(RuleBasedStateMachine):
         if kind == "contiguous":
             self.alloc = ContiguousAllocator(capacity, policy, max_model_len, placement)
         elif kind == "vattention":
-            self.alloc = VAttentionAllocator(capacity, page_tokens, max_model_len, watermark=0.0)
+            self.alloc = VAttentionAllocator(
+                capacity, page_tokens, max_model_len, watermark=0.0
+            )
         else:
-            self.alloc = PagedAllocator(capacity, page_tokens, max_model_len, watermark=0.0)
+            self.alloc = PagedAllocator(
+                capacity, page_tokens, max_model_len, watermark=0.0
+            )
         self.tokens: dict[str, int] = {}  # live request -> tokens stored
         self.reqs: dict[str, Req] = {}
         self.next_id = 0
@@ -75,7 +85,10 @@ class AllocatorMachine(RuleBasedStateMachine):
         try:
             admitted = self.alloc.try_admit(req)
         except ValueError:  # can never fit this pool: refused, and nothing changed
-            assert self.kind != "contiguous" or self.alloc.footprint(req) > self.alloc.pool.max_block_size
+            assert (
+                self.kind != "contiguous"
+                or self.alloc.footprint(req) > self.alloc.pool.max_block_size
+            )
             return
         if self.kind == "contiguous":
             # the reservation, rounded up to a power of two by buddy
@@ -89,7 +102,9 @@ class AllocatorMachine(RuleBasedStateMachine):
                 smallest = min(length for _, length in fitting)
                 start = min(start for start, length in fitting if length == smallest)
                 assert self.alloc.range_of(req.request_id) == (start, size)
-                assert size == BuddyAllocator(1).block_size_of(self.alloc.reservation(req))
+                assert size == BuddyAllocator(1).block_size_of(
+                    self.alloc.reservation(req)
+                )
             else:
                 assert not fitting and self.alloc.free_extents == holes
         if admitted:
@@ -115,12 +130,16 @@ class AllocatorMachine(RuleBasedStateMachine):
 
     @invariant()
     def breakdown_sums_to_capacity(self):
-        check_breakdown(self.alloc.breakdown(), self.alloc.capacity, sum(self.tokens.values()))
+        check_breakdown(
+            self.alloc.breakdown(), self.alloc.capacity, sum(self.tokens.values())
+        )
 
     @invariant()
     def reservations_are_disjoint_and_inside_the_pool(self):
         if self.kind == "contiguous":
-            spans = sorted([self.alloc.range_of(i) for i in self.tokens] + self.alloc.free_extents)
+            spans = sorted(
+                [self.alloc.range_of(i) for i in self.tokens] + self.alloc.free_extents
+            )
             position = 0
             for start, length in spans:  # ranges and holes tile the pool exactly
                 assert start == position and length > 0
@@ -128,15 +147,22 @@ class AllocatorMachine(RuleBasedStateMachine):
             assert position == self.alloc.capacity
             holes = self.alloc.free_extents
             if self.alloc.placement == "first-fit":
-                assert all(sum(a) < b[0] for a, b in itertools.pairwise(holes)), "adjacent holes not merged"
+                assert all(sum(a) < b[0] for a, b in itertools.pairwise(holes)), (
+                    "adjacent holes not merged"
+                )
             else:  # buddy: no free block has its buddy free
-                buddies = {(self.alloc.pool.buddy_of(start, size), size) for start, size in holes}
+                buddies = {
+                    (self.alloc.pool.buddy_of(start, size), size)
+                    for start, size in holes
+                }
                 assert not buddies & set(holes), "free buddies not merged"
             for i, n in self.tokens.items():
                 assert n <= self.alloc.range_of(i)[1]
         elif self.kind == "vattention":
             pages = [p for i in self.tokens for p in self.alloc.pages_of(i)]
-            assert len(pages) == len(set(pages)) and all(0 <= p < self.alloc.pages.num_blocks for p in pages)
+            assert len(pages) == len(set(pages)) and all(
+                0 <= p < self.alloc.pages.num_blocks for p in pages
+            )
             # mapped on demand: exactly the pages its tokens need
             for i, n in self.tokens.items():
                 assert len(self.alloc.pages_of(i)) == -(-n // self.alloc.page_tokens)
@@ -147,7 +173,10 @@ class AllocatorMachine(RuleBasedStateMachine):
         external fragmentation if together they would hold it (holes: contiguous only), else stranded."""
         head = Req("head", 1, self.max_model_len - 1)
         alone, b = self.alloc.breakdown(), self.alloc.breakdown([head])
-        assert b.token_states == alone.token_states and b.used - alone.used in (0, alone.free)
+        assert b.token_states == alone.token_states and b.used - alone.used in (
+            0,
+            alone.free,
+        )
         if self.alloc.can_admit([head]):
             assert b == alone
             return
@@ -167,7 +196,10 @@ class AllocatorMachine(RuleBasedStateMachine):
             return
         reserved = internal = 0
         for i, n in self.tokens.items():
-            final, size = self.reqs[i].prompt_len + self.reqs[i].output_len - 1, self.alloc.range_of(i)[1]
+            final, size = (
+                self.reqs[i].prompt_len + self.reqs[i].output_len - 1,
+                self.alloc.range_of(i)[1],
+            )
             reserved += max(0, final - n)
             internal += size - max(final, n)
         b = self.alloc.breakdown()
@@ -184,7 +216,10 @@ class AllocatorMachine(RuleBasedStateMachine):
             # as one extent
             assert self.alloc.free_extents == [(0, self.alloc.capacity)]
         elif self.kind == "contiguous":  # buddy: as the blocks it started with
-            assert self.alloc.free_extents == BuddyAllocator(self.alloc.capacity).top_level_blocks
+            assert (
+                self.alloc.free_extents
+                == BuddyAllocator(self.alloc.capacity).top_level_blocks
+            )
 
 
 TestAllocatorMachine = AllocatorMachine.TestCase
@@ -205,7 +240,10 @@ TestAllocatorMachine = AllocatorMachine.TestCase
 )
 def test_reservation_sizes(policy, prompt_len, output_len, expected):
     assert reservation_size(policy, prompt_len, output_len, 2048) == expected
-    assert ContiguousAllocator(4096, policy).reservation(Req("a", prompt_len, output_len)) == expected
+    assert (
+        ContiguousAllocator(4096, policy).reservation(Req("a", prompt_len, output_len))
+        == expected
+    )
 
 
 # the worked example of the docs page
@@ -226,7 +264,11 @@ def run_worked_example(alloc):
     [
         (ContiguousAllocator(32, "max", 16, "first-fit"), "AB", (9, 7, 16, 0, 0, 0)),
         (ContiguousAllocator(32, "pow2", 16, "first-fit"), "ABC", (16, 7, 9, 0, 0, 0)),
-        (ContiguousAllocator(32, "oracle", 16, "first-fit"), "ABC", (16, 7, 3, 0, 0, 6)),
+        (
+            ContiguousAllocator(32, "oracle", 16, "first-fit"),
+            "ABC",
+            (16, 7, 3, 0, 0, 6),
+        ),
         # 16: no rounding
         (ContiguousAllocator(32, "max", 16), "AB", (9, 7, 16, 0, 0, 0)),
         # C's 16 > 8 free
@@ -235,7 +277,16 @@ def run_worked_example(alloc):
         (VAttentionAllocator(32, 8, 16, watermark=0.0), "ABC", (16, 0, 8, 0, 0, 8)),
         (PagedAllocator(32, 4, 16, watermark=0.0), "ABC", (16, 0, 4, 0, 0, 12)),
     ],
-    ids=["max", "pow2", "oracle", "max-buddy", "pow2-buddy", "oracle-buddy", "vattention", "paged"],
+    ids=[
+        "max",
+        "pow2",
+        "oracle",
+        "max-buddy",
+        "pow2-buddy",
+        "oracle-buddy",
+        "vattention",
+        "paged",
+    ],
 )
 def test_docs_worked_example(alloc, admitted, expected):
     """docs/concepts/baseline-allocators.md, the table of the worked example."""
@@ -289,7 +340,9 @@ def test_docs_external_fragmentation():
         ("max", "buddy", 64),
     ],
 )
-def test_the_last_token_is_never_stored_so_its_slot_is_internal_fragmentation(policy, placement, size):
+def test_the_last_token_is_never_stored_so_its_slot_is_internal_fragmentation(
+    policy, placement, size
+):
     """A 10 + 5 request stores at most 14 tokens: the 5th output token ends it unstored. The slot
     reserved for it is internal fragmentation from the start, never "reserved"."""
     alloc = ContiguousAllocator(128, policy, 64, placement)
@@ -305,7 +358,10 @@ def test_the_last_token_is_never_stored_so_its_slot_is_internal_fragmentation(po
 
 @pytest.mark.parametrize(
     "alloc",
-    [VAttentionAllocator(100, 10, 64, watermark=0.2), PagedAllocator(100, 10, 64, watermark=0.2)],
+    [
+        VAttentionAllocator(100, 10, 64, watermark=0.2),
+        PagedAllocator(100, 10, 64, watermark=0.2),
+    ],
     ids=["vattention", "paged"],
 )
 def test_on_demand_free_pages_are_stranded_while_the_head_waits(alloc):
@@ -321,7 +377,11 @@ def test_on_demand_free_pages_are_stranded_while_the_head_waits(alloc):
 
 
 @pytest.mark.parametrize(
-    "alloc", [VAttentionAllocator(16, 4, 16, watermark=0.0), PagedAllocator(16, 4, 16, watermark=0.0)]
+    "alloc",
+    [
+        VAttentionAllocator(16, 4, 16, watermark=0.0),
+        PagedAllocator(16, 4, 16, watermark=0.0),
+    ],
 )
 def test_a_refused_append_changes_nothing(alloc):
     """Found by the state machine: a paged append that found no free block used to keep the token it
@@ -334,7 +394,10 @@ def test_a_refused_append_changes_nothing(alloc):
     alloc.free("b")
     assert alloc.can_append("a")
     alloc.append("a")
-    assert alloc.breakdown().token_states == 9 and alloc.breakdown().internal_fragmentation == 3
+    assert (
+        alloc.breakdown().token_states == 9
+        and alloc.breakdown().internal_fragmentation == 3
+    )
 
 
 def test_free_merges_both_neighbours():
@@ -394,7 +457,11 @@ def test_bad_arguments_raise_naming_them(make, match):
 
 @pytest.mark.parametrize(
     "alloc",
-    [ContiguousAllocator(64, "max", 128), VAttentionAllocator(64, 8, 128), PagedAllocator(64, 4, 128)],
+    [
+        ContiguousAllocator(64, "max", 128),
+        VAttentionAllocator(64, 8, 128),
+        PagedAllocator(64, 4, 128),
+    ],
     ids=["contiguous", "vattention", "paged"],
 )
 def test_requests_that_can_never_fit_are_refused(alloc):

@@ -47,7 +47,9 @@ def engine(name: str, **kwargs) -> LLM:
     return LLM(name, seed=WEIGHT_SEED, **kwargs)
 
 
-def hf_beams(model, prompt: list[int], width: int, lp: float, max_tokens: int, eos: int | None):
+def hf_beams(
+    model, prompt: list[int], width: int, lp: float, max_tokens: int, eos: int | None
+):
     """transformers' beams for one prompt, best first: [(generated tokens, sequences_score)].
 
     transformers returns rows of a common length: a beam that ended with EOS is followed by filler,
@@ -71,7 +73,9 @@ def hf_beams(model, prompt: list[int], width: int, lp: float, max_tokens: int, e
         tokens = row[len(prompt) :].tolist()
         if eos is not None and eos in tokens:
             tokens = tokens[: tokens.index(eos) + 1]
-        assert all(0 <= t < model.config.vocab_size for t in tokens), "filler left in a beam"
+        assert all(0 <= t < model.config.vocab_size for t in tokens), (
+            "filler left in a beam"
+        )
         beams.append((tokens, float(score)))
     return beams
 
@@ -96,12 +100,19 @@ def assert_all_blocks_free(llm: LLM) -> None:
 
 def assert_beams_match(llm_out, expected, model, prompt, lp) -> None:
     got = [(s.token_ids, s.score) for s in llm_out.sequences]
-    assert [t for t, _ in got] == [t for t, _ in expected], f"beams differ for prompt {prompt}"
+    assert [t for t, _ in got] == [t for t, _ in expected], (
+        f"beams differ for prompt {prompt}"
+    )
     torch.testing.assert_close(
-        torch.tensor([s for _, s in got]), torch.tensor([s for _, s in expected]), atol=SCORE_TOL, rtol=0
+        torch.tensor([s for _, s in got]),
+        torch.tensor([s for _, s in expected]),
+        atol=SCORE_TOL,
+        rtol=0,
     )
     for seq in llm_out.sequences:
-        assert seq.score == pytest.approx(seq.cumulative_logprob / len(seq.token_ids) ** lp, abs=1e-5)
+        assert seq.score == pytest.approx(
+            seq.cumulative_logprob / len(seq.token_ids) ** lp, abs=1e-5
+        )
         assert seq.cumulative_logprob == pytest.approx(
             forward_logprob(model, prompt, seq.token_ids), abs=SCORE_TOL
         )
@@ -119,7 +130,9 @@ def arch(request):
 def test_beam_search_matches_transformers_without_eos(arch, width, lp):
     name, model, prompts = arch
     llm = engine(name)
-    params = BeamSearchParams(beam_width=width, max_tokens=MAX_TOKENS, length_penalty=lp, ignore_eos=True)
+    params = BeamSearchParams(
+        beam_width=width, max_tokens=MAX_TOKENS, length_penalty=lp, ignore_eos=True
+    )
     outs = llm.beam_search([{"prompt_token_ids": p} for p in prompts], params)
     for prompt, out in zip(prompts, outs, strict=True):
         assert out.prompt_token_ids == prompt
@@ -127,7 +140,9 @@ def test_beam_search_matches_transformers_without_eos(arch, width, lp):
         assert all(len(s.token_ids) == MAX_TOKENS for s in out.sequences)
         # distinct beams
         assert len({tuple(s.token_ids) for s in out.sequences}) == width
-        assert_beams_match(out, hf_beams(model, prompt, width, lp, MAX_TOKENS, None), model, prompt, lp)
+        assert_beams_match(
+            out, hf_beams(model, prompt, width, lp, MAX_TOKENS, None), model, prompt, lp
+        )
         assert out.sequences[0].text == llm.tokenizer.decode(out.sequences[0].token_ids)
     assert_all_blocks_free(llm)
 
@@ -152,18 +167,24 @@ def test_beam_search_matches_transformers_with_eos(arch, width, lp):
     eos, expected = pick_eos(model, prompt, width, lp)
     llm = engine(name)
     llm.eos_token_id = eos
-    params = BeamSearchParams(beam_width=width, max_tokens=MAX_TOKENS, length_penalty=lp, ignore_eos=False)
+    params = BeamSearchParams(
+        beam_width=width, max_tokens=MAX_TOKENS, length_penalty=lp, ignore_eos=False
+    )
     (out,) = llm.beam_search({"prompt_token_ids": prompt}, params)
     assert_beams_match(out, expected, model, prompt, lp)
     ended = [s for s in out.sequences if s.token_ids[-1] == eos]
     assert ended, "no returned beam ended with the EOS"
-    assert all(s.token_ids[-1] == eos or len(s.token_ids) == MAX_TOKENS for s in out.sequences)
+    assert all(
+        s.token_ids[-1] == eos or len(s.token_ids) == MAX_TOKENS for s in out.sequences
+    )
     # nothing continues past an EOS
     assert all(eos not in s.token_ids[:-1] for s in out.sequences)
     assert_all_blocks_free(llm)
 
     # ignore_eos=True: the same engine and EOS, and no beam stops at it.
-    ignoring = BeamSearchParams(beam_width=width, max_tokens=MAX_TOKENS, length_penalty=lp, ignore_eos=True)
+    ignoring = BeamSearchParams(
+        beam_width=width, max_tokens=MAX_TOKENS, length_penalty=lp, ignore_eos=True
+    )
     (free,) = llm.beam_search({"prompt_token_ids": prompt}, ignoring)
     assert [s.token_ids for s in free.sequences] == [
         t for t, _ in hf_beams(model, prompt, width, lp, MAX_TOKENS, None)
@@ -178,14 +199,22 @@ def test_width_one_is_greedy(lp):
     llm = engine(name)
     prompt = {"prompt_token_ids": prompts_for(name)[1]}
     (greedy,) = llm.generate(
-        prompt, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True), use_tqdm=False
+        prompt,
+        SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True),
+        use_tqdm=False,
     )
-    params = BeamSearchParams(beam_width=1, max_tokens=MAX_TOKENS, length_penalty=lp, ignore_eos=True)
+    params = BeamSearchParams(
+        beam_width=1, max_tokens=MAX_TOKENS, length_penalty=lp, ignore_eos=True
+    )
     (out,) = llm.beam_search(prompt, params)
     (beam,) = out.sequences
     assert beam.token_ids == greedy.outputs[0].token_ids
-    assert beam.cumulative_logprob == pytest.approx(greedy.outputs[0].cumulative_logprob, abs=SCORE_TOL)
-    assert beam.score == pytest.approx(beam.cumulative_logprob / MAX_TOKENS**lp, abs=SCORE_TOL)
+    assert beam.cumulative_logprob == pytest.approx(
+        greedy.outputs[0].cumulative_logprob, abs=SCORE_TOL
+    )
+    assert beam.score == pytest.approx(
+        beam.cumulative_logprob / MAX_TOKENS**lp, abs=SCORE_TOL
+    )
     assert_all_blocks_free(llm)
 
 
@@ -196,15 +225,22 @@ def test_max_tokens_one_returns_the_best_first_tokens(width):
     model = hf_model(name)
     prompt = prompts_for(name)[1]
     llm = engine(name)
-    params = BeamSearchParams(beam_width=width, max_tokens=1, length_penalty=1.0, ignore_eos=True)
+    params = BeamSearchParams(
+        beam_width=width, max_tokens=1, length_penalty=1.0, ignore_eos=True
+    )
     (out,) = llm.beam_search({"prompt_token_ids": prompt}, params)
     with torch.no_grad():
         # [vocab]
-        first = torch.log_softmax(model(torch.tensor([prompt])).logits[0, -1].float(), dim=-1)
+        first = torch.log_softmax(
+            model(torch.tensor([prompt])).logits[0, -1].float(), dim=-1
+        )
     best = torch.topk(first, width)
     assert [s.token_ids for s in out.sequences] == [[t] for t in best.indices.tolist()]
     torch.testing.assert_close(
-        torch.tensor([s.score for s in out.sequences]), best.values, atol=SCORE_TOL, rtol=0
+        torch.tensor([s.score for s in out.sequences]),
+        best.values,
+        atol=SCORE_TOL,
+        rtol=0,
     )
     if width > 1:
         expected = hf_beams(model, prompt, width, 1.0, 1, None)
@@ -216,10 +252,14 @@ def test_beams_share_blocks_and_dropped_beams_free_theirs():
     """Step by step: fork shares blocks, every reference is a table's, dropped beams hold nothing."""
     # the prompt ends mid-block: forks share a partial block
     width, block_size, prompt_len = 4, 4, 10
-    llm = engine("tiny-llama", block_size=block_size, num_gpu_blocks=64, num_cpu_blocks=16)
+    llm = engine(
+        "tiny-llama", block_size=block_size, num_gpu_blocks=64, num_cpu_blocks=16
+    )
     gen = torch.Generator().manual_seed(5)
     prompt = random_prompt(gen, prompt_len)
-    params = BeamSearchParams(beam_width=width, max_tokens=10, length_penalty=1.0, ignore_eos=True)
+    params = BeamSearchParams(
+        beam_width=width, max_tokens=10, length_penalty=1.0, ignore_eos=True
+    )
     request_id = llm.add_request({"prompt_token_ids": prompt}, params)
     manager, device = llm.block_manager, llm.block_manager.device
     num_prompt_full_blocks = prompt_len // block_size
@@ -234,7 +274,9 @@ def test_beams_share_blocks_and_dropped_beams_free_theirs():
         seen.update({seq.seq_id: seq for seq in live})
         # only live beams hold blocks
         assert set(manager.device_tables) == {seq.seq_id for seq in live}
-        holders = Counter(b for table in manager.device_tables.values() for b in table.block_ids)
+        holders = Counter(
+            b for table in manager.device_tables.values() for b in table.block_ids
+        )
         # every reference count is a table's reference
         for block in range(device.num_blocks):
             assert device.ref_count(block) == holders.get(block, 0)
@@ -249,14 +291,22 @@ def test_beams_share_blocks_and_dropped_beams_free_theirs():
     assert out.request_id == request_id and len(out.sequences) == width
     assert max_ref == width, "the beams never shared a block"
     assert saved > 0
-    dropped = [seq for seq_id, seq in seen.items() if seq_id not in manager.device_tables]
-    assert any(seq.status == SequenceStatus.FINISHED_ABORTED for seq in dropped), "no beam was ever dropped"
+    dropped = [
+        seq for seq_id, seq in seen.items() if seq_id not in manager.device_tables
+    ]
+    assert any(seq.status == SequenceStatus.FINISHED_ABORTED for seq in dropped), (
+        "no beam was ever dropped"
+    )
     assert llm.stats.cow_copies > 0  # a forked beam wrote into the shared partial block
     assert_all_blocks_free(llm)
 
     # The step-by-step run returns what beam_search returns on a fresh engine.
-    (again,) = engine("tiny-llama", block_size=block_size).beam_search({"prompt_token_ids": prompt}, params)
-    assert [s.token_ids for s in again.sequences] == [s.token_ids for s in out.sequences]
+    (again,) = engine("tiny-llama", block_size=block_size).beam_search(
+        {"prompt_token_ids": prompt}, params
+    )
+    assert [s.token_ids for s in again.sequences] == [
+        s.token_ids for s in out.sequences
+    ]
 
 
 def test_beam_search_beside_sampling_requests():
@@ -265,13 +315,19 @@ def test_beam_search_beside_sampling_requests():
     gen = torch.Generator().manual_seed(9)
     beam_prompt, other_prompt = random_prompt(gen, 6), random_prompt(gen, 17)
     beam = BeamSearchParams(beam_width=3, max_tokens=6, ignore_eos=True)
-    sampled = SamplingParams(n=2, temperature=1.0, max_tokens=9, seed=3, ignore_eos=True)
+    sampled = SamplingParams(
+        n=2, temperature=1.0, max_tokens=9, seed=3, ignore_eos=True
+    )
     greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
 
     alone = engine(name)
     (want_beams,) = alone.beam_search({"prompt_token_ids": beam_prompt}, beam)
-    (want_sampled,) = alone.generate({"prompt_token_ids": other_prompt}, sampled, use_tqdm=False)
-    (want_greedy,) = alone.generate({"prompt_token_ids": beam_prompt}, greedy, use_tqdm=False)
+    (want_sampled,) = alone.generate(
+        {"prompt_token_ids": other_prompt}, sampled, use_tqdm=False
+    )
+    (want_greedy,) = alone.generate(
+        {"prompt_token_ids": beam_prompt}, greedy, use_tqdm=False
+    )
 
     llm = engine(name, block_size=8)
     ids = [
@@ -284,8 +340,12 @@ def test_beam_search_beside_sampling_requests():
         done.update({out.request_id: out for out in llm.step()})
     assert set(done) == set(ids)
     got_sampled, got_beams, got_greedy = (done[i] for i in ids)
-    assert [s.token_ids for s in got_beams.sequences] == [s.token_ids for s in want_beams.sequences]
-    assert [c.token_ids for c in got_sampled.outputs] == [c.token_ids for c in want_sampled.outputs]
+    assert [s.token_ids for s in got_beams.sequences] == [
+        s.token_ids for s in want_beams.sequences
+    ]
+    assert [c.token_ids for c in got_sampled.outputs] == [
+        c.token_ids for c in want_sampled.outputs
+    ]
     assert got_greedy.outputs[0].token_ids == want_greedy.outputs[0].token_ids
     assert_all_blocks_free(llm)
 
@@ -297,11 +357,22 @@ def test_beam_search_through_preemption():
     prompts = [random_prompt(gen, n) for n in (13, 14, 15)]
     params = BeamSearchParams(beam_width=3, max_tokens=8, ignore_eos=True)
     want = [
-        [s.token_ids for s in engine(name).beam_search({"prompt_token_ids": p}, params)[0].sequences]
+        [
+            s.token_ids
+            for s in engine(name)
+            .beam_search({"prompt_token_ids": p}, params)[0]
+            .sequences
+        ]
         for p in prompts
     ]
     for mode in ("recompute", "swap"):
-        llm = engine(name, block_size=4, num_gpu_blocks=20, num_cpu_blocks=64, preemption_mode=mode)
+        llm = engine(
+            name,
+            block_size=4,
+            num_gpu_blocks=20,
+            num_cpu_blocks=64,
+            preemption_mode=mode,
+        )
         outs = llm.beam_search([{"prompt_token_ids": p} for p in prompts], params)
         assert [[s.token_ids for s in o.sequences] for o in outs] == want
         assert llm.stats.num_preemptions[mode] > 0, "the pool was meant to be too small"

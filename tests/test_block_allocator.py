@@ -118,7 +118,9 @@ def test_unknown_block_id_raises(allocator, method, block):
     allocator.allocate()
     # blocks 0 and 1 are held, so only the id's type or range can be wrong
     allocator.allocate()
-    with pytest.raises(ValueError, match=r"block must be a block id in \[0, 4\) of the device pool"):
+    with pytest.raises(
+        ValueError, match=r"block must be a block id in \[0, 4\) of the device pool"
+    ):
         getattr(allocator, method)(block)
     assert [allocator.ref_count(b) for b in range(4)] == [1, 1, 0, 0]
 
@@ -170,7 +172,9 @@ def test_repr_names_the_pool_and_its_use():
 
 NUM_BLOCKS = 5
 ops = st.lists(
-    st.tuples(st.sampled_from(["allocate", "incref", "free"]), st.integers(0, NUM_BLOCKS - 1)),
+    st.tuples(
+        st.sampled_from(["allocate", "incref", "free"]), st.integers(0, NUM_BLOCKS - 1)
+    ),
     max_size=60,
 )
 

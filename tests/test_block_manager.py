@@ -15,7 +15,9 @@ PROMPT8 = [21, 22, 23, 24, 25, 26, 27, 28]  # two full blocks
 
 def make_group(prompt: list[int], n: int = 1, request_id: str = "r") -> SequenceGroup:
     """A request of `n` sequences with the same prompt (n parallel samples before they diverge)."""
-    return SequenceGroup(request_id, [Sequence(prompt_token_ids=list(prompt)) for _ in range(n)])
+    return SequenceGroup(
+        request_id, [Sequence(prompt_token_ids=list(prompt)) for _ in range(n)]
+    )
 
 
 def tokens(num: int, start: int = 100) -> list[int]:
@@ -30,7 +32,9 @@ def refs(manager: BlockManager, blocks: list[int], pool: str = "device") -> list
     return [getattr(manager, pool).ref_count(b) for b in blocks]
 
 
-def allocate_and_fork(manager: BlockManager, prompt: list[int]) -> tuple[Sequence, Sequence]:
+def allocate_and_fork(
+    manager: BlockManager, prompt: list[int]
+) -> tuple[Sequence, Sequence]:
     """Allocate a one-sequence request, then fork its sequence into the group: (parent, child)."""
     group = make_group(prompt)
     manager.allocate(group)
@@ -131,8 +135,12 @@ def test_can_allocate_counts_every_sequence_of_a_diverged_group():
 
 
 @pytest.mark.task1_3
-@pytest.mark.parametrize(("num_tokens", "num_blocks"), [(1, 1), (4, 1), (5, 2), (10, 3)])
-def test_allocate_gives_ceil_len_over_block_size_blocks(manager, num_tokens, num_blocks):
+@pytest.mark.parametrize(
+    ("num_tokens", "num_blocks"), [(1, 1), (4, 1), (5, 2), (10, 3)]
+)
+def test_allocate_gives_ceil_len_over_block_size_blocks(
+    manager, num_tokens, num_blocks
+):
     group = make_group(tokens(num_tokens))
     assert manager.allocate(group) == 0  # nothing came from a prefix cache
     (seq,) = group.seqs
@@ -166,7 +174,10 @@ def test_allocate_too_big_raises_and_changes_nothing():
 @pytest.mark.task1_3
 def test_allocate_of_a_group_that_does_not_fit_allocates_none_of_it():
     manager = BlockManager(BS, 4)
-    seqs = [Sequence(prompt_token_ids=list(PROMPT8), output_token_ids=[t, t + 1]) for t in (31, 41, 51)]
+    seqs = [
+        Sequence(prompt_token_ids=list(PROMPT8), output_token_ids=[t, t + 1])
+        for t in (31, 41, 51)
+    ]
     # the first fits alone (3 blocks); all three need 3 + 1 + 1 = 5, sharing the 2 prompt blocks
     with pytest.raises(NoFreeBlocksError, match="'g' needs 5 blocks, 4 free"):
         manager.allocate(SequenceGroup("g", seqs))
@@ -178,7 +189,10 @@ def test_allocate_of_a_group_that_does_not_fit_allocates_none_of_it():
 def test_allocate_of_a_sequence_already_holding_blocks_raises(manager):
     group = make_group(PROMPT6)
     manager.allocate(group)
-    with pytest.raises(ValueError, match=f"seq {group.seqs[0].seq_id} of group 'r' already holds blocks"):
+    with pytest.raises(
+        ValueError,
+        match=f"seq {group.seqs[0].seq_id} of group 'r' already holds blocks",
+    ):
         manager.allocate(group)
     assert manager.device.num_used == 2
 
@@ -237,7 +251,10 @@ def test_append_slots_of_a_sequence_without_blocks_raises(manager):
 @pytest.mark.task1_3
 def test_can_append_slots_needs_a_block_only_when_the_last_is_full():
     manager = BlockManager(BS, 2)
-    half, full = make_group(PROMPT6[:2], request_id="half"), make_group(PROMPT6[:4], request_id="full")
+    half, full = (
+        make_group(PROMPT6[:2], request_id="half"),
+        make_group(PROMPT6[:4], request_id="full"),
+    )
     manager.allocate(half)
     manager.allocate(full)  # the pool is now empty
     half.seqs[0].append_token_id(31)
@@ -288,10 +305,15 @@ def test_fork_of_a_parent_without_blocks_raises(manager):
 
 @pytest.mark.task1_4
 def test_fork_into_a_child_holding_blocks_raises(manager):
-    first, second = make_group(PROMPT6, request_id="a"), make_group(PROMPT8, request_id="b")
+    first, second = (
+        make_group(PROMPT6, request_id="a"),
+        make_group(PROMPT8, request_id="b"),
+    )
     manager.allocate(first)
     manager.allocate(second)
-    with pytest.raises(ValueError, match=f"child seq {second.seqs[0].seq_id} already holds blocks"):
+    with pytest.raises(
+        ValueError, match=f"child seq {second.seqs[0].seq_id} already holds blocks"
+    ):
         manager.fork(first.seqs[0], second.seqs[0])
     assert refs(manager, ids(manager, first.seqs[0])) == [1, 1]
 
@@ -472,7 +494,9 @@ def test_can_swap_in_keeps_the_watermark_free():
 @pytest.mark.task1_7
 def test_swap_out_of_a_group_with_nothing_on_the_device_raises(manager):
     group = make_group(PROMPT6)
-    with pytest.raises(ValueError, match="no sequence of group 'r' holds device blocks"):
+    with pytest.raises(
+        ValueError, match="no sequence of group 'r' holds device blocks"
+    ):
         manager.swap_out(group)
 
 
@@ -548,7 +572,12 @@ def busy(manager):
 def test_memory_stats_device_pool(busy):
     manager, _, _ = busy
     device = manager.memory_stats().device
-    assert (device.name, device.num_blocks, device.num_free, device.num_used) == ("device", 8, 4, 4)
+    assert (device.name, device.num_blocks, device.num_free, device.num_used) == (
+        "device",
+        8,
+        4,
+        4,
+    )
     assert (device.num_shared, device.num_cached_free) == (2, 0)
     # shared blocks count once
     assert (device.slots_used, device.slots_allocated) == (6 + 5, 4 * BS)
@@ -564,7 +593,13 @@ def test_memory_stats_per_sequence(busy):
     assert set(by_id) == {s.seq_id for s in (*a.seqs, *b.seqs)}
     for seq in a.seqs:
         m = by_id[seq.seq_id]
-        assert (m.location, m.num_blocks, m.slots_used, m.slots_allocated, m.internal_waste) == (
+        assert (
+            m.location,
+            m.num_blocks,
+            m.slots_used,
+            m.slots_allocated,
+            m.internal_waste,
+        ) == (
             "device",
             2,
             6,
@@ -572,7 +607,12 @@ def test_memory_stats_per_sequence(busy):
             2,
         )
     m = by_id[b.seqs[0].seq_id]
-    assert (m.num_blocks, m.slots_used, m.slots_allocated, m.internal_waste) == (2, 5, 8, 3)
+    assert (m.num_blocks, m.slots_used, m.slots_allocated, m.internal_waste) == (
+        2,
+        5,
+        8,
+        3,
+    )
     assert manager.seq_memory(b.seqs[0]) == m
 
 
@@ -580,11 +620,20 @@ def test_memory_stats_per_sequence(busy):
 def test_memory_stats_of_an_empty_manager(manager):
     stats = manager.memory_stats()
     for pool, size in ((stats.device, 8), (stats.host, 8)):
-        assert (pool.num_free, pool.num_used, pool.num_shared, pool.slots_used) == (size, 0, 0, 0)
+        assert (pool.num_free, pool.num_used, pool.num_shared, pool.slots_used) == (
+            size,
+            0,
+            0,
+            0,
+        )
         assert pool.utilization == 1.0
         assert pool.blocks_saved_by_sharing == 0
     assert stats.seqs == []
-    assert (stats.cow_copies, stats.blocks_swapped_out, stats.blocks_swapped_in) == (0, 0, 0)
+    assert (stats.cow_copies, stats.blocks_swapped_out, stats.blocks_swapped_in) == (
+        0,
+        0,
+        0,
+    )
 
 
 @pytest.mark.task1_7
@@ -593,10 +642,16 @@ def test_memory_stats_follow_a_swap(busy):
     manager.swap_out(a)
     stats = manager.memory_stats()
     assert (stats.device.num_used, stats.device.num_shared) == (2, 0)
-    assert (stats.host.num_used, stats.host.num_shared, stats.host.slots_used) == (2, 2, 6)
+    assert (stats.host.num_used, stats.host.num_shared, stats.host.slots_used) == (
+        2,
+        2,
+        6,
+    )
     assert stats.host.blocks_saved_by_sharing == 2
     assert stats.blocks_swapped_out == 2
-    assert {m.location for m in stats.seqs if m.seq_id in {s.seq_id for s in a.seqs}} == {"host"}
+    assert {
+        m.location for m in stats.seqs if m.seq_id in {s.seq_id for s in a.seqs}
+    } == {"host"}
 
 
 @pytest.mark.task1_3

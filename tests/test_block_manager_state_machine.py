@@ -19,7 +19,13 @@ from __future__ import annotations
 import pytest
 from hypothesis import event, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 
 from minipaged.reference.block_allocator import NoFreeBlocksError
 from minipaged.reference.block_manager import AllocStatus, BlockManager
@@ -41,9 +47,13 @@ class BlockManagerMachine(RuleBasedStateMachine):
         watermark=st.sampled_from([0.0, 0.01, 0.1]),
         prefix_caching=st.booleans(),
     )
-    def setup(self, block_size, num_gpu_blocks, num_cpu_blocks, watermark, prefix_caching):
+    def setup(
+        self, block_size, num_gpu_blocks, num_cpu_blocks, watermark, prefix_caching
+    ):
         self.bs = block_size
-        self.manager = BlockManager(block_size, num_gpu_blocks, num_cpu_blocks, watermark, prefix_caching)
+        self.manager = BlockManager(
+            block_size, num_gpu_blocks, num_cpu_blocks, watermark, prefix_caching
+        )
         self.running: list[SequenceGroup] = []  # on the device
         self.swapped: list[SequenceGroup] = []  # on the host
         self.waiting: list[SequenceGroup] = []  # preempted by recompute: no blocks
@@ -56,7 +66,9 @@ class BlockManagerMachine(RuleBasedStateMachine):
         """Write the K/V (here: the token id) of the last `num_tokens` tokens of `seq` to its slots."""
         table = self.manager.get_block_table(seq)
         for slot, token in zip(
-            table.slot_mapping(num_tokens), seq.token_ids[len(seq) - num_tokens :], strict=True
+            table.slot_mapping(num_tokens),
+            seq.token_ids[len(seq) - num_tokens :],
+            strict=True,
         ):
             self.pool["device"][slot] = token
 
@@ -82,8 +94,13 @@ class BlockManagerMachine(RuleBasedStateMachine):
             # Justify NEVER on an empty pool of the same size: the group's blocks leave less than
             # the watermark free, or do not fit at all.
             m = self.manager
-            empty = BlockManager(self.bs, m.device.num_blocks, 0, 0.0, enable_prefix_caching=False)
-            copies = SequenceGroup("copy", [Sequence(list(s.token_ids)) for s in group.get_unfinished_seqs()])
+            empty = BlockManager(
+                self.bs, m.device.num_blocks, 0, 0.0, enable_prefix_caching=False
+            )
+            copies = SequenceGroup(
+                "copy",
+                [Sequence(list(s.token_ids)) for s in group.get_unfinished_seqs()],
+            )
             try:
                 empty.allocate(copies)
             except NoFreeBlocksError:
@@ -93,11 +110,15 @@ class BlockManagerMachine(RuleBasedStateMachine):
         try:
             num_cached = self.manager.allocate(group)
         except Exception as error:
-            assert status == AllocStatus.LATER, f"can_allocate said OK, allocate raised {error!r}"
+            assert status == AllocStatus.LATER, (
+                f"can_allocate said OK, allocate raised {error!r}"
+            )
             assert self._snapshot() == before, "a failed allocate changed the manager"
             return False
         seqs = group.get_unfinished_seqs()
-        assert num_cached % self.bs == 0 and num_cached < len(seqs[0]), "the last token is always computed"
+        assert num_cached % self.bs == 0 and num_cached < len(seqs[0]), (
+            "the last token is always computed"
+        )
         event("admitted with a prefix-cache hit" if num_cached else "admitted")
         for i, seq in enumerate(seqs):
             self._write(seq, len(seq) - (num_cached if i == 0 else 0))
@@ -117,7 +138,9 @@ class BlockManagerMachine(RuleBasedStateMachine):
         if not prompt:
             prompt = [7]
         seq = Sequence(prompt)
-        group = SequenceGroup(f"req{seq.seq_id}", [seq] + [seq.fork() for _ in range(n - 1)])
+        group = SequenceGroup(
+            f"req{seq.seq_id}", [seq] + [seq.fork() for _ in range(n - 1)]
+        )
         self._admit(group)
 
     @precondition(lambda self: self.waiting)
@@ -138,12 +161,18 @@ class BlockManagerMachine(RuleBasedStateMachine):
         try:
             cow = self.manager.append_slots(seq)
         except Exception:
-            assert self._snapshot() == before, "a failed append_slots changed the manager"
+            assert self._snapshot() == before, (
+                "a failed append_slots changed the manager"
+            )
             del seq.output_token_ids[-len(new) :]
             return
         for src, dst in cow:
-            assert self.manager.device.ref_count(dst) == 1, "a copy-on-write target must be private"
-            assert self.manager.device.ref_count(src) >= 1, "the source stays with its other holders"
+            assert self.manager.device.ref_count(dst) == 1, (
+                "a copy-on-write target must be private"
+            )
+            assert self.manager.device.ref_count(src) >= 1, (
+                "the source stays with its other holders"
+            )
         event("copy-on-write" if cow else "append in place")
         self._copy_blocks(cow, "device", "device")
         self._write(seq, len(new))
@@ -181,7 +210,9 @@ class BlockManagerMachine(RuleBasedStateMachine):
             return
         mapping = self.manager.swap_out(group)
         event("swap_out")
-        assert len({src for src, _ in mapping}) == len(mapping), "a shared block must move once"
+        assert len({src for src, _ in mapping}) == len(mapping), (
+            "a shared block must move once"
+        )
         self._copy_blocks(mapping, "device", "host")
         self.running.remove(group)
         self.swapped.append(group)
@@ -191,7 +222,11 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def swap_in(self, data):
         group = data.draw(st.sampled_from(self.swapped))
         needed = len(
-            {b for s in group.get_unfinished_seqs() for b in self.manager.host_tables[s.seq_id].block_ids}
+            {
+                b
+                for s in group.get_unfinished_seqs()
+                for b in self.manager.host_tables[s.seq_id].block_ids
+            }
         )
         if needed > self.manager.device.num_free:
             before = self._snapshot()
@@ -224,16 +259,25 @@ class BlockManagerMachine(RuleBasedStateMachine):
         for pool, tables in ((m.device, m.device_tables), (m.host, m.host_tables)):
             holders = [0] * pool.num_blocks
             for table in tables.values():
-                assert len(set(table.block_ids)) == len(table.block_ids), "a table holds a block twice"
+                assert len(set(table.block_ids)) == len(table.block_ids), (
+                    "a table holds a block twice"
+                )
                 for block in table.block_ids:
                     holders[block] += 1
             for block in range(pool.num_blocks):
-                assert pool.ref_count(block) == holders[block], f"{pool.name} block {block}"
+                assert pool.ref_count(block) == holders[block], (
+                    f"{pool.name} block {block}"
+                )
             used = sum(h > 0 for h in holders)
-            assert pool.num_used == used and pool.num_free + pool.num_used == pool.num_blocks
+            assert (
+                pool.num_used == used
+                and pool.num_free + pool.num_used == pool.num_blocks
+            )
             free_blocks = list(pool._free_list) + list(getattr(pool, "_evictor", []))
             assert len(set(free_blocks)) == len(free_blocks) == pool.num_free
-            assert all(holders[b] == 0 for b in free_blocks), "a free block is referenced"
+            assert all(holders[b] == 0 for b in free_blocks), (
+                "a free block is referenced"
+            )
 
     @invariant()
     def prefix_cache_consistent(self):
@@ -245,7 +289,9 @@ class BlockManagerMachine(RuleBasedStateMachine):
             assert pool.ref_count(block) > 0 or pool.is_cached_free(block)
         for block in pool._evictor:
             assert pool.block_hash(block) is not None and pool.ref_count(block) == 0
-        assert not set(pool._free_list) & set(pool._hash_of_block), "a free-list block is still named"
+        assert not set(pool._free_list) & set(pool._hash_of_block), (
+            "a free-list block is still named"
+        )
 
     @invariant()
     def tables_cover_exactly_the_tokens(self):
@@ -259,10 +305,17 @@ class BlockManagerMachine(RuleBasedStateMachine):
                     table = tables[seq.seq_id]
                     assert len(table) == num_blocks_for(len(seq), self.bs)
                     assert table.num_tokens == len(seq)
-                    stored = [self.pool[pool].get(table.slot(pos)) for pos in range(len(seq))]
-                    assert stored == seq.token_ids, f"seq {seq.seq_id} reads back wrong data"
+                    stored = [
+                        self.pool[pool].get(table.slot(pos)) for pos in range(len(seq))
+                    ]
+                    assert stored == seq.token_ids, (
+                        f"seq {seq.seq_id} reads back wrong data"
+                    )
         for group in self.waiting:
-            assert all(s.seq_id not in m.device_tables and s.seq_id not in m.host_tables for s in group.seqs)
+            assert all(
+                s.seq_id not in m.device_tables and s.seq_id not in m.host_tables
+                for s in group.seqs
+            )
 
     def teardown(self):
         """Free everything: every block must come back (free or cached-free)."""
@@ -272,10 +325,15 @@ class BlockManagerMachine(RuleBasedStateMachine):
             for seq in group.get_unfinished_seqs():
                 self.manager.free(seq)
         m = self.manager
-        assert m.device.num_free == m.device.num_blocks and m.host.num_free == m.host.num_blocks
+        assert (
+            m.device.num_free == m.device.num_blocks
+            and m.host.num_free == m.host.num_blocks
+        )
         assert all(m.device.ref_count(b) == 0 for b in range(m.device.num_blocks))
         assert not m.device_tables and not m.host_tables
 
 
-BlockManagerMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
+BlockManagerMachine.TestCase.settings = settings(
+    max_examples=200, stateful_step_count=40, deadline=None
+)
 test_block_manager_state_machine = BlockManagerMachine.TestCase

@@ -10,10 +10,20 @@ import pytest
 import torch
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 
 from minipaged.reference.block_allocator import BlockAllocator, NoFreeBlocksError
-from minipaged.reference.block_table import BlockTable, block_tables_tensor, num_blocks_for
+from minipaged.reference.block_table import (
+    BlockTable,
+    block_tables_tensor,
+    num_blocks_for,
+)
 
 
 class CountingAllocator:
@@ -39,7 +49,9 @@ def table() -> BlockTable:
 
 
 @pytest.mark.task1_1
-@pytest.mark.parametrize(("num_tokens", "blocks"), [(0, 0), (1, 1), (4, 1), (5, 2), (8, 2), (9, 3)])
+@pytest.mark.parametrize(
+    ("num_tokens", "blocks"), [(0, 0), (1, 1), (4, 1), (5, 2), (8, 2), (9, 3)]
+)
 def test_num_blocks_for_is_ceil_division(num_tokens, blocks):
     assert num_blocks_for(num_tokens, 4) == blocks
 
@@ -52,7 +64,9 @@ def test_len_and_capacity_count_blocks_and_slots(table):
 
 
 @pytest.mark.task1_1
-@pytest.mark.parametrize(("pos", "slot"), [(0, 28), (1, 29), (3, 31), (4, 8), (5, 9), (7, 11)])
+@pytest.mark.parametrize(
+    ("pos", "slot"), [(0, 28), (1, 29), (3, 31), (4, 8), (5, 9), (7, 11)]
+)
 def test_slot_translates_position_through_the_table(table, pos, slot):
     assert table.slot(pos) == slot
 
@@ -65,7 +79,9 @@ def test_slot_outside_the_table_raises_index_error(table, pos):
 
 
 @pytest.mark.task1_1
-@pytest.mark.parametrize(("block_ids", "num_tokens", "filled"), [([], 0, 0), ([3], 1, 1), ([3, 9], 6, 2)])
+@pytest.mark.parametrize(
+    ("block_ids", "num_tokens", "filled"), [([], 0, 0), ([3], 1, 1), ([3, 9], 6, 2)]
+)
 def test_num_filled_in_last_block_partial(block_ids, num_tokens, filled):
     assert BlockTable(4, block_ids, num_tokens).num_filled_in_last_block == filled
 
@@ -112,7 +128,11 @@ def test_as_tensor_max_blocks_too_small_raises(table):
 
 @pytest.mark.task1_1
 def test_block_tables_tensor_stacks_and_pads_to_the_longest():
-    tables = [BlockTable(4, [7, 2], 6), BlockTable(4, [5], 3), BlockTable(4, [1, 3, 8], 9)]
+    tables = [
+        BlockTable(4, [7, 2], 6),
+        BlockTable(4, [5], 3),
+        BlockTable(4, [1, 3, 8], 9),
+    ]
     batch = block_tables_tensor(tables)
     assert batch.dtype == torch.int32
     assert batch.tolist() == [[7, 2, -1], [5, -1, -1], [1, 3, 8]]
@@ -120,7 +140,9 @@ def test_block_tables_tensor_stacks_and_pads_to_the_longest():
 
 @pytest.mark.task1_1
 def test_block_tables_tensor_with_explicit_width():
-    batch = block_tables_tensor([BlockTable(4, [7, 2], 6), BlockTable(4, [5], 3)], max_blocks=4)
+    batch = block_tables_tensor(
+        [BlockTable(4, [7, 2], 6), BlockTable(4, [5], 3)], max_blocks=4
+    )
     assert batch.tolist() == [[7, 2, -1, -1], [5, -1, -1, -1]]
 
 
@@ -148,7 +170,9 @@ def test_bad_block_size_raises(block_size):
 
 
 @pytest.mark.task1_1
-@pytest.mark.parametrize(("block_ids", "num_tokens"), [([3], 5), ([3, 9], 4), ([], 1), ([3], 0)])
+@pytest.mark.parametrize(
+    ("block_ids", "num_tokens"), [([3], 5), ([3, 9], 4), ([], 1), ([3], 0)]
+)
 def test_num_tokens_inconsistent_with_block_ids_raises(block_ids, num_tokens):
     with pytest.raises(ValueError, match=f"num_tokens={num_tokens}"):
         BlockTable(4, block_ids, num_tokens)
@@ -276,10 +300,14 @@ def pool_blocks_in_order(state: tuple[list[int], list[int]]) -> list[int]:
 
 @pytest.mark.task1_3
 @given(block_size=st.integers(1, 8), num_blocks=st.integers(0, 6), data=st.data())
-def test_append_past_the_pool_gives_back_every_block_it_took(block_size, num_blocks, data):
+def test_append_past_the_pool_gives_back_every_block_it_took(
+    block_size, num_blocks, data
+):
     pool = BlockAllocator(num_blocks)
     table = BlockTable(block_size)
-    num_new_tokens = data.draw(st.integers(num_blocks * block_size + 1, (num_blocks + 3) * block_size))
+    num_new_tokens = data.draw(
+        st.integers(num_blocks * block_size + 1, (num_blocks + 3) * block_size)
+    )
     with pytest.raises(NoFreeBlocksError):
         table.append_tokens(num_new_tokens, pool.allocate, pool.free)
     assert (table.block_ids, table.num_tokens) == ([], 0)
@@ -294,24 +322,36 @@ def test_the_leak_case_four_blocks_from_a_pool_of_three():
     with pytest.raises(NoFreeBlocksError):
         table.append_tokens(16, pool.allocate, pool.free)  # 16 tokens: 4 blocks of 4
     assert (len(table), table.num_tokens, pool.num_used) == (0, 0, 0)
-    assert table.append_tokens(12, pool.allocate, pool.free) == [0, 1, 2], "the pool is whole again"
+    assert table.append_tokens(12, pool.allocate, pool.free) == [0, 1, 2], (
+        "the pool is whole again"
+    )
 
 
 @pytest.mark.task1_3
 @given(block_size=st.integers(1, 6), data=st.data())
-def test_a_failed_append_leaves_a_partly_filled_table_and_its_pool_as_they_were(block_size, data):
+def test_a_failed_append_leaves_a_partly_filled_table_and_its_pool_as_they_were(
+    block_size, data
+):
     pool = BlockAllocator(data.draw(st.integers(2, 8)))
     other = BlockTable(block_size)  # another sequence's blocks, used throughout
     other.append_tokens(data.draw(st.integers(0, block_size)), pool.allocate, pool.free)
     table = BlockTable(block_size)
-    table.append_tokens(data.draw(st.integers(1, pool.num_free * block_size)), pool.allocate, pool.free)
+    table.append_tokens(
+        data.draw(st.integers(1, pool.num_free * block_size)), pool.allocate, pool.free
+    )
     before = (list(table.block_ids), table.num_tokens, allocator_state(pool))
     # the most that fits
     room = table.capacity - table.num_tokens + pool.num_free * block_size
     with pytest.raises(NoFreeBlocksError):
-        table.append_tokens(data.draw(st.integers(room + 1, room + 3 * block_size)), pool.allocate, pool.free)
+        table.append_tokens(
+            data.draw(st.integers(room + 1, room + 3 * block_size)),
+            pool.allocate,
+            pool.free,
+        )
     assert (table.block_ids, table.num_tokens, allocator_state(pool)) == before
-    assert table.append_tokens(room, pool.allocate, pool.free) == pool_blocks_in_order(before[2])
+    assert table.append_tokens(room, pool.allocate, pool.free) == pool_blocks_in_order(
+        before[2]
+    )
     assert pool.num_free == 0
 
 
@@ -339,7 +379,9 @@ def test_without_free_a_failed_append_still_leaves_the_table_as_it_was(table):
     with pytest.raises(NoFreeBlocksError):
         table.append_tokens(11, allocate)  # 6 + 11 = 17 tokens: 5 blocks, 3 more
     assert (table.block_ids, table.num_tokens) == ([7, 2], 6)
-    assert taken == [50, 51], "with no free, the caller is left holding the blocks taken"
+    assert taken == [50, 51], (
+        "with no free, the caller is left holding the blocks taken"
+    )
 
 
 class TablesAgainstAPool(RuleBasedStateMachine):
@@ -367,7 +409,9 @@ class TablesAgainstAPool(RuleBasedStateMachine):
             assert (table.block_ids, table.num_tokens) == before
             event("the pool ran dry: undone")
         else:
-            new = table.append_tokens(num_new_tokens, self.pool.allocate, self.pool.free)
+            new = table.append_tokens(
+                num_new_tokens, self.pool.allocate, self.pool.free
+            )
             assert len(new) == needed and table.block_ids == before[0] + new
 
     @precondition(lambda self: self.tables)
@@ -385,5 +429,7 @@ class TablesAgainstAPool(RuleBasedStateMachine):
         assert all(self.pool.ref_count(b) == 1 for b in held)
 
 
-TablesAgainstAPool.TestCase.settings = settings(max_examples=100, stateful_step_count=30, deadline=None)
+TablesAgainstAPool.TestCase.settings = settings(
+    max_examples=100, stateful_step_count=30, deadline=None
+)
 test_tables_against_a_pool_never_leak = pytest.mark.task1_3(TablesAgainstAPool.TestCase)

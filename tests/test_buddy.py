@@ -17,9 +17,19 @@ from dataclasses import dataclass
 
 import pytest
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 
-from minipaged.experiments.baselines import BREAKDOWN_FIELDS, ContiguousAllocator, FirstFitAllocator
+from minipaged.experiments.baselines import (
+    BREAKDOWN_FIELDS,
+    ContiguousAllocator,
+    FirstFitAllocator,
+)
 from minipaged.experiments.buddy import BuddyAllocator
 
 
@@ -73,7 +83,9 @@ class BuddyMachine(RuleBasedStateMachine):
         """can_allocate_all changes nothing and says what allocating them in order would do."""
         before, trial = self.pool.free_blocks, copy.deepcopy(self.pool)
         expected = all(
-            trial.block_size_of(s) <= trial.max_block_size and trial.allocate(s) is not None for s in sizes
+            trial.block_size_of(s) <= trial.max_block_size
+            and trial.allocate(s) is not None
+            for s in sizes
         )
         assert self.pool.can_allocate_all(sizes) == expected
         assert self.pool.free_blocks == before
@@ -81,7 +93,9 @@ class BuddyMachine(RuleBasedStateMachine):
     @invariant()
     def blocks_tile_the_pool(self):
         """Live and free blocks never overlap, lie inside the pool, and together cover it."""
-        assert self.pool.allocated_blocks == sorted((s, block) for s, (_, block) in self.live.items())
+        assert self.pool.allocated_blocks == sorted(
+            (s, block) for s, (_, block) in self.live.items()
+        )
         position = 0
         for start, size in sorted(self.pool.allocated_blocks + self.pool.free_blocks):
             assert start == position and size > 0
@@ -106,9 +120,13 @@ class BuddyMachine(RuleBasedStateMachine):
         free = set(self.pool.free_blocks)
         for start, size in free:
             buddy = self.pool.buddy_of(start, size)
-            assert buddy is None or (buddy, size) not in free, f"free buddies {start}, {buddy} unmerged"
+            assert buddy is None or (buddy, size) not in free, (
+                f"free buddies {start}, {buddy} unmerged"
+            )
         for k, starts in enumerate(self.pool.free_area):
-            assert starts == sorted(starts) and all(((s, 1 << k) in free) for s in starts)
+            assert starts == sorted(starts) and all(
+                ((s, 1 << k) in free) for s in starts
+            )
         assert self.pool.largest_free_block == max((n for _, n in free), default=0)
 
     def teardown(self):
@@ -123,7 +141,9 @@ class BuddyMachine(RuleBasedStateMachine):
 TestBuddyMachine = BuddyMachine.TestCase
 
 
-@pytest.mark.parametrize(("size", "block"), [(1, 1), (2, 2), (3, 4), (4, 4), (5, 8), (9, 16), (2048, 2048)])
+@pytest.mark.parametrize(
+    ("size", "block"), [(1, 1), (2, 2), (3, 4), (4, 4), (5, 8), (9, 16), (2048, 2048)]
+)
 def test_block_size_is_the_next_power_of_two(size, block):
     assert BuddyAllocator(4096).block_size_of(size) == block
 
@@ -167,7 +187,9 @@ def test_docs_exercise_adjacent_free_blocks_that_are_not_buddies():
     assert pool.allocate(7) is None  # E: a block of 8, and no free block of 8
     # Seen by the Orca baseline: the 8 free slots would hold E's block: external fragmentation.
     alloc = ContiguousAllocator(16, "oracle", 16)
-    for name, (prompt_len, output_len) in zip("ABCD", [(2, 1), (3, 1), (1, 1), (3, 1)], strict=True):
+    for name, (prompt_len, output_len) in zip(
+        "ABCD", [(2, 1), (3, 1), (1, 1), (3, 1)], strict=True
+    ):
         # reserves 3, 4, 2, 4 slots
         assert alloc.try_admit(Req(name, prompt_len, output_len))
     alloc.free("B")
@@ -242,7 +264,11 @@ def test_bad_capacity_raises_naming_it(capacity):
 @pytest.mark.parametrize("size", [0, -1, 1.5, True, "4"])
 def test_bad_sizes_raise_naming_them(size):
     pool = BuddyAllocator(16)
-    for call in (pool.allocate, pool.block_size_of, lambda s: pool.can_allocate_all([1, s])):
+    for call in (
+        pool.allocate,
+        pool.block_size_of,
+        lambda s: pool.can_allocate_all([1, s]),
+    ):
         with pytest.raises(ValueError, match="size must be a positive int"):
             call(size)
     assert pool.free_blocks == [(0, 16)]
@@ -282,7 +308,12 @@ def test_a_buddy_range_occupies_its_power_of_two_and_the_rounding_is_internal_fr
     assert alloc.try_admit(req) and alloc.range_of("a") == (0, 16)
     assert alloc.free_extents == [(16, 16), (32, 32)]
     b = alloc.breakdown()
-    assert (b.token_states, b.reserved, b.internal_fragmentation, b.free) == (5, 3, 8, 48)
+    assert (b.token_states, b.reserved, b.internal_fragmentation, b.free) == (
+        5,
+        3,
+        8,
+        48,
+    )
     assert sum(getattr(b, name) for name in BREAKDOWN_FIELDS) == 64
     first_fit = ContiguousAllocator(64, "oracle", 32, placement="first-fit")
     assert first_fit.try_admit(req) and first_fit.range_of("a") == (0, 9)

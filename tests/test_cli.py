@@ -49,7 +49,20 @@ def test_memory_walkthrough(capsys):
 
 
 def test_walkthrough_sizes_are_options(capsys):
-    assert main(["memory", "--block-size", "8", "--num-gpu-blocks", "12", "--num-cpu-blocks", "6"]) == 0
+    assert (
+        main(
+            [
+                "memory",
+                "--block-size",
+                "8",
+                "--num-gpu-blocks",
+                "12",
+                "--num-cpu-blocks",
+                "6",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "device pool: 12 blocks of 8 slots" in out
     assert "[########]" in out
@@ -61,8 +74,12 @@ def test_walkthrough_holds_for_other_block_sizes(block_size):
     stats = run(out=lines.append, block_size=block_size)
     assert stats.device.num_used == 0 and stats.host.num_used == 0
     assert stats.cow_copies == 1 and stats.prefix_cache_hits == 4
-    assert stats.blocks_swapped_out == 6, "B's group: 4 unique blocks before the extra tokens, 2 after"
-    assert 0 < stats.blocks_swapped_in < stats.blocks_swapped_out, "some blocks are found in the cache"
+    assert stats.blocks_swapped_out == 6, (
+        "B's group: 4 unique blocks before the extra tokens, 2 after"
+    )
+    assert 0 < stats.blocks_swapped_in < stats.blocks_swapped_out, (
+        "some blocks are found in the cache"
+    )
     assert any("append_slots returned [(" in line for line in lines)
 
 
@@ -81,7 +98,9 @@ def test_no_command_prints_help(capsys):
         assert re.search(rf"^    {command}\b", out, flags=re.MULTILINE), command
 
 
-@pytest.mark.parametrize("argv", [["no-such-command"], ["memory", "--block-size", "x"], ["demo", "--bogus"]])
+@pytest.mark.parametrize(
+    "argv", [["no-such-command"], ["memory", "--block-size", "x"], ["demo", "--bogus"]]
+)
 def test_malformed_command_lines_exit_2_with_the_usage(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
@@ -103,16 +122,24 @@ def test_assignment_writes_the_student_version(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "minipaged/reference/block_allocator.py" in out
     allocator = (dest / "minipaged" / "reference" / "block_allocator.py").read_text()
-    assert "raise NotImplementedError" in allocator and "self._free_list.pop()" not in allocator
+    assert (
+        "raise NotImplementedError" in allocator
+        and "self._free_list.pop()" not in allocator
+    )
 
 
 def test_assignment_refuses_an_existing_dest_or_a_bad_source(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["assignment", str(tmp_path), "--source", str(REPO_ROOT)])
-    assert exit_info.value.code == 2 and "dest must not exist" in capsys.readouterr().err
+    assert (
+        exit_info.value.code == 2 and "dest must not exist" in capsys.readouterr().err
+    )
     with pytest.raises(SystemExit) as exit_info:
         main(["assignment", str(tmp_path / "new"), "--source", str(tmp_path)])
-    assert exit_info.value.code == 2 and "--source must be a minipaged checkout" in capsys.readouterr().err
+    assert (
+        exit_info.value.code == 2
+        and "--source must be a minipaged checkout" in capsys.readouterr().err
+    )
 
 
 # ---- minipaged demo: the engine on a mixed workload -------------------------------------------
@@ -155,7 +182,9 @@ def test_demo_preemption_and_sharing_do_not_change_the_tokens(demo_report):
     enough for everything at once gives the same tokens, greedy, sampled and beams alike."""
     roomy = run_demo(DemoConfig(num_gpu_blocks=200))
     assert roomy.memory["preemptions"] == {"recompute": 0, "swap": 0}
-    assert [o.token_ids for o in roomy.outputs] == [o.token_ids for o in demo_report.outputs]
+    assert [o.token_ids for o in roomy.outputs] == [
+        o.token_ids for o in demo_report.outputs
+    ]
 
 
 def test_demo_restores_torch_threads():
@@ -195,7 +224,12 @@ def test_demo_with_a_roomy_pool_says_everything_fit(capsys):
 
 
 def test_python_dash_m_runs_the_demo():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
     result = subprocess.run(
         [sys.executable, "-m", "minipaged", "demo"],
         capture_output=True,
@@ -222,20 +256,57 @@ def _token_ids(out: str) -> list[list[int]]:
 
 
 def test_generate_prints_text_and_token_ids_of_greedy_outputs(capsys):
-    assert main(["generate", "Hello", "Paging is", "--max-tokens", "5", "--num-gpu-blocks", "64"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "Hello",
+                "Paging is",
+                "--max-tokens",
+                "5",
+                "--num-gpu-blocks",
+                "64",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
-    assert "prompt: 'Hello' (6 tokens)" in out and "prompt: 'Paging is' (10 tokens)" in out
+    assert (
+        "prompt: 'Hello' (6 tokens)" in out and "prompt: 'Paging is' (10 tokens)" in out
+    )
     assert out.count("    text: ") == 2 and "finish_reason length" in out
     llm = LLM("tiny-llama", num_gpu_blocks=64)
     expected = llm.generate(
-        ["Hello", "Paging is"], SamplingParams(temperature=0, max_tokens=5), use_tqdm=False
+        ["Hello", "Paging is"],
+        SamplingParams(temperature=0, max_tokens=5),
+        use_tqdm=False,
     )
     assert _token_ids(out) == [r.outputs[0].token_ids for r in expected]
 
 
 def test_generate_with_sampling_options(capsys):
-    argv = ["generate", "Hi", "--n", "2", "--temperature", "0.8", "--top-p", "0.9", "--top-k", "50"]
-    argv += ["--seed", "7", "--max-tokens", "4", "--block-size", "4", "--num-gpu-blocks", "8"]
+    argv = [
+        "generate",
+        "Hi",
+        "--n",
+        "2",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.9",
+        "--top-k",
+        "50",
+    ]
+    argv += [
+        "--seed",
+        "7",
+        "--max-tokens",
+        "4",
+        "--block-size",
+        "4",
+        "--num-gpu-blocks",
+        "8",
+    ]
     argv += ["--preemption-mode", "swap", "--enable-prefix-caching", "--ignore-eos"]
     assert main(argv) == 0
     first = capsys.readouterr().out
@@ -250,25 +321,40 @@ def test_generate_with_sampling_options(capsys):
     ("argv", "message"),
     [
         (["generate"], "the following arguments are required: PROMPT"),
-        (["generate", "x", "--max-tokens", "two"], "argument --max-tokens: invalid int value: 'two'"),
-        (["generate", "x", "--preemption-mode", "later"], "argument --preemption-mode: invalid choice"),
+        (
+            ["generate", "x", "--max-tokens", "two"],
+            "argument --max-tokens: invalid int value: 'two'",
+        ),
+        (
+            ["generate", "x", "--preemption-mode", "later"],
+            "argument --preemption-mode: invalid choice",
+        ),
         (["generate", "x", "--backend", "cuda"], "argument --backend: invalid choice"),
         (["generate", "x", "--dtype", "float8"], "argument --dtype: invalid choice"),
     ],
 )
-def test_generate_refuses_a_malformed_command_line_with_the_usage(argv, message, capsys):
+def test_generate_refuses_a_malformed_command_line_with_the_usage(
+    argv, message, capsys
+):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert f"usage: minipaged {argv[0]}" in err and message in err and "Traceback" not in err
+    assert (
+        f"usage: minipaged {argv[0]}" in err
+        and message in err
+        and "Traceback" not in err
+    )
 
 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["generate", "x", "--n", "0"], "n must be an int >= 1, got 0"),
-        (["generate", "x", "--temperature", "-1"], "temperature must be 0 (greedy) or a finite number"),
+        (
+            ["generate", "x", "--temperature", "-1"],
+            "temperature must be 0 (greedy) or a finite number",
+        ),
         (["generate", "x", "--top-p", "0"], "top_p must be in (0, 1]"),
         (["generate", "x", "--model", "no-such-model"], "model must be a preset"),
         (["generate", "x", "--num-gpu-blocks", "1"], "this request can never fit"),
@@ -284,11 +370,26 @@ def test_generate_and_demo_refuse_bad_values_with_one_line(argv, message, capsys
     assert line.startswith(f"minipaged {argv[0]}: error: ") and message in line
 
 
-def test_memory_html_writes_the_interactive_page_and_checks_its_path_first(tmp_path, capsys):
+def test_memory_html_writes_the_interactive_page_and_checks_its_path_first(
+    tmp_path, capsys
+):
     from minipaged.walkthrough_html import walkthrough_html
 
     out = tmp_path / "walk.html"
-    assert main(["memory", "--block-size", "3", "--num-gpu-blocks", "14", "--html", str(out)]) == 0
+    assert (
+        main(
+            [
+                "memory",
+                "--block-size",
+                "3",
+                "--num-gpu-blocks",
+                "14",
+                "--html",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert f"wrote the interactive walk-through to {out}" in capsys.readouterr().out
     sizes = {"block_size": 3, "num_gpu_blocks": 14, "num_cpu_blocks": 8}
     assert out.read_text() == walkthrough_html(**sizes)

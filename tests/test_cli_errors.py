@@ -56,7 +56,9 @@ def no_server(monkeypatch):
     def serve(*args, **kwargs):
         raise AssertionError("serve() must not be reached with a bad option")
 
-    monkeypatch.setitem(sys.modules, "minipaged.serving", types.SimpleNamespace(serve=serve))
+    monkeypatch.setitem(
+        sys.modules, "minipaged.serving", types.SimpleNamespace(serve=serve)
+    )
 
 
 def _random_word(rng: random.Random) -> str:
@@ -66,14 +68,18 @@ def _random_word(rng: random.Random) -> str:
 # ---- values the engine refuses: generate and serve alike --------------------------------------
 
 
-def _bad_engine_options(rng: random.Random, tmp_path: Path) -> list[tuple[list[str], str]]:
+def _bad_engine_options(
+    rng: random.Random, tmp_path: Path
+) -> list[tuple[list[str], str]]:
     """(options, what the line must name): each a value LLM refuses with a ValueError/TypeError."""
     garbage = tmp_path / "garbage"  # config.json that is not JSON
     garbage.mkdir()
     (garbage / "config.json").write_text("{" + _random_word(rng) + ": [")
     nonsense = tmp_path / "nonsense"  # valid JSON, no such architecture
     nonsense.mkdir()
-    (nonsense / "config.json").write_text(json.dumps({"model_type": "nope-" + _random_word(rng)}))
+    (nonsense / "config.json").write_text(
+        json.dumps({"model_type": "nope-" + _random_word(rng)})
+    )
     no_config = tmp_path / "no_config"  # a folder without a checkpoint
     no_config.mkdir()
     huge = 10**9 + rng.randrange(10**6)
@@ -94,8 +100,14 @@ def _bad_engine_options(rng: random.Random, tmp_path: Path) -> list[tuple[list[s
 
 
 @pytest.mark.parametrize("command", ["generate", "serve"])
-def test_values_the_engine_refuses_exit_2_with_one_line(command, rng, tmp_path, capsys, no_server):
-    head = ["generate", "Paging is", "--max-tokens", "2"] if command == "generate" else ["serve"]
+def test_values_the_engine_refuses_exit_2_with_one_line(
+    command, rng, tmp_path, capsys, no_server
+):
+    head = (
+        ["generate", "Paging is", "--max-tokens", "2"]
+        if command == "generate"
+        else ["serve"]
+    )
     port = ["--port", str(_free_port())] if command == "serve" else []
     for options, named in _bad_engine_options(rng, tmp_path):
         line = _one_line_exit([*head, *port, *options], capsys)
@@ -111,7 +123,9 @@ def test_a_temperature_below_the_floor_exits_2_with_one_line(rng, capsys):
 
 def test_a_prompt_that_never_fits_exits_2_with_one_line(rng, capsys):
     prompt = "".join(rng.choices(string.ascii_letters, k=rng.randrange(40, 80)))
-    line = _one_line_exit(["generate", prompt, "--block-size", "4", "--num-gpu-blocks", "2"], capsys)
+    line = _one_line_exit(
+        ["generate", prompt, "--block-size", "4", "--num-gpu-blocks", "2"], capsys
+    )
     assert "can never fit" in line
 
 
@@ -141,7 +155,12 @@ def test_python_dash_m_prints_one_line_for_a_bad_model_folder(rng, tmp_path):
     folder = tmp_path / "checkpoint"
     folder.mkdir()
     (folder / "config.json").write_text("not json " + _random_word(rng))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
     result = subprocess.run(
         [sys.executable, "-m", "minipaged", "generate", "x", "--model", str(folder)],
         capture_output=True,
@@ -170,7 +189,9 @@ class FakeExperiment:
         self.ran = True
         if self.during_run is not None:
             self.during_run()
-        return ExperimentResult("memory-waste", [{"x": random.random()}], {"figure": "2"})
+        return ExperimentResult(
+            "memory-waste", [{"x": random.random()}], {"figure": "2"}
+        )
 
     def plot(self, result, path):
         Path(path).write_bytes(b"picture")
@@ -195,22 +216,40 @@ def _unwritable_paths(tmp_path: Path, suffix: str) -> list[tuple[str, str]]:
     ]
 
 
-@pytest.mark.parametrize(("option", "suffix"), [("--json", ".json"), ("--plot", ".png")])
-def test_an_unwritable_output_path_is_refused_before_the_run(option, suffix, experiment, tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("option", "suffix"), [("--json", ".json"), ("--plot", ".png")]
+)
+def test_an_unwritable_output_path_is_refused_before_the_run(
+    option, suffix, experiment, tmp_path, capsys
+):
     for path, says in _unwritable_paths(tmp_path, suffix):
-        line = _one_line_exit(["experiment", "memory-waste", "--no-progress", option, path], capsys)
+        line = _one_line_exit(
+            ["experiment", "memory-waste", "--no-progress", option, path], capsys
+        )
         assert f"{option}: " in line and says in line and repr(path) in line, line
         assert not experiment.ran, f"{option} {path} was found only after the run"
 
 
-def test_the_path_check_leaves_nothing_behind_and_keeps_an_existing_file(experiment, tmp_path, capsys):
+def test_the_path_check_leaves_nothing_behind_and_keeps_an_existing_file(
+    experiment, tmp_path, capsys
+):
     """The check creates and removes a new file; an existing one keeps its content until rewritten."""
     existing, fresh = tmp_path / "old.json", tmp_path / "new.png"
     old = json.dumps({"kept": random.random()})
     existing.write_text(old)
-    argv = ["experiment", "memory-waste", "--no-progress", "--json", str(existing), "--plot", str(fresh)]
+    argv = [
+        "experiment",
+        "memory-waste",
+        "--no-progress",
+        "--json",
+        str(existing),
+        "--plot",
+        str(fresh),
+    ]
     seen_during_run = []
-    experiment.during_run = lambda: seen_during_run.append((existing.read_text(), fresh.exists()))
+    experiment.during_run = lambda: seen_during_run.append(
+        (existing.read_text(), fresh.exists())
+    )
     assert main(argv) == 0
     assert seen_during_run == [(old, False)], "the check changed the files"
     assert experiment.ran
@@ -224,7 +263,13 @@ def test_a_folder_gone_during_the_run_is_one_line(experiment, tmp_path, capsys):
     folder = tmp_path / "results"
     folder.mkdir()
     experiment.during_run = lambda: shutil.rmtree(folder)
-    argv = ["experiment", "memory-waste", "--no-progress", "--json", str(folder / "x.json")]
+    argv = [
+        "experiment",
+        "memory-waste",
+        "--no-progress",
+        "--json",
+        str(folder / "x.json"),
+    ]
     line = _one_line_exit(argv, capsys)
     assert experiment.ran and "--json: cannot write" in line
 

@@ -50,8 +50,12 @@ def ref_counts(allocator: BlockAllocator) -> list[int]:
 
 def test_kv_cache_exercise():
     # A Llama-3-8B-shaped model: 32 layers, 32 query heads but 8 KV heads of 128, bf16; blocks of 16.
-    per_token = kv_cache_bytes_per_token(num_layers=32, num_kv_heads=8, head_dim=128, dtype_bytes=2)
-    per_block = kv_cache_bytes_per_block(16, num_layers=32, num_kv_heads=8, head_dim=128, dtype_bytes=2)
+    per_token = kv_cache_bytes_per_token(
+        num_layers=32, num_kv_heads=8, head_dim=128, dtype_bytes=2
+    )
+    per_block = kv_cache_bytes_per_block(
+        16, num_layers=32, num_kv_heads=8, head_dim=128, dtype_bytes=2
+    )
     assert per_token == 131_072  # 128 KiB
     assert per_block == 2_097_152  # 2 MiB
     num_blocks = 16 * 2**30 // per_block
@@ -182,7 +186,10 @@ def test_demand_paging_exercise():
         tables.append(list(manager.get_block_table(seq).block_ids))
     assert tables == [[0, 1], [0, 1, 2]]  # the 2nd generated token brings block 2
     assert manager.device.num_free == 7
-    answers = {n: manager.can_allocate(group("B", list(range(500, 500 + n)))) for n in (24, 28, 36, 40)}
+    answers = {
+        n: manager.can_allocate(group("B", list(range(500, 500 + n))))
+        for n in (24, 28, 36, 40)
+    }
     assert answers == {
         24: AllocStatus.OK,
         28: AllocStatus.LATER,
@@ -209,7 +216,9 @@ def test_fork_exercise():
         children.append(child)
     assert ref_counts(manager.device) == [3, 3, 3]
     assert manager.device.num_free == 0
-    assert all(manager.get_block_table(child).block_ids == [0, 1, 2] for child in children)
+    assert all(
+        manager.get_block_table(child).block_ids == [0, 1, 2] for child in children
+    )
     children[0].append_token_id(500)
     assert not manager.can_append_slots(beams)
     with pytest.raises(NoFreeBlocksError):
@@ -233,7 +242,11 @@ def test_copy_on_write_exercise():
         copies.append(manager.append_slots(seq))
         slots.append(manager.get_block_table(seq).slot_mapping(1)[0])
     assert copies == [[(1, 2)], [(1, 3)], []]
-    assert [manager.get_block_table(seq).block_ids for seq in samples.seqs] == [[0, 2], [0, 3], [0, 1]]
+    assert [manager.get_block_table(seq).block_ids for seq in samples.seqs] == [
+        [0, 2],
+        [0, 3],
+        [0, 1],
+    ]
     assert slots == [11, 15, 7]
     assert ref_counts(manager.device)[:4] == [3, 1, 1, 1]
     assert manager.cow_copies == 2
@@ -249,7 +262,10 @@ def test_copy_on_write_full_last_block_needs_no_copy():
     for token, seq in zip((301, 302), samples.seqs, strict=True):
         seq.append_token_id(token)
         assert manager.append_slots(seq) == []
-    assert [manager.get_block_table(seq).block_ids for seq in samples.seqs] == [[0, 1, 2], [0, 1, 3]]
+    assert [manager.get_block_table(seq).block_ids for seq in samples.seqs] == [
+        [0, 1, 2],
+        [0, 1, 3],
+    ]
 
 
 # ---- prefix-caching.md ------------------------------------------------------------------------
@@ -257,7 +273,9 @@ def test_copy_on_write_full_last_block_needs_no_copy():
 
 @pytest.mark.task1_6
 def test_prefix_caching_exercise():
-    manager = BlockManager(block_size=4, num_gpu_blocks=8, watermark=0.0, enable_prefix_caching=True)
+    manager = BlockManager(
+        block_size=4, num_gpu_blocks=8, watermark=0.0, enable_prefix_caching=True
+    )
     cache = manager.device
     system = [11, 12, 13, 14, 15, 16, 17, 18]
     a = group("A", [*system, 21, 22])
@@ -286,12 +304,19 @@ def test_prefix_caching_chained_names():
 
 @pytest.mark.task1_6
 def test_prefix_caching_worked_example_lru_eviction():
-    manager = BlockManager(block_size=4, num_gpu_blocks=4, watermark=0.0, enable_prefix_caching=True)
+    manager = BlockManager(
+        block_size=4, num_gpu_blocks=4, watermark=0.0, enable_prefix_caching=True
+    )
     cache = manager.device
     x = group("X", [1, 2, 3, 4, 5, 6, 7, 8])
     manager.allocate(x)
     manager.free(x.seqs[0])
-    assert [cache.is_cached_free(block) for block in range(4)] == [True, True, False, False]
+    assert [cache.is_cached_free(block) for block in range(4)] == [
+        True,
+        True,
+        False,
+        False,
+    ]
     y = group("Y", [41, 42, 43, 44, 45, 46, 47, 48, 49])
     manager.allocate(y)
     # block 1, X's tail, was evicted
@@ -305,7 +330,9 @@ def test_prefix_caching_worked_example_lru_eviction():
 
 @pytest.mark.task1_7
 def test_swapping_exercise():
-    manager = BlockManager(block_size=4, num_gpu_blocks=8, num_cpu_blocks=3, watermark=0.0)
+    manager = BlockManager(
+        block_size=4, num_gpu_blocks=8, num_cpu_blocks=3, watermark=0.0
+    )
     prompt = [1, 2, 3, 4, 5, 6]
     samples = group("G", prompt, prompt)
     manager.allocate(samples)
@@ -318,7 +345,10 @@ def test_swapping_exercise():
     # Four table entries, three distinct blocks: a host pool of 3 is enough.
     assert manager.can_swap_out(samples)
     assert manager.swap_out(samples) == [(0, 0), (2, 1), (1, 2)]
-    assert [manager.host_tables[s.seq_id].block_ids for s in (s1, s2)] == [[0, 1], [0, 2]]
+    assert [manager.host_tables[s.seq_id].block_ids for s in (s1, s2)] == [
+        [0, 1],
+        [0, 2],
+    ]
     assert ref_counts(manager.host) == [2, 1, 1]
     assert (manager.device.num_free, manager.host.num_free) == (8, 0)
     assert manager.can_swap_in(samples)
@@ -329,7 +359,9 @@ def test_swapping_exercise():
 
 @pytest.mark.task1_7
 def test_swapping_worked_example():
-    manager = BlockManager(block_size=4, num_gpu_blocks=4, num_cpu_blocks=4, watermark=0.0)
+    manager = BlockManager(
+        block_size=4, num_gpu_blocks=4, num_cpu_blocks=4, watermark=0.0
+    )
     seq = Sequence([1, 2, 3, 4, 5, 6])
     request = SequenceGroup("r", [seq])
     manager.allocate(request)
@@ -346,7 +378,9 @@ def test_swapping_worked_example():
 def changed_rows(before: torch.Tensor, after: torch.Tensor) -> list[tuple[int, int]]:
     """The (block, offset) rows of a float32 pool whose bytes differ (NaN compares equal to itself)."""
     # [blocks, size]
-    differ = (before.view(torch.int32) != after.view(torch.int32)).flatten(2).any(dim=-1)
+    differ = (
+        (before.view(torch.int32) != after.view(torch.int32)).flatten(2).any(dim=-1)
+    )
     return [(block, offset) for block, offset in differ.nonzero().tolist()]
 
 
@@ -362,15 +396,23 @@ def test_writing_through_the_table_worked_example():
     # A's decode token, B's prompt, padding
     slot_mapping = a.slot_mapping(1) + b.slot_mapping(3) + [-1]
     assert slot_mapping == [22, 0, 1, 2, -1]
-    k_cache, v_cache = torch.randn(6, 4, 2, 8, generator=gen), torch.randn(6, 4, 2, 8, generator=gen)
+    k_cache, v_cache = (
+        torch.randn(6, 4, 2, 8, generator=gen),
+        torch.randn(6, 4, 2, 8, generator=gen),
+    )
     k_before, v_before = k_cache.clone(), v_cache.clone()
-    key, value = torch.randn(5, 2, 8, generator=gen), torch.randn(5, 2, 8, generator=gen)
+    key, value = (
+        torch.randn(5, 2, 8, generator=gen),
+        torch.randn(5, 2, 8, generator=gen),
+    )
     write_kv(key, value, k_cache, v_cache, torch.tensor(slot_mapping))
     # B's three rows of block 0, A's row 2 of block 5
     written = [(0, 0), (0, 1), (0, 2), (5, 2)]
     assert changed_rows(k_before, k_cache) == changed_rows(v_before, v_cache) == written
     assert torch.equal(k_cache[5, 2], key[0]) and torch.equal(k_cache[0, :3], key[1:4])
-    assert torch.equal(v_cache[5, 2], value[0]) and torch.equal(v_cache[0, :3], value[1:4])
+    assert torch.equal(v_cache[5, 2], value[0]) and torch.equal(
+        v_cache[0, :3], value[1:4]
+    )
     assert block_tables_tensor([a, b]).tolist() == [[2, 5], [0, -1]]
 
 
@@ -378,25 +420,35 @@ def writing_exercise(gen: torch.Generator):
     """The exercise's step: A decodes, B runs a 5-token chunk, 2 padding tokens; unwritten slots are NaN."""
     a = BlockTable(block_size=4, block_ids=[3, 1], num_tokens=7)
     b = BlockTable(block_size=4, block_ids=[5, 0, 4], num_tokens=9)
-    k_cache, v_cache = torch.full((6, 4, 2, 8), math.nan), torch.full((6, 4, 2, 8), math.nan)
+    k_cache, v_cache = (
+        torch.full((6, 4, 2, 8), math.nan),
+        torch.full((6, 4, 2, 8), math.nan),
+    )
     # written before
     earlier = [a.slot(pos) for pos in range(6)] + [b.slot(pos) for pos in range(4)]
     for pool in (k_cache, v_cache):
         pool.view(-1, 2, 8)[earlier] = torch.randn(len(earlier), 2, 8, generator=gen)
     # 6 tokens + 2 pads
-    key, value = torch.randn(8, 2, 8, generator=gen), torch.randn(8, 2, 8, generator=gen)
+    key, value = (
+        torch.randn(8, 2, 8, generator=gen),
+        torch.randn(8, 2, 8, generator=gen),
+    )
     return a, b, k_cache, v_cache, key, value
 
 
 @pytest.mark.task2_1
 def test_writing_through_the_table_exercise():
-    a, b, k_cache, v_cache, key, value = writing_exercise(torch.Generator().manual_seed(7))
+    a, b, k_cache, v_cache, key, value = writing_exercise(
+        torch.Generator().manual_seed(7)
+    )
     slot_mapping = a.slot_mapping(1) + b.slot_mapping(5) + [-1, -1]
     assert slot_mapping == [6, 0, 1, 2, 3, 16, -1, -1]
     k_before, v_before = k_cache.clone(), v_cache.clone()
     write_kv(key, value, k_cache, v_cache, torch.tensor(slot_mapping))
     expected = sorted([(1, 2), (0, 0), (0, 1), (0, 2), (0, 3), (4, 0)])
-    assert changed_rows(k_before, k_cache) == changed_rows(v_before, v_cache) == expected
+    assert (
+        changed_rows(k_before, k_cache) == changed_rows(v_before, v_cache) == expected
+    )
     # B's position 8
     assert torch.equal(k_cache[4, 0], key[5]) and torch.equal(v_cache[4, 0], value[5])
     assert b.slot(8) == 16
@@ -418,11 +470,23 @@ def test_writing_through_the_table_exercise_order():
     too_early = paged_attention(query, k_cache, v_cache, *args)
     # every row sees its own NaN
     assert too_early.isnan().flatten(1).all(dim=1).tolist() == [True] * 6
-    write_kv(key, value, k_cache, v_cache, torch.tensor(a.slot_mapping(1) + b.slot_mapping(5) + [-1, -1]))
+    write_kv(
+        key,
+        value,
+        k_cache,
+        v_cache,
+        torch.tensor(a.slot_mapping(1) + b.slot_mapping(5) + [-1, -1]),
+    )
     out = paged_attention(query, k_cache, v_cache, *args)
     assert out.isfinite().all()
-    keys = [k_cache.view(-1, 2, 8)[[t.slot(pos) for pos in range(t.num_tokens)]] for t in (a, b)]
-    values = [v_cache.view(-1, 2, 8)[[t.slot(pos) for pos in range(t.num_tokens)]] for t in (a, b)]
+    keys = [
+        k_cache.view(-1, 2, 8)[[t.slot(pos) for pos in range(t.num_tokens)]]
+        for t in (a, b)
+    ]
+    values = [
+        v_cache.view(-1, 2, 8)[[t.slot(pos) for pos in range(t.num_tokens)]]
+        for t in (a, b)
+    ]
     expected = dense_attention(query, keys, values, args[2], args[3])
     torch.testing.assert_close(out, expected, **tolerance(torch.float32))
 
@@ -433,11 +497,16 @@ def test_writing_through_the_table_exercise_order():
 def reading_exercise(gen: torch.Generator):
     """seq_len 11, q_len 3, blocks of 4, table [6, 2, 9, -1]; every slot not holding a token is poisoned."""
     table = BlockTable(block_size=4, block_ids=[6, 2, 9], num_tokens=11)
-    k_cache, v_cache = torch.randn(10, 4, 2, 8, generator=gen), torch.randn(10, 4, 2, 8, generator=gen)
+    k_cache, v_cache = (
+        torch.randn(10, 4, 2, 8, generator=gen),
+        torch.randn(10, 4, 2, 8, generator=gen),
+    )
     stale = torch.ones(40, dtype=torch.bool)
     stale[[table.slot(pos) for pos in range(11)]] = False
     for pool in (k_cache, v_cache):
-        pool.view(-1, 2, 8)[stale] = poison_pattern(int(stale.sum()))[:, None, None].expand(-1, 2, 8)
+        pool.view(-1, 2, 8)[stale] = poison_pattern(int(stale.sum()))[
+            :, None, None
+        ].expand(-1, 2, 8)
     query = torch.randn(3, 4, 8, generator=gen)  # 4 query heads share 2 KV heads
     args = (
         table.as_tensor(4)[None],  # [[6, 2, 9, -1]]
@@ -495,7 +564,9 @@ class RecordingTable(list):
 
 @pytest.mark.task2_3
 def test_reading_through_the_table_exercise_blockwise():
-    _, query, k_cache, v_cache, args = reading_exercise(torch.Generator().manual_seed(11))
+    _, query, k_cache, v_cache, args = reading_exercise(
+        torch.Generator().manual_seed(11)
+    )
     out = paged_attention(query, k_cache, v_cache, *args)
     blockwise = paged_attention_blockwise(query, k_cache, v_cache, *args)
     torch.testing.assert_close(blockwise, out, **tolerance(torch.float32))

@@ -29,7 +29,9 @@ class Pool:
     """One layer's K cache `[num_blocks, block_size, num_kv_heads, head_dim]`, poisoned with NaN."""
 
     def __init__(self, num_blocks: int) -> None:
-        self.k_cache = torch.full((num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM), float("nan"))
+        self.k_cache = torch.full(
+            (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM), float("nan")
+        )
 
     def write(self, slots: list[int], rows: torch.Tensor) -> None:
         # slot = token row
@@ -84,5 +86,9 @@ def test_forked_sequences_diverge_without_touching_each_other(prompt_len):
     parent_blocks = manager.get_block_table(parent).block_ids
     child_blocks = manager.get_block_table(child).block_ids
     shared = set(parent_blocks) & set(child_blocks)
-    assert shared == set(parent_blocks[: prompt_len // BLOCK_SIZE]), "only the full prompt blocks stay shared"
-    assert copies == (1 if prompt_len % BLOCK_SIZE else 0), "one copy-on-write for a partly filled last block"
+    assert shared == set(parent_blocks[: prompt_len // BLOCK_SIZE]), (
+        "only the full prompt blocks stay shared"
+    )
+    assert copies == (1 if prompt_len % BLOCK_SIZE else 0), (
+        "one copy-on-write for a partly filled last block"
+    )

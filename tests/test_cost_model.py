@@ -10,8 +10,20 @@ from __future__ import annotations
 import pytest
 from transformers import LlamaConfig, OPTConfig
 
-from minipaged.experiments.cost_model import GPU, GPUS, MODELS, CostModel, ModelSpec, get_gpu, get_model
-from minipaged.experiments.cost_model_published import comparison_rows, doc_parts, ridge_tokens
+from minipaged.experiments.cost_model import (
+    GPU,
+    GPUS,
+    MODELS,
+    CostModel,
+    ModelSpec,
+    get_gpu,
+    get_model,
+)
+from minipaged.experiments.cost_model_published import (
+    comparison_rows,
+    doc_parts,
+    ridge_tokens,
+)
 from minipaged.experiments.pages import DOCS, stale_parts
 
 # 2 layers, hidden 8 = 2 heads x 4 dims, MLP 16, vocab 10, fp16, tied embeddings
@@ -31,7 +43,9 @@ def test_sizes_of_the_tiny_model_by_hand():
     assert TINY.weight_bytes == 2208
     # K and V x layers x heads x dims x 2 B
     assert TINY.kv_bytes_per_token == 2 * 2 * 2 * 4 * 2 == 64
-    gated = ModelSpec("g", 2, 8, 2, 2, 4, 16, 10, gated_mlp=True, tie_word_embeddings=False)
+    gated = ModelSpec(
+        "g", 2, 8, 2, 2, 4, 16, 10, gated_mlp=True, tie_word_embeddings=False
+    )
     # 3 MLP matrices, own LM head
     assert gated.num_parameters == 2 * (256 + 3 * 128) + 2 * 80 == 1440
 
@@ -99,7 +113,10 @@ def test_from_config_gives_the_presets_shapes():
     )
     assert ModelSpec.from_config(opt, name="opt-13b") == MODELS["opt-13b"]
     llama = LlamaConfig(
-        hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
     )
     assert ModelSpec.from_config(llama, name="llama-13b") == MODELS["llama-13b"]
     assert get_model(llama).num_parameters == MODELS["llama-13b"].num_parameters
@@ -129,30 +146,43 @@ def test_step_time_grows_with_batch_and_context():
 def test_tensor_parallel_cuts_the_step_but_adds_allreduce():
     # one hypothetical GPU with 4 A100-80GBs' rates and memory, against 4 real ones
     a100 = GPUS["A100-80GB"]
-    big = GPU("4xA100", 4 * a100.peak_flops, 4 * a100.memory_bandwidth, 4 * a100.memory_bytes, 32e9, 300e9)
+    big = GPU(
+        "4xA100",
+        4 * a100.peak_flops,
+        4 * a100.memory_bandwidth,
+        4 * a100.memory_bytes,
+        32e9,
+        300e9,
+    )
     q, s = [1] * 16, [1024] * 16
     one, four = (
         CostModel("opt-66b", big).step_parts(q, s),
         CostModel("opt-66b", "A100-80GB", 4).step_parts(q, s),
     )
-    assert four["linear"] == pytest.approx(one["linear"]) and four["attention"] == pytest.approx(
-        one["attention"]
-    )
+    assert four["linear"] == pytest.approx(one["linear"]) and four[
+        "attention"
+    ] == pytest.approx(one["attention"])
     assert one["allreduce"] == 0.0 < four["allreduce"]
     single = CostModel(
-        "opt-66b", GPU("one", a100.peak_flops, a100.memory_bandwidth, 4 * a100.memory_bytes, 1, 1)
+        "opt-66b",
+        GPU("one", a100.peak_flops, a100.memory_bandwidth, 4 * a100.memory_bytes, 1, 1),
     )
-    assert CostModel("opt-66b", "A100-80GB", 4).step_time(q, s) < single.step_time(q, s) / 3
+    assert (
+        CostModel("opt-66b", "A100-80GB", 4).step_time(q, s)
+        < single.step_time(q, s) / 3
+    )
 
 
 def test_swap_time_is_linear_in_blocks_plus_a_cost_per_transfer():
     cost = CostModel("opt-13b", "A100-40GB")
     per_block = cost.swap_time(1, 16, 1) - cost.swap_overhead  # the bytes of one block
     for blocks in (1, 10, 100):
-        assert cost.swap_time(blocks, 16, blocks) == pytest.approx(blocks * (per_block + cost.swap_overhead))
-    assert cost.swap_time(100, 16, 8000) - cost.swap_time(100, 16, 100) == pytest.approx(
-        7900 * cost.swap_overhead
-    )
+        assert cost.swap_time(blocks, 16, blocks) == pytest.approx(
+            blocks * (per_block + cost.swap_overhead)
+        )
+    assert cost.swap_time(100, 16, 8000) - cost.swap_time(
+        100, 16, 100
+    ) == pytest.approx(7900 * cost.swap_overhead)
     # Fig. 19: per-block copies make small blocks slow; large blocks beat a recompute
     recompute = cost.step_time([512], [512])
     assert cost.swap_time(512, 1, 512 * 80) > recompute > cost.swap_time(2, 256, 2 * 80)
@@ -188,7 +218,9 @@ def test_swap_time_is_linear_in_blocks_plus_a_cost_per_transfer():
     ],
 )
 def test_bad_input_raises_naming_the_argument(make, argument):
-    with pytest.raises(ValueError, match=argument.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(
+        ValueError, match=argument.replace("[", r"\[").replace("]", r"\]")
+    ):
         make()
 
 
@@ -203,7 +235,10 @@ def test_the_page_quotes_what_the_code_computes():
     sync = "python -m minipaged.experiments.cost_model_published --sync"
     assert not problems, f"run `{sync}`:\n" + "\n".join(problems)
     # the guard works: a number the code no longer gives makes the page stale
-    changed = {**doc_parts(), "kv-slots": f"{CostModel(step_overhead=0).kv_cache_tokens() + 1:,}"}
+    changed = {
+        **doc_parts(),
+        "kv-slots": f"{CostModel(step_overhead=0).kv_cache_tokens() + 1:,}",
+    }
     assert stale_parts((DOCS / "cost-model.md").read_text(), changed) == [
         f"kv-slots: the page says '15,837', the JSON gives '{changed['kv-slots']}'"
     ]
@@ -215,7 +250,9 @@ def test_comparison_rows_are_predictions_beside_published_figures():
     for r in rows:
         assert r["ratio"] == pytest.approx(r["predicted_ms"] / r["published_ms"])
     single_gpu_decodes = [
-        r["ratio"] for r in rows if r["kind"] != "prefill" and r["tensor_parallel_size"] == 1
+        r["ratio"]
+        for r in rows
+        if r["kind"] != "prefill" and r["tensor_parallel_size"] == 1
     ]
     assert all(0.85 < ratio < 1.15 for ratio in single_gpu_decodes)
 
@@ -233,5 +270,11 @@ def test_exercise_answer():
 
     h100, h200 = ridge_by_scan("H100"), ridge_by_scan("H200")
     assert (h100, h200) == (259, 181)
-    assert [ridge_tokens(CostModel("opt-13b", g)) for g in ("H100", "H200")] == [h100, h200]
-    assert doc_parts()["exercise"] == f"the H200, from {h200} tokens (the H100 from {h100})"
+    assert [ridge_tokens(CostModel("opt-13b", g)) for g in ("H100", "H200")] == [
+        h100,
+        h200,
+    ]
+    assert (
+        doc_parts()["exercise"]
+        == f"the H200, from {h200} tokens (the H100 from {h100})"
+    )

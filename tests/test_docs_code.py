@@ -22,7 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 # A fence that opens a python block: indentation (blocks inside admonitions are indented), the fence
 # itself (``` or ~~~, three or more), the language, then attributes such as title="...".
-OPEN_FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?:python|py)\b(?P<attrs>.*)$")
+OPEN_FENCE = re.compile(
+    r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?:python|py)\b(?P<attrs>.*)$"
+)
 TITLE = re.compile(r"""\btitle=(?P<q>["'])(?P<title>.+?)(?P=q)""")
 # Titles that claim to be a file of this repository: such a file must exist.
 REPO_DIRS = ("minipaged/", "tests/", "tutorials/", "docs/")
@@ -51,7 +53,9 @@ def titled_python_blocks(page: Path) -> list[Quote]:
             i += 1
             continue
         fence, indent = opening["fence"], opening["indent"]
-        close = re.compile(rf"^{re.escape(indent)}{re.escape(fence[0])}{{{len(fence)},}}[ \t]*$")
+        close = re.compile(
+            rf"^{re.escape(indent)}{re.escape(fence[0])}{{{len(fence)},}}[ \t]*$"
+        )
         end = i + 1
         while end < len(lines) and not close.match(lines[end]):
             end += 1
@@ -81,12 +85,18 @@ def first_missing_line(quoted: list[str], source: list[str]) -> str | None:
 
 
 def all_quotes() -> list[Quote]:
-    return [quote for page in sorted(DOCS.rglob("*.md")) for quote in titled_python_blocks(page)]
+    return [
+        quote
+        for page in sorted(DOCS.rglob("*.md"))
+        for quote in titled_python_blocks(page)
+    ]
 
 
 def quoted_files(quotes: list[Quote]) -> list[Quote]:
     """The quotes whose title names a file of the repository (or claims to, by its folder)."""
-    return [q for q in quotes if (ROOT / q.title).is_file() or q.title.startswith(REPO_DIRS)]
+    return [
+        q for q in quotes if (ROOT / q.title).is_file() or q.title.startswith(REPO_DIRS)
+    ]
 
 
 QUOTES = quoted_files(all_quotes())
@@ -96,7 +106,9 @@ QUOTES = quoted_files(all_quotes())
 def test_quoted_code_is_in_its_file(quote: Quote):
     page = quote.page.relative_to(ROOT)
     path = ROOT / quote.title
-    assert path.is_file(), f"{page} line {quote.line} quotes {quote.title}, which is not a file of the repo"
+    assert path.is_file(), (
+        f"{page} line {quote.line} quotes {quote.title}, which is not a file of the repo"
+    )
     assert any(line.strip() for line in quote.lines), (
         f"{page} line {quote.line}: empty quote of {quote.title}"
     )
@@ -108,7 +120,8 @@ def test_quoted_code_is_in_its_file(quote: Quote):
 
 
 @pytest.mark.parametrize(
-    "page", ["concepts/writing-through-the-table.md", "concepts/reading-through-the-table.md"]
+    "page",
+    ["concepts/writing-through-the-table.md", "concepts/reading-through-the-table.md"],
 )
 def test_the_kernel_pages_quote_code(page):
     """Guard against passing vacuously: these pages explain the reference code by quoting it."""
@@ -116,7 +129,9 @@ def test_the_kernel_pages_quote_code(page):
     if not titles and "Removed from the student copy" in (DOCS / page).read_text():
         # a student copy (minipaged/assignments.py): its solution quotes were removed
         return
-    assert titles, f'docs/{page} has no ```python title="..." block quoting a file of the repo'
+    assert titles, (
+        f'docs/{page} has no ```python title="..." block quoting a file of the repo'
+    )
     assert all((ROOT / title).is_file() for title in titles)
 
 

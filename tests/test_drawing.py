@@ -30,7 +30,9 @@ DOCS = ROOT / "docs"
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("draw_figures", ROOT / "scripts" / "draw_figures.py")
+    spec = importlib.util.spec_from_file_location(
+        "draw_figures", ROOT / "scripts" / "draw_figures.py"
+    )
     module = importlib.util.module_from_spec(spec)
     # dataclasses look their module up while the script runs
     sys.modules[spec.name] = module
@@ -65,7 +67,12 @@ class RandomRun:
         return Sequence(tokens, seq_id=self.next_id - 1)
 
     def _live(self, tables) -> list[tuple[SequenceGroup, Sequence]]:
-        return [(g, s) for g in self.groups for s in g.get_unfinished_seqs() if s.seq_id in tables]
+        return [
+            (g, s)
+            for g in self.groups
+            for s in g.get_unfinished_seqs()
+            if s.seq_id in tables
+        ]
 
     def step(self) -> None:
         op = self.rng.choice([self.allocate, self.allocate, self.append, self.append, self.fork, self.free,
@@ -77,7 +84,8 @@ class RandomRun:
         # shared prefixes
         prompt = [self.rng.randint(1, 3) for _ in range(self.rng.randint(1, 3 * size))]
         group = SequenceGroup(
-            f"r{self.next_id}", [self._seq(list(prompt)) for _ in range(self.rng.randint(1, 3))]
+            f"r{self.next_id}",
+            [self._seq(list(prompt)) for _ in range(self.rng.randint(1, 3))],
         )
         if self.manager.can_allocate(group) == AllocStatus.OK:
             self.manager.allocate(group)
@@ -133,7 +141,9 @@ def expected_blocks(manager: BlockManager, pool: str) -> dict[int, dict[str, str
     size = manager.block_size
     out = {}
     for block in range(allocator.num_blocks):
-        holders = sorted(s for s, t in tables.items() for b in t.block_ids if b == block)
+        holders = sorted(
+            s for s, t in tables.items() for b in t.block_ids if b == block
+        )
         fills = [
             min(size, t.num_tokens - i * size)
             for t in tables.values()
@@ -176,13 +186,22 @@ def drawn_entries(root: ET.Element) -> dict[tuple[int, int], tuple[str, int, int
     }
 
 
-def expected_entries(manager: BlockManager, seqs=None) -> dict[tuple[int, int], tuple[str, int, int]]:
+def expected_entries(
+    manager: BlockManager, seqs=None
+) -> dict[tuple[int, int], tuple[str, int, int]]:
     size, out = manager.block_size, {}
-    for location, tables in (("device", manager.device_tables), ("host", manager.host_tables)):
+    for location, tables in (
+        ("device", manager.device_tables),
+        ("host", manager.host_tables),
+    ):
         for seq_id, table in tables.items():
             if seqs is None or seq_id in seqs:
                 for i, block in enumerate(table.block_ids):
-                    out[(seq_id, i)] = (location, block, min(size, table.num_tokens - i * size))
+                    out[(seq_id, i)] = (
+                        location,
+                        block,
+                        min(size, table.num_tokens - i * size),
+                    )
     return out
 
 
@@ -198,7 +217,9 @@ def assert_picture_matches(svg: str, manager: BlockManager, seqs=None, cow=()) -
         if el.get("data-table")
     }
     all_tables = {**manager.device_tables, **manager.host_tables}
-    assert tables == {s: t.num_tokens for s, t in all_tables.items() if seqs is None or s in seqs}
+    assert tables == {
+        s: t.num_tokens for s, t in all_tables.items() if seqs is None or s in seqs
+    }
     arcs = [
         (int(el.get("data-cow-src")), int(el.get("data-cow-dst")))
         for el in root.iter()
@@ -231,12 +252,16 @@ def test_a_subset_of_sequences_still_counts_every_holder(seed):
     held = sorted({**run.manager.device_tables, **run.manager.host_tables})
     shown = set(rng.sample(held, rng.randint(0, len(held))))
     names = {s: f"q{s}" for s in shown}
-    svg = compose([draw_panel(run.manager, names, seqs=shown, show_host=True)], "subset")
+    svg = compose(
+        [draw_panel(run.manager, names, seqs=shown, show_host=True)], "subset"
+    )
     assert_picture_matches(svg, run.manager, seqs=shown)
 
 
 def test_host_pool_drawn_only_when_it_holds_blocks_by_default():
-    manager = BlockManager(block_size=2, num_gpu_blocks=3, num_cpu_blocks=3, watermark=0.0)
+    manager = BlockManager(
+        block_size=2, num_gpu_blocks=3, num_cpu_blocks=3, watermark=0.0
+    )
     seq = Sequence([5, 6, 7], seq_id=0)
     group = SequenceGroup("g", [seq])
     manager.allocate(group)
@@ -244,7 +269,10 @@ def test_host_pool_drawn_only_when_it_holds_blocks_by_default():
     manager.swap_out(group)
     svg = draw_manager(manager)
     assert_picture_matches(svg, manager)
-    assert drawn_entries(ET.fromstring(svg)) == {(0, 0): ("host", 0, 2), (0, 1): ("host", 1, 1)}
+    assert drawn_entries(ET.fromstring(svg)) == {
+        (0, 0): ("host", 0, 2),
+        (0, 1): ("host", 1, 1),
+    }
 
 
 def test_free_list_is_drawn_in_allocation_order():
@@ -254,7 +282,11 @@ def test_free_list_is_drawn_in_allocation_order():
         manager.allocate(SequenceGroup(str(seq.seq_id), [seq]))
     manager.free(seqs[0])
     root = ET.fromstring(draw_manager(manager, show_free_list=True))
-    (drawn,) = [el.get("data-free-list") for el in root.iter() if el.get("data-free-list") is not None]
+    (drawn,) = [
+        el.get("data-free-list")
+        for el in root.iter()
+        if el.get("data-free-list") is not None
+    ]
     # allocate() pops from the right: block 0, freed last, is handed out next
     assert [int(b) for b in drawn.split(",")] == [4, 3, 0]
     assert manager.device.allocate() == int(drawn.split(",")[-1])
@@ -294,9 +326,15 @@ def test_committed_figures_are_what_the_script_draws_now(figures):
         for path, svg in figures.items()
         if not (DOCS / path).exists() or (DOCS / path).read_text() != svg
     ]
-    assert not stale, f"stale figures {stale}: run `PYTHONPATH=. python scripts/draw_figures.py`"
-    committed = {f"img/concepts/{p.name}" for p in (DOCS / "img" / "concepts").glob("*.svg")}
-    assert committed == {p for p in figures if p.startswith("img/concepts/")}, "a figure no script draws"
+    assert not stale, (
+        f"stale figures {stale}: run `PYTHONPATH=. python scripts/draw_figures.py`"
+    )
+    committed = {
+        f"img/concepts/{p.name}" for p in (DOCS / "img" / "concepts").glob("*.svg")
+    }
+    assert committed == {p for p in figures if p.startswith("img/concepts/")}, (
+        "a figure no script draws"
+    )
 
 
 def test_figures_are_small_legible_and_self_contained(figures):
@@ -304,18 +342,24 @@ def test_figures_are_small_legible_and_self_contained(figures):
         root = ET.fromstring(svg)
         assert len(svg) < 24_000, f"{path} is {len(svg)} bytes"
         assert root.find("{http://www.w3.org/2000/svg}title").text
-        assert not re.search(r"<script|<image|href=|@import|url\(", svg), f"{path} reaches outside itself"
+        assert not re.search(r"<script|<image|href=|@import|url\(", svg), (
+            f"{path} reaches outside itself"
+        )
         assert "font-family:sans-serif" in svg
 
 
 @pytest.mark.parametrize("figure", draw_figures.FIGURES, ids=lambda f: f.page)
 def test_each_concept_page_embeds_its_figure_and_keeps_its_example(figure):
     page = (DOCS / "concepts" / f"{figure.page}.md").read_text()
-    assert figure.embed in page, f"{figure.page}.md must embed its figure as {figure.embed}"
+    assert figure.embed in page, (
+        f"{figure.page}.md must embed its figure as {figure.embed}"
+    )
     assert (DOCS / figure.path).exists()
     prose = " ".join(page.split())  # the page wraps lines anywhere
     for anchor in figure.anchors:
-        assert anchor in prose, f"{figure.page}.md no longer says {anchor!r}: update the figure's scenario"
+        assert anchor in prose, (
+            f"{figure.page}.md no longer says {anchor!r}: update the figure's scenario"
+        )
 
 
 def test_the_eight_pages_from_pages_and_frames_to_swapping_have_figures():

@@ -34,7 +34,16 @@ TINY_THROUGHPUT = [
     "3",
     "--no-progress",
 ]
-TINY_SCHEDULER = ["--num-seqs", "1", "8", "--steps", "3", "--warmup", "1", "--no-progress"]
+TINY_SCHEDULER = [
+    "--num-seqs",
+    "1",
+    "8",
+    "--steps",
+    "3",
+    "--warmup",
+    "1",
+    "--no-progress",
+]
 
 
 def _load(name: str):
@@ -42,7 +51,9 @@ def _load(name: str):
     # as `python benchmarks/...` does: bench_common sits beside it
     if str(BENCHMARKS) not in sys.path:
         sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(
+        f"{name}_benchmark", BENCHMARKS / f"{name}.py"
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up here
     spec.loader.exec_module(module)
@@ -73,11 +84,23 @@ def test_throughput_tiny_run_reports_every_system(throughput, tmp_path, capsys):
     # the benchmark's thread count does not leak out
     assert torch.get_num_threads() == threads
     report = json.loads(path.read_text())
-    assert {"benchmark", "command", "machine", "date", "torch", "transformers", "threads"} <= report.keys()
+    assert {
+        "benchmark",
+        "command",
+        "machine",
+        "date",
+        "torch",
+        "transformers",
+        "threads",
+    } <= report.keys()
     assert {"config", "rows", "goals", "notes"} <= report.keys()
     assert report["benchmark"] == "engine_throughput" and report["threads"] == 1
-    assert report["command"].startswith("python benchmarks/engine_throughput.py --model tiny-llama")
-    assert report["config"]["prompt_lens"] == [4, 20] and report["config"]["output_lens"] == [2, 9]
+    assert report["command"].startswith(
+        "python benchmarks/engine_throughput.py --model tiny-llama"
+    )
+    assert report["config"]["prompt_lens"] == [4, 20] and report["config"][
+        "output_lens"
+    ] == [2, 9]
     assert report["config"]["checked_requests"] == [0, 1, 2]
     rows = {row["system"]: row for row in report["rows"]}
     assert list(rows) == ["minipaged", "padded", "continuous"]
@@ -85,16 +108,27 @@ def test_throughput_tiny_run_reports_every_system(throughput, tmp_path, capsys):
     for row in rows.values():
         assert tuple(row) == throughput.ROW_KEYS
         assert row["useful_tokens"] == useful
-        assert row["wall_s"] > 0 and row["kv_peak_bytes"] > 0 and row["kv_allocated_bytes"] > 0
+        assert (
+            row["wall_s"] > 0
+            and row["kv_peak_bytes"] > 0
+            and row["kv_allocated_bytes"] > 0
+        )
         assert math.isclose(row["tokens_per_s"], useful / row["wall_s"])
         assert row["kv_peak_bytes"] <= row["kv_allocated_bytes"]
     assert rows["minipaged"]["matches_minipaged"] == 3
     # every row runs to the longest output
     assert rows["padded"]["computed_tokens"] == 3 * 9
-    assert rows["minipaged"]["computed_tokens"] == rows["continuous"]["computed_tokens"] == useful
+    assert (
+        rows["minipaged"]["computed_tokens"]
+        == rows["continuous"]["computed_tokens"]
+        == useful
+    )
     assert [goal["goal"] for goal in report["goals"]] == list(throughput.GOALS)
     table = capsys.readouterr().out
-    assert "| system | useful tokens | tokens computed | wall s | useful tokens/s |" in table
+    assert (
+        "| system | useful tokens | tokens computed | wall s | useful tokens/s |"
+        in table
+    )
     assert "transformers " in table and "goals (stated, not asserted):" in table
 
 
@@ -112,15 +146,29 @@ def test_throughput_workload_spans_the_ranges_and_repeats(throughput):
     workload = throughput.make_workload(10, (16, 160), (8, 80), 259, seed=1)
     prompts = sorted(len(r.prompt_token_ids) for r in workload)
     outputs = sorted(r.max_tokens for r in workload)
-    assert prompts[0] == 16 and prompts[-1] == 160 and outputs[0] == 8 and outputs[-1] == 80
-    assert all(r.prompt_token_ids[0] == 1 and min(r.prompt_token_ids[1:]) >= 3 for r in workload)
+    assert (
+        prompts[0] == 16
+        and prompts[-1] == 160
+        and outputs[0] == 8
+        and outputs[-1] == 80
+    )
+    assert all(
+        r.prompt_token_ids[0] == 1 and min(r.prompt_token_ids[1:]) >= 3
+        for r in workload
+    )
     assert throughput.make_workload(10, (16, 160), (8, 80), 259, seed=1) == workload
     ids, mask = throughput.left_padded(workload[:2])
-    assert ids.shape == mask.shape == (2, max(len(r.prompt_token_ids) for r in workload[:2]))
+    assert (
+        ids.shape
+        == mask.shape
+        == (2, max(len(r.prompt_token_ids) for r in workload[:2]))
+    )
     assert mask.sum().item() == sum(len(r.prompt_token_ids) for r in workload[:2])
 
 
-def test_throughput_refuses_a_wrong_minipaged_and_reports_nothing(throughput, monkeypatch, tmp_path, capsys):
+def test_throughput_refuses_a_wrong_minipaged_and_reports_nothing(
+    throughput, monkeypatch, tmp_path, capsys
+):
     real = throughput.run_minipaged
 
     def off_by_one_token(*args, **kwargs):
@@ -144,17 +192,31 @@ def test_scheduler_tiny_run_reports_positive_figures(scheduler, tmp_path, capsys
     path = tmp_path / "out.json"
     assert scheduler.main([*TINY_SCHEDULER, "--profile", "--json", str(path)]) == 0
     report = json.loads(path.read_text())
-    assert {"benchmark", "command", "machine", "date", "python", "config", "rows", "goal"} <= report.keys()
+    assert {
+        "benchmark",
+        "command",
+        "machine",
+        "date",
+        "python",
+        "config",
+        "rows",
+        "goal",
+    } <= report.keys()
     assert report["benchmark"] == "scheduler_overhead"
     assert [row["num_seqs"] for row in report["rows"]] == [1, 8]
     for row in report["rows"]:
         assert tuple(row) == scheduler.ROW_KEYS
-        assert all(row[key] > 0 for key in scheduler.ROW_KEYS if key.endswith("_us_per_seq"))
+        assert all(
+            row[key] > 0 for key in scheduler.ROW_KEYS if key.endswith("_us_per_seq")
+        )
     assert report["goal"]["value_us"] is None  # no row at 1024 sequences: no verdict
     assert report["profile"]["num_seqs"] == 8 and report["profile"]["top"]
     assert all(entry["own_us_per_step"] >= 0 for entry in report["profile"]["top"])
     table = capsys.readouterr().out
-    assert "| sequences | step us/seq | schedule() us/seq | memory_stats() us/seq |" in table
+    assert (
+        "| sequences | step us/seq | schedule() us/seq | memory_stats() us/seq |"
+        in table
+    )
     assert "| function | calls/step |" in table
 
 
@@ -162,14 +224,22 @@ def test_scheduler_tiny_run_reports_positive_figures(scheduler, tmp_path, capsys
 def test_null_engine_plays_the_engine_part(scheduler, prefix_caching):
     """Every step is a decode step of every sequence; blocks grow on demand; all is freed at the end."""
     engine = scheduler.NullEngine(
-        8, prompt_len=5, max_tokens=6, block_size=4, enable_prefix_caching=prefix_caching
+        8,
+        prompt_len=5,
+        max_tokens=6,
+        block_size=4,
+        enable_prefix_caching=prefix_caching,
     )
     first = engine.step()
     # the prefill
     assert len(first.scheduled) == 8 and first.num_batched_tokens == 8 * 5
     for _ in range(4):
         out = engine.step()
-        assert len(out.scheduled) == 8 and out.num_batched_tokens == 8 and not out.preempted
+        assert (
+            len(out.scheduled) == 8
+            and out.num_batched_tokens == 8
+            and not out.preempted
+        )
     seq = out.scheduled[0].seq
     # ceil(10 / 4)
     assert len(seq) == 5 + 5 and len(engine.manager.get_block_table(seq)) == 3

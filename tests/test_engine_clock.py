@@ -19,12 +19,21 @@ STEP = 0.25  # seconds per simulated step
 
 
 def simulated(step_time: float = STEP, **kwargs) -> LLM:
-    runner = SimulatedRunner(step_time=step_time, block_size=4, max_model_len=256, seed=3)
-    return LLM(runner=runner, block_size=4, num_gpu_blocks=kwargs.pop("num_gpu_blocks", 64), **kwargs)
+    runner = SimulatedRunner(
+        step_time=step_time, block_size=4, max_model_len=256, seed=3
+    )
+    return LLM(
+        runner=runner,
+        block_size=4,
+        num_gpu_blocks=kwargs.pop("num_gpu_blocks", 64),
+        **kwargs,
+    )
 
 
 def greedy(max_tokens: int, **kwargs) -> SamplingParams:
-    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kwargs)
+    return SamplingParams(
+        temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kwargs
+    )
 
 
 def drain(llm: LLM) -> dict:
@@ -45,11 +54,17 @@ def test_simulated_clock_advances_by_step_times_and_jumps_idle_gaps():
     outputs = drain(llm)
     ma, mb = outputs[a].metrics, outputs[b].metrics
     # a: the clock jumps to 1.0, then 3 steps (prefill + 2 decodes) of 0.25 s each
-    assert (ma.arrival_time, ma.first_scheduled_time, ma.first_token_time) == (1.0, 1.0, 1.25)
+    assert (ma.arrival_time, ma.first_scheduled_time, ma.first_token_time) == (
+        1.0,
+        1.0,
+        1.25,
+    )
     assert ma.finished_time == pytest.approx(1.75) and ma.latency == pytest.approx(0.75)
     # idle from 1.75 to 10.0: the clock jumps again; no step is run in the gap
     assert (mb.first_scheduled_time, mb.finished_time) == (10.0, pytest.approx(10.5))
-    assert [s.time for s in llm.step_stats] == pytest.approx([1.0, 1.25, 1.5, 10.0, 10.25])
+    assert [s.time for s in llm.step_stats] == pytest.approx(
+        [1.0, 1.25, 1.5, 10.0, 10.25]
+    )
     assert all(s.duration == STEP for s in llm.step_stats)
     assert llm.now() == pytest.approx(10.5)
 
@@ -72,7 +87,11 @@ def test_requests_end_at_max_tokens_under_the_null_policy():
         [greedy(m, n=n) for m, n in ((4, 1), (7, 3), (1, 2))],
         use_tqdm=False,
     )
-    assert [[len(c.token_ids) for c in o.outputs] for o in outs] == [[4], [7, 7, 7], [1, 1]]
+    assert [[len(c.token_ids) for c in o.outputs] for o in outs] == [
+        [4],
+        [7, 7, 7],
+        [1, 1],
+    ]
     assert all(t < NULL_VOCAB for o in outs for c in o.outputs for t in c.token_ids)
     assert llm.block_manager.device.num_free == 64  # every block came back
 
@@ -80,7 +99,8 @@ def test_requests_end_at_max_tokens_under_the_null_policy():
 def test_simulated_beam_search_runs_the_real_beam_step():
     llm = simulated()
     (out,) = llm.beam_search(
-        {"prompt_token_ids": [1, 2, 3, 4, 5]}, BeamSearchParams(beam_width=3, max_tokens=6, ignore_eos=True)
+        {"prompt_token_ids": [1, 2, 3, 4, 5]},
+        BeamSearchParams(beam_width=3, max_tokens=6, ignore_eos=True),
     )
     assert len(out.sequences) == 3 and all(len(b.token_ids) == 6 for b in out.sequences)
     assert out.metrics.finished_time == pytest.approx(6 * STEP)
@@ -93,7 +113,9 @@ def test_same_seed_same_tokens_other_seed_differs():
     def tokens(seed: int) -> list[list[int]]:
         runner = SimulatedRunner(step_time=STEP, block_size=4, seed=seed)
         llm = LLM(runner=runner, block_size=4, num_gpu_blocks=64)
-        outs = llm.generate({"prompt_token_ids": [1, 2, 3]}, greedy(12, n=2), use_tqdm=False)
+        outs = llm.generate(
+            {"prompt_token_ids": [1, 2, 3]}, greedy(12, n=2), use_tqdm=False
+        )
         return [c.token_ids for c in outs[0].outputs]
 
     assert tokens(1) == tokens(1) != tokens(2)
@@ -102,11 +124,15 @@ def test_same_seed_same_tokens_other_seed_differs():
 def test_wall_clock_engine_records_times_and_waits_for_a_future_arrival():
     llm = LLM("tiny-llama", block_size=4, num_gpu_blocks=32)
     start = llm.now()
-    request = llm.add_request({"prompt_token_ids": [1, 2, 3]}, greedy(2), arrival_time=start + 0.3)
+    request = llm.add_request(
+        {"prompt_token_ids": [1, 2, 3]}, greedy(2), arrival_time=start + 0.3
+    )
     outputs = drain(llm)
     m = outputs[request].metrics
     assert m.first_scheduled_time >= start + 0.3  # it slept until the request arrived
-    assert m.arrival_time <= m.first_scheduled_time < m.first_token_time <= m.finished_time
+    assert (
+        m.arrival_time <= m.first_scheduled_time < m.first_token_time <= m.finished_time
+    )
     assert all(s.duration > 0 for s in llm.step_stats)
     (out,) = llm.generate({"prompt_token_ids": [4, 5]}, greedy(2), use_tqdm=False)
     assert out.metrics.latency > 0
@@ -133,9 +159,13 @@ def test_simulated_runner_prices_tokens_swaps_and_copies():
     runner = SimulatedRunner(FakeCost(), block_size=4)
     seq = Sequence(list(range(10)))
     item = ScheduledSeq(SequenceGroup("r", [seq]), seq, 3)
-    out = SchedulerOutput([item], blocks_to_swap_out=[(0, 1)], blocks_to_swap_in=[(2, 3), (4, 5)])
+    out = SchedulerOutput(
+        [item], blocks_to_swap_out=[(0, 1)], blocks_to_swap_in=[(2, 3), (4, 5)]
+    )
     out.blocks_to_copy = [(6, 7)]
-    assert runner.step_time(out) == pytest.approx(3.0 + 0.010 + 3 * (100.0 + 4 * 10.0) + 1000.0)
+    assert runner.step_time(out) == pytest.approx(
+        3.0 + 0.010 + 3 * (100.0 + 4 * 10.0) + 1000.0
+    )
     assert runner.execute(out).shape == (1, NULL_VOCAB)
 
 
@@ -164,7 +194,9 @@ def test_engine_refuses_a_model_with_a_runner_and_a_runner_without_a_pool_size()
 @pytest.mark.parametrize("bad", [-1.0, "soon", True])
 def test_add_request_refuses_a_bad_arrival_time(bad):
     llm = simulated()
-    with pytest.raises(ValueError, match="arrival_time must be a number of seconds >= 0"):
+    with pytest.raises(
+        ValueError, match="arrival_time must be a number of seconds >= 0"
+    ):
         llm.add_request({"prompt_token_ids": [1]}, greedy(1), arrival_time=bad)
     assert not llm.has_unfinished_requests()
 

@@ -28,17 +28,23 @@ NEXT_TOKEN = 7
 
 def request(request_id: str, prompt_len: int, arrival: float) -> SequenceGroup:
     """A one-sequence request with a prompt of `prompt_len` distinct tokens, arriving at `arrival`."""
-    return SequenceGroup(request_id, [Sequence(list(range(100, 100 + prompt_len)))], arrival_time=arrival)
+    return SequenceGroup(
+        request_id, [Sequence(list(range(100, 100 + prompt_len)))], arrival_time=arrival
+    )
 
 
-def engine_step(scheduler: Scheduler, max_tokens: dict[str, int] | None = None) -> SchedulerOutput:
+def engine_step(
+    scheduler: Scheduler, max_tokens: dict[str, int] | None = None
+) -> SchedulerOutput:
     """One step of the engine's loop without a model (LLM.step: schedule, compute, sample, finish)."""
     max_tokens = max_tokens or {}
     out = scheduler.schedule()
     for item in out.scheduled:
         item.seq.num_computed_tokens = len(item.seq)  # its K/V are in the cache now
         item.seq.append_token_id(NEXT_TOKEN)  # and the step samples its next token
-        if len(item.seq.output_token_ids) >= max_tokens.get(item.group.request_id, 10**9):
+        if len(item.seq.output_token_ids) >= max_tokens.get(
+            item.group.request_id, 10**9
+        ):
             item.seq.status = SequenceStatus.FINISHED_LENGTH_CAPPED
             scheduler.block_manager.free(item.seq)
     for group in dict.fromkeys(item.group for item in out.scheduled):
@@ -80,7 +86,9 @@ def test_scheduling_worked_example_iteration_level():
     assert started_at == {"A": 0, "B": 0, "C": 0, "D": 2}
     assert finished_at == {"A": 1, "C": 2, "D": 3, "B": 7}
     # Turnaround in steps, from arrival (A-C at step 0, D at step 1) to the end of the last step.
-    turnaround = {name: finished_at[name] + 1 - (1 if name == "D" else 0) for name in finished_at}
+    turnaround = {
+        name: finished_at[name] + 1 - (1 if name == "D" else 0) for name in finished_at
+    }
     assert turnaround == {"A": 2, "B": 8, "C": 3, "D": 3}
     # Static batching of A, B, C: all three rows run 8 steps; D runs steps 8-9 (turnaround 9).
     padded_slots = (8 - 2) + (8 - 3)
@@ -91,7 +99,9 @@ def test_scheduling_worked_example_iteration_level():
 
 def test_scheduling_exercise():
     config = SchedulerConfig(max_num_seqs=3, max_num_batched_tokens=16)
-    scheduler = Scheduler(config, BlockManager(block_size=4, num_gpu_blocks=16, watermark=0.0))
+    scheduler = Scheduler(
+        config, BlockManager(block_size=4, num_gpu_blocks=16, watermark=0.0)
+    )
     for i, (name, prompt_len) in enumerate([("A", 6), ("B", 9), ("C", 5), ("D", 4)]):
         scheduler.add(request(name, prompt_len, i))
     limits = {"A": 2}  # A stops after 2 generated tokens; the others go on
@@ -110,7 +120,9 @@ def test_scheduling_budget_does_not_hold_back_the_first_prefill():
     # The page's note: a step with nothing else in it takes a prompt larger than the whole budget
     # (without chunked prefill it could never run otherwise), alone.
     config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=16)
-    scheduler = Scheduler(config, BlockManager(block_size=4, num_gpu_blocks=16, watermark=0.0))
+    scheduler = Scheduler(
+        config, BlockManager(block_size=4, num_gpu_blocks=16, watermark=0.0)
+    )
     scheduler.add(request("long", 20, 0))
     scheduler.add(request("short", 2, 1))
     out = engine_step(scheduler)
@@ -121,11 +133,20 @@ def test_scheduling_budget_does_not_hold_back_the_first_prefill():
 # ---- replacement-and-recomputation.md -------------------------------------------------------
 
 
-def replacement_scheduler(mode: str, num_cpu_blocks: int) -> tuple[Scheduler, dict[str, SequenceGroup]]:
-    config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, preemption_mode=mode)
-    manager = BlockManager(block_size=4, num_gpu_blocks=10, num_cpu_blocks=num_cpu_blocks, watermark=0.0)
+def replacement_scheduler(
+    mode: str, num_cpu_blocks: int
+) -> tuple[Scheduler, dict[str, SequenceGroup]]:
+    config = SchedulerConfig(
+        max_num_seqs=8, max_num_batched_tokens=64, preemption_mode=mode
+    )
+    manager = BlockManager(
+        block_size=4, num_gpu_blocks=10, num_cpu_blocks=num_cpu_blocks, watermark=0.0
+    )
     scheduler = Scheduler(config, manager)
-    groups = {name: request(name, n, i) for i, (name, n) in enumerate([("A", 8), ("B", 7), ("C", 6)])}
+    groups = {
+        name: request(name, n, i)
+        for i, (name, n) in enumerate([("A", 8), ("B", 7), ("C", 6)])
+    }
     for group in groups.values():
         scheduler.add(group)
     return scheduler, groups
@@ -134,10 +155,13 @@ def replacement_scheduler(mode: str, num_cpu_blocks: int) -> tuple[Scheduler, di
 REPLACEMENT_LIMITS = {"A": 8}  # A stops after 8 generated tokens; B and C go on
 
 
-def blocks_held(scheduler: Scheduler, groups: dict[str, SequenceGroup]) -> dict[str, int]:
+def blocks_held(
+    scheduler: Scheduler, groups: dict[str, SequenceGroup]
+) -> dict[str, int]:
     tables = scheduler.block_manager.device_tables
     return {
-        name: len(tables[g.seqs[0].seq_id]) if g.seqs[0].seq_id in tables else 0 for name, g in groups.items()
+        name: len(tables[g.seqs[0].seq_id]) if g.seqs[0].seq_id in tables else 0
+        for name, g in groups.items()
     }
 
 
@@ -146,7 +170,12 @@ def test_replacement_worked_example():
     rows = []
     for _ in range(6):
         engine_step(scheduler, REPLACEMENT_LIMITS)
-        rows.append((*blocks_held(scheduler, groups).values(), scheduler.block_manager.device.num_free))
+        rows.append(
+            (
+                *blocks_held(scheduler, groups).values(),
+                scheduler.block_manager.device.num_free,
+            )
+        )
     assert rows == [  # A, B, C, free, after steps 0-5
         (2, 2, 2, 4),
         (3, 2, 2, 3),
@@ -157,7 +186,9 @@ def test_replacement_worked_example():
     ]
 
 
-@pytest.mark.parametrize(("mode", "num_cpu_blocks"), [("recompute", 0), ("swap", 8), ("swap", 2)])
+@pytest.mark.parametrize(
+    ("mode", "num_cpu_blocks"), [("recompute", 0), ("swap", 8), ("swap", 2)]
+)
 def test_replacement_exercise(mode, num_cpu_blocks):
     scheduler, groups = replacement_scheduler(mode, num_cpu_blocks)
     c = groups["C"].seqs[0]
@@ -197,7 +228,9 @@ def test_replacement_exercise(mode, num_cpu_blocks):
 def thrashing_run(max_num_seqs: int) -> tuple[int, int, int]:
     """16 requests of 16 prompt + 48 output tokens on 32 blocks of 4: (steps, preemptions, tokens)."""
     config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=4096)
-    scheduler = Scheduler(config, BlockManager(block_size=4, num_gpu_blocks=32, watermark=0.0))
+    scheduler = Scheduler(
+        config, BlockManager(block_size=4, num_gpu_blocks=32, watermark=0.0)
+    )
     names = [f"r{i}" for i in range(16)]
     for i, name in enumerate(names):
         scheduler.add(request(name, 16, i))
@@ -232,8 +265,12 @@ def test_watermark_of_a_small_pool_is_zero():
 
 
 def test_thrashing_exercise():
-    config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, preemption_mode="swap")
-    manager = BlockManager(block_size=4, num_gpu_blocks=10, num_cpu_blocks=10, watermark=0.1)
+    config = SchedulerConfig(
+        max_num_seqs=8, max_num_batched_tokens=64, preemption_mode="swap"
+    )
+    manager = BlockManager(
+        block_size=4, num_gpu_blocks=10, num_cpu_blocks=10, watermark=0.1
+    )
     scheduler = Scheduler(config, manager)
     assert manager.watermark_blocks == 1
     for i, (name, n) in enumerate([("A", 11), ("B", 11), ("C", 7)]):
@@ -278,14 +315,19 @@ def test_thrashing_exercise_refused_at_submission(small_llm):
     assert small_llm.block_manager.watermark_blocks == 0  # int(0.01 * 12)
     # 49 stored tokens: 13 blocks > 12
     with pytest.raises(ValueError, match="needs 13 blocks"):
-        small_llm.add_request({"prompt_token_ids": list(range(10, 40))}, SamplingParams(max_tokens=20))
+        small_llm.add_request(
+            {"prompt_token_ids": list(range(10, 40))}, SamplingParams(max_tokens=20)
+        )
     # Two samples of 10 + 19 = 29 tokens (28 stored, 7 blocks, 2 shared): 2 + 2 x 5 = 12, accepted.
     request_id = small_llm.add_request(
         {"prompt_token_ids": list(range(10, 20))}, SamplingParams(n=2, max_tokens=19)
     )
     # 29 stored tokens: 2 + 2 x 6 blocks
     with pytest.raises(ValueError, match="needs 14 blocks"):
-        small_llm.add_request({"prompt_token_ids": list(range(10, 20))}, SamplingParams(n=2, max_tokens=20))
+        small_llm.add_request(
+            {"prompt_token_ids": list(range(10, 20))},
+            SamplingParams(n=2, max_tokens=20),
+        )
     finished = []
     while small_llm.has_unfinished_requests():
         finished += small_llm.step()
@@ -297,7 +339,11 @@ def test_thrashing_exercise_refused_at_submission(small_llm):
 
 def ref_counts(llm: LLM) -> dict[int, int]:
     device = llm.block_manager.device
-    return {block: device.ref_count(block) for block in range(device.num_blocks) if device.ref_count(block)}
+    return {
+        block: device.ref_count(block)
+        for block in range(device.num_blocks)
+        if device.ref_count(block)
+    }
 
 
 def tables(llm: LLM) -> list[list[int]]:
@@ -309,7 +355,10 @@ def test_process_trees_exercise_parallel_sampling():
     llm = LLM("tiny-llama", block_size=4, num_gpu_blocks=64)
     # 10 tokens: blocks 0, 1 full, block 2 holds 2
     prompt = {"prompt_token_ids": list(range(10, 20))}
-    llm.add_request(prompt, SamplingParams(n=3, temperature=1.0, max_tokens=4, seed=0, ignore_eos=True))
+    llm.add_request(
+        prompt,
+        SamplingParams(n=3, temperature=1.0, max_tokens=4, seed=0, ignore_eos=True),
+    )
     llm.step()  # step 0: the prefill
     step0 = llm.step_stats[-1]
     # 10 for the first sample, the last token for each other
@@ -332,7 +381,9 @@ def test_process_trees_exercise_beam_search():
     llm = LLM("tiny-llama", block_size=4, num_gpu_blocks=64)
     # 6 tokens: block 0 full, block 1 holds 2
     prompt = {"prompt_token_ids": list(range(10, 16))}
-    llm.add_request(prompt, BeamSearchParams(beam_width=2, max_tokens=4, ignore_eos=True))
+    llm.add_request(
+        prompt, BeamSearchParams(beam_width=2, max_tokens=4, ignore_eos=True)
+    )
     # step 0: the prefill; all 2W = 4 candidates extend the only beam, so it is kept
     # twice
     llm.step()

@@ -28,10 +28,17 @@ LOGPROB_TOL = 1e-4
 def random_prompts(seed: int, num: int = 5, max_len: int = 40) -> list[list[int]]:
     """`num` prompts of mixed lengths, the shortest (1) and the longest (`max_len`) always among them."""
     gen = torch.Generator().manual_seed(seed)
-    lengths = [1, max_len, *torch.randint(2, max_len, (num - 2,), generator=gen).tolist()]
+    lengths = [
+        1,
+        max_len,
+        *torch.randint(2, max_len, (num - 2,), generator=gen).tolist(),
+    ]
     order = torch.randperm(num, generator=gen).tolist()
     lengths = [lengths[i] for i in order]
-    return [torch.randint(VOCAB_LOW, VOCAB_HIGH, (n,), generator=gen).tolist() for n in lengths]
+    return [
+        torch.randint(VOCAB_LOW, VOCAB_HIGH, (n,), generator=gen).tolist()
+        for n in lengths
+    ]
 
 
 def as_requests(prompts: list[list[int]]) -> list[dict]:
@@ -44,7 +51,9 @@ def hf_model(name: str) -> torch.nn.Module:
     return model
 
 
-def hf_greedy(model, prompt: list[int], max_tokens: int, eos_token_id: int | None = None):
+def hf_greedy(
+    model, prompt: list[int], max_tokens: int, eos_token_id: int | None = None
+):
     """transformers' greedy generate for one prompt: (generated tokens, log_softmax of each step's logits)."""
     out = model.generate(
         torch.tensor([prompt]),
@@ -63,7 +72,13 @@ def hf_greedy(model, prompt: list[int], max_tokens: int, eos_token_id: int | Non
 
 
 def engine(name: str, block_size: int, num_gpu_blocks: int = 256, **kwargs) -> LLM:
-    return LLM(name, block_size=block_size, num_gpu_blocks=num_gpu_blocks, seed=WEIGHT_SEED, **kwargs)
+    return LLM(
+        name,
+        block_size=block_size,
+        num_gpu_blocks=num_gpu_blocks,
+        seed=WEIGHT_SEED,
+        **kwargs,
+    )
 
 
 def assert_all_blocks_free(llm: LLM) -> None:
@@ -104,9 +119,15 @@ def test_greedy_matches_transformers(reference, block_size):
         # [MAX_TOKENS]
         want = torch.stack([lp[t] for lp, t in zip(logprobs, tokens, strict=True)])
         torch.testing.assert_close(
-            torch.tensor(completion.logprobs), want, atol=LOGPROB_TOL, rtol=0, check_dtype=False
+            torch.tensor(completion.logprobs),
+            want,
+            atol=LOGPROB_TOL,
+            rtol=0,
+            check_dtype=False,
         )
-        assert completion.cumulative_logprob == pytest.approx(float(want.sum()), abs=LOGPROB_TOL)
+        assert completion.cumulative_logprob == pytest.approx(
+            float(want.sum()), abs=LOGPROB_TOL
+        )
         assert completion.text == llm.tokenizer.decode(tokens)
     assert llm.stats.generated_tokens == MAX_TOKENS * len(prompts)
     assert_all_blocks_free(llm)
@@ -131,11 +152,17 @@ def test_greedy_matches_transformers_through_preemption(preemption_mode):
     expected = [hf_greedy(model, p, MAX_TOKENS)[0] for p in prompts]
     largest = max(math.ceil((len(p) + MAX_TOKENS) / block_size) for p in prompts)
     llm = engine(
-        name, block_size, num_gpu_blocks=largest + 3, num_cpu_blocks=64, preemption_mode=preemption_mode
+        name,
+        block_size,
+        num_gpu_blocks=largest + 3,
+        num_cpu_blocks=64,
+        preemption_mode=preemption_mode,
     )
     outs = llm.generate(as_requests(prompts), GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected
-    assert llm.stats.num_preemptions[preemption_mode] > 0, "the pool was meant to be too small"
+    assert llm.stats.num_preemptions[preemption_mode] > 0, (
+        "the pool was meant to be too small"
+    )
     if preemption_mode == "swap":
         assert llm.stats.blocks_swapped_out > 0 and llm.stats.blocks_swapped_in > 0
     assert_all_blocks_free(llm)
@@ -148,7 +175,8 @@ def test_eos_stops_a_sequence_and_is_included():
     model = hf_model(name)
     llm = engine(name, block_size=8)
     free_running = [
-        o.outputs[0].token_ids for o in llm.generate(as_requests(prompts), GREEDY, use_tqdm=False)
+        o.outputs[0].token_ids
+        for o in llm.generate(as_requests(prompts), GREEDY, use_tqdm=False)
     ]
 
     # Make the EOS a token that greedy emits mid-way for some prompt but never for another.
@@ -161,7 +189,9 @@ def test_eos_stops_a_sequence_and_is_included():
     )
     llm.eos_token_id = eos
     outs = llm.generate(
-        as_requests(prompts), SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False
+        as_requests(prompts),
+        SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS),
+        use_tqdm=False,
     )
 
     reasons = []
@@ -175,7 +205,10 @@ def test_eos_stops_a_sequence_and_is_included():
             assert completion.finish_reason == "length"
         assert completion.token_ids == want
         assert len(completion.logprobs) == len(want)
-        assert completion.token_ids == hf_greedy(model, prompt, MAX_TOKENS, eos_token_id=eos)[0]
+        assert (
+            completion.token_ids
+            == hf_greedy(model, prompt, MAX_TOKENS, eos_token_id=eos)[0]
+        )
         reasons.append(completion.finish_reason)
     assert "stop" in reasons and "length" in reasons
     assert any(len(o.outputs[0].token_ids) < MAX_TOKENS for o in outs)
@@ -194,6 +227,10 @@ def test_string_prompt_is_tokenized_with_bos():
     text = "Paged attention!"
     (out,) = llm.generate(text, GREEDY, use_tqdm=False)
     ids = llm.tokenizer.encode(text)
-    assert out.prompt == text and out.prompt_token_ids == ids and ids[0] == llm.tokenizer.bos_token_id
+    assert (
+        out.prompt == text
+        and out.prompt_token_ids == ids
+        and ids[0] == llm.tokenizer.bos_token_id
+    )
     assert out.outputs[0].token_ids == hf_greedy(hf_model(name), ids, MAX_TOKENS)[0]
     assert out.outputs[0].text == llm.tokenizer.decode(out.outputs[0].token_ids)

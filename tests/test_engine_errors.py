@@ -126,7 +126,9 @@ def test_empty_string_is_the_bos_token(llm, expected):
     (out,) = llm.generate("", GREEDY, use_tqdm=False)
     assert out.prompt == "" and out.prompt_token_ids == [llm.tokenizer.bos_token_id]
     assert len(out.outputs[0].token_ids) == GREEDY.max_tokens
-    (same,) = llm.generate({"prompt_token_ids": [llm.tokenizer.bos_token_id]}, GREEDY, use_tqdm=False)
+    (same,) = llm.generate(
+        {"prompt_token_ids": [llm.tokenizer.bos_token_id]}, GREEDY, use_tqdm=False
+    )
     assert same.outputs[0].token_ids == out.outputs[0].token_ids
     assert_still_serves(llm, expected)
 
@@ -148,7 +150,9 @@ def test_one_bad_prompt_among_good_ones_queues_nothing(llm, expected):
             llm.generate([good[0], bad, good[1], good[2]], GREEDY, use_tqdm=False)
         assert not llm.has_unfinished_requests()
         with pytest.raises(ValueError, match="prompt"):
-            llm.beam_search([good[0], bad], BeamSearchParams(beam_width=2, max_tokens=4))
+            llm.beam_search(
+                [good[0], bad], BeamSearchParams(beam_width=2, max_tokens=4)
+            )
         assert not llm.has_unfinished_requests()
     with pytest.raises(ValueError, match="params"):
         llm.generate(good, [GREEDY, GREEDY, "greedy"], use_tqdm=False)
@@ -168,7 +172,9 @@ def test_prompt_needing_more_blocks_than_the_pool_is_refused():
         llm.generate({"prompt_token_ids": random_ids(4, 30)}, GREEDY, use_tqdm=False)
     assert not llm.has_unfinished_requests()
     (out,) = llm.generate(
-        {"prompt_token_ids": random_ids(5, 5)}, SamplingParams(max_tokens=4), use_tqdm=False
+        {"prompt_token_ids": random_ids(5, 5)},
+        SamplingParams(max_tokens=4),
+        use_tqdm=False,
     )
     assert len(out.outputs[0].token_ids) <= 4
     assert llm.block_manager.device.num_free == 4
@@ -194,7 +200,9 @@ def test_request_that_fits_by_sharing_is_served():
     """
     llm = LLM("tiny-llama", block_size=4, num_gpu_blocks=8, seed=WEIGHT_SEED)
     params = SamplingParams(n=4, max_tokens=4, seed=1, ignore_eos=True)
-    (out,) = llm.generate({"prompt_token_ids": random_ids(7, 12)}, params, use_tqdm=False)
+    (out,) = llm.generate(
+        {"prompt_token_ids": random_ids(7, 12)}, params, use_tqdm=False
+    )
     assert [len(c.token_ids) for c in out.outputs] == [4] * 4
     assert llm.block_manager.device.num_free == 8
 
@@ -206,7 +214,9 @@ def test_request_that_fits_by_sharing_is_served():
 )
 def test_more_sequences_than_max_num_seqs_is_refused(params):
     """A group is scheduled all or nothing: more sequences than max_num_seqs can never run."""
-    llm = LLM("tiny-llama", block_size=4, num_gpu_blocks=32, max_num_seqs=2, seed=WEIGHT_SEED)
+    llm = LLM(
+        "tiny-llama", block_size=4, num_gpu_blocks=32, max_num_seqs=2, seed=WEIGHT_SEED
+    )
     prompt = {"prompt_token_ids": random_ids(8, 5)}
     with pytest.raises(ValueError, match="max_num_seqs"):
         if isinstance(params, BeamSearchParams):
@@ -214,7 +224,9 @@ def test_more_sequences_than_max_num_seqs_is_refused(params):
         else:
             llm.generate(prompt, params, use_tqdm=False)
     assert not llm.has_unfinished_requests()
-    (out,) = llm.generate(prompt, SamplingParams(n=2, max_tokens=4, seed=1), use_tqdm=False)
+    (out,) = llm.generate(
+        prompt, SamplingParams(n=2, max_tokens=4, seed=1), use_tqdm=False
+    )
     assert len(out.outputs) == 2
 
 
@@ -288,7 +300,11 @@ def test_wrong_number_or_type_of_sampling_params(llm, expected):
         ({"model": "tiny-gpt2", "max_model_len": 2048}, "max_model_len"),
         ({"kv_cache_memory": 0, "num_gpu_blocks": None}, "kv_cache_memory"),
     ],
-    ids=lambda case: ",".join(f"{k}={v}" for k, v in case.items()) if isinstance(case, dict) else None,
+    ids=lambda case: (
+        ",".join(f"{k}={v}" for k, v in case.items())
+        if isinstance(case, dict)
+        else None
+    ),
 )
 def test_bad_engine_setting_is_refused_by_name(kwargs, field):
     settings = {"block_size": 4, "num_gpu_blocks": 16, **kwargs}

@@ -24,7 +24,9 @@ LARGE = 512  # blocks: no pressure at all
 GREEDY = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=20)
 
 
-def random_prompts(seed: int, num: int, min_len: int, max_len: int, prefix: list[int] | None = None) -> list:
+def random_prompts(
+    seed: int, num: int, min_len: int, max_len: int, prefix: list[int] | None = None
+) -> list:
     """`num` prompts of random token ids (bytes of the preset's tokenizer), after an optional prefix."""
     rng = random.Random(seed)
     prompts = []
@@ -39,17 +41,26 @@ PROMPTS = random_prompts(1, 8, 8, 30)
 # two samples each; half the requests bring a seed, half draw theirs from the engine's
 SAMPLED = [
     SamplingParams(
-        n=2, temperature=1.0, top_p=0.95, seed=100 + i if i % 2 else None, ignore_eos=True, max_tokens=20
+        n=2,
+        temperature=1.0,
+        top_p=0.95,
+        seed=100 + i if i % 2 else None,
+        ignore_eos=True,
+        max_tokens=20,
     )
     for i in range(len(PROMPTS))
 ]
 
 
-def run(prompts, params, block_size=BS, **engine_args) -> tuple[LLM, list[list[list[int]]]]:
+def run(
+    prompts, params, block_size=BS, **engine_args
+) -> tuple[LLM, list[list[list[int]]]]:
     """Generate with a tiny-llama engine; return it and each request's samples' token ids."""
     llm = LLM("tiny-llama", block_size=block_size, **engine_args)
     outputs = llm.generate(prompts, params, use_tqdm=False)
-    return llm, [[completion.token_ids for completion in out.outputs] for out in outputs]
+    return llm, [
+        [completion.token_ids for completion in out.outputs] for out in outputs
+    ]
 
 
 def assert_all_free(llm: LLM) -> None:
@@ -63,7 +74,9 @@ def assert_all_free(llm: LLM) -> None:
 def assert_step_stats_consistent(llm: LLM) -> None:
     """Per-step stats are plain data, numbered from 0, and add up to the engine's totals."""
     steps = llm.step_stats
-    assert [s.step for s in steps] == list(range(len(steps))) and llm.stats.steps == len(steps)
+    assert [s.step for s in steps] == list(
+        range(len(steps))
+    ) and llm.stats.steps == len(steps)
     for s in steps:
         json.dumps(dataclasses.asdict(s))  # plain data: ints, floats, lists
         assert s.blocks_free + s.blocks_used == llm.cache_config.num_gpu_blocks
@@ -104,8 +117,17 @@ def unpressured_sampled():
 
 
 def test_recompute_under_pressure_gives_the_unpressured_tokens(unpressured_greedy):
-    llm, tokens = run(PROMPTS, GREEDY, num_gpu_blocks=16, num_cpu_blocks=0, preemption_mode="recompute")
-    assert llm.stats.num_preemptions["recompute"] >= 4 and llm.stats.num_preemptions["swap"] == 0
+    llm, tokens = run(
+        PROMPTS,
+        GREEDY,
+        num_gpu_blocks=16,
+        num_cpu_blocks=0,
+        preemption_mode="recompute",
+    )
+    assert (
+        llm.stats.num_preemptions["recompute"] >= 4
+        and llm.stats.num_preemptions["swap"] == 0
+    )
     assert sum(1 for s in llm.step_stats if s.preempted) >= 4
     assert any(s.num_waiting for s in llm.step_stats)
     assert llm.stats.blocks_swapped_out == llm.stats.blocks_swapped_in == 0
@@ -115,11 +137,17 @@ def test_recompute_under_pressure_gives_the_unpressured_tokens(unpressured_greed
 
 
 def test_swap_under_pressure_gives_the_unpressured_tokens(unpressured_greedy):
-    llm, tokens = run(PROMPTS, GREEDY, num_gpu_blocks=16, num_cpu_blocks=64, preemption_mode="swap")
+    llm, tokens = run(
+        PROMPTS, GREEDY, num_gpu_blocks=16, num_cpu_blocks=64, preemption_mode="swap"
+    )
     stats = llm.stats
-    assert stats.num_preemptions["swap"] >= 4 and stats.num_preemptions["recompute"] == 0
+    assert (
+        stats.num_preemptions["swap"] >= 4 and stats.num_preemptions["recompute"] == 0
+    )
     assert stats.blocks_swapped_out > 0 and stats.blocks_swapped_in > 0
-    assert stats.blocks_swapped_out == stats.blocks_swapped_in, "every block swapped out came back"
+    assert stats.blocks_swapped_out == stats.blocks_swapped_in, (
+        "every block swapped out came back"
+    )
     assert any(s.num_swapped for s in llm.step_stats)
     assert tokens == unpressured_greedy
     assert_all_free(llm)
@@ -127,7 +155,9 @@ def test_swap_under_pressure_gives_the_unpressured_tokens(unpressured_greedy):
 
 
 def test_swap_with_a_small_host_pool_falls_back_to_recompute(unpressured_greedy):
-    llm, tokens = run(PROMPTS, GREEDY, num_gpu_blocks=16, num_cpu_blocks=8, preemption_mode="swap")
+    llm, tokens = run(
+        PROMPTS, GREEDY, num_gpu_blocks=16, num_cpu_blocks=8, preemption_mode="swap"
+    )
     preemptions = llm.stats.num_preemptions
     assert preemptions["swap"] > 0, "the groups that fit the host pool are swapped"
     assert preemptions["recompute"] > 0, "the others fall back to recompute"
@@ -137,8 +167,13 @@ def test_swap_with_a_small_host_pool_falls_back_to_recompute(unpressured_greedy)
 
 
 def test_swap_with_no_host_pool_is_recompute(unpressured_greedy):
-    llm, tokens = run(PROMPTS, GREEDY, num_gpu_blocks=16, num_cpu_blocks=0, preemption_mode="swap")
-    assert llm.stats.num_preemptions["swap"] == 0 and llm.stats.num_preemptions["recompute"] > 0
+    llm, tokens = run(
+        PROMPTS, GREEDY, num_gpu_blocks=16, num_cpu_blocks=0, preemption_mode="swap"
+    )
+    assert (
+        llm.stats.num_preemptions["swap"] == 0
+        and llm.stats.num_preemptions["recompute"] > 0
+    )
     assert tokens == unpressured_greedy
     assert_all_free(llm)
 
@@ -147,19 +182,26 @@ def test_swap_with_no_host_pool_is_recompute(unpressured_greedy):
 
 
 @pytest.mark.parametrize(
-    ("preemption_mode", "num_cpu_blocks"), [("recompute", 0), ("swap", 64), ("swap", 10)]
+    ("preemption_mode", "num_cpu_blocks"),
+    [("recompute", 0), ("swap", 64), ("swap", 10)],
 )
 def test_parallel_samples_under_pressure_give_the_unpressured_tokens(
     unpressured_sampled, preemption_mode, num_cpu_blocks
 ):
     llm, tokens = run(
-        PROMPTS, SAMPLED, num_gpu_blocks=28, num_cpu_blocks=num_cpu_blocks, preemption_mode=preemption_mode
+        PROMPTS,
+        SAMPLED,
+        num_gpu_blocks=28,
+        num_cpu_blocks=num_cpu_blocks,
+        preemption_mode=preemption_mode,
     )
     stats = llm.stats
     assert sum(stats.num_preemptions.values()) >= 4
     if preemption_mode == "swap":
         assert stats.num_preemptions["swap"] > 0 and stats.blocks_swapped_in > 0
-    assert stats.cow_copies > 0, "the samples share their prompt's last block until they diverge"
+    assert stats.cow_copies > 0, (
+        "the samples share their prompt's last block until they diverge"
+    )
     assert tokens == unpressured_sampled
     assert_all_free(llm)
     assert_step_stats_consistent(llm)
@@ -173,9 +215,15 @@ SHARED_PROMPTS = random_prompts(8, 6, 1, 6, prefix=SYSTEM)
 
 
 def test_prefix_caching_saves_blocks_and_changes_no_token():
-    off, tokens_off = run(SHARED_PROMPTS, GREEDY, num_gpu_blocks=LARGE, num_cpu_blocks=0)
+    off, tokens_off = run(
+        SHARED_PROMPTS, GREEDY, num_gpu_blocks=LARGE, num_cpu_blocks=0
+    )
     on, tokens_on = run(
-        SHARED_PROMPTS, GREEDY, num_gpu_blocks=LARGE, num_cpu_blocks=0, enable_prefix_caching=True
+        SHARED_PROMPTS,
+        GREEDY,
+        num_gpu_blocks=LARGE,
+        num_cpu_blocks=0,
+        enable_prefix_caching=True,
     )
     assert tokens_on == tokens_off
     assert off.stats.prefix_cache_hits == 0
@@ -183,7 +231,9 @@ def test_prefix_caching_saves_blocks_and_changes_no_token():
         "every later prompt hits the system prompt"
     )
     # Submitted together, the six prompts hold the system prompt's 10 blocks once instead of six times.
-    assert on.stats.peak_blocks_used <= off.stats.peak_blocks_used - 10 * (len(SHARED_PROMPTS) - 1)
+    assert on.stats.peak_blocks_used <= off.stats.peak_blocks_used - 10 * (
+        len(SHARED_PROMPTS) - 1
+    )
     assert on.step_stats[0].num_batched_tokens < off.step_stats[0].num_batched_tokens
     for llm in (off, on):
         assert_all_free(llm)
@@ -191,10 +241,13 @@ def test_prefix_caching_saves_blocks_and_changes_no_token():
 
 
 @pytest.mark.parametrize(
-    ("preemption_mode", "num_cpu_blocks"), [("recompute", 0), ("swap", 64), ("swap", 12)]
+    ("preemption_mode", "num_cpu_blocks"),
+    [("recompute", 0), ("swap", 64), ("swap", 12)],
 )
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "n2"])
-def test_prefix_caching_under_pressure_changes_no_token(preemption_mode, num_cpu_blocks, sampled):
+def test_prefix_caching_under_pressure_changes_no_token(
+    preemption_mode, num_cpu_blocks, sampled
+):
     params = (
         SamplingParams(n=2, temperature=1.0, seed=5, ignore_eos=True, max_tokens=12)
         if sampled
@@ -248,7 +301,9 @@ def test_prefix_caching_with_a_group_swapped_out_right_after_its_prefill(block_s
     for _ in range(10):
         if not llm.has_unfinished_requests():
             break
-        outputs.update((out.request_id, [s.token_ids for s in out.outputs]) for out in llm.step())
+        outputs.update(
+            (out.request_id, [s.token_ids for s in out.outputs]) for out in llm.step()
+        )
     assert llm.stats.num_preemptions == {"recompute": 0, "swap": 1}
     assert [outputs["0"], outputs["1"]] == expected
     assert_all_free(llm)

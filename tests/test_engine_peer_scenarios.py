@@ -36,7 +36,11 @@ def rng(request) -> random.Random:
 
 
 def random_prompt(rng: random.Random, low: int = 4, high: int = 18) -> dict:
-    return {"prompt_token_ids": [rng.randrange(3, 259) for _ in range(rng.randint(low, high))]}
+    return {
+        "prompt_token_ids": [
+            rng.randrange(3, 259) for _ in range(rng.randint(low, high))
+        ]
+    }
 
 
 def greedy(max_tokens: int = 12, **kw) -> SamplingParams:
@@ -59,10 +63,16 @@ def assert_all_free(llm: LLM) -> None:
     memory = llm.block_manager.memory_stats()
     assert memory.device.num_used == 0 and memory.host.num_used == 0
     assert not llm.has_unfinished_requests()
-    assert not llm.scheduler.running and not llm.scheduler.waiting and not llm.scheduler.swapped
+    assert (
+        not llm.scheduler.running
+        and not llm.scheduler.waiting
+        and not llm.scheduler.swapped
+    )
 
 
-def stable_substring(text: str, rng: random.Random, length: int, start: int = 0, end: int | None = None):
+def stable_substring(
+    text: str, rng: random.Random, length: int, start: int = 0, end: int | None = None
+):
     """(index, s): `length` characters of `text` in [start, end) with no U+FFFD (stable once decoded)
     that first occur at index; None if there are none."""
     end = len(text) if end is None else end
@@ -91,7 +101,11 @@ def test_stop_string_spanning_several_tokens(fresh, rng):
         pytest.skip(f"no stable substring in 30 prompts (SEED={SEED})")
     at, stop = found
     out = run(fresh, prompt, greedy(40, stop=[stop])).outputs[0]
-    assert (out.text, out.finish_reason, out.stop_reason) == (full.text[:at], "stop", stop)
+    assert (out.text, out.finish_reason, out.stop_reason) == (
+        full.text[:at],
+        "stop",
+        stop,
+    )
     assert out.token_ids == full.token_ids[: len(out.token_ids)]
     decode = fresh.tokenizer.decode
     # no token too many
@@ -172,9 +186,15 @@ def test_partial_output_never_shows_a_stop_string(rng):
 # ---- stop_token_ids: vllm tests/detokenizer/test_stop_strings.py _stop_token_id, test_stop_reason.py
 
 
-def first_new_token(token_ids: list[int], rng: random.Random, low: int = 1, high: int = 8) -> int:
+def first_new_token(
+    token_ids: list[int], rng: random.Random, low: int = 1, high: int = 8
+) -> int:
     """A position whose token does not occur before it (so the stop lands exactly there)."""
-    spots = [i for i in range(low, min(high, len(token_ids))) if token_ids[i] not in token_ids[:i]]
+    spots = [
+        i
+        for i in range(low, min(high, len(token_ids)))
+        if token_ids[i] not in token_ids[:i]
+    ]
     return rng.choice(spots) if spots else 0
 
 
@@ -200,7 +220,8 @@ def test_stop_token_text_is_not_in_the_output_text(fresh, rng):
         spots = [
             i
             for i in range(1, 10)
-            if full.token_ids[i] not in full.token_ids[:i] and 35 <= full.token_ids[i] < 130
+            if full.token_ids[i] not in full.token_ids[:i]
+            and 35 <= full.token_ids[i] < 130
         ]
         if spots:
             break
@@ -218,10 +239,16 @@ def test_stop_token_ids_with_parallel_samples(fresh, rng):
     prompt, seed = random_prompt(rng), rng.randrange(10**6)
     sampled = dict(n=3, temperature=1.0, seed=seed, max_tokens=24, ignore_eos=True)
     free = run(fresh, prompt, SamplingParams(**sampled)).outputs
-    stops = [free[0].token_ids[first_new_token(free[0].token_ids, rng)], free[1].token_ids[-1]]
+    stops = [
+        free[0].token_ids[first_new_token(free[0].token_ids, rng)],
+        free[1].token_ids[-1],
+    ]
     outs = run(fresh, prompt, SamplingParams(**sampled, stop_token_ids=stops)).outputs
     for out, whole in zip(outs, free, strict=True):
-        cut = next((i + 1 for i, t in enumerate(whole.token_ids) if t in stops), len(whole.token_ids))
+        cut = next(
+            (i + 1 for i, t in enumerate(whole.token_ids) if t in stops),
+            len(whole.token_ids),
+        )
         assert out.token_ids == whole.token_ids[:cut]
         ended = cut < len(whole.token_ids) or whole.token_ids[-1] in stops
         assert (out.finish_reason, out.stop_reason) == (
@@ -256,7 +283,10 @@ def test_abort_cycle_of_vllm_engine_core(fresh, rng):
     held, and the engine then answers as a fresh one."""
     llm = make_llm()
     prompts = [random_prompt(rng) for _ in range(4)]
-    expected = [o.outputs[0].token_ids for o in fresh.generate(prompts, greedy(12), use_tqdm=False)]
+    expected = [
+        o.outputs[0].token_ids
+        for o in fresh.generate(prompts, greedy(12), use_tqdm=False)
+    ]
     basic = llm.add_request(prompts[0], greedy(12))
     assert len(llm.scheduler.waiting) == 1 and not llm.scheduler.running
     llm.step()
@@ -278,7 +308,10 @@ def test_abort_cycle_of_vllm_engine_core(fresh, rng):
     assert not llm.scheduler.running and not llm.scheduler.waiting
     assert_all_free(llm)
     assert llm.stats.aborted_requests == 4
-    assert [o.outputs[0].token_ids for o in llm.generate(prompts, greedy(12), use_tqdm=False)] == expected
+    assert [
+        o.outputs[0].token_ids
+        for o in llm.generate(prompts, greedy(12), use_tqdm=False)
+    ] == expected
 
 
 def test_abort_waiting_requests_before_any_step(fresh, rng):
@@ -311,7 +344,10 @@ def test_abort_then_add_the_same_prompt_again(fresh, rng):
         assert second != first
         assert drain(llm) == {second: expected}
         if caching:
-            assert llm.stats.prefix_cache_hits >= len(prompt["prompt_token_ids"]) // BLOCK_SIZE - 1
+            assert (
+                llm.stats.prefix_cache_hits
+                >= len(prompt["prompt_token_ids"]) // BLOCK_SIZE - 1
+            )
         assert_all_free(llm)
 
 
@@ -320,7 +356,9 @@ def test_abort_a_finished_or_unknown_request_is_ignored(fresh, rng):
     llm = make_llm()
     prompt = random_prompt(rng)
     request_id = llm.add_request(prompt, greedy(3))
-    assert drain(llm) == {request_id: run(fresh, prompt, greedy(3)).outputs[0].token_ids}
+    assert drain(llm) == {
+        request_id: run(fresh, prompt, greedy(3)).outputs[0].token_ids
+    }
     llm.abort_request(request_id)
     llm.abort_request(["unknown", str(10**9)])
     assert llm.stats.aborted_requests == 0
@@ -335,9 +373,12 @@ def test_abort_parallel_samples_and_a_beam_search_midway(fresh, rng):
     prompts = [random_prompt(rng, 9, 20) for _ in range(3)]
     other_expected = run(fresh, prompts[2], greedy(14)).outputs[0].token_ids
     parallel = llm.add_request(
-        prompts[0], SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=14, ignore_eos=True)
+        prompts[0],
+        SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=14, ignore_eos=True),
     )
-    beams = llm.add_request(prompts[1], BeamSearchParams(beam_width=3, max_tokens=14, ignore_eos=True))
+    beams = llm.add_request(
+        prompts[1], BeamSearchParams(beam_width=3, max_tokens=14, ignore_eos=True)
+    )
     other = llm.add_request(prompts[2], greedy(14))
     for _ in range(rng.randint(2, 6)):
         llm.step()
@@ -355,7 +396,9 @@ def test_abort_a_request_preempted_by_recompute(fresh, rng):
     llm = make_llm(num_gpu_blocks=12)
     prompts = [random_prompt(rng, 8, 12) for _ in range(3)]
     params = greedy(24)
-    expected = [o.outputs[0].token_ids for o in fresh.generate(prompts, params, use_tqdm=False)]
+    expected = [
+        o.outputs[0].token_ids for o in fresh.generate(prompts, params, use_tqdm=False)
+    ]
     ids = [llm.add_request(p, params) for p in prompts]
     done = {}
     while not llm.stats.num_preemptions.get("recompute"):
@@ -365,7 +408,9 @@ def test_abort_a_request_preempted_by_recompute(fresh, rng):
     assert victim in ids and llm.request_output(victim) is not None
     llm.abort_request(victim)
     done.update(drain(llm))
-    assert done == {rid: want for rid, want in zip(ids, expected, strict=True) if rid != victim}
+    assert done == {
+        rid: want for rid, want in zip(ids, expected, strict=True) if rid != victim
+    }
     assert_all_free(llm)
 
 
@@ -389,21 +434,34 @@ def test_logprobs_line_up_with_the_tokens_of_each_sample(fresh, rng, num_logprob
     llm = make_llm()
     prompt, seed = random_prompt(rng), rng.randrange(10**6)
     params = SamplingParams(
-        n=2, temperature=0.9, seed=seed, max_tokens=12, ignore_eos=True, logprobs=num_logprobs, stop=["\x7f"]
+        n=2,
+        temperature=0.9,
+        seed=seed,
+        max_tokens=12,
+        ignore_eos=True,
+        logprobs=num_logprobs,
+        stop=["\x7f"],
     )
     request_id = llm.add_request(prompt, params)
     llm.step()
     partial = llm.request_output(request_id).outputs
     assert all(len(c.top_logprobs) == len(c.token_ids) == 1 for c in partial)
     final = next(iter(drain_outputs(llm)))
-    assert [c.token_ids for c in final.outputs] == [c.token_ids for c in run(fresh, prompt, params).outputs]
+    assert [c.token_ids for c in final.outputs] == [
+        c.token_ids for c in run(fresh, prompt, params).outputs
+    ]
     for sample in final.outputs:
         assert len(sample.top_logprobs) == len(sample.logprobs) == len(sample.token_ids)
-        for token, logprob, top in zip(sample.token_ids, sample.logprobs, sample.top_logprobs, strict=True):
+        for token, logprob, top in zip(
+            sample.token_ids, sample.logprobs, sample.top_logprobs, strict=True
+        ):
             assert len(top) == num_logprobs
             values = list(top.values())
             assert values == sorted(values, reverse=True)
-            assert all(v <= 0 for v in values) and sum(2.718281828459045**v for v in values) <= 1 + 1e-5
+            assert (
+                all(v <= 0 for v in values)
+                and sum(2.718281828459045**v for v in values) <= 1 + 1e-5
+            )
             if token in top:
                 assert top[token] == pytest.approx(logprob, abs=1e-5)
             else:

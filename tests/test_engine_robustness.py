@@ -19,7 +19,11 @@ import transformers
 from minipaged import LLM, SamplingParams
 from minipaged import engine as engine_module
 from minipaged import sequence as sequence_module
-from minipaged.limits import BOOKKEEPING_BYTES_PER_BLOCK, check_pool_memory, resolve_dtype
+from minipaged.limits import (
+    BOOKKEEPING_BYTES_PER_BLOCK,
+    check_pool_memory,
+    resolve_dtype,
+)
 from minipaged.sequence import Sequence
 
 BLOCK_SIZE = 4
@@ -53,7 +57,12 @@ def assert_all_free(llm: LLM) -> None:
     memory = llm.block_manager.memory_stats()
     assert memory.device.num_used == 0 and memory.host.num_used == 0
     assert not llm.has_unfinished_requests()
-    assert not llm._requests and not llm._metrics and not llm._generators and not llm._beams
+    assert (
+        not llm._requests
+        and not llm._metrics
+        and not llm._generators
+        and not llm._beams
+    )
 
 
 # ---- 2. one failed step must not wedge the engine ---------------------------------------------------
@@ -74,7 +83,9 @@ class FailOnCall:
 
 @pytest.mark.parametrize("error", [RuntimeError("model exploded"), KeyboardInterrupt()])
 @pytest.mark.parametrize("fail_at", [1, 3])
-def test_a_failed_generate_frees_its_requests_and_the_next_call_is_right(error, fail_at, expected):
+def test_a_failed_generate_frees_its_requests_and_the_next_call_is_right(
+    error, fail_at, expected
+):
     llm = make_llm()
     execute = llm.runner.execute
     llm.runner.execute = FailOnCall(execute, fail_at, error)
@@ -86,7 +97,9 @@ def test_a_failed_generate_frees_its_requests_and_the_next_call_is_right(error, 
     assert_all_free(llm)
 
 
-def test_a_failure_in_sampling_midway_through_a_step_is_recovered(monkeypatch, expected):
+def test_a_failure_in_sampling_midway_through_a_step_is_recovered(
+    monkeypatch, expected
+):
     """Some sequences of the step have their token, some not: all of the step's requests go."""
     llm = make_llm()
     calls = []
@@ -137,7 +150,9 @@ def test_a_failed_swap_step_aborts_the_group_it_swapped_out():
 
     def fail_on_swap(out):
         if out.blocks_to_swap_out:
-            fail_on_swap.preempted = [rid for rid, mode in out.preempted if mode == "swap"]
+            fail_on_swap.preempted = [
+                rid for rid, mode in out.preempted if mode == "swap"
+            ]
             raise RuntimeError("swap failed")
         return execute(out)
 
@@ -146,7 +161,9 @@ def test_a_failed_swap_step_aborts_the_group_it_swapped_out():
         while llm.has_unfinished_requests():
             llm.step()
     llm.runner.execute = execute
-    assert fail_on_swap.preempted and all(llm.request_output(rid) is None for rid in fail_on_swap.preempted)
+    assert fail_on_swap.preempted and all(
+        llm.request_output(rid) is None for rid in fail_on_swap.preempted
+    )
     assert llm.block_manager.memory_stats().host.num_used == 0
     while llm.has_unfinished_requests():
         llm.step()
@@ -178,15 +195,22 @@ def test_a_sliding_window_model_caps_max_model_len_at_its_window(expected):
     llm = LLM(model, num_gpu_blocks=32, block_size=BLOCK_SIZE)
     assert llm.scheduler_config.max_model_len == 8
     with pytest.raises(ValueError, match="sliding window"):
-        llm.generate({"prompt_token_ids": list(range(20))}, SamplingParams(max_tokens=4), use_tqdm=False)
+        llm.generate(
+            {"prompt_token_ids": list(range(20))},
+            SamplingParams(max_tokens=4),
+            use_tqdm=False,
+        )
     with pytest.raises(ValueError, match="max_model_len"):
         LLM(model, num_gpu_blocks=32, block_size=BLOCK_SIZE, max_model_len=16)
     prompt = [5, 9, 2]
     out = llm.generate(
-        {"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+        {"prompt_token_ids": prompt},
+        SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
     )
     model.set_attn_implementation("sdpa")
-    reference = model.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False, eos_token_id=None)
+    reference = model.generate(
+        torch.tensor([prompt]), max_new_tokens=5, do_sample=False, eos_token_id=None
+    )
     assert out[0].outputs[0].token_ids == reference[0, 3:].tolist()
     assert_all_free(llm)
 
@@ -207,7 +231,9 @@ def test_abort_a_waiting_a_running_and_a_future_request(expected):
     outputs = []
     while llm.has_unfinished_requests():
         outputs += llm.step()
-    assert [(out.request_id, out.outputs[0].token_ids) for out in outputs] == [(ids[1], expected[1])]
+    assert [(out.request_id, out.outputs[0].token_ids) for out in outputs] == [
+        (ids[1], expected[1])
+    ]
     assert_all_free(llm)
     llm.abort_request(ids[1])  # finished: ignored
     assert llm.stats.aborted_requests == 3
@@ -250,7 +276,9 @@ def test_request_output_grows_token_by_token_and_ends_as_the_finished_output(exp
 # ---- 3. threads ---------------------------------------------------------------------------------------
 
 
-def test_generate_from_several_threads_is_serialized_and_every_caller_gets_its_answer(expected):
+def test_generate_from_several_threads_is_serialized_and_every_caller_gets_its_answer(
+    expected,
+):
     llm = make_llm()
     results: dict[int, list] = {}
     errors: list[BaseException] = []
@@ -303,9 +331,15 @@ def test_sequence_ids_take_constant_memory_and_never_repeat():
 
 def test_step_stats_keep_only_the_last_max_step_stats():
     llm = make_llm(max_step_stats=5)
-    llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    llm.generate(
+        PROMPTS,
+        SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+        use_tqdm=False,
+    )
     assert llm.stats.steps > 5
-    assert [s.step for s in llm.step_stats] == list(range(llm.stats.steps - 5, llm.stats.steps))
+    assert [s.step for s in llm.step_stats] == list(
+        range(llm.stats.steps - 5, llm.stats.steps)
+    )
     unbounded = make_llm(max_step_stats=None)
     unbounded.generate(PROMPTS, GREEDY, use_tqdm=False)
     assert len(unbounded.step_stats) == unbounded.stats.steps
@@ -316,7 +350,11 @@ def test_step_stats_keep_only_the_last_max_step_stats():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"num_gpu_blocks": 10**9}, {"num_gpu_blocks": 16, "num_cpu_blocks": 10**9}, {"num_gpu_blocks": 10**7}],
+    [
+        {"num_gpu_blocks": 10**9},
+        {"num_gpu_blocks": 16, "num_cpu_blocks": 10**9},
+        {"num_gpu_blocks": 10**7},
+    ],
 )
 def test_huge_pools_are_refused_before_anything_is_allocated(kwargs, monkeypatch):
     def never(*args, **kw):
@@ -332,9 +370,17 @@ def test_huge_pools_are_refused_before_anything_is_allocated(kwargs, monkeypatch
 
 def test_check_pool_memory_gives_both_figures():
     bpb = 1024
-    check_pool_memory(10, 10, bpb, torch.device("cpu"), free_host=20 * (bpb + BOOKKEEPING_BYTES_PER_BLOCK))
+    check_pool_memory(
+        10,
+        10,
+        bpb,
+        torch.device("cpu"),
+        free_host=20 * (bpb + BOOKKEEPING_BYTES_PER_BLOCK),
+    )
     with pytest.raises(ValueError, match=r"needs 1\.0 MiB .* has 512\.0 KiB free"):
-        check_pool_memory(1024, 0, bpb, torch.device("cuda"), free_device=512 * 1024, free_host=10**9)
+        check_pool_memory(
+            1024, 0, bpb, torch.device("cuda"), free_device=512 * 1024, free_host=10**9
+        )
     with pytest.raises(ValueError, match="num_cpu_blocks=100"):
         check_pool_memory(1, 100, bpb, torch.device("cpu"), free_host=50 * bpb)
 
@@ -373,7 +419,11 @@ def test_cuda_without_cuda_is_a_value_error():
 def test_a_model_object_in_float64_is_refused():
     model = transformers.LlamaForCausalLM(
         transformers.LlamaConfig(
-            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
         )
     ).to(torch.float64)
     with pytest.raises(ValueError, match="dtype"):
@@ -381,7 +431,10 @@ def test_a_model_object_in_float64_is_refused():
 
 
 def test_dtype_names_as_vllm_accepts_them():
-    assert resolve_dtype("half") is torch.float16 and resolve_dtype("bf16") is torch.bfloat16
+    assert (
+        resolve_dtype("half") is torch.float16
+        and resolve_dtype("bf16") is torch.bfloat16
+    )
     assert resolve_dtype("auto") is None
     assert make_llm(dtype="fp16", num_gpu_blocks=8).model.dtype == torch.float16
 
@@ -404,7 +457,9 @@ def test_a_broken_checkpoint_directory_is_a_value_error_naming_model(tmp_path):
         ("a lone \ud800 surrogate", ValueError, "prompt"),
     ],
 )
-def test_bad_prompts_are_refused_naming_the_field_and_the_engine_still_serves(prompt, error, name, expected):
+def test_bad_prompts_are_refused_naming_the_field_and_the_engine_still_serves(
+    prompt, error, name, expected
+):
     llm = make_llm()
     with pytest.raises(error, match=name):
         llm.generate(prompt, GREEDY, use_tqdm=False)
@@ -418,7 +473,9 @@ def test_stop_token_ids_end_a_sample_on_that_token_even_with_ignore_eos(expected
     llm = make_llm()
     reference = expected[3]
     cut = next(i for i in range(1, len(reference)) if reference[i] not in reference[:i])
-    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, stop_token_ids=[reference[cut]])
+    params = SamplingParams(
+        temperature=0.0, max_tokens=6, ignore_eos=True, stop_token_ids=[reference[cut]]
+    )
     out = llm.generate(PROMPTS[3], params, use_tqdm=False)[0].outputs[0]
     assert out.token_ids == reference[: cut + 1]
     assert (out.finish_reason, out.stop_reason) == ("stop", reference[cut])
@@ -436,24 +493,32 @@ def test_a_stop_string_ends_a_sample_and_is_cut_from_its_text():
     )
     stop = text[start : start + 2]
     out = llm.generate(
-        "Once upon", SamplingParams(**{**params.__dict__, "stop": ["\x00\x00", stop]}), use_tqdm=False
+        "Once upon",
+        SamplingParams(**{**params.__dict__, "stop": ["\x00\x00", stop]}),
+        use_tqdm=False,
     )
     sample = out[0].outputs[0]
     assert sample.text == text[:start]
     assert (sample.finish_reason, sample.stop_reason) == ("stop", stop)
     # tokens up to the stop, all kept
     assert sample.token_ids == full.token_ids[: len(sample.token_ids)]
-    assert stop in llm._decode(sample.token_ids) and stop not in llm._decode(sample.token_ids[:-1])
+    assert stop in llm._decode(sample.token_ids) and stop not in llm._decode(
+        sample.token_ids[:-1]
+    )
 
 
 def test_logprobs_report_the_top_tokens_of_each_step():
     llm = make_llm()
     out = llm.generate(
-        PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=5, logprobs=3, ignore_eos=True), use_tqdm=False
+        PROMPTS[0],
+        SamplingParams(temperature=0.0, max_tokens=5, logprobs=3, ignore_eos=True),
+        use_tqdm=False,
     )
     sample = out[0].outputs[0]
     assert len(sample.top_logprobs) == len(sample.token_ids) == 5
-    for token, logprob, top in zip(sample.token_ids, sample.logprobs, sample.top_logprobs, strict=True):
+    for token, logprob, top in zip(
+        sample.token_ids, sample.logprobs, sample.top_logprobs, strict=True
+    ):
         assert len(top) == 3
         # greedy: the sampled token is the most likely
         assert max(top, key=top.get) == token

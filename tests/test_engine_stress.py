@@ -49,10 +49,16 @@ def make_workload(seed: int) -> list[Request]:
         if rng.random() < 0.3:  # two samples, seeded explicitly or by the engine
             seed = rng.choice([None, rng.randrange(1000)])
             params = SamplingParams(
-                n=2, temperature=0.8, seed=seed, max_tokens=max_tokens, ignore_eos=ignore_eos
+                n=2,
+                temperature=0.8,
+                seed=seed,
+                max_tokens=max_tokens,
+                ignore_eos=ignore_eos,
             )
         else:
-            params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=ignore_eos)
+            params = SamplingParams(
+                temperature=0.0, max_tokens=max_tokens, ignore_eos=ignore_eos
+            )
         requests.append(Request(prompt, params, rng.randint(0, 80)))
     requests.sort(key=lambda r: r.arrival_step)
     return requests
@@ -71,7 +77,9 @@ def unpressured() -> dict[int, list[list[list[int]]]]:
     expected = {}
     for seed, workload in WORKLOADS.items():
         llm = LLM("tiny-llama", block_size=BS, num_gpu_blocks=1024, num_cpu_blocks=0)
-        outputs = llm.generate([r.prompt for r in workload], [r.params for r in workload], use_tqdm=False)
+        outputs = llm.generate(
+            [r.prompt for r in workload], [r.params for r in workload], use_tqdm=False
+        )
         assert sum(llm.stats.num_preemptions.values()) == 0
         expected[seed] = [tokens_of(out) for out in outputs]
     return expected
@@ -85,7 +93,9 @@ def test_the_pool_is_small_but_every_request_fits_alone(seed):
         prompt_len = len(r.prompt["prompt_token_ids"])
         shared = prompt_len // BS
         blocks.append(
-            shared + r.params.n * (num_blocks_for(prompt_len + r.params.max_tokens - 1, BS) - shared)
+            shared
+            + r.params.n
+            * (num_blocks_for(prompt_len + r.params.max_tokens - 1, BS) - shared)
         )
     assert max(blocks) <= POOL and sum(blocks) > 2 * POOL
 
@@ -118,7 +128,9 @@ def test_requests_arriving_over_time_into_a_small_pool(
             index_of[llm.add_request(request.prompt, request.params)] = len(index_of)
         if llm.has_unfinished_requests():
             for out in llm.step():
-                assert index_of[out.request_id] not in results, "a request finished twice"
+                assert index_of[out.request_id] not in results, (
+                    "a request finished twice"
+                )
                 results[index_of[out.request_id]] = tokens_of(out)
         clock += 1
         assert clock < MAX_STEPS, (
@@ -127,7 +139,9 @@ def test_requests_arriving_over_time_into_a_small_pool(
 
     stats = llm.stats
     preemptions = stats.num_preemptions
-    assert sum(preemptions.values()) >= 5, f"too little pressure to test anything: {preemptions}"
+    assert sum(preemptions.values()) >= 5, (
+        f"too little pressure to test anything: {preemptions}"
+    )
     if preemption_mode == "recompute":
         assert preemptions["swap"] == 0
     else:
@@ -139,7 +153,9 @@ def test_requests_arriving_over_time_into_a_small_pool(
             else:
                 assert stats.blocks_swapped_out == stats.blocks_swapped_in
         else:
-            assert preemptions["recompute"] > 0, "a host pool of 10 blocks cannot take every victim"
+            assert preemptions["recompute"] > 0, (
+                "a host pool of 10 blocks cannot take every victim"
+            )
 
     if prefix_caching:
         assert stats.prefix_cache_hits > 0
@@ -154,4 +170,6 @@ def test_requests_arriving_over_time_into_a_small_pool(
     assert all(s.blocks_free + s.blocks_used == POOL for s in steps)
     assert all(0.0 < s.kv_utilization <= 1.0 for s in steps)
     assert stats.peak_blocks_used <= POOL
-    assert stats.generated_tokens == sum(len(t) for sample in results.values() for t in sample)
+    assert stats.generated_tokens == sum(
+        len(t) for sample in results.values() for t in sample
+    )

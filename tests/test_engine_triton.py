@@ -14,7 +14,9 @@ from minipaged import LLM, SamplingParams, engine
 from minipaged.backend import available_backends
 from minipaged.testing import device_for
 
-pytestmark = pytest.mark.skipif("triton" not in available_backends(), reason="triton is not installed")
+pytestmark = pytest.mark.skipif(
+    "triton" not in available_backends(), reason="triton is not installed"
+)
 
 DEVICE = str(device_for("triton"))
 
@@ -27,7 +29,10 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
 
 def tokens(llm: LLM) -> list[list[int]]:
-    return [out.outputs[0].token_ids for out in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    return [
+        out.outputs[0].token_ids
+        for out in llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +55,9 @@ def test_triton_engine_equals_reference_under_pressure(reference_tokens, mode):
     assert llm.stats.num_preemptions[mode] > 0  # the pool was small enough to preempt
     if mode == "swap":
         assert llm.stats.blocks_swapped_out > 0 and llm.stats.blocks_swapped_in > 0
-    assert llm.block_manager.device.num_free == 6 and llm.block_manager.host.num_free == 8
+    assert (
+        llm.block_manager.device.num_free == 6 and llm.block_manager.host.num_free == 8
+    )
 
 
 def test_triton_engine_parallel_sampling_equals_reference():
@@ -58,7 +65,13 @@ def test_triton_engine_parallel_sampling_equals_reference():
     outs = [
         [
             o.token_ids
-            for o in LLM("tiny-llama", backend=name, block_size=4, num_gpu_blocks=32, device=DEVICE)
+            for o in LLM(
+                "tiny-llama",
+                backend=name,
+                block_size=4,
+                num_gpu_blocks=32,
+                device=DEVICE,
+            )
             .generate(PROMPTS[0], params, use_tqdm=False)[0]
             .outputs
         ]
@@ -67,10 +80,14 @@ def test_triton_engine_parallel_sampling_equals_reference():
     assert outs[0] == outs[1]
 
 
-@pytest.mark.parametrize("model", ["tiny-qwen2", "tiny-mistral", "tiny-gpt2", "tiny-opt"])
+@pytest.mark.parametrize(
+    "model", ["tiny-qwen2", "tiny-mistral", "tiny-gpt2", "tiny-opt"]
+)
 def test_triton_engine_equals_reference_on_every_tiny_model(model):
     got = {
-        name: tokens(LLM(model, backend=name, block_size=8, num_gpu_blocks=32, device=DEVICE))
+        name: tokens(
+            LLM(model, backend=name, block_size=8, num_gpu_blocks=32, device=DEVICE)
+        )
         for name in ("reference", "triton")
     }
     assert got["triton"] == got["reference"]
@@ -80,7 +97,9 @@ def test_triton_prefix_caching_reads_the_cached_prefix_like_the_reference():
     # the second wave's prompts start with the first wave's 12 tokens: their prefill is the
     # "prefill after a cached prefix" path of the kernel (q_len < seq_len)
     shared = list(range(20, 32))
-    prompts = [{"prompt_token_ids": shared + tail} for tail in ([40, 41], [50, 51, 52], [60])]
+    prompts = [
+        {"prompt_token_ids": shared + tail} for tail in ([40, 41], [50, 51, 52], [60])
+    ]
     got = {}
     for name in ("reference", "triton"):
         llm = LLM(
@@ -92,7 +111,10 @@ def test_triton_prefix_caching_reads_the_cached_prefix_like_the_reference():
             device=DEVICE,
         )
         llm.generate(prompts[:1], GREEDY, use_tqdm=False)
-        got[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+        got[name] = [
+            o.outputs[0].token_ids
+            for o in llm.generate(prompts, GREEDY, use_tqdm=False)
+        ]
         assert llm.stats.prefix_cache_hits > 0
     assert got["triton"] == got["reference"]
 
@@ -105,7 +127,11 @@ def test_triton_beam_search_equals_reference():
         name: [
             [s.token_ids for s in out.sequences]
             for out in LLM(
-                "tiny-llama", backend=name, block_size=4, num_gpu_blocks=48, device=DEVICE
+                "tiny-llama",
+                backend=name,
+                block_size=4,
+                num_gpu_blocks=48,
+                device=DEVICE,
             ).beam_search(PROMPTS[:2], params)
         ]
         for name in ("reference", "triton")
@@ -114,7 +140,9 @@ def test_triton_beam_search_equals_reference():
 
 
 @pytest.mark.parametrize("device", ["cpu", None])  # None: LLM's default device, the CPU
-def test_triton_on_the_cpu_without_the_interpreter_is_refused_at_construction(monkeypatch, device):
+def test_triton_on_the_cpu_without_the_interpreter_is_refused_at_construction(
+    monkeypatch, device
+):
     """A GPU machine's state (the interpreter off) with CPU tensors: one clear ValueError, before loading."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
@@ -128,7 +156,10 @@ def test_triton_on_the_cpu_without_the_interpreter_is_refused_at_construction(mo
         LLM("tiny-llama", backend="triton", **kwargs)
     message = str(error.value)
     assert "device='cpu' with backend='triton'" in message
-    assert "use device='cuda'" in message and "set TRITON_INTERPRET=1 before triton" in message
+    assert (
+        "use device='cuda'" in message
+        and "set TRITON_INTERPRET=1 before triton" in message
+    )
 
 
 def test_the_reference_on_the_cpu_is_fine_without_the_interpreter(monkeypatch):

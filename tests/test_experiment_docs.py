@@ -15,14 +15,28 @@ import json
 import pytest
 
 from minipaged.experiments import EXPERIMENTS
-from minipaged.experiments.pages import DOCS, PAGES, page_parts, render, stale_parts, sync_page, sync_pages
+from minipaged.experiments.pages import (
+    DOCS,
+    PAGES,
+    page_parts,
+    render,
+    stale_parts,
+    sync_page,
+    sync_pages,
+)
 
 # The number of each page that its conclusions rest on: (experiment, row filter, key).
 HEADLINES = {
     "memory-waste": ({"allocator": "paged"}, "token_states"),
     "batch-size": ({"allocator": "paged", "rate": 2.0}, "mean_batch_size"),
-    "sharing": ({"workload": "sharegpt-like", "mode": "parallel", "width": 2}, "saving"),
-    "shared-prefix": ({"prefix_len": 341, "prefix_caching": True}, "throughput_vs_orca_oracle"),
+    "sharing": (
+        {"workload": "sharegpt-like", "mode": "parallel", "width": 2},
+        "saving",
+    ),
+    "shared-prefix": (
+        {"prefix_len": 341, "prefix_caching": True},
+        "throughput_vs_orca_oracle",
+    ),
     "block-size": ({"part": "time", "block_size": 256}, "seconds_per_step"),
     "swap-vs-recompute": ({"block_size": 1}, "recompute_s"),
 }
@@ -115,7 +129,9 @@ def test_sync_pages_repairs_a_copy_of_the_docs(tmp_path):
     # not this page's experiment: left alone
     assert sync_pages(["block-size"], docs) == []
     assert page.read_text() != good
-    assert sync_pages(["swap-vs-recompute"], docs) == [page] and page.read_text() == good
+    assert (
+        sync_pages(["swap-vs-recompute"], docs) == [page] and page.read_text() == good
+    )
     assert sync_pages(None, docs) == []  # every page already agrees with its JSON
 
 
@@ -158,14 +174,25 @@ def test_the_buddy_rounding_on_the_memory_waste_page():
     keep = {}
     for policy in ("oracle", "pow2"):
         sizes = [
-            (r.output_len, reservation_size(policy, r.prompt_len, r.output_len, MAX_MODEL_LEN))
+            (
+                r.output_len,
+                reservation_size(policy, r.prompt_len, r.output_len, MAX_MODEL_LEN),
+            )
             for r in workload
         ]
-        keep[policy] = sum(o * s for o, s in sizes) / sum(o * buddy(s) for o, s in sizes)
+        keep[policy] = sum(o * s for o, s in sizes) / sum(
+            o * buddy(s) for o, s in sizes
+        )
     assert (round(100 * keep["oracle"]), round(100 * keep["pow2"])) == (76, 75)
-    oracle = next(r for r in load("memory-waste")["rows"] if r["allocator"] == "orca-oracle")
-    held = oracle["token_states"] + oracle["reserved"] + oracle["internal_fragmentation"]
-    assert oracle["internal_fragmentation"] / held == pytest.approx(1 - keep["oracle"], abs=0.02)
+    oracle = next(
+        r for r in load("memory-waste")["rows"] if r["allocator"] == "orca-oracle"
+    )
+    held = (
+        oracle["token_states"] + oracle["reserved"] + oracle["internal_fragmentation"]
+    )
+    assert oracle["internal_fragmentation"] / held == pytest.approx(
+        1 - keep["oracle"], abs=0.02
+    )
     text = " ".join((DOCS / "memory-waste.md").read_text().split())
     assert "an Oracle range is 76% of its buddy block and a Pow2 range 75%" in text
 
@@ -208,4 +235,8 @@ def test_shared_prefix_rate_part_is_on_its_page():
     problems = stale_parts(text, render("shared-prefix", changed))
     assert "rates" in [p.split(":")[0] for p in problems]
     table = render("shared-prefix", data)["rate-points"]
-    assert all(f"{r['normalized_latency']:.3f}" in table for r in data["rows"] if r["part"] == "rate")
+    assert all(
+        f"{r['normalized_latency']:.3f}" in table
+        for r in data["rows"]
+        if r["part"] == "rate"
+    )

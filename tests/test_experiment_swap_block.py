@@ -15,7 +15,12 @@ import pytest
 import torch
 
 from minipaged.backend import get_backend
-from minipaged.experiments import ExperimentResult, block_size, block_size_time, swap_vs_recompute
+from minipaged.experiments import (
+    ExperimentResult,
+    block_size,
+    block_size_time,
+    swap_vs_recompute,
+)
 from minipaged.presets import load_preset
 from minipaged.testing import device_for
 
@@ -97,13 +102,19 @@ def test_block_size_rows_have_the_documented_keys(block_result):
     times = [r for r in block_result.rows if r["part"] == "time"]
     loads = [r for r in block_result.rows if r["part"] == "load"]
     assert len(waste) + len(times) + len(loads) == len(block_result.rows)
-    assert all(set(r) == WASTE_KEYS for r in waste) and all(set(r) == TIME_KEYS for r in times)
+    assert all(set(r) == WASTE_KEYS for r in waste) and all(
+        set(r) == TIME_KEYS for r in times
+    )
     assert all(set(r) == LOAD_KEYS for r in loads)
     assert (
-        {r["workload"] for r in waste} == {r["workload"] for r in loads} == {"sharegpt-like", "alpaca-like"}
+        {r["workload"] for r in waste}
+        == {r["workload"] for r in loads}
+        == {"sharegpt-like", "alpaca-like"}
     )
     assert sorted({r["block_size"] for r in waste}) == list(block_size.BLOCK_SIZES)
-    assert [r["block_size"] for r in times] == list(block_size.SCALES["small"].time_block_sizes)
+    assert [r["block_size"] for r in times] == list(
+        block_size.SCALES["small"].time_block_sizes
+    )
     for workload in ("sharegpt-like", "alpaca-like"):
         sizes = [r["block_size"] for r in loads if r["workload"] == workload]
         assert sizes == list(block_size.SCALES["small"].load_block_sizes)
@@ -113,7 +124,11 @@ def test_block_size_rows_have_the_documented_keys(block_result):
 def test_waste_shrinks_with_the_block_size(block_result):
     for workload in ("sharegpt-like", "alpaca-like"):
         rows = sorted(
-            (r for r in block_result.rows if r["part"] == "waste" and r["workload"] == workload),
+            (
+                r
+                for r in block_result.rows
+                if r["part"] == "waste" and r["workload"] == workload
+            ),
             key=lambda r: r["block_size"],
         )
         fractions = [r["waste_fraction"] for r in rows]
@@ -123,15 +138,21 @@ def test_waste_shrinks_with_the_block_size(block_result):
             total = round(r["mean_len"] * r["num_seqs"])
             assert r["allocated_slots"] - r["wasted_slots"] == total
             assert r["allocated_slots"] % r["block_size"] == 0
-            assert r["waste_fraction"] == pytest.approx(r["wasted_slots"] / r["allocated_slots"])
+            assert r["waste_fraction"] == pytest.approx(
+                r["wasted_slots"] / r["allocated_slots"]
+            )
     waste = [r for r in block_result.rows if r["part"] == "waste"]
     by = {(r["workload"], r["block_size"]): r["waste_fraction"] for r in waste}
-    assert by["alpaca-like", 256] > by["sharegpt-like", 256], "short sequences waste more of a large block"
+    assert by["alpaca-like", 256] > by["sharegpt-like", 256], (
+        "short sequences waste more of a large block"
+    )
 
 
 def test_block_size_times_are_positive(block_result):
     for r in (r for r in block_result.rows if r["part"] == "time"):
-        assert _positive(r["seconds_per_step"]) and _positive(r["model_seconds_per_step"])
+        assert _positive(r["seconds_per_step"]) and _positive(
+            r["model_seconds_per_step"]
+        )
         small = block_size.SCALES["small"]
         assert r["decode_steps"] == small.decode_steps * small.rounds
 
@@ -139,21 +160,41 @@ def test_block_size_times_are_positive(block_result):
 def test_large_blocks_shrink_what_the_budget_serves(block_result):
     """Fig. 18b's memory side: blocks larger than the sequences waste most of each block, so fewer
     requests fit the budget and fewer are served per second; the offered load exceeds what is served."""
-    loads = {(r["workload"], r["block_size"]): r for r in block_result.rows if r["part"] == "load"}
+    loads = {
+        (r["workload"], r["block_size"]): r
+        for r in block_result.rows
+        if r["part"] == "load"
+    }
     for workload in ("sharegpt-like", "alpaca-like"):
         small, default, large = (loads[workload, b] for b in (1, 16, 256))
-        assert small["internal_fragmentation"] == 0.0, "blocks of one token waste nothing"
+        assert small["internal_fragmentation"] == 0.0, (
+            "blocks of one token waste nothing"
+        )
         assert large["internal_fragmentation"] > default["internal_fragmentation"] > 0.0
-        assert large["mean_batch_size"] < default["mean_batch_size"] <= small["mean_batch_size"] * 1.001
-        assert large["throughput_rps"] < small["throughput_rps"] < small["rate"], "saturated: a queue stays"
+        assert (
+            large["mean_batch_size"]
+            < default["mean_batch_size"]
+            <= small["mean_batch_size"] * 1.001
+        )
+        assert large["throughput_rps"] < small["throughput_rps"] < small["rate"], (
+            "saturated: a queue stays"
+        )
         assert small["mean_waiting"] > 0
         for r in (small, default, large):
             shares = r["token_states"] + r["internal_fragmentation"] + r["stranded"]
-            assert shares == pytest.approx(1.0), "paged memory in use: tokens, last-block tails, stranded"
+            assert shares == pytest.approx(1.0), (
+                "paged memory in use: tokens, last-block tails, stranded"
+            )
             assert r["kv_slots"] == 15_000 // r["block_size"] * r["block_size"]
-    alpaca_loss = 1 - loads["alpaca-like", 256]["throughput_rps"] / loads["alpaca-like", 1]["throughput_rps"]
+    alpaca_loss = (
+        1
+        - loads["alpaca-like", 256]["throughput_rps"]
+        / loads["alpaca-like", 1]["throughput_rps"]
+    )
     sharegpt_loss = (
-        1 - loads["sharegpt-like", 256]["throughput_rps"] / loads["sharegpt-like", 1]["throughput_rps"]
+        1
+        - loads["sharegpt-like", 256]["throughput_rps"]
+        / loads["sharegpt-like", 1]["throughput_rps"]
     )
     assert alpaca_loss > sharegpt_loss, "short sequences lose more to large blocks"
 
@@ -161,12 +202,20 @@ def test_large_blocks_shrink_what_the_budget_serves(block_result):
 def test_swap_rows_count_blocks_and_bytes(swap_result):
     seq_len = swap_vs_recompute.SCALES["small"].seq_len
     assert swap_result.experiment == "swap-vs-recompute"
-    assert [r["block_size"] for r in swap_result.rows] == list(swap_vs_recompute.SCALES["small"].block_sizes)
+    assert [r["block_size"] for r in swap_result.rows] == list(
+        swap_vs_recompute.SCALES["small"].block_sizes
+    )
     for r in swap_result.rows:
-        assert set(r) == SWAP_KEYS and r["seq_len"] == seq_len and r["model"] == "tiny-llama"
+        assert (
+            set(r) == SWAP_KEYS
+            and r["seq_len"] == seq_len
+            and r["model"] == "tiny-llama"
+        )
         b = r["block_size"]
         assert r["blocks"] == math.ceil(seq_len / b)
-        assert r["bytes"] == r["blocks"] * b * TINY_LLAMA_KV_BYTES_PER_TOKEN, "whole blocks, tails included"
+        assert r["bytes"] == r["blocks"] * b * TINY_LLAMA_KV_BYTES_PER_TOKEN, (
+            "whole blocks, tails included"
+        )
         for key in SWAP_KEYS - {"model", "block_size", "seq_len", "blocks", "bytes"}:
             assert _positive(r[key]), key
     json.dumps(swap_result.to_json())
@@ -175,15 +224,28 @@ def test_swap_rows_count_blocks_and_bytes(swap_result):
 @pytest.mark.parametrize("fixture", ["block_result", "swap_result"])
 def test_settings_record_the_defaults(fixture, request):
     result = request.getfixturevalue(fixture)
-    assert result.settings == {"scale": "small", "seed": 0, "backend": "reference", "device": "cpu"}
+    assert result.settings == {
+        "scale": "small",
+        "seed": 0,
+        "backend": "reference",
+        "device": "cpu",
+    }
     assert result.to_json()["settings"] == result.settings
 
 
 def test_json_without_settings_still_loads():
     """JSON written before "settings" existed (the committed docs/experiments/img/*.json) loads."""
-    old = {"experiment": "swap-vs-recompute", "rows": [{"block_size": 1}], "paper": {"section": "7.3"}}
+    old = {
+        "experiment": "swap-vs-recompute",
+        "rows": [{"block_size": 1}],
+        "paper": {"section": "7.3"},
+    }
     result = ExperimentResult.from_json(old)
-    assert result.settings == {} and result.rows == old["rows"] and result.paper == old["paper"]
+    assert (
+        result.settings == {}
+        and result.rows == old["rows"]
+        and result.paper == old["paper"]
+    )
     assert ExperimentResult.from_json(result.to_json()) == result
 
 
@@ -191,23 +253,37 @@ def test_json_without_settings_still_loads():
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        ({"backend": "cuda"}, "backend must be one of 'reference', 'triton'; got 'cuda'"),
-        ({"device": "gpu"}, r"device must be 'cpu' or 'cuda\[:N\]' \(N a GPU's index\), got 'gpu'"),
+        (
+            {"backend": "cuda"},
+            "backend must be one of 'reference', 'triton'; got 'cuda'",
+        ),
+        (
+            {"device": "gpu"},
+            r"device must be 'cpu' or 'cuda\[:N\]' \(N a GPU's index\), got 'gpu'",
+        ),
         ({"device": "cuda:99"}, "device 'cuda:99'"),
     ],
 )
-def test_a_bad_backend_or_device_is_refused_before_any_work(module, arguments, message, monkeypatch):
+def test_a_bad_backend_or_device_is_refused_before_any_work(
+    module, arguments, message, monkeypatch
+):
     def no_work(*args, **kwargs):
         raise AssertionError("the arguments must be checked before any work")
 
-    monkeypatch.setattr(module, "load_preset" if module is swap_vs_recompute else "waste_rows", no_work)
+    monkeypatch.setattr(
+        module, "load_preset" if module is swap_vs_recompute else "waste_rows", no_work
+    )
     with pytest.raises(ValueError, match=message):
         module.run("small", progress=False, **arguments)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without a GPU")
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="the refusal is for a machine without a GPU"
+)
 def test_cuda_without_a_gpu_is_refused():
-    with pytest.raises(ValueError, match="device 'cuda' needs a CUDA GPU, and torch sees none here"):
+    with pytest.raises(
+        ValueError, match="device 'cuda' needs a CUDA GPU, and torch sees none here"
+    ):
         swap_vs_recompute.run("small", progress=False, device="cuda")
 
 
@@ -238,7 +314,9 @@ def _spy_on_llm(monkeypatch, module) -> list[tuple[str, str]]:
     return seen
 
 
-def _same_rows_but_times(triton_rows: list[dict], reference_rows: list[dict], time_keys: set[str]) -> None:
+def _same_rows_but_times(
+    triton_rows: list[dict], reference_rows: list[dict], time_keys: set[str]
+) -> None:
     assert len(triton_rows) == len(reference_rows)
     for got, want in zip(triton_rows, reference_rows, strict=True):
         assert set(got) == set(want)
@@ -257,10 +335,19 @@ def test_swap_vs_recompute_runs_on_triton(monkeypatch):
     monkeypatch.setitem(swap_vs_recompute.SCALES, "small", TINY_SWAP)
     reference = swap_vs_recompute.run("small", progress=False)
     seen = _spy_on_llm(monkeypatch, swap_vs_recompute)
-    triton = swap_vs_recompute.run("small", progress=False, backend="triton", device=device)
+    triton = swap_vs_recompute.run(
+        "small", progress=False, backend="triton", device=device
+    )
     # warm-up
-    assert set(seen) == {("triton", device)} and len(seen) == 1 + len(TINY_SWAP.block_sizes)
-    assert triton.settings == {"scale": "small", "seed": 0, "backend": "triton", "device": device}
+    assert set(seen) == {("triton", device)} and len(seen) == 1 + len(
+        TINY_SWAP.block_sizes
+    )
+    assert triton.settings == {
+        "scale": "small",
+        "seed": 0,
+        "backend": "triton",
+        "device": device,
+    }
     times = SWAP_KEYS - {"model", "block_size", "seq_len", "blocks", "bytes"}
     _same_rows_but_times(triton.rows, reference.rows, times)
     assert [r["blocks"] for r in triton.rows] == [24, 2]
@@ -277,9 +364,18 @@ def test_block_size_time_part_runs_on_triton(monkeypatch):
     seen = _spy_on_llm(monkeypatch, block_size_time)
     triton = block_size.run("small", progress=False, backend="triton", device=device)
     # warm-up
-    assert set(seen) == {("triton", device)} and len(seen) == 1 + len(tiny.time_block_sizes)
-    assert triton.settings == {"scale": "small", "seed": 0, "backend": "triton", "device": device}
-    _same_rows_but_times(triton.rows, reference.rows, {"seconds_per_step", "model_seconds_per_step"})
+    assert set(seen) == {("triton", device)} and len(seen) == 1 + len(
+        tiny.time_block_sizes
+    )
+    assert triton.settings == {
+        "scale": "small",
+        "seed": 0,
+        "backend": "triton",
+        "device": device,
+    }
+    _same_rows_but_times(
+        triton.rows, reference.rows, {"seconds_per_step", "model_seconds_per_step"}
+    )
     assert [r["block_size"] for r in triton.rows if r["part"] == "time"] == [1, 16]
 
 
@@ -290,7 +386,9 @@ def test_per_block_swap_moves_what_swap_blocks_moves():
     mapping = [(4, 0), (1, 2), (5, 1)]
     expected = torch.full((3, 4, 2, 8), float("nan"))
     got = expected.clone()
-    get_backend("reference").swap_blocks(src, expected, torch.tensor(mapping, dtype=torch.int64))
+    get_backend("reference").swap_blocks(
+        src, expected, torch.tensor(mapping, dtype=torch.int64)
+    )
     swap_vs_recompute.swap_blocks_per_block(src, got, mapping)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
@@ -302,7 +400,10 @@ def test_run_refuses_an_unknown_scale(module):
 
 
 def test_plots_are_pngs(block_result, swap_result, tmp_path):
-    for module, result in ((block_size, block_result), (swap_vs_recompute, swap_result)):
+    for module, result in (
+        (block_size, block_result),
+        (swap_vs_recompute, swap_result),
+    ):
         path = tmp_path / f"{result.experiment}.png"
         module.plot(result, path)
         assert path.read_bytes()[:8] == PNG_SIGNATURE
@@ -319,4 +420,6 @@ def test_exercise_swap_vs_recompute_page():
     model = load_preset("tiny-llama")
     row = swap_vs_recompute.measure(model, 8, list(range(3, 3 + 256)) * 2, repeats=1)
     assert row["blocks"] == 64 and row["bytes"] == 256 * 1024
-    assert row["bytes"] // (row["blocks"] * 2 * 2) == 1024, "one block of one pool: 8 x 2 x 16 x 4 bytes"
+    assert row["bytes"] // (row["blocks"] * 2 * 2) == 1024, (
+        "one block of one pool: 8 x 2 x 16 x 4 bytes"
+    )

@@ -53,7 +53,10 @@ def test_rows_have_exactly_the_documented_keys(small):
     }
     assert {s for s, _ in pairs} == {"vLLM", "Orca (Oracle)"} and len(summaries) == 12
     json.dumps(small.to_json())  # plain JSON values
-    assert small.settings["threshold"] == lat.THRESHOLD and small.settings["model"] == "opt-13b"
+    assert (
+        small.settings["threshold"] == lat.THRESHOLD
+        and small.settings["model"] == "opt-13b"
+    )
 
 
 def test_latency_rises_with_rate(small):
@@ -71,20 +74,30 @@ def test_max_rate_is_read_from_the_rows(small):
 
 
 def test_vllm_sustains_at_least_orca_oracle_at_beam_width_6(small):
-    best = {(r["system"], r["workload"]): r["max_rate"] for r in lat.split(small.rows)[1]}
+    best = {
+        (r["system"], r["workload"]): r["max_rate"] for r in lat.split(small.rows)[1]
+    }
     assert best["vLLM", "beam width=6"] >= best["Orca (Oracle)", "beam width=6"] > 0
 
 
 def test_deterministic_under_a_seed(monkeypatch):
-    tiny = {"small": {w: decoding.Scale(2.0, (20.0,)) for w in ("parallel n=2", "beam width=2")}}
+    tiny = {
+        "small": {
+            w: decoding.Scale(2.0, (20.0,)) for w in ("parallel n=2", "beam width=2")
+        }
+    }
     monkeypatch.setattr(decoding, "SCALES", tiny)
-    monkeypatch.setattr(decoding, "WORKLOADS", {w: decoding.WORKLOADS[w] for w in tiny["small"]})
+    monkeypatch.setattr(
+        decoding, "WORKLOADS", {w: decoding.WORKLOADS[w] for w in tiny["small"]}
+    )
     first = decoding.run("small", seed=0, progress=False).rows
     assert decoding.run("small", seed=0, progress=False).rows == first
     assert decoding.run("small", seed=1, progress=False).rows != first
 
 
-@pytest.mark.parametrize(("kwargs", "name"), [({"scale": "medium"}, "scale"), ({"seed": -1}, "seed")])
+@pytest.mark.parametrize(
+    ("kwargs", "name"), [({"scale": "medium"}, "scale"), ({"seed": -1}, "seed")]
+)
 def test_bad_arguments_raise_naming_them(kwargs, name):
     with pytest.raises(ValueError, match=name):
         decoding.run(**{"progress": False, **kwargs})
@@ -108,7 +121,9 @@ def test_the_page_says_what_its_json_says():
         assert stale_parts(text, render("decoding", changed)), row
 
 
-@pytest.mark.parametrize(("n", "paged_slots", "orca_slots"), [(4, 160, 256), (6, 224, 384)])
+@pytest.mark.parametrize(
+    ("n", "paged_slots", "orca_slots"), [(4, 160, 256), (6, 224, 384)]
+)
 def test_the_pages_exercise(n, paged_slots, orca_slots):
     """One request, prompt 40, output 24, n samples, block size 16: the KV slots each system holds
     at the request's last step (docs/experiments/decoding.md, "Predict, then check")."""

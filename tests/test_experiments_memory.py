@@ -22,7 +22,13 @@ from minipaged.workloads import shared_prefix as shared_prefix_workload
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_NUM_SEQS = 256  # simulate()'s default, the experiments' per-step sequence budget
-USED = ("token_states", "reserved", "internal_fragmentation", "external_fragmentation", "stranded")
+USED = (
+    "token_states",
+    "reserved",
+    "internal_fragmentation",
+    "external_fragmentation",
+    "stranded",
+)
 POOL = tuple(f"pool_{k}" for k in (*USED, "free"))
 MEMORY_WASTE_KEYS = {
     "allocator",
@@ -99,8 +105,10 @@ SHARED_PREFIX_KEYS = {
 CURVE_KEYS = {"part", "prefix_len", "system", "workload"}
 # the throughput part (Fig. 16): a point, and a summary per curve
 SHARED_PREFIX_RATE_KEYS = {
-    "rate": CURVE_KEYS | {"rate", "normalized_latency", "throughput", "mean_batch_size"},
-    "max_rate": CURVE_KEYS | {"max_rate", "max_rate_vs_orca_oracle", "paper_vs_orca_oracle"},
+    "rate": CURVE_KEYS
+    | {"rate", "normalized_latency", "throughput", "mean_batch_size"},
+    "max_rate": CURVE_KEYS
+    | {"max_rate", "max_rate_vs_orca_oracle", "paper_vs_orca_oracle"},
 }
 MODULES = {
     "memory-waste": memory_waste,
@@ -118,7 +126,10 @@ KEYS = {
 
 @pytest.fixture(scope="module")
 def results():
-    return {name: module.run("small", seed=0, progress=False) for name, module in MODULES.items()}
+    return {
+        name: module.run("small", seed=0, progress=False)
+        for name, module in MODULES.items()
+    }
 
 
 @pytest.mark.parametrize("name", list(MODULES))
@@ -129,7 +140,9 @@ def test_rows_have_the_documented_keys(results, name):
         # shared-prefix's rate part
         keys = SHARED_PREFIX_RATE_KEYS.get(row.get("part"), KEYS[name])
         assert set(row) == keys, set(row) ^ keys
-    assert result.paper["section"] and result.paper["figure"] and result.paper["finding"]
+    assert (
+        result.paper["section"] and result.paper["figure"] and result.paper["finding"]
+    )
     # plain JSON values, no NaN left behind
     json.dumps(result.to_json(), allow_nan=False)
 
@@ -139,12 +152,15 @@ def test_memory_waste_shares_sum_to_one_and_paged_wastes_least(results):
     assert list(rows) == ["orca-max", "orca-pow2", "orca-oracle", "vattention", "paged"]
     for r in rows.values():
         assert all(0.0 <= r[k] <= 1.0 for k in USED + POOL)
-        assert math.isclose(sum(r[k] for k in USED), 1.0) and math.isclose(sum(r[k] for k in POOL), 1.0)
+        assert math.isclose(sum(r[k] for k in USED), 1.0) and math.isclose(
+            sum(r[k] for k in POOL), 1.0
+        )
         # the pool also counts the free slots
         assert r["pool_token_states"] <= r["token_states"] + 1e-9
     paged = rows["paged"]["token_states"]
     assert paged > 0.9 and all(
-        paged > rows[a]["token_states"] for a in ("orca-max", "orca-pow2", "orca-oracle")
+        paged > rows[a]["token_states"]
+        for a in ("orca-max", "orca-pow2", "orca-oracle")
     )
     # on demand: nothing reserved, no external fragmentation
     for name in ("paged", "vattention"):
@@ -161,27 +177,39 @@ def test_memory_waste_shares_sum_to_one_and_paged_wastes_least(results):
         assert (r["recomputed_tokens"] > 0) == (r["preemptions"] > 0), name
     # 15,000 // 2,048: see the exercise
     assert rows["orca-max"]["mean_batch_size"] == 7.0
-    assert "goal: paged token states >= 96%" in memory_waste.goal_line(results["memory-waste"].rows)
+    assert "goal: paged token states >= 96%" in memory_waste.goal_line(
+        results["memory-waste"].rows
+    )
 
 
 def test_batch_size_orders_the_allocators(results):
     rows = results["batch-size"].rows
     for r in rows:
-        assert r["throughput_rps"] == pytest.approx(r["requests_finished"] / r["window_s"])
+        assert r["throughput_rps"] == pytest.approx(
+            r["requests_finished"] / r["window_s"]
+        )
         assert r["mean_batch_size"] > 0 and r["requests_finished"] > 0
     at = {r["allocator"]: r for r in rows if r["rate"] == 2.0}
     batch = [at[a]["mean_batch_size"] for a in ("orca-max", "orca-oracle", "paged")]
     assert batch == sorted(batch) and batch[-1] > 2 * batch[0]
     assert (
-        at["paged"]["throughput_rps"] > at["orca-oracle"]["throughput_rps"] > at["orca-max"]["throughput_rps"]
+        at["paged"]["throughput_rps"]
+        > at["orca-oracle"]["throughput_rps"]
+        > at["orca-max"]["throughput_rps"]
     )
-    assert at["orca-max"]["mean_waiting"] > 10, "the budget must put the baselines under memory pressure"
+    assert at["orca-max"]["mean_waiting"] > 10, (
+        "the budget must put the baselines under memory pressure"
+    )
 
 
 def test_memory_waste_and_batch_size_replay_the_same_requests(results):
     keys = ("mean_batch_size", "mean_step_s")
     waste = {r["allocator"]: [r[k] for k in keys] for r in results["memory-waste"].rows}
-    batch = {r["allocator"]: [r[k] for k in keys] for r in results["batch-size"].rows if r["rate"] == 2.0}
+    batch = {
+        r["allocator"]: [r[k] for k in keys]
+        for r in results["batch-size"].rows
+        if r["rate"] == 2.0
+    }
     assert waste == batch
 
 
@@ -192,13 +220,18 @@ def test_sharing_saves_more_with_beams(results):
     for r in rows:
         assert 0.0 < r["saving"] < 1.0 and 0.0 < r["saving_of_totals"] < 1.0
         assert r["mean_blocks_unshared"] > r["mean_blocks_used"] > 0
-        assert r["mean_seqs"] == pytest.approx(r["width"] * r["mean_batch_size"], rel=0.25)
+        assert r["mean_seqs"] == pytest.approx(
+            r["width"] * r["mean_batch_size"], rel=0.25
+        )
         # the scheduler's budget (simulate's max_num_seqs, 256) holds at every step, beam searches
         # included: a group counts the width it forks into from its admission on
         assert 0 < r["mean_seqs"] <= r["max_seqs"] <= MAX_NUM_SEQS, r
     for workload in ("alpaca-like", "sharegpt-like"):
         for width in sharing.WIDTHS:
-            assert by[workload, "beam", width]["saving"] > by[workload, "parallel", width]["saving"]
+            assert (
+                by[workload, "beam", width]["saving"]
+                > by[workload, "parallel", width]["saving"]
+            )
             assert by[workload, "beam", width]["cow_copies"] > 0
 
 
@@ -207,14 +240,24 @@ def test_prompt_block_share_counts_blocks_step_by_step():
     3 steps (20 to 22 tokens), 1 of them a full prompt block; a (40, 10) one holds 3 blocks at 9 steps
     (40 to 48 tokens) and 4 at the last (49), 2 of them full prompt blocks."""
     reqs = [Request("a", 0.0, 20, 3), Request("b", 0.0, 40, 10)]
-    assert sharing.prompt_block_share(reqs) == pytest.approx((1 * 3 + 2 * 10) / (2 * 3 + 3 * 9 + 4))
+    assert sharing.prompt_block_share(reqs) == pytest.approx(
+        (1 * 3 + 2 * 10) / (2 * 3 + 3 * 9 + 4)
+    )
 
 
 def test_prefix_caching_saves_blocks_and_prefill(results):
     rows = [r for r in results["shared-prefix"].rows if r["part"] == "memory"]
     for prefix_len in shared_prefix.PREFIX_LENS:
-        by = {(r["allocator"], r["prefix_caching"]): r for r in rows if r["prefix_len"] == prefix_len}
-        oracle, off, on = by["orca-oracle", False], by["paged", False], by["paged", True]
+        by = {
+            (r["allocator"], r["prefix_caching"]): r
+            for r in rows
+            if r["prefix_len"] == prefix_len
+        }
+        oracle, off, on = (
+            by["orca-oracle", False],
+            by["paged", False],
+            by["paged", True],
+        )
         assert oracle["throughput_vs_orca_oracle"] == 1.0
         assert (
             on["prefill_tokens"] < off["prefill_tokens"]
@@ -222,12 +265,23 @@ def test_prefix_caching_saves_blocks_and_prefill(results):
         )
         assert on["throughput_rps"] > off["throughput_rps"] >= oracle["throughput_rps"]
         assert (
-            0.0 < on["prefix_hit_rate"] <= 1.0 and off["prefix_hit_rate"] == oracle["prefix_hit_rate"] == 0.0
+            0.0 < on["prefix_hit_rate"] <= 1.0
+            and off["prefix_hit_rate"] == oracle["prefix_hit_rate"] == 0.0
         )
         assert on["peak_blocks"] <= KV_SLOTS / 16
-    long = {r["label"]: r["throughput_vs_orca_oracle"] for r in rows if r["prefix_len"] == 341}
-    short = {r["label"]: r["throughput_vs_orca_oracle"] for r in rows if r["prefix_len"] == 80}
-    assert long["paged + prefix caching"] > short["paged + prefix caching"], "a longer prefix saves more"
+    long = {
+        r["label"]: r["throughput_vs_orca_oracle"]
+        for r in rows
+        if r["prefix_len"] == 341
+    }
+    short = {
+        r["label"]: r["throughput_vs_orca_oracle"]
+        for r in rows
+        if r["prefix_len"] == 80
+    }
+    assert long["paged + prefix caching"] > short["paged + prefix caching"], (
+        "a longer prefix saves more"
+    )
 
 
 def test_shared_prefix_rate_part_rises_with_rate_and_vllm_sustains_more(results):
@@ -237,15 +291,26 @@ def test_shared_prefix_rate_part_rises_with_rate_and_vllm_sustains_more(results)
     assert {r["part"] for r in rows} == {"memory", "rate", "max_rate"}
     # LLaMA-13B, A100-40GB, 0.9 of memory
     assert results["shared-prefix"].settings["kv_slots"] == 15_409
-    summary = {(r["prefix_len"], r["system"]): r for r in rows if r["part"] == "max_rate"}
-    assert len(summary) == len(shared_prefix.PREFIX_LENS) * len(shared_prefix.RATE_SYSTEMS)
+    summary = {
+        (r["prefix_len"], r["system"]): r for r in rows if r["part"] == "max_rate"
+    }
+    assert len(summary) == len(shared_prefix.PREFIX_LENS) * len(
+        shared_prefix.RATE_SYSTEMS
+    )
     for (prefix_len, system), s in summary.items():
         mine = [
-            r for r in rows if r["part"] == "rate" and (r["prefix_len"], r["system"]) == (prefix_len, system)
+            r
+            for r in rows
+            if r["part"] == "rate"
+            and (r["prefix_len"], r["system"]) == (prefix_len, system)
         ]
         curve = sorted((r["rate"], r["normalized_latency"]) for r in mine)
         latencies = [lat for _, lat in curve]
-        assert all(b >= a for a, b in itertools.pairwise(latencies)), (prefix_len, system, curve)
+        assert all(b >= a for a, b in itertools.pairwise(latencies)), (
+            prefix_len,
+            system,
+            curve,
+        )
         assert latencies[-1] > 0.1 > latencies[0] > 0, "each curve shows its knee"
         assert s["max_rate"] in [rate for rate, _ in curve]
     for prefix_len in shared_prefix.PREFIX_LENS:
@@ -254,14 +319,28 @@ def test_shared_prefix_rate_part_rises_with_rate_and_vllm_sustains_more(results)
         assert vllm["max_rate_vs_orca_oracle"] == vllm["max_rate"] / oracle["max_rate"]
         paper = shared_prefix.PAPER["throughput_vs_orca_oracle"][str(prefix_len)]
         assert vllm["paper_vs_orca_oracle"] == paper
-        assert oracle["max_rate_vs_orca_oracle"] == oracle["paper_vs_orca_oracle"] == 1.0
-    assert summary[341, "vLLM"]["max_rate_vs_orca_oracle"] > summary[80, "vLLM"]["max_rate_vs_orca_oracle"]
+        assert (
+            oracle["max_rate_vs_orca_oracle"] == oracle["paper_vs_orca_oracle"] == 1.0
+        )
+    assert (
+        summary[341, "vLLM"]["max_rate_vs_orca_oracle"]
+        > summary[80, "vLLM"]["max_rate_vs_orca_oracle"]
+    )
 
 
 def test_same_seed_same_rows_another_seed_differs(results):
-    assert shared_prefix.run("small", seed=0, progress=False).rows == results["shared-prefix"].rows
-    assert shared_prefix.run("small", seed=1, progress=False).rows != results["shared-prefix"].rows
-    assert memory_waste.run("small", seed=0, progress=False).rows == results["memory-waste"].rows
+    assert (
+        shared_prefix.run("small", seed=0, progress=False).rows
+        == results["shared-prefix"].rows
+    )
+    assert (
+        shared_prefix.run("small", seed=1, progress=False).rows
+        != results["shared-prefix"].rows
+    )
+    assert (
+        memory_waste.run("small", seed=0, progress=False).rows
+        == results["memory-waste"].rows
+    )
 
 
 @pytest.mark.parametrize("module", list(MODULES.values()))
@@ -295,7 +374,10 @@ def test_cli_runs_memory_waste(tmp_path, capsys):
     ]
     assert cli.main(argv) == 0
     data = json.loads(out.read_text())
-    assert set(data) == {"experiment", "rows", "paper", "settings"} and data["experiment"] == "memory-waste"
+    assert (
+        set(data) == {"experiment", "rows", "paper", "settings"}
+        and data["experiment"] == "memory-waste"
+    )
     assert [set(r) for r in data["rows"]] == [MEMORY_WASTE_KEYS] * 5
     assert png.read_bytes()[:8] == PNG_SIGNATURE
     assert "Orca (Oracle)" in capsys.readouterr().out
@@ -316,7 +398,9 @@ def test_step_counters_add_up():
             assert result.prefill_tokens == sum(r.prompt_len for r in reqs)
         assert math.isclose(sum(result.mean_used_fractions.values()), 1.0)
         assert result.throughput == pytest.approx(12 / result.duration)
-        half = result.window(result.records[0].time, result.records[len(result.records) // 2].time)
+        half = result.window(
+            result.records[0].time, result.records[len(result.records) // 2].time
+        )
         assert half.steps == len(result.records) // 2 and half.num_finished < 12
 
 
@@ -331,13 +415,24 @@ def test_window_leaves_out_the_warmup():
     assert all(20.0 <= r.time < 60.0 for r in records)
     # the first step from 20 s
     assert records[0].time - 20.0 < max(r.duration for r in whole.records)
-    assert all(b.time == pytest.approx(a.time + a.duration) for a, b in itertools.pairwise(records))
-    assert sum(r.duration for r in records) == pytest.approx(40.0, abs=max(r.duration for r in records))
+    assert all(
+        b.time == pytest.approx(a.time + a.duration)
+        for a, b in itertools.pairwise(records)
+    )
+    assert sum(r.duration for r in records) == pytest.approx(
+        40.0, abs=max(r.duration for r in records)
+    )
     # priced by the cost model, not a fixed step
     assert len({r.duration for r in records}) > 1
     first = records[0]  # the cost model's price, as the runner asked it
-    assert first.duration >= COST_MODEL.step_overhead + COST_MODEL.model.weight_bytes / COST_MODEL.bytes_per_s
-    assert later.num_finished == sum(r.num_finished for r in records) < whole.num_finished
+    assert (
+        first.duration
+        >= COST_MODEL.step_overhead
+        + COST_MODEL.model.weight_bytes / COST_MODEL.bytes_per_s
+    )
+    assert (
+        later.num_finished == sum(r.num_finished for r in records) < whole.num_finished
+    )
 
 
 # ---- the docs pages' exercises ---------------------------------------------------------------------
@@ -347,7 +442,9 @@ def test_exercise_memory_waste_page(results):
     """docs/experiments/memory-waste.md: Orca (Max) runs 15,000 // 2,048 = 7 requests; the 664 slots
     left can never hold an 8th range, so while requests wait they are stranded (not external
     fragmentation: together they would not hold the head), 664 / 15,000 = 4.4% of the pool."""
-    max_row = next(r for r in results["memory-waste"].rows if r["allocator"] == "orca-max")
+    max_row = next(
+        r for r in results["memory-waste"].rows if r["allocator"] == "orca-max"
+    )
     assert max_row["mean_batch_size"] == KV_SLOTS // 2048 == 7
     assert max_row["mean_waiting"] > 10  # requests wait at every step of the window ...
     # ... 664 slots
@@ -360,12 +457,20 @@ def test_exercise_memory_waste_page(results):
 def test_exercise_batch_size_page(results):
     """docs/experiments/batch-size.md: Little's law, batch = rate x output_len x the mean step time
     (the row's mean_step_s, priced by the cost model), while paged keeps up (1 request/s)."""
-    mean_output = sharegpt_load(1.0, batch_size.SCALES["small"].end, seed=0).mean_output_len
-    paged = next(r for r in results["batch-size"].rows if r["rate"] == 1.0 and r["allocator"] == "paged")
+    mean_output = sharegpt_load(
+        1.0, batch_size.SCALES["small"].end, seed=0
+    ).mean_output_len
+    paged = next(
+        r
+        for r in results["batch-size"].rows
+        if r["rate"] == 1.0 and r["allocator"] == "paged"
+    )
     assert paged["mean_waiting"] < 1.0
     # an OPT-13B decode step on an A100: tens of ms
     assert 0.02 < paged["mean_step_s"] < 0.04
-    assert paged["mean_batch_size"] == pytest.approx(1.0 * mean_output * paged["mean_step_s"], rel=0.15)
+    assert paged["mean_batch_size"] == pytest.approx(
+        1.0 * mean_output * paged["mean_step_s"], rel=0.15
+    )
 
 
 def test_exercise_sharing_page():

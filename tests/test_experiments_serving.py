@@ -39,7 +39,10 @@ def test_rows_have_exactly_the_documented_keys(small):
     assert {(r["system"], r["workload"]) for r in summaries} == pairs
     assert len(summaries) == len(pairs) == len(serving_latency.SYSTEMS) * 2
     json.dumps(small.to_json())  # plain JSON values
-    assert small.settings["threshold"] == lat.THRESHOLD and small.settings["model"] == "opt-13b"
+    assert (
+        small.settings["threshold"] == lat.THRESHOLD
+        and small.settings["model"] == "opt-13b"
+    )
 
 
 def test_latency_rises_with_rate(small):
@@ -57,7 +60,9 @@ def test_max_rate_is_read_from_the_rows(small):
 
 
 def test_vllm_sustains_at_least_orca_max(small):
-    best = {(r["system"], r["workload"]): r["max_rate"] for r in lat.split(small.rows)[1]}
+    best = {
+        (r["system"], r["workload"]): r["max_rate"] for r in lat.split(small.rows)[1]
+    }
     for workload in ("ShareGPT", "Alpaca"):
         assert best["vLLM", workload] >= best["Orca (Max)", workload] > 0
 
@@ -93,7 +98,11 @@ def test_deterministic_under_a_seed(monkeypatch):
 
 @pytest.mark.parametrize(
     ("kwargs", "name"),
-    [({"model": "opt-1b"}, "model"), ({"scale": "medium"}, "scale"), ({"seed": -1}, "seed")],
+    [
+        ({"model": "opt-1b"}, "model"),
+        ({"scale": "medium"}, "scale"),
+        ({"seed": -1}, "seed"),
+    ],
 )
 def test_bad_arguments_raise_naming_them(kwargs, name):
     with pytest.raises(ValueError, match=name):
@@ -105,14 +114,18 @@ def test_the_page_says_what_its_json_says():
     text = (DOCS / "serving.md").read_text()
     assert not stale_parts(text, page_parts("serving"))
     changed = copy.deepcopy(data)
-    summary = next(r for r in changed["rows"] if r.get("system") == "vLLM" and "max_rate" in r)
+    summary = next(
+        r for r in changed["rows"] if r.get("system") == "vLLM" and "max_rate" in r
+    )
     summary["max_rate"] += 1.0
     assert stale_parts(text, render("serving", changed))
 
 
 def test_vllm_sustains_more_than_fastertransformer(small):
     """FasterTransformer: Orca (Max)'s reservations and static batches, the lowest rate of all."""
-    best = {(r["system"], r["workload"]): r["max_rate"] for r in lat.split(small.rows)[1]}
+    best = {
+        (r["system"], r["workload"]): r["max_rate"] for r in lat.split(small.rows)[1]
+    }
     for workload in ("ShareGPT", "Alpaca"):
         assert best["vLLM", workload] > best["FasterTransformer", workload]
         assert best["FasterTransformer", workload] <= best["Orca (Max)", workload]
@@ -130,26 +143,36 @@ def test_measured_run_has_every_system_and_the_documented_keys(measured_small):
     from minipaged.experiments import measured
 
     points, summaries = lat.split(measured_small.rows)
-    assert [r["system"] for r in points] == [measured.LABELS[s] for s in measured.SYSTEMS]
+    assert [r["system"] for r in points] == [
+        measured.LABELS[s] for s in measured.SYSTEMS
+    ]
     assert all(tuple(r) == lat.ROW_KEYS for r in points)
     assert all(r["normalized_latency"] > 0 and r["throughput"] > 0 for r in points)
     assert all(r["mean_batch_size"] >= 1 for r in points)
     assert len(summaries) == len(measured.SYSTEMS)
     settings = measured_small.settings
-    assert settings["measured"] and (settings["backend"], settings["device"]) == ("reference", "cpu")
+    assert settings["measured"] and (settings["backend"], settings["device"]) == (
+        "reference",
+        "cpu",
+    )
     assert settings["threshold"] == serving_latency.MEASURED_THRESHOLD
 
 
 def test_the_padded_stand_in_batches_at_most_what_max_reservations_fit():
     from minipaged.experiments import measured
 
-    assert measured.PADDED_BATCH == measured.NUM_GPU_BLOCKS * measured.BLOCK_SIZE // measured.MAX_MODEL_LEN
+    assert (
+        measured.PADDED_BATCH
+        == measured.NUM_GPU_BLOCKS * measured.BLOCK_SIZE // measured.MAX_MODEL_LEN
+    )
     row = measured.measure("padded", 200.0, 0.5)
     assert 1 <= row["mean_batch_size"] <= measured.PADDED_BATCH
 
 
 def test_backend_and_device_need_the_measured_run():
-    with pytest.raises(ValueError, match="backend and device apply to the measured run only"):
+    with pytest.raises(
+        ValueError, match="backend and device apply to the measured run only"
+    ):
         serving_latency.run("small", progress=False, backend="reference")
     with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda"):
         serving_latency.run("small", progress=False, measured=True, device="gpu")
@@ -164,7 +187,10 @@ def test_cli_measured_flag(capsys):
 
     assert cli.main(["experiment", "--list"]) == 0
     listing = capsys.readouterr().out
-    assert "serving" in listing and "[--measured]" in listing.split("serving", 1)[1].splitlines()[0]
+    assert (
+        "serving" in listing
+        and "[--measured]" in listing.split("serving", 1)[1].splitlines()[0]
+    )
     with pytest.raises(SystemExit):
         cli.main(["experiment", "batch-size", "--measured"])
     assert "has no measured run" in capsys.readouterr().err
@@ -180,8 +206,13 @@ def test_the_larger_models_are_there_when_asked_for(monkeypatch, model, gpus):
     }
     monkeypatch.setattr(serving_latency, "SCALES", tiny)
     result = serving_latency.run("small", progress=False, model=model)
-    assert (result.settings["model"], result.settings["tensor_parallel_size"]) == (model, gpus)
-    assert lat.split(result.rows)[0] and all(r["normalized_latency"] > 0 for r in result.rows if "rate" in r)
+    assert (result.settings["model"], result.settings["tensor_parallel_size"]) == (
+        model,
+        gpus,
+    )
+    assert lat.split(result.rows)[0] and all(
+        r["normalized_latency"] > 0 for r in result.rows if "rate" in r
+    )
 
 
 def test_cli_model_flag(capsys):
@@ -189,8 +220,14 @@ def test_cli_model_flag(capsys):
 
     for argv, message in (
         (["experiment", "batch-size", "--model", "opt-66b"], "takes no --model"),
-        (["experiment", "serving", "--model", "opt-1b", "--scale", "small"], "model must be one of"),
-        (["experiment", "serving", "--measured", "--model", "opt-13b"], "must be a preset"),
+        (
+            ["experiment", "serving", "--model", "opt-1b", "--scale", "small"],
+            "model must be one of",
+        ),
+        (
+            ["experiment", "serving", "--measured", "--model", "opt-13b"],
+            "must be a preset",
+        ),
     ):
         with pytest.raises(SystemExit):
             cli.main(argv)
@@ -204,4 +241,8 @@ def test_measured_run_on_the_triton_backend():
     from minipaged.experiments import measured
 
     row = measured.measure("paged", 10.0, 0.3, backend="triton")
-    assert tuple(row) == lat.ROW_KEYS and row["normalized_latency"] > 0 and row["mean_batch_size"] >= 1
+    assert (
+        tuple(row) == lat.ROW_KEYS
+        and row["normalized_latency"] > 0
+        and row["mean_batch_size"] >= 1
+    )

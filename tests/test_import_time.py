@@ -28,15 +28,24 @@ def modules_after(code: str, **env: str) -> dict:
         "import json, os, sys\n"
         # --help and --version exit
         f"try:\n    exec({code!r})\nexcept SystemExit:\n    pass\n"
-        "heavy = [m for m in ('torch', *" + repr(NEVER_AT_START) + ") if m in sys.modules]\n"
+        "heavy = [m for m in ('torch', *"
+        + repr(NEVER_AT_START)
+        + ") if m in sys.modules]\n"
         "print('RESULT=' + json.dumps({'heavy': heavy, 'interpret': os.environ.get('TRITON_INTERPRET')}))"
     )
     environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | env
     result = subprocess.run(
-        [sys.executable, "-c", probe], env=environment, capture_output=True, text=True, timeout=300, cwd=ROOT
+        [sys.executable, "-c", probe],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr
-    (line,) = [line for line in result.stdout.splitlines() if line.startswith("RESULT=")]
+    (line,) = [
+        line for line in result.stdout.splitlines() if line.startswith("RESULT=")
+    ]
     return json.loads(line.removeprefix("RESULT="))
 
 
@@ -69,7 +78,9 @@ def test_the_demo_help_shows_the_demo_config_defaults_without_transformers(capsy
     assert f"tokens per KV block (default: {config.block_size})" in text
     assert f"device pool (default: {config.num_gpu_blocks}, small enough" in text
     assert f"swap pool (default: {config.num_cpu_blocks})" in text
-    demo_help = modules_after("from minipaged.cli import main; main(['demo', '--help'])")
+    demo_help = modules_after(
+        "from minipaged.cli import main; main(['demo', '--help'])"
+    )
     assert "transformers" not in demo_help["heavy"]
 
 
@@ -107,7 +118,9 @@ def test_no_gpu_device_file_looks_for_each_driver(monkeypatch):
     import glob
 
     for pattern in GPU_DEVICE_FILES:
-        monkeypatch.setattr(glob, "glob", lambda p, pattern=pattern: [p] if p == pattern else [])
+        monkeypatch.setattr(
+            glob, "glob", lambda p, pattern=pattern: [p] if p == pattern else []
+        )
         monkeypatch.setattr(sys, "platform", "linux")
         assert not no_gpu_device_file(), pattern
     monkeypatch.setattr(glob, "glob", lambda p: [])
@@ -129,7 +142,9 @@ def test_every_public_name_resolves_lazily():
 
 
 def test_an_unknown_name_is_an_attribute_error():
-    with pytest.raises(AttributeError, match="module 'minipaged' has no attribute 'no_such_name'"):
+    with pytest.raises(
+        AttributeError, match="module 'minipaged' has no attribute 'no_such_name'"
+    ):
         _ = minipaged.no_such_name
     assert not hasattr(minipaged, "no_such_name")
 
@@ -139,7 +154,16 @@ def test_the_import_time_benchmark_reports_each_case_and_its_modules(tmp_path):
     cases = ["import minipaged", "minipaged --version"]
     script = "benchmarks/import_time.py"
     result = subprocess.run(
-        [sys.executable, script, "--repeats", "1", "--json", str(path), "--cases", *cases],
+        [
+            sys.executable,
+            script,
+            "--repeats",
+            "1",
+            "--json",
+            str(path),
+            "--cases",
+            *cases,
+        ],
         capture_output=True,
         text=True,
         timeout=300,

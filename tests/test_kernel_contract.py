@@ -23,7 +23,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minipaged.backend import available_backends, get_backend
-from minipaged.testing import PagedCase, device_for, interpreted, random_paged_case, tolerance
+from minipaged.testing import (
+    PagedCase,
+    device_for,
+    interpreted,
+    random_paged_case,
+    tolerance,
+)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
@@ -61,15 +67,17 @@ def run_attention(backend, case: PagedCase) -> torch.Tensor:
     k_before, v_before = bits(case.k_cache), bits(case.v_cache)
     out = torch.full_like(case.query, math.nan)  # an unwritten row stays NaN and fails
     returned = backend.paged_attention(*case.args, out=out)
-    assert returned.data_ptr() == out.data_ptr(), "paged_attention(out=...) must return the buffer it wrote"
+    assert returned.data_ptr() == out.data_ptr(), (
+        "paged_attention(out=...) must return the buffer it wrote"
+    )
     fresh = backend.paged_attention(*case.args)
     expected = case.expected()
     for got in (out, fresh):
         assert got.shape == case.query.shape and got.dtype == case.dtype
         torch.testing.assert_close(got, expected, **tolerance(case.dtype))
-    assert torch.equal(bits(case.k_cache), k_before) and torch.equal(bits(case.v_cache), v_before), (
-        "paged_attention must not write the caches"
-    )
+    assert torch.equal(bits(case.k_cache), k_before) and torch.equal(
+        bits(case.v_cache), v_before
+    ), "paged_attention must not write the caches"
     return out
 
 
@@ -110,11 +118,15 @@ def test_chunked_prefill_matches_dense(backend, device, gen, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_decode_prefill_chunk_and_idle_mixed_in_one_call(backend, device, gen, dtype):
     # decode, prefill, a chunk of a chunked prefill (or a prefill after a prefix-cache hit), no rows
-    case = random_paged_case(gen, seq_lens=[23, 9, 30, 12], q_lens=[1, 9, 13, 0], dtype=dtype, device=device)
+    case = random_paged_case(
+        gen, seq_lens=[23, 9, 30, 12], q_lens=[1, 9, 13, 0], dtype=dtype, device=device
+    )
     run_attention(backend, case)
 
 
-def sweep_lens(gen: torch.Generator, block_size: int, high: int = 48) -> tuple[list[int], list[int]]:
+def sweep_lens(
+    gen: torch.Generator, block_size: int, high: int = 48
+) -> tuple[list[int], list[int]]:
     """Four sequences (decode, prefill, chunk, decode), last blocks mostly partly filled."""
     high = min(3 * block_size + 3, high)
     seq_lens = random_lens(gen, 4, 3, high)
@@ -129,9 +141,15 @@ def sweep_lens(gen: torch.Generator, block_size: int, high: int = 48) -> tuple[l
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("block_size", [1, 8, 16, 32])
 @pytest.mark.parametrize("head_dim", [32, 64, 80, 128])
-@pytest.mark.parametrize("num_heads, num_kv_heads", [(8, 8), (8, 2), (8, 1)], ids=["mha", "gqa", "mqa"])
-def test_sweep_matches_dense(backend, device, gen, num_heads, num_kv_heads, head_dim, block_size, dtype):
-    seq_lens, q_lens = sweep_lens(gen, block_size, high=12 if interpreted(backend.name) else 48)
+@pytest.mark.parametrize(
+    "num_heads, num_kv_heads", [(8, 8), (8, 2), (8, 1)], ids=["mha", "gqa", "mqa"]
+)
+def test_sweep_matches_dense(
+    backend, device, gen, num_heads, num_kv_heads, head_dim, block_size, dtype
+):
+    seq_lens, q_lens = sweep_lens(
+        gen, block_size, high=12 if interpreted(backend.name) else 48
+    )
     case = random_paged_case(
         gen,
         seq_lens,
@@ -174,21 +192,29 @@ def test_random_batches_match_dense(backend, device, batch):
     # shorter sequences, same shapes (see the `device` fixture)
     if interpreted(backend.name):
         batch["seq_lens"] = [min(n, 10) for n in batch["seq_lens"]]
-        batch["q_lens"] = [min(q, n) for q, n in zip(batch["q_lens"], batch["seq_lens"], strict=True)]
-    case = random_paged_case(torch.Generator().manual_seed(seed), **batch, device=device)
+        batch["q_lens"] = [
+            min(q, n) for q, n in zip(batch["q_lens"], batch["seq_lens"], strict=True)
+        ]
+    case = random_paged_case(
+        torch.Generator().manual_seed(seed), **batch, device=device
+    )
     run_attention(backend, case)
 
 
 @pytest.mark.task2_2
 def test_distinct_blocks_match_dense(backend, device, gen):
-    case = random_paged_case(gen, [17, 5, 32], [1, 5, 4], repeat_blocks=False, device=device)
+    case = random_paged_case(
+        gen, [17, 5, 32], [1, 5, 4], repeat_blocks=False, device=device
+    )
     run_attention(backend, case)
 
 
 @pytest.mark.task2_2
 def test_shared_and_repeated_blocks(backend, device, gen):
     """Two sequences share their first two blocks (a fork); one table names a block twice."""
-    case = random_paged_case(gen, [20, 20], [1, 1], block_size=8, repeat_blocks=False, device=device)
+    case = random_paged_case(
+        gen, [20, 20], [1, 1], block_size=8, repeat_blocks=False, device=device
+    )
     shared = case.block_tables[0, :2].clone()
     # sequence 1 now reads sequence 0's first 16 tokens
     case.block_tables[1, :2] = shared
@@ -208,7 +234,9 @@ def test_shared_and_repeated_blocks(backend, device, gen):
 @pytest.mark.task2_2
 def test_stale_slots_never_change_the_result(backend, device, gen):
     """Overwrite every slot past seq_len with other garbage: the output must not move a bit."""
-    case = random_paged_case(gen, [13, 6, 9], [1, 6, 2], block_size=4, repeat_blocks=False, device=device)
+    case = random_paged_case(
+        gen, [13, 6, 9], [1, 6, 2], block_size=4, repeat_blocks=False, device=device
+    )
     first = run_attention(backend, case)
     for b, seq_len in enumerate(case.seq_lens.tolist()):
         last = case.block_tables[b, (seq_len - 1) // 4]
@@ -251,7 +279,9 @@ def strided(values: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.task2_2
-@pytest.mark.parametrize("which", ["block_tables", "seq_lens", "query_start_loc", "all"])
+@pytest.mark.parametrize(
+    "which", ["block_tables", "seq_lens", "query_start_loc", "all"]
+)
 def test_metadata_of_any_strides(backend, device, gen, which):
     """The metadata may come as views: a column-major block table, every other element of a buffer.
 
@@ -265,9 +295,9 @@ def test_metadata_of_any_strides(backend, device, gen, which):
     tables = case.block_tables
     # padding may name any block: now every entry a wrong read could land on is a real
     # block
-    tables[tables < 0] = torch.randint(case.k_cache.shape[0], (int((tables < 0).sum()),), generator=gen).to(
-        device=device, dtype=torch.int32
-    )
+    tables[tables < 0] = torch.randint(
+        case.k_cache.shape[0], (int((tables < 0).sum()),), generator=gen
+    ).to(device=device, dtype=torch.int32)
     expected = case.expected()
     if which in ("block_tables", "all"):
         # column-major: a row's entries num_seqs apart
@@ -314,19 +344,29 @@ def test_query_and_out_of_any_strides(backend, device, gen, out_layout):
     assert returned is out
     torch.testing.assert_close(out, expected, **tolerance(case.dtype))
     out.fill_(0.0)
-    assert buffer.isnan().sum() == buffer.numel() - out.numel(), "nothing outside `out` is written"
+    assert buffer.isnan().sum() == buffer.numel() - out.numel(), (
+        "nothing outside `out` is written"
+    )
 
 
 # ---- write_kv: writing through the table -----------------------------------------------------------
 
 
 def random_pool(
-    gen: torch.Generator, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+    gen: torch.Generator,
+    num_blocks: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> torch.Tensor:
-    return torch.randn(num_blocks, block_size, 2, 16, generator=gen).to(dtype).to(device)
+    return (
+        torch.randn(num_blocks, block_size, 2, 16, generator=gen).to(dtype).to(device)
+    )
 
 
-def check_written(before: torch.Tensor, after: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> None:
+def check_written(
+    before: torch.Tensor, after: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor
+) -> None:
     """Slot slots[i] of `after` holds rows[i] exactly where slots[i] >= 0; every other slot is unchanged."""
     expected = before.flatten(0, 1).clone()  # [num_slots, num_kv_heads, head_dim]
     keep = slots >= 0
@@ -338,7 +378,9 @@ def check_written(before: torch.Tensor, after: torch.Tensor, rows: torch.Tensor,
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("block_size", [1, 4, 16])
 def test_write_kv_stores_each_row_at_its_slot(backend, device, gen, dtype, block_size):
-    k_cache, v_cache = (random_pool(gen, 6, block_size, dtype, device) for _ in range(2))
+    k_cache, v_cache = (
+        random_pool(gen, 6, block_size, dtype, device) for _ in range(2)
+    )
     k_before, v_before = k_cache.clone(), v_cache.clone()
     num_tokens = 5
     slots = torch.randperm(6 * block_size, generator=gen)[:num_tokens]
@@ -388,7 +430,9 @@ def test_write_kv_all_padding_changes_nothing(backend, device, gen):
     k_cache, v_cache = (random_pool(gen, 3, 4, torch.float16, device) for _ in range(2))
     k_before = bits(k_cache)
     key = torch.randn(3, 2, 16, generator=gen).half().to(device)
-    backend.write_kv(key, key.clone(), k_cache, v_cache, torch.full((3,), -1, device=device))
+    backend.write_kv(
+        key, key.clone(), k_cache, v_cache, torch.full((3,), -1, device=device)
+    )
     assert torch.equal(bits(k_cache), k_before)
 
 
@@ -409,7 +453,13 @@ def test_write_then_attend_through_block_tables(backend, device, gen):
         table.append_tokens(n, free.pop)
         key = torch.randn(n, 2, 16, generator=gen).to(device)
         value = torch.randn(n, 2, 16, generator=gen).to(device)
-        backend.write_kv(key, value, k_cache, v_cache, torch.tensor(table.slot_mapping(n), device=device))
+        backend.write_kv(
+            key,
+            value,
+            k_cache,
+            v_cache,
+            torch.tensor(table.slot_mapping(n), device=device),
+        )
         keys.append(key)
         values.append(value)
     query = torch.randn(sum(lens), 4, 16, generator=gen).to(device)
@@ -430,7 +480,9 @@ def test_write_then_attend_through_block_tables(backend, device, gen):
 # ---- copy_blocks and swap_blocks ---------------------------------------------------------------------
 
 
-def poisoned_pool(gen: torch.Generator, num_blocks: int, dtype: torch.dtype, device="cpu") -> torch.Tensor:
+def poisoned_pool(
+    gen: torch.Generator, num_blocks: int, dtype: torch.dtype, device="cpu"
+) -> torch.Tensor:
     """A random pool with some NaN and inf in it: byte-exact copies must carry those too."""
     pool = torch.randn(num_blocks, 4, 2, 8, generator=gen)
     pool[0, 0, 0, :3] = torch.tensor([math.nan, math.inf, -math.inf])
@@ -441,14 +493,20 @@ def poisoned_pool(gen: torch.Generator, num_blocks: int, dtype: torch.dtype, dev
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_copy_blocks_in_every_layer(backend, device, gen, dtype):
     num_layers, num_blocks = 3, 10
-    k_caches = [poisoned_pool(gen, num_blocks, dtype, device) for _ in range(num_layers)]
-    v_caches = [poisoned_pool(gen, num_blocks, dtype, device) for _ in range(num_layers)]
+    k_caches = [
+        poisoned_pool(gen, num_blocks, dtype, device) for _ in range(num_layers)
+    ]
+    v_caches = [
+        poisoned_pool(gen, num_blocks, dtype, device) for _ in range(num_layers)
+    ]
     before = [(k.clone(), v.clone()) for k, v in zip(k_caches, v_caches, strict=True)]
     # a source copied twice is fine
     mapping = torch.tensor([[0, 7], [3, 5], [0, 9], [2, 4]], device=device)
     backend.copy_blocks(k_caches, v_caches, mapping)
     for layer in range(num_layers):
-        for after, old in zip((k_caches[layer], v_caches[layer]), before[layer], strict=True):
+        for after, old in zip(
+            (k_caches[layer], v_caches[layer]), before[layer], strict=True
+        ):
             expected = old.clone()
             expected[mapping[:, 1]] = old[mapping[:, 0]]
             assert torch.equal(bits(after), bits(expected)), f"layer {layer}"
@@ -459,7 +517,9 @@ def test_copy_blocks_with_no_pairs_changes_nothing(backend, device, gen):
     k_caches = [poisoned_pool(gen, 4, torch.float32, device)]
     v_caches = [poisoned_pool(gen, 4, torch.float32, device)]
     before = bits(k_caches[0])
-    backend.copy_blocks(k_caches, v_caches, torch.empty(0, 2, dtype=torch.int64, device=device))
+    backend.copy_blocks(
+        k_caches, v_caches, torch.empty(0, 2, dtype=torch.int64, device=device)
+    )
     assert torch.equal(bits(k_caches[0]), before)
 
 
@@ -488,7 +548,9 @@ def test_swap_round_trip_is_byte_identical(backend, gen, dtype):
         host_pool = poisoned_pool(gen, 5, dtype)
         original = bits(device_pool[torch.tensor([1, 2, 6], device=device)])
         # swap out
-        backend.swap_blocks(device_pool, host_pool, torch.tensor([[1, 4], [2, 0], [6, 2]]))
+        backend.swap_blocks(
+            device_pool, host_pool, torch.tensor([[1, 4], [2, 0], [6, 2]])
+        )
         backend.swap_blocks(
             host_pool, device_pool, torch.tensor([[4, 3], [0, 7], [2, 0]])
         )  # swap in elsewhere

@@ -66,7 +66,9 @@ WRITE_KV_ERRORS: list[tuple[str, Callable[[dict], dict], str]] = [
 
 
 @pytest.mark.parametrize(
-    "mutate, message", [c[1:] for c in WRITE_KV_ERRORS], ids=[c[0] for c in WRITE_KV_ERRORS]
+    "mutate, message",
+    [c[1:] for c in WRITE_KV_ERRORS],
+    ids=[c[0] for c in WRITE_KV_ERRORS],
 )
 def test_write_kv_rejects(backend, mutate, message):
     args = mutate(write_kv_args())
@@ -142,7 +144,9 @@ ATTENTION_ERRORS: list[tuple[str, Callable[[dict], dict], str]] = [
 
 
 @pytest.mark.parametrize(
-    "mutate, message", [c[1:] for c in ATTENTION_ERRORS], ids=[c[0] for c in ATTENTION_ERRORS]
+    "mutate, message",
+    [c[1:] for c in ATTENTION_ERRORS],
+    ids=[c[0] for c in ATTENTION_ERRORS],
 )
 def test_paged_attention_rejects(backend, mutate, message):
     args = mutate(attention_args())
@@ -151,7 +155,9 @@ def test_paged_attention_rejects(backend, mutate, message):
 
 
 def to(args: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    return {
+        k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()
+    }
 
 
 def test_valid_arguments_pass(backend):
@@ -163,12 +169,19 @@ def test_valid_arguments_pass(backend):
     device = device_for(backend.name)
     assert call_attention(backend, to(attention_args(), device)).shape == (4, 4, 8)
     backend.write_kv(*to(write_kv_args(), device).values())
-    caches = [torch.randn(6, 4, 2, 8, device=device)], [torch.randn(6, 4, 2, 8, device=device)]
+    caches = (
+        [torch.randn(6, 4, 2, 8, device=device)],
+        [torch.randn(6, 4, 2, 8, device=device)],
+    )
     backend.copy_blocks(*caches, torch.tensor([[0, 1]], device=device))
-    backend.swap_blocks(torch.randn(6, 4, 2, 8), torch.randn(3, 4, 2, 8), torch.tensor([[5, 2]]))
+    backend.swap_blocks(
+        torch.randn(6, 4, 2, 8), torch.randn(3, 4, 2, 8), torch.tensor([[5, 2]])
+    )
 
 
-@pytest.mark.skipif("triton" not in available_backends(), reason="triton is not installed")
+@pytest.mark.skipif(
+    "triton" not in available_backends(), reason="triton is not installed"
+)
 def test_triton_refuses_cpu_tensors_without_its_interpreter(monkeypatch):
     """CPU tensors with Triton's interpreter off (a GPU machine's state): a ValueError naming the argument.
 
@@ -215,7 +228,9 @@ COPY_ERRORS: list[tuple[str, Callable[[dict], dict], str]] = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("mutate, message", [c[1:] for c in COPY_ERRORS], ids=[c[0] for c in COPY_ERRORS])
+@pytest.mark.parametrize(
+    "mutate, message", [c[1:] for c in COPY_ERRORS], ids=[c[0] for c in COPY_ERRORS]
+)
 def test_copy_blocks_rejects(backend, mutate, message):
     args = mutate(copy_args())
     with pytest.raises(ValueError, match=message):
@@ -243,7 +258,9 @@ SWAP_ERRORS: list[tuple[str, Callable[[dict], dict], str]] = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("mutate, message", [c[1:] for c in SWAP_ERRORS], ids=[c[0] for c in SWAP_ERRORS])
+@pytest.mark.parametrize(
+    "mutate, message", [c[1:] for c in SWAP_ERRORS], ids=[c[0] for c in SWAP_ERRORS]
+)
 def test_swap_blocks_rejects(backend, mutate, message):
     args = mutate(swap_args())
     with pytest.raises(ValueError, match=message):

@@ -51,31 +51,49 @@ def test_hash_is_the_same_in_another_process(hash_seed):
     )
     env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(REPO_ROOT)}
     result = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, timeout=120
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
     )
     assert result.stdout.strip() == hash_block_tokens(parent, [15, 16, 17, 18])
 
 
 def test_hash_depends_on_the_tokens_and_their_order():
-    assert hash_block_tokens(ROOT_HASH, [11, 12]) != hash_block_tokens(ROOT_HASH, [11, 13])
-    assert hash_block_tokens(ROOT_HASH, [11, 12]) != hash_block_tokens(ROOT_HASH, [12, 11])
+    assert hash_block_tokens(ROOT_HASH, [11, 12]) != hash_block_tokens(
+        ROOT_HASH, [11, 13]
+    )
+    assert hash_block_tokens(ROOT_HASH, [11, 12]) != hash_block_tokens(
+        ROOT_HASH, [12, 11]
+    )
 
 
 def test_hash_has_no_ambiguity_between_token_boundaries():
-    assert hash_block_tokens(ROOT_HASH, [1, 23]) != hash_block_tokens(ROOT_HASH, [12, 3])
+    assert hash_block_tokens(ROOT_HASH, [1, 23]) != hash_block_tokens(
+        ROOT_HASH, [12, 3]
+    )
 
 
 def test_hash_is_chained_through_the_parent():
     parent_a = hash_block_tokens(ROOT_HASH, [11, 12])
     parent_b = hash_block_tokens(ROOT_HASH, [21, 22])
-    assert hash_block_tokens(parent_a, [31, 32]) != hash_block_tokens(parent_b, [31, 32])
-    assert hash_block_tokens(parent_a, [31, 32]) != hash_block_tokens(ROOT_HASH, [31, 32])
+    assert hash_block_tokens(parent_a, [31, 32]) != hash_block_tokens(
+        parent_b, [31, 32]
+    )
+    assert hash_block_tokens(parent_a, [31, 32]) != hash_block_tokens(
+        ROOT_HASH, [31, 32]
+    )
 
 
 def test_hash_full_blocks_chains_every_full_block():
     tokens = [11, 12, 13, 14, 15, 16, 17, 18]
     first = hash_block_tokens(ROOT_HASH, [11, 12, 13, 14])
-    assert hash_full_blocks(tokens, 4) == [first, hash_block_tokens(first, [15, 16, 17, 18])]
+    assert hash_full_blocks(tokens, 4) == [
+        first,
+        hash_block_tokens(first, [15, 16, 17, 18]),
+    ]
 
 
 def test_hash_full_blocks_ignores_a_partial_last_block():
@@ -239,10 +257,20 @@ def test_allocate_raises_when_every_block_is_held(pool):
 def test_count_prefix_has_no_side_effect(pool):
     b0, b1, _ = held_and_named(pool, ["h0", "h1", "h2"])
     pool.free(b1)
-    before = ([pool.ref_count(b) for b in range(4)], pool.num_cached_free, pool.hits, pool.misses)
+    before = (
+        [pool.ref_count(b) for b in range(4)],
+        pool.num_cached_free,
+        pool.hits,
+        pool.misses,
+    )
     assert pool.count_prefix(["h0", "h1", "missing", "h2"]) == (2, 1)
     assert pool.count_prefix(["h0", "h1", "missing", "h2"]) == (2, 1)
-    after = ([pool.ref_count(b) for b in range(4)], pool.num_cached_free, pool.hits, pool.misses)
+    after = (
+        [pool.ref_count(b) for b in range(4)],
+        pool.num_cached_free,
+        pool.hits,
+        pool.misses,
+    )
     assert before == after
     assert pool.is_cached_free(b1)
     assert pool.ref_count(b0) == 1
@@ -323,7 +351,11 @@ def test_manager_without_prefix_caching_never_shares_across_requests(finish_firs
     if not finish_first:
         assert first_ids.isdisjoint(second_ids)
     stats = manager.memory_stats()
-    assert (stats.prefix_cache_hits, stats.prefix_cache_misses, stats.device.num_cached_free) == (0, 0, 0)
+    assert (
+        stats.prefix_cache_hits,
+        stats.prefix_cache_misses,
+        stats.device.num_cached_free,
+    ) == (0, 0, 0)
 
 
 @pytest.mark.task1_6
@@ -334,7 +366,9 @@ def test_manager_prompt_cached_whole_still_computes_its_last_block():
     first_blocks = list(manager.get_block_table(first).block_ids)
     manager.free(first)
     second_group, second = group(PROMPT[:8], "b")
-    assert manager.allocate(second_group) == BS, "the block with the last token is computed again"
+    assert manager.allocate(second_group) == BS, (
+        "the block with the last token is computed again"
+    )
     blocks = manager.get_block_table(second).block_ids
     assert blocks[0] == first_blocks[0] and blocks[1] != first_blocks[1]
 
@@ -351,9 +385,13 @@ def test_swap_in_maps_blocks_still_in_the_prefix_cache_instead_of_transferring_t
     out = manager.swap_out(swap_group)
     host_of = dict(out)
     mapping = manager.swap_in(swap_group)
-    assert mapping == [(host_of[device_blocks[2]], mapping[0][1])], "only the partial block is transferred"
+    assert mapping == [(host_of[device_blocks[2]], mapping[0][1])], (
+        "only the partial block is transferred"
+    )
     table = manager.get_block_table(swapped)
-    assert table.block_ids[:2] == manager.get_block_table(keep).block_ids[:2], "the prefix is shared again"
+    assert table.block_ids[:2] == manager.get_block_table(keep).block_ids[:2], (
+        "the prefix is shared again"
+    )
     assert manager.device.ref_count(table.block_ids[0]) == 2
     assert manager.memory_stats().blocks_swapped_in == 1 and manager.host.num_used == 0
 

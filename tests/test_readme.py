@@ -22,7 +22,8 @@ def test_readme_quickstart_prints_what_it_says():
     ]
     printed: list[str] = []
     exec(
-        compile(code, "README.md", "exec"), {"print": lambda *args: printed.append(" ".join(map(str, args)))}
+        compile(code, "README.md", "exec"),
+        {"print": lambda *args: printed.append(" ".join(map(str, args)))},
     )
     assert printed == expected
     assert len(expected) >= 4

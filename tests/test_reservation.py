@@ -24,7 +24,11 @@ from minipaged.sampling import BeamSearchParams
 
 def engine(allocator, max_model_len: int = 64) -> LLM:
     runner = SimulatedRunner(step_time=0.1, max_model_len=max_model_len, seed=1)
-    return LLM(runner=runner, block_manager=ReservationManager(allocator), max_model_len=max_model_len)
+    return LLM(
+        runner=runner,
+        block_manager=ReservationManager(allocator),
+        max_model_len=max_model_len,
+    )
 
 
 def greedy(max_tokens: int, n: int = 1) -> SamplingParams:
@@ -53,7 +57,9 @@ def test_beam_search_keeps_its_ranges_and_forks_into_dropped_beams_ranges():
     alloc = ContiguousAllocator(512, "oracle", max_model_len=64, placement="first-fit")
     llm = engine(alloc)
     manager = llm.block_manager
-    (out,) = llm.beam_search({"prompt_token_ids": [1, 2, 3, 4]}, BeamSearchParams(3, 8, ignore_eos=True))
+    (out,) = llm.beam_search(
+        {"prompt_token_ids": [1, 2, 3, 4]}, BeamSearchParams(3, 8, ignore_eos=True)
+    )
     assert len(out.sequences) == 3
     assert manager.num_ranges == 0 and alloc.free_extents == [(0, 512)]
     # 3 ranges of 4 + 8, from admission on
@@ -84,7 +90,10 @@ def test_vattention_runs_short_of_pages_and_preempts_by_recompute():
     llm = engine(alloc, max_model_len=128)
     outs = llm.generate([{"prompt_token_ids": [1] * 8}] * 4, greedy(90), use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 90 for o in outs)
-    assert llm.stats.num_preemptions["recompute"] > 0 and llm.stats.num_preemptions["swap"] == 0
+    assert (
+        llm.stats.num_preemptions["recompute"] > 0
+        and llm.stats.num_preemptions["swap"] == 0
+    )
     assert alloc.pages.num_free == alloc.pages.num_blocks
 
 
@@ -108,12 +117,16 @@ def test_static_batching_admits_a_batch_only_when_the_last_one_has_finished():
     runner = SimulatedRunner(step_time=1.0, max_model_len=64)
     llm = LLM(
         runner=runner,
-        block_manager=ReservationManager(ContiguousAllocator(1024, "max", max_model_len=64)),
+        block_manager=ReservationManager(
+            ContiguousAllocator(1024, "max", max_model_len=64)
+        ),
         max_model_len=64,
         batching="static",
     )
     for max_tokens, arrival in ((3, 0.0), (8, 0.0), (2, 1.5)):
-        llm.add_request({"prompt_token_ids": [1, 2]}, greedy(max_tokens), arrival_time=arrival)
+        llm.add_request(
+            {"prompt_token_ids": [1, 2]}, greedy(max_tokens), arrival_time=arrival
+        )
     outputs = {}
     while llm.has_unfinished_requests():
         outputs.update({o.request_id: o for o in llm.step()})
@@ -158,10 +171,22 @@ requests = st.lists(
 @settings(max_examples=25, deadline=None)
 @given(requests, st.sampled_from(ALLOCATORS))
 def test_any_workload_finishes_and_returns_every_slot(reqs, allocator):
-    workload = [Req(f"r{i}", t, p, o, n=max(n, 1), beam_width=w) for i, (t, p, o, (n, w)) in enumerate(reqs)]
-    result = simulate(workload, allocator, kv_slots=1024, block_size=8, page_tokens=32, max_model_len=128)
+    workload = [
+        Req(f"r{i}", t, p, o, n=max(n, 1), beam_width=w)
+        for i, (t, p, o, (n, w)) in enumerate(reqs)
+    ]
+    result = simulate(
+        workload,
+        allocator,
+        kv_slots=1024,
+        block_size=8,
+        page_tokens=32,
+        max_model_len=128,
+    )
     assert result.num_finished == len(workload)
-    assert sorted(f.request_id for f in result.finished) == sorted(r.request_id for r in workload)
+    assert sorted(f.request_id for f in result.finished) == sorted(
+        r.request_id for r in workload
+    )
     for f in result.finished:
         assert f.arrival_time <= f.first_token_time <= f.finished_time
     for record in result.records:
@@ -181,8 +206,14 @@ def test_reserving_block_manager_admits_by_the_whole_reservation_on_a_real_model
     orca = LLM("tiny-llama", block_size=4, max_model_len=64, block_manager=manager)
     expected = paged.generate(prompts, params, use_tqdm=False)
     outs = orca.generate(prompts, params, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in expected]
-    assert max(s.num_running for s in orca.step_stats) == 2 < max(s.num_running for s in paged.step_stats)
+    assert [o.outputs[0].token_ids for o in outs] == [
+        o.outputs[0].token_ids for o in expected
+    ]
+    assert (
+        max(s.num_running for s in orca.step_stats)
+        == 2
+        < max(s.num_running for s in paged.step_stats)
+    )
     assert manager.device.num_free == 40 and not manager._promised
     oracle = ReservingBlockManager(4, 40, "oracle", max_model_len=64)
     assert oracle.reserved_blocks(5, 6) == 3  # 11 slots

@@ -25,7 +25,9 @@ def random_logits(seed: int, vocab: int = VOCAB, spread: float = 3.0) -> torch.T
     return torch.randn(vocab, generator=torch.Generator().manual_seed(seed)) * spread
 
 
-def draw(logits: torch.Tensor, params: SamplingParams, num: int, seed: int = 0) -> torch.Tensor:
+def draw(
+    logits: torch.Tensor, params: SamplingParams, num: int, seed: int = 0
+) -> torch.Tensor:
     """`num` tokens drawn one by one with one seeded generator."""
     gen = torch.Generator().manual_seed(seed)
     return torch.tensor([sample(logits, params, gen)[0] for _ in range(num)])
@@ -43,14 +45,19 @@ def test_greedy_is_argmax_with_the_models_logprob(seed):
     logits = random_logits(seed)
     token, logprob = sample(logits, SamplingParams(temperature=0.0), None)
     assert token == int(torch.argmax(logits))
-    assert logprob == pytest.approx(float(torch.log_softmax(logits, -1)[token]), abs=1e-6)
+    assert logprob == pytest.approx(
+        float(torch.log_softmax(logits, -1)[token]), abs=1e-6
+    )
 
 
 def test_greedy_ignores_the_generator_and_top_k_top_p():
     logits = random_logits(1)
     gen = torch.Generator().manual_seed(0)
     state = gen.get_state()
-    for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, top_k=5, top_p=0.3)):
+    for params in (
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.0, top_k=5, top_p=0.3),
+    ):
         assert sample(logits, params, gen)[0] == int(torch.argmax(logits))
     assert torch.equal(gen.get_state(), state)  # greedy draws nothing
 
@@ -101,7 +108,10 @@ def test_top_p_keeps_the_smallest_nucleus():
     # 0.5 + 0.25 reaches 0.7: nothing else is needed
     assert set(tokens.tolist()) == {1, 3}
     torch.testing.assert_close(
-        frequencies(tokens, 5), torch.tensor([0.0, 2 / 3, 0.0, 1 / 3, 0.0]), atol=0.03, rtol=0
+        frequencies(tokens, 5),
+        torch.tensor([0.0, 2 / 3, 0.0, 1 / 3, 0.0]),
+        atol=0.03,
+        rtol=0,
     )
     tokens = draw(logits, SamplingParams(temperature=1.0, top_p=0.8), 3000)
     # one of the 0.1s joins
@@ -202,7 +212,13 @@ def test_beam_search_params_reject_bad_values(kwargs, field):
 
 def test_params_defaults_and_edges_are_accepted():
     params = SamplingParams()
-    assert (params.n, params.temperature, params.top_p, params.top_k, params.max_tokens) == (
+    assert (
+        params.n,
+        params.temperature,
+        params.top_p,
+        params.top_k,
+        params.max_tokens,
+    ) == (
         1,
         1.0,
         1.0,
@@ -226,7 +242,9 @@ def engine(seed: int = WEIGHT_SEED, **kwargs) -> LLM:
 
 def prompt_ids(seed: int, length: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
-    return {"prompt_token_ids": torch.randint(3, VOCAB, (length,), generator=gen).tolist()}
+    return {
+        "prompt_token_ids": torch.randint(3, VOCAB, (length,), generator=gen).tolist()
+    }
 
 
 def tokens_of(out) -> list[list[int]]:
@@ -285,7 +303,9 @@ def test_parallel_samples_of_a_block_aligned_prompt_never_copy():
     n = 3
     llm = engine(block_size=4)
     (out,) = llm.generate(
-        prompt_ids(2, 8), SamplingParams(n=n, max_tokens=6, seed=5, ignore_eos=True), use_tqdm=False
+        prompt_ids(2, 8),
+        SamplingParams(n=n, max_tokens=6, seed=5, ignore_eos=True),
+        use_tqdm=False,
     )
     assert llm.stats.cow_copies == 0
     # the two prompt blocks, held once
@@ -300,7 +320,9 @@ def test_sampled_logprobs_are_the_models():
     prompt = prompt_ids(3, 7)
     (out,) = llm.generate(
         prompt,
-        SamplingParams(n=2, temperature=1.7, top_k=40, max_tokens=6, seed=2, ignore_eos=True),
+        SamplingParams(
+            n=2, temperature=1.7, top_k=40, max_tokens=6, seed=2, ignore_eos=True
+        ),
         use_tqdm=False,
     )
     model = load_preset("tiny-llama", WEIGHT_SEED)
@@ -313,11 +335,17 @@ def test_sampled_logprobs_are_the_models():
             logprobs = torch.log_softmax(model(ids).logits[0].float(), -1)
         rows = torch.arange(len(p) - 1, ids.shape[1] - 1)
         want = logprobs[rows, torch.tensor(completion.token_ids)]
-        torch.testing.assert_close(torch.tensor(completion.logprobs), want, atol=1e-4, rtol=0)
-        assert completion.cumulative_logprob == pytest.approx(float(want.sum()), abs=1e-3)
+        torch.testing.assert_close(
+            torch.tensor(completion.logprobs), want, atol=1e-4, rtol=0
+        )
+        assert completion.cumulative_logprob == pytest.approx(
+            float(want.sum()), abs=1e-3
+        )
 
 
-MIXED = SamplingParams(n=3, temperature=0.8, top_k=50, top_p=0.9, max_tokens=10, seed=123, ignore_eos=True)
+MIXED = SamplingParams(
+    n=3, temperature=0.8, top_k=50, top_p=0.9, max_tokens=10, seed=123, ignore_eos=True
+)
 
 
 def test_seeded_request_reproduces_across_engines():
@@ -325,8 +353,12 @@ def test_seeded_request_reproduces_across_engines():
     first = engine().generate(prompt, MIXED, use_tqdm=False)[0]
     second = engine(block_size=16).generate(prompt, MIXED, use_tqdm=False)[0]
     assert tokens_of(first) == tokens_of(second)
-    other_seed = SamplingParams(n=3, temperature=0.8, top_k=50, top_p=0.9, max_tokens=10, seed=124)
-    assert tokens_of(engine().generate(prompt, other_seed, use_tqdm=False)[0]) != tokens_of(first)
+    other_seed = SamplingParams(
+        n=3, temperature=0.8, top_k=50, top_p=0.9, max_tokens=10, seed=124
+    )
+    assert tokens_of(
+        engine().generate(prompt, other_seed, use_tqdm=False)[0]
+    ) != tokens_of(first)
 
 
 def test_seeded_request_does_not_depend_on_its_batch():
@@ -347,8 +379,12 @@ def test_seeded_request_does_not_depend_on_its_batch():
     got = outs[1]
     assert tokens_of(got) == tokens_of(want)
     for a, b in zip(got.outputs, want.outputs, strict=True):
-        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
-    assert [len(c.token_ids) for c in outs[0].outputs] == [14, 14] and len(outs[2].outputs[0].token_ids) == 3
+        torch.testing.assert_close(
+            torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0
+        )
+    assert [len(c.token_ids) for c in outs[0].outputs] == [14, 14] and len(
+        outs[2].outputs[0].token_ids
+    ) == 3
     assert_all_blocks_free(llm)
 
 
@@ -360,8 +396,16 @@ def test_unseeded_requests_draw_from_the_engine_seed():
     def run(engine_seed: int) -> list[list[list[int]]]:
         # the same weights whatever the engine's seed
         model = load_preset("tiny-llama", WEIGHT_SEED)
-        llm = LLM(model, block_size=4, num_gpu_blocks=64, seed=engine_seed, tokenizer=ByteTokenizer())
-        outs = llm.generate(prompts, params, use_tqdm=False) + llm.generate(prompts, params, use_tqdm=False)
+        llm = LLM(
+            model,
+            block_size=4,
+            num_gpu_blocks=64,
+            seed=engine_seed,
+            tokenizer=ByteTokenizer(),
+        )
+        outs = llm.generate(prompts, params, use_tqdm=False) + llm.generate(
+            prompts, params, use_tqdm=False
+        )
         assert_all_blocks_free(llm)
         return [tokens_of(o) for o in outs]
 
@@ -376,14 +420,18 @@ def test_a_sample_that_hits_eos_stops_alone():
     n = 4
     llm = engine(block_size=4)
     prompt = prompt_ids(11, 6)
-    params = SamplingParams(n=n, temperature=1.0, max_tokens=10, seed=17, ignore_eos=True)
+    params = SamplingParams(
+        n=n, temperature=1.0, max_tokens=10, seed=17, ignore_eos=True
+    )
     free = tokens_of(llm.generate(prompt, params, use_tqdm=False)[0])
 
     eos = next(
         t for s in free for t in s[1:-1] if sum(t in other for other in free) < n
     )  # emitted mid-way by some sample, never by another
     llm.eos_token_id = eos
-    stopping = SamplingParams(n=n, temperature=1.0, max_tokens=10, seed=17, ignore_eos=False)
+    stopping = SamplingParams(
+        n=n, temperature=1.0, max_tokens=10, seed=17, ignore_eos=False
+    )
     (out,) = llm.generate(prompt, stopping, use_tqdm=False)
     reasons = set()
     for completion, tokens in zip(out.outputs, free, strict=True):

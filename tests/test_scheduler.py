@@ -46,7 +46,9 @@ def make_scheduler(
     block_size: int = BS,
 ) -> Scheduler:
     """A scheduler over a real BlockManager (block size 4, no watermark, so the arithmetic is exact)."""
-    manager = BlockManager(block_size, num_gpu_blocks, num_cpu_blocks, 0.0, enable_prefix_caching)
+    manager = BlockManager(
+        block_size, num_gpu_blocks, num_cpu_blocks, 0.0, enable_prefix_caching
+    )
     config = SchedulerConfig(
         max_model_len=1024,
         max_num_seqs=max_num_seqs,
@@ -56,12 +58,17 @@ def make_scheduler(
     return Scheduler(config, manager)
 
 
-def make_group(request_id: str, prompt: list[int] | int, n: int = 1, max_tokens: int = 100) -> SequenceGroup:
+def make_group(
+    request_id: str, prompt: list[int] | int, n: int = 1, max_tokens: int = 100
+) -> SequenceGroup:
     """A request of `n` samples made as the engine makes them: one sequence and n - 1 forks of it."""
     prompt = list(range(100, 100 + prompt)) if isinstance(prompt, int) else list(prompt)
     first = Sequence(prompt)
     group = SequenceGroup(
-        request_id, [first] + [first.fork() for _ in range(n - 1)], float(next(_clock)), max_seqs=n
+        request_id,
+        [first] + [first.fork() for _ in range(n - 1)],
+        float(next(_clock)),
+        max_seqs=n,
     )
     _max_tokens[group] = max_tokens
     return group
@@ -97,7 +104,10 @@ def ids(groups) -> list[str]:
 
 
 def holds_blocks(manager: BlockManager, group: SequenceGroup) -> bool:
-    return any(s.seq_id in manager.device_tables or s.seq_id in manager.host_tables for s in group.seqs)
+    return any(
+        s.seq_id in manager.device_tables or s.seq_id in manager.host_tables
+        for s in group.seqs
+    )
 
 
 # ---- admission: FCFS and the step's budgets ----------------------------------------------------
@@ -112,7 +122,9 @@ def test_admits_in_arrival_order_and_prefill_q_len_is_the_prompt():
     assert ids(scheduler.running) == ["a", "b", "c"] and not scheduler.waiting
     assert out.num_batched_tokens == 15
     out = engine_step(scheduler)
-    assert q_lens(out) == [("a", 1), ("b", 1), ("c", 1)], "after its prefill a sequence decodes one token"
+    assert q_lens(out) == [("a", 1), ("b", 1), ("c", 1)], (
+        "after its prefill a sequence decodes one token"
+    )
     assert out.num_batched_tokens == 3
 
 
@@ -166,7 +178,10 @@ def test_a_prompt_longer_than_the_budget_runs_alone_in_an_empty_step():
     assert q_lens(out) == [("long", 20)], "nothing else in the step: it runs, alone"
     for _ in range(2):  # long's two decodes: 1 + 6 > 4, so "next" waits
         out = engine_step(scheduler)
-        assert q_lens(out) == [("long", 1)] and ids(scheduler.waiting) == ["next", "short"]
+        assert q_lens(out) == [("long", 1)] and ids(scheduler.waiting) == [
+            "next",
+            "short",
+        ]
     out = engine_step(scheduler)  # long finished: an empty step again
     assert q_lens(out) == [("next", 6)]
     out = engine_step(scheduler)
@@ -181,7 +196,9 @@ def test_parallel_samples_share_the_prompt_and_compute_it_once():
     assert [item.num_query_tokens for item in out.scheduled] == [6, 1, 1]
     assert out.num_batched_tokens == 8
     manager = scheduler.block_manager
-    assert manager.device.num_used == 2, "three samples of a 6-token prompt share its 2 blocks"
+    assert manager.device.num_used == 2, (
+        "three samples of a 6-token prompt share its 2 blocks"
+    )
 
 
 # ---- the token budget: every step, every phase -------------------------------------------------
@@ -195,7 +212,9 @@ def over_budget(scheduler: Scheduler, max_num_batched_tokens: int) -> None:
     spends more than its budget: a group that does not fit waits a step.
     """
     # frozen
-    object.__setattr__(scheduler.config, "max_num_batched_tokens", max_num_batched_tokens)
+    object.__setattr__(
+        scheduler.config, "max_num_batched_tokens", max_num_batched_tokens
+    )
 
 
 def groups_in(out: SchedulerOutput) -> list[SequenceGroup]:
@@ -210,7 +229,9 @@ def test_scheduler_config_refuses_a_budget_below_max_num_seqs(max_num_seqs, data
     with pytest.raises(ValueError, match=expected):
         SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
     # equal: enough
-    config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_seqs)
+    config = SchedulerConfig(
+        max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_seqs
+    )
     assert config.max_num_batched_tokens == max_num_seqs
 
 
@@ -224,7 +245,10 @@ def test_a_prefill_joins_only_if_it_fits_what_the_decodes_left(num_running, extr
     # exactly what the decodes leave
     scheduler.add(make_group("fits", budget - num_running))
     out = engine_step(scheduler)
-    assert q_lens(out) == [*((f"r{i}", 1) for i in range(num_running)), ("fits", budget - num_running)]
+    assert q_lens(out) == [
+        *((f"r{i}", 1) for i in range(num_running)),
+        ("fits", budget - num_running),
+    ]
     assert out.num_batched_tokens == budget
     # one token too many: "fits" decodes too
     scheduler.add(make_group("over", budget - num_running))
@@ -234,12 +258,19 @@ def test_a_prefill_joins_only_if_it_fits_what_the_decodes_left(num_running, extr
     assert ids(scheduler.waiting) == ["over", "short"]
 
 
-@given(max_tokens=st.lists(st.integers(1, 6), min_size=8, max_size=8), budget=st.integers(1, 7))
-def test_decodes_beyond_the_budget_wait_a_step_and_the_oldest_go_first(max_tokens, budget):
+@given(
+    max_tokens=st.lists(st.integers(1, 6), min_size=8, max_size=8),
+    budget=st.integers(1, 7),
+)
+def test_decodes_beyond_the_budget_wait_a_step_and_the_oldest_go_first(
+    max_tokens, budget
+):
     scheduler = make_scheduler(64, max_num_seqs=8, max_num_batched_tokens=16)
     manager = scheduler.block_manager
     # 15 tokens
-    groups = [make_group(f"g{i}", 1 + i % 3, max_tokens=m) for i, m in enumerate(max_tokens)]
+    groups = [
+        make_group(f"g{i}", 1 + i % 3, max_tokens=m) for i, m in enumerate(max_tokens)
+    ]
     for group in groups:
         scheduler.add(group)
     # over max_num_seqs until one of the 8 finishes
@@ -256,13 +287,19 @@ def test_decodes_beyond_the_budget_wait_a_step_and_the_oldest_go_first(max_token
         assert 1 <= out.num_batched_tokens <= budget and not out.preempted
         ran = [g for g in groups_in(out) if g in running]
         # The oldest running groups get the budget; the others wait a step, with their blocks.
-        assert ids(ran) == ids(running[: len(ran)]) and len(ran) == min(budget, len(running))
+        assert ids(ran) == ids(running[: len(ran)]) and len(ran) == min(
+            budget, len(running)
+        )
         assert out.deferred == ids(running[len(ran) :])
         for group in running[len(ran) :]:
             assert group in scheduler.running
-            assert all(manager.get_block_table(s).num_tokens == len(s) - 1 for s in group.seqs)
+            assert all(
+                manager.get_block_table(s).num_tokens == len(s) - 1 for s in group.seqs
+            )
         if late in groups_in(out) and late not in running:
-            assert not out.deferred, "no newer group takes the tokens an older one waits for"
+            assert not out.deferred, (
+                "no newer group takes the tokens an older one waits for"
+            )
     assert not scheduler.has_unfinished()
     for group, m in zip(groups, max_tokens, strict=True):
         assert group.seqs[0].output_token_ids == [10] * m
@@ -270,7 +307,9 @@ def test_decodes_beyond_the_budget_wait_a_step_and_the_oldest_go_first(max_token
 
 
 def test_a_swapped_group_comes_back_only_within_the_budget():
-    scheduler = make_scheduler(4, num_cpu_blocks=8, preemption_mode="swap", max_num_seqs=8)
+    scheduler = make_scheduler(
+        4, num_cpu_blocks=8, preemption_mode="swap", max_num_seqs=8
+    )
     manager = scheduler.block_manager
     scheduler.add(make_group("a", 4, max_tokens=2))  # needs a 2nd block at step 2
     scheduler.add(make_group("b", 2, max_tokens=6))
@@ -282,12 +321,16 @@ def test_a_swapped_group_comes_back_only_within_the_budget():
     assert out.preempted == [("c", "swap")]
     assert ids(scheduler.running) == ["b"], "a finished"
     over_budget(scheduler, 3)  # b's decode (1) + c's three samples (3) > 3
-    assert manager.can_swap_in(c), "memory would let c back in: only the budget holds it"
+    assert manager.can_swap_in(c), (
+        "memory would let c back in: only the budget holds it"
+    )
     for _ in range(5):  # b's 4 remaining decodes, then c alone
         out = engine_step(scheduler)
         if not scheduler.swapped:
             break
-        assert q_lens(out) == [("b", 1)] and not out.blocks_to_swap_in, "1 + 3 > 3: c stays out"
+        assert q_lens(out) == [("b", 1)] and not out.blocks_to_swap_in, (
+            "1 + 3 > 3: c stays out"
+        )
     assert q_lens(out) == [("c", 1)] * 3 and out.blocks_to_swap_in
     assert not scheduler.has_unfinished()
     assert [s.output_token_ids for s in c.seqs] == [[10, 10], [11, 11], [12, 12]]
@@ -351,8 +394,12 @@ def test_recompute_preempts_the_most_recent_group_whole_and_requeues_it_first():
     assert out.preempted == [("c", "recompute")]
     assert q_lens(out) == [("a", 1), ("b", 1)]
     assert ids(scheduler.running) == ["a", "b"]
-    assert ids(scheduler.waiting) == ["c", "d"], "the victim waits at the front, ahead of later arrivals"
-    assert all(s.status == SequenceStatus.WAITING for s in c.seqs), "all three samples at once"
+    assert ids(scheduler.waiting) == ["c", "d"], (
+        "the victim waits at the front, ahead of later arrivals"
+    )
+    assert all(s.status == SequenceStatus.WAITING for s in c.seqs), (
+        "all three samples at once"
+    )
     assert all(s.num_computed_tokens == 0 for s in c.seqs)
     assert not holds_blocks(manager, c)
     assert scheduler.num_preemptions == {"recompute": 1, "swap": 0}
@@ -394,7 +441,9 @@ def test_swap_out_moves_the_group_to_the_host_and_resumes_it_before_admitting():
 
     out = engine_step(scheduler)
     assert out.preempted == [("c", "swap")]
-    assert len(out.blocks_to_swap_out) == 1, "the block the three samples share moves once"
+    assert len(out.blocks_to_swap_out) == 1, (
+        "the block the three samples share moves once"
+    )
     src, dst = out.blocks_to_swap_out[0]
     assert src == c_block
     assert manager.host.num_used == 1 and manager.host.ref_count(dst) == 3
@@ -402,8 +451,12 @@ def test_swap_out_moves_the_group_to_the_host_and_resumes_it_before_admitting():
     assert all(s.seq_id not in manager.device_tables for s in c.seqs)
     assert ids(scheduler.swapped) == ["c"] and c not in scheduler.running
     assert all(s.status == SequenceStatus.SWAPPED for s in c.seqs)
-    assert all(s.num_computed_tokens == 5 - 1 for s in c.seqs), "swapped K/V are kept, not recomputed"
-    assert ids(scheduler.waiting) == ["d"], "no admission in a step that preempted (1 block was free)"
+    assert all(s.num_computed_tokens == 5 - 1 for s in c.seqs), (
+        "swapped K/V are kept, not recomputed"
+    )
+    assert ids(scheduler.waiting) == ["d"], (
+        "no admission in a step that preempted (1 block was free)"
+    )
     assert manager.device.num_free == 1
 
     # c cannot come back yet; d could fit, but swapped groups go first
@@ -414,7 +467,9 @@ def test_swap_out_moves_the_group_to_the_host_and_resumes_it_before_admitting():
 
     out = engine_step(scheduler)
     assert len(out.blocks_to_swap_in) == 1 and out.blocks_to_swap_in[0][0] == dst
-    assert q_lens(out) == [("c", 1), ("c", 1), ("c", 1)], "swapped-in samples decode the token they had"
+    assert q_lens(out) == [("c", 1), ("c", 1), ("c", 1)], (
+        "swapped-in samples decode the token they had"
+    )
     assert ids(scheduler.running) == ["c"] and not scheduler.swapped
     assert ids(scheduler.waiting) == ["d"]
     assert manager.host.num_used == 0
@@ -423,17 +478,24 @@ def test_swap_out_moves_the_group_to_the_host_and_resumes_it_before_admitting():
 
 
 @pytest.mark.parametrize(("num_cpu_blocks", "c_prompt"), [(0, 4), (1, 8)])
-def test_swap_falls_back_to_recompute_when_the_host_pool_is_full(num_cpu_blocks, c_prompt):
+def test_swap_falls_back_to_recompute_when_the_host_pool_is_full(
+    num_cpu_blocks, c_prompt
+):
     # c holds 1 block (prompt 4) with no host pool, or 2 blocks (prompt 8) with a 1-block host pool.
     pool = 2 + num_blocks_for(c_prompt, BS)
-    scheduler = make_scheduler(pool, num_cpu_blocks=num_cpu_blocks, preemption_mode="swap")
+    scheduler = make_scheduler(
+        pool, num_cpu_blocks=num_cpu_blocks, preemption_mode="swap"
+    )
     *_, c = three_groups(scheduler, c_prompt)
     engine_step(scheduler)
     out = engine_step(scheduler)
     assert out.preempted == [("c", "recompute")]
     assert not out.blocks_to_swap_out and not scheduler.swapped
     assert ids(scheduler.waiting) == ["c"]
-    assert all(s.status == SequenceStatus.WAITING and s.num_computed_tokens == 0 for s in c.seqs)
+    assert all(
+        s.status == SequenceStatus.WAITING and s.num_computed_tokens == 0
+        for s in c.seqs
+    )
     assert not holds_blocks(scheduler.block_manager, c)
     assert scheduler.block_manager.host.num_used == 0
     assert scheduler.num_preemptions == {"recompute": 1, "swap": 0}
@@ -486,7 +548,9 @@ def test_swapped_group_comes_back_once_the_pool_is_empty():
 
 
 @pytest.mark.parametrize(("block_size", "n"), [(4, 2), (1, 1)])
-def test_swap_in_with_prefix_caching_when_the_pending_token_fills_a_block(block_size, n):
+def test_swap_in_with_prefix_caching_when_the_pending_token_fills_a_block(
+    block_size, n
+):
     """A group swapped out between sampling a token and getting its slot comes back intact.
 
     c's prompt ends one token short of a full block, so the token each sample drew before the swap
@@ -516,7 +580,10 @@ def test_swap_in_with_prefix_caching_when_the_pending_token_fills_a_block(block_
     # (its full blocks may still be in the device's prefix cache: those come back without a transfer)
     assert q_lens(out) == [("c", 1)] * n and not scheduler.swapped
     assert not scheduler.has_unfinished()
-    assert manager.device.num_free == manager.device.num_blocks and manager.host.num_used == 0
+    assert (
+        manager.device.num_free == manager.device.num_blocks
+        and manager.host.num_used == 0
+    )
 
 
 # ---- copy-on-write -----------------------------------------------------------------------------
@@ -536,7 +603,9 @@ def test_diverging_samples_copy_their_shared_partial_block():
     (pair,) = out.blocks_to_copy
     assert pair[0] == partial
     assert manager.get_block_table(first).block_ids == [full, pair[1]]
-    assert manager.get_block_table(second).block_ids == [full, partial], "the last holder writes in place"
+    assert manager.get_block_table(second).block_ids == [full, partial], (
+        "the last holder writes in place"
+    )
     assert manager.device.ref_count(full) == 2
     assert manager.device.ref_count(partial) == manager.device.ref_count(pair[1]) == 1
     out = engine_step(scheduler)
@@ -652,8 +721,12 @@ class SchedulerMachine(RuleBasedStateMachine):
         preemption_mode,
         prefix_caching,
     ):
-        self.manager = BlockManager(block_size, num_gpu_blocks, num_cpu_blocks, watermark, prefix_caching)
-        config = SchedulerConfig(1024, max_num_seqs, max_num_seqs + extra_tokens, preemption_mode)
+        self.manager = BlockManager(
+            block_size, num_gpu_blocks, num_cpu_blocks, watermark, prefix_caching
+        )
+        config = SchedulerConfig(
+            1024, max_num_seqs, max_num_seqs + extra_tokens, preemption_mode
+        )
         self.scheduler = Scheduler(config, self.manager)
         self.unfinished: list[SequenceGroup] = []
         self.max_tokens: dict[str, int] = {}
@@ -691,9 +764,14 @@ class SchedulerMachine(RuleBasedStateMachine):
             seq.num_computed_tokens = len(seq)
             token = next_token()
             seq.append_token_id(token)
-            if token == EOS or len(seq.output_token_ids) >= self.max_tokens[group.request_id]:
+            if (
+                token == EOS
+                or len(seq.output_token_ids) >= self.max_tokens[group.request_id]
+            ):
                 seq.status = (
-                    SequenceStatus.FINISHED_STOPPED if token == EOS else SequenceStatus.FINISHED_LENGTH_CAPPED
+                    SequenceStatus.FINISHED_STOPPED
+                    if token == EOS
+                    else SequenceStatus.FINISHED_LENGTH_CAPPED
                 )
                 manager.free(seq)
             if group.is_finished():
@@ -716,13 +794,19 @@ class SchedulerMachine(RuleBasedStateMachine):
         ):
             for src_block, dst_block in mapping:
                 for offset in range(bs):
-                    self.pool[dst][dst_block * bs + offset] = self.pool[src].get(src_block * bs + offset)
+                    self.pool[dst][dst_block * bs + offset] = self.pool[src].get(
+                        src_block * bs + offset
+                    )
         written: dict[int, int] = {}
         for item in out.scheduled:
             seq, q_len = item.seq, item.num_query_tokens
             slots = self.manager.get_block_table(seq).slot_mapping(q_len)
-            for slot, token in zip(slots, seq.token_ids[len(seq) - q_len :], strict=True):
-                assert written.setdefault(slot, token) == token, f"two tokens written to slot {slot}"
+            for slot, token in zip(
+                slots, seq.token_ids[len(seq) - q_len :], strict=True
+            ):
+                assert written.setdefault(slot, token) == token, (
+                    f"two tokens written to slot {slot}"
+                )
                 self.pool["device"][slot] = token
 
     def _check_output(self, out, status_before, running_before, waiting_before) -> None:
@@ -733,14 +817,20 @@ class SchedulerMachine(RuleBasedStateMachine):
             seq = item.seq
             assert seq.seq_id not in seen, "a sequence scheduled twice in one step"
             seen.add(seq.seq_id)
-            assert seq.status == SequenceStatus.RUNNING and item.group in scheduler.running
-            assert manager.get_block_table(seq).num_tokens == len(seq), "every token has its slot"
+            assert (
+                seq.status == SequenceStatus.RUNNING and item.group in scheduler.running
+            )
+            assert manager.get_block_table(seq).num_tokens == len(seq), (
+                "every token has its slot"
+            )
             assert 1 <= item.num_query_tokens == len(seq) - seq.num_computed_tokens
             if status_before[seq.seq_id] == SequenceStatus.WAITING:
                 if item.group not in admitted:
                     admitted.append(item.group)
             else:
-                assert item.num_query_tokens == 1, "a running or swapped-in sequence decodes one token"
+                assert item.num_query_tokens == 1, (
+                    "a running or swapped-in sequence decodes one token"
+                )
         # The token budget holds at every step. The one step that may pass it holds a single group's
         # prefill, larger than the whole budget (a recompute that grew past it, or a long prompt).
         budget = scheduler.config.max_num_batched_tokens
@@ -748,7 +838,9 @@ class SchedulerMachine(RuleBasedStateMachine):
             event("a prefill larger than the budget, alone")
             assert len({id(item.group) for item in out.scheduled}) == 1
             assert all(item.is_prefill for item in out.scheduled)
-        assert not out.deferred, "with a budget >= max_num_seqs every running sequence decodes"
+        assert not out.deferred, (
+            "with a budget >= max_num_seqs every running sequence decodes"
+        )
         if out.num_batched_tokens == budget:
             event("the budget is spent")
         # FCFS: the groups admitted are the head of the waiting queue, in order.
@@ -756,7 +848,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         if admitted:
             event("admitted")
             assert not out.preempted, "no admission in a step that preempted"
-            assert not scheduler.swapped, "swapped groups come back before any admission"
+            assert not scheduler.swapped, (
+                "swapped groups come back before any admission"
+            )
         # Victims are the newest: every group that kept running arrived before every victim.
         victims = [g for g in running_before if g not in scheduler.running]
         kept = [g for g in running_before if g in scheduler.running]
@@ -768,8 +862,12 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert sorted(modes) == sorted(ids(victims))
         for group in victims:
             mode = modes[group.request_id]
-            expected = SequenceStatus.SWAPPED if mode == "swap" else SequenceStatus.WAITING
-            assert all(s.status == expected for s in group.get_unfinished_seqs()), "a group goes whole"
+            expected = (
+                SequenceStatus.SWAPPED if mode == "swap" else SequenceStatus.WAITING
+            )
+            assert all(s.status == expected for s in group.get_unfinished_seqs()), (
+                "a group goes whole"
+            )
         # Within a group a shared block moves once. Across groups only the prefix cache shares blocks: a
         # block two victims share is copied out for each, and two host blocks may come back to one
         # device block that the cache still holds.
@@ -781,18 +879,28 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert distinct([host for _, host in out.blocks_to_swap_out])
         assert distinct([host for host, _ in out.blocks_to_swap_in])
         if not prefix_caching:
-            assert distinct([device for device, _ in out.blocks_to_swap_out]), "a shared block moves once"
+            assert distinct([device for device, _ in out.blocks_to_swap_out]), (
+                "a shared block moves once"
+            )
             assert distinct([device for _, device in out.blocks_to_swap_in])
         # A block shared by three samples may be copied twice (the last holder writes in place).
         assert len({dst for _, dst in out.blocks_to_copy}) == len(out.blocks_to_copy)
         if out.blocks_to_copy:
             event("copy-on-write")
-        written = {b for item in out.scheduled for b in manager.get_block_table(item.seq).block_ids}
+        written = {
+            b
+            for item in out.scheduled
+            for b in manager.get_block_table(item.seq).block_ids
+        }
         for _, dst in out.blocks_to_copy:
-            assert dst in written, "a copy-on-write target belongs to a sequence that runs"
+            assert dst in written, (
+                "a copy-on-write target belongs to a sequence that runs"
+            )
             # else a later prefill may hit it in the same step
             if not manager.enable_prefix_caching:
-                assert manager.device.ref_count(dst) == 1, "a copy-on-write target is private"
+                assert manager.device.ref_count(dst) == 1, (
+                    "a copy-on-write target is private"
+                )
 
     # ---- rules -----------------------------------------------------------------------------------
 
@@ -804,13 +912,18 @@ class SchedulerMachine(RuleBasedStateMachine):
     )
     def add_request(self, prefix_len, tail, n, max_tokens):
         prompt = SYSTEM_PROMPT[:prefix_len] + tail or [7]
-        if n > self.scheduler.config.max_num_seqs or not fits_alone(self.manager, len(prompt), n, max_tokens):
+        if n > self.scheduler.config.max_num_seqs or not fits_alone(
+            self.manager, len(prompt), n, max_tokens
+        ):
             event("refused: too large for the pool")
             return
         first = Sequence(prompt)
         request_id = str(next(self.clock))
         group = SequenceGroup(
-            request_id, [first] + [first.fork() for _ in range(n - 1)], float(request_id), max_seqs=n
+            request_id,
+            [first] + [first.fork() for _ in range(n - 1)],
+            float(request_id),
+            max_seqs=n,
         )
         self.max_tokens[request_id] = max_tokens
         self.unfinished.append(group)
@@ -830,7 +943,9 @@ class SchedulerMachine(RuleBasedStateMachine):
             for table in tables.values():
                 for block in table.block_ids:
                     holders[block] += 1
-            assert [pool.ref_count(b) for b in range(pool.num_blocks)] == holders, pool.name
+            assert [pool.ref_count(b) for b in range(pool.num_blocks)] == holders, (
+                pool.name
+            )
             assert pool.num_used == sum(h > 0 for h in holders)
 
     @invariant()
@@ -838,7 +953,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         s = self.scheduler
         queues = [list(s.running), list(s.waiting), list(s.swapped)]
         members = [id(g) for q in queues for g in q]
-        assert len(members) == len(set(members)), "a group in two queues (or twice in one)"
+        assert len(members) == len(set(members)), (
+            "a group in two queues (or twice in one)"
+        )
         assert sorted(members) == sorted(id(g) for g in self.unfinished)
 
     @invariant()
@@ -853,15 +970,28 @@ class SchedulerMachine(RuleBasedStateMachine):
                     assert seq.status == status
                     assert seq.seq_id in tables and seq.seq_id not in others
                     # Every token but the one sampled last has its K/V in the blocks.
-                    assert tables[seq.seq_id].num_tokens == seq.num_computed_tokens == len(seq) - 1
+                    assert (
+                        tables[seq.seq_id].num_tokens
+                        == seq.num_computed_tokens
+                        == len(seq) - 1
+                    )
         for group in s.waiting:
             for seq in group.get_unfinished_seqs():
-                assert seq.status == SequenceStatus.WAITING and seq.num_computed_tokens == 0
-                assert seq.seq_id not in m.device_tables and seq.seq_id not in m.host_tables
+                assert (
+                    seq.status == SequenceStatus.WAITING
+                    and seq.num_computed_tokens == 0
+                )
+                assert (
+                    seq.seq_id not in m.device_tables
+                    and seq.seq_id not in m.host_tables
+                )
         for group in s.running + s.swapped + list(s.waiting):
             for seq in group.seqs:
                 if seq.is_finished():
-                    assert seq.seq_id not in m.device_tables and seq.seq_id not in m.host_tables
+                    assert (
+                        seq.seq_id not in m.device_tables
+                        and seq.seq_id not in m.host_tables
+                    )
 
     @invariant()
     def the_cache_holds_every_computed_token(self):
@@ -873,7 +1003,10 @@ class SchedulerMachine(RuleBasedStateMachine):
             for group in queue:
                 for seq in group.get_unfinished_seqs():
                     table = tables[seq.seq_id]
-                    stored = [self.pool[pool].get(table.slot(pos)) for pos in range(seq.num_computed_tokens)]
+                    stored = [
+                        self.pool[pool].get(table.slot(pos))
+                        for pos in range(seq.num_computed_tokens)
+                    ]
                     assert stored == seq.token_ids[: seq.num_computed_tokens], (
                         f"seq {seq.seq_id} reads back wrong"
                     )
@@ -893,12 +1026,19 @@ class SchedulerMachine(RuleBasedStateMachine):
             if not self.scheduler.has_unfinished():
                 break
             self._step(lambda: next(token))
-        assert not self.scheduler.has_unfinished(), "requests still unfinished after 1000 steps: livelock"
+        assert not self.scheduler.has_unfinished(), (
+            "requests still unfinished after 1000 steps: livelock"
+        )
         assert not self.unfinished
         m = self.manager
-        assert m.device.num_free == m.device.num_blocks and m.host.num_free == m.host.num_blocks
+        assert (
+            m.device.num_free == m.device.num_blocks
+            and m.host.num_free == m.host.num_blocks
+        )
         assert not m.device_tables and not m.host_tables
 
 
-SchedulerMachine.TestCase.settings = settings(max_examples=50, stateful_step_count=30, deadline=None)
+SchedulerMachine.TestCase.settings = settings(
+    max_examples=50, stateful_step_count=30, deadline=None
+)
 test_scheduler_state_machine = SchedulerMachine.TestCase

@@ -20,7 +20,9 @@ WEIGHT_SEED = 0
 VOCAB_LOW, VOCAB_HIGH = 3, 259  # byte tokens: no pad / bos / eos in the prompts
 
 
-def run(requests, preemption_mode: str, num_gpu_blocks: int, budget: int) -> tuple[list, list]:
+def run(
+    requests, preemption_mode: str, num_gpu_blocks: int, budget: int
+) -> tuple[list, list]:
     """Greedy outputs of `requests` (prompt, max_tokens) and every step's SchedulerOutput."""
     llm = LLM(
         "tiny-llama",
@@ -35,17 +37,29 @@ def run(requests, preemption_mode: str, num_gpu_blocks: int, budget: int) -> tup
     )
     steps: list[SchedulerOutput] = []
     llm.step_observers.append(lambda _, out: steps.append(out))
-    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for _, m in requests]
-    outs = llm.generate([{"prompt_token_ids": p} for p, _ in requests], params, use_tqdm=False)
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True)
+        for _, m in requests
+    ]
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p, _ in requests], params, use_tqdm=False
+    )
     return [o.outputs[0].token_ids for o in outs], steps
 
 
-@pytest.mark.parametrize(("preemption_mode", "num_gpu_blocks"), [("recompute", 64), ("swap", 10)])
-def test_a_budget_of_max_num_seqs_keeps_every_step_within_it_and_the_outputs(preemption_mode, num_gpu_blocks):
+@pytest.mark.parametrize(
+    ("preemption_mode", "num_gpu_blocks"), [("recompute", 64), ("swap", 10)]
+)
+def test_a_budget_of_max_num_seqs_keeps_every_step_within_it_and_the_outputs(
+    preemption_mode, num_gpu_blocks
+):
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     requests = [
-        ([rng.randrange(VOCAB_LOW, VOCAB_HIGH) for _ in range(rng.randint(2, 7))], rng.randint(1, 8))
+        (
+            [rng.randrange(VOCAB_LOW, VOCAB_HIGH) for _ in range(rng.randint(2, 7))],
+            rng.randint(1, 8),
+        )
         for _ in range(6)
     ]
     expected, free_steps = run(requests, preemption_mode, num_gpu_blocks, budget=2048)
@@ -57,7 +71,9 @@ def test_a_budget_of_max_num_seqs_keeps_every_step_within_it_and_the_outputs(pre
     for out in steps:
         # only a prefill longer than the whole budget, alone
         if out.num_batched_tokens > 4:
-            assert len({item.group.request_id for item in out.scheduled}) == 1, f"seed {seed}"
+            assert len({item.group.request_id for item in out.scheduled}) == 1, (
+                f"seed {seed}"
+            )
             assert all(item.is_prefill for item in out.scheduled), f"seed {seed}"
         assert not out.deferred, "with budget == max_num_seqs the decodes always fit"
 
@@ -67,4 +83,9 @@ def test_llm_refuses_a_budget_below_max_num_seqs():
     budget = random.randint(1, max_num_seqs - 1)
     expected = rf"max_num_batched_tokens \({budget}\).*max_num_seqs \({max_num_seqs}\)"
     with pytest.raises(ValueError, match=expected):
-        LLM("tiny-llama", max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, seed=WEIGHT_SEED)
+        LLM(
+            "tiny-llama",
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=budget,
+            seed=WEIGHT_SEED,
+        )

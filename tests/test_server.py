@@ -28,7 +28,13 @@ from minipaged import LLM, SamplingParams
 from minipaged.presets import BYTE_OFFSET, ByteTokenizer
 from minipaged.serving import build_app, running_server
 
-ENGINE_ARGS = dict(block_size=4, num_gpu_blocks=256, num_cpu_blocks=0, max_model_len=160, max_step_stats=8)
+ENGINE_ARGS = dict(
+    block_size=4,
+    num_gpu_blocks=256,
+    num_cpu_blocks=0,
+    max_model_len=160,
+    max_step_stats=8,
+)
 MODEL = "tiny-llama"
 # fresh inputs each run; printed so a failure can be replayed
 SEED = random.randrange(2**31)
@@ -123,7 +129,10 @@ def create(client, prompt, params: SamplingParams, stream: bool, **extra):
 
 def collect(response, stream: bool, n: int) -> dict:
     """Per choice: text, token ids, token logprobs, top logprobs, finish and stop reasons."""
-    choices = {i: {"text": "", "tokens": [], "logprobs": [], "top": [], "finish": None} for i in range(n)}
+    choices = {
+        i: {"text": "", "tokens": [], "logprobs": [], "top": [], "finish": None}
+        for i in range(n)
+    }
     chunks = list(response) if stream else [response]
     for chunk in chunks:
         for c in chunk.choices:
@@ -175,15 +184,23 @@ def test_completion_equals_generate(client, reference, rng, stream, sampling):
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_n_samples_and_usage(client, reference, rng, stream):
     prompt = random_prompt(rng)
-    params = SamplingParams(n=3, **SEEDED, max_tokens=rng.randint(6, 16), seed=rng.randrange(10**6))
+    params = SamplingParams(
+        n=3, **SEEDED, max_tokens=rng.randint(6, 16), seed=rng.randrange(10**6)
+    )
     expected = expected_output(reference, prompt, params)
     response = create(
-        client, prompt, params, stream, **({"stream_options": {"include_usage": True}} if stream else {})
+        client,
+        prompt,
+        params,
+        stream,
+        **({"stream_options": {"include_usage": True}} if stream else {}),
     )
     if stream:
         chunks = list(response)
         usage = chunks[-1].usage
-        assert chunks[-1].choices == [] and all(chunk.usage is None for chunk in chunks[:-1])
+        assert chunks[-1].choices == [] and all(
+            chunk.usage is None for chunk in chunks[:-1]
+        )
         choices = collect(chunks, True, 3)
     else:
         usage = response.usage
@@ -199,11 +216,15 @@ def test_n_samples_and_usage(client, reference, rng, stream):
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_logprobs_list_the_top_tokens(client, reference, rng, stream):
     prompt, k = random_prompt(rng), rng.randint(1, 5)
-    params = SamplingParams(**SEEDED, max_tokens=10, seed=rng.randrange(10**6), ignore_eos=True, logprobs=k)
+    params = SamplingParams(
+        **SEEDED, max_tokens=10, seed=rng.randrange(10**6), ignore_eos=True, logprobs=k
+    )
     expected = expected_output(reference, prompt, params).outputs[0]
     got = collect(create(client, prompt, params, stream), stream, 1)[0]
     assert got["ids"] == expected.token_ids
-    for token, top, want in zip(got["ids"], got["top"], expected.top_logprobs, strict=True):
+    for token, top, want in zip(
+        got["ids"], got["top"], expected.top_logprobs, strict=True
+    ):
         # the sampled token is always listed
         want = {**want, token: want.get(token, None)}
         assert sorted(ids_of(list(top))) == sorted(want)
@@ -226,13 +247,19 @@ def test_text_offsets_follow_the_text(client, rng):
     logprobs = response.choices[0].logprobs
     tokenizer = ByteTokenizer()
     ids = ids_of(logprobs.tokens)
-    assert logprobs.text_offset == [len(tokenizer.decode(ids[:i])) for i in range(len(ids))]
+    assert logprobs.text_offset == [
+        len(tokenizer.decode(ids[:i])) for i in range(len(ids))
+    ]
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_stop_string_cuts_the_text(client, reference, rng, stream):
     prompt = random_prompt(rng)
-    free = expected_output(reference, prompt, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
+    free = expected_output(
+        reference,
+        prompt,
+        SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True),
+    )
     text = free.outputs[0].text
     # a stop string taken from the middle of the free-running text: the first place it occurs wins.
     # Printable ASCII only: a U+FFFD in the text may be a character still incomplete when checked
@@ -244,9 +271,14 @@ def test_stop_string_cuts_the_text(client, reference, rng, stream):
         if text[i : i + length].isascii() and text[i : i + length].isprintable()
     ]
     stop = stops[rng.randrange(len([s for s in stops if len(s) == len(stops[0])]))]
-    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, stop=[stop])
+    params = SamplingParams(
+        temperature=0.0, max_tokens=40, ignore_eos=True, stop=[stop]
+    )
     expected = expected_output(reference, prompt, params)
-    assert expected.outputs[0].finish_reason == "stop" and expected.outputs[0].text == text[: text.find(stop)]
+    assert (
+        expected.outputs[0].finish_reason == "stop"
+        and expected.outputs[0].text == text[: text.find(stop)]
+    )
     got = collect(create(client, prompt, params, stream), stream, 1)
     assert_same(got, expected)
     assert got[0]["stop_reason"] == stop
@@ -255,10 +287,16 @@ def test_stop_string_cuts_the_text(client, reference, rng, stream):
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_stop_token_ids(client, reference, rng, stream):
     prompt = random_prompt(rng)
-    free = expected_output(reference, prompt, SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
+    free = expected_output(
+        reference,
+        prompt,
+        SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True),
+    )
     tokens = free.outputs[0].token_ids
     at = rng.randrange(2, 20)
-    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, stop_token_ids=[tokens[at]])
+    params = SamplingParams(
+        temperature=0.0, max_tokens=30, ignore_eos=True, stop_token_ids=[tokens[at]]
+    )
     got = collect(create(client, prompt, params, stream), stream, 1)[0]
     # kept, as vLLM keeps it
     assert got["ids"] == tokens[: tokens.index(tokens[at]) + 1]
@@ -270,7 +308,9 @@ def test_text_prompt_and_default_max_tokens(client, reference):
         model=MODEL, prompt="Paging is", temperature=0, extra_body={"ignore_eos": True}
     )
     expected = reference.generate(
-        "Paging is", SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True), use_tqdm=False
+        "Paging is",
+        SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True),
+        use_tqdm=False,
     )
     assert response.choices[0].text == expected[0].outputs[0].text
     assert response.usage.completion_tokens == 16  # OpenAI's default max_tokens
@@ -289,11 +329,15 @@ def test_32_concurrent_clients_get_their_own_answers(url, reference, rng):
         for _ in prompts
     ]
     streams = [rng.random() < 0.5 for _ in prompts]
-    expected = reference.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    expected = reference.generate(
+        [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False
+    )
     barrier = threading.Barrier(32)
 
     def one(i: int) -> dict:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+        client = openai.OpenAI(
+            base_url=url + "/v1", api_key="x", max_retries=0, timeout=120
+        )
         barrier.wait()  # all at once: they batch together in the one engine loop
         return collect(create(client, prompts[i], params[i], streams[i]), streams[i], 1)
 
@@ -308,7 +352,9 @@ def test_32_concurrent_clients_get_their_own_answers(url, reference, rng):
 
 def post(url: str, body: bytes | dict) -> tuple[int, dict]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(url + "/v1/completions", data, {"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url + "/v1/completions", data, {"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read())
@@ -360,8 +406,12 @@ BAD_REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize(("change", "field"), BAD_REQUESTS, ids=[f for _, f in BAD_REQUESTS])
-def test_bad_request_is_400_naming_the_field_and_the_server_goes_on(url, reference, change, field):
+@pytest.mark.parametrize(
+    ("change", "field"), BAD_REQUESTS, ids=[f for _, f in BAD_REQUESTS]
+)
+def test_bad_request_is_400_naming_the_field_and_the_server_goes_on(
+    url, reference, change, field
+):
     body = {**VALID, **change}
     if change.get("prompt", 0) is None:
         del body["prompt"]
@@ -371,12 +421,16 @@ def test_bad_request_is_400_naming_the_field_and_the_server_goes_on(url, referen
     assert error["error"]["param"] == field or field in error["error"]["message"]
     status, ok = post(url, VALID)
     expected = reference.generate(
-        {"prompt_token_ids": VALID["prompt"]}, SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False
+        {"prompt_token_ids": VALID["prompt"]},
+        SamplingParams(temperature=0.0, max_tokens=4),
+        use_tqdm=False,
     )
     assert status == 200 and ok["choices"][0]["text"] == expected[0].outputs[0].text
 
 
-@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b"\xff\xfe"], ids=["malformed", "array", "bytes"])
+@pytest.mark.parametrize(
+    "body", [b"{not json", b"[1, 2]", b"\xff\xfe"], ids=["malformed", "array", "bytes"]
+)
 def test_a_body_that_is_not_a_json_object_is_400(url, body):
     status, error = post(url, body)
     assert status == 400 and "error" in error
@@ -385,7 +439,11 @@ def test_a_body_that_is_not_a_json_object_is_400(url, body):
 
 def test_unknown_model_is_404_and_models_and_health(url):
     status, error = post(url, {**VALID, "model": "gpt-9"})
-    assert status == 404 and error["error"]["param"] == "model" and "gpt-9" in error["error"]["message"]
+    assert (
+        status == 404
+        and error["error"]["param"] == "model"
+        and "gpt-9" in error["error"]["message"]
+    )
     with urllib.request.urlopen(url + "/v1/models") as response:
         models = json.loads(response.read())
     assert [m["id"] for m in models["data"]] == [MODEL] and models["object"] == "list"
@@ -416,9 +474,15 @@ def test_disconnect_mid_stream_frees_the_blocks(url, llm):
     sock.close()
     poll(lambda: idle(llm), what="the aborted request's blocks")
     aborted = before["minipaged_requests_aborted_total"] + 1
-    poll(lambda: metrics(url)["minipaged_requests_aborted_total"] == aborted, what="the abort's count")
+    poll(
+        lambda: metrics(url)["minipaged_requests_aborted_total"] == aborted,
+        what="the abort's count",
+    )
     after = metrics(url)
-    assert after["minipaged_requests_finished_total"] == before["minipaged_requests_finished_total"]
+    assert (
+        after["minipaged_requests_finished_total"]
+        == before["minipaged_requests_finished_total"]
+    )
     assert post(url, VALID)[0] == 200
 
 
@@ -429,32 +493,61 @@ def test_disconnect_while_waiting_for_a_whole_completion_frees_the_blocks(url, l
     sock.close()
     poll(lambda: idle(llm), what="the aborted request's blocks")
     aborted = before["minipaged_requests_aborted_total"] + 1
-    poll(lambda: metrics(url)["minipaged_requests_aborted_total"] == aborted, what="the abort's count")
+    poll(
+        lambda: metrics(url)["minipaged_requests_aborted_total"] == aborted,
+        what="the abort's count",
+    )
     after = metrics(url)
-    assert after["minipaged_requests_finished_total"] == before["minipaged_requests_finished_total"]
+    assert (
+        after["minipaged_requests_finished_total"]
+        == before["minipaged_requests_finished_total"]
+    )
 
 
 def test_metrics_move_with_the_requests(url, llm, client, rng):
     before = metrics(url)
     assert before["minipaged_kv_blocks_free"] == ENGINE_ARGS["num_gpu_blocks"]
-    assert before["minipaged_kv_blocks_used"] == 0 and before["minipaged_num_requests_running"] == 0
+    assert (
+        before["minipaged_kv_blocks_used"] == 0
+        and before["minipaged_num_requests_running"] == 0
+    )
     prompt, max_tokens = random_prompt(rng), rng.randint(5, 15)
     response = client.completions.create(
-        model=MODEL, prompt=prompt, max_tokens=max_tokens, n=2, seed=1, extra_body={"ignore_eos": True}
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        n=2,
+        seed=1,
+        extra_body={"ignore_eos": True},
     )
     after = metrics(url)
-    assert after["minipaged_requests_finished_total"] == before["minipaged_requests_finished_total"] + 1
-    assert after["minipaged_prompt_tokens_total"] - before["minipaged_prompt_tokens_total"] == len(prompt)
-    generated = after["minipaged_generation_tokens_total"] - before["minipaged_generation_tokens_total"]
+    assert (
+        after["minipaged_requests_finished_total"]
+        == before["minipaged_requests_finished_total"] + 1
+    )
+    assert after["minipaged_prompt_tokens_total"] - before[
+        "minipaged_prompt_tokens_total"
+    ] == len(prompt)
+    generated = (
+        after["minipaged_generation_tokens_total"]
+        - before["minipaged_generation_tokens_total"]
+    )
     assert generated == response.usage.completion_tokens == 2 * max_tokens
     assert after["minipaged_kv_blocks_free"] == ENGINE_ARGS["num_gpu_blocks"]
-    for name in ["num_requests_waiting", "num_requests_swapped", "prefix_cache_hit_rate"]:
+    for name in [
+        "num_requests_waiting",
+        "num_requests_swapped",
+        "prefix_cache_hit_rate",
+    ]:
         assert f"minipaged_{name}" in after
     assert "minipaged_num_preemptions_total{mode=recompute}" in after
 
     # while a long request runs, the gauges show it
     sock = raw_request(url, {**LONG, "stream": True})
-    poll(lambda: metrics(url)["minipaged_num_requests_running"] == 1, what="the running gauge")
+    poll(
+        lambda: metrics(url)["minipaged_num_requests_running"] == 1,
+        what="the running gauge",
+    )
     running = metrics(url)
     assert running["minipaged_kv_blocks_used"] > 0
     assert (
@@ -484,7 +577,9 @@ def test_an_engine_error_is_500_and_the_server_goes_on(url, llm, reference, rng)
     prompt = random_prompt(rng)
     status, ok = post(url, {**VALID, "prompt": prompt})
     expected = reference.generate(
-        {"prompt_token_ids": prompt}, SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False
+        {"prompt_token_ids": prompt},
+        SamplingParams(temperature=0.0, max_tokens=4),
+        use_tqdm=False,
     )
     assert status == 200 and ok["choices"][0]["text"] == expected[0].outputs[0].text
 
@@ -496,7 +591,11 @@ def test_a_full_queue_is_503():
         body = {"ignore_eos": True}
         streams = [
             client.completions.create(
-                model="small", prompt=[5, 6], max_tokens=150, stream=True, extra_body=body
+                model="small",
+                prompt=[5, 6],
+                max_tokens=150,
+                stream=True,
+                extra_body=body,
             )
             for _ in range(2)
         ]
@@ -510,7 +609,10 @@ def test_a_full_queue_is_503():
             stream.close()
         poll(lambda: idle(llm), what="the closed streams' blocks")
         assert (
-            client.completions.create(model="small", prompt=[5, 6], max_tokens=4).usage.completion_tokens >= 1
+            client.completions.create(
+                model="small", prompt=[5, 6], max_tokens=4
+            ).usage.completion_tokens
+            >= 1
         )
 
 
@@ -530,15 +632,21 @@ def partial(token_ids: list[int], text: str | None = None, finish_reason=None):
     from minipaged.outputs import CompletionOutput, RequestOutput
 
     text = ByteTokenizer().decode(token_ids) if text is None else text
-    completion = CompletionOutput(0, text, list(token_ids), 0.0, [0.0] * len(token_ids), finish_reason)
-    return RequestOutput("0", None, [5], [completion], finished=finish_reason is not None)
+    completion = CompletionOutput(
+        0, text, list(token_ids), 0.0, [0.0] * len(token_ids), finish_reason
+    )
+    return RequestOutput(
+        "0", None, [5], [completion], finished=finish_reason is not None
+    )
 
 
 def streamed_text(outputs, stop=None) -> list[list[str]]:
     from minipaged.serving.responses import CompletionStream
 
     stream = CompletionStream(MODEL, ByteTokenizer(), 1, stop, False, False)
-    chunks = [stream.chunks(out, i == len(outputs) - 1) for i, out in enumerate(outputs)]
+    chunks = [
+        stream.chunks(out, i == len(outputs) - 1) for i, out in enumerate(outputs)
+    ]
     return [[c["choices"][0]["text"] for c in step] for step in chunks]
 
 
@@ -550,7 +658,9 @@ def test_a_character_split_across_tokens_is_held_back_until_it_is_whole(rng):
         partial(head + data, None, "length")
     ]
     deltas = streamed_text(outputs)
-    assert "".join(d for step in deltas for d in step) == chr(head[0] - BYTE_OFFSET) + char
+    assert (
+        "".join(d for step in deltas for d in step) == chr(head[0] - BYTE_OFFSET) + char
+    )
     # never half a character
     assert all("\ufffd" not in d for step in deltas for d in step)
 
@@ -559,7 +669,11 @@ def test_the_start_of_a_stop_string_is_held_back():
     # the output so far ends with "ST", which may begin the stop string "STOP": it is not sent yet;
     # the request then ends on "STOP" and its final text stops before it
     ids = [b + BYTE_OFFSET for b in b"go ST"]
-    outputs = [partial(ids), partial([*ids, ord("O") + BYTE_OFFSET]), partial(ids, "go ", "stop")]
+    outputs = [
+        partial(ids),
+        partial([*ids, ord("O") + BYTE_OFFSET]),
+        partial(ids, "go ", "stop"),
+    ]
     deltas = streamed_text(outputs, stop=["STOP"])
     assert "".join(d for step in deltas for d in step) == "go "
     assert deltas[0] == ["go"]  # "go ST" less the 3 characters that may start "STOP"

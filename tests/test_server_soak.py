@@ -50,7 +50,9 @@ def send(url: str, client: openai.OpenAI, rng: random.Random) -> int:
 
 def abandon(url: str, prompt: list[int]) -> int:
     host, port = url.removeprefix("http://").split(":")
-    body = json.dumps({"prompt": prompt, "max_tokens": 10, "ignore_eos": True, "stream": True}).encode()
+    body = json.dumps(
+        {"prompt": prompt, "max_tokens": 10, "ignore_eos": True, "stream": True}
+    ).encode()
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         head = f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n\r\n"
         sock.sendall(head.encode() + body)
@@ -62,7 +64,9 @@ def abandon(url: str, prompt: list[int]) -> int:
 
 def run_batch(url: str, count: int, rng: random.Random) -> None:
     seeds = [rng.randrange(2**31) for _ in range(count)]
-    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+    client = openai.OpenAI(
+        base_url=url + "/v1", api_key="x", max_retries=0, timeout=120
+    )
     with ThreadPoolExecutor(CLIENTS) as pool:
         for result in pool.map(lambda s: send(url, client, random.Random(s)), seeds):
             assert result >= 0
@@ -79,7 +83,13 @@ def settle(llm: LLM) -> None:
 
 def test_soak_2000_requests_preempt_and_leak_nothing():
     rng = random.Random(SEED)
-    llm = LLM("tiny-llama", block_size=4, num_gpu_blocks=POOL, num_cpu_blocks=0, max_step_stats=4)
+    llm = LLM(
+        "tiny-llama",
+        block_size=4,
+        num_gpu_blocks=POOL,
+        num_cpu_blocks=0,
+        max_step_stats=4,
+    )
     with running_server(llm, max_queued_requests=4 * CLIENTS) as url:
         run_batch(url, WARMUP, rng)
         settle(llm)
@@ -92,11 +102,15 @@ def test_soak_2000_requests_preempt_and_leak_nothing():
         after = tracemalloc.take_snapshot()
         tracemalloc.stop()
     before, after = before.filter_traces(OURS), after.filter_traces(OURS)
-    assert sum(llm.stats.num_preemptions.values()) > 0, "the pool was never short: no preemption happened"
+    assert sum(llm.stats.num_preemptions.values()) > 0, (
+        "the pool was never short: no preemption happened"
+    )
     assert len(llm.step_stats) <= 4
     growth = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
     top = "\n".join(str(stat) for stat in after.compare_to(before, "lineno")[:5])
     assert growth < LEAK_BOUND, (
         f"Python memory grew by {growth} bytes over {NUM_REQUESTS - WARMUP} requests:\n{top}"
     )
-    assert llm.block_manager.device.num_free == POOL and not llm.has_unfinished_requests()
+    assert (
+        llm.block_manager.device.num_free == POOL and not llm.has_unfinished_requests()
+    )

@@ -132,14 +132,18 @@ def _random_result(load, rng, i, output_tokens=None, error=None):
 def test_summarize_on_known_results(load, rng):
     done = [_random_result(load, rng, i) for i in range(int(rng.integers(3, 20)))]
     one_token = _random_result(load, rng, len(done), output_tokens=1)  # has no TPOT
-    failed = [_random_result(load, rng, 100 + i, error=f"HTTP {400 + i}") for i in range(7)]
+    failed = [
+        _random_result(load, rng, 100 + i, error=f"HTTP {400 + i}") for i in range(7)
+    ]
     results = [*failed[:3], *done, one_token, *failed[3:]]
     duration = float(rng.uniform(1.0, 10.0))
     s = load.summarize(results, duration)
     ok = [*done, one_token]
     tokens = sum(r.output_tokens for r in ok)
     assert (s["completed"], s["failed"], s["duration_s"]) == (len(ok), 7, duration)
-    assert s["total_output_tokens"] == tokens and s["total_input_tokens"] == sum(r.prompt_len for r in ok)
+    assert s["total_output_tokens"] == tokens and s["total_input_tokens"] == sum(
+        r.prompt_len for r in ok
+    )
     assert s["request_throughput"] == pytest.approx(len(ok) / duration)
     assert s["output_throughput"] == pytest.approx(tokens / duration)
     tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in done]
@@ -164,7 +168,9 @@ def test_scale_lengths_and_base_url(load, rng):
         assert b.prompt_len == max(1, round(a.prompt_len * scale))
         assert b.output_len == max(1, round(a.output_len * scale))
     assert load.openai_base_url("http://127.0.0.1:8000") == "http://127.0.0.1:8000/v1"
-    assert load.openai_base_url("http://127.0.0.1:8000/v1/") == "http://127.0.0.1:8000/v1"
+    assert (
+        load.openai_base_url("http://127.0.0.1:8000/v1/") == "http://127.0.0.1:8000/v1"
+    )
     with pytest.raises(ValueError, match="base_url"):
         load.openai_base_url("127.0.0.1:8000")
     with pytest.raises(ValueError, match="workload"):
@@ -177,7 +183,8 @@ def test_scale_lengths_and_base_url(load, rng):
 def _peak_in_flight(rows):
     """The most [start, start + latency] intervals open at once (a sweep over their ends)."""
     events = sorted(
-        [(r["start_time"] + r["latency"], -1) for r in rows] + [(r["start_time"], 1) for r in rows]
+        [(r["start_time"] + r["latency"], -1) for r in rows]
+        + [(r["start_time"], 1) for r in rows]
     )
     open_now = peak = 0
     # at a tie an end (-1) sorts before a start: the slot was freed first
@@ -199,50 +206,77 @@ def test_load_against_a_minipaged_server(load, server, rng, tmp_path, capsys):
     assert [(r["request_id"], r["max_tokens"]) for r in rows] == [
         (w.request_id, w.output_len) for w in workload
     ]
-    assert [r["arrival_time"] for r in rows] == load.arrival_times(n, rate, "poisson", seed)
+    assert [r["arrival_time"] for r in rows] == load.arrival_times(
+        n, rate, "poisson", seed
+    )
     for r in rows:
         assert r["error"] is None, r
         # ignore_eos
-        assert r["output_tokens"] == r["max_tokens"] and r["finish_reason"] == "length", r
+        assert (
+            r["output_tokens"] == r["max_tokens"] and r["finish_reason"] == "length"
+        ), r
         assert 0 < r["ttft"] <= r["latency"], r
         # never sent before it is due
         assert r["start_time"] >= r["arrival_time"] - 1e-3, r
     assert _peak_in_flight(rows) <= 4
     assert (s["completed"], s["failed"], s["errors"]) == (n, 0, [])
-    assert s["total_output_tokens"] == s["requested_output_tokens"] == sum(w.output_len for w in workload)
+    assert (
+        s["total_output_tokens"]
+        == s["requested_output_tokens"]
+        == sum(w.output_len for w in workload)
+    )
     assert s["duration_s"] >= max(r["start_time"] + r["latency"] for r in rows)
     for key in METRIC_KEYS:
         assert 0 < s[key]["median"] <= s[key]["p99"], (key, s[key])
     # The JSON's summary is the summary of its own rows, and the table prints the same figures.
     fields = {f.name for f in dataclasses.fields(load.RequestResult)}
-    results = [load.RequestResult(**{k: v for k, v in r.items() if k in fields}) for r in rows]
+    results = [
+        load.RequestResult(**{k: v for k, v in r.items() if k in fields}) for r in rows
+    ]
     assert load.summarize(results, s["duration_s"]) == s
     table = capsys.readouterr().out
     assert f"{'Completed requests:':<34}{n}\n" in table
     for key, label in load.METRICS:
         d = s[key]
         assert (
-            f"{label:<34}{d['mean'] * 1e3:>10.2f}{d['median'] * 1e3:>10.2f}{d['p99'] * 1e3:>10.2f}" in table
+            f"{label:<34}{d['mean'] * 1e3:>10.2f}{d['median'] * 1e3:>10.2f}{d['p99'] * 1e3:>10.2f}"
+            in table
         )
     assert report["settings"]["model"] == "tiny-llama"  # the first of GET /v1/models
 
 
-def test_a_burst_keeps_the_concurrency_cap_and_counts_a_rejected_request(load, server, rng):
+def test_a_burst_keeps_the_concurrency_cap_and_counts_a_rejected_request(
+    load, server, rng
+):
     vocab, num_ok = int(rng.integers(100, 259)), int(rng.integers(4, 8))
-    prompts = [[int(t) for t in rng.integers(3, vocab, int(rng.integers(2, 12)))] for _ in range(num_ok)]
+    prompts = [
+        [int(t) for t in rng.integers(3, vocab, int(rng.integers(2, 12)))]
+        for _ in range(num_ok)
+    ]
     requests = [
-        load.LoadRequest(f"ok-{i}", p, len(p), int(rng.integers(8, 16))) for i, p in enumerate(prompts)
+        load.LoadRequest(f"ok-{i}", p, len(p), int(rng.integers(8, 16)))
+        for i, p in enumerate(prompts)
     ]
     # longer than the model's 1024 positions
     too_long = [int(t) for t in rng.integers(3, vocab, 5000)]
-    requests.insert(int(rng.integers(0, num_ok + 1)), load.LoadRequest("too-long", too_long, 5000, 4))
-    result = asyncio.run(load.run_load(server, None, requests, max_concurrency=2, progress=False))
+    requests.insert(
+        int(rng.integers(0, num_ok + 1)),
+        load.LoadRequest("too-long", too_long, 5000, 4),
+    )
+    result = asyncio.run(
+        load.run_load(server, None, requests, max_concurrency=2, progress=False)
+    )
     by_id = {r.request_id: r for r in result.results}
-    assert by_id["too-long"].error.startswith("BadRequestError") and "400" in by_id["too-long"].error
+    assert (
+        by_id["too-long"].error.startswith("BadRequestError")
+        and "400" in by_id["too-long"].error
+    )
     assert (result.summary["completed"], result.summary["failed"]) == (num_ok, 1)
     assert result.summary["errors"] == [by_id["too-long"].error]
     ok = [by_id[r.request_id] for r in requests if r.request_id != "too-long"]
-    assert [r.output_tokens for r in ok] == [r.max_tokens for r in requests if r.request_id != "too-long"]
+    assert [r.output_tokens for r in ok] == [
+        r.max_tokens for r in requests if r.request_id != "too-long"
+    ]
     # All arrive at once (rate inf), two at a time are sent: the cap is reached and never passed.
     assert _peak_in_flight([dataclasses.asdict(r) for r in ok]) == 2
 
@@ -252,8 +286,18 @@ def test_refused_connection_is_counted_not_raised(load, rng):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    requests = [load.LoadRequest(f"r{i}", [5, 6, 7], 3, 4) for i in range(int(rng.integers(2, 6)))]
-    result = asyncio.run(load.run_load(f"http://127.0.0.1:{port}", "m", requests, progress=False))
-    assert result.summary["completed"] == 0 and result.summary["failed"] == len(requests)
-    assert all(r.error.startswith("APIConnectionError") and r.output_tokens == 0 for r in result.results)
+    requests = [
+        load.LoadRequest(f"r{i}", [5, 6, 7], 3, 4)
+        for i in range(int(rng.integers(2, 6)))
+    ]
+    result = asyncio.run(
+        load.run_load(f"http://127.0.0.1:{port}", "m", requests, progress=False)
+    )
+    assert result.summary["completed"] == 0 and result.summary["failed"] == len(
+        requests
+    )
+    assert all(
+        r.error.startswith("APIConnectionError") and r.output_tokens == 0
+        for r in result.results
+    )
     assert result.summary["ttft_s"] == {"mean": None, "median": None, "p99": None}

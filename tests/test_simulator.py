@@ -29,13 +29,20 @@ class Req:
     beam_width: int = 0
 
 
-def sharegpt_toy(num: int, seed: int = 0, rate: float = 4.0, max_model_len: int = 1024) -> list[Req]:
+def sharegpt_toy(
+    num: int, seed: int = 0, rate: float = 4.0, max_model_len: int = 1024
+) -> list[Req]:
     """ShareGPT-shaped: long-tailed prompts and outputs (log-normal), Poisson arrivals."""
     rng, t, reqs = random.Random(seed), 0.0, []
     for i in range(num):
         t += rng.expovariate(rate)
-        prompt = min(max_model_len - 1, max(1, round(rng.lognormvariate(math.log(120), 0.8))))
-        output = min(max_model_len - prompt, max(1, round(rng.lognormvariate(math.log(200), 0.9))))
+        prompt = min(
+            max_model_len - 1, max(1, round(rng.lognormvariate(math.log(120), 0.8)))
+        )
+        output = min(
+            max_model_len - prompt,
+            max(1, round(rng.lognormvariate(math.log(200), 0.9))),
+        )
         reqs.append(Req(f"r{i}", t, prompt, output))
     return reqs
 
@@ -51,7 +58,10 @@ KV_SLOTS = 8192
 
 @pytest.fixture(scope="module")
 def runs():
-    runs = {name: simulate(WORKLOAD, name, kv_slots=KV_SLOTS, max_model_len=1024) for name in ALLOCATORS}
+    runs = {
+        name: simulate(WORKLOAD, name, kv_slots=KV_SLOTS, max_model_len=1024)
+        for name in ALLOCATORS
+    }
     # the Orca baselines as first fit places them
     for name in ("orca-max", "orca-pow2", "orca-oracle"):
         runs[f"{name}/first-fit"] = simulate(
@@ -69,7 +79,10 @@ def test_breakdown_sums_to_capacity_every_step(runs):
     for name, result in runs.items():
         for r in result.records:
             assert r.breakdown.capacity == result.capacity, (name, r.step)
-            assert all(getattr(r.breakdown, f) >= 0 for f in BREAKDOWN_FIELDS), (name, r)
+            assert all(getattr(r.breakdown, f) >= 0 for f in BREAKDOWN_FIELDS), (
+                name,
+                r,
+            )
         assert math.isclose(sum(result.mean_fractions.values()), 1.0)
 
 
@@ -77,7 +90,8 @@ def test_each_allocator_wastes_what_it_should(runs):
     # on demand: nothing reserved ahead, no external fragmentation
     for name in ("paged", "vattention"):
         assert all(
-            r.breakdown.reserved == r.breakdown.external_fragmentation == 0 for r in runs[name].records
+            r.breakdown.reserved == r.breakdown.external_fragmentation == 0
+            for r in runs[name].records
         )
     # Oracle reserves the true length; the last token is never stored, so one slot per range is left
     first_fit = runs["orca-oracle/first-fit"].records
@@ -85,7 +99,9 @@ def test_each_allocator_wastes_what_it_should(runs):
     # ... and a buddy block rounds the range up to a power of two: more is left
     buddy = runs["orca-oracle"].records
     assert all(r.breakdown.internal_fragmentation >= r.num_seqs for r in buddy)
-    assert sum(r.breakdown.internal_fragmentation for r in buddy) > 10 * sum(r.num_seqs for r in buddy)
+    assert sum(r.breakdown.internal_fragmentation for r in buddy) > 10 * sum(
+        r.num_seqs for r in buddy
+    )
     for name in ("orca-max", "orca-pow2", "orca-oracle"):
         for r in runs[name].records:
             # all at their last token
@@ -95,7 +111,11 @@ def test_each_allocator_wastes_what_it_should(runs):
         for r in result.records:
             b = r.breakdown
             if b.external_fragmentation or b.stranded:
-                assert r.num_waiting and b.free == 0 and not (b.external_fragmentation and b.stranded)
+                assert (
+                    r.num_waiting
+                    and b.free == 0
+                    and not (b.external_fragmentation and b.stranded)
+                )
     # requests wait with memory free
     for name in ("paged", "vattention", "orca-pow2", "orca-oracle"):
         assert any(r.breakdown.stranded for r in runs[name].records), name
@@ -103,7 +123,10 @@ def test_each_allocator_wastes_what_it_should(runs):
     for name in ("orca-pow2", "orca-oracle"):
         assert any(r.breakdown.external_fragmentation for r in runs[name].records), name
     # A paged sequence wastes less than a block: at most block_size - 1 slots each.
-    assert all(r.breakdown.internal_fragmentation <= 15 * r.num_seqs for r in runs["paged"].records)
+    assert all(
+        r.breakdown.internal_fragmentation <= 15 * r.num_seqs
+        for r in runs["paged"].records
+    )
 
 
 def test_paged_free_blocks_are_stranded_while_the_head_waits():
@@ -133,7 +156,9 @@ def test_summary_is_plain_data(runs):
     summary = runs["paged"].summary()
     assert summary["finished"] == len(WORKLOAD) and summary["allocator"] == "paged"
     assert all(isinstance(v, (int, float, str)) for v in summary.values())
-    assert summary["fraction_token_states"] == pytest.approx(runs["paged"].mean_token_fraction)
+    assert summary["fraction_token_states"] == pytest.approx(
+        runs["paged"].mean_token_fraction
+    )
 
 
 def test_requests_start_after_they_arrive():
@@ -148,7 +173,8 @@ def test_requests_start_after_they_arrive():
 def beams_and_samples(seed_offset: int = 0) -> list[Req]:
     lens = [(40 + 7 * i, 30 + 11 * i) for i in range(8)]
     return [
-        replace(r, n=2) if i % 2 else replace(r, beam_width=3) for i, r in enumerate(fixed(lens, gap=0.05))
+        replace(r, n=2) if i % 2 else replace(r, beam_width=3)
+        for i, r in enumerate(fixed(lens, gap=0.05))
     ]
 
 
@@ -160,7 +186,9 @@ def test_same_seed_same_records_and_another_seed_differs():
     assert a.records != c.records  # the seed drives the null beam policy's parents
 
 
-@pytest.mark.parametrize("allocator", ["orca-max", "orca-pow2", "orca-oracle", "vattention"])
+@pytest.mark.parametrize(
+    "allocator", ["orca-max", "orca-pow2", "orca-oracle", "vattention"]
+)
 def test_baselines_are_deterministic(allocator):
     """The baselines draw nothing: the same workload gives the same records, whatever the seed;
     a workload drawn with another seed gives others."""
@@ -169,7 +197,12 @@ def test_baselines_are_deterministic(allocator):
     b = simulate(reqs, allocator, kv_slots=4096, max_model_len=1024, seed=2)
     assert a.records == b.records and a.num_preemptions == b.num_preemptions
     assert (
-        simulate(sharegpt_toy(60, seed=4, rate=8.0), allocator, kv_slots=4096, max_model_len=1024).records
+        simulate(
+            sharegpt_toy(60, seed=4, rate=8.0),
+            allocator,
+            kv_slots=4096,
+            max_model_len=1024,
+        ).records
         != a.records
     )
 
@@ -177,13 +210,25 @@ def test_baselines_are_deterministic(allocator):
 def test_recomputed_tokens_are_counted():
     """A preemption by recompute computes the victim's prompt and generated tokens again: paged
     and vAttention count them apart from the fresh prefill (the null model charges no time for them)."""
-    for allocator, kwargs in [("paged", dict(block_size=16)), ("vattention", dict(page_tokens=64))]:
-        result = simulate(fixed([(10, 300)] * 6), allocator, kv_slots=1024, max_model_len=512, **kwargs)
+    for allocator, kwargs in [
+        ("paged", dict(block_size=16)),
+        ("vattention", dict(page_tokens=64)),
+    ]:
+        result = simulate(
+            fixed([(10, 300)] * 6),
+            allocator,
+            kv_slots=1024,
+            max_model_len=512,
+            **kwargs,
+        )
         assert result.num_preemptions > 0 and result.recomputed_tokens > 0
         fresh = result.prefill_tokens - result.recomputed_tokens
         assert fresh == 6 * 10  # every prompt once; the rest is recomputation
         assert result.summary()["recomputed_tokens"] == result.recomputed_tokens
-    assert simulate(fixed([(10, 30)] * 2), "orca-max", kv_slots=4096).recomputed_tokens == 0
+    assert (
+        simulate(fixed([(10, 30)] * 2), "orca-max", kv_slots=4096).recomputed_tokens
+        == 0
+    )
 
 
 def test_parallel_samples_share_their_prompt_blocks():
@@ -213,7 +258,9 @@ def test_prefix_caching_cuts_allocated_blocks():
     assert on.num_finished == off.num_finished == 20
     # every request after the first finds the 4 prefix blocks
     assert on.prefix_cache_hits >= 19 * 4
-    assert max(r.blocks_used for r in on.records) < max(r.blocks_used for r in off.records)
+    assert max(r.blocks_used for r in on.records) < max(
+        r.blocks_used for r in off.records
+    )
     assert on.mean_sharing_saving > 0.5
 
 
@@ -235,15 +282,29 @@ def test_quick_memory_count_matches_pool_stats(monkeypatch):
 
     quick_count = simulator._paged_breakdown
     monkeypatch.setattr(simulator, "_paged_breakdown", checked)
-    reqs = beams_and_samples() + [Req(f"p{i}", 0.1 * i, 40 + i, 20, prefix_len=32) for i in range(6)]
+    reqs = beams_and_samples() + [
+        Req(f"p{i}", 0.1 * i, 40 + i, 20, prefix_len=32) for i in range(6)
+    ]
     for mode in ("recompute", "swap"):
-        result = simulate(reqs, kv_slots=640, block_size=8, preemption_mode=mode, enable_prefix_caching=True)
+        result = simulate(
+            reqs,
+            kv_slots=640,
+            block_size=8,
+            preemption_mode=mode,
+            enable_prefix_caching=True,
+        )
         assert result.num_finished == len(reqs) and result.num_preemptions > 0
     assert len(calls) > 100
 
 
 def test_vattention_preempts_when_pages_run_out():
-    result = simulate(fixed([(10, 300)] * 6), "vattention", kv_slots=1024, page_tokens=64, max_model_len=512)
+    result = simulate(
+        fixed([(10, 300)] * 6),
+        "vattention",
+        kv_slots=1024,
+        page_tokens=64,
+        max_model_len=512,
+    )
     assert result.num_finished == 6 and result.num_preemptions > 0
 
 
@@ -265,22 +326,38 @@ def test_paged_run_matches_the_engine_block_for_block():
     llm = LLM("tiny-llama", block_size=4, num_gpu_blocks=20, max_model_len=64)
     for p, o, n in lens:
         params = SamplingParams(n=n, temperature=1.0, max_tokens=o, ignore_eos=True)
-        llm.add_request({"prompt_token_ids": list(range(3, 3 + p))}, params, arrival_time=0.0)
+        llm.add_request(
+            {"prompt_token_ids": list(range(3, 3 + p))}, params, arrival_time=0.0
+        )
     # (request id, tokens of each sample), in the order the engine finished them
     finished_by_engine = []
     while llm.has_unfinished_requests():
-        finished_by_engine += [(o.request_id, [len(c.token_ids) for c in o.outputs]) for o in llm.step()]
+        finished_by_engine += [
+            (o.request_id, [len(c.token_ids) for c in o.outputs]) for o in llm.step()
+        ]
     reqs = [Req(str(i), 0.0, p, o, n=n) for i, (p, o, n) in enumerate(lens)]
     result = simulate(reqs, kv_slots=20 * 4, block_size=4, max_model_len=64)
-    assert [s.blocks_used for s in llm.step_stats] == [r.blocks_used for r in result.records]
-    assert [s.num_running for s in llm.step_stats] == [r.num_running for r in result.records]
+    assert [s.blocks_used for s in llm.step_stats] == [
+        r.blocks_used for r in result.records
+    ]
+    assert [s.num_running for s in llm.step_stats] == [
+        r.num_running for r in result.records
+    ]
     # the same admissions (prefill tokens) and preemptions, step by step
-    assert [s.num_prefill_tokens for s in llm.step_stats] == [r.num_prefill_tokens for r in result.records]
-    assert [len(s.preempted) for s in llm.step_stats] == [r.num_preempted for r in result.records]
+    assert [s.num_prefill_tokens for s in llm.step_stats] == [
+        r.num_prefill_tokens for r in result.records
+    ]
+    assert [len(s.preempted) for s in llm.step_stats] == [
+        r.num_preempted for r in result.records
+    ]
     assert sum(llm.stats.num_preemptions.values()) == result.num_preemptions > 0
     # ... and the same lengths: the requests finish in the same order, at the same lengths
-    assert [request_id for request_id, _ in finished_by_engine] == [f.request_id for f in result.finished]
-    for (request_id, samples), f in zip(finished_by_engine, result.finished, strict=True):
+    assert [request_id for request_id, _ in finished_by_engine] == [
+        f.request_id for f in result.finished
+    ]
+    for (request_id, samples), f in zip(
+        finished_by_engine, result.finished, strict=True
+    ):
         assert samples == [f.output_len] * lens[int(request_id)][2]
 
 
@@ -291,20 +368,41 @@ def test_paged_run_matches_the_engine_block_for_block():
         (dict(step_time=0), "step_time"),
         (dict(max_steps=-1), "max_steps"),
         (dict(allocator="orca-oracle", preemption_mode="evict"), "preemption_mode"),
-        (dict(kv_slots=8), "kv_slots must hold at least one block of block_size=16 slots, got 8"),
+        (
+            dict(kv_slots=8),
+            "kv_slots must hold at least one block of block_size=16 slots, got 8",
+        ),
         (dict(block_size=0), "block_size must be a positive int, got 0"),
         (dict(kv_slots=0), "kv_slots must be a positive int, got 0"),
-        (dict(allocator="orca-max", kv_slots=0), "kv_slots must be a positive int, got 0"),
+        (
+            dict(allocator="orca-max", kv_slots=0),
+            "kv_slots must be a positive int, got 0",
+        ),
         (dict(allocator="orca-max", kv_slots=1000), "can never fit"),
-        (dict(allocator="vattention", page_tokens=4096), "one page of page_tokens=4096 slots, got 1024"),
-        (dict(allocator="vattention", kv_slots=100), "kv_slots must hold at least one page"),
+        (
+            dict(allocator="vattention", page_tokens=4096),
+            "one page of page_tokens=4096 slots, got 1024",
+        ),
+        (
+            dict(allocator="vattention", kv_slots=100),
+            "kv_slots must hold at least one page",
+        ),
         (
             dict(allocator="orca-max", preemption_mode="swap"),
             "preemption_mode='swap' needs allocator 'paged'",
         ),
-        (dict(allocator="vattention", preemption_mode="swap"), "preemption_mode='swap' needs allocator"),
-        (dict(allocator="orca-oracle", enable_prefix_caching=True), "enable_prefix_caching=True needs"),
-        (dict(allocator="vattention", enable_prefix_caching=True), "enable_prefix_caching=True needs"),
+        (
+            dict(allocator="vattention", preemption_mode="swap"),
+            "preemption_mode='swap' needs allocator",
+        ),
+        (
+            dict(allocator="orca-oracle", enable_prefix_caching=True),
+            "enable_prefix_caching=True needs",
+        ),
+        (
+            dict(allocator="vattention", enable_prefix_caching=True),
+            "enable_prefix_caching=True needs",
+        ),
     ],
 )
 def test_bad_settings_raise_naming_them(kwargs, match):

@@ -54,7 +54,8 @@ LOADING_ATTRS = {"src", "href", "srcset", "data", "poster"}
 NETWORK = re.compile(r"^\s*(?:https?:)?//", re.IGNORECASE)
 CSS_URL = re.compile(r"""(?:url\(\s*|@import\s+)["']?(?P<url>[^"')\s;]+)""")
 STDERR_OUTPUT = re.compile(
-    r"<div[^>]*data-mime-type=\"application/vnd\.jupyter\.stderr\"[^>]*>(?P<text>.*?)</div>", re.S
+    r"<div[^>]*data-mime-type=\"application/vnd\.jupyter\.stderr\"[^>]*>(?P<text>.*?)</div>",
+    re.S,
 )
 STYLE = re.compile(r"<style\b[^>]*>(?P<css>.*?)</style>", re.S)
 
@@ -74,7 +75,10 @@ class TagCollector(HTMLParser):
         self.tags.append((tag, attributes))
         if tag in ("span", "div"):
             self._depth += 1
-            if self._math_depth == 0 and "arithmatex" in attributes.get("class", "").split():
+            if (
+                self._math_depth == 0
+                and "arithmatex" in attributes.get("class", "").split()
+            ):
                 self._math_depth = self._depth
                 self.formulas.append("")
 
@@ -100,16 +104,31 @@ def site(tmp_path_factory) -> Path:
     """The site, built once for the module, with the tutorials executed afresh (no output cache)."""
     site_dir = tmp_path_factory.mktemp("site")
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "MINIPAGED_DOCS_CACHE": "false"}
-    command = [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site_dir)]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"mkdocs build failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    command = [
+        sys.executable,
+        "-m",
+        "mkdocs",
+        "build",
+        "--strict",
+        "--site-dir",
+        str(site_dir),
+    ]
+    result = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, (
+        f"mkdocs build failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    )
     return site_dir
 
 
 @pytest.fixture(scope="module")
 def pages(site) -> dict[str, TagCollector]:
     """Every built HTML page, parsed, by its path relative to the site."""
-    return {page.relative_to(site).as_posix(): parse(page) for page in sorted(site.rglob("*.html"))}
+    return {
+        page.relative_to(site).as_posix(): parse(page)
+        for page in sorted(site.rglob("*.html"))
+    }
 
 
 def test_the_build_has_every_page(site, pages):
@@ -119,7 +138,9 @@ def test_the_build_has_every_page(site, pages):
 
 
 @pytest.mark.parametrize("page", MATH_PAGES)
-def test_math_pages_carry_arithmatex_output_and_load_katex_from_the_site(site, pages, page):
+def test_math_pages_carry_arithmatex_output_and_load_katex_from_the_site(
+    site, pages, page
+):
     collector = pages[page]
     displayed = [f for f in collector.formulas if f.strip().startswith("\\[")]
     inline = [f for f in collector.formulas if f.strip().startswith("\\(")]
@@ -132,19 +153,34 @@ def test_math_pages_carry_arithmatex_output_and_load_katex_from_the_site(site, p
         ("auto-render.min.js", scripts),
         ("katex-init.js", scripts),
     ):
-        assert any(src.endswith(needed) for src in loaded), f"{page} does not load {needed}"
-    assert any(href.endswith("katex.min.css") for href in styles), f"{page} does not load katex.min.css"
+        assert any(src.endswith(needed) for src in loaded), (
+            f"{page} does not load {needed}"
+        )
+    assert any(href.endswith("katex.min.css") for href in styles), (
+        f"{page} does not load katex.min.css"
+    )
 
 
 def test_reading_through_the_table_states_eq_4_as_math(pages):
     formulas = " ".join(pages["concepts/reading-through-the-table.html"].formulas)
-    for piece in ("A_{ij}", "\\frac", "\\sqrt{d}", "\\lceil i/B \\rceil", "V_j A_{ij}^\\top"):
+    for piece in (
+        "A_{ij}",
+        "\\frac",
+        "\\sqrt{d}",
+        "\\lceil i/B \\rceil",
+        "V_j A_{ij}^\\top",
+    ):
         assert piece in formulas, f"Eq. 4 lacks {piece!r}"
 
 
 def test_triton_decode_states_the_log_sum_exp_merge_as_math(pages):
     formulas = " ".join(pages["kernels/triton-decode.html"].formulas)
-    for piece in ("\\mathit{lse}_c", "\\mathit{lse}_{\\max}", "\\log \\sum_{j \\in J_c}", "\\mathit{out}_c"):
+    for piece in (
+        "\\mathit{lse}_c",
+        "\\mathit{lse}_{\\max}",
+        "\\log \\sum_{j \\in J_c}",
+        "\\mathit{out}_c",
+    ):
         assert piece in formulas, f"the merge lacks {piece!r}"
 
 
@@ -199,7 +235,9 @@ def test_no_inline_script_fetches_from_the_network(site):
     """nbconvert's template imports mermaid and MathJax from a CDN in inline scripts; the hooks strip them."""
     fetches = []
     for page in site.rglob("*.html"):
-        for body in re.findall(r"<script\b[^>]*>(.*?)</script>", page.read_text(encoding="utf-8"), re.S):
+        for body in re.findall(
+            r"<script\b[^>]*>(.*?)</script>", page.read_text(encoding="utf-8"), re.S
+        ):
             if re.search(r"https?://", body):
                 fetches.append(f"{page.relative_to(site)}: {body.strip()[:120]!r}")
     assert fetches == []
@@ -211,7 +249,9 @@ def test_no_stylesheet_fetches_from_the_network(site):
     sheets = {path: path.read_text(encoding="utf-8") for path in site.rglob("*.css")}
     # <style> elements (nbconvert inlines Jupyter's CSS)
     for page in site.rglob("*.html"):
-        sheets[page] = " ".join(m["css"] for m in STYLE.finditer(page.read_text(encoding="utf-8")))
+        sheets[page] = " ".join(
+            m["css"] for m in STYLE.finditer(page.read_text(encoding="utf-8"))
+        )
     for path, css in sheets.items():
         for match in CSS_URL.finditer(css):
             if NETWORK.match(match["url"]):
@@ -246,10 +286,16 @@ def test_every_internal_link_resolves_to_a_file(site, pages):
         base = (site / page).parent
         for target in internal_targets(collector):
             checked += 1
-            resolved = (base / target).resolve() if not target.startswith("/") else Path(target)
+            resolved = (
+                (base / target).resolve()
+                if not target.startswith("/")
+                else Path(target)
+            )
             if not resolved.is_file() or site.resolve() not in resolved.parents:
                 broken.append(f"{page} -> {target}")
-    assert checked > 10 * len(pages), f"only {checked} internal links in {len(pages)} pages"
+    assert checked > 10 * len(pages), (
+        f"only {checked} internal links in {len(pages)} pages"
+    )
     assert broken == []
 
 
@@ -270,7 +316,8 @@ def test_tutorial_output_has_no_warning_error_or_stderr(site, tutorial):
     assert stderr == [], f"{tutorial.name} writes to stderr when executed"
     # Each cell's output area runs until the next cell begins.
     areas = [
-        chunk.split('<div class="jp-Cell ')[0] for chunk in html.split("jp-OutputArea jp-Cell-outputArea")[1:]
+        chunk.split('<div class="jp-Cell ')[0]
+        for chunk in html.split("jp-OutputArea jp-Cell-outputArea")[1:]
     ]
     outputs = re.sub(r"<[^>]+>", " ", " ".join(areas))
     assert outputs.strip(), f"{tutorial.name} shows no output: was it executed?"
@@ -283,11 +330,19 @@ def test_tutorial_output_has_no_warning_error_or_stderr(site, tutorial):
 def test_tutorial_page_links_its_notebook(site, pages, tutorial):
     page = pages[f"tutorials/{tutorial.stem}.html"]
     links = [attrs.get("href") for tag, attrs in page.tags if tag == "a"]
-    assert f"{tutorial.stem}.ipynb" in links, f"the page of {tutorial.name} does not link its .ipynb"
-    assert f"{tutorial.stem}.py" in links, f"the page of {tutorial.name} does not link its .py"
-    assert (site / "tutorials" / f"{tutorial.stem}.py").read_text() == tutorial.read_text()
+    assert f"{tutorial.stem}.ipynb" in links, (
+        f"the page of {tutorial.name} does not link its .ipynb"
+    )
+    assert f"{tutorial.stem}.py" in links, (
+        f"the page of {tutorial.name} does not link its .py"
+    )
+    assert (
+        site / "tutorials" / f"{tutorial.stem}.py"
+    ).read_text() == tutorial.read_text()
 
-    notebook = nbformat.read(site / "tutorials" / f"{tutorial.stem}.ipynb", as_version=4)
+    notebook = nbformat.read(
+        site / "tutorials" / f"{tutorial.stem}.ipynb", as_version=4
+    )
     nbformat.validate(notebook)
     assert notebook.metadata["kernelspec"]["language"] == "python"
     expected = jupytext.read(tutorial)

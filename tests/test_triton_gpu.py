@@ -22,7 +22,9 @@ from minipaged.backend import available_backends, get_backend
 from minipaged.reference.attention import dense_attention
 from minipaged.testing import device_for, random_paged_case, tolerance
 
-pytestmark = pytest.mark.skipif("triton" not in available_backends(), reason="triton is not installed")
+pytestmark = pytest.mark.skipif(
+    "triton" not in available_backends(), reason="triton is not installed"
+)
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 SHAPES = {
@@ -30,7 +32,10 @@ SHAPES = {
     # Llama-3-8B's
     "real": {"num_heads": 32, "num_kv_heads": 8, "head_dim": 128, "block_size": 16},
 }
-SCALES = [pytest.param("small", id="small"), pytest.param("real", id="real", marks=pytest.mark.gpu)]
+SCALES = [
+    pytest.param("small", id="small"),
+    pytest.param("real", id="real", marks=pytest.mark.gpu),
+]
 
 
 def device_of(scale: str) -> torch.device:
@@ -44,8 +49,12 @@ def gen(request) -> torch.Generator:
 
 
 def check(case, out: torch.Tensor) -> None:
-    assert not out.isnan().any(), "an output element was never written (or read a stale slot)"
-    torch.testing.assert_close(out.float(), case.expected().float(), **tolerance(case.dtype))
+    assert not out.isnan().any(), (
+        "an output element was never written (or read a stale slot)"
+    )
+    torch.testing.assert_close(
+        out.float(), case.expected().float(), **tolerance(case.dtype)
+    )
 
 
 def attend(case, num_splits: int | None = None) -> torch.Tensor:
@@ -55,8 +64,12 @@ def attend(case, num_splits: int | None = None) -> torch.Tensor:
     out = torch.full_like(case.query, math.nan)
     if num_splits is None:
         return get_backend("triton").paged_attention(*case.args, out=out)
-    plan = attention.plan_attention(case.seq_lens, case.query_start_loc, case.k_cache.shape[2], num_splits)
-    assert plan.num_splits == num_splits, "the plan runs another number of chunks than the test names"
+    plan = attention.plan_attention(
+        case.seq_lens, case.query_start_loc, case.k_cache.shape[2], num_splits
+    )
+    assert plan.num_splits == num_splits, (
+        "the plan runs another number of chunks than the test names"
+    )
     return attention.run_planned(plan, *case.args, out=out)
 
 
@@ -65,7 +78,12 @@ def attend(case, num_splits: int | None = None) -> torch.Tensor:
 def test_decode_long_contexts(gen, dtype, scale):
     lens = {"small": [300, 90, 17, 1, 16], "real": [4100, 1500, 129, 1, 16]}[scale]
     case = random_paged_case(
-        gen, lens, [1] * len(lens), dtype=DTYPES[dtype], device=device_of(scale), **SHAPES[scale]
+        gen,
+        lens,
+        [1] * len(lens),
+        dtype=DTYPES[dtype],
+        device=device_of(scale),
+        **SHAPES[scale],
     )
     check(case, attend(case))
 
@@ -75,13 +93,18 @@ def test_decode_long_contexts(gen, dtype, scale):
 # 33 and the 5 are not powers of two, so the merge's BLOCK_SPLITS lanes past num_splits are masked.
 SPLITS = [
     *(pytest.param("small", [640, 70], n, id=f"small-{n}") for n in (1, 3, 5)),
-    *(pytest.param("real", [8448, 700], n, id=f"real-{n}", marks=pytest.mark.gpu) for n in (1, 8, 33)),
+    *(
+        pytest.param("real", [8448, 700], n, id=f"real-{n}", marks=pytest.mark.gpu)
+        for n in (1, 8, 33)
+    ),
 ]
 
 
 @pytest.mark.parametrize("scale, lens, num_splits", SPLITS)
 def test_decode_every_split_count(gen, scale, lens, num_splits):
-    case = random_paged_case(gen, lens, [1, 1], dtype=torch.float16, device=device_of(scale), **SHAPES[scale])
+    case = random_paged_case(
+        gen, lens, [1, 1], dtype=torch.float16, device=device_of(scale), **SHAPES[scale]
+    )
     check(case, attend(case, num_splits))
 
 
@@ -90,10 +113,13 @@ def test_decode_every_split_count(gen, scale, lens, num_splits):
 def test_prefill_after_a_cached_prefix(gen, dtype, scale):
     # real: 2,560 cached tokens then 512 new ones; a whole 1,000-token prompt; a decode in the same step
     # small: 110 cached then 40 new (two 32-row tiles, the second partial); a 40-token prompt; a decode
-    lens, q_lens = {"small": ([150, 40, 60], [40, 40, 1]), "real": ([3072, 1000, 2000], [512, 1000, 1])}[
-        scale
-    ]
-    case = random_paged_case(gen, lens, q_lens, dtype=DTYPES[dtype], device=device_of(scale), **SHAPES[scale])
+    lens, q_lens = {
+        "small": ([150, 40, 60], [40, 40, 1]),
+        "real": ([3072, 1000, 2000], [512, 1000, 1]),
+    }[scale]
+    case = random_paged_case(
+        gen, lens, q_lens, dtype=DTYPES[dtype], device=device_of(scale), **SHAPES[scale]
+    )
     check(case, attend(case))
 
 
@@ -102,7 +128,9 @@ def test_mqa_and_large_groups(gen, scale):
     lens = {"small": [200, 20], "real": [3000, 64]}[scale]
     # group 32: BLOCK_H = 32 decode rows
     shape = {**SHAPES[scale], "num_heads": 32, "num_kv_heads": 1}
-    case = random_paged_case(gen, lens, [1, lens[1]], dtype=torch.bfloat16, device=device_of(scale), **shape)
+    case = random_paged_case(
+        gen, lens, [1, lens[1]], dtype=torch.bfloat16, device=device_of(scale), **shape
+    )
     check(case, attend(case))
 
 
@@ -129,8 +157,12 @@ ROUND_TRIP = {
 
 @pytest.mark.parametrize("scale", SCALES)
 def test_write_copy_and_swap_round_trip(gen, scale):
-    shape, num_layers, num_tokens = (ROUND_TRIP[scale][key] for key in ("shape", "layers", "tokens"))
-    copy_pairs, out_pairs, in_pairs = (ROUND_TRIP[scale][key] for key in ("copy", "out", "in"))
+    shape, num_layers, num_tokens = (
+        ROUND_TRIP[scale][key] for key in ("shape", "layers", "tokens")
+    )
+    copy_pairs, out_pairs, in_pairs = (
+        ROUND_TRIP[scale][key] for key in ("copy", "out", "in")
+    )
     device, host_blocks = device_of(scale), max(p[1] for p in out_pairs) + 1
     backend, reference = get_backend("triton"), get_backend("reference")
     k = [torch.randn(shape, generator=gen).half().to(device) for _ in range(num_layers)]
@@ -172,7 +204,11 @@ def test_a_pool_past_2_31_elements(gen, scale):
     on a small pool (nothing to overflow there: it checks the test's own logic).
     """
     device, shape = device_of(scale), SHAPES[scale]
-    block_size, num_kv_heads, head_dim = shape["block_size"], shape["num_kv_heads"], shape["head_dim"]
+    block_size, num_kv_heads, head_dim = (
+        shape["block_size"],
+        shape["num_kv_heads"],
+        shape["head_dim"],
+    )
     block_numel = block_size * num_kv_heads * head_dim
     if scale == "real":
         if torch.cuda.get_device_properties(device).total_memory < 24 * 2**30:
@@ -191,15 +227,25 @@ def test_a_pool_past_2_31_elements(gen, scale):
     seq_lens, q_lens = [4 * block_size - 3, 3 * block_size], [1, 2 * block_size]
     for table in tables:
         ids = torch.tensor(table, device=device)
-        k_cache[ids] = torch.randn(len(table), *pool_shape[1:], generator=gen).half().to(device)
-        v_cache[ids] = torch.randn(len(table), *pool_shape[1:], generator=gen).half().to(device)
+        k_cache[ids] = (
+            torch.randn(len(table), *pool_shape[1:], generator=gen).half().to(device)
+        )
+        v_cache[ids] = (
+            torch.randn(len(table), *pool_shape[1:], generator=gen).half().to(device)
+        )
 
     # [n, num_kv_heads, head_dim]: the sequence's K or V by position
     def gathered(cache, table, n):
         return cache[torch.tensor(table, device=device)].flatten(0, 1)[:n]
 
-    query = torch.randn(sum(q_lens), shape["num_heads"], head_dim, generator=gen).half().to(device)
-    block_tables = torch.tensor([t + [-1] * (4 - len(t)) for t in tables], dtype=torch.int32, device=device)
+    query = (
+        torch.randn(sum(q_lens), shape["num_heads"], head_dim, generator=gen)
+        .half()
+        .to(device)
+    )
+    block_tables = torch.tensor(
+        [t + [-1] * (4 - len(t)) for t in tables], dtype=torch.int32, device=device
+    )
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
     starts = torch.tensor([0, q_lens[0], sum(q_lens)], dtype=torch.int32, device=device)
     scale_ = head_dim**-0.5
@@ -207,11 +253,17 @@ def test_a_pool_past_2_31_elements(gen, scale):
     values = [gathered(v_cache, t, n) for t, n in zip(tables, seq_lens, strict=True)]
     expected = dense_attention(query, keys, values, starts, scale_)
     backend = get_backend("triton")
-    out = backend.paged_attention(query, k_cache, v_cache, block_tables, lens, starts, scale_)
+    out = backend.paged_attention(
+        query, k_cache, v_cache, block_tables, lens, starts, scale_
+    )
     assert not out.isnan().any()
-    torch.testing.assert_close(out.float(), expected.float(), **tolerance(torch.float16))
+    torch.testing.assert_close(
+        out.float(), expected.float(), **tolerance(torch.float16)
+    )
 
-    slots = torch.tensor([top * block_size + 5, boundary * block_size, (boundary - 1) * block_size + 2])
+    slots = torch.tensor(
+        [top * block_size + 5, boundary * block_size, (boundary - 1) * block_size + 2]
+    )
     key = torch.randn(3, num_kv_heads, head_dim, generator=gen).half().to(device)
     backend.write_kv(key, key + 1, k_cache, v_cache, slots.to(device))
     for i, slot in enumerate(slots.tolist()):
@@ -219,22 +271,34 @@ def test_a_pool_past_2_31_elements(gen, scale):
         assert torch.equal(v_cache[slot // block_size, slot % block_size], key[i] + 1)
 
     backend.copy_blocks(
-        [k_cache], [v_cache], torch.tensor([[top, boundary + 2], [boundary - 1, top - 4]], device=device)
+        [k_cache],
+        [v_cache],
+        torch.tensor([[top, boundary + 2], [boundary - 1, top - 4]], device=device),
     )
     assert torch.equal(k_cache[boundary + 2], k_cache[top]) and torch.equal(
         v_cache[top - 4], v_cache[boundary - 1]
     )
     host = torch.full((2, *pool_shape[1:]), math.nan, dtype=torch.float16)
     backend.swap_blocks(k_cache, host, torch.tensor([[top, 1], [boundary, 0]]))
-    assert torch.equal(host[1], k_cache[top].cpu()) and torch.equal(host[0], k_cache[boundary].cpu())
+    assert torch.equal(host[1], k_cache[top].cpu()) and torch.equal(
+        host[0], k_cache[boundary].cpu()
+    )
     backend.swap_blocks(host, v_cache, torch.tensor([[1, boundary + 3]]))
     assert torch.equal(v_cache[boundary + 3], k_cache[top])
 
 
 # LLM settings under memory pressure (both modes preempt), prompt lengths, max_tokens
 ENGINE = {
-    "small": ({"block_size": 4, "num_gpu_blocks": 6, "num_cpu_blocks": 8}, (6, 3, 9), 6),
-    "real": ({"block_size": 16, "num_gpu_blocks": 8, "num_cpu_blocks": 8}, (5, 40, 17), 24),
+    "small": (
+        {"block_size": 4, "num_gpu_blocks": 6, "num_cpu_blocks": 8},
+        (6, 3, 9),
+        6,
+    ),
+    "real": (
+        {"block_size": 16, "num_gpu_blocks": 8, "num_cpu_blocks": 8},
+        (5, 40, 17),
+        24,
+    ),
 }
 
 
@@ -251,9 +315,20 @@ def test_engine_matches_the_reference_backend_on_the_cpu(scale, mode):
     prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in prompt_lens]
     got = {}
     for backend, device in (("reference", "cpu"), ("triton", str(device_of(scale)))):
-        llm = LLM("tiny-llama", backend=backend, device=device, preemption_mode=mode, **settings)
-        got[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-        assert llm.stats.num_preemptions[mode] > 0, "the pool was meant to be small enough to preempt"
+        llm = LLM(
+            "tiny-llama",
+            backend=backend,
+            device=device,
+            preemption_mode=mode,
+            **settings,
+        )
+        got[backend] = [
+            o.outputs[0].token_ids
+            for o in llm.generate(prompts, params, use_tqdm=False)
+        ]
+        assert llm.stats.num_preemptions[mode] > 0, (
+            "the pool was meant to be small enough to preempt"
+        )
         if mode == "swap":
             assert llm.stats.blocks_swapped_out > 0 and llm.stats.blocks_swapped_in > 0
         # every block came back
@@ -269,7 +344,12 @@ def test_tensors_on_the_second_gpu_are_computed_there(gen):
     device = torch.device("cuda", 1)
     backend, reference = get_backend("triton"), get_backend("reference")
     case = random_paged_case(
-        gen, [3000, 200, 90], [1, 1, 90], dtype=torch.float16, device=device, **SHAPES["real"]
+        gen,
+        [3000, 200, 90],
+        [1, 1, 90],
+        dtype=torch.float16,
+        device=device,
+        **SHAPES["real"],
     )
     # decode (split: 2 decodes x 8 KV heads leave the chip room) and prefill
     check(case, attend(case))

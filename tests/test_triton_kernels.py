@@ -25,7 +25,9 @@ import torch
 from minipaged.backend import available_backends, get_backend
 from minipaged.testing import device_for, random_paged_case, tolerance
 
-pytestmark = pytest.mark.skipif("triton" not in available_backends(), reason="triton is not installed")
+pytestmark = pytest.mark.skipif(
+    "triton" not in available_backends(), reason="triton is not installed"
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -48,7 +50,9 @@ def fast():
 def planned(fast, case, num_splits):
     """run_planned with a forced number of chunks, into a NaN-poisoned output."""
     attention = fast[0]
-    plan = attention.plan_attention(case.seq_lens, case.query_start_loc, case.k_cache.shape[2], num_splits)
+    plan = attention.plan_attention(
+        case.seq_lens, case.query_start_loc, case.k_cache.shape[2], num_splits
+    )
     out = torch.full_like(case.query, math.nan)
     return plan, attention.run_planned(plan, *case.args, out=out)
 
@@ -92,7 +96,9 @@ def test_split_decode_dtypes_and_odd_head_dim(fast, gen, dtype):
 
 
 def test_split_and_unsplit_agree(fast, gen):
-    case = random_paged_case(gen, [257, 129, 3], [1, 1, 1], block_size=16, device=DEVICE)
+    case = random_paged_case(
+        gen, [257, 129, 3], [1, 1, 1], block_size=16, device=DEVICE
+    )
     _, one = planned(fast, case, 1)
     _, five = planned(fast, case, 5)
     torch.testing.assert_close(five, one, rtol=1e-5, atol=1e-6)
@@ -102,7 +108,13 @@ def test_prefill_tiles_after_a_cached_prefix(fast, gen):
     # q_len 70 spans three 32-row tiles (the last one partial); 130 cached tokens come
     # before them
     case = random_paged_case(
-        gen, [200, 40, 9], [70, 40, 1], num_heads=4, num_kv_heads=2, block_size=16, device=DEVICE
+        gen,
+        [200, 40, 9],
+        [70, 40, 1],
+        num_heads=4,
+        num_kv_heads=2,
+        block_size=16,
+        device=DEVICE,
     )
     plan, out = planned(fast, case, None)
     assert plan.prefill_seqs.tolist() == [0, 1] and plan.decode_seqs.tolist() == [2]
@@ -112,7 +124,9 @@ def test_prefill_tiles_after_a_cached_prefix(fast, gen):
 def test_plan_sends_each_sequence_to_its_kernel(fast):
     attention, _, decode = fast
     q_lens = [1, 0, 5, 1, 3]
-    starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    starts = torch.tensor(
+        [0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32
+    )
     seq_lens = torch.tensor([700, 4, 9, 30, 3], dtype=torch.int32)
     plan = attention.plan_attention(seq_lens, starts, num_kv_heads=2, num_splits=3)
     assert plan.decode_seqs.tolist() == [0, 3]  # q_len 1
@@ -169,7 +183,9 @@ def test_copy_blocks_is_one_launch_for_every_layer(fast, gen, monkeypatch):
         assert torch.equal(got, want)
 
 
-def test_copy_blocks_with_mixed_pool_kinds_takes_one_launch_per_kind(fast, gen, monkeypatch):
+def test_copy_blocks_with_mixed_pool_kinds_takes_one_launch_per_kind(
+    fast, gen, monkeypatch
+):
     cache_ops = fast[1]
     counter = LaunchCounter(cache_ops._copy_blocks_kernel)
     monkeypatch.setattr(cache_ops, "_copy_blocks_kernel", counter)
@@ -241,15 +257,25 @@ def test_every_launcher_launches_on_its_tensors_device(fast, gen, monkeypatch):
         (attention, "_merge_splits_kernel"),
         (attention, "_prefill_kernel"),
     ]:
-        monkeypatch.setattr(module, name, InsideLaunchDevice(getattr(module, name), name, active, launches))
+        monkeypatch.setattr(
+            module,
+            name,
+            InsideLaunchDevice(getattr(module, name), name, active, launches),
+        )
 
     backend = get_backend("triton")
     case = random_paged_case(gen, [300, 20], [1, 20], block_size=16, device=DEVICE)
-    plan = attention.plan_attention(case.seq_lens, case.query_start_loc, case.k_cache.shape[2], 3)
+    plan = attention.plan_attention(
+        case.seq_lens, case.query_start_loc, case.k_cache.shape[2], 3
+    )
     attention.run_planned(plan, *case.args)
     slots = torch.tensor([5, 9], device=DEVICE)
-    backend.write_kv(case.query[:2, :2], case.query[2:4, :2], case.k_cache, case.v_cache, slots)
-    backend.copy_blocks([case.k_cache], [case.v_cache], torch.tensor([[0, 1]], device=DEVICE))
+    backend.write_kv(
+        case.query[:2, :2], case.query[2:4, :2], case.k_cache, case.v_cache, slots
+    )
+    backend.copy_blocks(
+        [case.k_cache], [case.v_cache], torch.tensor([[0, 1]], device=DEVICE)
+    )
     host = torch.empty((4, *case.k_cache.shape[1:]))
     # gather on DEVICE, scatter on the host
     backend.swap_blocks(case.k_cache, host, torch.tensor([[2, 3]]))
@@ -268,7 +294,12 @@ class InsideLaunchDevice:
     """Stands in for a kernel: records `kernel[grid](...)` with the launch_device it runs inside."""
 
     def __init__(self, kernel, name, active, launches):
-        self.kernel, self.name, self.active, self.launches = kernel, name, active, launches
+        self.kernel, self.name, self.active, self.launches = (
+            kernel,
+            name,
+            active,
+            launches,
+        )
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
@@ -283,7 +314,13 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     """Triton compiles to a cubin for sm_90 on any machine: catches what the interpreter lets pass."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "compile_kernels.py"), "--arch", "90", "--quick"],
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "compile_kernels.py"),
+            "--arch",
+            "90",
+            "--quick",
+        ],
         capture_output=True,
         text=True,
         env=env,
@@ -294,4 +331,7 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     # decode (two), prefill, merge, write_kv, the two copies: each plain (i32 arguments)
     # and as a real launch specializes it (divisible-by-16 pointers and integers,
     # integers equal to 1 made constants)
-    assert result.stdout.count(" plain   ok ") >= 7 and result.stdout.count(" launch  ok ") >= 7
+    assert (
+        result.stdout.count(" plain   ok ") >= 7
+        and result.stdout.count(" launch  ok ") >= 7
+    )

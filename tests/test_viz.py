@@ -71,7 +71,10 @@ def test_host_pool_after_swap_out(two_prompts):
     assert render_pool(manager, "host", NAMES, legend=False) == (
         "host pool: 2 blocks of 2 slots, 2 used, 0 free\n   0  1\n  [A][A]"
     )
-    assert render_block_tables(manager, [a], NAMES) == "A    3 tokens, host:   0->0[##] 1->1[#.]"
+    assert (
+        render_block_tables(manager, [a], NAMES)
+        == "A    3 tokens, host:   0->0[##] 1->1[#.]"
+    )
 
 
 def test_stats_summary(two_prompts):

@@ -29,7 +29,9 @@ from minipaged.walkthrough_html import (
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "docs" / "step-through" / "walk.html"
-REGENERATE = "regenerate it: python -m minipaged.walkthrough_html docs/step-through/walk.html"
+REGENERATE = (
+    "regenerate it: python -m minipaged.walkthrough_html docs/step-through/walk.html"
+)
 APT = "apt-get update && apt-get install -y chromium chromium-driver"
 
 
@@ -72,14 +74,20 @@ def cli_steps(capsys: pytest.CaptureFixture, sizes: dict) -> list[str]:
         str(sizes["num_cpu_blocks"]),
     ]
     assert cli.main(argv) == 0
-    return [chunk.strip("\n") for chunk in re.split(r"\n(?=Step \d+\. )", capsys.readouterr().out)[1:]]
+    return [
+        chunk.strip("\n")
+        for chunk in re.split(r"\n(?=Step \d+\. )", capsys.readouterr().out)[1:]
+    ]
 
 
 def parse_pools(text: str) -> dict[str, dict]:
     """The pool pictures of viz.render_pool in `text`: name -> counts and cell labels."""
     pools, lines = {}, text.splitlines()
     for i, line in enumerate(lines):
-        match = re.match(r"(device|host) pool: (\d+) blocks of \d+ slots, (\d+) used, (\d+) free", line)
+        match = re.match(
+            r"(device|host) pool: (\d+) blocks of \d+ slots, (\d+) used, (\d+) free",
+            line,
+        )
         if not match:
             continue
         cells = []
@@ -87,14 +95,20 @@ def parse_pools(text: str) -> dict[str, dict]:
             if not row.startswith("  ["):
                 break
             cells += [cell.strip() for cell in re.findall(r"\[([^\]]*)\]", row)]
-        pools[match[1]] = {"num_blocks": int(match[2]), "num_used": int(match[3]), "cells": cells}
+        pools[match[1]] = {
+            "num_blocks": int(match[2]),
+            "num_used": int(match[3]),
+            "cells": cells,
+        }
     return pools
 
 
 def parse_tables(text: str) -> dict[str, tuple[int, str, list[int]]]:
     """The block-table lines of viz.render_block_tables: name -> (tokens, pool, physical blocks)."""
     tables = {}
-    for match in re.finditer(r"^(\S+)\s+(\d+) tokens, (device|host):\s+(.*)$", text, re.MULTILINE):
+    for match in re.finditer(
+        r"^(\S+)\s+(\d+) tokens, (device|host):\s+(.*)$", text, re.MULTILINE
+    ):
         blocks = [int(block) for block in re.findall(r"\d+->(\d+)", match[4])]
         tables[match[1]] = (int(match[2]), match[3], blocks)
     return tables
@@ -125,8 +139,13 @@ def test_tour_states_match_the_pictures_the_cli_prints(capsys):
         assert "device" in pictures  # every step draws the device pool
         for name, picture in pictures.items():
             assert picture["num_used"] == pools[name]["num_used"]
-            assert picture["cells"] == [cell_label(block) for block in pools[name]["blocks"]]
-        drawn = {t["name"]: (t["num_tokens"], t["pool"], t["block_ids"]) for t in state["tables"]}
+            assert picture["cells"] == [
+                cell_label(block) for block in pools[name]["blocks"]
+            ]
+        drawn = {
+            t["name"]: (t["num_tokens"], t["pool"], t["block_ids"])
+            for t in state["tables"]
+        }
         for name, table in parse_tables(printed).items():
             assert drawn[name] == table
             num_tables += 1
@@ -170,16 +189,25 @@ def drive_manager(ops: str, block_size: int, num_gpu_blocks: int):
         yield manager, seqs
 
 
-def assert_state_is(state: dict, manager: BlockManager, seqs: dict[str, Sequence]) -> None:
+def assert_state_is(
+    state: dict, manager: BlockManager, seqs: dict[str, Sequence]
+) -> None:
     device = state["pools"][0]
     assert [block["ref"] for block in device["blocks"]] == [
         manager.device.ref_count(b) for b in range(manager.device.num_blocks)
     ]
     assert device["num_used"] == manager.device.num_used
-    expected = {name: (len(seq), manager.get_block_table(seq).block_ids) for name, seq in seqs.items()}
-    assert {t["name"]: (t["num_tokens"], t["block_ids"]) for t in state["tables"]} == expected
+    expected = {
+        name: (len(seq), manager.get_block_table(seq).block_ids)
+        for name, seq in seqs.items()
+    }
+    assert {
+        t["name"]: (t["num_tokens"], t["block_ids"]) for t in state["tables"]
+    } == expected
     for block in device["blocks"]:
-        holders = sorted(name for name, (_, ids) in expected.items() if block["id"] in ids)
+        holders = sorted(
+            name for name, (_, ids) in expected.items() if block["id"] in ids
+        )
         assert sorted(block["holders"]) == holders
 
 
@@ -206,7 +234,9 @@ def test_copy_on_write_shows_in_the_replay():
     # a partly filled last block
     prompt = rng.randint(1, 3) * block_size + rng.randint(1, block_size - 1)
     result = replay_ops(
-        f"allocate A {prompt}; fork A B; append B 1", block_size=block_size, num_gpu_blocks=12
+        f"allocate A {prompt}; fork A B; append B 1",
+        block_size=block_size,
+        num_gpu_blocks=12,
     )
     forked, written = result["states"][2], result["states"][3]
     tables = {t["name"]: t["block_ids"] for t in written["tables"]}
@@ -218,7 +248,9 @@ def test_copy_on_write_shows_in_the_replay():
 def test_playground_uses_the_seeded_operation_list():
     seed = random.Random().randrange(2**32)
     data = embedded_data(walkthrough_html(seed=seed))
-    assert data["playground"] == replay_ops(random_ops(seed), block_size=4, num_gpu_blocks=16)
+    assert data["playground"] == replay_ops(
+        random_ops(seed), block_size=4, num_gpu_blocks=16
+    )
     assert data["config"]["seed"] == seed and random_ops(seed) == random_ops(seed)
 
 
@@ -240,7 +272,11 @@ def test_malformed_operations_raise_value_error_naming_them(ops, words):
 
 @pytest.mark.parametrize(
     ("ops", "words"),
-    [("append A 1", "no sequence 'A'"), ("allocate A 2; allocate A 3", "already exists"), ("free Z", "'Z'")],
+    [
+        ("append A 1", "no sequence 'A'"),
+        ("allocate A 2; allocate A 3", "already exists"),
+        ("free Z", "'Z'"),
+    ],
 )
 def test_unknown_or_reused_names_raise_value_error(ops, words):
     with pytest.raises(ValueError, match=words):
@@ -266,7 +302,9 @@ def test_bad_arguments_raise():
 def test_page_loads_nothing_from_outside():
     html = walkthrough_html(seed=random.Random().randrange(2**32))
     assert not re.search(r"https?://|//[a-z0-9.-]+\.[a-z]{2,}/", html, re.IGNORECASE)
-    assert not re.search(r"<(link|img|iframe)\b|\bsrc\s*=|@import|url\(", html, re.IGNORECASE)
+    assert not re.search(
+        r"<(link|img|iframe)\b|\bsrc\s*=|@import|url\(", html, re.IGNORECASE
+    )
     # the data and the code, inline
     assert html.count("<script") == 2 and html.count("<style") == 1
 
@@ -274,9 +312,9 @@ def test_page_loads_nothing_from_outside():
 def test_committed_page_is_what_the_function_writes_now(tmp_path):
     written = write_walkthrough_html(tmp_path / "walk.html")
     assert COMMITTED.exists(), REGENERATE
-    assert COMMITTED.read_text(encoding="utf-8") == written.read_text(encoding="utf-8"), (
-        f"stale; {REGENERATE}"
-    )
+    assert COMMITTED.read_text(encoding="utf-8") == written.read_text(
+        encoding="utf-8"
+    ), f"stale; {REGENERATE}"
 
 
 # ---- a real browser ----------------------------------------------------------------------------------
@@ -293,10 +331,17 @@ def browser():
         pytest.skip(f"chromium and chromedriver are missing; install them with: {APT}")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+    ):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
+    driver = webdriver.Chrome(
+        options=options, service=webdriver.ChromeService(executable_path=driver_path)
+    )
     driver.set_page_load_timeout(30)
     yield driver
     driver.quit()
@@ -312,7 +357,11 @@ def page(browser):
 
 def console_errors(driver) -> list[dict]:
     """The browser console's errors since the last call (uncaught exceptions, console.error)."""
-    return [entry for entry in driver.get_log("browser") if entry["level"] in ("SEVERE", "ERROR")]
+    return [
+        entry
+        for entry in driver.get_log("browser")
+        if entry["level"] in ("SEVERE", "ERROR")
+    ]
 
 
 def drawn_state(driver) -> dict:
@@ -323,7 +372,10 @@ def drawn_state(driver) -> dict:
         "mode": view.get_attribute("data-mode"),
         "step": int(view.get_attribute("data-step")),
         "used": int(view.get_attribute("data-used")),
-        "cells": [(c.get_attribute("data-holders"), int(c.get_attribute("data-ref"))) for c in cells],
+        "cells": [
+            (c.get_attribute("data-holders"), int(c.get_attribute("data-ref")))
+            for c in cells
+        ],
         "tables": [
             row.get_attribute("data-seq")
             for row in driver.find_elements("css selector", "#tables .table-row")
@@ -345,7 +397,10 @@ def expected_drawing(state: dict, mode: str, step: int) -> dict:
 def test_next_and_back_draw_each_recorded_state(page):
     tour = embedded_data(COMMITTED.read_text(encoding="utf-8"))["tour"]
     assert drawn_state(page) == expected_drawing(tour[0], "tour", 0)
-    next_button, back_button = page.find_element("id", "next"), page.find_element("id", "back")
+    next_button, back_button = (
+        page.find_element("id", "next"),
+        page.find_element("id", "back"),
+    )
     for step in range(1, len(tour)):
         next_button.click()
         assert drawn_state(page) == expected_drawing(tour[step], "tour", step)
@@ -364,20 +419,31 @@ def test_next_and_back_draw_each_recorded_state(page):
 def test_javascript_mirror_replays_like_the_block_manager(page):
     rng = random.Random()
     data = embedded_data(COMMITTED.read_text(encoding="utf-8"))
-    replay = "return window.minipaged.replayOps(arguments[0], arguments[1], arguments[2]);"
+    replay = (
+        "return window.minipaged.replayOps(arguments[0], arguments[1], arguments[2]);"
+    )
     config = data["config"]
-    assert page.execute_script(replay, data["playground"]["ops"], 4, 16) == data["playground"]
+    assert (
+        page.execute_script(replay, data["playground"]["ops"], 4, 16)
+        == data["playground"]
+    )
     assert config["block_size"] == 4 and config["num_gpu_blocks"] == 16
     for _ in range(8):
         block_size, num_gpu_blocks = rng.randint(2, 5), rng.randint(4, 12)
         ops = random_op_list(rng, block_size)
         expected = replay_ops(ops, block_size=block_size, num_gpu_blocks=num_gpu_blocks)
-        assert page.execute_script(replay, ops, block_size, num_gpu_blocks) == expected, ops
+        assert (
+            page.execute_script(replay, ops, block_size, num_gpu_blocks) == expected
+        ), ops
     seeds = [rng.randrange(2**32) for _ in range(5)] + [0, 2**32 - 1]
-    make = "return window.minipaged.randomOps(arguments[0], arguments[1], arguments[2]);"
+    make = (
+        "return window.minipaged.randomOps(arguments[0], arguments[1], arguments[2]);"
+    )
     for seed in seeds:
         block_size = rng.randint(2, 6)
-        assert page.execute_script(make, seed, 12, block_size) == random_ops(seed, 12, block_size)
+        assert page.execute_script(make, seed, 12, block_size) == random_ops(
+            seed, 12, block_size
+        )
     assert console_errors(page) == []
 
 
@@ -392,7 +458,9 @@ def test_typed_operations_replay_in_the_page(page):
     assert drawn_state(page) == expected_drawing(expected["states"][0], "playground", 0)
     for step in range(1, len(expected["states"])):
         page.find_element("id", "next").click()
-        assert drawn_state(page) == expected_drawing(expected["states"][step], "playground", step)
+        assert drawn_state(page) == expected_drawing(
+            expected["states"][step], "playground", step
+        )
     assert page.find_element("id", "error").text == (expected["error"] or "")
     box.clear()
     box.send_keys("allocate A 3; explode A")

@@ -14,9 +14,20 @@
 # the same story in one go.
 
 # %%
-from minipaged.reference import AllocStatus, BlockAllocator, BlockManager, BlockTable, NoFreeBlocksError
+from minipaged.reference import (
+    AllocStatus,
+    BlockAllocator,
+    BlockManager,
+    BlockTable,
+    NoFreeBlocksError,
+)
 from minipaged.sequence import Sequence, SequenceGroup
-from minipaged.viz import render_allocator, render_block_tables, render_pool, render_stats
+from minipaged.viz import (
+    render_allocator,
+    render_block_tables,
+    render_pool,
+    render_stats,
+)
 
 # %% [markdown]
 # ## 1. The block allocator: a free list and reference counts
@@ -97,7 +108,9 @@ assert table.block_ids == [2, 3, 4] and table.num_filled_in_last_block == 1
 # prompt its blocks.
 
 # %%
-manager = BlockManager(block_size=4, num_gpu_blocks=10, num_cpu_blocks=6, enable_prefix_caching=True)
+manager = BlockManager(
+    block_size=4, num_gpu_blocks=10, num_cpu_blocks=6, enable_prefix_caching=True
+)
 system = [101, 102, 103, 104, 105, 106, 107, 108]  # a system prompt: two full blocks
 a = Sequence([*system, 201, 202])  # 10 tokens: 3 blocks, the last one half full
 group_a = SequenceGroup("A", [a])
@@ -120,7 +133,9 @@ for token in (301, 302, 303):
     a.append_token_id(token)
     copies = manager.append_slots(a)
     table_a = manager.get_block_table(a)
-    print(f"+{token}: {len(a)} tokens, table {table_a.block_ids}, its slot {table_a.slot_mapping(1)}")
+    print(
+        f"+{token}: {len(a)} tokens, table {table_a.block_ids}, its slot {table_a.slot_mapping(1)}"
+    )
     assert copies == []  # nothing shared yet, so nothing to copy
 # the 13th token opened block 3
 assert manager.get_block_table(a).block_ids == [0, 1, 2, 3]
@@ -141,7 +156,10 @@ manager.fork(a, b)
 print(render_block_tables(manager, [a, b], names))
 print(render_pool(manager, names=names, legend=False))
 assert manager.device.num_used == used_before  # a fork allocates nothing
-assert all(manager.device.ref_count(block) == 2 for block in manager.get_block_table(a).block_ids)
+assert all(
+    manager.device.ref_count(block) == 2
+    for block in manager.get_block_table(a).block_ids
+)
 
 # %% [markdown]
 # ## 6. Copy-on-write: the first write into a shared block copies it
@@ -162,7 +180,10 @@ print("A  wrote 401, copy-on-write pairs:", copies_a)
 print("A' wrote 402, copy-on-write pairs:", copies_b)
 print(render_block_tables(manager, [a, b], names))
 assert copies_a == [(3, 4)] and copies_b == []
-assert manager.get_block_table(a).block_ids[-1] == 4 and manager.get_block_table(b).block_ids[-1] == 3
+assert (
+    manager.get_block_table(a).block_ids[-1] == 4
+    and manager.get_block_table(b).block_ids[-1] == 3
+)
 
 # %% [markdown]
 # ## 7. Prefix caching: a new request finds blocks it never computed
@@ -177,7 +198,9 @@ c = Sequence([*system, 501, 502, 503])
 names[c.seq_id] = "C"
 hits_before = manager.device.hits
 cached = manager.allocate(SequenceGroup("C", [c]))
-print(f"C: {cached} of its {len(c)} prompt tokens were cached; hits +{manager.device.hits - hits_before}")
+print(
+    f"C: {cached} of its {len(c)} prompt tokens were cached; hits +{manager.device.hits - hits_before}"
+)
 print(render_pool(manager, names=names, legend=False))
 assert cached == 8 and manager.get_block_table(c).block_ids[:2] == [0, 1]
 

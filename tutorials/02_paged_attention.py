@@ -61,7 +61,9 @@ k_cache = torch.full(pool_shape, float("nan"))
 v_cache = torch.full(pool_shape, float("nan"))
 # the frame allocator that hands out the pool's blocks
 allocator = BlockAllocator(NUM_BLOCKS)
-print(f"k_cache, v_cache: {list(k_cache.shape)}: {NUM_BLOCKS} blocks x {BLOCK_SIZE} slots, all NaN")
+print(
+    f"k_cache, v_cache: {list(k_cache.shape)}: {NUM_BLOCKS} blocks x {BLOCK_SIZE} slots, all NaN"
+)
 assert k_cache.isnan().all() and v_cache.isnan().all()
 
 
@@ -101,7 +103,10 @@ def pool_picture(k_cache: torch.Tensor, tables: dict[str, BlockTable]) -> str:
     lines = []
     for block in range(num_blocks):
         cells = labels[block * block_size : (block + 1) * block_size]
-        lines.append(f"block {block:2} | " + " ".join(cell.ljust(width) for cell in cells).rstrip())
+        lines.append(
+            f"block {block:2} | "
+            + " ".join(cell.ljust(width) for cell in cells).rstrip()
+        )
     return "\n".join(lines)
 
 
@@ -143,8 +148,14 @@ assert table_a.slot(8) == 2 * 4 + 0
 # %%
 # lengths after this tutorial's main step (section 4)
 SEQ_LENS = {"A": 10, "B": 5, "C": 10}
-keys = {name: torch.randn(n, NUM_KV_HEADS, HEAD_DIM, generator=gen) for name, n in SEQ_LENS.items()}
-values = {name: torch.randn(n, NUM_KV_HEADS, HEAD_DIM, generator=gen) for name, n in SEQ_LENS.items()}
+keys = {
+    name: torch.randn(n, NUM_KV_HEADS, HEAD_DIM, generator=gen)
+    for name, n in SEQ_LENS.items()
+}
+values = {
+    name: torch.randn(n, NUM_KV_HEADS, HEAD_DIM, generator=gen)
+    for name, n in SEQ_LENS.items()
+}
 
 # [13, num_kv_heads, head_dim]: 9 of A, 4 of C
 step1_key = torch.cat([keys["A"][:9], keys["C"][:4]])
@@ -182,7 +193,11 @@ tables = {"A": table_a, "B": table_b, "C": table_c}
 for name, n in new_tokens.items():
     got = tables[name].append_tokens(n, allocator.allocate)
     print(f"{name}: +{n} tokens -> new blocks {got}; table {tables[name].block_ids}")
-assert table_a.block_ids == [0, 1, 2] and table_b.block_ids == [4, 5] and table_c.block_ids == [3, 6, 7]
+assert (
+    table_a.block_ids == [0, 1, 2]
+    and table_b.block_ids == [4, 5]
+    and table_c.block_ids == [3, 6, 7]
+)
 
 # garbage that must not land
 padding_key = 1e4 * torch.randn(1, NUM_KV_HEADS, HEAD_DIM, generator=gen)
@@ -213,7 +228,9 @@ v_slots = v_cache.flatten(0, 1)
 for name, table in tables.items():
     # every position's slot, in position order
     slots = table.slot_mapping(table.num_tokens)
-    assert torch.equal(k_slots[slots], keys[name]) and torch.equal(v_slots[slots], values[name])
+    assert torch.equal(k_slots[slots], keys[name]) and torch.equal(
+        v_slots[slots], values[name]
+    )
     print(f"{name}: positions 0..{table.num_tokens - 1} read back from slots {slots}")
 
 # %% [markdown]
@@ -241,7 +258,9 @@ names = ["A", "B", "C"]
 q_lens = [new_tokens[name] for name in names]  # [1, 5, 6]
 # [12, num_heads, head_dim]
 query = torch.randn(sum(q_lens), NUM_HEADS, HEAD_DIM, generator=gen)
-query_start_loc = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+query_start_loc = torch.tensor(
+    [0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32
+)
 seq_lens = torch.tensor([tables[name].num_tokens for name in names], dtype=torch.int32)
 block_tables = block_tables_tensor([tables[name] for name in names], max_blocks=4)
 scale = HEAD_DIM**-0.5
@@ -249,7 +268,9 @@ print("query          ", list(query.shape))
 print("query_start_loc", query_start_loc.tolist())
 print("seq_lens       ", seq_lens.tolist())
 print("block_tables\n", block_tables)
-out = backend.paged_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
+out = backend.paged_attention(
+    query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale
+)
 print("out            ", list(out.shape), "all finite:", bool(out.isfinite().all()))
 # not one of the 23 NaN slots was read
 assert out.shape == query.shape and out.isfinite().all()
@@ -268,7 +289,9 @@ for h in range(NUM_HEADS):
     # [10]: how much each position counts
     probs = torch.softmax(k @ query[0, h] * scale, dim=0)
     by_hand = probs @ v  # [head_dim]
-    print(f"head {h} (KV head {h // group}): max |paged - by hand| = {(out[0, h] - by_hand).abs().max():.1e}")
+    print(
+        f"head {h} (KV head {h // group}): max |paged - by hand| = {(out[0, h] - by_hand).abs().max():.1e}"
+    )
     torch.testing.assert_close(out[0, h], by_hand, **tolerance(torch.float32))
 
 # %% [markdown]
@@ -284,7 +307,9 @@ for h in range(NUM_HEADS):
 expected = dense_attention(
     query, [keys[n] for n in names], [values[n] for n in names], query_start_loc, scale
 )
-blockwise = paged_attention_blockwise(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
+blockwise = paged_attention_blockwise(
+    query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale
+)
 print(f"max |paged - dense|     = {(out - expected).abs().max():.2e}")
 print(f"max |blockwise - dense| = {(blockwise - expected).abs().max():.2e}")
 torch.testing.assert_close(out, expected, **tolerance(torch.float32))
@@ -320,7 +345,9 @@ k_stale, v_stale = k_cache.clone(), v_cache.clone()
 unwritten = k_stale.isnan()
 k_stale[unwritten] = 1e4 * torch.randn(int(unwritten.sum()), generator=gen)
 v_stale[unwritten] = 1e4 * torch.randn(int(unwritten.sum()), generator=gen)
-out_stale = backend.paged_attention(query, k_stale, v_stale, block_tables, seq_lens, query_start_loc, scale)
+out_stale = backend.paged_attention(
+    query, k_stale, v_stale, block_tables, seq_lens, query_start_loc, scale
+)
 print("NaN left in the pool:", bool(k_stale.isnan().any()))
 print("output identical to section 5's:", torch.equal(out_stale, out))
 assert torch.equal(out_stale, out)
@@ -371,7 +398,10 @@ assert pairs == [(2, 8)]
 assert allocator.ref_count(2) == 1 and allocator.ref_count(8) == 1
 # one list entry a layer
 backend.copy_blocks([k_cache], [v_cache], torch.tensor(pairs, dtype=torch.int64))
-print("after copy_blocks, block 8 rows 0-1 == block 2 rows 0-1:", torch.equal(k_cache[8, :2], k_cache[2, :2]))
+print(
+    "after copy_blocks, block 8 rows 0-1 == block 2 rows 0-1:",
+    torch.equal(k_cache[8, :2], k_cache[2, :2]),
+)
 
 # %% [markdown]
 # Now the decode step writes each sequence's new token through its own table, and
@@ -391,7 +421,9 @@ fork_query = torch.randn(2, NUM_HEADS, HEAD_DIM, generator=gen)
 fork_tables = block_tables_tensor([table_a2, table_a])
 fork_lens = torch.tensor([11, 11], dtype=torch.int32)
 fork_starts = torch.tensor([0, 1, 2], dtype=torch.int32)
-fork_out = backend.paged_attention(fork_query, k_cache, v_cache, fork_tables, fork_lens, fork_starts, scale)
+fork_out = backend.paged_attention(
+    fork_query, k_cache, v_cache, fork_tables, fork_lens, fork_starts, scale
+)
 fork_expected = dense_attention(
     fork_query,
     # shared past + its own token
@@ -402,7 +434,9 @@ fork_expected = dense_attention(
 )
 print(f"max |paged - dense| for A' and A: {(fork_out - fork_expected).abs().max():.2e}")
 torch.testing.assert_close(fork_out, fork_expected, **tolerance(torch.float32))
-assert torch.equal(k_cache[8, 2], fork_keys[0]) and torch.equal(k_cache[2, 2], fork_keys[1])
+assert torch.equal(k_cache[8, 2], fork_keys[0]) and torch.equal(
+    k_cache[2, 2], fork_keys[1]
+)
 
 # %% [markdown]
 # Why `copy_blocks` was needed: block 8 came from the free list holding nothing useful
@@ -440,7 +474,9 @@ host_allocator = BlockAllocator(4, "host")
 out_b = out[1:6]  # B's prefill rows from section 5
 
 # [2, 2] int64
-swap_out = torch.tensor([[block, host_allocator.allocate()] for block in table_b.block_ids])
+swap_out = torch.tensor(
+    [[block, host_allocator.allocate()] for block in table_b.block_ids]
+)
 backend.swap_blocks(k_cache, k_host, swap_out)  # once per pool (K and V) and per layer
 backend.swap_blocks(v_cache, v_host, swap_out)
 for block in reversed(table_b.block_ids):
@@ -460,12 +496,16 @@ table_d.append_tokens(8, allocator.allocate)
 tables["D"] = table_d
 d_keys = torch.randn(8, NUM_KV_HEADS, HEAD_DIM, generator=gen)
 d_values = torch.randn(8, NUM_KV_HEADS, HEAD_DIM, generator=gen)
-backend.write_kv(d_keys, d_values, k_cache, v_cache, torch.tensor(table_d.slot_mapping(8)))
+backend.write_kv(
+    d_keys, d_values, k_cache, v_cache, torch.tensor(table_d.slot_mapping(8))
+)
 print("D took blocks", table_d.block_ids)
 assert table_d.block_ids == [4, 5]  # the free list is LIFO: B's blocks come back first
 
 # (host, device)
-swap_in = torch.tensor([[host, allocator.allocate()] for host in table_b_host.block_ids])
+swap_in = torch.tensor(
+    [[host, allocator.allocate()] for host in table_b_host.block_ids]
+)
 backend.swap_blocks(k_host, k_cache, swap_in)
 backend.swap_blocks(v_host, v_cache, swap_in)
 for host in table_b_host.block_ids:
@@ -479,9 +519,17 @@ print(pool_picture(k_cache, tables))
 b_starts = torch.tensor([0, 5], dtype=torch.int32)
 b_lens = torch.tensor([5], dtype=torch.int32)
 out_b_again = backend.paged_attention(
-    query[1:6], k_cache, v_cache, block_tables_tensor([table_b]), b_lens, b_starts, scale
+    query[1:6],
+    k_cache,
+    v_cache,
+    block_tables_tensor([table_b]),
+    b_lens,
+    b_starts,
+    scale,
 )
-print(f"B before vs after the round trip: max |diff| = {(out_b_again - out_b).abs().max():.1e}")
+print(
+    f"B before vs after the round trip: max |diff| = {(out_b_again - out_b).abs().max():.1e}"
+)
 assert table_b.block_ids == [9, 10]
 torch.testing.assert_close(out_b_again, out_b, **tolerance(torch.float32))
 

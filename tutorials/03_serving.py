@@ -46,7 +46,9 @@ print(
     f"{config.num_key_value_heads} KV heads, vocabulary {config.vocab_size}"
 )
 print("'Hi' ->", llm.tokenizer.encode("Hi"))
-print(f"{llm.cache_config.num_gpu_blocks} blocks of {llm.cache_config.block_size} tokens")
+print(
+    f"{llm.cache_config.num_gpu_blocks} blocks of {llm.cache_config.block_size} tokens"
+)
 # BOS, then a token per byte
 assert llm.tokenizer.encode("Hi") == [1, ord("H") + 3, ord("i") + 3]
 assert llm.block_manager.device.num_free == 64
@@ -65,9 +67,9 @@ outputs = llm.generate(prompts, greedy, use_tqdm=False)
 for out in outputs:
     completion = out.outputs[0]
     print(f"{out.prompt!r:15} -> {completion.token_ids}  {completion.text!r}")
-assert [out.outputs[0].token_ids for out in llm.generate(prompts, greedy, use_tqdm=False)] == [
-    out.outputs[0].token_ids for out in outputs
-]  # greedy: the same tokens every time
+assert [
+    out.outputs[0].token_ids for out in llm.generate(prompts, greedy, use_tqdm=False)
+] == [out.outputs[0].token_ids for out in outputs]  # greedy: the same tokens every time
 
 # %% [markdown]
 # The paged KV cache changes where K/V live, not what the model computes. A separate
@@ -79,7 +81,10 @@ reference_model = load_preset("tiny-llama", seed=0)
 for prompt, out in zip(prompts, outputs, strict=True):
     input_ids = torch.tensor([llm.tokenizer.encode(prompt)])
     expected = reference_model.generate(
-        input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False, max_new_tokens=8
+        input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        do_sample=False,
+        max_new_tokens=8,
     )
     assert expected[0, input_ids.shape[1] :].tolist() == out.outputs[0].token_ids
 print("transformers' generate agrees on all three prompts")
@@ -125,10 +130,18 @@ assert llm.step_stats[-1].num_batched_tokens == 10 + 1 + 1
 # the second: each sample writes its first token into the shared, partly filled block
 llm.step()
 tables = [llm.block_manager.get_block_table(seq).block_ids for seq in group.seqs]
-print("tables after the first decode:", tables, " copies:", llm.step_stats[-1].blocks_copied)
+print(
+    "tables after the first decode:",
+    tables,
+    " copies:",
+    llm.step_stats[-1].blocks_copied,
+)
 # copy-on-write for two samples; the third writes in place
 assert llm.step_stats[-1].blocks_copied == 2
-assert len({table[-1] for table in tables}) == 3 and len({table[0] for table in tables}) == 1
+assert (
+    len({table[-1] for table in tables}) == 3
+    and len({table[0] for table in tables}) == 1
+)
 
 finished = []
 while llm.has_unfinished_requests():
@@ -152,7 +165,9 @@ assert len({tuple(c.token_ids) for c in result.outputs}) == 3  # three different
 beam_params = BeamSearchParams(beam_width=3, max_tokens=8)
 (beams,) = llm.beam_search("Paging is", beam_params)
 for beam in beams.sequences:
-    print(f"{beam.token_ids}  score {beam.score:.4f}  logprob {beam.cumulative_logprob:.4f}")
+    print(
+        f"{beam.token_ids}  score {beam.score:.4f}  logprob {beam.cumulative_logprob:.4f}"
+    )
 scores = [beam.score for beam in beams.sequences]
 assert scores == sorted(scores, reverse=True)  # best first
 for beam in beams.sequences:
@@ -167,7 +182,9 @@ expected = reference_model.generate(
     num_return_sequences=3,
     max_new_tokens=8,
 )
-assert expected[:, input_ids.shape[1] :].tolist() == [beam.token_ids for beam in beams.sequences]
+assert expected[:, input_ids.shape[1] :].tolist() == [
+    beam.token_ids for beam in beams.sequences
+]
 print("transformers' beam search returns the same three beams")
 assert llm.block_manager.device.num_free == 64  # every block came back
 
@@ -189,7 +206,10 @@ assert llm.block_manager.device.num_free == 64  # every block came back
 small = LLM("tiny-llama", block_size=4, num_gpu_blocks=12, preemption_mode="swap")
 requests = [
     ("The cat sat", SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)),
-    ("Paging is a", SamplingParams(n=2, temperature=1.0, max_tokens=12, seed=3, ignore_eos=True)),
+    (
+        "Paging is a",
+        SamplingParams(n=2, temperature=1.0, max_tokens=12, seed=3, ignore_eos=True),
+    ),
     ("Hello, world", SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)),
     ("Swap me out", SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)),
 ]
@@ -240,7 +260,10 @@ admitted_at = next(row.step for row in rows if row.num_waiting == 0)
 assert admitted_at == 15 and rows[admitted_at].blocks_swapped_in == 4
 # it waited while a request was out
 assert all(row.num_swapped > 0 for row in rows[1:admitted_at])
-assert max(row.blocks_used for row in rows) == 12 and small.block_manager.device.num_free == 12
+assert (
+    max(row.blocks_used for row in rows) == 12
+    and small.block_manager.device.num_free == 12
+)
 
 # %% [markdown]
 # Preemption costs time, but it is invisible in the output. Swapping copies the K/V out
@@ -249,8 +272,12 @@ assert max(row.blocks_used for row in rows) == 12 and small.block_manager.device
 
 # %%
 roomy = LLM("tiny-llama", block_size=4, num_gpu_blocks=64)
-expected = roomy.generate([p for p, _ in requests], [params for _, params in requests], use_tqdm=False)
-assert [[c.token_ids for c in out.outputs] for out in expected] == [results[str(i)] for i in range(4)]
+expected = roomy.generate(
+    [p for p, _ in requests], [params for _, params in requests], use_tqdm=False
+)
+assert [[c.token_ids for c in out.outputs] for out in expected] == [
+    results[str(i)] for i in range(4)
+]
 assert roomy.stats.num_preemptions == {"recompute": 0, "swap": 0}
 print("same tokens with and without preemption")
 
@@ -264,9 +291,13 @@ stats = small.stats
 print(f"steps                         {stats.steps}")
 print(f"generated tokens              {stats.generated_tokens}")
 print(f"preemptions                   {stats.num_preemptions}")
-print(f"blocks swapped out / in       {stats.blocks_swapped_out} / {stats.blocks_swapped_in}")
+print(
+    f"blocks swapped out / in       {stats.blocks_swapped_out} / {stats.blocks_swapped_in}"
+)
 print(f"copy-on-write copies          {stats.cow_copies}")
-print(f"peak blocks used              {stats.peak_blocks_used} of {small.cache_config.num_gpu_blocks}")
+print(
+    f"peak blocks used              {stats.peak_blocks_used} of {small.cache_config.num_gpu_blocks}"
+)
 print(f"mean KV utilization           {stats.mean_kv_utilization:.1%}")
 print(f"most blocks saved by sharing  {stats.max_blocks_saved_by_sharing}")
 assert stats.generated_tokens == 5 * 12  # five sequences, 12 tokens each
@@ -319,7 +350,9 @@ with running_server(server_llm) as url:
     completion = client.completions.create(
         model="tiny-llama", prompt="The cat sat", max_tokens=8, temperature=0
     )  # the request of section 2's first prompt, with the `greedy` parameters
-    print(f"{url}: {completion.choices[0].text!r}, {completion.usage.completion_tokens} tokens")
+    print(
+        f"{url}: {completion.choices[0].text!r}, {completion.usage.completion_tokens} tokens"
+    )
     stream = client.completions.create(
         model="tiny-llama",
         prompt="Paging is",

@@ -38,14 +38,38 @@ import torch
 
 # name -> (module, one-line title); the order is the paper's order and `minipaged experiment --list`'s
 EXPERIMENTS: dict[str, tuple[str, str]] = {
-    "memory-waste": ("memory_waste", "KV memory split into token states and waste per allocator (Fig. 2)"),
-    "serving": ("serving_latency", "normalized latency against request rate, vLLM vs Orca (Fig. 12)"),
-    "decoding": ("decoding", "parallel sampling and beam search: latency against rate (Fig. 14)"),
-    "batch-size": ("batch_size", "batch size and requests served per allocator under one budget"),
-    "sharing": ("sharing", "memory saved by sharing: parallel sampling and beam search (Fig. 15)"),
-    "shared-prefix": ("shared_prefix", "blocks and prefill tokens saved by prefix caching (Fig. 16)"),
-    "block-size": ("block_size", "block size 1 to 256: waste, capacity and time per step (Fig. 18b)"),
-    "swap-vs-recompute": ("swap_vs_recompute", "restoring a preempted sequence: swap vs recompute (Fig. 19)"),
+    "memory-waste": (
+        "memory_waste",
+        "KV memory split into token states and waste per allocator (Fig. 2)",
+    ),
+    "serving": (
+        "serving_latency",
+        "normalized latency against request rate, vLLM vs Orca (Fig. 12)",
+    ),
+    "decoding": (
+        "decoding",
+        "parallel sampling and beam search: latency against rate (Fig. 14)",
+    ),
+    "batch-size": (
+        "batch_size",
+        "batch size and requests served per allocator under one budget",
+    ),
+    "sharing": (
+        "sharing",
+        "memory saved by sharing: parallel sampling and beam search (Fig. 15)",
+    ),
+    "shared-prefix": (
+        "shared_prefix",
+        "blocks and prefill tokens saved by prefix caching (Fig. 16)",
+    ),
+    "block-size": (
+        "block_size",
+        "block size 1 to 256: waste, capacity and time per step (Fig. 18b)",
+    ),
+    "swap-vs-recompute": (
+        "swap_vs_recompute",
+        "restoring a preempted sequence: swap vs recompute (Fig. 19)",
+    ),
 }
 # the devices an experiment accepts: "cpu", "cuda", "cuda:N"
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")
@@ -77,7 +101,12 @@ class ExperimentResult:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ExperimentResult:
         """The result that `to_json` wrote; JSON older than "settings" gives empty settings."""
-        return cls(data["experiment"], data["rows"], data.get("paper", {}), data.get("settings", {}))
+        return cls(
+            data["experiment"],
+            data["rows"],
+            data.get("paper", {}),
+            data.get("settings", {}),
+        )
 
 
 def check_run_args(scale: str, seed: int, scales: dict) -> None:
@@ -111,7 +140,9 @@ def check_tensor_args(backend: str, device: str) -> None:
 
     get_backend(backend)  # ValueError naming `backend` for an unknown name
     if not isinstance(device, str) or DEVICE.fullmatch(device) is None:
-        raise ValueError(f"device must be 'cpu' or 'cuda[:N]' (N a GPU's index), got {device!r}")
+        raise ValueError(
+            f"device must be 'cpu' or 'cuda[:N]' (N a GPU's index), got {device!r}"
+        )
     if device.startswith("cuda"):
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
@@ -120,7 +151,9 @@ def check_tensor_args(backend: str, device: str) -> None:
             )
         index = int(device.partition(":")[2] or 0)
         if index >= count:
-            raise ValueError(f"device {device!r}: torch sees {count} GPU(s), cuda:0 to cuda:{count - 1}")
+            raise ValueError(
+                f"device {device!r}: torch sees {count} GPU(s), cuda:0 to cuda:{count - 1}"
+            )
     _check_backend_device(backend, device)  # triton on the CPU needs the interpreter
 
 
@@ -167,7 +200,9 @@ def get_experiment(name: str):
         ValueError: for a name not in EXPERIMENTS, listing the known ones.
     """
     if name not in EXPERIMENTS:
-        raise ValueError(f"experiment: expected one of {', '.join(EXPERIMENTS)}, got {name!r}")
+        raise ValueError(
+            f"experiment: expected one of {', '.join(EXPERIMENTS)}, got {name!r}"
+        )
     return importlib.import_module(f"minipaged.experiments.{EXPERIMENTS[name][0]}")
 
 

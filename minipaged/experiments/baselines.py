@@ -43,7 +43,9 @@ from minipaged.reference.block_allocator import NoFreeBlocksError
 POLICIES = ("max", "pow2", "oracle")
 
 
-def reservation_size(policy: str, prompt_len: int, output_len: int, max_model_len: int) -> int:
+def reservation_size(
+    policy: str, prompt_len: int, output_len: int, max_model_len: int
+) -> int:
     """Slots an Orca-style allocator reserves for a request at admission (paper section 6.1).
 
     - "max": max_model_len, whatever the request (Orca (Max), like FasterTransformer).
@@ -110,13 +112,21 @@ class ContiguousAllocator:
     """
 
     def __init__(
-        self, capacity: int, policy: str = "max", max_model_len: int = 2048, placement: str = "buddy"
+        self,
+        capacity: int,
+        policy: str = "max",
+        max_model_len: int = 2048,
+        placement: str = "buddy",
     ) -> None:
         check_positive(capacity=capacity, max_model_len=max_model_len)
         if policy not in POLICIES:
-            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+            raise ValueError(
+                f"policy must be one of {', '.join(POLICIES)}, got {policy!r}"
+            )
         if placement not in PLACEMENTS:
-            raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+            raise ValueError(
+                f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}"
+            )
         self.capacity, self.policy, self.max_model_len = capacity, policy, max_model_len
         self.placement = placement
         self.pool = PLACEMENTS[placement](capacity)  # the free-space manager
@@ -138,7 +148,9 @@ class ContiguousAllocator:
 
     def reservation(self, req) -> int:
         """Slots this allocator reserves for `req` (see reservation_size)."""
-        return reservation_size(self.policy, req.prompt_len, req.output_len, self.max_model_len)
+        return reservation_size(
+            self.policy, req.prompt_len, req.output_len, self.max_model_len
+        )
 
     def footprint(self, req) -> int:
         """Slots a range for `req` occupies: the reservation, rounded up to a power of two by buddy."""
@@ -149,7 +161,9 @@ class ContiguousAllocator:
         buddy placement, a range larger than the largest top-level block never fits)."""
         check_request(req, self.max_model_len)
         size = self.reservation(req)
-        if not PLACEMENTS[self.placement](self.capacity).can_allocate_all([size] * copies):
+        if not PLACEMENTS[self.placement](self.capacity).can_allocate_all(
+            [size] * copies
+        ):
             raise ValueError(
                 f"request {req.request_id!r}: {copies} range(s) of {size} slots ({self.policy}, "
                 f"{self.placement}) can never fit a pool of capacity={self.capacity}"
@@ -175,12 +189,16 @@ class ContiguousAllocator:
         if start is None:
             return False
         final = final_kv_len(req.prompt_len, req.output_len)
-        self._ranges[req.request_id] = _Range(start, self.footprint(req), final, num_tokens)
+        self._ranges[req.request_id] = _Range(
+            start, self.footprint(req), final, num_tokens
+        )
         return True
 
     def can_append(self, *request_ids: str) -> bool:
         """Can each of these requests store one more token? Yes until its range is full."""
-        return all(self._ranges[i].num_tokens < self._ranges[i].size for i in request_ids)
+        return all(
+            self._ranges[i].num_tokens < self._ranges[i].size for i in request_ids
+        )
 
     def append(self, request_id: str) -> None:
         """Store one more token of the request, in the next slot of its range.
@@ -190,7 +208,9 @@ class ContiguousAllocator:
         """
         r = self._ranges[request_id]
         if r.num_tokens >= r.size:
-            raise NoFreeBlocksError(f"request {request_id!r} has filled its {r.size} reserved slots")
+            raise NoFreeBlocksError(
+                f"request {request_id!r} has filled its {r.size} reserved slots"
+            )
         r.num_tokens += 1
 
     def free(self, request_id: str) -> None:
@@ -206,7 +226,9 @@ class ContiguousAllocator:
         on the tokens stored at admission, so `num_tokens` is accepted for symmetry and ignored."""
         return self.can_place(reqs)
 
-    def breakdown(self, waiting: Iterable = (), num_tokens: int | None = None) -> MemoryBreakdown:
+    def breakdown(
+        self, waiting: Iterable = (), num_tokens: int | None = None
+    ) -> MemoryBreakdown:
         """The pool now, in the Fig. 3 categories.
 
         Args:
@@ -218,7 +240,9 @@ class ContiguousAllocator:
         """
         tokens = sum(r.num_tokens for r in self._ranges.values())
         reserved = sum(max(0, r.final - r.num_tokens) for r in self._ranges.values())
-        internal = sum(r.size - max(r.final, r.num_tokens) for r in self._ranges.values())
+        internal = sum(
+            r.size - max(r.final, r.num_tokens) for r in self._ranges.values()
+        )
         free, waiting = self.pool.num_free, list(waiting)
         blocked = bool(waiting) and not self.can_place(waiting)
         fits_in_total = sum(self.footprint(req) for req in waiting) <= free

@@ -49,7 +49,12 @@ PAPER = {
     "section": "6.2",
     "figure": "13a",
     "setup": "OPT-13B on an NVIDIA A100 (40 GB), ShareGPT at 2 requests/s",
-    "mean_batch_size": {"Orca (Max)": 7.00, "Orca (Pow2)": 9.81, "Orca (Oracle)": 13.62, "vLLM": 30.42},
+    "mean_batch_size": {
+        "Orca (Max)": 7.00,
+        "Orca (Pow2)": 9.81,
+        "Orca (Oracle)": 13.62,
+        "vLLM": 30.42,
+    },
     "vllm_batch_vs": {"Orca (Oracle)": 2.2, "Orca (Max)": 4.3},
     "sustained_rate_vs_orca_oracle": "1.7x-2.7x (Fig. 12, ShareGPT, three models)",
     "sustained_rate_vs_orca_max": "2.7x-8x",
@@ -64,7 +69,9 @@ PAPER = {
 
 def mean_step_s(result) -> float:
     """Seconds a step of the window takes on average: the cost model's prices (or the null step)."""
-    return statistics.fmean(r.duration for r in result.records) if result.records else 0.0
+    return (
+        statistics.fmean(r.duration for r in result.records) if result.records else 0.0
+    )
 
 
 @dataclass(frozen=True)
@@ -99,11 +106,15 @@ def run(scale: str = "full", seed: int = 0, progress: bool = True) -> Experiment
     config = SCALES[scale]
     window = config.end - config.warmup
     rows = []
-    with tqdm(total=len(config.rates) * len(ALLOCATORS), desc=NAME, disable=not progress) as bar:
+    with tqdm(
+        total=len(config.rates) * len(ALLOCATORS), desc=NAME, disable=not progress
+    ) as bar:
         for rate in config.rates:
             workload = sharegpt_load(rate, config.end, seed, max(config.rates))
             for allocator in ALLOCATORS:
-                result = serve(workload, allocator, config.end, config.warmup, seed=seed)
+                result = serve(
+                    workload, allocator, config.end, config.warmup, seed=seed
+                )
                 rows.append(
                     {
                         "allocator": allocator,
@@ -113,7 +124,9 @@ def run(scale: str = "full", seed: int = 0, progress: bool = True) -> Experiment
                         "window_s": window,
                         "mean_batch_size": result.mean_batch_size,
                         "mean_waiting": result.mean_waiting,
-                        "requests_arrived": arrived(workload, config.warmup, config.end),
+                        "requests_arrived": arrived(
+                            workload, config.warmup, config.end
+                        ),
                         "requests_finished": result.num_finished,
                         "throughput_rps": result.num_finished / window,
                         "mean_step_s": mean_step_s(result),
@@ -132,7 +145,11 @@ def plot(result: ExperimentResult, path) -> None:
     from minipaged.experiments.plotting import legend, new_figure, savefig
 
     colors = dict(
-        zip(ALLOCATORS, ["tab:red", "tab:orange", "tab:purple", "tab:gray", "tab:blue"], strict=True)
+        zip(
+            ALLOCATORS,
+            ["tab:red", "tab:orange", "tab:purple", "tab:gray", "tab:blue"],
+            strict=True,
+        )
     )
     fig, (bar_ax, rate_ax) = new_figure(
         2, title="Batch size and throughput on one KV budget (cf. Figs. 12-13)"
@@ -143,7 +160,11 @@ def plot(result: ExperimentResult, path) -> None:
     paper = result.paper.get("mean_batch_size", {})
     x = list(range(len(rows)))
     bar_ax.bar(
-        [i - 0.2 for i in x], [r["mean_batch_size"] for r in rows], 0.4, color="tab:blue", label="measured"
+        [i - 0.2 for i in x],
+        [r["mean_batch_size"] for r in rows],
+        0.4,
+        color="tab:blue",
+        label="measured",
     )
     papers = [paper.get(PAPER_LABELS.get(r["allocator"], r["label"])) for r in rows]
     bar_ax.bar(
@@ -155,16 +176,32 @@ def plot(result: ExperimentResult, path) -> None:
     )
     for i, r in enumerate(rows):
         bar_ax.text(
-            i - 0.2, r["mean_batch_size"], f"{r['mean_batch_size']:.1f}", ha="center", va="bottom", fontsize=8
+            i - 0.2,
+            r["mean_batch_size"],
+            f"{r['mean_batch_size']:.1f}",
+            ha="center",
+            va="bottom",
+            fontsize=8,
         )
     bar_ax.set_xticks(x, [r["label"].replace(" (", "\n(") for r in rows], fontsize=8)
     bar_ax.set_ylabel("mean batch size (requests)")
     bar_ax.set_title(f"(a) batch size at {shown:g} requests/s")
     legend(bar_ax)
     for allocator in ALLOCATORS:
-        series = sorted((r["rate"], r["throughput_rps"]) for r in result.rows if r["allocator"] == allocator)
-        rate_ax.plot(*zip(*series, strict=True), "o-", color=colors[allocator], label=LABELS[allocator])
-    rate_ax.plot(rates, rates, ":", color="black", linewidth=1, label="throughput = rate")
+        series = sorted(
+            (r["rate"], r["throughput_rps"])
+            for r in result.rows
+            if r["allocator"] == allocator
+        )
+        rate_ax.plot(
+            *zip(*series, strict=True),
+            "o-",
+            color=colors[allocator],
+            label=LABELS[allocator],
+        )
+    rate_ax.plot(
+        rates, rates, ":", color="black", linewidth=1, label="throughput = rate"
+    )
     rate_ax.set_xlabel("arrival rate (requests/s)")
     rate_ax.set_ylabel("requests finished per second")
     rate_ax.set_title("(b) throughput against the offered load")

@@ -153,8 +153,12 @@ def run(
     check_run_args(scale, seed, SCALES)
     check_tensor_args(backend, device)
     config = SCALES[scale]
-    rows = waste_rows(config.num_requests, seed) + time_rows(config, seed, progress, backend, device)
-    rows += load_rows(config.load_block_sizes, config.load_end, config.load_warmup, seed, progress)
+    rows = waste_rows(config.num_requests, seed) + time_rows(
+        config, seed, progress, backend, device
+    )
+    rows += load_rows(
+        config.load_block_sizes, config.load_end, config.load_warmup, seed, progress
+    )
     settings = {"scale": scale, "seed": seed, "backend": backend, "device": device}
     return ExperimentResult(NAME, rows, dict(PAPER), settings)
 
@@ -162,11 +166,21 @@ def run(
 def plot(result: ExperimentResult, path) -> None:
     """Three panels: (a) wasted share of the allocated slots, (b) milliseconds per decode step, (c) the
     requests per second the KV budget serves, relative to block size 1."""
-    from minipaged.experiments.plotting import COLORS, block_size_axis, legend, new_figure, savefig
+    from minipaged.experiments.plotting import (
+        COLORS,
+        block_size_axis,
+        legend,
+        new_figure,
+        savefig,
+    )
 
-    fig, (waste_ax, time_ax, load_ax) = new_figure(3, title="Block size (vLLM paper section 7.2, Fig. 18b)")
+    fig, (waste_ax, time_ax, load_ax) = new_figure(
+        3, title="Block size (vLLM paper section 7.2, Fig. 18b)"
+    )
     for workload in WORKLOADS:
-        rows = [r for r in result.rows if r["part"] == "waste" and r["workload"] == workload]
+        rows = [
+            r for r in result.rows if r["part"] == "waste" and r["workload"] == workload
+        ]
         color = COLORS[workload.removesuffix("-like")]
         waste_ax.plot(
             [r["block_size"] for r in rows],
@@ -205,7 +219,9 @@ def plot(result: ExperimentResult, path) -> None:
     time_ax.set_title(f"(b) decode step, {model}, {where}")
     legend(time_ax)
     for workload in WORKLOADS:
-        rows = [r for r in result.rows if r["part"] == "load" and r["workload"] == workload]
+        rows = [
+            r for r in result.rows if r["part"] == "load" and r["workload"] == workload
+        ]
         if not rows:
             continue
         # the smallest block size: no internal fragmentation at 1
@@ -217,7 +233,9 @@ def plot(result: ExperimentResult, path) -> None:
             color=COLORS[workload.removesuffix("-like")],
             label=f"{workload}, {rows[0]['rate']:g} req/s offered",
         )
-    block_size_axis(load_ax, sorted({r["block_size"] for r in result.rows if r["part"] == "load"}))
+    block_size_axis(
+        load_ax, sorted({r["block_size"] for r in result.rows if r["part"] == "load"})
+    )
     load_ax.set_ylim(0, 1.05)
     load_ax.set_ylabel("requests/s served, relative to block 1")
     load_ax.set_title("(c) capacity of a 15,000-slot budget")
@@ -225,4 +243,12 @@ def plot(result: ExperimentResult, path) -> None:
     savefig(fig, path)
 
 
-__all__ = ["BLOCK_SIZES", "PAPER", "internal_fragmentation", "load_rows", "plot", "run", "waste_rows"]
+__all__ = [
+    "BLOCK_SIZES",
+    "PAPER",
+    "internal_fragmentation",
+    "load_rows",
+    "plot",
+    "run",
+    "waste_rows",
+]

@@ -32,7 +32,11 @@ LOADS = {"sharegpt-like": (sharegpt_like, 4.0), "alpaca-like": (alpaca_like, 100
 
 
 def load_rows(
-    block_sizes: tuple[int, ...], end: dict[str, float], warmup: dict[str, float], seed: int, progress: bool
+    block_sizes: tuple[int, ...],
+    end: dict[str, float],
+    warmup: dict[str, float],
+    seed: int,
+    progress: bool,
 ) -> list[dict]:
     """The "load" rows: paged allocation on the fixed budget, one run per workload and block size.
 
@@ -44,15 +48,29 @@ def load_rows(
         progress: a tqdm bar over the runs.
     """
     rows = []
-    with tqdm(total=len(LOADS) * len(block_sizes), desc="block-size: load", disable=not progress) as bar:
+    with tqdm(
+        total=len(LOADS) * len(block_sizes),
+        desc="block-size: load",
+        disable=not progress,
+    ) as bar:
         for name, (make, rate) in LOADS.items():
             # the same requests at every block size: arrivals outlast the run
             workload = make(
-                int(rate * end[name] * 1.2) + 20, rate=rate, seed=seed, max_model_len=MAX_MODEL_LEN
+                int(rate * end[name] * 1.2) + 20,
+                rate=rate,
+                seed=seed,
+                max_model_len=MAX_MODEL_LEN,
             )
             for b in block_sizes:
                 # the null model's fixed step: capacity, not time, is what this part measures
-                result = serve(workload, "paged", end[name], warmup[name], block_size=b, step_time=STEP_TIME)
+                result = serve(
+                    workload,
+                    "paged",
+                    end[name],
+                    warmup[name],
+                    block_size=b,
+                    step_time=STEP_TIME,
+                )
                 # shares of the memory in use, as in memory-waste
                 used = result.mean_used_fractions
                 rows.append(

@@ -76,7 +76,9 @@ def decode_step_times(
         return logits
 
     llm.runner.execute = timed_execute
-    params = SamplingParams(temperature=0.0, max_tokens=decode_steps + 1, ignore_eos=True)
+    params = SamplingParams(
+        temperature=0.0, max_tokens=decode_steps + 1, ignore_eos=True
+    )
     for prompt in prompts:
         llm.add_request({"prompt_token_ids": prompt}, params)
     llm.step()  # the prefill of every prompt, and the first token
@@ -87,7 +89,10 @@ def decode_step_times(
         llm.step()
         synchronize(device)
         step_times.append(time.perf_counter() - start)
-    if len(step_times) != decode_steps or llm.stats.num_preemptions != {"recompute": 0, "swap": 0}:
+    if len(step_times) != decode_steps or llm.stats.num_preemptions != {
+        "recompute": 0,
+        "swap": 0,
+    }:
         raise RuntimeError(
             f"expected {decode_steps} decode steps and no preemption, got {len(step_times)} steps"
         )
@@ -105,12 +110,16 @@ def time_rows(
     model = load_preset(MODEL, seed)
     generator = torch.Generator().manual_seed(seed)
     prompts = [
-        torch.randint(BYTE_OFFSET, VOCAB_SIZE, (n,), generator=generator).tolist() for n in scale.prompt_lens
+        torch.randint(BYTE_OFFSET, VOCAB_SIZE, (n,), generator=generator).tolist()
+        for n in scale.prompt_lens
     ]
     steps: dict[int, list[float]] = {b: [] for b in scale.time_block_sizes}
     model_steps: dict[int, list[float]] = {b: [] for b in scale.time_block_sizes}
     total = scale.rounds * len(scale.time_block_sizes)
-    with torch_threads(1), tqdm(total=total, desc="block-size: decode steps", disable=not progress) as bar:
+    with (
+        torch_threads(1),
+        tqdm(total=total, desc="block-size: decode steps", disable=not progress) as bar,
+    ):
         engine = {"backend": backend, "device": device}
         # warm up: first calls allocate
         decode_step_times(model, 16, prompts[:1], 2, seed, **engine)

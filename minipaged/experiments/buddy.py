@@ -95,7 +95,9 @@ class BuddyAllocator:
     def free_blocks(self) -> list[tuple[int, int]]:
         """The free blocks, (start, size), lowest address first."""
         area = self.free_area
-        return sorted((start, 1 << k) for k, starts in enumerate(area) for start in starts)
+        return sorted(
+            (start, 1 << k) for k, starts in enumerate(area) for start in starts
+        )
 
     @property
     def allocated_blocks(self) -> list[tuple[int, int]]:
@@ -105,7 +107,9 @@ class BuddyAllocator:
     @property
     def largest_free_block(self) -> int:
         """Size of the largest free block (0 if none): the most allocate serves now."""
-        return max((1 << k for k, starts in enumerate(self.free_area) if starts), default=0)
+        return max(
+            (1 << k for k, starts in enumerate(self.free_area) if starts), default=0
+        )
 
     def block_size_of(self, size: int) -> int:
         """The block a request of `size` slots gets: the next power of two (1 -> 1, 9 -> 16).

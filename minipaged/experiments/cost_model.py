@@ -133,17 +133,27 @@ class CostModel:
             if not value >= 0:
                 raise ValueError(f"{name} must be >= 0 seconds, got {value!r}")
         self.tensor_parallel_size = tp
-        self.compute_efficiency, self.bandwidth_efficiency = compute_efficiency, bandwidth_efficiency
+        self.compute_efficiency, self.bandwidth_efficiency = (
+            compute_efficiency,
+            bandwidth_efficiency,
+        )
         self.step_overhead, self.swap_overhead = step_overhead, swap_overhead
-        self.allreduce_latency, self.allreduce_step_latency = allreduce_latency, allreduce_step_latency
+        self.allreduce_latency, self.allreduce_step_latency = (
+            allreduce_latency,
+            allreduce_step_latency,
+        )
         # what one GPU reaches
         self.flops_per_s = self.gpu.peak_flops * compute_efficiency
         self.bytes_per_s = self.gpu.memory_bandwidth * bandwidth_efficiency
         # fewer KV heads than GPUs: replicated
         kv_heads_per_rank = max(m.num_kv_heads // tp, 1)
-        self.kv_bytes_per_token_per_rank = 2 * m.num_layers * kv_heads_per_rank * m.head_dim * m.dtype_bytes
+        self.kv_bytes_per_token_per_rank = (
+            2 * m.num_layers * kv_heads_per_rank * m.head_dim * m.dtype_bytes
+        )
 
-    def step_parts(self, query_lens: Sequence[int], seq_lens: Sequence[int]) -> dict[str, float]:
+    def step_parts(
+        self, query_lens: Sequence[int], seq_lens: Sequence[int]
+    ) -> dict[str, float]:
         """The seconds of each part of one step, on one GPU of the group (they run in lockstep).
 
         Keys: linear_compute, linear_memory and linear (their max); attention_compute,
@@ -167,7 +177,9 @@ class CostModel:
         # read all s, write the q new
         kv_tokens = sum(si + qi for qi, si in zip(q, s, strict=True) if qi)
         parts["attention_compute"] = attention_flops / tp / self.flops_per_s
-        parts["attention_memory"] = kv_tokens * self.kv_bytes_per_token_per_rank / self.bytes_per_s
+        parts["attention_memory"] = (
+            kv_tokens * self.kv_bytes_per_token_per_rank / self.bytes_per_s
+        )
         parts["attention"] = max(parts["attention_compute"], parts["attention_memory"])
         # after attention, after the MLP
         activations = tokens * m.hidden_size * m.dtype_bytes
@@ -217,9 +229,13 @@ class CostModel:
             ValueError: naming the argument, for a negative count, a block_size < 1, or
                 blocks to move in no transfer.
         """
-        _check_counts(num_blocks=num_blocks, num_transfers=num_transfers, block_size=block_size)
+        _check_counts(
+            num_blocks=num_blocks, num_transfers=num_transfers, block_size=block_size
+        )
         if num_blocks and not num_transfers:
-            raise ValueError(f"num_transfers must be >= 1 to move {num_blocks} blocks, got 0")
+            raise ValueError(
+                f"num_transfers must be >= 1 to move {num_blocks} blocks, got 0"
+            )
         num_bytes = num_blocks * block_size * self.kv_bytes_per_token_per_rank
         pcie = self.gpu.pcie_bandwidth * self.bandwidth_efficiency
         return num_bytes / pcie + num_transfers * self.swap_overhead
@@ -231,7 +247,13 @@ class CostModel:
             ValueError: naming the argument, for a negative count or a block_size < 1.
         """
         _check_counts(num_blocks=num_blocks, block_size=block_size)
-        return 2 * num_blocks * block_size * self.kv_bytes_per_token_per_rank / self.bytes_per_s
+        return (
+            2
+            * num_blocks
+            * block_size
+            * self.kv_bytes_per_token_per_rank
+            / self.bytes_per_s
+        )
 
     def kv_cache_tokens(self, gpu_memory_utilization: float = 0.9) -> int:
         """Token slots for the KV cache of the tensor-parallel group, as vLLM sizes its pool.
@@ -245,7 +267,9 @@ class CostModel:
             ValueError: if the utilization is outside (0, 1], or the weights do not fit.
         """
         if not 0 < gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}"
+            )
         tp, m = self.tensor_parallel_size, self.model
         # per GPU
         free = self.gpu.memory_bytes * gpu_memory_utilization - m.weight_bytes / tp
@@ -257,16 +281,25 @@ class CostModel:
         return int(free // self.kv_bytes_per_token_per_rank)
 
 
-def _check_lens(query_lens: Sequence[int], seq_lens: Sequence[int]) -> tuple[list[int], list[int]]:
+def _check_lens(
+    query_lens: Sequence[int], seq_lens: Sequence[int]
+) -> tuple[list[int], list[int]]:
     try:
-        q, s = [operator.index(x) for x in query_lens], [operator.index(x) for x in seq_lens]
+        q, s = (
+            [operator.index(x) for x in query_lens],
+            [operator.index(x) for x in seq_lens],
+        )
     except TypeError as error:
         raise ValueError(f"query_lens and seq_lens must hold ints: {error}") from None
     if len(q) != len(s):
-        raise ValueError(f"query_lens and seq_lens must have one entry a sequence, got {len(q)} and {len(s)}")
+        raise ValueError(
+            f"query_lens and seq_lens must have one entry a sequence, got {len(q)} and {len(s)}"
+        )
     for i, (qi, si) in enumerate(zip(q, s, strict=True)):
         if not 0 <= qi <= si:
-            raise ValueError(f"query_lens[{i}] must be in [0, seq_lens[{i}]] = [0, {si}], got {qi}")
+            raise ValueError(
+                f"query_lens[{i}] must be in [0, seq_lens[{i}]] = [0, {si}], got {qi}"
+            )
     return q, s
 
 

@@ -17,7 +17,9 @@ from minipaged.experiments.cost_model import KEYS, CostModel
 from minipaged.experiments.hardware import gpu_table, model_table
 
 
-def generation_time(cost: CostModel, batch_size: int, prompt_len: int, output_len: int) -> float:
+def generation_time(
+    cost: CostModel, batch_size: int, prompt_len: int, output_len: int
+) -> float:
     """Seconds to serve `batch_size` equal requests batched statically: one prefill step of
     every prompt (it samples the first token), then output_len - 1 decode steps."""
     b, p = batch_size, prompt_len
@@ -41,8 +43,14 @@ class Published(NamedTuple):
 
 
 SOURCES = {  # key -> (engine, where the number is written)
-    "kipply": ("FasterTransformer", "https://kipp.ly/transformer-inference-arithmetic/"),
-    "ft": ("FasterTransformer", "https://github.com/NVIDIA/FasterTransformer/blob/main/docs/gpt_guide.md"),
+    "kipply": (
+        "FasterTransformer",
+        "https://kipp.ly/transformer-inference-arithmetic/",
+    ),
+    "ft": (
+        "FasterTransformer",
+        "https://github.com/NVIDIA/FasterTransformer/blob/main/docs/gpt_guide.md",
+    ),
     "distserve": ("vLLM, DistServe's fit", "https://github.com/LLMServe/DistServe"),
     "lmdeploy": (
         "LMDeploy 0.1",
@@ -68,21 +76,79 @@ PUBLISHED = (
     Published("opt-13b", "A100-40GB", 2, "prefill", 1, 512, 1, 45.45, "kipply"),
     Published("opt-13b", "A100-40GB", 2, "decode", 1, 512, 2, 13.5, "kipply"),
     Published(
-        "opt-13b", "A100-80GB", 1, "prefill", 1, 512, 1, _fit(*_OPT13_PREFILL, 512, 512**2), "distserve"
+        "opt-13b",
+        "A100-80GB",
+        1,
+        "prefill",
+        1,
+        512,
+        1,
+        _fit(*_OPT13_PREFILL, 512, 512**2),
+        "distserve",
     ),
-    Published("opt-13b", "A100-80GB", 1, "decode", 1, 512, 2, _fit(*_OPT13_DECODE, 513, 1), "distserve"),
     Published(
-        "opt-13b", "A100-80GB", 1, "decode", 32, 512, 2, _fit(*_OPT13_DECODE, 513 * 32, 32), "distserve"
+        "opt-13b",
+        "A100-80GB",
+        1,
+        "decode",
+        1,
+        512,
+        2,
+        _fit(*_OPT13_DECODE, 513, 1),
+        "distserve",
     ),
     Published(
-        "opt-66b", "A100-80GB", 4, "prefill", 1, 512, 1, _fit(*_OPT66_TP4_PREFILL, 512, 512**2), "distserve"
+        "opt-13b",
+        "A100-80GB",
+        1,
+        "decode",
+        32,
+        512,
+        2,
+        _fit(*_OPT13_DECODE, 513 * 32, 32),
+        "distserve",
     ),
-    Published("opt-66b", "A100-80GB", 4, "decode", 1, 512, 2, _fit(*_OPT66_TP4_DECODE, 513, 1), "distserve"),
+    Published(
+        "opt-66b",
+        "A100-80GB",
+        4,
+        "prefill",
+        1,
+        512,
+        1,
+        _fit(*_OPT66_TP4_PREFILL, 512, 512**2),
+        "distserve",
+    ),
+    Published(
+        "opt-66b",
+        "A100-80GB",
+        4,
+        "decode",
+        1,
+        512,
+        2,
+        _fit(*_OPT66_TP4_DECODE, 513, 1),
+        "distserve",
+    ),
     Published("llama-13b", "A100-80GB", 1, "prefill", 1, 128, 1, 40, "lmdeploy"),
     Published("llama-13b", "A100-80GB", 1, "prefill", 1, 2048, 1, 242, "lmdeploy"),
-    Published("llama-13b", "A100-80GB", 1, "mean step", 1, 1, 128, 1000 / 57.49, "lmdeploy"),
-    Published("llama-13b", "A100-80GB", 1, "mean step", 16, 1, 128, 16000 / 869.45, "lmdeploy"),
-    Published("llama-13b", "A100-80GB", 1, "mean step", 64, 1, 128, 64000 / 3049.16, "lmdeploy"),
+    Published(
+        "llama-13b", "A100-80GB", 1, "mean step", 1, 1, 128, 1000 / 57.49, "lmdeploy"
+    ),
+    Published(
+        "llama-13b", "A100-80GB", 1, "mean step", 16, 1, 128, 16000 / 869.45, "lmdeploy"
+    ),
+    Published(
+        "llama-13b",
+        "A100-80GB",
+        1,
+        "mean step",
+        64,
+        1,
+        128,
+        64000 / 3049.16,
+        "lmdeploy",
+    ),
     Published("opt-175b", "A100-80GB", 8, "request", 1, 128, 8, 488.86, "ft"),
     Published("opt-175b", "A100-80GB", 8, "request", 1, 512, 32, 1719.96, "ft"),
     Published("opt-175b", "A100-80GB", 8, "request", 16, 512, 32, 3706.23, "ft"),
@@ -102,7 +168,11 @@ def predict_ms(row: Published, **settings: Any) -> float:
 def comparison_rows(**settings: Any) -> list[dict[str, Any]]:
     """Each published timing of PUBLISHED beside the model's prediction, as plain dicts."""
     return [
-        {**row._asdict(), "predicted_ms": (ms := predict_ms(row, **settings)), "ratio": ms / row.published_ms}
+        {
+            **row._asdict(),
+            "predicted_ms": (ms := predict_ms(row, **settings)),
+            "ratio": ms / row.published_ms,
+        }
         for row in PUBLISHED
     ]
 
@@ -110,7 +180,9 @@ def comparison_rows(**settings: Any) -> list[dict[str, Any]]:
 def ridge_tokens(cost: CostModel) -> int:
     """The shortest prefill whose linear layers are compute-bound (the roofline's ridge point)."""
     m = cost.model
-    return math.ceil(m.weight_bytes * cost.flops_per_s / (2 * m.num_parameters * cost.bytes_per_s))
+    return math.ceil(
+        m.weight_bytes * cost.flops_per_s / (2 * m.num_parameters * cost.bytes_per_s)
+    )
 
 
 def _ms(seconds: float) -> str:
@@ -157,7 +229,9 @@ def doc_parts() -> dict[str, str]:
     ]
     for name, (q, s) in steps.items():
         parts = cost.step_parts(q, s)
-        cells = [_ms(parts[k]) for k in KEYS if k not in ("linear", "attention", "allreduce")]
+        cells = [
+            _ms(parts[k]) for k in KEYS if k not in ("linear", "attention", "allreduce")
+        ]
         lines.append(f"| {name} | {' | '.join(cells)} | {_ms(cost.step_time(q, s))} |")
     recompute = cost.step_time([512], [512])
     swap = [
@@ -197,7 +271,10 @@ if __name__ == "__main__":
     page = DOCS / "cost-model.md"
     if "--sync" in sys.argv:
         page.write_text(sync_page(page.read_text(), doc_parts()))
-    print("\n".join(stale_parts(page.read_text(), doc_parts())) or f"{Path(page).name} is up to date")
+    print(
+        "\n".join(stale_parts(page.read_text(), doc_parts()))
+        or f"{Path(page).name} is up to date"
+    )
 
 
 __all__ = [

@@ -63,7 +63,9 @@ def _by_width(grids: dict[int, tuple[float, ...]], window: float) -> dict[str, S
 # A request with w samples or beams asks w times the decode tokens of one, so the knees at width
 # w sit near 2 / w times width 2's: each grid is finest (10-20% apart) around both systems' knees.
 SCALES = {
-    "small": _by_width({2: (10.0, 30.0, 60.0), 4: (5.0, 15.0, 30.0), 6: (5.0, 10.0, 25.0)}, 4.0),
+    "small": _by_width(
+        {2: (10.0, 30.0, 60.0), 4: (5.0, 15.0, 30.0), 6: (5.0, 10.0, 25.0)}, 4.0
+    ),
     "full": _by_width(
         {
             2: (10.0, 20.0, 30.0, 35.0, 40.0, 50.0, 60.0, 65.0, 70.0),

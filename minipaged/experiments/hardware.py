@@ -44,7 +44,9 @@ class GPU:
     def __post_init__(self):
         for f in fields(self)[1:]:
             if not getattr(self, f.name) > 0:
-                raise ValueError(f"GPU.{f.name} must be positive, got {getattr(self, f.name)!r}")
+                raise ValueError(
+                    f"GPU.{f.name} must be positive, got {getattr(self, f.name)!r}"
+                )
 
 
 # Sources: NVIDIA A100 datasheet (nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf): FP16
@@ -96,14 +98,20 @@ class ModelSpec:
             value = getattr(self, f.name)
             bad = not isinstance(value, int) or isinstance(value, bool) or value <= 0
             if f.type == "int" and bad:
-                raise ValueError(f"ModelSpec.{f.name} must be a positive int, got {value!r}")
+                raise ValueError(
+                    f"ModelSpec.{f.name} must be a positive int, got {value!r}"
+                )
 
     @property
     def num_parameters(self) -> int:
         """Weights of the matrices: per layer Q, K, V, O and the MLP, plus the embeddings."""
-        attention = self.hidden_size * self.head_dim * 2 * (self.num_heads + self.num_kv_heads)
+        attention = (
+            self.hidden_size * self.head_dim * 2 * (self.num_heads + self.num_kv_heads)
+        )
         mlp = (3 if self.gated_mlp else 2) * self.hidden_size * self.intermediate_size
-        embeddings = (1 if self.tie_word_embeddings else 2) * self.vocab_size * self.hidden_size
+        embeddings = (
+            (1 if self.tie_word_embeddings else 2) * self.vocab_size * self.hidden_size
+        )
         return self.num_layers * (attention + mlp) + embeddings
 
     @property
@@ -114,7 +122,9 @@ class ModelSpec:
     @property
     def kv_bytes_per_token(self) -> int:
         """Bytes one token keeps in the KV cache: K and V, every layer, every KV head."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+        return (
+            2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+        )
 
     @classmethod
     def from_config(cls, config: Any, name: str | None = None) -> ModelSpec:
@@ -129,7 +139,9 @@ class ModelSpec:
             config: a transformers config, or any object with the same attribute names.
             name: the spec's name; defaults to the config's name_or_path or model_type.
         """
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text = (
+            config.get_text_config() if hasattr(config, "get_text_config") else config
+        )
         hidden, heads = text.hidden_size, text.num_attention_heads
         intermediate = (
             getattr(text, "intermediate_size", None)
@@ -137,7 +149,9 @@ class ModelSpec:
             or getattr(text, "n_inner", None)
             or 4 * hidden
         )
-        activation = getattr(text, "hidden_act", None) or getattr(text, "activation_function", "")
+        activation = getattr(text, "hidden_act", None) or getattr(
+            text, "activation_function", ""
+        )
         dtype = str(getattr(text, "dtype", None) or "float16").removeprefix("torch.")
         return cls(
             name=name or getattr(text, "name_or_path", "") or text.model_type,
@@ -163,7 +177,18 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("opt-13b", 40, 5120, 40, 40, 128, 20480, 50272, gated_mlp=False),
         ModelSpec("opt-66b", 64, 9216, 72, 72, 128, 36864, 50272, gated_mlp=False),
         ModelSpec("opt-175b", 96, 12288, 96, 96, 128, 49152, 50272, gated_mlp=False),
-        ModelSpec("llama-13b", 40, 5120, 40, 40, 128, 13824, 32000, True, tie_word_embeddings=False),
+        ModelSpec(
+            "llama-13b",
+            40,
+            5120,
+            40,
+            40,
+            128,
+            13824,
+            32000,
+            True,
+            tie_word_embeddings=False,
+        ),
     )
 }
 
@@ -182,7 +207,9 @@ def get_model(model: str | ModelSpec | Any) -> ModelSpec:
         return MODELS[model]
     if hasattr(model, "get_text_config") or hasattr(model, "num_hidden_layers"):
         return ModelSpec.from_config(model)
-    raise ValueError(f"model must be a preset name, a ModelSpec or a config, got {model!r}")
+    raise ValueError(
+        f"model must be a preset name, a ModelSpec or a config, got {model!r}"
+    )
 
 
 def get_gpu(gpu: str | GPU) -> GPU:
@@ -229,4 +256,14 @@ def model_table() -> str:
     return "\n".join(lines)
 
 
-__all__ = ["GPU", "GPUS", "MODELS", "GiB", "ModelSpec", "get_gpu", "get_model", "gpu_table", "model_table"]
+__all__ = [
+    "GPU",
+    "GPUS",
+    "MODELS",
+    "GiB",
+    "ModelSpec",
+    "get_gpu",
+    "get_model",
+    "gpu_table",
+    "model_table",
+]

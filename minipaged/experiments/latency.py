@@ -44,7 +44,14 @@ SETUPS = {
     "opt-66b": ("A100-40GB", 4),
     "opt-175b": ("A100-80GB", 8),
 }
-ROW_KEYS = ("system", "workload", "rate", "normalized_latency", "throughput", "mean_batch_size")
+ROW_KEYS = (
+    "system",
+    "workload",
+    "rate",
+    "normalized_latency",
+    "throughput",
+    "mean_batch_size",
+)
 SUMMARY_KEYS = ("system", "workload", "max_rate")
 
 
@@ -65,7 +72,9 @@ def setup(model: str) -> tuple[CostModel, int]:
     return cost, cost.kv_cache_tokens()
 
 
-def arrivals(make: Callable[[int, float], object], rate: float, window: float, num: int) -> list:
+def arrivals(
+    make: Callable[[int, float], object], rate: float, window: float, num: int
+) -> list:
     """The requests of `make(num, rate)` that arrive in [0, window).
 
     Raises:
@@ -73,7 +82,9 @@ def arrivals(make: Callable[[int, float], object], rate: float, window: float, n
     """
     requests = list(make(num, rate))
     if requests[-1].arrival_time < window:
-        raise ValueError(f"{num} requests at {rate} requests/s end before {window} s: ask for more")
+        raise ValueError(
+            f"{num} requests at {rate} requests/s end before {window} s: ask for more"
+        )
     return [r for r in requests if r.arrival_time < window]
 
 
@@ -83,7 +94,12 @@ def num_requests(max_rate: float, window: float) -> int:
 
 
 def measure(
-    requests: list, allocator: str, cost: CostModel, kv_slots: int, seed: int, **settings: Any
+    requests: list,
+    allocator: str,
+    cost: CostModel,
+    kv_slots: int,
+    seed: int,
+    **settings: Any,
 ) -> dict:
     """Serve `requests` to completion; the point's normalized latency, throughput and batch.
 
@@ -93,7 +109,9 @@ def measure(
         **settings,
     )  # fmt: skip
     return {
-        "normalized_latency": statistics.fmean(f.normalized_latency for f in result.finished),
+        "normalized_latency": statistics.fmean(
+            f.normalized_latency for f in result.finished
+        ),
         "throughput": result.throughput,
         "mean_batch_size": result.mean_batch_size,
     }
@@ -180,7 +198,9 @@ def sweep_all(
     return rows
 
 
-def sweep_settings(scale: str, seed: int, model: str, cost: CostModel, kv_slots: int, windows: dict) -> dict:
+def sweep_settings(
+    scale: str, seed: int, model: str, cost: CostModel, kv_slots: int, windows: dict
+) -> dict:
     """What a latency experiment's `result.settings` records: the run, the setup, the measure."""
     return {
         "scale": scale,
@@ -224,11 +244,18 @@ def summaries(rows: list[dict], threshold: float = THRESHOLD) -> list[dict]:
 
 def split(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     """A result's rows split into the measured points and the summaries (which have max_rate)."""
-    return [r for r in rows if "max_rate" not in r], [r for r in rows if "max_rate" in r]
+    return [r for r in rows if "max_rate" not in r], [
+        r for r in rows if "max_rate" in r
+    ]
 
 
 def plot_latency(
-    rows: list[dict], path, title: str, colors: dict[str, str], threshold: float = THRESHOLD, nrows: int = 1
+    rows: list[dict],
+    path,
+    title: str,
+    colors: dict[str, str],
+    threshold: float = THRESHOLD,
+    nrows: int = 1,
 ) -> None:
     """Normalized latency against rate, one panel per workload (in `nrows` rows, in the rows'
     order), one line per system; the y axis runs to 10x `threshold` (the dotted line)."""
@@ -242,8 +269,16 @@ def plot_latency(
             series = sorted((r["rate"], r["normalized_latency"]) for r in points
                             if r["system"] == system and r["workload"] == workload)  # fmt: skip
             if series:
-                ax.plot(*zip(*series, strict=True), "o-", color=color, markersize=3, label=system)
-        ax.axhline(threshold, linestyle=":", color="black", linewidth=1, label="threshold")
+                ax.plot(
+                    *zip(*series, strict=True),
+                    "o-",
+                    color=color,
+                    markersize=3,
+                    label=system,
+                )
+        ax.axhline(
+            threshold, linestyle=":", color="black", linewidth=1, label="threshold"
+        )
         ax.set_ylim(0, 10 * threshold)
         ax.set_xlabel("request rate (requests/s)")
         ax.set_ylabel("normalized latency (s/token)")

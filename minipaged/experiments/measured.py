@@ -59,7 +59,10 @@ PADDED_BATCH = NUM_GPU_BLOCKS * BLOCK_SIZE // MAX_MODEL_LEN
 def prompts_for(workload, vocab_size: int, seed: int) -> list[list[int]]:
     """Random prompt tokens of each request's length (ids past the special ones), seeded."""
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab_size, (r.prompt_len,), generator=gen).tolist() for r in workload]
+    return [
+        torch.randint(3, vocab_size, (r.prompt_len,), generator=gen).tolist()
+        for r in workload
+    ]
 
 
 def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,31 +77,50 @@ def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def padded_generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int) -> torch.Tensor:
+def padded_generate(
+    model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int
+) -> torch.Tensor:
     """transformers' greedy generate on one left-padded batch, past EOS to max_new_tokens."""
     ids, mask = left_padded(prompts)
     config = transformers.GenerationConfig(
-        do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=None, pad_token_id=PAD_ID
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=None,
+        pad_token_id=PAD_ID,
     )
     with torch.inference_mode():
-        return model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        return model.generate(
+            input_ids=ids, attention_mask=mask, generation_config=config
+        )
 
 
 def _serve_engine(llm: LLM, workload, prompts) -> tuple[list[float], list[int]]:
     """Replay the arrivals on the engine in real time; (normalized latencies, running per step)."""
-    llm.generate({"prompt_token_ids": prompts[0][:4]}, SamplingParams(max_tokens=2), use_tqdm=False)
+    llm.generate(
+        {"prompt_token_ids": prompts[0][:4]},
+        SamplingParams(max_tokens=2),
+        use_tqdm=False,
+    )
     # the warm-up above pays the first calls' costs
     start, first_step = llm.now(), len(llm.step_stats)
     for r, prompt in zip(workload, prompts, strict=True):
-        params = SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True)
-        llm.add_request({"prompt_token_ids": prompt}, params, arrival_time=start + r.arrival_time)
+        params = SamplingParams(
+            temperature=0.0, max_tokens=r.output_len, ignore_eos=True
+        )
+        llm.add_request(
+            {"prompt_token_ids": prompt}, params, arrival_time=start + r.arrival_time
+        )
     latencies = []
     while llm.has_unfinished_requests():
-        latencies += [o.metrics.latency / len(o.outputs[0].token_ids) for o in llm.step()]
+        latencies += [
+            o.metrics.latency / len(o.outputs[0].token_ids) for o in llm.step()
+        ]
     return latencies, [s.num_running for s in llm.step_stats[first_step:]]
 
 
-def _serve_padded(model: torch.nn.Module, workload, prompts) -> tuple[list[float], list[int]]:
+def _serve_padded(
+    model: torch.nn.Module, workload, prompts
+) -> tuple[list[float], list[int]]:
     """Static batching with transformers' generate, in real time: (normalized latencies, batch per step)."""
     padded_generate(model, [prompts[0][:4]], 2)  # warm-up
     pending = deque(zip(workload, prompts, strict=True))
@@ -109,7 +131,9 @@ def _serve_padded(model: torch.nn.Module, workload, prompts) -> tuple[list[float
             time.sleep(pending[0][0].arrival_time - now)
             continue
         batch = []
-        while pending and pending[0][0].arrival_time <= now and len(batch) < PADDED_BATCH:
+        while (
+            pending and pending[0][0].arrival_time <= now and len(batch) < PADDED_BATCH
+        ):
             batch.append(pending.popleft())
         longest = max(r.output_len for r, _ in batch)
         padded_generate(model, [p for _, p in batch], longest)
@@ -145,8 +169,14 @@ def _measure(system, rate, workload, model, backend, device, seed) -> dict:
         manager = None
         if system != "paged":
             policy = system.removeprefix("orca-")
-            manager = ReservingBlockManager(BLOCK_SIZE, NUM_GPU_BLOCKS, policy, MAX_MODEL_LEN)
-        pool = {"block_size": BLOCK_SIZE, "num_gpu_blocks": NUM_GPU_BLOCKS, "max_model_len": MAX_MODEL_LEN}
+            manager = ReservingBlockManager(
+                BLOCK_SIZE, NUM_GPU_BLOCKS, policy, MAX_MODEL_LEN
+            )
+        pool = {
+            "block_size": BLOCK_SIZE,
+            "num_gpu_blocks": NUM_GPU_BLOCKS,
+            "max_model_len": MAX_MODEL_LEN,
+        }
         llm = LLM(
             model,
             backend=backend,

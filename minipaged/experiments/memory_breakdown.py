@@ -74,14 +74,20 @@ class MemoryBreakdown:
         return {name: getattr(self, name) / self.capacity for name in BREAKDOWN_FIELDS}
 
     @classmethod
-    def from_pool_stats(cls, stats: PoolStats, block_size: int, waiting: bool = False) -> MemoryBreakdown:
+    def from_pool_stats(
+        cls, stats: PoolStats, block_size: int, waiting: bool = False
+    ) -> MemoryBreakdown:
         """The breakdown of a paged pool: blocks are mapped on demand, so nothing is reserved ahead;
         `waiting`: whether the head of the waiting queue waits for memory (its free blocks are stranded)."""
-        _, stranded, free = waiting_waste(stats.num_free * block_size, waiting, fits_in_total=False)
+        _, stranded, free = waiting_waste(
+            stats.num_free * block_size, waiting, fits_in_total=False
+        )
         return cls(stats.slots_used, 0, stats.internal_waste, 0, stranded, free)
 
 
-def waiting_waste(free: int, waiting: bool, fits_in_total: bool) -> tuple[int, int, int]:
+def waiting_waste(
+    free: int, waiting: bool, fits_in_total: bool
+) -> tuple[int, int, int]:
     """Split `free` slots into (external_fragmentation, stranded, free): one rule for every allocator.
 
     While nothing waits for memory, free slots are free. While the head of the waiting queue waits

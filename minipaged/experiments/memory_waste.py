@@ -55,7 +55,12 @@ PAPER = {
     "section": "3",
     "figure": "2",
     "setup": "OPT-13B on an NVIDIA A100 (40 GB), ShareGPT, the experiment of section 6.2",
-    "token_states_percent": {"Orca (Max)": 20.4, "Orca (Pow2)": 26.8, "Orca (Oracle)": 38.2, "vLLM": 96.3},
+    "token_states_percent": {
+        "Orca (Max)": 20.4,
+        "Orca (Pow2)": 26.8,
+        "Orca (Oracle)": 38.2,
+        "vLLM": 96.3,
+    },
     # Fig. 13a, the same experiment's batch sizes: with Fig. 2's shares, the tokens a running request holds
     "mean_batch_size": BATCH_PAPER["mean_batch_size"],
     "finding": (
@@ -112,7 +117,9 @@ def goal_line(rows: list[dict]) -> str:
             continue
         ours, theirs = 100 * by[a]["token_states"], paper[LABELS[a]]
         verdict = "within" if abs(ours - theirs) <= ORCA_GOAL_POINTS else "NOT within"
-        others.append(f"{LABELS[a]} {ours:.1f}% (paper {theirs}%, {ours - theirs:+.2f}: {verdict})")
+        others.append(
+            f"{LABELS[a]} {ours:.1f}% (paper {theirs}%, {ours - theirs:+.2f}: {verdict})"
+        )
     return (
         f"goal: paged token states >= {GOAL:.0%}: {100 * paged:.1f}% ({met}); "
         f"Orca within {ORCA_GOAL_POINTS:g} points of Fig. 2: {', '.join(others)}"
@@ -158,7 +165,9 @@ def plot(result: ExperimentResult, path) -> None:
     from minipaged.experiments.plotting import legend, new_figure, savefig
 
     rows = result.rows
-    fig, (ax,) = new_figure(1, title="KV memory in use, by category (cf. Fig. 2)", panel_size=(8.0, 4.0))
+    fig, (ax,) = new_figure(
+        1, title="KV memory in use, by category (cf. Fig. 2)", panel_size=(8.0, 4.0)
+    )
     x = list(range(len(rows)))
     bottom = [0.0] * len(rows)
     for field, label, color in SEGMENTS:
@@ -168,10 +177,17 @@ def plot(result: ExperimentResult, path) -> None:
     paper = result.paper.get("token_states_percent", {})
     papers = [paper.get(PAPER_LABELS.get(r["allocator"], r["label"])) for r in rows]
     marks = [(i, v) for i, v in enumerate(papers) if v is not None]
-    ax.plot([i for i, _ in marks], [v for _, v in marks], "kD", markersize=6, label="paper: token states")
+    ax.plot(
+        [i for i, _ in marks],
+        [v for _, v in marks],
+        "kD",
+        markersize=6,
+        label="paper: token states",
+    )
     # each bar's name, its token-state share, and the paper's where it gives one
     ticks = [
-        f"{r['label']}\n{100 * r['token_states']:.1f}%" + ("" if v is None else f" ({v}%)")
+        f"{r['label']}\n{100 * r['token_states']:.1f}%"
+        + ("" if v is None else f" ({v}%)")
         for r, v in zip(rows, papers, strict=True)
     ]
     ax.set_xticks(x, ticks)

@@ -15,7 +15,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from minipaged.experiments.memory_waste import ORCA_GOAL_POINTS as GOAL_POINTS
-from minipaged.experiments.serving import ALLOCATORS, COST_MODEL, KV_SLOTS, LABELS, PAPER_LABELS
+from minipaged.experiments.serving import (
+    ALLOCATORS,
+    COST_MODEL,
+    KV_SLOTS,
+    LABELS,
+    PAPER_LABELS,
+)
 from minipaged.workloads import SHAREGPT
 
 # What the cost model charges for one more prompt token once a step is compute-bound: 2 FLOP a
@@ -76,12 +82,21 @@ def memory_waste(data: dict) -> dict[str, str]:
     by, paper = _by(data["rows"]), data["paper"]["token_states_percent"]
     paper_batch = data["paper"]["mean_batch_size"]
     window = by["paged"]["window_s"]
-    names = {"vattention": "vAttention (204-token pages)", "paged": "**vLLM (paged, block 16)**"}
+    names = {
+        "vattention": "vAttention (204-token pages)",
+        "paged": "**vLLM (paged, block 16)**",
+    }
     results = []
     for a in ALLOCATORS:
         r, theirs = by[a], paper.get(PAPER_LABELS.get(a, LABELS[a]))
         cells = [
-            pct(r[k]) for k in ("reserved", "internal_fragmentation", "external_fragmentation", "stranded")
+            pct(r[k])
+            for k in (
+                "reserved",
+                "internal_fragmentation",
+                "external_fragmentation",
+                "stranded",
+            )
         ]
         theirs = "—" if theirs is None else f"{theirs}%"
         name, tokens, batch = (
@@ -97,13 +112,25 @@ def memory_waste(data: dict) -> dict[str, str]:
         seconds = _recompute_seconds(r["recomputed_tokens"])
         time = f"{seconds:.0f} s ({pct(seconds / window)})"
         recompute.append(
-            [names.get(a, LABELS[a]), num(r["preemptions"]), num(fresh), num(r["recomputed_tokens"]), time]
+            [
+                names.get(a, LABELS[a]),
+                num(r["preemptions"]),
+                num(fresh),
+                num(r["recomputed_tokens"]),
+                time,
+            ]
         )
     beside, within = [], []
     for a in (*ORCA, "paged"):
         theirs, ours = paper[PAPER_LABELS.get(a, LABELS[a])], by[a]["token_states"]
-        goal = _goal(100 * ours, theirs) if a in ORCA else ("yes (≥ 96%)" if ours >= 0.96 else "no (< 96%)")
-        beside.append([LABELS[a], f"{theirs}%", pct(ours), points(100 * ours, theirs, 2), goal])
+        goal = (
+            _goal(100 * ours, theirs)
+            if a in ORCA
+            else ("yes (≥ 96%)" if ours >= 0.96 else "no (< 96%)")
+        )
+        beside.append(
+            [LABELS[a], f"{theirs}%", pct(ours), points(100 * ours, theirs, 2), goal]
+        )
         if a in ORCA and goal == "yes":
             within.append(a)
     misses = [
@@ -122,7 +149,9 @@ def memory_waste(data: dict) -> dict[str, str]:
         diff = f"{100 * (ours / theirs - 1):+.0f}%".replace("-", "−")
         held.append([label, implied, f"{ours:.0f}", diff])
     oracle, paged, vatt = by["orca-oracle"], by["paged"], by["vattention"]
-    oracle_held = sum(oracle[k] for k in ("token_states", "reserved", "internal_fragmentation"))
+    oracle_held = sum(
+        oracle[k] for k in ("token_states", "reserved", "internal_fragmentation")
+    )
     return {
         "results": table(
             [
@@ -150,16 +179,28 @@ def memory_waste(data: dict) -> dict[str, str]:
             "lrrrr",
         ),
         "beside": table(
-            ["", "the paper (Fig. 2)", "measured here", "difference", f"within {GOAL_POINTS:g} points?"],
+            [
+                "",
+                "the paper (Fig. 2)",
+                "measured here",
+                "difference",
+                f"within {GOAL_POINTS:g} points?",
+            ],
             beside,
             "lrrrl",
         ),
         "held": table(
-            ["", "the paper: token share × pool / batch (Fig. 13a)", "measured here", "difference"],
+            [
+                "",
+                "the paper: token share × pool / batch (Fig. 13a)",
+                "measured here",
+                "difference",
+            ],
             held,
             "lrrr",
         ),
-        "orca-goal": f"{len(within)} of the 3" + (f" ({'; '.join(misses)} points)" if misses else ""),
+        "orca-goal": f"{len(within)} of the 3"
+        + (f" ({'; '.join(misses)} points)" if misses else ""),
         "window": num(window),
         "paged": pct(paged["token_states"]),
         "paged-stranded": pct(paged["stranded"]),
@@ -172,7 +213,9 @@ def memory_waste(data: dict) -> dict[str, str]:
         "paged-batch": f"{paged['mean_batch_size']:.2f}",
         "paged-step": ms(paged["mean_step_s"]),
         "paged-little": _little_text(paged["rate"], paged["mean_step_s"]),
-        "paper-step": ms(paper_batch["vLLM"] / (paged["rate"] * SHAREGPT.mean_output_len)),
+        "paper-step": ms(
+            paper_batch["vLLM"] / (paged["rate"] * SHAREGPT.mean_output_len)
+        ),
         "orca-batch-range": " to ".join(
             f"{by[a]['mean_batch_size']:.2f}" for a in ("orca-max", "orca-oracle")
         ),
@@ -198,7 +241,9 @@ def memory_waste(data: dict) -> dict[str, str]:
 def _keeps_up(rows: list[dict], allocator: str) -> str:
     """The highest rate at which `allocator` finishes at least 95% of the offered requests/s."""
     kept = [
-        r["rate"] for r in rows if r["allocator"] == allocator and r["throughput_rps"] >= 0.95 * r["rate"]
+        r["rate"]
+        for r in rows
+        if r["allocator"] == allocator and r["throughput_rps"] >= 0.95 * r["rate"]
     ]
     return f"{max(kept):g}" if kept else "none"
 
@@ -223,15 +268,27 @@ def batch_size(data: dict) -> dict[str, str]:
         for a in ("vattention", "paged"):
             r = at[a]
             share = r["recomputed_tokens"] / r["prefill_tokens"]
-            cells += [num(r["preemptions"]), f"{num(r['recomputed_tokens'])} ({pct(share, 0)})"]
+            cells += [
+                num(r["preemptions"]),
+                f"{num(r['recomputed_tokens'])} ({pct(share, 0)})",
+            ]
         recompute.append(cells)
     two, top = _by(rows, rate=2.0), _by(rows, rate=max(rates))
     batch_paper = paper["mean_batch_size"]
     beside = []
     for a in (*ORCA, "paged"):
-        theirs, ours = batch_paper[PAPER_LABELS.get(a, LABELS[a])], two[a]["mean_batch_size"]
-        diff = "0" if round(ours, 2) == theirs else f"{100 * (ours / theirs - 1):+.1f}%".replace("-", "−")
-        beside.append([LABELS[a].replace(" (paged)", ""), f"{theirs:.2f}", f"{ours:.2f}", diff])
+        theirs, ours = (
+            batch_paper[PAPER_LABELS.get(a, LABELS[a])],
+            two[a]["mean_batch_size"],
+        )
+        diff = (
+            "0"
+            if round(ours, 2) == theirs
+            else f"{100 * (ours / theirs - 1):+.1f}%".replace("-", "−")
+        )
+        beside.append(
+            [LABELS[a].replace(" (paged)", ""), f"{theirs:.2f}", f"{ours:.2f}", diff]
+        )
     for a, theirs in paper["vllm_batch_vs"].items():
         key = "orca-oracle" if "Oracle" in a else "orca-max"
         ratio = two["paged"]["mean_batch_size"] / two[key]["mean_batch_size"]
@@ -264,7 +321,9 @@ def batch_size(data: dict) -> dict[str, str]:
             "rrrrr",
         ),
         "beside": table(
-            ["at 2 requests/s", "the paper (Fig. 13a)", "measured here", "difference"], beside, "lrrr"
+            ["at 2 requests/s", "the paper (Fig. 13a)", "measured here", "difference"],
+            beside,
+            "lrrr",
         ),
         "keeps-up": ", ".join(f"{LABELS[a]} {_keeps_up(rows, a)}" for a in ALLOCATORS),
         "top-rate": f"{max(rates):g}",
@@ -282,18 +341,25 @@ def batch_size(data: dict) -> dict[str, str]:
         f"({top['paged']['throughput_rps']:.2f} / {top['orca-oracle']['throughput_rps']:.2f} requests/s)",
         "max-ratio": f"{saturated['orca-max']:.2f}× "
         f"({top['paged']['throughput_rps']:.2f} / {top['orca-max']['throughput_rps']:.2f})",
-        "vattention-share": pct(top["vattention"]["mean_batch_size"] / top["paged"]["mean_batch_size"], 0),
+        "vattention-share": pct(
+            top["vattention"]["mean_batch_size"] / top["paged"]["mean_batch_size"], 0
+        ),
         "paged-1": f"{paged1['mean_batch_size']:.2f}",
         "step-1": ms(paged1["mean_step_s"]),
         "step-1-s": f"{paged1['mean_step_s']:.4f}",
         "little-pred-1": f"{predicted1:.2f}",
-        "little-1": f"{(round(paged1['mean_batch_size'], 2) / predicted1 - 1) * 100:+.1f}%".replace("-", "−"),
+        "little-1": f"{(round(paged1['mean_batch_size'], 2) / predicted1 - 1) * 100:+.1f}%".replace(
+            "-", "−"
+        ),
         "paged-recomputed-2": num(two["paged"]["recomputed_tokens"]),
-        "paged-fresh-2": num(two["paged"]["prefill_tokens"] - two["paged"]["recomputed_tokens"]),
+        "paged-fresh-2": num(
+            two["paged"]["prefill_tokens"] - two["paged"]["recomputed_tokens"]
+        ),
         "paged-recompute-time-2": f"{_recompute_seconds(two['paged']['recomputed_tokens']):.0f} s "
         f"({pct(_recompute_seconds(two['paged']['recomputed_tokens']) / two['paged']['window_s'])})",
         "vattention-recompute-time-2": pct(
-            _recompute_seconds(two["vattention"]["recomputed_tokens"]) / two["vattention"]["window_s"]
+            _recompute_seconds(two["vattention"]["recomputed_tokens"])
+            / two["vattention"]["window_s"]
         ),
     }
 

@@ -24,7 +24,9 @@ def _width(workload: str) -> int:
 
 
 def _max_rates(rows: list[dict]) -> dict[tuple[str, str], float]:
-    return {(r["workload"], r["system"]): r["max_rate"] for r in rows if "max_rate" in r}
+    return {
+        (r["workload"], r["system"]): r["max_rate"] for r in rows if "max_rate" in r
+    }
 
 
 def _latency_table(rows: list[dict], kind: str) -> str:
@@ -32,8 +34,13 @@ def _latency_table(rows: list[dict], kind: str) -> str:
     points = [r for r in rows if "rate" in r and r["workload"].startswith(kind)]
     workloads = list(dict.fromkeys(r["workload"] for r in points))
     rates = sorted({r["rate"] for r in points})
-    at = {(r["rate"], r["workload"], r["system"]): r["normalized_latency"] for r in points}
-    header = ["rate (req/s)", *(f"{w.partition(' ')[2]} {s.split()[0]}" for w in workloads for s in SYSTEMS)]
+    at = {
+        (r["rate"], r["workload"], r["system"]): r["normalized_latency"] for r in points
+    }
+    header = [
+        "rate (req/s)",
+        *(f"{w.partition(' ')[2]} {s.split()[0]}" for w in workloads for s in SYSTEMS),
+    ]
     lines = [
         [f"{rate:g}", *(f"{at[key]:.3f}" if (key := (rate, w, s)) in at else "—"
                         for w in workloads for s in SYSTEMS)]
@@ -42,9 +49,15 @@ def _latency_table(rows: list[dict], kind: str) -> str:
     return table(header, lines, "r" * len(header))
 
 
-def _batches(rows: list[dict], best: dict[tuple[str, str], float]) -> dict[tuple[str, str], float]:
+def _batches(
+    rows: list[dict], best: dict[tuple[str, str], float]
+) -> dict[tuple[str, str], float]:
     """Each (workload, system)'s mean batch, in requests, at its max_rate (absent if max_rate is 0)."""
-    at = {(r["workload"], r["system"], r["rate"]): r["mean_batch_size"] for r in rows if "rate" in r}
+    at = {
+        (r["workload"], r["system"], r["rate"]): r["mean_batch_size"]
+        for r in rows
+        if "rate" in r
+    }
     return {key: at[(*key, rate)] for key, rate in best.items() if (*key, rate) in at}
 
 
@@ -55,9 +68,16 @@ def _batch_table(batches: dict[tuple[str, str], float]) -> str:
         cells = [w]
         for s in SYSTEMS:
             batch = batches.get((w, s))
-            cells += ["—", "—"] if batch is None else [f"{batch:.1f}", f"{batch * _width(w):.0f}"]
+            cells += (
+                ["—", "—"]
+                if batch is None
+                else [f"{batch:.1f}", f"{batch * _width(w):.0f}"]
+            )
         lines.append(cells)
-    header = ["setting", *(f"{s} {unit}" for s in SYSTEMS for unit in ("requests", "sequences"))]
+    header = [
+        "setting",
+        *(f"{s} {unit}" for s in SYSTEMS for unit in ("requests", "sequences")),
+    ]
     return table(header, lines, "l" + "r" * 4)
 
 
@@ -69,7 +89,11 @@ def _seqs_range(batches: dict[tuple[str, str], float], system: str) -> str:
 def _versus(ours: float, theirs: float) -> str:
     """'32% lower' / '43% higher' / 'the same': ours against the paper's."""
     change = round(100 * (ours / theirs - 1))
-    return "the same" if change == 0 else f"{abs(change)}% {'higher' if change > 0 else 'lower'}"
+    return (
+        "the same"
+        if change == 0
+        else f"{abs(change)}% {'higher' if change > 0 else 'lower'}"
+    )
 
 
 def decoding(data: dict) -> dict[str, str]:
@@ -82,7 +106,9 @@ def decoding(data: dict) -> dict[str, str]:
     best = _max_rates(rows)
     workloads = list(dict.fromkeys(w for w, _ in best))
     ratio = {w: _ratio(best[w, "vLLM"], best[w, "Orca (Oracle)"]) for w in workloads}
-    value = {w: best[w, "vLLM"] / max(best[w, "Orca (Oracle)"], 1e-12) for w in workloads}
+    value = {
+        w: best[w, "vLLM"] / max(best[w, "Orca (Oracle)"], 1e-12) for w in workloads
+    }
     batches = _batches(rows, best)
     results = table(
         ["setting", *SYSTEMS, "vLLM / Orca (Oracle)"],
@@ -90,7 +116,13 @@ def decoding(data: dict) -> dict[str, str]:
         "lrrr",
     )
     theirs = paper["vllm_rate_vs_orca_oracle"]
-    beside = [["basic sampling (n=1, Fig. 12)", f"{theirs['basic sampling']}×", "the serving experiment"]]
+    beside = [
+        [
+            "basic sampling (n=1, Fig. 12)",
+            f"{theirs['basic sampling']}×",
+            "the serving experiment",
+        ]
+    ]
     for w in workloads:
         if w in theirs:
             said = f"{theirs[w]}×"
@@ -124,7 +156,11 @@ def decoding(data: dict) -> dict[str, str]:
             f"{best[first, 'vLLM']:g} × 2 × {ALPACA.mean_output_len} ≈ "
             f"{round(best[first, 'vLLM'] * 2 * ALPACA.mean_output_len, -2):,.0f} tokens/s"
         ),
-        "beside": table(["decoding", "the paper (vLLM / Orca (Oracle))", "measured here"], beside, "lrr"),
+        "beside": table(
+            ["decoding", "the paper (vLLM / Orca (Oracle))", "measured here"],
+            beside,
+            "lrr",
+        ),
         "trend": trend,
         "setup": (
             f"{settings['model'].upper()} on {settings['tensor_parallel_size']} × {settings['gpu']}, "

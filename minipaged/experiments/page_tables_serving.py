@@ -17,7 +17,9 @@ def _ratio(a: float, b: float) -> str:
 
 
 def _max_rates(rows: list[dict]) -> dict[tuple[str, str], float]:
-    return {(r["workload"], r["system"]): r["max_rate"] for r in rows if "max_rate" in r}
+    return {
+        (r["workload"], r["system"]): r["max_rate"] for r in rows if "max_rate" in r
+    }
 
 
 def _latency_table(rows: list[dict], workload: str) -> str:
@@ -25,7 +27,11 @@ def _latency_table(rows: list[dict], workload: str) -> str:
     rates = sorted({r["rate"] for r in points})
     at = {(r["rate"], r["system"]): r["normalized_latency"] for r in points}
     lines = [
-        [f"{rate:g}", *(f"{at[rate, s]:.3f}" if (rate, s) in at else "—" for s in SYSTEMS)] for rate in rates
+        [
+            f"{rate:g}",
+            *(f"{at[rate, s]:.3f}" if (rate, s) in at else "—" for s in SYSTEMS),
+        ]
+        for rate in rates
     ]
     return table(["rate (req/s)", *SYSTEMS], lines, "r" * (len(SYSTEMS) + 1))
 
@@ -49,15 +55,29 @@ def serving(data: dict) -> dict[str, str]:
                 low, high = theirs[other]
                 said = f"{low}×–{high}×"
             else:
-                said = "smaller than on ShareGPT" if w == "Alpaca" and other != "Orca (Pow2)" else "—"
-            beside.append([w, f"vLLM / {other}", said, _ratio(best[w, "vLLM"], best[w, other])])
+                said = (
+                    "smaller than on ShareGPT"
+                    if w == "Alpaca" and other != "Orca (Pow2)"
+                    else "—"
+                )
+            beside.append(
+                [w, f"vLLM / {other}", said, _ratio(best[w, "vLLM"], best[w, other])]
+            )
     for w in workloads:
         said = "up to 22×" if w == "ShareGPT" else "—"
         beside.append(
-            [w, "vLLM / FasterTransformer", said, _ratio(best[w, "vLLM"], best[w, "FasterTransformer"])]
+            [
+                w,
+                "vLLM / FasterTransformer",
+                said,
+                _ratio(best[w, "vLLM"], best[w, "FasterTransformer"]),
+            ]
         )
     goal = paper["goal"]
-    sharegpt = {other: best["ShareGPT", "vLLM"] / max(best["ShareGPT", other], 1e-12) for other in goal}
+    sharegpt = {
+        other: best["ShareGPT", "vLLM"] / max(best["ShareGPT", other], 1e-12)
+        for other in goal
+    }
     met = all(sharegpt[o] >= goal[o] for o in goal)
     goal_text = (
         ("met" if met else "not met")
@@ -73,7 +93,9 @@ def serving(data: dict) -> dict[str, str]:
         "latency-sharegpt": _latency_table(rows, "ShareGPT"),
         "latency-alpaca": _latency_table(rows, "Alpaca"),
         "beside": table(
-            ["workload", "ratio of max_rate", "the paper (Fig. 12)", "measured here"], beside, "llrr"
+            ["workload", "ratio of max_rate", "the paper (Fig. 12)", "measured here"],
+            beside,
+            "llrr",
         ),
         "goal": goal_text,
         "setup": (
@@ -100,7 +122,13 @@ def serving_measured(data: dict) -> dict[str, str]:
     ]  # fmt: skip
     return {
         "points": table(
-            ["system", "rate (req/s)", "normalized latency (ms/token)", "throughput (req/s)", "mean batch"],
+            [
+                "system",
+                "rate (req/s)",
+                "normalized latency (ms/token)",
+                "throughput (req/s)",
+                "mean batch",
+            ],
             lines,
             "lrrrr",
         ),

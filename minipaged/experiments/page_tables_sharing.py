@@ -30,17 +30,34 @@ def sharing(data: dict) -> dict[str, str]:
             name = {"parallel": "parallel sampling", "beam": "beam search"}[mode]
             label = workload.replace("sharegpt", "ShareGPT").replace("alpaca", "Alpaca")
             results.append([label, name, *cells, rule, f"{low}% – {high}%"])
-    header = ["workload", "mode", *(f"width {w}" for w in widths), "rule of thumb", "the paper"]
+    header = [
+        "workload",
+        "mode",
+        *(f"width {w}" for w in widths),
+        "rule of thumb",
+        "the paper",
+    ]
     load = []
     for (workload, mode, width), r in by.items():
-        cells = [f"{r['rate']:g}", f"{r['mean_batch_size']:.1f}", f"{r['mean_seqs']:.0f}"]
-        cells += [f"{r['mean_blocks_used']:.0f} / {r['kv_slots'] // BLOCK_SIZE}", f"{r['mean_waiting']:.1f}"]
+        cells = [
+            f"{r['rate']:g}",
+            f"{r['mean_batch_size']:.1f}",
+            f"{r['mean_seqs']:.0f}",
+        ]
+        cells += [
+            f"{r['mean_blocks_used']:.0f} / {r['kv_slots'] // BLOCK_SIZE}",
+            f"{r['mean_waiting']:.1f}",
+        ]
         cells += [num(r["preemptions"]), ms(r["mean_step_s"])]
         label = workload.replace("sharegpt", "ShareGPT").replace("alpaca", "Alpaca")
         load.append([label, mode, str(width), *cells])
     load_header = ["workload", "mode", "width", "req/s", "mean batch", "mean sequences"]
     load_header += ["blocks used / pool", "mean waiting", "preemptions", "mean step"]
-    ratios = [by[w, "beam", n]["saving"] / by[w, "parallel", n]["saving"] for (w, m, n) in by if m == "beam"]
+    ratios = [
+        by[w, "beam", n]["saving"] / by[w, "parallel", n]["saving"]
+        for (w, m, n) in by
+        if m == "beam"
+    ]
     cows = [r["cow_copies"] for r in rows if r["mode"] == "beam"]
     sg, al = "sharegpt-like", "alpaca-like"
     sg_share, al_share = (
@@ -49,7 +66,9 @@ def sharing(data: dict) -> dict[str, str]:
     )
     low_sg, high_sg = paper["sharegpt"]["parallel"]
     al2 = by[al, "parallel", 2]
-    best = max((w for w in widths if w > 2), key=lambda w: by[sg, "parallel", w]["saving"])
+    best = max(
+        (w for w in widths if w > 2), key=lambda w: by[sg, "parallel", w]["saving"]
+    )
     # points between the measured saving and (n - 1) / n of the prompt block share
     rule_gaps = [
         100 * abs(r["saving"] - (r["width"] - 1) / r["width"] * r["prompt_block_share"])
@@ -69,8 +88,12 @@ def sharing(data: dict) -> dict[str, str]:
         "alpaca-share": pct(al_share),
         "rule-gap": f"{max(rule_gaps):.1f}",
         "sharegpt-best": f"{pct(by[sg, 'parallel', best]['saving'])} (n = {best})",
-        "alpaca-beam-seqs": " and ".join(f"{by[al, 'beam', w]['mean_seqs']:.0f}" for w in widths if w > 2),
-        "alpaca-beam-max": " and ".join(f"{by[al, 'beam', w]['max_seqs']}" for w in widths if w > 2),
+        "alpaca-beam-seqs": " and ".join(
+            f"{by[al, 'beam', w]['mean_seqs']:.0f}" for w in widths if w > 2
+        ),
+        "alpaca-beam-max": " and ".join(
+            f"{by[al, 'beam', w]['max_seqs']}" for w in widths if w > 2
+        ),
         "alpaca-beam-batch": " and ".join(
             f"{by[al, 'beam', w]['mean_batch_size']:.1f}" for w in widths if w > 2
         ),
@@ -81,7 +104,9 @@ def sharing(data: dict) -> dict[str, str]:
         "sharegpt-2-gap": points(100 * by[sg, "parallel", 2]["saving"], low_sg),
         "sharegpt-2-needed": pct(2 * low_sg / 100),
         "alpaca-6": pct(by[al, "parallel", 6]["saving"]),
-        "alpaca-6-gap": points(100 * by[al, "parallel", 6]["saving"], paper["alpaca"]["parallel"][1]),
+        "alpaca-6-gap": points(
+            100 * by[al, "parallel", 6]["saving"], paper["alpaca"]["parallel"][1]
+        ),
         "alpaca-6-rule": pct(5 / 6 * al_share),
         "alpaca-6-batch": f"{by[al, 'parallel', 6]['mean_batch_size']:.1f}",
         "alpaca-2-batch": f"{by[al, 'parallel', 2]['mean_batch_size']:.1f}",
@@ -94,11 +119,17 @@ def sharing(data: dict) -> dict[str, str]:
         "sharegpt-6-gap": points(100 * by[sg, "parallel", 6]["saving"], high_sg),
         "sharegpt-high-needed": pct(6 / 5 * high_sg / 100),
         "beam-2-gaps": " and ".join(
-            points(100 * by[w, "beam", 2]["saving"], paper[w.removesuffix("-like")]["beam"][0])
+            points(
+                100 * by[w, "beam", 2]["saving"],
+                paper[w.removesuffix("-like")]["beam"][0],
+            )
             for w in (al, sg)
         ),
         "beam-6-gaps": " and ".join(
-            points(100 * by[w, "beam", 6]["saving"], paper[w.removesuffix("-like")]["beam"][1])
+            points(
+                100 * by[w, "beam", 6]["saving"],
+                paper[w.removesuffix("-like")]["beam"][1],
+            )
             for w in (al, sg)
         ),
         "sharegpt-beams": ", ".join(pct(by[sg, "beam", w]["saving"]) for w in widths),
@@ -116,7 +147,9 @@ def shared_prefix(data: dict) -> dict[str, str]:
     for r in rows:
         by[r["prefix_len"], r["allocator"], r["prefix_caching"]] = r
         bold = (lambda s: f"**{s}**") if r["prefix_caching"] else (lambda s: s)
-        label = {"orca-oracle": "Orca (Oracle)"}.get(r["allocator"], "paged, no caching")
+        label = {"orca-oracle": "Orca (Oracle)"}.get(
+            r["allocator"], "paged, no caching"
+        )
         label = bold("paged + caching") if r["prefix_caching"] else label
         results.append(
             [
@@ -150,25 +183,40 @@ def shared_prefix(data: dict) -> dict[str, str]:
     short, long = prefixes[0], prefixes[-1]
     names = {80: "1-shot, 80-token prefix", 341: "5-shot, 341-token prefix"}
     beside = [
-        [names.get(p, f"{p}-token prefix"), f"{paper[str(p)]}×", f"{on[p]['throughput_vs_orca_oracle']:.2f}×"]
+        [
+            names.get(p, f"{p}-token prefix"),
+            f"{paper[str(p)]}×",
+            f"{on[p]['throughput_vs_orca_oracle']:.2f}×",
+        ]
         for p in prefixes
     ]
     gain = {p: on[p]["throughput_vs_orca_oracle"] for p in prefixes}
     return {
         "results": table(header, results, "rlrrrrrr"),
         "beside": table(
-            ["throughput over Orca (Oracle)", "the paper (Fig. 16, vLLM)", "measured here (paged + caching)"],
+            [
+                "throughput over Orca (Oracle)",
+                "the paper (Fig. 16, vLLM)",
+                "measured here (paged + caching)",
+            ],
             beside,
             "lrr",
         ),
         "requests": num(rows[0]["requests"]),
-        "peak-range": " to ".join(f"{f(r['peak_blocks'] for r in rows):.0f}" for f in (min, max)),
+        "peak-range": " to ".join(
+            f"{f(r['peak_blocks'] for r in rows):.0f}" for f in (min, max)
+        ),
         "blocks-cut": " and ".join(
             f"{pct(1 - on[p]['blocks_per_request'] / off[p]['blocks_per_request'], 0)} ({p})"
             for p in prefixes
         ),
         "prefill-cut": " and ".join(
-            pct(1 - on[p]["prefill_tokens_per_request"] / off[p]["prefill_tokens_per_request"], 0)
+            pct(
+                1
+                - on[p]["prefill_tokens_per_request"]
+                / off[p]["prefill_tokens_per_request"],
+                0,
+            )
             for p in prefixes
         ),
         "trend": f"{gain[long] / gain[short]:.1f}",
@@ -177,10 +225,12 @@ def shared_prefix(data: dict) -> dict[str, str]:
         "batch-ratio": f"{on[short]['mean_batch_size']:.1f} / {oracle[short]['mean_batch_size']:.1f} = "
         f"{on[short]['mean_batch_size'] / oracle[short]['mean_batch_size']:.2f}",
         "oracle-blocks": " and ".join(
-            f"{oracle[p]['blocks_per_request'] / off[p]['blocks_per_request']:.2f}× ({p})" for p in prefixes
+            f"{oracle[p]['blocks_per_request'] / off[p]['blocks_per_request']:.2f}× ({p})"
+            for p in prefixes
         ),
         "no-caching-range": " to ".join(
-            f"{v:.2f}×" for v in sorted(off[p]["throughput_vs_orca_oracle"] for p in prefixes)
+            f"{v:.2f}×"
+            for v in sorted(off[p]["throughput_vs_orca_oracle"] for p in prefixes)
         ),
         **shared_prefix_rates(data),
     }
@@ -193,7 +243,11 @@ def _rate(x: float) -> str:
 def shared_prefix_rates(data: dict) -> dict[str, str]:
     """The throughput part: max_rate per prefix and system beside the paper's ratio, every point's
     normalized latency, and the numbers the prose quotes."""
-    summaries = {(r["prefix_len"], r["system"]): r for r in data["rows"] if r["part"] == "max_rate"}
+    summaries = {
+        (r["prefix_len"], r["system"]): r
+        for r in data["rows"]
+        if r["part"] == "max_rate"
+    }
     points_ = [r for r in data["rows"] if r["part"] == "rate"]
     prefixes = sorted({p for p, _ in summaries})
     systems = list(dict.fromkeys(s for _, s in summaries))  # Orca (Oracle), then vLLM
@@ -202,7 +256,11 @@ def shared_prefix_rates(data: dict) -> dict[str, str]:
     oracle = {p: summaries[p, "Orca (Oracle)"] for p in prefixes}
 
     def ratio(r: dict) -> str:
-        return "—" if r["max_rate_vs_orca_oracle"] is None else f"**{r['max_rate_vs_orca_oracle']:.2f}×**"
+        return (
+            "—"
+            if r["max_rate_vs_orca_oracle"] is None
+            else f"**{r['max_rate_vs_orca_oracle']:.2f}×**"
+        )
 
     rates = table(
         ["prefix", "Orca (Oracle) max_rate", "vLLM max_rate", "vLLM / Orca (Oracle)", "the paper (Fig. 16)"],
@@ -214,7 +272,10 @@ def shared_prefix_rates(data: dict) -> dict[str, str]:
         "lrrrr",
     )  # fmt: skip
     columns = [(p, s) for p in prefixes for s in systems]
-    latency = {(r["prefix_len"], r["system"], r["rate"]): r["normalized_latency"] for r in points_}
+    latency = {
+        (r["prefix_len"], r["system"], r["rate"]): r["normalized_latency"]
+        for r in points_
+    }
     grid = sorted({r["rate"] for r in points_})
     curve = table(
         ["requests/s", *(f"{p}: {s}" for p, s in columns)],
@@ -232,7 +293,9 @@ def shared_prefix_rates(data: dict) -> dict[str, str]:
         "rate-excess": " and ".join(
             "—"
             if gains[p] is None
-            else f"{pct(gains[p] / vllm[p]['paper_vs_orca_oracle'] - 1, 0)} ({p})".replace("-", "−")
+            else f"{pct(gains[p] / vllm[p]['paper_vs_orca_oracle'] - 1, 0)} ({p})".replace(
+                "-", "−"
+            )
             for p in prefixes
         ),
         "rate-batch": " and ".join(

@@ -25,7 +25,11 @@ def _ratio(x: float) -> str:
 
 
 def block_size(data: dict) -> dict[str, str]:
-    waste = {(r["workload"], r["block_size"]): r for r in data["rows"] if r["part"] == "waste"}
+    waste = {
+        (r["workload"], r["block_size"]): r
+        for r in data["rows"]
+        if r["part"] == "waste"
+    }
     time = {r["block_size"]: r for r in data["rows"] if r["part"] == "time"}
     sizes = sorted(time)
     results = []
@@ -41,8 +45,12 @@ def block_size(data: dict) -> dict[str, str]:
     model = {b: time[b]["model_seconds_per_step"] for b in sizes}
     fastest = min(sizes, key=step.get)
     mean_len = {w: waste[w, 1]["mean_len"] for w in ("sharegpt-like", "alpaca-like")}
-    alpaca = [pct(waste["alpaca-like", b]["waste_fraction"]) for b in (16, 32, 64, 128, 256)]
-    sharegpt = {b: pct(waste["sharegpt-like", b]["waste_fraction"]) for b in (16, 128, 256)}
+    alpaca = [
+        pct(waste["alpaca-like", b]["waste_fraction"]) for b in (16, 32, 64, 128, 256)
+    ]
+    sharegpt = {
+        b: pct(waste["sharegpt-like", b]["waste_fraction"]) for b in (16, 128, 256)
+    }
     from_4 = max(step[b] / step[fastest] - 1 for b in sizes if b >= 4)
     rows_16 = [b for b in sizes if b >= 16]
     beside = [
@@ -87,7 +95,10 @@ def block_size(data: dict) -> dict[str, str]:
         "context": f"{time[sizes[0]]['mean_context_len']:.1f}",
         "rule-16": " and ".join(
             f"7.5 / ({mean_len[w]:.1f} + 7.5) = {pct(7.5 / (mean_len[w] + 7.5))} for {name}"
-            for w, name in (("sharegpt-like", "ShareGPT-like"), ("alpaca-like", "Alpaca-like"))
+            for w, name in (
+                ("sharegpt-like", "ShareGPT-like"),
+                ("alpaca-like", "Alpaca-like"),
+            )
         ),
         "alpaca-256": pct(waste["alpaca-like", 256]["waste_fraction"], 0),
         "model-growth": pct(model[1] / model[16] - 1, 0),
@@ -99,7 +110,9 @@ def block_size(data: dict) -> dict[str, str]:
 
 
 def _loads(data: dict) -> dict[tuple[str, int], dict]:
-    return {(r["workload"], r["block_size"]): r for r in data["rows"] if r["part"] == "load"}
+    return {
+        (r["workload"], r["block_size"]): r for r in data["rows"] if r["part"] == "load"
+    }
 
 
 def _served(loads: dict, workload: str, b: int) -> float:
@@ -109,8 +122,12 @@ def _served(loads: dict, workload: str, b: int) -> float:
 
 def _capacity_sentence(data: dict) -> str:
     loads = _loads(data)
-    alpaca = ", ".join(pct(_served(loads, "alpaca-like", b), 0) for b in (16, 32, 64, 128, 256))
-    sharegpt = ", ".join(pct(_served(loads, "sharegpt-like", b), 0) for b in (16, 128, 256))
+    alpaca = ", ".join(
+        pct(_served(loads, "alpaca-like", b), 0) for b in (16, 32, 64, 128, 256)
+    )
+    sharegpt = ", ".join(
+        pct(_served(loads, "sharegpt-like", b), 0) for b in (16, 128, 256)
+    )
     return (
         f"Served at saturation, relative to block size 1: Alpaca-like {alpaca} at 16, 32, 64, 128, 256; "
         f"ShareGPT-like {sharegpt} at 16, 128, 256"
@@ -144,20 +161,34 @@ def _block_size_load(data: dict) -> dict[str, str]:
         "load-alpaca-64": pct(1 - _served(loads, "alpaca-like", 64), 0),
         "load-alpaca-256": pct(1 - _served(loads, "alpaca-like", 256), 0),
         "load-sharegpt-128": pct(1 - _served(loads, "sharegpt-like", 128), 0),
-        "load-16": " and ".join(pct(1 - _served(loads, w, 16)) for w in ("sharegpt-like", "alpaca-like")),
+        "load-16": " and ".join(
+            pct(1 - _served(loads, w, 16)) for w in ("sharegpt-like", "alpaca-like")
+        ),
     }
 
 
 def swap_vs_recompute(data: dict) -> dict[str, str]:
     rows = sorted(data["rows"], key=lambda r: r["block_size"])
     by = {r["block_size"]: r for r in rows}
-    per_block = {b: r["swap_out_per_block_s"] + r["swap_in_per_block_s"] for b, r in by.items()}
+    per_block = {
+        b: r["swap_out_per_block_s"] + r["swap_in_per_block_s"] for b, r in by.items()
+    }
     batched = {b: r["swap_out_s"] + r["swap_in_s"] for b, r in by.items()}
     ratio = {b: by[b]["recompute_s"] / per_block[b] for b in by}
     results = []
     for b, r in by.items():
-        cells = [str(b), str(r["blocks"]), ms(r["swap_out_per_block_s"]), ms(r["swap_in_per_block_s"])]
-        cells += [ms(per_block[b]), ms(batched[b]), ms(r["recompute_s"]), _ratio(ratio[b])]
+        cells = [
+            str(b),
+            str(r["blocks"]),
+            ms(r["swap_out_per_block_s"]),
+            ms(r["swap_in_per_block_s"]),
+        ]
+        cells += [
+            ms(per_block[b]),
+            ms(batched[b]),
+            ms(r["recompute_s"]),
+            _ratio(ratio[b]),
+        ]
         results.append([f"**{b}**", *cells[1:]] if b == 16 else cells)
     first, last = rows[0], rows[-1]
     pools = 4  # 2 layers x (K, V) of tiny-llama
@@ -208,7 +239,9 @@ def swap_vs_recompute(data: dict) -> dict[str, str]:
             results,
             "rrrrrrrr",
         ),
-        "beside": table(["", "the paper (Fig. 19a, GPU)", "measured here (CPU)"], beside, "lll"),
+        "beside": table(
+            ["", "the paper (Fig. 19a, GPU)", "measured here (CPU)"], beside, "lll"
+        ),
         "copy-cost": f"{copies[lo]:,} copies ({first['blocks']} blocks × {pools} pools) take "
         f"{ms(first['swap_out_per_block_s'])} ms at block size {lo} "
         f"({1e6 * first['swap_out_per_block_s'] / copies[lo]:.1f} µs each), {copies[hi]} copies of "
@@ -231,7 +264,10 @@ def swap_vs_recompute(data: dict) -> dict[str, str]:
 def json_example(data: dict) -> dict[str, str]:
     """The index page's example of the JSON format: the first row of swap-vs-recompute's JSON."""
     row = data["rows"][0]
-    cells = [f'"{k}": {json.dumps(v) if not isinstance(v, float) else f"{v:.3g}"}' for k, v in row.items()]
+    cells = [
+        f'"{k}": {json.dumps(v) if not isinstance(v, float) else f"{v:.3g}"}'
+        for k, v in row.items()
+    ]
     lines, line = [], "    {"
     for cell in cells:
         if len(line) + len(cell) + 2 > 100:

@@ -85,10 +85,15 @@ def stale_parts(page_text: str, parts: dict[str, str]) -> list[str]:
     problems = [
         f"{m['key']}: an inline part starts a line"
         for m in PART.finditer(page_text)
-        if "\n" not in m["body"] and page_text[: m.start()].split("\n")[-1].strip() == ""
+        if "\n" not in m["body"]
+        and page_text[: m.start()].split("\n")[-1].strip() == ""
     ]
     problems += [f"{key}: not on the page" for key in parts if key not in found]
-    problems += [f"{key}: no such part (known: {', '.join(parts)})" for key in found if key not in parts]
+    problems += [
+        f"{key}: no such part (known: {', '.join(parts)})"
+        for key in found
+        if key not in parts
+    ]
     problems += [
         f"{key}: the page says {found[key].strip()!r}, the JSON gives {text!r}"
         for key, text in parts.items()
@@ -130,4 +135,13 @@ def sync_pages(names: list[str] | None = None, docs: Path = DOCS) -> list[Path]:
     return changed
 
 
-__all__ = ["DOCS", "PAGES", "RENDERERS", "page_parts", "render", "stale_parts", "sync_page", "sync_pages"]
+__all__ = [
+    "DOCS",
+    "PAGES",
+    "RENDERERS",
+    "page_parts",
+    "render",
+    "stale_parts",
+    "sync_page",
+    "sync_pages",
+]

@@ -35,7 +35,10 @@ DPI = 120
 
 
 def new_figure(
-    ncols: int = 1, title: str | None = None, panel_size: tuple[float, float] = PANEL_SIZE, nrows: int = 1
+    ncols: int = 1,
+    title: str | None = None,
+    panel_size: tuple[float, float] = PANEL_SIZE,
+    nrows: int = 1,
 ) -> tuple[Figure, list[Axes]]:
     """A figure of `nrows` x `ncols` panels, in the shared style.
 
@@ -75,7 +78,12 @@ def block_size_axis(ax: Axes, block_sizes: Sequence[int]) -> None:
 def legend(ax: Axes, outside: bool = False) -> None:
     """The legend in the shared style: small, no frame, where it covers least (or right of the axes)."""
     if outside:
-        ax.legend(fontsize=FONT_SIZE - 1, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        ax.legend(
+            fontsize=FONT_SIZE - 1,
+            frameon=False,
+            loc="center left",
+            bbox_to_anchor=(1.0, 0.5),
+        )
     else:
         ax.legend(fontsize=FONT_SIZE - 1, frameon=False, loc="best")
 
@@ -110,4 +118,11 @@ def savefig(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-__all__ = ["COLORS", "block_size_axis", "check_plot_path", "legend", "new_figure", "savefig"]
+__all__ = [
+    "COLORS",
+    "block_size_axis",
+    "check_plot_path",
+    "legend",
+    "new_figure",
+    "savefig",
+]

@@ -107,12 +107,20 @@ class SimulationResult:
     @property
     def mean_batch_size(self) -> float:
         """Running requests per step, the paper's batch size."""
-        return statistics.fmean(r.num_running for r in self.records) if self.records else 0.0
+        return (
+            statistics.fmean(r.num_running for r in self.records)
+            if self.records
+            else 0.0
+        )
 
     @property
     def mean_waiting(self) -> float:
         """Requests waiting per step: arrived, not running (0 when the system keeps up)."""
-        return statistics.fmean(r.num_waiting for r in self.records) if self.records else 0.0
+        return (
+            statistics.fmean(r.num_waiting for r in self.records)
+            if self.records
+            else 0.0
+        )
 
     @property
     def mean_utilization(self) -> float:
@@ -131,7 +139,8 @@ class SimulationResult:
         if not self.records:
             return {name: 0.0 for name in BREAKDOWN_FIELDS}
         return {
-            name: statistics.fmean(getattr(r.breakdown, name) for r in self.records) / self.capacity
+            name: statistics.fmean(getattr(r.breakdown, name) for r in self.records)
+            / self.capacity
             for name in BREAKDOWN_FIELDS
         }
 
@@ -142,7 +151,10 @@ class SimulationResult:
         used = [r.breakdown for r in self.records if r.breakdown.used]
         if not used:
             return {name: 0.0 for name in HELD_FIELDS}
-        return {name: statistics.fmean(getattr(b, name) / b.used for b in used) for name in HELD_FIELDS}
+        return {
+            name: statistics.fmean(getattr(b, name) / b.used for b in used)
+            for name in HELD_FIELDS
+        }
 
     @property
     def peak_slots_used(self) -> int:
@@ -212,7 +224,8 @@ class SimulationResult:
             **{f"fraction_{name}": value for name, value in fractions.items()},
             "peak_slots_used": self.peak_slots_used,
             "max_blocks_saved_by_sharing": self.max_blocks_saved_by_sharing,
-            "max_slots_saved_by_sharing": self.max_blocks_saved_by_sharing * self.block_size,
+            "max_slots_saved_by_sharing": self.max_blocks_saved_by_sharing
+            * self.block_size,
             "mean_sharing_saving": self.mean_sharing_saving,
             "preemptions": self.num_preemptions,
             "prefill_tokens": self.prefill_tokens,
@@ -228,10 +241,19 @@ def request_width(req) -> int:
         ValueError: naming the request, for n < 1, beam_width < 0, or both n > 1 and a beam width.
     """
     n, beam_width = getattr(req, "n", 1), getattr(req, "beam_width", 0)
-    if not isinstance(n, int) or n < 1 or not isinstance(beam_width, int) or beam_width < 0:
-        raise ValueError(f"request {req.request_id!r}: n must be >= 1 and beam_width >= 0")
+    if (
+        not isinstance(n, int)
+        or n < 1
+        or not isinstance(beam_width, int)
+        or beam_width < 0
+    ):
+        raise ValueError(
+            f"request {req.request_id!r}: n must be >= 1 and beam_width >= 0"
+        )
     if n > 1 and beam_width:
-        raise ValueError(f"request {req.request_id!r}: parallel sampling (n={n}) and beam search both asked")
+        raise ValueError(
+            f"request {req.request_id!r}: parallel sampling (n={n}) and beam search both asked"
+        )
     return beam_width or n
 
 

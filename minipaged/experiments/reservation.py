@@ -22,7 +22,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from minipaged.experiments.baselines import POLICIES, ContiguousAllocator, reservation_size
+from minipaged.experiments.baselines import (
+    POLICIES,
+    ContiguousAllocator,
+    reservation_size,
+)
 from minipaged.experiments.memory_breakdown import MemoryBreakdown
 from minipaged.experiments.vattention import VAttentionAllocator
 from minipaged.reference.block_manager import AllocStatus, BlockManager
@@ -66,13 +70,17 @@ class ReservationManager:
         # live seq_id -> its request's reservation
         self._owner: dict[int, _Reservation] = {}
 
-    def check_fits(self, num_prompt_tokens: int, max_tokens: int, num_seqs: int) -> None:
+    def check_fits(
+        self, num_prompt_tokens: int, max_tokens: int, num_seqs: int
+    ) -> None:
         """Refuse a request whose num_seqs ranges could never fit, even alone in the pool.
 
         Raises:
             ValueError: naming the request's sizes (the allocator's check).
         """
-        self.allocator.check(RangeRequest("request", num_prompt_tokens, max_tokens), copies=num_seqs)
+        self.allocator.check(
+            RangeRequest("request", num_prompt_tokens, max_tokens), copies=num_seqs
+        )
 
     # ---- admission -----------------------------------------------------------------------------
 
@@ -80,7 +88,11 @@ class ReservationManager:
         """OK if the allocator can place every range of the group now, else LATER (NEVER was
         refused at submission by check_fits)."""
         ranges, num_tokens = self._ranges_of(group)
-        return AllocStatus.OK if self.allocator.can_admit(ranges, num_tokens) else AllocStatus.LATER
+        return (
+            AllocStatus.OK
+            if self.allocator.can_admit(ranges, num_tokens)
+            else AllocStatus.LATER
+        )
 
     def allocate(self, group: SequenceGroup) -> int:
         """Reserve every range of the group, each storing the group's tokens so far.
@@ -97,7 +109,9 @@ class ReservationManager:
             if not self.allocator.try_admit(r, num_tokens):
                 for done in placed:
                     self.allocator.free(done.request_id)
-                raise ValueError(f"group {group.request_id!r} does not fit now: ask can_allocate first")
+                raise ValueError(
+                    f"group {group.request_id!r} does not fit now: ask can_allocate first"
+                )
             placed.append(r)
         reservation = _Reservation(group.request_id, ranges, num_tokens)
         for seq, r in zip(group.get_unfinished_seqs(), ranges, strict=False):
@@ -140,7 +154,9 @@ class ReservationManager:
         held = set(map(id, reservation.seq_range.values()))
         spare = next((r for r in reservation.ranges if id(r) not in held), None)
         if spare is None:
-            raise ValueError(f"seq {parent.seq_id}: every reserved range is in use, none for a fork")
+            raise ValueError(
+                f"seq {parent.seq_id}: every reserved range is in use, none for a fork"
+            )
         reservation.seq_range[child.seq_id] = spare
         self._owner[child.seq_id] = reservation
 
@@ -183,14 +199,18 @@ class ReservationManager:
         """The engine's per-step figures, a slot counting as a block: nothing is shared or swapped."""
         b = self.allocator.breakdown()
         used = b.capacity - b.free
-        device = PoolStats("device", b.capacity, b.free, used, 0, 0, b.token_states, used, 0)
+        device = PoolStats(
+            "device", b.capacity, b.free, used, 0, 0, b.token_states, used, 0
+        )
         host = PoolStats("host", 0, 0, 0, 0, 0, 0, 0, 0)
         return MemoryStats(device, host, [], 0, 0, 0, 0, 0)
 
     def _ranges_of(self, group: SequenceGroup) -> tuple[list[RangeRequest], int]:
         first = group.get_unfinished_seqs()[0]
         if group.max_tokens is None:
-            raise ValueError(f"group {group.request_id!r}: a reservation needs its max_tokens")
+            raise ValueError(
+                f"group {group.request_id!r}: a reservation needs its max_tokens"
+            )
         prompt_len = len(first.prompt_token_ids)
         ranges = [
             RangeRequest(f"{group.request_id}/{k}", prompt_len, group.max_tokens)
@@ -224,10 +244,14 @@ class ReservingBlockManager(BlockManager):
         max_model_len: what "max" reserves.
     """
 
-    def __init__(self, block_size: int, num_gpu_blocks: int, policy: str, max_model_len: int) -> None:
+    def __init__(
+        self, block_size: int, num_gpu_blocks: int, policy: str, max_model_len: int
+    ) -> None:
         super().__init__(block_size, num_gpu_blocks, 0, 0.0)
         if policy not in POLICIES:
-            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+            raise ValueError(
+                f"policy must be one of {', '.join(POLICIES)}, got {policy!r}"
+            )
         self.policy, self.max_model_len = policy, max_model_len
         # request_id -> blocks of its whole reservation
         self._promised: dict[str, int] = {}
@@ -235,10 +259,14 @@ class ReservingBlockManager(BlockManager):
 
     def reserved_blocks(self, num_prompt_tokens: int, max_tokens: int) -> int:
         """Blocks a request's reservation takes."""
-        slots = reservation_size(self.policy, num_prompt_tokens, max_tokens, self.max_model_len)
+        slots = reservation_size(
+            self.policy, num_prompt_tokens, max_tokens, self.max_model_len
+        )
         return num_blocks_for(slots, self.block_size)
 
-    def check_fits(self, num_prompt_tokens: int, max_tokens: int, num_seqs: int) -> None:
+    def check_fits(
+        self, num_prompt_tokens: int, max_tokens: int, num_seqs: int
+    ) -> None:
         needed = self.reserved_blocks(num_prompt_tokens, max_tokens)
         if needed > self.device.num_blocks:
             raise ValueError(
@@ -250,12 +278,18 @@ class ReservingBlockManager(BlockManager):
         """OK if the whole reservation fits beside what the running requests were promised."""
         first = group.get_unfinished_seqs()[0]
         needed = self.reserved_blocks(len(first.prompt_token_ids), group.max_tokens)
-        return AllocStatus.OK if needed <= self.device.num_free - self._outstanding() else AllocStatus.LATER
+        return (
+            AllocStatus.OK
+            if needed <= self.device.num_free - self._outstanding()
+            else AllocStatus.LATER
+        )
 
     def allocate(self, group: SequenceGroup) -> int:
         num_cached = super().allocate(group)
         first = group.get_unfinished_seqs()[0]
-        self._promised[group.request_id] = self.reserved_blocks(len(first.prompt_token_ids), group.max_tokens)
+        self._promised[group.request_id] = self.reserved_blocks(
+            len(first.prompt_token_ids), group.max_tokens
+        )
         for seq in group.get_unfinished_seqs():
             self._group_of[seq.seq_id] = group
         return num_cached
@@ -267,7 +301,9 @@ class ReservingBlockManager(BlockManager):
     def free(self, seq: Sequence) -> None:
         super().free(seq)
         group = self._group_of.pop(seq.seq_id, None)
-        if group is not None and not any(self._group_of.get(s.seq_id) is group for s in group.seqs):
+        if group is not None and not any(
+            self._group_of.get(s.seq_id) is group for s in group.seqs
+        ):
             # the last sequence out ends the reservation
             del self._promised[group.request_id]
 
@@ -278,7 +314,10 @@ class ReservingBlockManager(BlockManager):
             table = self.device_tables.get(seq_id)
             if table is not None:
                 held[group.request_id] = max(held.get(group.request_id, 0), len(table))
-        return sum(max(0, blocks - held.get(request_id, 0)) for request_id, blocks in self._promised.items())
+        return sum(
+            max(0, blocks - held.get(request_id, 0))
+            for request_id, blocks in self._promised.items()
+        )
 
 
 __all__ = ["RangeRequest", "ReservationManager", "ReservingBlockManager"]

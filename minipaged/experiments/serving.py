@@ -45,7 +45,13 @@ COST_MODEL = CostModel("opt-13b", "A100-40GB")
 
 
 def serve(
-    workload, allocator: str, end: float, warmup: float, *, progress: bool = False, **settings
+    workload,
+    allocator: str,
+    end: float,
+    warmup: float,
+    *,
+    progress: bool = False,
+    **settings,
 ) -> SimulationResult:
     """Serve `workload` on the KV budget for `end` simulated seconds; keep the steps in [warmup, end).
 
@@ -63,7 +69,12 @@ def serve(
         The windowed result (SimulationResult.window): its averages, num_finished and throughput
         are the window's.
     """
-    settings = {"kv_slots": KV_SLOTS, "block_size": BLOCK_SIZE, "max_model_len": MAX_MODEL_LEN, **settings}
+    settings = {
+        "kv_slots": KV_SLOTS,
+        "block_size": BLOCK_SIZE,
+        "max_model_len": MAX_MODEL_LEN,
+        **settings,
+    }
     # priced by the cost model unless a null step is asked for
     if settings.get("step_time") is None:
         settings.setdefault("cost_model", COST_MODEL)
@@ -78,7 +89,12 @@ def sharegpt_load(rate: float, end: float, seed: int, max_rate: float = 3.0):
     replays the same requests (their lengths), only their arrival times scale: the memory-waste
     experiment's rows equal the batch-size experiment's at the same rate.
     """
-    return sharegpt_like(int(max_rate * end * 1.2) + 20, rate=rate, seed=seed, max_model_len=MAX_MODEL_LEN)
+    return sharegpt_like(
+        int(max_rate * end * 1.2) + 20,
+        rate=rate,
+        seed=seed,
+        max_model_len=MAX_MODEL_LEN,
+    )
 
 
 def arrived(workload, start: float, end: float) -> int:

@@ -71,7 +71,22 @@ PAPER = {
 }
 
 
-ALPACA_FROM_5 = (5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 100.0, 120.0)
+ALPACA_FROM_5 = (
+    5.0,
+    7.5,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    70.0,
+    80.0,
+    90.0,
+    100.0,
+    120.0,
+)
 
 
 @dataclass(frozen=True)
@@ -91,7 +106,26 @@ SCALES = {
         # from 0.1: FasterTransformer's knee is far below the others'
         "ShareGPT": Scale(
             120.0,
-            (0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0, 3.5, 4.0, 5.0),
+            (
+                0.1,
+                0.2,
+                0.3,
+                0.4,
+                0.5,
+                0.75,
+                1.0,
+                1.25,
+                1.5,
+                1.75,
+                2.0,
+                2.25,
+                2.5,
+                2.75,
+                3.0,
+                3.5,
+                4.0,
+                5.0,
+            ),
         ),
         "Alpaca": Scale(30.0, (0.5, 1.0, 2.0, 3.0, *ALPACA_FROM_5)),
     },
@@ -139,7 +173,9 @@ def run(
     check_run_args(scale, seed, SCALES)
     if measured:
         model = model or realtime.MODEL
-        return _run_measured(scale, seed, progress, model, backend or "reference", device or "cpu")
+        return _run_measured(
+            scale, seed, progress, model, backend or "reference", device or "cpu"
+        )
     if backend is not None or device is not None:
         raise ValueError(
             "backend and device apply to the measured run only (measured=True, `--measured`): "
@@ -154,7 +190,9 @@ def run(
         num = lat.num_requests(max(sweep.rates), sweep.window)
 
         def requests_at(rate, make=make, sweep=sweep, num=num):
-            return lat.arrivals(lambda n, r: make(n, rate=r, seed=seed), rate, sweep.window, num)
+            return lat.arrivals(
+                lambda n, r: make(n, rate=r, seed=seed), rate, sweep.window, num
+            )
 
         curves[workload] = requests_at
     rates = {workload: sweep.rates for workload, sweep in config.items()}
@@ -171,16 +209,26 @@ def _run_measured(
     """The measured run: every system of realtime.SYSTEMS at each rate, in real time."""
     check_tensor_args(backend, device)
     if model not in PRESETS:
-        raise ValueError(f"model must be a preset ({', '.join(PRESETS)}) for the measured run, got {model!r}")
+        raise ValueError(
+            f"model must be a preset ({', '.join(PRESETS)}) for the measured run, got {model!r}"
+        )
     rates, duration = MEASURED[scale]
     rows = []
     with tqdm(
-        total=len(realtime.SYSTEMS) * len(rates), desc=f"{NAME} --measured", disable=not progress
+        total=len(realtime.SYSTEMS) * len(rates),
+        desc=f"{NAME} --measured",
+        disable=not progress,
     ) as bar:
         for system in realtime.SYSTEMS:
             for rate in rates:
                 row = realtime.measure(
-                    system, rate, duration, model=model, backend=backend, device=device, seed=seed
+                    system,
+                    rate,
+                    duration,
+                    model=model,
+                    backend=backend,
+                    device=device,
+                    seed=seed,
                 )
                 rows.append({**row, "system": realtime.LABELS[system]})
                 bar.update(1)
@@ -210,4 +258,12 @@ def plot(result: ExperimentResult, path) -> None:
     lat.plot_latency(result.rows, path, title, COLORS, threshold)
 
 
-__all__ = ["MEASURED", "MEASURED_THRESHOLD", "PAPER", "SCALES", "SYSTEMS", "plot", "run"]
+__all__ = [
+    "MEASURED",
+    "MEASURED_THRESHOLD",
+    "PAPER",
+    "SCALES",
+    "SYSTEMS",
+    "plot",
+    "run",
+]

@@ -105,7 +105,10 @@ SCALES = {
 def row(prefix_len: int, allocator: str, caching: bool, label: str, result) -> dict:
     """One row: throughput, memory and prefill of one system on one prefix length."""
     breakdowns = [r.breakdown for r in result.records]
-    held = [(b.token_states + b.reserved + b.internal_fragmentation) / BLOCK_SIZE for b in breakdowns]
+    held = [
+        (b.token_states + b.reserved + b.internal_fragmentation) / BLOCK_SIZE
+        for b in breakdowns
+    ]
     mean_blocks = statistics.fmean(held) if held else 0.0
     return {
         "part": "memory",
@@ -123,7 +126,9 @@ def row(prefix_len: int, allocator: str, caching: bool, label: str, result) -> d
         "mean_batch_size": result.mean_batch_size,
         "peak_blocks": max(held, default=0.0),
         "mean_blocks": mean_blocks,
-        "blocks_per_request": mean_blocks / result.mean_batch_size if result.records else 0.0,
+        "blocks_per_request": mean_blocks / result.mean_batch_size
+        if result.records
+        else 0.0,
         "prefill_tokens": result.prefill_tokens,
         "prefill_tokens_per_request": result.prefill_tokens / result.num_requests,
         "prefix_hit_rate": result.prefix_hit_rate,
@@ -148,9 +153,13 @@ def run(scale: str = "full", seed: int = 0, progress: bool = True) -> Experiment
     check_run_args(scale, seed, SCALES)
     config = SCALES[scale]
     rows = []
-    with tqdm(total=len(PREFIX_LENS) * len(SYSTEMS), desc=NAME, disable=not progress) as bar:
+    with tqdm(
+        total=len(PREFIX_LENS) * len(SYSTEMS), desc=NAME, disable=not progress
+    ) as bar:
         for prefix_len in PREFIX_LENS:
-            workload = shared_prefix(config.num_requests, prefix_len, seed=seed, max_model_len=MAX_MODEL_LEN)
+            workload = shared_prefix(
+                config.num_requests, prefix_len, seed=seed, max_model_len=MAX_MODEL_LEN
+            )
             for allocator, caching, label in SYSTEMS:
                 result = simulate(
                     workload,
@@ -184,14 +193,18 @@ def run(scale: str = "full", seed: int = 0, progress: bool = True) -> Experiment
     return ExperimentResult(NAME, rows, dict(PAPER), settings)
 
 
-def rate_rows(config: Scale, cost: CostModel, kv_slots: int, seed: int, progress: bool) -> list[dict]:
+def rate_rows(
+    config: Scale, cost: CostModel, kv_slots: int, seed: int, progress: bool
+) -> list[dict]:
     """The throughput part: latency.sweep per prefix and system, then a max_rate row for each."""
     num = lat.num_requests(max(config.rates), config.window)
     curves, prefix_of = {}, {}
     for prefix_len in PREFIX_LENS:
 
         def make(n, rate, prefix_len=prefix_len):
-            return shared_prefix(n, prefix_len, rate=rate, seed=seed, max_model_len=lat.MAX_MODEL_LEN)
+            return shared_prefix(
+                n, prefix_len, rate=rate, seed=seed, max_model_len=lat.MAX_MODEL_LEN
+            )
 
         def requests_at(rate, make=make):
             return lat.arrivals(make, rate, config.window, num)
@@ -199,18 +212,26 @@ def rate_rows(config: Scale, cost: CostModel, kv_slots: int, seed: int, progress
         curves[f"{prefix_len}-token prefix"] = requests_at
         prefix_of[f"{prefix_len}-token prefix"] = prefix_len
     rates = dict.fromkeys(curves, config.rates)
-    sweeps = lat.sweep_all(curves, rates, RATE_SYSTEMS, cost, kv_slots, seed, f"{NAME} rates", progress)
-    points = [{"part": "rate", "prefix_len": prefix_of[p["workload"]], **p} for p in sweeps]
+    sweeps = lat.sweep_all(
+        curves, rates, RATE_SYSTEMS, cost, kv_slots, seed, f"{NAME} rates", progress
+    )
+    points = [
+        {"part": "rate", "prefix_len": prefix_of[p["workload"]], **p} for p in sweeps
+    ]
     rows = list(points)
     for summary in lat.summaries(points):
-        prefix_len = next(p["prefix_len"] for p in points if p["workload"] == summary["workload"])
+        prefix_len = next(
+            p["prefix_len"] for p in points if p["workload"] == summary["workload"]
+        )
         rows.append({"part": "max_rate", "prefix_len": prefix_len, **summary})
     for r in rows[len(points) :]:
         oracle = next(s["max_rate"] for s in rows[len(points) :]
                       if s["prefix_len"] == r["prefix_len"] and s["system"] == "Orca (Oracle)")  # fmt: skip
         r["max_rate_vs_orca_oracle"] = r["max_rate"] / oracle if oracle else None
         r["paper_vs_orca_oracle"] = (
-            PAPER["throughput_vs_orca_oracle"][str(r["prefix_len"])] if r["system"] == "vLLM" else 1.0
+            PAPER["throughput_vs_orca_oracle"][str(r["prefix_len"])]
+            if r["system"] == "vLLM"
+            else 1.0
         )
     return rows
 
@@ -221,34 +242,67 @@ def plot(result: ExperimentResult, path) -> None:
     of normalized latency against request rate (Fig. 16's own), with each system's max_rate."""
     from minipaged.experiments.plotting import legend, new_figure, savefig
 
-    colors = dict(zip((s[2] for s in SYSTEMS), ("tab:purple", "tab:gray", "tab:blue"), strict=True))
+    colors = dict(
+        zip(
+            (s[2] for s in SYSTEMS), ("tab:purple", "tab:gray", "tab:blue"), strict=True
+        )
+    )
     memory = [r for r in result.rows if r.get("part", "memory") == "memory"]
-    points, summaries = lat.split([r for r in result.rows if r.get("part") in ("rate", "max_rate")])
+    points, summaries = lat.split(
+        [r for r in result.rows if r.get("part") in ("rate", "max_rate")]
+    )
     prefix_lens = sorted({r["prefix_len"] for r in memory})
     title = "Shared prefix: what prefix caching saves, and the rate it sustains (cf. Fig. 16)"
-    fig, axes = new_figure(3 + (len(prefix_lens) if points else 0), title=title, panel_size=(3.6, 3.4))
+    fig, axes = new_figure(
+        3 + (len(prefix_lens) if points else 0), title=title, panel_size=(3.6, 3.4)
+    )
     panels = [
-        ("throughput_vs_orca_oracle", "throughput / Orca (Oracle)'s", "(a) throughput, all at once"),
-        ("blocks_per_request", "KV blocks per running request", "(b) memory per request"),
-        ("prefill_tokens_per_request", "prompt tokens computed per request", "(c) prefill"),
+        (
+            "throughput_vs_orca_oracle",
+            "throughput / Orca (Oracle)'s",
+            "(a) throughput, all at once",
+        ),
+        (
+            "blocks_per_request",
+            "KV blocks per running request",
+            "(b) memory per request",
+        ),
+        (
+            "prefill_tokens_per_request",
+            "prompt tokens computed per request",
+            "(c) prefill",
+        ),
     ]
     width = 0.8 / len(SYSTEMS)
     for ax, (key, ylabel, name) in zip(axes, panels, strict=False):
         for k, (_, _, label) in enumerate(SYSTEMS):
             values = [
-                next(r[key] for r in memory if r["prefix_len"] == p and r["label"] == label)
+                next(
+                    r[key]
+                    for r in memory
+                    if r["prefix_len"] == p and r["label"] == label
+                )
                 for p in prefix_lens
             ]
-            xs = [i + (k - (len(SYSTEMS) - 1) / 2) * width for i in range(len(prefix_lens))]
+            xs = [
+                i + (k - (len(SYSTEMS) - 1) / 2) * width
+                for i in range(len(prefix_lens))
+            ]
             ax.bar(xs, values, width, color=colors[label], label=label)
-        ax.set_xticks(range(len(prefix_lens)), [f"{p}-token prefix" for p in prefix_lens])
+        ax.set_xticks(
+            range(len(prefix_lens)), [f"{p}-token prefix" for p in prefix_lens]
+        )
         ax.set_ylabel(ylabel)
         ax.set_title(name)
     paper = result.paper.get("throughput_vs_orca_oracle", {})
     # the paper's vLLM shares the prefix: beside our last bar
     last = (len(SYSTEMS) - 1) / 2 * width
-    marks = [(i + last, paper[str(p)]) for i, p in enumerate(prefix_lens) if str(p) in paper]
-    axes[0].plot([x for x, _ in marks], [v for _, v in marks], "kD", label="paper: vLLM")
+    marks = [
+        (i + last, paper[str(p)]) for i, p in enumerate(prefix_lens) if str(p) in paper
+    ]
+    axes[0].plot(
+        [x for x, _ in marks], [v for _, v in marks], "kD", label="paper: vLLM"
+    )
     legend(axes[0])
     line_colors = {"Orca (Oracle)": "tab:purple", "vLLM": "tab:red"}
     for i, (ax, prefix_len) in enumerate(zip(axes[3:], prefix_lens, strict=False)):
@@ -256,11 +310,21 @@ def plot(result: ExperimentResult, path) -> None:
             series = sorted((r["rate"], r["normalized_latency"]) for r in points
                             if r["system"] == system and r["prefix_len"] == prefix_len)  # fmt: skip
             best = next(
-                s["max_rate"] for s in summaries if s["system"] == system and s["prefix_len"] == prefix_len
+                s["max_rate"]
+                for s in summaries
+                if s["system"] == system and s["prefix_len"] == prefix_len
             )
-            ax.plot(*zip(*series, strict=True), "o-", color=color, markersize=3, label=system)
+            ax.plot(
+                *zip(*series, strict=True),
+                "o-",
+                color=color,
+                markersize=3,
+                label=system,
+            )
             ax.axvline(best, color=color, linestyle="--", linewidth=1)
-        ax.axhline(lat.THRESHOLD, linestyle=":", color="black", linewidth=1, label="threshold")
+        ax.axhline(
+            lat.THRESHOLD, linestyle=":", color="black", linewidth=1, label="threshold"
+        )
         ax.set_ylim(0, lat.CAP * 1.2)
         ax.set_xlabel("request rate (requests/s); dashed: max_rate")
         ax.set_ylabel("normalized latency (s/token)")

@@ -42,7 +42,12 @@ from tqdm import tqdm
 from minipaged.experiments import ExperimentResult, check_run_args
 from minipaged.experiments.batch_size import mean_step_s
 from minipaged.experiments.serving import BLOCK_SIZE, KV_SLOTS, serve
-from minipaged.workloads import alpaca_like, sharegpt_like, with_beam_search, with_parallel_sampling
+from minipaged.workloads import (
+    alpaca_like,
+    sharegpt_like,
+    with_beam_search,
+    with_parallel_sampling,
+)
 
 NAME = "sharing"
 WIDTHS = (2, 4, 6)
@@ -78,9 +83,13 @@ class Scale:
 
 
 SCALES = {
-    "small": Scale({"alpaca-like": 15.0, "sharegpt-like": 45.0}, {"alpaca-like": 5.0, "sharegpt-like": 15.0}),
+    "small": Scale(
+        {"alpaca-like": 15.0, "sharegpt-like": 45.0},
+        {"alpaca-like": 5.0, "sharegpt-like": 15.0},
+    ),
     "full": Scale(
-        {"alpaca-like": 120.0, "sharegpt-like": 300.0}, {"alpaca-like": 20.0, "sharegpt-like": 50.0}
+        {"alpaca-like": 120.0, "sharegpt-like": 300.0},
+        {"alpaca-like": 20.0, "sharegpt-like": 50.0},
     ),
 }
 
@@ -109,7 +118,9 @@ def prompt_block_share(workload, block_size: int = BLOCK_SIZE) -> float:
     return shared / held
 
 
-def row(workload: str, mode: str, width: int, rate: float, window_s: float, result) -> dict:
+def row(
+    workload: str, mode: str, width: int, rate: float, window_s: float, result
+) -> dict:
     """One row: what sharing saved over a window of one run."""
     records = [r for r in result.records if r.blocks_used]
     unshared = [r.blocks_used + r.blocks_saved_by_sharing for r in records]
@@ -123,10 +134,14 @@ def row(workload: str, mode: str, width: int, rate: float, window_s: float, resu
         "window_s": window_s,
         "saving": result.mean_sharing_saving,
         "saving_of_totals": saved / sum(unshared) if unshared else 0.0,
-        "mean_blocks_used": statistics.fmean(r.blocks_used for r in records) if records else 0.0,
+        "mean_blocks_used": statistics.fmean(r.blocks_used for r in records)
+        if records
+        else 0.0,
         "mean_blocks_unshared": statistics.fmean(unshared) if unshared else 0.0,
         "mean_batch_size": result.mean_batch_size,
-        "mean_seqs": statistics.fmean(r.num_seqs for r in result.records) if result.records else 0.0,
+        "mean_seqs": statistics.fmean(r.num_seqs for r in result.records)
+        if result.records
+        else 0.0,
         "max_seqs": max((r.num_seqs for r in result.records), default=0),
         "mean_waiting": result.mean_waiting,
         "mean_step_s": mean_step_s(result),
@@ -179,16 +194,30 @@ def plot(result: ExperimentResult, path) -> None:
         ranges = paper.get(workload.removesuffix("-like"), {})
         for mode, color in colors.items():
             rows = sorted(
-                (r for r in result.rows if r["workload"] == workload and r["mode"] == mode),
+                (
+                    r
+                    for r in result.rows
+                    if r["workload"] == workload and r["mode"] == mode
+                ),
                 key=lambda r: r["width"],
             )
             name = "parallel sampling" if mode == "parallel" else "beam search"
             ax.plot(
-                [r["width"] for r in rows], [100 * r["saving"] for r in rows], "o-", color=color, label=name
+                [r["width"] for r in rows],
+                [100 * r["saving"] for r in rows],
+                "o-",
+                color=color,
+                label=name,
             )
             if mode in ranges:
                 low, high = ranges[mode]
-                ax.axhspan(low, high, color=color, alpha=0.15, label=f"paper: {name}, its range")
+                ax.axhspan(
+                    low,
+                    high,
+                    color=color,
+                    alpha=0.15,
+                    label=f"paper: {name}, its range",
+                )
         ax.set_xticks(list(WIDTHS))
         ax.set_xlabel("samples n, or beam width")
         ax.set_ylim(0, 100)

@@ -65,11 +65,17 @@ class SimulatedRunner:
         seed: int = 0,
     ) -> None:
         if (cost_model is None) == (step_time is None):
-            raise ValueError("give exactly one of cost_model and step_time (the fixed null-model step)")
+            raise ValueError(
+                "give exactly one of cost_model and step_time (the fixed null-model step)"
+            )
         if step_time is not None and (
-            not isinstance(step_time, (int, float)) or isinstance(step_time, bool) or step_time <= 0
+            not isinstance(step_time, (int, float))
+            or isinstance(step_time, bool)
+            or step_time <= 0
         ):
-            raise ValueError(f"step_time must be a positive number of seconds, got {step_time!r}")
+            raise ValueError(
+                f"step_time must be a positive number of seconds, got {step_time!r}"
+            )
         self.cost_model, self.fixed_step_time = cost_model, step_time
         self.block_size, self.max_model_len = block_size, max_model_len
         self.device = torch.device("cpu")
@@ -88,7 +94,8 @@ class SimulatedRunner:
             return self.fixed_step_time
         cost, bs = self.cost_model, self.block_size
         seconds = cost.step_time(
-            [s.num_query_tokens for s in out.scheduled], [len(s.seq) for s in out.scheduled]
+            [s.num_query_tokens for s in out.scheduled],
+            [len(s.seq) for s in out.scheduled],
         )
         swapped = len(out.blocks_to_swap_out) + len(out.blocks_to_swap_in)
         # vLLM copies a block's K and V of each layer separately: 2 x layers transfers

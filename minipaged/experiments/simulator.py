@@ -36,7 +36,12 @@ from minipaged.experiments import one_thread
 from minipaged.experiments.baselines import ContiguousAllocator, check_positive
 from minipaged.experiments.cost_model import CostModel
 from minipaged.experiments.memory_breakdown import MemoryBreakdown, waiting_waste
-from minipaged.experiments.records import FinishedRequest, SimulationResult, StepRecord, request_width
+from minipaged.experiments.records import (
+    FinishedRequest,
+    SimulationResult,
+    StepRecord,
+    request_width,
+)
 from minipaged.experiments.reservation import ReservationManager
 from minipaged.experiments.simulated_runner import SimulatedRunner
 from minipaged.experiments.vattention import VATTENTION_PAGE_TOKENS, VAttentionAllocator
@@ -44,7 +49,14 @@ from minipaged.reference.block_manager import AllocStatus, BlockManager
 from minipaged.reference.scheduler import SchedulerOutput
 from minipaged.sampling import BeamSearchParams, SamplingParams
 
-ALLOCATORS = ("paged", "orca-max", "orca-pow2", "orca-oracle", "vattention", "fastertransformer")
+ALLOCATORS = (
+    "paged",
+    "orca-max",
+    "orca-pow2",
+    "orca-oracle",
+    "vattention",
+    "fastertransformer",
+)
 # One model step, in seconds, whatever its batch: the order of an OPT-13B decode step on an A100.
 STEP_TIME = 0.04
 
@@ -101,7 +113,14 @@ def simulate(
         ValueError: naming the argument, for a bad setting, or naming the request, for one that can
             never be served (too long, or too large for the pool); nothing is simulated then.
     """
-    _check_settings(allocator, kv_slots, block_size, page_tokens, preemption_mode, enable_prefix_caching)
+    _check_settings(
+        allocator,
+        kv_slots,
+        block_size,
+        page_tokens,
+        preemption_mode,
+        enable_prefix_caching,
+    )
     if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 0):
         raise ValueError(f"max_steps must be None or an int >= 0, got {max_steps!r}")
     # stable: ties keep workload order
@@ -111,7 +130,11 @@ def simulate(
     if step_time is None and cost_model is None:
         step_time = STEP_TIME
     runner = SimulatedRunner(
-        cost_model, step_time=step_time, block_size=block_size, max_model_len=max_model_len, seed=seed
+        cost_model,
+        step_time=step_time,
+        block_size=block_size,
+        max_model_len=max_model_len,
+        seed=seed,
     )
     if allocator == "paged":
         num_blocks = kv_slots // block_size
@@ -120,10 +143,18 @@ def simulate(
             enable_prefix_caching,
         )  # fmt: skip
     elif allocator == "vattention":
-        manager = ReservationManager(VAttentionAllocator(kv_slots, page_tokens, max_model_len, watermark))
+        manager = ReservationManager(
+            VAttentionAllocator(kv_slots, page_tokens, max_model_len, watermark)
+        )
     else:
-        policy = "max" if allocator == "fastertransformer" else allocator.removeprefix("orca-")
-        manager = ReservationManager(ContiguousAllocator(kv_slots, policy, max_model_len, placement))
+        policy = (
+            "max"
+            if allocator == "fastertransformer"
+            else allocator.removeprefix("orca-")
+        )
+        manager = ReservationManager(
+            ContiguousAllocator(kv_slots, policy, max_model_len, placement)
+        )
     llm = LLM(
         runner=runner,
         block_manager=manager,
@@ -136,8 +167,15 @@ def simulate(
     recorder = _Recorder(manager)
     llm.step_observers.append(recorder)
     finished: list[FinishedRequest] = []
-    with one_thread(), tqdm(total=len(requests), desc=f"simulate {allocator}", disable=not progress) as bar:
-        while llm.has_unfinished_requests() and (max_steps is None or len(recorder.records) < max_steps):
+    with (
+        one_thread(),
+        tqdm(
+            total=len(requests), desc=f"simulate {allocator}", disable=not progress
+        ) as bar,
+    ):
+        while llm.has_unfinished_requests() and (
+            max_steps is None or len(recorder.records) < max_steps
+        ):
             if until is not None and llm.now() >= until:
                 break
             outputs = llm.step()
@@ -154,7 +192,11 @@ def simulate(
             bar.update(len(outputs))
     if until is not None:
         recorder.records = [r for r in recorder.records if r.time < until]
-    capacity = manager.device.num_blocks * block_size if allocator == "paged" else manager.allocator.capacity
+    capacity = (
+        manager.device.num_blocks * block_size
+        if allocator == "paged"
+        else manager.allocator.capacity
+    )
     cache = manager.device if allocator == "paged" else None
     return SimulationResult(
         allocator,
@@ -179,16 +221,25 @@ def _submit_all(llm: LLM, requests: list) -> dict[str, Any]:
     ids = {}
     for req in requests:
         width = request_width(req)
-        prefix_len, prefix_id = getattr(req, "prefix_len", 0), getattr(req, "prefix_id", 0)
+        prefix_len, prefix_id = (
+            getattr(req, "prefix_len", 0),
+            getattr(req, "prefix_id", 0),
+        )
         # A shared prefix's tokens depend on its id and position only, so equal prefixes hash alike.
         prompt = [(1 << 40) + prefix_id * (1 << 20) + i for i in range(prefix_len)]
         prompt += [next(fresh) for _ in range(req.prompt_len - prefix_len)]
         if getattr(req, "beam_width", 0):
-            params = BeamSearchParams(beam_width=width, max_tokens=req.output_len, ignore_eos=True)
+            params = BeamSearchParams(
+                beam_width=width, max_tokens=req.output_len, ignore_eos=True
+            )
         else:
-            params = SamplingParams(n=width, temperature=0.0, max_tokens=req.output_len, ignore_eos=True)
+            params = SamplingParams(
+                n=width, temperature=0.0, max_tokens=req.output_len, ignore_eos=True
+            )
         try:
-            request_id = llm.add_request({"prompt_token_ids": prompt}, params, req.arrival_time)
+            request_id = llm.add_request(
+                {"prompt_token_ids": prompt}, params, req.arrival_time
+            )
         except ValueError as error:
             raise ValueError(f"request {req.request_id!r}: {error}") from None
         ids[request_id] = req
@@ -208,7 +259,9 @@ class _Recorder:
     def __call__(self, llm: LLM, out: SchedulerOutput) -> None:
         stats, s = llm.step_stats[-1], llm.scheduler
         recomputed = sum(
-            i.num_query_tokens for i in out.scheduled if i.is_prefill and i.group.request_id in self.admitted
+            i.num_query_tokens
+            for i in out.scheduled
+            if i.is_prefill and i.group.request_id in self.admitted
         )
         self.admitted.update(i.group.request_id for i in out.scheduled)
         if isinstance(self.manager, BlockManager):
@@ -217,7 +270,11 @@ class _Recorder:
             head = s.waiting[0] if s.waiting else None
             breakdown, saved = self.manager.breakdown(head), 0
             alloc = self.manager.allocator
-            used = alloc.pages.num_used if isinstance(alloc, VAttentionAllocator) else self.manager.num_ranges
+            used = (
+                alloc.pages.num_used
+                if isinstance(alloc, VAttentionAllocator)
+                else self.manager.num_ranges
+            )
         self.records.append(
             StepRecord(
                 stats.step, stats.time, len(s.running), len(s.waiting) + len(s.swapped), len(out.scheduled),
@@ -230,10 +287,14 @@ class _Recorder:
         """After the step: how many requests it finished (they free their memory now)."""
         if self.records:
             last = self.records[-1]
-            self.records[-1] = StepRecord(**{**last.__dict__, "num_finished": num_finished})
+            self.records[-1] = StepRecord(
+                **{**last.__dict__, "num_finished": num_finished}
+            )
 
 
-def _paged_breakdown(manager: BlockManager, scheduler) -> tuple[MemoryBreakdown, int, int]:
+def _paged_breakdown(
+    manager: BlockManager, scheduler
+) -> tuple[MemoryBreakdown, int, int]:
     """(breakdown, blocks used, blocks saved by sharing) of the device pool: pool_stats's figures in
     O(sequences) instead of O(blocks), so that long runs stay fast.
 
@@ -243,31 +304,53 @@ def _paged_breakdown(manager: BlockManager, scheduler) -> tuple[MemoryBreakdown,
     Free blocks are stranded while the head waits for memory; any block serves any request, so there
     is never external fragmentation (memory_breakdown.waiting_waste: one rule for all).
     """
-    tables, bs, device = manager.device_tables.values(), manager.block_size, manager.device
-    partial = {t.block_ids[-1]: t.num_filled_in_last_block for t in tables if t.num_tokens % bs}
+    tables, bs, device = (
+        manager.device_tables.values(),
+        manager.block_size,
+        manager.device,
+    )
+    partial = {
+        t.block_ids[-1]: t.num_filled_in_last_block for t in tables if t.num_tokens % bs
+    }
     slots_used = device.num_used * bs - sum(bs - fill for fill in partial.values())
     # the group the scheduler would admit next: the oldest swapped, else the head
     if scheduler.swapped:
         waits = not manager.can_swap_in(scheduler.swapped[0])
     else:
-        waits = bool(scheduler.waiting) and manager.can_allocate(scheduler.waiting[0]) != AllocStatus.OK
+        waits = (
+            bool(scheduler.waiting)
+            and manager.can_allocate(scheduler.waiting[0]) != AllocStatus.OK
+        )
     _, stranded, free = waiting_waste(device.num_free * bs, waits, False)
-    breakdown = MemoryBreakdown(slots_used, 0, device.num_used * bs - slots_used, 0, stranded, free)
+    breakdown = MemoryBreakdown(
+        slots_used, 0, device.num_used * bs - slots_used, 0, stranded, free
+    )
     return breakdown, device.num_used, sum(len(t) for t in tables) - device.num_used
 
 
-def _check_settings(allocator, kv_slots, block_size, page_tokens, preemption_mode, prefix_caching) -> None:
+def _check_settings(
+    allocator, kv_slots, block_size, page_tokens, preemption_mode, prefix_caching
+) -> None:
     """Raise ValueError naming the argument: the pool's sizes, and the paged-only options, which the
     other allocators refuse rather than ignore."""
     if allocator not in ALLOCATORS:
-        raise ValueError(f"allocator must be one of {', '.join(ALLOCATORS)}, got {allocator!r}")
+        raise ValueError(
+            f"allocator must be one of {', '.join(ALLOCATORS)}, got {allocator!r}"
+        )
     check_positive(kv_slots=kv_slots, block_size=block_size, page_tokens=page_tokens)
-    units = {"paged": ("block", "block_size", block_size), "vattention": ("page", "page_tokens", page_tokens)}
+    units = {
+        "paged": ("block", "block_size", block_size),
+        "vattention": ("page", "page_tokens", page_tokens),
+    }
     what, name, unit = units.get(allocator, ("slot", "", 1))
     if kv_slots < unit:
-        raise ValueError(f"kv_slots must hold at least one {what} of {name}={unit} slots, got {kv_slots}")
+        raise ValueError(
+            f"kv_slots must hold at least one {what} of {name}={unit} slots, got {kv_slots}"
+        )
     if preemption_mode not in PREEMPTION_MODES:
-        raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {preemption_mode!r}")
+        raise ValueError(
+            f"preemption_mode must be 'recompute' or 'swap', got {preemption_mode!r}"
+        )
     if allocator != "paged" and preemption_mode != "recompute":
         raise ValueError(
             f"preemption_mode={preemption_mode!r} needs allocator 'paged' (the others have no host "

@@ -39,7 +39,12 @@ from tqdm import tqdm
 from minipaged.config import kv_cache_bytes_per_block
 from minipaged.demo import torch_threads
 from minipaged.engine import LLM
-from minipaged.experiments import ExperimentResult, check_run_args, check_tensor_args, synchronize
+from minipaged.experiments import (
+    ExperimentResult,
+    check_run_args,
+    check_tensor_args,
+    synchronize,
+)
 from minipaged.model_runner import ModelRunner, kv_shape
 from minipaged.presets import BYTE_OFFSET, VOCAB_SIZE, load_preset
 from minipaged.reference.block_table import num_blocks_for
@@ -80,7 +85,9 @@ SCALES = {
 }
 
 
-def swap_blocks_per_block(src: torch.Tensor, dst: torch.Tensor, block_mapping: list[tuple[int, int]]) -> None:
+def swap_blocks_per_block(
+    src: torch.Tensor, dst: torch.Tensor, block_mapping: list[tuple[int, int]]
+) -> None:
     """Copy blocks one pair at a time: one copy per block, as vLLM's first swap_blocks did.
 
     vLLM (2023) looped over the (src, dst) pairs and issued one cudaMemcpyAsync per block, per layer
@@ -114,7 +121,9 @@ def _timed(device: str, fn, *args) -> float:
     return time.perf_counter() - start
 
 
-def _sequence_kv(runner: ModelRunner, block_ids: list[int], seq_len: int) -> torch.Tensor:
+def _sequence_kv(
+    runner: ModelRunner, block_ids: list[int], seq_len: int
+) -> torch.Tensor:
     """The sequence's K and V in every layer, read through its block table, for the check."""
     # [2 * layers, num_blocks, block_size, kv, dim]
     pools = torch.stack(runner.k_caches + runner.v_caches)
@@ -160,34 +169,50 @@ def measure(
     recompute = []
     # admit, prefill all seq_len tokens, sample one: what a recomputation costs
     for _ in range(repeats):
-        llm.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+        llm.add_request(
+            prompt, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+        )
         recompute.append(_timed(device, llm.step))
-    llm.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+    llm.add_request(
+        prompt, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    )
     # prefilled: the sequence holds ceil(seq_len / block_size) blocks of real K/V
     llm.step()
     group, manager, runner = llm.scheduler.running[0], llm.block_manager, llm.runner
     seq = group.seqs[0]
     before = _sequence_kv(runner, manager.get_block_table(seq).block_ids, seq_len)
-    times: dict[str, list[float]] = {k: [] for k in ("out", "in", "out_per_block", "in_per_block")}
+    times: dict[str, list[float]] = {
+        k: [] for k in ("out", "in", "out_per_block", "in_per_block")
+    }
     for r in range(repeats):
         # (device, host): the policy decides, not timed
         out_pairs = manager.swap_out(group)
         batched = (runner.move_blocks, SchedulerOutput(blocks_to_swap_out=out_pairs))
         per_block = (_per_block, runner, out_pairs, True)
         # alternate which goes first: neither always finds warm caches
-        for key, call in [("out", batched), ("out_per_block", per_block)][:: 1 if r % 2 else -1]:
+        for key, call in [("out", batched), ("out_per_block", per_block)][
+            :: 1 if r % 2 else -1
+        ]:
             times[key].append(_timed(device, *call))
         in_pairs = manager.swap_in(group)  # (host, device)
         batched = (runner.move_blocks, SchedulerOutput(blocks_to_swap_in=in_pairs))
         per_block = (_per_block, runner, in_pairs, False)
-        for key, call in [("in", batched), ("in_per_block", per_block)][:: 1 if r % 2 else -1]:
+        for key, call in [("in", batched), ("in_per_block", per_block)][
+            :: 1 if r % 2 else -1
+        ]:
             times[key].append(_timed(device, *call))
     after = _sequence_kv(runner, manager.get_block_table(seq).block_ids, seq_len)
     if not torch.equal(before, after):
-        raise RuntimeError(f"block size {block_size}: the K/V after a swap out and in differs from before")
+        raise RuntimeError(
+            f"block size {block_size}: the K/V after a swap out and in differs from before"
+        )
     num_layers, num_kv_heads, head_dim = kv_shape(runner.model.config)
     block_bytes = kv_cache_bytes_per_block(
-        block_size, num_layers, num_kv_heads, head_dim, runner.k_caches[0].element_size()
+        block_size,
+        num_layers,
+        num_kv_heads,
+        head_dim,
+        runner.k_caches[0].element_size(),
     )
     median = statistics.median
     return {
@@ -231,13 +256,17 @@ def run(
     config = SCALES[scale]
     model = load_preset(MODEL, seed)
     generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(BYTE_OFFSET, VOCAB_SIZE, (config.seq_len,), generator=generator).tolist()
+    tokens = torch.randint(
+        BYTE_OFFSET, VOCAB_SIZE, (config.seq_len,), generator=generator
+    ).tolist()
     rows = []
     with torch_threads(1):
         # warm up: first calls allocate
         measure(model, 16, tokens, 2, seed, backend=backend, device=device)
         for b in tqdm(config.block_sizes, desc=NAME, disable=not progress):
-            row = measure(model, b, tokens, config.repeats, seed, backend=backend, device=device)
+            row = measure(
+                model, b, tokens, config.repeats, seed, backend=backend, device=device
+            )
             rows.append({"model": MODEL, **row})
     settings = {"scale": scale, "seed": seed, "backend": backend, "device": device}
     return ExperimentResult(NAME, rows, dict(PAPER), settings)
@@ -245,7 +274,13 @@ def run(
 
 def plot(result: ExperimentResult, path) -> None:
     """Milliseconds to restore the sequence against the block size, log scale (like Fig. 19a)."""
-    from minipaged.experiments.plotting import COLORS, block_size_axis, legend, new_figure, savefig
+    from minipaged.experiments.plotting import (
+        COLORS,
+        block_size_axis,
+        legend,
+        new_figure,
+        savefig,
+    )
 
     rows = result.rows
     sizes = [r["block_size"] for r in rows]
@@ -260,9 +295,27 @@ def plot(result: ExperimentResult, path) -> None:
     where = f"{'a CPU' if device == 'cpu' else device}, {result.settings.get('backend', 'reference')}"
     title = f"Restoring {seq_len} tokens of {model} ({where}): swap vs recompute (cf. Fig. 19a)"
     fig, (ax,) = new_figure(1, title=title, panel_size=(8.0, 4.0))
-    ax.plot(sizes, ms("recompute_s"), "o-", color=COLORS["recompute"], label="recompute (prefill step)")
-    ax.plot(sizes, ms("swap_in_per_block_s"), "v-", color=COLORS["swap_in"], label="swap in, per block")
-    ax.plot(sizes, ms("swap_out_per_block_s"), "^-", color=COLORS["swap_out"], label="swap out, per block")
+    ax.plot(
+        sizes,
+        ms("recompute_s"),
+        "o-",
+        color=COLORS["recompute"],
+        label="recompute (prefill step)",
+    )
+    ax.plot(
+        sizes,
+        ms("swap_in_per_block_s"),
+        "v-",
+        color=COLORS["swap_in"],
+        label="swap in, per block",
+    )
+    ax.plot(
+        sizes,
+        ms("swap_out_per_block_s"),
+        "^-",
+        color=COLORS["swap_out"],
+        label="swap out, per block",
+    )
     ax.plot(
         sizes,
         ms("swap_in_per_block_s", "swap_out_per_block_s"),

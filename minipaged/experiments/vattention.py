@@ -20,7 +20,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from minipaged.experiments.baselines import check_positive, check_request
-from minipaged.experiments.memory_breakdown import MemoryBreakdown, final_kv_len, waiting_waste
+from minipaged.experiments.memory_breakdown import (
+    MemoryBreakdown,
+    final_kv_len,
+    waiting_waste,
+)
 from minipaged.reference.block_allocator import BlockAllocator, NoFreeBlocksError
 from minipaged.reference.block_manager import AllocStatus, BlockManager
 from minipaged.reference.block_table import num_blocks_for
@@ -32,7 +36,9 @@ from minipaged.sequence import Sequence, SequenceGroup
 VATTENTION_PAGE_TOKENS = 2 * 2**20 // (40 * 128 * 2)
 
 
-def _check_on_demand(req, copies: int, max_model_len: int, unit: int, usable: int, what: str) -> None:
+def _check_on_demand(
+    req, copies: int, max_model_len: int, unit: int, usable: int, what: str
+) -> None:
     """Refuse a request whose `copies` sequences, grown whole (final_kv_len tokens each), exceed the
     usable pages or blocks: alone in the pool it could then never be (re-)admitted."""
     check_request(req, max_model_len)
@@ -47,7 +53,10 @@ def _check_on_demand(req, copies: int, max_model_len: int, unit: int, usable: in
 def _pages_for(reqs: Iterable, num_tokens: int | None, unit: int) -> int:
     """Pages (or blocks) of `unit` slots that admitting each of `reqs` with `num_tokens` (default: its
     prompt) maps at once."""
-    return sum(num_blocks_for(req.prompt_len if num_tokens is None else num_tokens, unit) for req in reqs)
+    return sum(
+        num_blocks_for(req.prompt_len if num_tokens is None else num_tokens, unit)
+        for req in reqs
+    )
 
 
 class VAttentionAllocator:
@@ -77,9 +86,13 @@ class VAttentionAllocator:
         max_model_len: int = 2048,
         watermark: float = 0.01,
     ) -> None:
-        check_positive(capacity=capacity, page_tokens=page_tokens, max_model_len=max_model_len)
+        check_positive(
+            capacity=capacity, page_tokens=page_tokens, max_model_len=max_model_len
+        )
         if page_tokens > capacity:
-            raise ValueError(f"page_tokens must be <= capacity={capacity}, got {page_tokens}")
+            raise ValueError(
+                f"page_tokens must be <= capacity={capacity}, got {page_tokens}"
+            )
         if not isinstance(watermark, (int, float)) or not 0.0 <= watermark < 1.0:
             raise ValueError(f"watermark must be in [0, 1), got {watermark!r}")
         self.page_tokens, self.max_model_len = page_tokens, max_model_len
@@ -100,7 +113,9 @@ class VAttentionAllocator:
     def check(self, req, copies: int = 1) -> None:
         """Raise ValueError if `copies` requests like `req` could never fit, even in an empty pool."""
         usable = self.pages.num_blocks - self.watermark_pages
-        _check_on_demand(req, copies, self.max_model_len, self.page_tokens, usable, "pages")
+        _check_on_demand(
+            req, copies, self.max_model_len, self.page_tokens, usable, "pages"
+        )
 
     def try_admit(self, req, num_tokens: int | None = None) -> bool:
         """Map pages for the first `num_tokens` tokens of `req` (its prompt), keeping the watermark."""
@@ -123,7 +138,9 @@ class VAttentionAllocator:
 
     def can_append(self, *request_ids: str) -> bool:
         """Are there free pages for each of these requests to store one more token?"""
-        new_pages = sum(self._num_tokens[i] % self.page_tokens == 0 for i in request_ids)
+        new_pages = sum(
+            self._num_tokens[i] % self.page_tokens == 0 for i in request_ids
+        )
         return new_pages <= self.pages.num_free
 
     def append(self, request_id: str) -> None:
@@ -142,7 +159,9 @@ class VAttentionAllocator:
             self.pages.free(page)
         del self._num_tokens[request_id]
 
-    def breakdown(self, waiting: Iterable = (), num_tokens: int | None = None) -> MemoryBreakdown:
+    def breakdown(
+        self, waiting: Iterable = (), num_tokens: int | None = None
+    ) -> MemoryBreakdown:
         """The pool now, in the Fig. 3 categories.
 
         Args:
@@ -173,11 +192,19 @@ class PagedAllocator:
     """
 
     def __init__(
-        self, capacity: int, block_size: int = 16, max_model_len: int = 2048, watermark: float = 0.01
+        self,
+        capacity: int,
+        block_size: int = 16,
+        max_model_len: int = 2048,
+        watermark: float = 0.01,
     ) -> None:
-        check_positive(capacity=capacity, block_size=block_size, max_model_len=max_model_len)
+        check_positive(
+            capacity=capacity, block_size=block_size, max_model_len=max_model_len
+        )
         if block_size > capacity:
-            raise ValueError(f"block_size must be <= capacity={capacity}, got {block_size}")
+            raise ValueError(
+                f"block_size must be <= capacity={capacity}, got {block_size}"
+            )
         self.manager = BlockManager(block_size, capacity // block_size, 0, watermark)
         self.block_size, self.max_model_len = block_size, max_model_len
         self.capacity = self.manager.device.num_blocks * block_size
@@ -186,7 +213,9 @@ class PagedAllocator:
     def check(self, req, copies: int = 1) -> None:
         """Raise ValueError if `copies` requests like `req` could never fit, even in an empty pool."""
         usable = self.manager.device.num_blocks - self.manager.watermark_blocks
-        _check_on_demand(req, copies, self.max_model_len, self.block_size, usable, "blocks")
+        _check_on_demand(
+            req, copies, self.max_model_len, self.block_size, usable, "blocks"
+        )
 
     def try_admit(self, req, num_tokens: int | None = None) -> bool:
         """Allocate blocks for the first `num_tokens` tokens of `req` (its prompt) if the manager says OK."""
@@ -223,7 +252,9 @@ class PagedAllocator:
         """
         # before the token is added: a refused append changes nothing
         if not self.can_append(request_id):
-            raise NoFreeBlocksError(f"request {request_id!r} needs a block and none is free")
+            raise NoFreeBlocksError(
+                f"request {request_id!r} needs a block and none is free"
+            )
         seq = self._seqs[request_id]
         seq.append_token_id(0)
         self.manager.append_slots(seq)
@@ -232,10 +263,14 @@ class PagedAllocator:
         """Give the request's blocks back to the pool (BlockManager.free)."""
         self.manager.free(self._seqs.pop(request_id))
 
-    def breakdown(self, waiting: Iterable = (), num_tokens: int | None = None) -> MemoryBreakdown:
+    def breakdown(
+        self, waiting: Iterable = (), num_tokens: int | None = None
+    ) -> MemoryBreakdown:
         """The pool now, in the Fig. 3 categories (`waiting`, `num_tokens`: as VAttentionAllocator's:
         free blocks are stranded while the head waits for more than they hold)."""
-        stats = pool_stats(self.manager.device, self.manager.device_tables, self.block_size)
+        stats = pool_stats(
+            self.manager.device, self.manager.device_tables, self.block_size
+        )
         waiting = list(waiting)
         blocked = bool(waiting) and not self.can_admit(waiting, num_tokens)
         return MemoryBreakdown.from_pool_stats(stats, self.block_size, waiting=blocked)

@@ -24,7 +24,12 @@ import triton
 import triton.language as tl
 
 from minipaged.fast.cache_ops import check_runnable, interpreting, launch_device
-from minipaged.fast.decode import DECODE_BLOCK_N, _decode_split_kernel, _merge_splits_kernel, num_kv_splits
+from minipaged.fast.decode import (
+    DECODE_BLOCK_N,
+    _decode_split_kernel,
+    _merge_splits_kernel,
+    num_kv_splits,
+)
 from minipaged.fast.prefill import PREFILL_BLOCK_M, PREFILL_BLOCK_N, _prefill_kernel
 from minipaged.reference.validation import check_paged_attention
 
@@ -42,7 +47,10 @@ class AttentionPlan:
 
 
 def plan_attention(
-    seq_lens: torch.Tensor, query_start_loc: torch.Tensor, num_kv_heads: int, num_splits: int | None = None
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    num_kv_heads: int,
+    num_splits: int | None = None,
 ) -> AttentionPlan:
     """Split a step's sequences between the decode and the prefill kernel.
 
@@ -62,17 +70,26 @@ def plan_attention(
     max_decode_len = int(seq_lens.cpu()[decode_seqs].max()) if len(decode_seqs) else 1
     if num_splits is None:
         num_sms = (
-            torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+            torch.cuda.get_device_properties(device).multi_processor_count
+            if device.type == "cuda"
+            else 1
         )
-        num_splits = num_kv_splits(len(decode_seqs) * num_kv_heads, max_decode_len, num_sms)
+        num_splits = num_kv_splits(
+            len(decode_seqs) * num_kv_heads, max_decode_len, num_sms
+        )
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    tokens_per_split = triton.cdiv(triton.cdiv(max_decode_len, num_splits), DECODE_BLOCK_N) * DECODE_BLOCK_N
+    tokens_per_split = (
+        triton.cdiv(triton.cdiv(max_decode_len, num_splits), DECODE_BLOCK_N)
+        * DECODE_BLOCK_N
+    )
     # rounding up may leave fewer chunks to do
     num_splits = triton.cdiv(max_decode_len, tokens_per_split)
     return AttentionPlan(
         decode_seqs=decode_seqs.to(device=device, dtype=torch.int32),
-        decode_rows=query_start_loc[:-1].cpu()[decode_seqs].to(device=device, dtype=torch.int32),
+        decode_rows=query_start_loc[:-1]
+        .cpu()[decode_seqs]
+        .to(device=device, dtype=torch.int32),
         prefill_seqs=prefill_seqs.to(device=device, dtype=torch.int32),
         max_prefill_q_len=int(q_lens[prefill_seqs].max()) if len(prefill_seqs) else 0,
         num_splits=num_splits,
@@ -80,7 +97,11 @@ def plan_attention(
     )
 
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_TL_DTYPES = {
+    torch.float32: tl.float32,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+}
 
 
 def _dot_types(dtype: torch.dtype) -> tuple[tl.dtype, str]:
@@ -116,11 +137,23 @@ def paged_attention(
         ValueError: as the reference, with the same messages; for a non-contiguous pool; and for CPU
             tensors when Triton's interpreter is off.
     """
-    check_paged_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out)
+    check_paged_attention(
+        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out
+    )
     check_runnable(k_cache, "k_cache")
     check_runnable(v_cache, "v_cache")
     plan = plan_attention(seq_lens, query_start_loc, k_cache.shape[2])
-    return run_planned(plan, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out=out)
+    return run_planned(
+        plan,
+        query,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        scale,
+        out=out,
+    )
 
 
 def run_planned(
@@ -153,7 +186,17 @@ def run_planned(
     block_tables, seq_lens = block_tables.contiguous(), seq_lens.contiguous()
     query_start_loc = query_start_loc.contiguous()
     with launch_device(query.device):
-        _launch(plan, query, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, scale)
+        _launch(
+            plan,
+            query,
+            k_cache,
+            v_cache,
+            out,
+            block_tables,
+            seq_lens,
+            query_start_loc,
+            scale,
+        )
     # a caller's buffer the kernel could not write directly
     if given is not None and given is not out:
         given.copy_(out)
@@ -184,10 +227,14 @@ def _launch(
         partial_out = partial_lse = out  # unused when not split
         if split:
             partial_out = torch.empty(
-                (num_decodes, num_heads, plan.num_splits, head_dim), dtype=torch.float32, device=query.device
+                (num_decodes, num_heads, plan.num_splits, head_dim),
+                dtype=torch.float32,
+                device=query.device,
             )  # [num_decodes, num_heads, num_splits, head_dim]
             partial_lse = torch.empty(
-                (num_decodes, num_heads, plan.num_splits), dtype=torch.float32, device=query.device
+                (num_decodes, num_heads, plan.num_splits),
+                dtype=torch.float32,
+                device=query.device,
             )  # [num_decodes, num_heads, num_splits]
         _decode_split_kernel[(num_decodes, num_kv_heads, plan.num_splits)](
             query,
@@ -237,7 +284,11 @@ def _launch(
     if plan.prefill_seqs.numel():
         # heads on axis 0: the GROUP programs that read one KV head's tiles run side by
         # side
-        grid = (num_heads, triton.cdiv(plan.max_prefill_q_len, PREFILL_BLOCK_M), plan.prefill_seqs.numel())
+        grid = (
+            num_heads,
+            triton.cdiv(plan.max_prefill_q_len, PREFILL_BLOCK_M),
+            plan.prefill_seqs.numel(),
+        )
         _prefill_kernel[grid](
             query,
             k_cache,

@@ -16,7 +16,11 @@ import torch
 import triton
 import triton.language as tl
 
-from minipaged.reference.validation import check_copy_blocks, check_swap_blocks, check_write_kv
+from minipaged.reference.validation import (
+    check_copy_blocks,
+    check_swap_blocks,
+    check_write_kv,
+)
 
 COPY_TILE = 1024  # elements one program moves per loop iteration
 
@@ -80,7 +84,9 @@ def _write_kv_kernel(
     row = slot * num_kv_heads * head_dim + offs_h * head_dim + offs_d
     key = tl.load(key_ptr + token * stride_kt + offs_h * stride_kh + offs_d, mask=mask)
     tl.store(k_cache_ptr + row, key, mask=mask)
-    value = tl.load(value_ptr + token * stride_vt + offs_h * stride_vh + offs_d, mask=mask)
+    value = tl.load(
+        value_ptr + token * stride_vt + offs_h * stride_vh + offs_d, mask=mask
+    )
     tl.store(v_cache_ptr + row, value, mask=mask)
 
 
@@ -142,7 +148,9 @@ def _copy_rows_kernel(
         tl.store(dst_ptr + dst_row * row_size + offs, data, mask=mask)
 
 
-def _copy_rows(src: torch.Tensor, dst: torch.Tensor, src_rows: torch.Tensor, dst_rows: torch.Tensor) -> None:
+def _copy_rows(
+    src: torch.Tensor, dst: torch.Tensor, src_rows: torch.Tensor, dst_rows: torch.Tensor
+) -> None:
     """dst[dst_rows[i]] = src[src_rows[i]] for every i, rows being whole blocks; one launch."""
     if src_rows.numel() == 0:
         return
@@ -154,7 +162,9 @@ def _copy_rows(src: torch.Tensor, dst: torch.Tensor, src_rows: torch.Tensor, dst
     # the kernel reads them as flat arrays
     src_rows, dst_rows = src_rows.contiguous(), dst_rows.contiguous()
     with launch_device(src.device):
-        _copy_rows_kernel[(src_rows.numel(),)](src, dst, src_rows, dst_rows, row_size, TILE=COPY_TILE)
+        _copy_rows_kernel[(src_rows.numel(),)](
+            src, dst, src_rows, dst_rows, row_size, TILE=COPY_TILE
+        )
 
 
 @triton.jit
@@ -181,11 +191,17 @@ def _copy_blocks_kernel(
         tl.store(pool + dst * block_numel + offs, data, mask=mask)
 
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_TL_DTYPES = {
+    torch.float32: tl.float32,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+}
 
 
 def copy_blocks(
-    k_caches: Sequence[torch.Tensor], v_caches: Sequence[torch.Tensor], block_mapping: torch.Tensor
+    k_caches: Sequence[torch.Tensor],
+    v_caches: Sequence[torch.Tensor],
+    block_mapping: torch.Tensor,
 ) -> None:
     """Copy whole blocks src -> dst in every layer (copy-on-write). Mirrors reference.cache_ops.copy_blocks.
 
@@ -220,7 +236,9 @@ def copy_blocks(
             )
 
 
-def swap_blocks(src: torch.Tensor, dst: torch.Tensor, block_mapping: torch.Tensor) -> None:
+def swap_blocks(
+    src: torch.Tensor, dst: torch.Tensor, block_mapping: torch.Tensor
+) -> None:
     """Move whole blocks between pools on any devices. Mirrors reference.cache_ops.swap_blocks.
 
     A kernel gathers the blocks to move into one contiguous staging buffer on src's device, the

@@ -110,7 +110,11 @@ def _decode_split_kernel(
         mask_n = offs_n < end
         # the page-table walk, one entry per token: logical block -> physical block ->
         # slot
-        blocks = tl.load(block_tables_ptr + seq * stride_bt + offs_n // block_size, mask=mask_n, other=0)
+        blocks = tl.load(
+            block_tables_ptr + seq * stride_bt + offs_n // block_size,
+            mask=mask_n,
+            other=0,
+        )
         slots = blocks.to(tl.int64) * block_size + offs_n % block_size  # [BLOCK_N]
         # [BLOCK_N, BLOCK_D]
         kv_offs = slots[:, None] * row_stride + kv_head * head_dim + offs_d[None, :]
@@ -127,7 +131,9 @@ def _decode_split_kernel(
         p = tl.exp(s - m_new[:, None])  # [BLOCK_H, BLOCK_N]
         # [BLOCK_N, BLOCK_D]
         v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0).to(DOT_DTYPE)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(
+            p.to(DOT_DTYPE), v, input_precision=DOT_PRECISION
+        )
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
 
@@ -150,8 +156,14 @@ def _decode_split_kernel(
     else:
         # seq_len >= 1, so every real head saw at least one token
         out = acc / l_i[:, None]
-        o_ptrs = out_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
-        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_h[:, None] & mask_d[None, :])
+        o_ptrs = (
+            out_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+        )
+        tl.store(
+            o_ptrs,
+            out.to(out_ptr.dtype.element_ty),
+            mask=mask_h[:, None] & mask_d[None, :],
+        )
 
 
 @triton.jit
@@ -188,7 +200,9 @@ def _merge_splits_kernel(
     out = tl.sum(weight[:, None] * outs, axis=0) / tl.sum(weight, axis=0)  # [BLOCK_D]
     row = tl.load(decode_rows_ptr + decode)
     tl.store(
-        out_ptr + row * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d
+        out_ptr + row * stride_ot + head * stride_oh + offs_d,
+        out.to(out_ptr.dtype.element_ty),
+        mask=mask_d,
     )
 
 

@@ -98,7 +98,11 @@ def _prefill_kernel(
         mask_n = offs_n < last
         # the page-table walk, one entry per token: logical block -> physical block ->
         # slot
-        blocks = tl.load(block_tables_ptr + seq * stride_bt + offs_n // block_size, mask=mask_n, other=0)
+        blocks = tl.load(
+            block_tables_ptr + seq * stride_bt + offs_n // block_size,
+            mask=mask_n,
+            other=0,
+        )
         slots = blocks.to(tl.int64) * block_size + offs_n % block_size  # [BLOCK_N]
         # [BLOCK_N, BLOCK_D]
         kv_offs = slots[:, None] * row_stride + kv_head * head_dim + offs_d[None, :]
@@ -116,10 +120,14 @@ def _prefill_kernel(
         p = tl.exp(s - m_new[:, None])  # [BLOCK_M, BLOCK_N]
         # [BLOCK_N, BLOCK_D]
         v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0).to(DOT_DTYPE)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(
+            p.to(DOT_DTYPE), v, input_precision=DOT_PRECISION
+        )
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
 
     out = acc / l_i[:, None]  # [BLOCK_M, BLOCK_D]
     o_ptrs = out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
-    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    tl.store(
+        o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :]
+    )

@@ -36,7 +36,10 @@ from minipaged.reference.validation import check_paged_attention
 
 
 def gather_kv(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_len: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Walk one sequence's block table and copy its keys and values into contiguous tensors.
 
@@ -62,7 +65,9 @@ def gather_kv(
     # END SOLUTION
 
 
-def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+def attend(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
+) -> torch.Tensor:
     """Causal attention of a sequence's last q_len tokens over its seq_len contiguous keys and values.
 
     Query row i sits at position `seq_len - q_len + i` and sees keys at positions <= its own. Under
@@ -92,7 +97,9 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale:
     q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)  # q_len rows
     k_pos = torch.arange(seq_len, device=query.device)  # [seq_len]
     # causal
-    scores = scores.masked_fill(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+    scores = scores.masked_fill(
+        k_pos[None, None, :] > q_pos[None, :, None], float("-inf")
+    )
     probs = scores.softmax(dim=-1)  # [num_heads, q_len, seq_len], float32
     return torch.einsum("hqk,khd->qhd", probs, values)  # [q_len, num_heads, head_dim]
     # END SOLUTION
@@ -133,7 +140,9 @@ def paged_attention(
         ValueError: if an argument has the wrong shape, dtype or device, or its values break the
             contract (block ids outside the pool, seq_lens past the table, q_len > seq_len, ...).
     """
-    check_paged_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out)
+    check_paged_attention(
+        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out
+    )
     # [num_q_tokens, num_heads, head_dim]
     out = torch.empty_like(query) if out is None else out
     starts = query_start_loc.tolist()
@@ -143,7 +152,9 @@ def paged_attention(
         index = torch.tensor(decodes, device=query.device)  # [num_decodes]
         rows = query_start_loc[index].long()  # each decode's one query row
         tables, lens = block_tables[index], seq_lens[index]
-        out[rows] = decode_attention(query[rows], k_cache, v_cache, tables, lens, scale).to(out.dtype)
+        out[rows] = decode_attention(
+            query[rows], k_cache, v_cache, tables, lens, scale
+        ).to(out.dtype)
     for b, seq_len in enumerate(seq_lens.tolist()):
         start, end = starts[b], starts[b + 1]  # this sequence's query rows
         if start == end:
@@ -225,13 +236,17 @@ def paged_attention_blockwise(
     accumulated by `exp(m_old - m_new)` (the "online softmax" of FlashAttention). At the end,
     `acc / denom` is exactly softmax(scores) @ V. Arguments, result and errors as `paged_attention`.
     """
-    check_paged_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out)
+    check_paged_attention(
+        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out
+    )
     out = torch.empty_like(query) if out is None else out
     starts = query_start_loc.tolist()
     for b, seq_len in enumerate(seq_lens.tolist()):
         start, end = starts[b], starts[b + 1]
         if start < end:
-            acc = _attend_blockwise(query[start:end], k_cache, v_cache, block_tables[b], seq_len, scale)
+            acc = _attend_blockwise(
+                query[start:end], k_cache, v_cache, block_tables[b], seq_len, scale
+            )
             out[start:end] = acc.to(out.dtype)
     return out
 
@@ -260,7 +275,9 @@ def _attend_blockwise(
     for j in range(-(-seq_len // block_size)):  # logical block j of the sequence
         block = int(block_table[j])  # its physical block: one page-table lookup
         # [n]
-        k_pos = torch.arange(j * block_size, min((j + 1) * block_size, seq_len), device=query.device)
+        k_pos = torch.arange(
+            j * block_size, min((j + 1) * block_size, seq_len), device=query.device
+        )
         # rows of this block that hold tokens (fewer in a partly filled last block)
         n = k_pos.numel()
         k = (

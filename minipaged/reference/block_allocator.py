@@ -31,8 +31,14 @@ class BlockAllocator:
     """
 
     def __init__(self, num_blocks: int, name: str = "device") -> None:
-        if not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks < 0:
-            raise ValueError(f"num_blocks must be a non-negative int, got {num_blocks!r}")
+        if (
+            not isinstance(num_blocks, int)
+            or isinstance(num_blocks, bool)
+            or num_blocks < 0
+        ):
+            raise ValueError(
+                f"num_blocks must be a non-negative int, got {num_blocks!r}"
+            )
         self.num_blocks = num_blocks
         self.name = name
         # Pop from the end, so block 0 is handed out first: the pictures read left to right.
@@ -74,7 +80,9 @@ class BlockAllocator:
         """
         # BEGIN SOLUTION
         if not self._free_list:
-            raise NoFreeBlocksError(f"all {self.num_blocks} blocks of the {self.name} pool are in use")
+            raise NoFreeBlocksError(
+                f"all {self.num_blocks} blocks of the {self.name} pool are in use"
+            )
         block = self._free_list.pop()
         self._ref_count[block] = 1
         return block
@@ -92,7 +100,9 @@ class BlockAllocator:
         # BEGIN SOLUTION
         self._check(block)
         if self._ref_count[block] == 0:
-            raise ValueError(f"block {block} of the {self.name} pool is free; allocate it before sharing it")
+            raise ValueError(
+                f"block {block} of the {self.name} pool is free; allocate it before sharing it"
+            )
         self._ref_count[block] += 1
         return self._ref_count[block]
         # END SOLUTION
@@ -109,7 +119,9 @@ class BlockAllocator:
         # BEGIN SOLUTION
         self._check(block)
         if self._ref_count[block] == 0:
-            raise ValueError(f"double free: block {block} of the {self.name} pool is already free")
+            raise ValueError(
+                f"double free: block {block} of the {self.name} pool is already free"
+            )
         self._ref_count[block] -= 1
         if self._ref_count[block] == 0:
             self._release(block)
@@ -124,7 +136,11 @@ class BlockAllocator:
         self._free_list.append(block)
 
     def _check(self, block: int) -> None:
-        if not isinstance(block, int) or isinstance(block, bool) or not 0 <= block < self.num_blocks:
+        if (
+            not isinstance(block, int)
+            or isinstance(block, bool)
+            or not 0 <= block < self.num_blocks
+        ):
             raise ValueError(
                 f"block must be a block id in [0, {self.num_blocks}) of the {self.name} pool, got {block!r}"
             )

@@ -18,8 +18,16 @@ import enum
 
 from minipaged.reference.block_allocator import BlockAllocator, NoFreeBlocksError
 from minipaged.reference.block_table import BlockTable, num_blocks_for
-from minipaged.reference.memory_stats import MemoryStats, PoolStats, SeqMemory, pool_stats
-from minipaged.reference.prefix_cache import PrefixCachingBlockAllocator, hash_full_blocks
+from minipaged.reference.memory_stats import (
+    MemoryStats,
+    PoolStats,
+    SeqMemory,
+    pool_stats,
+)
+from minipaged.reference.prefix_cache import (
+    PrefixCachingBlockAllocator,
+    hash_full_blocks,
+)
 from minipaged.sequence import Sequence, SequenceGroup
 
 # (src block, dst block) pairs for copy_blocks / swap_blocks
@@ -70,7 +78,9 @@ class BlockManager:
         self.block_size = block_size
         self.watermark_blocks = int(watermark * num_gpu_blocks)
         self.enable_prefix_caching = enable_prefix_caching
-        device_cls = PrefixCachingBlockAllocator if enable_prefix_caching else BlockAllocator
+        device_cls = (
+            PrefixCachingBlockAllocator if enable_prefix_caching else BlockAllocator
+        )
         self.device: BlockAllocator = device_cls(num_gpu_blocks, "device")
         self.host = BlockAllocator(num_cpu_blocks, "host")
         # seq_id -> table of device blocks
@@ -103,7 +113,9 @@ class BlockManager:
         return AllocStatus.LATER
         # END SOLUTION
 
-    def check_fits(self, num_prompt_tokens: int, max_tokens: int, num_seqs: int) -> None:
+    def check_fits(
+        self, num_prompt_tokens: int, max_tokens: int, num_seqs: int
+    ) -> None:
         """Refuse a request that could never fit, however long it waited: the one fit test.
 
         Its sequences share the prompt's full blocks (fork) and each needs its own blocks for the
@@ -146,7 +158,9 @@ class BlockManager:
         needed = self._blocks_to_allocate(seqs, use_prefix_cache=True)
         available = self._num_free_after_prefix_hits(seqs[0])
         if needed > available:
-            raise NoFreeBlocksError(f"group {seq_group.request_id!r} needs {needed} blocks, {available} free")
+            raise NoFreeBlocksError(
+                f"group {seq_group.request_id!r} needs {needed} blocks, {available} free"
+            )
         # BEGIN SOLUTION
         first, *others = seqs
         shared: list[int] = []
@@ -163,7 +177,10 @@ class BlockManager:
     def can_append_slots(self, seq_group: SequenceGroup) -> bool:
         """Are there free blocks for every device-resident sequence of the group to add its new tokens?"""
         seqs = self._seqs_on(seq_group, self.device_tables)
-        return self._group_blocks_to_append(seqs, self.device_tables, self.device) <= self.device.num_free
+        return (
+            self._group_blocks_to_append(seqs, self.device_tables, self.device)
+            <= self.device.num_free
+        )
 
     def append_slots(self, seq: Sequence) -> BlockMapping:
         """Give the table slots for the tokens `seq` gained since the last call.
@@ -180,11 +197,16 @@ class BlockManager:
         table = self._device_table(seq)
         needed = self._blocks_to_append(seq)
         if needed > self.device.num_free:
-            raise NoFreeBlocksError(f"seq {seq.seq_id} needs {needed} blocks, {self.device.num_free} free")
+            raise NoFreeBlocksError(
+                f"seq {seq.seq_id} needs {needed} blocks, {self.device.num_free} free"
+            )
         # BEGIN SOLUTION
         cow: BlockMapping = []
         num_new_tokens = len(seq) - table.num_tokens
-        if num_new_tokens > 0 and table.num_filled_in_last_block not in (0, self.block_size):
+        if num_new_tokens > 0 and table.num_filled_in_last_block not in (
+            0,
+            self.block_size,
+        ):
             last = table.block_ids[-1]
             # shared and about to be written: copy it first
             if self.device.ref_count(last) > 1:
@@ -234,7 +256,10 @@ class BlockManager:
         seq_blocks = self._device_table(seq).block_ids
         first_blocks = self._device_table(first).block_ids
         shared = 0
-        while shared < min(len(seq_blocks), len(first_blocks)) and seq_blocks[shared] == first_blocks[shared]:
+        while (
+            shared < min(len(seq_blocks), len(first_blocks))
+            and seq_blocks[shared] == first_blocks[shared]
+        ):
             shared += 1
         return min(shared * self.block_size, len(seq) - 1)
 
@@ -262,7 +287,10 @@ class BlockManager:
 
     def can_swap_out(self, seq_group: SequenceGroup) -> bool:
         """Does the host pool have room for the group's device blocks (each shared block once)?"""
-        return len(self._unique_blocks(seq_group, self.device_tables)) <= self.host.num_free
+        return (
+            len(self._unique_blocks(seq_group, self.device_tables))
+            <= self.host.num_free
+        )
 
     def swap_out(self, seq_group: SequenceGroup) -> BlockMapping:
         """Move the group's device blocks to the host pool; a block shared in the group moves once.
@@ -275,7 +303,9 @@ class BlockManager:
             NoFreeBlocksError: if the host pool is too small (nothing is moved): fail this group,
                 not the engine; the caller may fall back to recompute.
         """
-        return self._move(seq_group, self.device_tables, self.device, self.host_tables, self.host)
+        return self._move(
+            seq_group, self.device_tables, self.device, self.host_tables, self.host
+        )
 
     def can_swap_in(self, seq_group: SequenceGroup) -> bool:
         """Would the group's host blocks fit in the device pool while keeping the watermark free?
@@ -303,7 +333,9 @@ class BlockManager:
             ValueError: if no sequence of the group is swapped out.
             NoFreeBlocksError: if the device pool is too small (nothing is moved).
         """
-        return self._move(seq_group, self.host_tables, self.host, self.device_tables, self.device)
+        return self._move(
+            seq_group, self.host_tables, self.host, self.device_tables, self.device
+        )
 
     def _move(
         self,
@@ -315,7 +347,9 @@ class BlockManager:
     ) -> BlockMapping:
         seqs = self._seqs_on(seq_group, src_tables)
         if not seqs:
-            raise ValueError(f"no sequence of group {seq_group.request_id!r} holds {src.name} blocks")
+            raise ValueError(
+                f"no sequence of group {seq_group.request_id!r} holds {src.name} blocks"
+            )
         needed = len(self._unique_blocks(seq_group, src_tables))
         if needed > dst.num_free:
             raise NoFreeBlocksError(
@@ -342,11 +376,15 @@ class BlockManager:
             # tail first, as free(): the cache keeps the head
             for block in reversed(table.block_ids):
                 src.free(block)
-            dst_tables[seq.seq_id] = BlockTable(self.block_size, new_ids, table.num_tokens)
+            dst_tables[seq.seq_id] = BlockTable(
+                self.block_size, new_ids, table.num_tokens
+            )
             if dst is self.device:
                 self._register_full_blocks(seq, dst_tables[seq.seq_id], start=0)
         transfers = [
-            (src_block, dst_block) for src_block, dst_block in mapping.items() if src_block not in found
+            (src_block, dst_block)
+            for src_block, dst_block in mapping.items()
+            if src_block not in found
         ]
         # END SOLUTION
         if dst is self.host:
@@ -373,19 +411,30 @@ class BlockManager:
             KeyError: if `seq` holds no blocks.
         """
         location = "device" if seq.seq_id in self.device_tables else "host"
-        table = (self.device_tables if location == "device" else self.host_tables).get(seq.seq_id)
+        table = (self.device_tables if location == "device" else self.host_tables).get(
+            seq.seq_id
+        )
         if table is None:
             raise KeyError(f"seq {seq.seq_id} holds no blocks")
-        return SeqMemory(seq.seq_id, location, len(table), table.num_tokens, table.capacity)
+        return SeqMemory(
+            seq.seq_id, location, len(table), table.num_tokens, table.capacity
+        )
 
     def memory_stats(self) -> MemoryStats:
         """A snapshot of both pools, every sequence and the counters, as plain data."""
         seqs = [
             SeqMemory(seq_id, location, len(t), t.num_tokens, t.capacity)
-            for location, tables in (("device", self.device_tables), ("host", self.host_tables))
+            for location, tables in (
+                ("device", self.device_tables),
+                ("host", self.host_tables),
+            )
             for seq_id, t in tables.items()
         ]
-        cache = self.device if isinstance(self.device, PrefixCachingBlockAllocator) else None
+        cache = (
+            self.device
+            if isinstance(self.device, PrefixCachingBlockAllocator)
+            else None
+        )
         return MemoryStats(
             device=pool_stats(self.device, self.device_tables, self.block_size),
             host=pool_stats(self.host, self.host_tables, self.block_size),
@@ -405,19 +454,31 @@ class BlockManager:
             raise KeyError(f"seq {seq.seq_id} holds no device blocks")
         return self.device_tables[seq.seq_id]
 
-    def _seqs_on(self, seq_group: SequenceGroup, tables: dict[int, BlockTable]) -> list[Sequence]:
+    def _seqs_on(
+        self, seq_group: SequenceGroup, tables: dict[int, BlockTable]
+    ) -> list[Sequence]:
         return [seq for seq in seq_group.get_unfinished_seqs() if seq.seq_id in tables]
 
-    def _unique_blocks(self, seq_group: SequenceGroup, tables: dict[int, BlockTable]) -> set[int]:
-        return {b for seq in self._seqs_on(seq_group, tables) for b in tables[seq.seq_id].block_ids}
+    def _unique_blocks(
+        self, seq_group: SequenceGroup, tables: dict[int, BlockTable]
+    ) -> set[int]:
+        return {
+            b
+            for seq in self._seqs_on(seq_group, tables)
+            for b in tables[seq.seq_id].block_ids
+        }
 
     def _seqs_to_allocate(self, seq_group: SequenceGroup) -> list[Sequence]:
         seqs = seq_group.get_unfinished_seqs()
         if not seqs:
-            raise ValueError(f"group {seq_group.request_id!r} has no unfinished sequence to allocate")
+            raise ValueError(
+                f"group {seq_group.request_id!r} has no unfinished sequence to allocate"
+            )
         for seq in seqs:
             if seq.seq_id in self.device_tables or seq.seq_id in self.host_tables:
-                raise ValueError(f"seq {seq.seq_id} of group {seq_group.request_id!r} already holds blocks")
+                raise ValueError(
+                    f"seq {seq.seq_id} of group {seq_group.request_id!r} already holds blocks"
+                )
         return seqs
 
     def _common_full_blocks(self, seq: Sequence, first: Sequence) -> int:
@@ -426,7 +487,10 @@ class BlockManager:
         if tokens == first_tokens:
             return num_blocks_for(len(tokens), self.block_size)
         common = 0
-        while common < min(len(tokens), len(first_tokens)) and tokens[common] == first_tokens[common]:
+        while (
+            common < min(len(tokens), len(first_tokens))
+            and tokens[common] == first_tokens[common]
+        ):
             common += 1
         return common // self.block_size
 
@@ -436,13 +500,18 @@ class BlockManager:
         if use_prefix_cache and isinstance(self.device, PrefixCachingBlockAllocator):
             needed -= self.device.count_prefix(self._matchable_hashes(first))[0]
         for seq in seqs[1:]:
-            needed += num_blocks_for(len(seq), self.block_size) - self._common_full_blocks(seq, first)
+            needed += num_blocks_for(
+                len(seq), self.block_size
+            ) - self._common_full_blocks(seq, first)
         return needed
 
     def _num_free_after_prefix_hits(self, seq: Sequence) -> int:
         """Free blocks left once the cached-free blocks a prompt would reuse are taken back."""
         if isinstance(self.device, PrefixCachingBlockAllocator):
-            return self.device.num_free - self.device.count_prefix(self._matchable_hashes(seq))[1]
+            return (
+                self.device.num_free
+                - self.device.count_prefix(self._matchable_hashes(seq))[1]
+            )
         return self.device.num_free
 
     def _group_blocks_to_append(
@@ -482,7 +551,9 @@ class BlockManager:
         for block in first_table.block_ids[:num_shared]:
             self.device.incref(block)
         num_tokens = min(len(seq), num_shared * self.block_size)
-        table = BlockTable(self.block_size, first_table.block_ids[:num_shared], num_tokens)
+        table = BlockTable(
+            self.block_size, first_table.block_ids[:num_shared], num_tokens
+        )
         table.append_tokens(len(seq) - num_tokens, self.device.allocate)
         self._install(seq, table)
 
@@ -500,7 +571,9 @@ class BlockManager:
             done = len(hashes) * self.block_size
             parent = hashes[-1] if hashes else ""
             hashes = hashes + hash_full_blocks(
-                seq.token_ids[done : num_full * self.block_size], self.block_size, parent
+                seq.token_ids[done : num_full * self.block_size],
+                self.block_size,
+                parent,
             )
         return hashes
 
@@ -512,7 +585,9 @@ class BlockManager:
         """
         return self._hashes_of(seq)[: (len(seq) - 1) // self.block_size]
 
-    def _find_in_prefix_cache(self, pool: BlockAllocator, seq: Sequence, index: int) -> int | None:
+    def _find_in_prefix_cache(
+        self, pool: BlockAllocator, seq: Sequence, index: int
+    ) -> int | None:
         """The cached device block holding logical block `index` of `seq`, with a reference taken."""
         if not isinstance(pool, PrefixCachingBlockAllocator):
             return None
@@ -522,7 +597,9 @@ class BlockManager:
             pool.acquire(block)
         return block
 
-    def _register_full_blocks(self, seq: Sequence, table: BlockTable, start: int | None = None) -> None:
+    def _register_full_blocks(
+        self, seq: Sequence, table: BlockTable, start: int | None = None
+    ) -> None:
         """Publish the sequence's full blocks from logical block `start` (default: the new ones)."""
         if not isinstance(self.device, PrefixCachingBlockAllocator):
             return

@@ -42,11 +42,15 @@ class BlockTable:
         ValueError: if block_size is not positive, or num_tokens does not match the blocks.
     """
 
-    def __init__(self, block_size: int, block_ids: Sequence[int] = (), num_tokens: int = 0) -> None:
+    def __init__(
+        self, block_size: int, block_ids: Sequence[int] = (), num_tokens: int = 0
+    ) -> None:
         if not _is_int(block_size) or block_size <= 0:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         if not _is_int(num_tokens) or num_tokens < 0:
-            raise ValueError(f"num_tokens must be a non-negative int, got {num_tokens!r}")
+            raise ValueError(
+                f"num_tokens must be a non-negative int, got {num_tokens!r}"
+            )
         if num_blocks_for(num_tokens, block_size) != len(block_ids):
             raise ValueError(
                 f"num_tokens={num_tokens} needs {num_blocks_for(num_tokens, block_size)} blocks of "
@@ -76,10 +80,15 @@ class BlockTable:
 
     def num_new_blocks_needed(self, num_new_tokens: int) -> int:
         """Blocks that appending `num_new_tokens` would allocate (0 while the last block has room)."""
-        return num_blocks_for(self.num_tokens + num_new_tokens, self.block_size) - len(self.block_ids)
+        return num_blocks_for(self.num_tokens + num_new_tokens, self.block_size) - len(
+            self.block_ids
+        )
 
     def append_tokens(
-        self, num_new_tokens: int, allocate: Callable[[], int], free: Callable[[int], object] | None = None
+        self,
+        num_new_tokens: int,
+        allocate: Callable[[], int],
+        free: Callable[[int], object] | None = None,
     ) -> list[int]:
         """Make room for `num_new_tokens` more tokens, calling `allocate` only when the last block is full.
 
@@ -135,8 +144,13 @@ class BlockTable:
         """
         # BEGIN SOLUTION
         if not 0 <= pos < self.capacity:
-            raise IndexError(f"position {pos} is outside the table's {self.capacity} slots")
-        return self.block_ids[pos // self.block_size] * self.block_size + pos % self.block_size
+            raise IndexError(
+                f"position {pos} is outside the table's {self.capacity} slots"
+            )
+        return (
+            self.block_ids[pos // self.block_size] * self.block_size
+            + pos % self.block_size
+        )
         # END SOLUTION
 
     def slot_mapping(self, num_q_tokens: int) -> list[int]:
@@ -149,12 +163,19 @@ class BlockTable:
             ValueError: if num_q_tokens is negative or more than the tokens the table holds.
         """
         if not 0 <= num_q_tokens <= self.num_tokens:
-            raise ValueError(f"num_q_tokens must be in [0, {self.num_tokens}], got {num_q_tokens}")
+            raise ValueError(
+                f"num_q_tokens must be in [0, {self.num_tokens}], got {num_q_tokens}"
+            )
         # BEGIN SOLUTION
-        return [self.slot(pos) for pos in range(self.num_tokens - num_q_tokens, self.num_tokens)]
+        return [
+            self.slot(pos)
+            for pos in range(self.num_tokens - num_q_tokens, self.num_tokens)
+        ]
         # END SOLUTION
 
-    def as_tensor(self, max_blocks: int | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
+    def as_tensor(
+        self, max_blocks: int | None = None, device: str | torch.device = "cpu"
+    ) -> torch.Tensor:
         """The table as an int32 tensor `[max_blocks]`, padded with -1 (the kernels' form).
 
         Raises:
@@ -162,7 +183,9 @@ class BlockTable:
         """
         max_blocks = len(self) if max_blocks is None else max_blocks
         if max_blocks < len(self):
-            raise ValueError(f"max_blocks must be >= the table's {len(self)} blocks, got {max_blocks}")
+            raise ValueError(
+                f"max_blocks must be >= the table's {len(self)} blocks, got {max_blocks}"
+            )
         row = self.block_ids + [-1] * (max_blocks - len(self))
         return torch.tensor(row, dtype=torch.int32, device=device)  # [max_blocks]
 
@@ -175,13 +198,17 @@ class BlockTable:
 
 
 def block_tables_tensor(
-    tables: Sequence[BlockTable], max_blocks: int | None = None, device: str | torch.device = "cpu"
+    tables: Sequence[BlockTable],
+    max_blocks: int | None = None,
+    device: str | torch.device = "cpu",
 ) -> torch.Tensor:
     """Stack a batch of tables into `[num_seqs, max_blocks]` int32, padded with -1.
 
     This is the `block_tables` argument of the kernel contract's paged_attention.
     """
-    width = max((len(t) for t in tables), default=0) if max_blocks is None else max_blocks
+    width = (
+        max((len(t) for t in tables), default=0) if max_blocks is None else max_blocks
+    )
     if not tables:
         return torch.empty((0, width), dtype=torch.int32, device=device)
     # [num_seqs, max_blocks]

@@ -21,7 +21,11 @@ from collections.abc import Sequence
 
 import torch
 
-from minipaged.reference.validation import check_copy_blocks, check_swap_blocks, check_write_kv
+from minipaged.reference.validation import (
+    check_copy_blocks,
+    check_swap_blocks,
+    check_write_kv,
+)
 
 
 def write_kv(
@@ -63,7 +67,9 @@ def write_kv(
 
 
 def copy_blocks(
-    k_caches: Sequence[torch.Tensor], v_caches: Sequence[torch.Tensor], block_mapping: torch.Tensor
+    k_caches: Sequence[torch.Tensor],
+    v_caches: Sequence[torch.Tensor],
+    block_mapping: torch.Tensor,
 ) -> None:
     """Copy whole blocks, src -> dst, in every layer at once: the tensor side of copy-on-write.
 
@@ -92,7 +98,9 @@ def copy_blocks(
     # END SOLUTION
 
 
-def swap_blocks(src: torch.Tensor, dst: torch.Tensor, block_mapping: torch.Tensor) -> None:
+def swap_blocks(
+    src: torch.Tensor, dst: torch.Tensor, block_mapping: torch.Tensor
+) -> None:
     """Move whole blocks between two pools that may sit on different devices (swap out or in).
 
     Swapping out copies a preempted sequence's blocks from the device pool to the host pool; swapping

@@ -71,14 +71,18 @@ class MemoryStats:
     blocks_swapped_in: int  # so far
 
 
-def pool_stats(pool: BlockAllocator, tables: dict[int, BlockTable], block_size: int) -> PoolStats:
+def pool_stats(
+    pool: BlockAllocator, tables: dict[int, BlockTable], block_size: int
+) -> PoolStats:
     """The state of `pool`, whose blocks the block tables `tables` hold.
 
     Every block of a table but its last is full (a table fills its blocks in order), so only the
     last blocks are looked at one by one; the rest is counted in bulk. A block's reference count is
     the number of tables that hold it, so a shared block is one that two or more tables name.
     """
-    holders = Counter(itertools.chain.from_iterable(t.block_ids for t in tables.values()))
+    holders = Counter(
+        itertools.chain.from_iterable(t.block_ids for t in tables.values())
+    )
     full = set(itertools.chain.from_iterable(t.block_ids[:-1] for t in tables.values()))
     # a table's last block -> the most slots any holder filled in it
     last_fill: dict[int, int] = {}
@@ -87,7 +91,9 @@ def pool_stats(pool: BlockAllocator, tables: dict[int, BlockTable], block_size: 
             block = table.block_ids[-1]
             fill = table.num_tokens - (len(table.block_ids) - 1) * block_size
             last_fill[block] = max(last_fill.get(block, 0), fill)
-    partial = sum(block_size - fill for block, fill in last_fill.items() if block not in full)
+    partial = sum(
+        block_size - fill for block, fill in last_fill.items() if block not in full
+    )
     return PoolStats(
         name=pool.name,
         num_blocks=pool.num_blocks,

@@ -44,11 +44,15 @@ def hash_block_tokens(parent_hash: str, token_ids: Sequence[int]) -> str:
     # END SOLUTION
 
 
-def hash_full_blocks(token_ids: Sequence[int], block_size: int, parent_hash: str = ROOT_HASH) -> list[str]:
+def hash_full_blocks(
+    token_ids: Sequence[int], block_size: int, parent_hash: str = ROOT_HASH
+) -> list[str]:
     """Chained hashes of every *full* block of `token_ids` (a partial last block has no name)."""
     hashes = []
     for start in range(0, len(token_ids) - block_size + 1, block_size):
-        parent_hash = hash_block_tokens(parent_hash, token_ids[start : start + block_size])
+        parent_hash = hash_block_tokens(
+            parent_hash, token_ids[start : start + block_size]
+        )
         hashes.append(parent_hash)
     return hashes
 
@@ -115,7 +119,9 @@ class PrefixCachingBlockAllocator(BlockAllocator):
         if self._free_list:
             return super().allocate()
         if not self._evictor:
-            raise NoFreeBlocksError(f"all {self.num_blocks} blocks of the {self.name} pool are in use")
+            raise NoFreeBlocksError(
+                f"all {self.num_blocks} blocks of the {self.name} pool are in use"
+            )
         # the least recently used cached-free block
         block, _ = self._evictor.popitem(last=False)
         # its old content is gone
@@ -186,7 +192,9 @@ class PrefixCachingBlockAllocator(BlockAllocator):
             ValueError: if `block` is unknown or not held by anyone.
         """
         if self.ref_count(block) == 0:
-            raise ValueError(f"block {block} is not held; only a held, full block can be cached")
+            raise ValueError(
+                f"block {block} is not held; only a held, full block can be cached"
+            )
         if block_hash in self._block_of_hash:
             return self._block_of_hash[block_hash] == block
         if block in self._hash_of_block:

@@ -167,7 +167,9 @@ class Scheduler:
             else:
                 for seq in group.get_seqs(SequenceStatus.RUNNING):
                     out.blocks_to_copy += manager.append_slots(seq)
-                    out.scheduled.append(ScheduledSeq(group, seq, seq.num_uncomputed_tokens))
+                    out.scheduled.append(
+                        ScheduledSeq(group, seq, seq.num_uncomputed_tokens)
+                    )
                 kept.append(group)
         self.running = kept
         return preempted
@@ -192,7 +194,9 @@ class Scheduler:
                 seq.status = SequenceStatus.RUNNING
                 # the token sampled before the swap
                 out.blocks_to_copy += manager.append_slots(seq)
-                out.scheduled.append(ScheduledSeq(group, seq, seq.num_uncomputed_tokens))
+                out.scheduled.append(
+                    ScheduledSeq(group, seq, seq.num_uncomputed_tokens)
+                )
             self.running.append(group)
 
     def _schedule_waiting(self, out: SchedulerOutput) -> None:
@@ -213,9 +217,13 @@ class Scheduler:
             self.waiting.popleft()
             num_cached = manager.allocate(group)
             for i, seq in enumerate(seqs):
-                seq.num_computed_tokens = num_cached if i == 0 else manager.num_shared_tokens(seq, seqs[0])
+                seq.num_computed_tokens = (
+                    num_cached if i == 0 else manager.num_shared_tokens(seq, seqs[0])
+                )
                 seq.status = SequenceStatus.RUNNING
-                out.scheduled.append(ScheduledSeq(group, seq, seq.num_uncomputed_tokens, is_prefill=True))
+                out.scheduled.append(
+                    ScheduledSeq(group, seq, seq.num_uncomputed_tokens, is_prefill=True)
+                )
             self.running.append(group)
 
     # ---- the token budget
@@ -234,7 +242,10 @@ class Scheduler:
         if not out.scheduled:
             return True
         num_new_tokens = sum(seq.num_uncomputed_tokens for seq in seqs)
-        return out.num_batched_tokens + num_new_tokens <= self.config.max_num_batched_tokens
+        return (
+            out.num_batched_tokens + num_new_tokens
+            <= self.config.max_num_batched_tokens
+        )
 
     # ---- preemption
     # --------------------------------------------------------------------------
@@ -267,6 +278,9 @@ class Scheduler:
         sequence forks into its beam width at its first step, so it counts its width from the start
         (vLLM's get_max_num_running_seqs); a group's finished samples no longer count."""
         return sum(
-            max(len(g.get_seqs(SequenceStatus.RUNNING)), g.max_seqs - sum(s.is_finished() for s in g.seqs))
+            max(
+                len(g.get_seqs(SequenceStatus.RUNNING)),
+                g.max_seqs - sum(s.is_finished() for s in g.seqs),
+            )
             for g in self.running
         )

@@ -28,13 +28,17 @@ CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _tensor(name: str, value: object, ndim: int, what: str) -> torch.Tensor:
     """`value` must be a tensor with `ndim` dimensions (`what` spells the expected shape)."""
     if not isinstance(value, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor {what}, got {type(value).__name__}")
+        raise ValueError(
+            f"{name} must be a torch.Tensor {what}, got {type(value).__name__}"
+        )
     if value.dim() != ndim:
         raise ValueError(f"{name} must have shape {what}, got {tuple(value.shape)}")
     return value
 
 
-def _dtype(name: str, tensor: torch.Tensor, expected: torch.dtype | tuple[torch.dtype, ...]) -> None:
+def _dtype(
+    name: str, tensor: torch.Tensor, expected: torch.dtype | tuple[torch.dtype, ...]
+) -> None:
     allowed = expected if isinstance(expected, tuple) else (expected,)
     if tensor.dtype not in allowed:
         names = " or ".join(str(d) for d in allowed)
@@ -55,7 +59,9 @@ def check_cache_pair(
     v = _tensor(v_name, v_cache, 4, what)
     _dtype(k_name, k, CACHE_DTYPES)
     if v.shape != k.shape:
-        raise ValueError(f"{v_name} must have the shape of {k_name} {tuple(k.shape)}, got {tuple(v.shape)}")
+        raise ValueError(
+            f"{v_name} must have the shape of {k_name} {tuple(k.shape)}, got {tuple(v.shape)}"
+        )
     _dtype(v_name, v, k.dtype)
     _device(v_name, v, k.device, f"the device of {k_name}")
 
@@ -74,7 +80,9 @@ def check_block_mapping(
     result depend on the order in which the pairs are copied; copy-on-write and swapping never
     produce either.
     """
-    mapping = _tensor("block_mapping", block_mapping, 2, "[n, 2] of (src, dst) block ids")
+    mapping = _tensor(
+        "block_mapping", block_mapping, 2, "[n, 2] of (src, dst) block ids"
+    )
     if mapping.shape[1] != 2:
         raise ValueError(
             f"block_mapping must have shape [n, 2] of (src, dst) block ids, got {tuple(mapping.shape)}"
@@ -91,16 +99,24 @@ def check_block_mapping(
             f"block_mapping destinations must be block ids in [0, {num_dst_blocks}), got {dst.tolist()}"
         )
     if dst.unique().numel() != dst.numel():
-        raise ValueError(f"block_mapping must name each destination block once, got {dst.tolist()}")
+        raise ValueError(
+            f"block_mapping must name each destination block once, got {dst.tolist()}"
+        )
     if same_pool and torch.isin(dst, src).any():
-        raise ValueError(f"block_mapping must not copy into a block it copies from, got {mapping.tolist()}")
+        raise ValueError(
+            f"block_mapping must not copy into a block it copies from, got {mapping.tolist()}"
+        )
     return mapping
 
 
-def check_copy_blocks(k_caches: object, v_caches: object, block_mapping: object) -> None:
+def check_copy_blocks(
+    k_caches: object, v_caches: object, block_mapping: object
+) -> None:
     """Check copy_blocks' arguments: one (K, V) pool pair per layer, all with the same number of
     blocks on one device, and a mapping within one pool (see check_block_mapping)."""
-    if not isinstance(k_caches, (list, tuple)) or not isinstance(v_caches, (list, tuple)):
+    if not isinstance(k_caches, (list, tuple)) or not isinstance(
+        v_caches, (list, tuple)
+    ):
         raise ValueError(
             f"k_caches and v_caches must be lists of per-layer pools, got "
             f"{type(k_caches).__name__} and {type(v_caches).__name__}"
@@ -112,14 +128,19 @@ def check_copy_blocks(k_caches: object, v_caches: object, block_mapping: object)
         )
     for layer, (k_cache, v_cache) in enumerate(zip(k_caches, v_caches, strict=True)):
         check_cache_pair(k_cache, v_cache, f"k_caches[{layer}]", f"v_caches[{layer}]")
-        if k_cache.shape[0] != k_caches[0].shape[0] or k_cache.device != k_caches[0].device:
+        if (
+            k_cache.shape[0] != k_caches[0].shape[0]
+            or k_cache.device != k_caches[0].device
+        ):
             raise ValueError(
                 f"k_caches[{layer}] must have k_caches[0]'s {k_caches[0].shape[0]} blocks on "
                 f"{k_caches[0].device}, got {k_cache.shape[0]} on {k_cache.device}"
             )
     num_blocks, device = k_caches[0].shape[0], k_caches[0].device
     where = "the device of k_caches[0]"
-    check_block_mapping(block_mapping, num_blocks, num_blocks, device, where, same_pool=True)
+    check_block_mapping(
+        block_mapping, num_blocks, num_blocks, device, where, same_pool=True
+    )
 
 
 def check_swap_blocks(src: object, dst: object, block_mapping: object) -> None:
@@ -133,7 +154,9 @@ def check_swap_blocks(src: object, dst: object, block_mapping: object) -> None:
             f"dst must hold blocks like src ({src.dtype}, block shape {tuple(src.shape[1:])}), "
             f"got {dst.dtype}, block shape {tuple(dst.shape[1:])}"
         )
-    check_block_mapping(block_mapping, src.shape[0], dst.shape[0], torch.device("cpu"), "the CPU")
+    check_block_mapping(
+        block_mapping, src.shape[0], dst.shape[0], torch.device("cpu"), "the CPU"
+    )
 
 
 def check_write_kv(
@@ -147,12 +170,16 @@ def check_write_kv(
     for name, tensor in (("key", key), ("value", value)):
         tensor = _tensor(name, tensor, 3, what)
         if tuple(tensor.shape[1:]) != (num_kv_heads, head_dim):
-            raise ValueError(f"{name} must have shape {what} to match k_cache, got {tuple(tensor.shape)}")
+            raise ValueError(
+                f"{name} must have shape {what} to match k_cache, got {tuple(tensor.shape)}"
+            )
         _dtype(name, tensor, k_cache.dtype)
         _device(name, tensor, k_cache.device, "the device of k_cache")
     assert isinstance(key, torch.Tensor) and isinstance(value, torch.Tensor)
     if value.shape != key.shape:
-        raise ValueError(f"value must have the shape of key {tuple(key.shape)}, got {tuple(value.shape)}")
+        raise ValueError(
+            f"value must have the shape of key {tuple(key.shape)}, got {tuple(value.shape)}"
+        )
     slots = _tensor("slot_mapping", slot_mapping, 1, f"[num_tokens={key.shape[0]}]")
     if slots.shape[0] != key.shape[0]:
         raise ValueError(
@@ -167,7 +194,9 @@ def check_write_kv(
         )
     written = slots[slots >= 0]
     if written.unique().numel() != written.numel():
-        raise ValueError(f"slot_mapping must not name a slot twice, got {slots.tolist()}")
+        raise ValueError(
+            f"slot_mapping must not name a slot twice, got {slots.tolist()}"
+        )
 
 
 def check_paged_attention(
@@ -193,7 +222,9 @@ def check_paged_attention(
     what = f"[num_q_tokens, num_heads, head_dim={head_dim}]"
     q = _tensor("query", query, 3, what)
     if q.shape[2] != head_dim:
-        raise ValueError(f"query must have shape {what} to match k_cache, got {tuple(q.shape)}")
+        raise ValueError(
+            f"query must have shape {what} to match k_cache, got {tuple(q.shape)}"
+        )
     if q.shape[1] == 0 or q.shape[1] % num_kv_heads:
         raise ValueError(
             f"query's num_heads must be a positive multiple of num_kv_heads={num_kv_heads}, got {q.shape[1]}"
@@ -207,10 +238,14 @@ def check_paged_attention(
     _device("block_tables", tables, device, "the device of k_cache")
     lens = _tensor("seq_lens", seq_lens, 1, f"[num_seqs={num_seqs}]")
     if lens.shape[0] != num_seqs:
-        raise ValueError(f"seq_lens must have shape [num_seqs={num_seqs}], got {tuple(lens.shape)}")
+        raise ValueError(
+            f"seq_lens must have shape [num_seqs={num_seqs}], got {tuple(lens.shape)}"
+        )
     _dtype("seq_lens", lens, torch.int32)
     _device("seq_lens", lens, device, "the device of k_cache")
-    starts = _tensor("query_start_loc", query_start_loc, 1, f"[num_seqs + 1 = {num_seqs + 1}]")
+    starts = _tensor(
+        "query_start_loc", query_start_loc, 1, f"[num_seqs + 1 = {num_seqs + 1}]"
+    )
     if starts.shape[0] != num_seqs + 1:
         raise ValueError(
             f"query_start_loc must have shape [num_seqs + 1 = {num_seqs + 1}], got {tuple(starts.shape)}"
@@ -227,7 +262,9 @@ def check_paged_attention(
     if out is not None:
         o = _tensor("out", out, 3, f"{tuple(q.shape)} like query")
         if o.shape != q.shape:
-            raise ValueError(f"out must have the shape of query {tuple(q.shape)}, got {tuple(o.shape)}")
+            raise ValueError(
+                f"out must have the shape of query {tuple(q.shape)}, got {tuple(o.shape)}"
+            )
         _dtype("out", o, q.dtype)
         _device("out", o, device, "the device of k_cache")
 
@@ -255,7 +292,8 @@ def check_paged_attention(
             )
     # Only the blocks that hold a sequence's tokens are read; the padding after them may be anything.
     needed = (
-        torch.arange(max_blocks, device=device)[None, :] < ((lens + block_size - 1) // block_size)[:, None]
+        torch.arange(max_blocks, device=device)[None, :]
+        < ((lens + block_size - 1) // block_size)[:, None]
     )
     used = tables[needed]  # [total blocks read]
     if used.numel() and (used.min() < 0 or used.max() >= num_blocks):

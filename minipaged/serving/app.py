@@ -20,7 +20,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.background import BackgroundTask
 
-from minipaged.serving.engine_loop import ACCEPTED, ERROR, FINISHED, EngineLoop, Event, Submission
+from minipaged.serving.engine_loop import (
+    ACCEPTED,
+    ERROR,
+    FINISHED,
+    EngineLoop,
+    Event,
+    Submission,
+)
 from minipaged.serving.metrics import make_registry
 from minipaged.serving.protocol import (
     CompletionRequest,
@@ -34,7 +41,10 @@ DEFAULT_MAX_QUEUED_REQUESTS = 1024
 
 
 def build_app(
-    llm, *, served_model_name: str | None = None, max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS
+    llm,
+    *,
+    served_model_name: str | None = None,
+    max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS,
 ) -> FastAPI:
     """An OpenAI-compatible FastAPI app over `llm`, with one engine loop for all its connections.
 
@@ -50,10 +60,16 @@ def build_app(
     Raises:
         ValueError: naming the argument, for a bad served_model_name or max_queued_requests.
     """
-    if served_model_name is not None and (not isinstance(served_model_name, str) or not served_model_name):
-        raise ValueError(f"served_model_name must be a non-empty string, got {served_model_name!r}")
+    if served_model_name is not None and (
+        not isinstance(served_model_name, str) or not served_model_name
+    ):
+        raise ValueError(
+            f"served_model_name must be a non-empty string, got {served_model_name!r}"
+        )
     if type(max_queued_requests) is not int or max_queued_requests < 1:
-        raise ValueError(f"max_queued_requests must be an int >= 1, got {max_queued_requests!r}")
+        raise ValueError(
+            f"max_queued_requests must be an int >= 1, got {max_queued_requests!r}"
+        )
     engine = EngineLoop(llm)
     model_name = served_model_name or default_model_name(llm)
     registry = make_registry(engine)
@@ -78,7 +94,12 @@ def build_app(
 
     @app.get("/v1/models")
     async def models() -> dict:
-        card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "minipaged"}
+        card = {
+            "id": model_name,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "minipaged",
+        }
         card["max_model_len"] = llm.scheduler_config.max_model_len
         return {"object": "list", "data": [card]}
 
@@ -117,12 +138,17 @@ class _Handle:
     request ends; a request that ends before the engine is done with it (the client left) is aborted.
     """
 
-    def __init__(self, engine: EngineLoop, completion: CompletionRequest, in_flight: dict) -> None:
+    def __init__(
+        self, engine: EngineLoop, completion: CompletionRequest, in_flight: dict
+    ) -> None:
         self.engine, self.completion, self.in_flight = engine, completion, in_flight
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         self.submission = Submission(
-            completion.prompt, completion.params, completion.stream, deliver=self._deliver_from(loop)
+            completion.prompt,
+            completion.params,
+            completion.stream,
+            deliver=self._deliver_from(loop),
         )
         self.over = False  # the engine is done with it: finished, refused or failed
         self.released = False
@@ -157,9 +183,13 @@ class _Handle:
                 return Response(status_code=499)
             if event.kind == ERROR:
                 param = field_named_in(event.message) if event.status == 400 else None
-                return _error_response(ProtocolError(event.message, param, event.status))
+                return _error_response(
+                    ProtocolError(event.message, param, event.status)
+                )
             want_logprobs = self.completion.params.logprobs is not None
-            return JSONResponse(completion_body(event.output, model_name, tokenizer, want_logprobs))
+            return JSONResponse(
+                completion_body(event.output, model_name, tokenizer, want_logprobs)
+            )
         finally:
             if not self.streaming:
                 self._release()
@@ -198,7 +228,9 @@ class _Handle:
                 while not self.queue.empty():
                     event = self._seen(self.queue.get_nowait())
                 if event.kind == ERROR:
-                    yield _sse_data(ProtocolError(event.message, None, event.status).body())
+                    yield _sse_data(
+                        ProtocolError(event.message, None, event.status).body()
+                    )
                     break
                 finished = event.kind == FINISHED
                 for chunk in stream.chunks(event.output, finished):

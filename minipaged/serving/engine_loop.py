@@ -77,7 +77,9 @@ class EngineLoop:
         # request_id -> its submission; the engine knows it
         self._active: dict[str, Submission] = {}
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="minipaged-engine-loop", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name="minipaged-engine-loop", daemon=True
+        )
         self.num_finished = self.num_aborted = self.num_failed = 0
         self.prompt_tokens = self.generation_tokens = 0  # of the finished requests
         self.last_error: BaseException | None = None
@@ -119,7 +121,11 @@ class EngineLoop:
         while True:
             # sleep until there is something to do: no busy-wait when idle
             with self._wakeup:
-                while not self._inbox and not self._stopping and not self.llm.has_unfinished_requests():
+                while (
+                    not self._inbox
+                    and not self._stopping
+                    and not self.llm.has_unfinished_requests()
+                ):
                     self._wakeup.wait()
                 if self._stopping:
                     break
@@ -141,13 +147,18 @@ class EngineLoop:
         if submission.done:  # aborted before it reached the engine
             return
         try:
-            submission.request_id = self.llm.add_request(submission.prompt, submission.params)
+            submission.request_id = self.llm.add_request(
+                submission.prompt, submission.params
+            )
         # can never be served: the message names the field
         except (ValueError, TypeError) as error:
             self._finish(submission, Event(ERROR, status=400, message=str(error)))
             return
         except Exception as error:  # a bug in the engine must not kill the loop
-            self._finish(submission, Event(ERROR, status=500, message=f"{type(error).__name__}: {error}"))
+            self._finish(
+                submission,
+                Event(ERROR, status=500, message=f"{type(error).__name__}: {error}"),
+            )
             return
         self._active[submission.request_id] = submission
         submission.deliver(Event(ACCEPTED))
@@ -168,7 +179,11 @@ class EngineLoop:
             self.last_error = error
             self._fail_forgotten(error)
             return
-        done = [(self._active.pop(out.request_id), out) for out in finished if out.request_id in self._active]
+        done = [
+            (self._active.pop(out.request_id), out)
+            for out in finished
+            if out.request_id in self._active
+        ]
         for _, output in done:
             self.num_finished += 1
             self.prompt_tokens += len(output.prompt_token_ids)
@@ -197,7 +212,10 @@ class EngineLoop:
         for request_id, submission in list(self._active.items()):
             self.llm.abort_request(request_id)
             self.num_failed += 1
-            self._finish(submission, Event(ERROR, status=500, message=f"{type(error).__name__}: {error}"))
+            self._finish(
+                submission,
+                Event(ERROR, status=500, message=f"{type(error).__name__}: {error}"),
+            )
         self._active.clear()
 
     def _finish(self, submission: Submission, event: Event) -> None:
@@ -208,11 +226,17 @@ class EngineLoop:
         """Abort what is left, so every block is free, and tell the waiting handlers."""
         for _, submission in self._inbox:
             if submission.request_id is None and not submission.done:
-                self._finish(submission, Event(ERROR, status=503, message="the server is shutting down"))
+                self._finish(
+                    submission,
+                    Event(ERROR, status=503, message="the server is shutting down"),
+                )
         self._inbox.clear()
         for request_id, submission in list(self._active.items()):
             self.llm.abort_request(request_id)
             self.num_aborted += 1
-            self._finish(submission, Event(ERROR, status=503, message="the server is shutting down"))
+            self._finish(
+                submission,
+                Event(ERROR, status=503, message="the server is shutting down"),
+            )
         self._active.clear()
         self.snapshot = snapshot(self.llm, self)

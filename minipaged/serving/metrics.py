@@ -81,10 +81,18 @@ class EngineCollector:
         for name, value, doc in [
             ("num_requests_running", s.num_running, "Requests running on the device."),
             ("num_requests_waiting", s.num_waiting, "Requests waiting to be admitted."),
-            ("num_requests_swapped", s.num_swapped, "Requests swapped out to the host pool."),
+            (
+                "num_requests_swapped",
+                s.num_swapped,
+                "Requests swapped out to the host pool.",
+            ),
             ("kv_blocks_used", s.blocks_used, "Device KV blocks in use."),
             ("kv_blocks_free", s.blocks_free, "Device KV blocks free."),
-            ("prefix_cache_hit_rate", s.prefix_cache_hit_rate, "Prefix-cache hits over lookups."),
+            (
+                "prefix_cache_hit_rate",
+                s.prefix_cache_hit_rate,
+                "Prefix-cache hits over lookups.",
+            ),
         ]:
             yield GaugeMetricFamily(f"minipaged_{name}", doc, value=value)
         preemptions = CounterMetricFamily(
@@ -94,10 +102,22 @@ class EngineCollector:
             preemptions.add_metric([mode], count)
         yield preemptions
         for name, value, doc in [
-            ("prompt_tokens", s.prompt_tokens, "Prompt tokens of the finished requests."),
-            ("generation_tokens", s.generation_tokens, "Tokens generated for the finished requests."),
+            (
+                "prompt_tokens",
+                s.prompt_tokens,
+                "Prompt tokens of the finished requests.",
+            ),
+            (
+                "generation_tokens",
+                s.generation_tokens,
+                "Tokens generated for the finished requests.",
+            ),
             ("requests_finished", s.num_finished, "Requests finished."),
-            ("requests_aborted", s.num_aborted, "Requests aborted (client gone, or shutdown)."),
+            (
+                "requests_aborted",
+                s.num_aborted,
+                "Requests aborted (client gone, or shutdown).",
+            ),
             ("requests_failed", s.num_failed, "Requests lost to an engine error."),
         ]:
             yield CounterMetricFamily(f"minipaged_{name}", doc, value=value)

@@ -22,7 +22,12 @@ from minipaged.sampling import SamplingParams
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs (OpenAI allows 5)
 
 # OpenAI fields minipaged does not implement, and the value that means "not used": accepted at it.
-_INERT = {"echo": (False,), "suffix": (None, ""), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0)}
+_INERT = {
+    "echo": (False,),
+    "suffix": (None, ""),
+    "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0),
+}
 _IGNORED = {"user"}  # accepted and ignored, as vLLM does
 # the second is vLLM's extra
 _STREAM_OPTIONS = {"include_usage", "continuous_usage_stats"}
@@ -35,14 +40,27 @@ _KNOWN = {
 class ProtocolError(Exception):
     """A request the server refuses: HTTP `status` with an OpenAI-style error body naming `param`."""
 
-    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        status: int = 400,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.message, self.param, self.status, self.code = message, param, status, code
 
     def body(self) -> dict:
         """The error body as OpenAI sends it."""
         kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 @dataclass(frozen=True)
@@ -77,45 +95,68 @@ def parse_completion_request(body: object) -> CompletionRequest:
         ProtocolError: HTTP 400 naming the field, for a missing, unknown or ill-typed field.
     """
     if not isinstance(body, dict):
-        raise ProtocolError(f"the body must be a JSON object, got {type(body).__name__}", None)
+        raise ProtocolError(
+            f"the body must be a JSON object, got {type(body).__name__}", None
+        )
     unknown = sorted(set(body) - _KNOWN)
     if unknown:
         raise ProtocolError(f"unknown field(s): {', '.join(unknown)}", unknown[0])
     for name, inert in _INERT.items():
         if name in body and body[name] not in inert:
-            raise ProtocolError(f"{name}={body[name]!r} is not supported by minipaged", name)
+            raise ProtocolError(
+                f"{name}={body[name]!r} is not supported by minipaged", name
+            )
     model = _optional(body, "model", str)
     n = _get(body, "n", int, 1)
     best_of = _optional(body, "best_of", int)
     if best_of is not None and best_of != n:
-        raise ProtocolError(f"best_of must equal n ({n}) in minipaged, got {best_of}", "best_of")
+        raise ProtocolError(
+            f"best_of must equal n ({n}) in minipaged, got {best_of}", "best_of"
+        )
     if body.get("logit_bias"):
         raise ProtocolError("logit_bias is not supported by minipaged", "logit_bias")
     stream = _get(body, "stream", bool, False)
     options = body.get("stream_options")
     if options is not None and not stream:
-        raise ProtocolError("stream_options is only allowed with stream: true", "stream_options")
-    if options is not None and (not isinstance(options, dict) or set(options) - _STREAM_OPTIONS):
+        raise ProtocolError(
+            "stream_options is only allowed with stream: true", "stream_options"
+        )
+    if options is not None and (
+        not isinstance(options, dict) or set(options) - _STREAM_OPTIONS
+    ):
         message = 'stream_options must be {"include_usage": bool, "continuous_usage_stats": bool}'
         raise ProtocolError(message, "stream_options")
-    include_usage = _get(options or {}, "include_usage", bool, False, "stream_options.include_usage")
+    include_usage = _get(
+        options or {}, "include_usage", bool, False, "stream_options.include_usage"
+    )
     continuous = _get(
-        options or {}, "continuous_usage_stats", bool, False, "stream_options.continuous_usage_stats"
+        options or {},
+        "continuous_usage_stats",
+        bool,
+        False,
+        "stream_options.continuous_usage_stats",
     )
     params = _sampling_params(body, n)
     # counts on every chunk only when counts were asked
     continuous = include_usage and continuous
-    return CompletionRequest(model, _prompt(body), params, stream, include_usage, continuous)
+    return CompletionRequest(
+        model, _prompt(body), params, stream, include_usage, continuous
+    )
 
 
 def _sampling_params(body: dict, n: int) -> SamplingParams:
     top_k = _get(body, "top_k", int, 0)
     logprobs = _optional(body, "logprobs", int)
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
-        raise ProtocolError(f"logprobs must be an int in [0, {MAX_LOGPROBS}], got {logprobs}", "logprobs")
+        raise ProtocolError(
+            f"logprobs must be an int in [0, {MAX_LOGPROBS}], got {logprobs}",
+            "logprobs",
+        )
     stop = body.get("stop")
     if not (stop is None or isinstance(stop, str) or _is_list_of(stop, str)):
-        raise ProtocolError(f"stop must be a string or a list of strings, got {stop!r}", "stop")
+        raise ProtocolError(
+            f"stop must be a string or a list of strings, got {stop!r}", "stop"
+        )
     stop_token_ids = body.get("stop_token_ids")
     if not (stop_token_ids is None or _is_list_of(stop_token_ids, int)):
         message = f"stop_token_ids must be a list of ints, got {stop_token_ids!r}"
@@ -145,18 +186,29 @@ def _prompt(body: dict) -> str | dict:
     if "prompt" not in body:
         raise ProtocolError("prompt is required", "prompt")
     prompt = body["prompt"]
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+    if (
+        isinstance(prompt, list)
+        and len(prompt) == 1
+        and isinstance(prompt[0], (str, list))
+    ):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
         return prompt
     if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
         return {"prompt_token_ids": prompt}
-    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+    if (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(p, (str, list)) for p in prompt)
+    ):
         raise ProtocolError(
             "prompt: one prompt per request in minipaged (send several requests: they batch together)",
             "prompt",
         )
-    raise ProtocolError(f"prompt must be a string or a non-empty list of token ids, got {prompt!r}", "prompt")
+    raise ProtocolError(
+        f"prompt must be a string or a non-empty list of token ids, got {prompt!r}",
+        "prompt",
+    )
 
 
 def _get(body: dict, name: str, kind: type, default, label: str | None = None):
@@ -168,7 +220,9 @@ def _get(body: dict, name: str, kind: type, default, label: str | None = None):
     if kind is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not ok:
-        raise ProtocolError(f"{label or name} must be {_KIND_NAMES[kind]}, got {value!r}", label or name)
+        raise ProtocolError(
+            f"{label or name} must be {_KIND_NAMES[kind]}, got {value!r}", label or name
+        )
     return value
 
 

@@ -26,10 +26,14 @@ def token_text(tokenizer, token_id: int) -> str:
     """A token as OpenAI's logprobs show it: its text, or "token_id:N" when it has no text of its own
     (a special token, or part of a UTF-8 character), as vLLM's --return-tokens-as-token-ids spells it."""
     text = tokenizer.decode([token_id]) if tokenizer is not None else ""
-    return text if text and REPLACEMENT_CHARACTER not in text else f"token_id:{token_id}"
+    return (
+        text if text and REPLACEMENT_CHARACTER not in text else f"token_id:{token_id}"
+    )
 
 
-def logprobs_body(tokenizer, completion: CompletionOutput, start: int = 0, end: int | None = None) -> dict:
+def logprobs_body(
+    tokenizer, completion: CompletionOutput, start: int = 0, end: int | None = None
+) -> dict:
     """OpenAI's completions logprobs {tokens, token_logprobs, top_logprobs, text_offset} for the
     generated tokens start:end (a stream sends each chunk's new tokens)."""
     end = len(completion.token_ids) if end is None else end
@@ -42,8 +46,12 @@ def logprobs_body(tokenizer, completion: CompletionOutput, start: int = 0, end: 
         candidates = dict(top[i]) if top is not None else {}
         # the sampled token is always listed
         candidates.setdefault(token, completion.logprobs[i])
-        body["top_logprobs"].append({token_text(tokenizer, t): lp for t, lp in candidates.items()})
-        prefix = tokenizer.decode(completion.token_ids[:i]) if tokenizer is not None else ""
+        body["top_logprobs"].append(
+            {token_text(tokenizer, t): lp for t, lp in candidates.items()}
+        )
+        prefix = (
+            tokenizer.decode(completion.token_ids[:i]) if tokenizer is not None else ""
+        )
         body["text_offset"].append(len(prefix))
     return body
 
@@ -51,11 +59,19 @@ def logprobs_body(tokenizer, completion: CompletionOutput, start: int = 0, end: 
 def usage_body(output: RequestOutput) -> dict:
     prompt = len(output.prompt_token_ids)
     completion = sum(len(c.token_ids) for c in output.outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
 
 
 def completion_body(
-    output: RequestOutput, model: str, tokenizer, want_logprobs: bool, request_id: str | None = None
+    output: RequestOutput,
+    model: str,
+    tokenizer,
+    want_logprobs: bool,
+    request_id: str | None = None,
 ) -> dict:
     """The whole response to a non-streamed request."""
     choices = [
@@ -130,7 +146,9 @@ class CompletionStream:
             choice = {
                 "index": c.index,
                 "text": text,
-                "logprobs": logprobs_body(self.tokenizer, c, start, end) if self.want_logprobs else None,
+                "logprobs": logprobs_body(self.tokenizer, c, start, end)
+                if self.want_logprobs
+                else None,
                 "finish_reason": c.finish_reason if done else None,
             }
             if done:
@@ -139,7 +157,11 @@ class CompletionStream:
             # as vLLM counts it: the prompt and this choice's tokens so far
             if self.continuous_usage:
                 prompt = len(output.prompt_token_ids)
-                chunk["usage"] = dict(prompt_tokens=prompt, completion_tokens=end, total_tokens=prompt + end)
+                chunk["usage"] = dict(
+                    prompt_tokens=prompt,
+                    completion_tokens=end,
+                    total_tokens=prompt + end,
+                )
             chunks.append(chunk)
         return chunks
 

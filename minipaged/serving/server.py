@@ -41,9 +41,17 @@ def serve(
         ValueError: naming the argument, for a bad port or a bad build_app argument.
     """
     _check_port(port)
-    app = build_app(llm, served_model_name=served_model_name, max_queued_requests=max_queued_requests)
+    app = build_app(
+        llm,
+        served_model_name=served_model_name,
+        max_queued_requests=max_queued_requests,
+    )
     config = uvicorn.Config(
-        app, host=host, port=port, log_level="info", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S
+        app,
+        host=host,
+        port=port,
+        log_level="info",
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
     # handles SIGINT/SIGTERM: a clean shutdown runs the app's lifespan end
     uvicorn.Server(config).run()
@@ -79,15 +87,23 @@ def running_server(
         RuntimeError: if the server does not come up within startup_timeout.
     """
     _check_port(port)
-    app = build_app(llm, served_model_name=served_model_name, max_queued_requests=max_queued_requests)
+    app = build_app(
+        llm,
+        served_model_name=served_model_name,
+        max_queued_requests=max_queued_requests,
+    )
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))  # bound here, so the port is known before uvicorn starts
     url = f"http://{host}:{sock.getsockname()[1]}"
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    config = uvicorn.Config(
+        app, log_level="warning", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S
+    )
     server = uvicorn.Server(config)
     # uvicorn leaves signals alone off the main thread: Ctrl-C still reaches the caller
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="minipaged-uvicorn")
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="minipaged-uvicorn"
+    )
     thread.daemon = True
     thread.start()
     try:
@@ -105,8 +121,13 @@ def _wait_healthy(url: str, thread: threading.Thread, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not thread.is_alive():
-            raise RuntimeError("the server thread ended while starting (see its log above)")
-        with contextlib.suppress(OSError), urllib.request.urlopen(url + "/health", timeout=2) as response:
+            raise RuntimeError(
+                "the server thread ended while starting (see its log above)"
+            )
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(url + "/health", timeout=2) as response,
+        ):
             if response.status == 200:
                 return
         time.sleep(0.02)
