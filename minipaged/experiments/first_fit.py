@@ -55,7 +55,7 @@ class FirstFitAllocator:
         return start
 
     def free(self, start: int) -> None:
-        """Return the range at `start` to the free list, merged with the holes beside it."""
+        """Free the range at `start`, merging it with the holes beside it."""
         end = start + self._size_of.pop(start)
         i = bisect.bisect_left(self._holes, (start, 0))
         # merge with the hole after

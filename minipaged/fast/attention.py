@@ -107,10 +107,11 @@ _TL_DTYPES = {
 def _dot_types(dtype: torch.dtype) -> tuple[tl.dtype, str]:
     """The operand type and precision of the kernels' tl.dot for a cache of `dtype`.
 
-    Compiled, tl.dot takes the cache's own type: fp16/bf16 run on the tensor cores with fp32
-    accumulation, fp32 asks for "ieee" (true fp32 products; Triton's default for fp32 is tf32, whose
-    10-bit mantissa would miss the contract's 1e-5). Triton's interpreter multiplies bf16 wrongly
-    (triton 3.9: bf16 operands come out as garbage), so there bf16 operands go up to fp32 first.
+    Compiled, tl.dot takes the cache's own type: fp16/bf16 run on the tensor cores with
+    fp32 accumulation, fp32 asks for "ieee" (true fp32 products; Triton's default for
+    fp32 is tf32, whose 10-bit mantissa would miss the contract's 1e-5). Triton's
+    interpreter multiplies bf16 wrongly (triton 3.9: bf16 operands come out as garbage),
+    so there bf16 operands go up to fp32 first.
     """
     if dtype == torch.bfloat16 and interpreting():
         return tl.float32, "ieee"
@@ -168,11 +169,12 @@ def run_planned(
     *,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Launch the kernels of a plan; no checks (paged_attention checks, then calls this).
+    """Launch a plan's kernels; no checks (paged_attention checks, then calls this).
 
-    For callers that check once and attend many times with the same metadata: an engine's layers,
-    or a benchmark timing the kernels alone. The kernels take any strides for query and out along
-    their first two dimensions; anything else they read as flat arrays, so it is made contiguous here.
+    For callers that check once and attend many times with the same metadata: an
+    engine's layers, or a benchmark timing the kernels alone. The kernels take any
+    strides for query and out along their first two dimensions; anything else they read
+    as flat arrays, so it is made contiguous here.
     """
     given = out
     # a fresh row-major buffer (empty_like would keep odd strides)

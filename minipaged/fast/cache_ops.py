@@ -31,12 +31,13 @@ def interpreting() -> bool:
 
 
 def check_runnable(tensor: torch.Tensor, name: str) -> None:
-    """CUDA tensors run compiled, CPU tensors only through the interpreter; pools must be contiguous."""
+    """CUDA tensors run compiled, CPU ones interpreted; pools must be contiguous."""
     if tensor.device.type != "cuda" and not interpreting():
         raise ValueError(
-            f"{name} must be on a CUDA device for the Triton backend, got {tensor.device}: Triton runs "
-            "CPU tensors only through its interpreter, which is off; move the tensors to 'cuda', or set "
-            "TRITON_INTERPRET=1 before triton (or minipaged) is imported"
+            f"{name} must be on a CUDA device for the Triton backend, got "
+            f"{tensor.device}: Triton runs CPU tensors only through its interpreter, "
+            "which is off; move the tensors to 'cuda', or set TRITON_INTERPRET=1 "
+            "before triton (or minipaged) is imported"
         )
     if not tensor.is_contiguous():
         raise ValueError(f"{name} must be contiguous for the Triton backend")
@@ -151,7 +152,10 @@ def _copy_rows_kernel(
 def _copy_rows(
     src: torch.Tensor, dst: torch.Tensor, src_rows: torch.Tensor, dst_rows: torch.Tensor
 ) -> None:
-    """dst[dst_rows[i]] = src[src_rows[i]] for every i, rows being whole blocks; one launch."""
+    """dst[dst_rows[i]] = src[src_rows[i]] for every i, in one launch.
+
+    Rows are whole blocks.
+    """
     if src_rows.numel() == 0:
         return
     # the host side of a swap on a GPU machine
