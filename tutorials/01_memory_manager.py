@@ -134,7 +134,8 @@ for token in (301, 302, 303):
     copies = manager.append_slots(a)
     table_a = manager.get_block_table(a)
     print(
-        f"+{token}: {len(a)} tokens, table {table_a.block_ids}, its slot {table_a.slot_mapping(1)}"
+        f"+{token}: {len(a)} tokens, table {table_a.block_ids}, "
+        f"its slot {table_a.slot_mapping(1)}"
     )
     assert copies == []  # nothing shared yet, so nothing to copy
 # the 13th token opened block 3
@@ -199,7 +200,8 @@ names[c.seq_id] = "C"
 hits_before = manager.device.hits
 cached = manager.allocate(SequenceGroup("C", [c]))
 print(
-    f"C: {cached} of its {len(c)} prompt tokens were cached; hits +{manager.device.hits - hits_before}"
+    f"C: {cached} of its {len(c)} prompt tokens were cached; "
+    f"hits +{manager.device.hits - hits_before}"
 )
 print(render_pool(manager, names=names, legend=False))
 assert cached == 8 and manager.get_block_table(c).block_ids[:2] == [0, 1]

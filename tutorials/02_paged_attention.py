@@ -62,7 +62,8 @@ v_cache = torch.full(pool_shape, float("nan"))
 # the frame allocator that hands out the pool's blocks
 allocator = BlockAllocator(NUM_BLOCKS)
 print(
-    f"k_cache, v_cache: {list(k_cache.shape)}: {NUM_BLOCKS} blocks x {BLOCK_SIZE} slots, all NaN"
+    f"k_cache, v_cache: {list(k_cache.shape)}: "
+    f"{NUM_BLOCKS} blocks x {BLOCK_SIZE} slots, all NaN"
 )
 assert k_cache.isnan().all() and v_cache.isnan().all()
 
@@ -78,13 +79,16 @@ assert k_cache.isnan().all() and v_cache.isnan().all()
 
 # %%
 def written_slots(k_cache: torch.Tensor) -> torch.Tensor:
-    """`[num_slots]` bool: does the slot hold numbers (True) or NaN, i.e. was it never written?"""
+    """`[num_slots]` bool: does the slot hold numbers (True) or NaN (never written)?"""
     # a slot is one row of the pool
     return ~k_cache.flatten(0, 1).isnan().flatten(1).all(dim=1)
 
 
 def pool_picture(k_cache: torch.Tensor, tables: dict[str, BlockTable]) -> str:
-    """The pool, one line per block: which sequence's token each slot holds (NaN: never written)."""
+    """The pool, one line per block: which sequence's token each slot holds.
+
+    `NaN`: never written.
+    """
     num_blocks, block_size = k_cache.shape[:2]
     owners: dict[int, list[str]] = {}  # slot -> the tokens that tables place there
     for name, table in tables.items():
@@ -290,7 +294,8 @@ for h in range(NUM_HEADS):
     probs = torch.softmax(k @ query[0, h] * scale, dim=0)
     by_hand = probs @ v  # [head_dim]
     print(
-        f"head {h} (KV head {h // group}): max |paged - by hand| = {(out[0, h] - by_hand).abs().max():.1e}"
+        f"head {h} (KV head {h // group}): "
+        f"max |paged - by hand| = {(out[0, h] - by_hand).abs().max():.1e}"
     )
     torch.testing.assert_close(out[0, h], by_hand, **tolerance(torch.float32))
 
@@ -376,7 +381,10 @@ assert all(allocator.ref_count(block) == 2 for block in table_a.block_ids)
 
 
 def append_with_cow(table: BlockTable, num_new_tokens: int) -> list[tuple[int, int]]:
-    """Make room for new tokens; a shared, partly filled last block is copied first (copy-on-write)."""
+    """Make room for new tokens, copying a shared, partly filled last block first.
+
+    That copy is the copy-on-write: the other holders keep the original.
+    """
     pairs = []
     last = table.block_ids[-1]
     if table.num_filled_in_last_block < BLOCK_SIZE and allocator.ref_count(last) > 1:
@@ -528,7 +536,8 @@ out_b_again = backend.paged_attention(
     scale,
 )
 print(
-    f"B before vs after the round trip: max |diff| = {(out_b_again - out_b).abs().max():.1e}"
+    "B before vs after the round trip: "
+    f"max |diff| = {(out_b_again - out_b).abs().max():.1e}"
 )
 assert table_b.block_ids == [9, 10]
 torch.testing.assert_close(out_b_again, out_b, **tolerance(torch.float32))

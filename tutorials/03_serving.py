@@ -166,7 +166,8 @@ beam_params = BeamSearchParams(beam_width=3, max_tokens=8)
 (beams,) = llm.beam_search("Paging is", beam_params)
 for beam in beams.sequences:
     print(
-        f"{beam.token_ids}  score {beam.score:.4f}  logprob {beam.cumulative_logprob:.4f}"
+        f"{beam.token_ids}  score {beam.score:.4f}  "
+        f"logprob {beam.cumulative_logprob:.4f}"
     )
 scores = [beam.score for beam in beams.sequences]
 assert scores == sorted(scores, reverse=True)  # best first
@@ -226,9 +227,10 @@ while small.has_unfinished_requests():
         results[output.request_id] = [c.token_ids for c in output.outputs]
         events.append(f"request {output.request_id} done")
     print(
-        f"{row.step:4} {row.num_running:4} {row.num_waiting:4} {row.num_swapped:4} {row.num_batched_tokens:7}"
-        f" {row.blocks_used:5} {row.blocks_free:4} {row.blocks_shared:6} {row.kv_utilization:5.2f}"
-        f" {row.blocks_swapped_out:4} {row.blocks_swapped_in:3} {row.blocks_copied:4}  {', '.join(events)}"
+        f"{row.step:4} {row.num_running:4} {row.num_waiting:4} {row.num_swapped:4}"
+        f" {row.num_batched_tokens:7} {row.blocks_used:5} {row.blocks_free:4}"
+        f" {row.blocks_shared:6} {row.kv_utilization:5.2f} {row.blocks_swapped_out:4}"
+        f" {row.blocks_swapped_in:3} {row.blocks_copied:4}  {', '.join(events)}"
     )
 
 # %% [markdown]
@@ -292,11 +294,13 @@ print(f"steps                         {stats.steps}")
 print(f"generated tokens              {stats.generated_tokens}")
 print(f"preemptions                   {stats.num_preemptions}")
 print(
-    f"blocks swapped out / in       {stats.blocks_swapped_out} / {stats.blocks_swapped_in}"
+    "blocks swapped out / in       "
+    f"{stats.blocks_swapped_out} / {stats.blocks_swapped_in}"
 )
 print(f"copy-on-write copies          {stats.cow_copies}")
 print(
-    f"peak blocks used              {stats.peak_blocks_used} of {small.cache_config.num_gpu_blocks}"
+    f"peak blocks used              {stats.peak_blocks_used} "
+    f"of {small.cache_config.num_gpu_blocks}"
 )
 print(f"mean KV utilization           {stats.mean_kv_utilization:.1%}")
 print(f"most blocks saved by sharing  {stats.max_blocks_saved_by_sharing}")
@@ -351,7 +355,8 @@ with running_server(server_llm) as url:
         model="tiny-llama", prompt="The cat sat", max_tokens=8, temperature=0
     )  # the request of section 2's first prompt, with the `greedy` parameters
     print(
-        f"{url}: {completion.choices[0].text!r}, {completion.usage.completion_tokens} tokens"
+        f"{url}: {completion.choices[0].text!r}, "
+        f"{completion.usage.completion_tokens} tokens"
     )
     stream = client.completions.create(
         model="tiny-llama",
