@@ -270,7 +270,7 @@ def json_example(data: dict) -> dict[str, str]:
     ]
     lines, line = [], "    {"
     for cell in cells:
-        if len(line) + len(cell) + 2 > 100:
+        if len(line) + len(cell) + 2 > 88:  # the docs' code column
             lines.append(line.rstrip() + ",")
             line = "     "
         line += ("" if line.endswith(("{", " ")) else ", ") + cell
@@ -284,8 +284,8 @@ def json_example(data: dict) -> dict[str, str]:
         *lines,
         '    "..."',
         "  ],",
-        f'  "paper": {{"section": "{paper["section"]}", "figure": "{paper["figure"]}", '
-        f'"finding": "{paper["finding"].split(":")[0]}: ..."}}',
+        f'  "paper": {{"section": "{paper["section"]}", "figure": "{paper["figure"]}",',
+        f'            "finding": "{paper["finding"].split(":")[0]}: ..."}}',
         "}",
         "```",
     ]
