@@ -43,8 +43,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.compiler.compiler import make_backend
 
-# triton's own per-argument specialization (3.4+); without it only the plain variants
-# compile
+# triton's own per-argument specialization (3.4+);
+# without it only the plain variants compile
 try:
     from triton.runtime.jit import native_specialize_impl
 except ImportError:  # pragma: no cover - older or newer triton

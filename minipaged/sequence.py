@@ -30,8 +30,8 @@ class SequenceStatus(enum.Enum):
         return self.name.startswith("FINISHED")
 
 
-# one past the largest id handed out or given: constant memory, however long the process
-# runs
+# one past the largest id handed out or given:
+# constant memory, however long the process runs
 _next_seq_id = [0]
 
 

@@ -384,8 +384,8 @@ def test_process_trees_exercise_beam_search():
     llm.add_request(
         prompt, BeamSearchParams(beam_width=2, max_tokens=4, ignore_eos=True)
     )
-    # step 0: the prefill; all 2W = 4 candidates extend the only beam, so it is kept
-    # twice
+    # step 0: the prefill;
+    # all 2W = 4 candidates extend the only beam, so it is kept twice
     llm.step()
     (group,) = llm.scheduler.running
     beam_1, beam_2 = group.seqs

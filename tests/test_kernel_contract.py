@@ -293,8 +293,8 @@ def test_metadata_of_any_strides(backend, device, gen, which):
     seq_lens = sorted(random_lens(gen, 4, 2, 40))
     case = random_paged_case(gen, seq_lens, [1, seq_lens[1], 2, 1], device=device)
     tables = case.block_tables
-    # padding may name any block: now every entry a wrong read could land on is a real
-    # block
+    # padding may name any block:
+    # now every entry a wrong read could land on is a real block
     tables[tables < 0] = torch.randint(
         case.k_cache.shape[0], (int((tables < 0).sum()),), generator=gen
     ).to(device=device, dtype=torch.int32)

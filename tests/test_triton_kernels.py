@@ -105,8 +105,8 @@ def test_split_and_unsplit_agree(fast, gen):
 
 
 def test_prefill_tiles_after_a_cached_prefix(fast, gen):
-    # q_len 70 spans three 32-row tiles (the last one partial); 130 cached tokens come
-    # before them
+    # q_len 70 spans three 32-row tiles (the last one partial);
+    # 130 cached tokens come before them
     case = random_paged_case(
         gen,
         [200, 40, 9],

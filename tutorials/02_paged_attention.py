@@ -214,8 +214,8 @@ step_slots = torch.tensor(
 print("slot_mapping:", step_slots.tolist())
 backend.write_kv(step_key, step_value, k_cache, v_cache, step_slots)
 print(pool_picture(k_cache, tables))
-# 25 tokens, 25 slots written: the padding row went nowhere, and left no trace of its
-# huge values
+# 25 tokens, 25 slots written: the padding row went nowhere,
+# and left no trace of its huge values
 assert written_slots(k_cache).sum() == sum(SEQ_LENS.values())
 assert (k_cache.abs().nan_to_num() < 1e3).all()
 

@@ -138,8 +138,8 @@ def memory_waste(data: dict) -> dict[str, str]:
         for a in ORCA
         if a not in within
     ]
-    # tokens a running request holds: token share x the pool / batch (Orca's pools are
-    # full)
+    # tokens a running request holds:
+    # token share x the pool / batch (Orca's pools are full)
     held = []
     for a in ORCA:
         r, label = by[a], LABELS[a]

@@ -284,8 +284,8 @@ def _launch(
                 BLOCK_D=triton.next_power_of_2(head_dim),
             )
     if plan.prefill_seqs.numel():
-        # heads on axis 0: the GROUP programs that read one KV head's tiles run side by
-        # side
+        # heads on axis 0:
+        # the GROUP programs that read one KV head's tiles run side by side
         grid = (
             num_heads,
             triton.cdiv(plan.max_prefill_q_len, PREFILL_BLOCK_M),

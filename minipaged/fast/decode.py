@@ -108,8 +108,8 @@ def _decode_split_kernel(
         offs_n = tile + tl.arange(0, BLOCK_N)  # the token positions of this tile
         # positions past the chunk (or past seq_len: stale or future) are not read
         mask_n = offs_n < end
-        # the page-table walk, one entry per token: logical block -> physical block ->
-        # slot
+        # the page-table walk, one entry per token:
+        # logical block -> physical block -> slot
         blocks = tl.load(
             block_tables_ptr + seq * stride_bt + offs_n // block_size,
             mask=mask_n,
@@ -138,8 +138,8 @@ def _decode_split_kernel(
         m_i = m_new
 
     if SPLIT:
-        # A chunk past seq_len saw no token: l_i = 0, so it writes out 0 and lse = -inf
-        # (weight 0).
+        # A chunk past seq_len saw no token: l_i = 0,
+        # so it writes out 0 and lse = -inf (weight 0).
         empty = l_i == 0.0
         # [BLOCK_H, BLOCK_D] this chunk's softmax output
         out = acc / tl.where(empty, 1.0, l_i)[:, None]

@@ -96,8 +96,8 @@ def _prefill_kernel(
         offs_n = tile + tl.arange(0, BLOCK_N)  # token positions of this tile
         # positions past the tile's reach (future, stale) are not read
         mask_n = offs_n < last
-        # the page-table walk, one entry per token: logical block -> physical block ->
-        # slot
+        # the page-table walk, one entry per token:
+        # logical block -> physical block -> slot
         blocks = tl.load(
             block_tables_ptr + seq * stride_bt + offs_n // block_size,
             mask=mask_n,

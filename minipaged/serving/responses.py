@@ -139,8 +139,8 @@ class CompletionStream:
             text = self._new_text(c, done)
             start, end = self.sent_tokens[c.index], len(c.token_ids)
             if not text and not done and not (self.want_logprobs and end > start):
-                # nothing to show yet (the text is held back): the tokens go in a later
-                # chunk
+                # nothing to show yet (the text is held back):
+                # the tokens go in a later chunk
                 continue
             self.sent_tokens[c.index], self.done[c.index] = end, done
             choice = {
