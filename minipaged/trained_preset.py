@@ -53,8 +53,15 @@ def load_trained_preset(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """
     if dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"dtype must be one of torch.float32, torch.float16, torch.bfloat16, got {dtype!r}")
-    from transformers import AutoModelForCausalLM  # lazy: importing minipaged stays light
+    from safetensors.torch import load_file  # lazy: importing minipaged stays light
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = trained_preset_dir()
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
-    return model.eval()
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    # Built from the config and filled from the file, rather than from_pretrained, which draws a
+    # progress bar on stderr (the CLI's errors are one line). fork_rng: the throwaway initial
+    # weights must not move the caller's random state.
+    with torch.random.fork_rng(devices=[]):
+        model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(load_file(folder / "model.safetensors"))  # strict: every weight, no other
+    return model.to(dtype).eval()
