@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from minipaged.engine import LLM
+from minipaged.presets import TRAINED_PRESETS
 from minipaged.sampling import BeamSearchParams, SamplingParams
 
 SYSTEM_PROMPT = (
@@ -61,7 +62,7 @@ class DemoConfig:
             much of it when other programs share the CPU (None: leave torch's setting).
     """
 
-    model: str = "tiny-llama"
+    model: str = "tiny-llama-docs"
     block_size: int = 16
     num_gpu_blocks: int = 24
     num_cpu_blocks: int = 32
@@ -240,8 +241,13 @@ def _wrap(label: str, text: str) -> list[str]:
 def format_report(report: DemoReport) -> list[str]:
     """The report as lines of at most 80 columns: outputs, memory events, memory, throughput."""
     c, m, t = report.config, report.memory, report.throughput
+    weights = (
+        "trained on minipaged's own docs: readable, if not wise"
+        if c.model in TRAINED_PRESETS
+        else "random weights, so the text is noise"
+    )
     intro = (
-        f"minipaged demo: {c.model} (random weights, so the text is noise) on the reference backend; "
+        f"minipaged demo: {c.model} ({weights}) on the reference backend; "
         f"block size {c.block_size}, {c.num_gpu_blocks} device blocks, {c.num_cpu_blocks} host blocks; "
         "prefix caching on; preemption by swap. Each question follows this system prompt:"
     )

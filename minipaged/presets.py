@@ -128,7 +128,8 @@ CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
     "tiny-gpt2": _gpt2,
     "tiny-opt": _opt,
 }
-PRESETS = tuple(CONFIGS)
+TRAINED_PRESETS = ("tiny-llama-docs",)  # shipped trained weights (minipaged/trained_preset.py)
+PRESETS = (*CONFIGS, *TRAINED_PRESETS)
 DEFAULT_PRESET = "tiny-llama"
 
 
@@ -137,9 +138,15 @@ def load_preset(
 ) -> torch.nn.Module:
     """The preset's model with weights drawn from `seed` (the global RNG is left as it was).
 
+    A trained preset ("tiny-llama-docs") loads its shipped weights instead: `seed` does not apply.
+
     Raises:
         ValueError: if `name` is not a preset (the message lists them).
     """
+    if name in TRAINED_PRESETS:
+        from minipaged.trained_preset import load_trained_preset
+
+        return load_trained_preset(dtype)
     from transformers import AutoModelForCausalLM
 
     if name not in CONFIGS:

@@ -350,3 +350,34 @@ def test_tutorial_page_links_its_notebook(site, pages, tutorial):
         (c.cell_type, c.source) for c in expected.cells
     ]
     assert any(c.cell_type == "code" for c in notebook.cells)
+
+
+FIGURE_PAGES = [
+    *(
+        f"concepts/{name}.html"
+        for name in (
+            "pages-and-frames",
+            "page-table",
+            "frame-allocator",
+            "demand-paging",
+            "fork",
+            "copy-on-write",
+            "prefix-caching",
+            "swapping",
+        )
+    ),
+    "index.html",
+    "kernels/triton-decode.html",
+]
+
+
+@pytest.mark.parametrize("page", FIGURE_PAGES)
+def test_every_concept_page_and_the_home_page_show_a_figure_that_is_in_the_site(site, pages, page):
+    figures = [
+        attrs["src"]
+        for tag, attrs in pages[page].tags
+        if tag == "img" and attrs.get("src", "").endswith(".svg")
+    ]
+    assert figures, f"{page} shows no figure"
+    for src in figures:
+        assert (site / page).parent.joinpath(src).resolve().is_file(), f"{page}: {src} is not in the site"
