@@ -128,7 +128,8 @@ CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
     "tiny-gpt2": _gpt2,
     "tiny-opt": _opt,
 }
-TRAINED_PRESETS = ("tiny-llama-docs",)  # shipped trained weights (minipaged/trained_preset.py)
+# shipped trained weights (minipaged/trained_preset.py)
+TRAINED_PRESETS = ("tiny-llama-docs",)
 PRESETS = (*CONFIGS, *TRAINED_PRESETS)
 DEFAULT_PRESET = "tiny-llama"
 

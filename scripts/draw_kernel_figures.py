@@ -41,8 +41,11 @@ NUM_POOL_BLOCKS = 16
 def grid_programs() -> list[dict]:
     """The decode grid of the example step, one dict a program, from the launcher's own plan."""
     seq_lens = torch.tensor(SEQ_LENS, dtype=torch.int32)
-    query_start_loc = torch.arange(len(SEQ_LENS) + 1, dtype=torch.int32)  # every q_len is 1: decodes
-    plan = plan_attention(seq_lens, query_start_loc, NUM_KV_HEADS, num_splits=NUM_SPLITS)
+    # every q_len is 1: decodes
+    query_start_loc = torch.arange(len(SEQ_LENS) + 1, dtype=torch.int32)
+    plan = plan_attention(
+        seq_lens, query_start_loc, NUM_KV_HEADS, num_splits=NUM_SPLITS
+    )
     programs = []
     for decode, seq in enumerate(plan.decode_seqs.tolist()):
         for kv_head in range(NUM_KV_HEADS):
@@ -50,7 +53,13 @@ def grid_programs() -> list[dict]:
                 start = split * plan.tokens_per_split  # as the kernel computes them
                 end = min(start + plan.tokens_per_split, SEQ_LENS[seq])
                 programs.append(
-                    {"decode": decode, "kv_head": kv_head, "split": split, "start": start, "end": end}
+                    {
+                        "decode": decode,
+                        "kv_head": kv_head,
+                        "split": split,
+                        "start": start,
+                        "end": end,
+                    }
                 )
     return programs
 
@@ -67,7 +76,12 @@ def tile_walk(start: int, end: int) -> list[dict]:
         for logical in sorted({pos // BLOCK_SIZE for pos in positions}):
             physical = BLOCK_TABLE[logical]
             entries.append(
-                {"tile": tile, "logical": logical, "physical": physical, "first_slot": physical * BLOCK_SIZE}
+                {
+                    "tile": tile,
+                    "logical": logical,
+                    "physical": physical,
+                    "first_slot": physical * BLOCK_SIZE,
+                }
             )
     return entries
 
@@ -89,20 +103,36 @@ def launch_grid_svg() -> str:
     ]
     for kv_head in range(NUM_KV_HEADS):
         parts.append(
-            text(left + kv_head * (head_w + 16) + head_w / 2, top - 6, f"KV head {kv_head}", "", "middle")
+            text(
+                left + kv_head * (head_w + 16) + head_w / 2,
+                top - 6,
+                f"KV head {kv_head}",
+                "",
+                "middle",
+            )
         )
     for p in programs:
         x = left + p["kv_head"] * (head_w + 16) + p["split"] * (cell_w + 12)
         y = top + p["decode"] * (cell_h + 10)
         empty = p["start"] >= p["end"]
-        attrs = "".join(f' data-{key.replace("_", "-")}="{value}"' for key, value in p.items())
+        attrs = "".join(
+            f' data-{key.replace("_", "-")}="{value}"' for key, value in p.items()
+        )
         fill = "#F5F5F5" if empty else PALETTE[p["decode"] % len(PALETTE)] + "22"
         parts.append(f"<g{attrs}>" + rect(x, y, cell_w, cell_h, "b", fill))
-        parts.append(text(x + 6, y + 15, f"pid ({p['decode']}, {p['kv_head']}, {p['split']})"))
-        label = "empty: start >= seq_len" if empty else f"tokens {p['start']} .. {p['end'] - 1}"
+        parts.append(
+            text(x + 6, y + 15, f"pid ({p['decode']}, {p['kv_head']}, {p['split']})")
+        )
+        label = (
+            "empty: start >= seq_len"
+            if empty
+            else f"tokens {p['start']} .. {p['end'] - 1}"
+        )
         parts.append(text(x + 6, y + 30, label, "s") + "</g>")
     for decode, seq_len in enumerate(SEQ_LENS):
-        parts.append(text(12, top + decode * (cell_h + 10) + 24, f"decode {decode} ({seq_len})"))
+        parts.append(
+            text(12, top + decode * (cell_h + 10) + 24, f"decode {decode} ({seq_len})")
+        )
     width = left + NUM_KV_HEADS * (head_w + 16) + 4
     height = top + len(SEQ_LENS) * (cell_h + 10) + 6
     return document("\n".join(parts), width, height, "The decode kernel's launch grid")
@@ -115,7 +145,12 @@ def tile_walk_svg() -> str:
     box_w, gap, left = 44, 6, 96
     y_tiles, y_table, y_pool = 50, 100, 190
     parts = [
-        text(12, 20, f"One program's walk: tiles of {DECODE_BLOCK_N} positions, blocks of {BLOCK_SIZE}", "t"),
+        text(
+            12,
+            20,
+            f"One program's walk: tiles of {DECODE_BLOCK_N} positions, blocks of {BLOCK_SIZE}",
+            "t",
+        ),
         text(
             12,
             36,
@@ -133,7 +168,9 @@ def tile_walk_svg() -> str:
         color = PALETTE[tile % len(PALETTE)]
         lo = first["start"] + tile * DECODE_BLOCK_N
         hi = min(lo + DECODE_BLOCK_N, first["end"]) - 1
-        parts.append(rect(x, y_tiles, per_tile * (box_w + gap) - gap, 30, "b", color + "33"))
+        parts.append(
+            rect(x, y_tiles, per_tile * (box_w + gap) - gap, 30, "b", color + "33")
+        )
         parts.append(text(x + 6, y_tiles + 19, f"tile {tile}: positions {lo} .. {hi}"))
     for block in range(NUM_POOL_BLOCKS):
         x = left + block * (box_w + gap) / 1.25
@@ -144,26 +181,52 @@ def tile_walk_svg() -> str:
     for i, entry in enumerate(entries):
         x = left + i * (box_w + gap)
         color = PALETTE[entry["tile"] % len(PALETTE)]
-        attrs = "".join(f' data-{key.replace("_", "-")}="{value}"' for key, value in entry.items())
+        attrs = "".join(
+            f' data-{key.replace("_", "-")}="{value}"' for key, value in entry.items()
+        )
         parts.append(f"<g{attrs}>" + rect(x, y_table, box_w, 34, "b"))
         parts.append(
-            text(x + box_w / 2, y_table + 14, f"{entry['logical']} → {entry['physical']}", "", "middle")
+            text(
+                x + box_w / 2,
+                y_table + 14,
+                f"{entry['logical']} → {entry['physical']}",
+                "",
+                "middle",
+            )
         )
-        parts.append(text(x + box_w / 2, y_table + 27, f"slot {entry['first_slot']}+", "s", "middle"))
+        parts.append(
+            text(
+                x + box_w / 2,
+                y_table + 27,
+                f"slot {entry['first_slot']}+",
+                "s",
+                "middle",
+            )
+        )
         pool_x = left + entry["physical"] * (box_w + gap) / 1.25 + box_w / 2.5 - 1
         parts.append(arrow(x + box_w / 2, y_table + 34, pool_x, y_pool, color) + "</g>")
     width = left + max(len(entries), NUM_POOL_BLOCKS / 1.25) * (box_w + gap) + 8
-    return document("\n".join(parts), width, y_pool + 42, "One decode program's walk through the block table")
+    return document(
+        "\n".join(parts),
+        width,
+        y_pool + 42,
+        "One decode program's walk through the block table",
+    )
 
 
 def build_figures() -> dict[str, str]:
     """File name -> SVG text of every kernel figure."""
-    return {"decode-grid.svg": launch_grid_svg(), "decode-tile-walk.svg": tile_walk_svg()}
+    return {
+        "decode-grid.svg": launch_grid_svg(),
+        "decode-tile-walk.svg": tile_walk_svg(),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if a committed figure is stale")
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 if a committed figure is stale"
+    )
     args = parser.parse_args(argv)
     stale = []
     for name, svg in build_figures().items():

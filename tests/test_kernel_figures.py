@@ -46,16 +46,22 @@ def test_the_grid_is_the_launchers_plan():
     programs = groups(figures.launch_grid_svg(), "split")
     seq_lens = figures.SEQ_LENS
     num_splits = max(p["split"] for p in programs) + 1
-    assert len(programs) == len(seq_lens) * figures.NUM_KV_HEADS * num_splits  # one cell a program
+    # one cell a program
+    assert len(programs) == len(seq_lens) * figures.NUM_KV_HEADS * num_splits
     tokens_per_split = programs[1]["start"]
     assert tokens_per_split % figures.DECODE_BLOCK_N == 0  # chunks are whole tiles
     for p in programs:
         start = p["split"] * tokens_per_split
-        assert (p["start"], p["end"]) == (start, min(start + tokens_per_split, seq_lens[p["decode"]]))
+        assert (p["start"], p["end"]) == (
+            start,
+            min(start + tokens_per_split, seq_lens[p["decode"]]),
+        )
     # together the non-empty chunks of a decode cover its tokens exactly once, for each head
     for decode, seq_len in enumerate(seq_lens):
         for head in range(figures.NUM_KV_HEADS):
-            mine = [p for p in programs if p["decode"] == decode and p["kv-head"] == head]
+            mine = [
+                p for p in programs if p["decode"] == decode and p["kv-head"] == head
+            ]
             covered = [t for p in mine for t in range(p["start"], p["end"])]
             assert covered == list(range(seq_len))
 
@@ -72,16 +78,22 @@ def test_every_walked_entry_translates_as_the_reference_table_does():
         walked.add(e["logical"])
         tile_positions = range(
             first["start"] + e["tile"] * figures.DECODE_BLOCK_N,
-            min(first["start"] + (e["tile"] + 1) * figures.DECODE_BLOCK_N, first["end"]),
+            min(
+                first["start"] + (e["tile"] + 1) * figures.DECODE_BLOCK_N, first["end"]
+            ),
         )
         assert e["logical"] in {pos // figures.BLOCK_SIZE for pos in tile_positions}
-    assert walked == {pos // figures.BLOCK_SIZE for pos in range(first["start"], first["end"])}
+    assert walked == {
+        pos // figures.BLOCK_SIZE for pos in range(first["start"], first["end"])
+    }
 
 
 def test_the_committed_figures_are_up_to_date_and_embedded():
     for name, svg in figures.build_figures().items():
         path = ROOT / "docs" / "img" / "kernels" / name
-        assert path.read_text() == svg, "stale: run `PYTHONPATH=. python scripts/draw_kernel_figures.py`"
+        assert path.read_text() == svg, (
+            "stale: run `PYTHONPATH=. python scripts/draw_kernel_figures.py`"
+        )
         assert not re.search(r"(href|src)=\"https?://", svg)
         page = (ROOT / "docs" / "kernels" / "triton-decode.md").read_text()
         assert f"](../img/kernels/{name})" in page

@@ -372,7 +372,9 @@ FIGURE_PAGES = [
 
 
 @pytest.mark.parametrize("page", FIGURE_PAGES)
-def test_every_concept_page_and_the_home_page_show_a_figure_that_is_in_the_site(site, pages, page):
+def test_every_concept_page_and_the_home_page_show_a_figure_that_is_in_the_site(
+    site, pages, page
+):
     figures = [
         attrs["src"]
         for tag, attrs in pages[page].tags
@@ -380,4 +382,6 @@ def test_every_concept_page_and_the_home_page_show_a_figure_that_is_in_the_site(
     ]
     assert figures, f"{page} shows no figure"
     for src in figures:
-        assert (site / page).parent.joinpath(src).resolve().is_file(), f"{page}: {src} is not in the site"
+        assert (site / page).parent.joinpath(src).resolve().is_file(), (
+            f"{page}: {src} is not in the site"
+        )
