@@ -52,7 +52,9 @@ def load_trained_preset(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
         FileNotFoundError: if the weights are not installed.
     """
     if dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"dtype must be one of torch.float32, torch.float16, torch.bfloat16, got {dtype!r}")
+        raise TypeError(
+            f"dtype must be one of torch.float32, torch.float16, torch.bfloat16, got {dtype!r}"
+        )
     from safetensors.torch import load_file  # lazy: importing minipaged stays light
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -63,5 +65,7 @@ def load_trained_preset(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     # weights must not move the caller's random state.
     with torch.random.fork_rng(devices=[]):
         model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(load_file(folder / "model.safetensors"))  # strict: every weight, no other
+    model.load_state_dict(
+        load_file(folder / "model.safetensors")
+    )  # strict: every weight, no other
     return model.to(dtype).eval()

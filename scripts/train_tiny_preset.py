@@ -33,13 +33,17 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as a script from a checkout: import minipaged from it
+sys.path.insert(
+    0, str(ROOT)
+)  # run as a script from a checkout: import minipaged from it
 
 from minipaged.presets import BOS_ID, BYTE_OFFSET, EOS_ID, PAD_ID, VOCAB_SIZE  # noqa: E402
 
 OUT_DIR = ROOT / "minipaged" / "weights" / "tiny-llama-docs"
 PLOT_PATH = ROOT / "docs" / "engine" / "img" / "trained-preset-loss.png"
-OWN_PAGE = "docs/engine/trained-preset.md"  # the page about this model, kept out of its corpus
+OWN_PAGE = (
+    "docs/engine/trained-preset.md"  # the page about this model, kept out of its corpus
+)
 SAMPLE_PROMPTS = ("The block table", "Paging is", "A sequence")
 
 
@@ -64,7 +68,11 @@ def model_config():
 
 def corpus_files() -> list[Path]:
     """The training documents, in a fixed order: docs pages, README.md, then Python modules."""
-    docs = sorted(p for p in (ROOT / "docs").rglob("*.md") if p.relative_to(ROOT).as_posix() != OWN_PAGE)
+    docs = sorted(
+        p
+        for p in (ROOT / "docs").rglob("*.md")
+        if p.relative_to(ROOT).as_posix() != OWN_PAGE
+    )
     modules = sorted((ROOT / "minipaged").rglob("*.py"))
     return [*docs, ROOT / "README.md", *modules]
 
@@ -93,13 +101,19 @@ def word_starts(data: torch.Tensor, seq_len: int) -> torch.Tensor:
     return starts
 
 
-def batches(data: torch.Tensor, starts: torch.Tensor, batch_size: int, seq_len: int, generator):
+def batches(
+    data: torch.Tensor, starts: torch.Tensor, batch_size: int, seq_len: int, generator
+):
     """Endless batches `[batch_size, seq_len]` of token ids: BOS, then seq_len - 1 bytes."""
     offsets = torch.arange(seq_len - 1)  # [seq_len - 1]
     bos = torch.full((batch_size, 1), BOS_ID, dtype=torch.long)
     while True:
-        picks = starts[torch.randint(len(starts), (batch_size,), generator=generator)]  # [batch_size]
-        window = data[picks[:, None] + offsets[None, :]] + BYTE_OFFSET  # [batch_size, seq_len - 1]
+        picks = starts[
+            torch.randint(len(starts), (batch_size,), generator=generator)
+        ]  # [batch_size]
+        window = (
+            data[picks[:, None] + offsets[None, :]] + BYTE_OFFSET
+        )  # [batch_size, seq_len - 1]
         yield torch.cat([bos, window], dim=1)  # [batch_size, seq_len]
 
 
@@ -110,7 +124,9 @@ def learning_rate(step: int, progress: float, peak: float, warmup: int) -> float
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def training_progress(step: int, steps: int, elapsed_s: float, max_minutes: float) -> float:
+def training_progress(
+    step: int, steps: int, elapsed_s: float, max_minutes: float
+) -> float:
     """How far along the run is: the step budget or the time budget, whichever is further spent.
 
     On an idle machine the steps end first and the run is reproducible step for step; on a busy one
@@ -137,7 +153,9 @@ def greedy_samples(model, max_new_tokens: int = 80) -> dict[str, str]:
     samples = {}
     for prompt in SAMPLE_PROMPTS:
         ids = torch.tensor([tok.encode(prompt)])
-        out = model.generate(ids, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=PAD_ID)
+        out = model.generate(
+            ids, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=PAD_ID
+        )
         samples[prompt] = tok.decode(out[0, ids.shape[1] :].tolist())
     return samples
 
@@ -152,7 +170,8 @@ def plot_losses(history: dict, path: Path) -> None:
     train = history["train_loss"]
     window = 20
     smooth = [
-        sum(train[max(0, i - window + 1) : i + 1]) / len(train[max(0, i - window + 1) : i + 1])
+        sum(train[max(0, i - window + 1) : i + 1])
+        / len(train[max(0, i - window + 1) : i + 1])
         for i in range(len(train))
     ]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -160,7 +179,9 @@ def plot_losses(history: dict, path: Path) -> None:
     ax.plot(smooth, color="#1f77b4", label=f"train ({window}-step mean)")
     steps, vals = zip(*history["val_loss"], strict=True)
     ax.plot(steps, vals, "o-", color="#d62728", label="validation (held-out 5%)")
-    ax.axhline(math.log(256), color="#999999", linestyle=":", label="uniform over bytes (5.55)")
+    ax.axhline(
+        math.log(256), color="#999999", linestyle=":", label="uniform over bytes (5.55)"
+    )
     ax.set_xlabel("step")
     ax.set_ylabel("next-byte cross-entropy (nats)")
     ax.set_title("tiny-llama-docs: training on minipaged's own docs")
@@ -191,18 +212,36 @@ def _relative(path: Path) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1400, help="optimizer steps (the schedule's length)")
-    parser.add_argument("--max-minutes", type=float, default=12.0, help="time budget (LR decays by it)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=1400,
+        help="optimizer steps (the schedule's length)",
+    )
+    parser.add_argument(
+        "--max-minutes", type=float, default=12.0, help="time budget (LR decays by it)"
+    )
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per window: BOS + seq_len - 1 bytes")
+    parser.add_argument(
+        "--seq-len",
+        type=int,
+        default=256,
+        help="tokens per window: BOS + seq_len - 1 bytes",
+    )
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--bf16", action=argparse.BooleanOptionalAction, default=True, help="bfloat16 autocast (CPU)"
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="bfloat16 autocast (CPU)",
     )
     parser.add_argument(
-        "--threads", type=int, default=1, help="torch CPU threads (1: a busy 2-core machine ran 2 far slower)"
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1: a busy 2-core machine ran 2 far slower)",
     )
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--out", type=Path, default=OUT_DIR)
@@ -210,7 +249,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     for name in ("steps", "batch_size", "threads", "eval_every", "warmup"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            parser.error(
+                f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
+            )
     if not 2 <= args.seq_len <= model_config().max_position_embeddings:
         parser.error(f"--seq-len must be in [2, 512], got {args.seq_len}")
     return args
@@ -229,7 +270,11 @@ def main(argv=None) -> None:
     train_data, val_data = data[:split], data[split:]
     generator = torch.Generator().manual_seed(args.seed)
     train_iter = batches(
-        train_data, word_starts(train_data, args.seq_len), args.batch_size, args.seq_len, generator
+        train_data,
+        word_starts(train_data, args.seq_len),
+        args.batch_size,
+        args.seq_len,
+        generator,
     )
     val_iter = batches(
         val_data,
@@ -243,8 +288,12 @@ def main(argv=None) -> None:
     model = LlamaForCausalLM(model_config())
     model.train()
     num_params = sum(p.numel() for p in model.parameters())
-    print(f"corpus {len(corpus):,} bytes from {len(corpus_files())} files; model {num_params:,} parameters")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    print(
+        f"corpus {len(corpus):,} bytes from {len(corpus_files())} files; model {num_params:,} parameters"
+    )
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1
+    )
     history = {"train_loss": [], "val_loss": [], "lr": []}
     start = time.time()
     bar = tqdm(total=args.steps, desc="train", unit="step")
@@ -254,42 +303,57 @@ def main(argv=None) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = next(train_iter)  # [batch_size, seq_len]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):  # master weights stay fp32
+        with torch.autocast(
+            "cpu", dtype=torch.bfloat16, enabled=args.bf16
+        ):  # master weights stay fp32
             loss = model(input_ids=batch, labels=batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         step += 1
-        progress = training_progress(step, args.steps, time.time() - start, args.max_minutes)
+        progress = training_progress(
+            step, args.steps, time.time() - start, args.max_minutes
+        )
         history["train_loss"].append(round(loss.item(), 4))
         history["lr"].append(lr)
         if step % args.eval_every == 0 or progress >= 1.0:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-                history["val_loss"].append((step, round(evaluate(model, val_batches), 4)))
+                history["val_loss"].append(
+                    (step, round(evaluate(model, val_batches), 4))
+                )
             bar.write(f"step {step}: val loss {history['val_loss'][-1][1]:.3f}")
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
     bar.close()
     if step < args.steps:
-        print(f"the clock ended the run after {step} of {args.steps} steps (--max-minutes)")
+        print(
+            f"the clock ended the run after {step} of {args.steps} steps (--max-minutes)"
+        )
     minutes = (time.time() - start) / 60
 
-    model = model.to(torch.bfloat16)  # 2 bytes a weight keeps the shipped file under 4 MB
+    model = model.to(
+        torch.bfloat16
+    )  # 2 bytes a weight keeps the shipped file under 4 MB
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out, safe_serialization=True)
     samples = greedy_samples(model.float())
     for prompt, text in samples.items():
         print(f"{prompt!r} -> {text!r}")
     log = {
-        "command": "python scripts/train_tiny_preset.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "args": {k: _relative(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "command": "python scripts/train_tiny_preset.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+        "args": {
+            k: _relative(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+        },
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s)",
         "torch": torch.__version__,
         "minutes": round(minutes, 2),
         "steps_done": len(history["train_loss"]),
-        "ended_by": "steps" if len(history["train_loss"]) >= args.steps else "max-minutes",
+        "ended_by": "steps"
+        if len(history["train_loss"]) >= args.steps
+        else "max-minutes",
         "num_parameters": num_params,
         "corpus_bytes": len(corpus),
         "corpus_sha256": hashlib.sha256(corpus).hexdigest(),
