@@ -27,19 +27,20 @@ from minipaged.presets import load_preset
 # %% [markdown]
 # ## 1. A preset model
 #
-# `LLM("tiny-llama")` loads a **preset**: a small transformers configuration (a Llama
-# with 2 layers, a hidden size of 64, 4 query heads sharing 2 KV heads) whose weights
-# are drawn from a seed. Nothing is downloaded. The weights are random, so the text is
-# gibberish, but it is the same gibberish on every run, and the engine runs the model
-# exactly as it would run a real checkpoint (`LLM("path/to/checkpoint")`). Presets come
-# with a byte-level tokenizer: one token per UTF-8 byte, after the special tokens PAD,
-# BOS and EOS.
+# `LLM("tiny-llama-docs")` loads a **preset**: a small Llama (4 layers, a hidden size
+# of 192, 6 query heads sharing 2 KV heads) trained for a few minutes on this
+# project's own docs, shipped with the package
+# ([the trained preset](../../engine/trained-preset/)). Nothing is downloaded. Its text is readable, if not wise, and the engine runs it
+# exactly as it would run a real checkpoint (`LLM("path/to/checkpoint")`). The other
+# presets (`tiny-llama`, `tiny-gpt2`, ...) have seeded random weights: byte noise, for
+# the tests. Presets come with a byte-level tokenizer: one token per UTF-8 byte, after
+# the special tokens PAD, BOS and EOS.
 #
 # We choose the KV cache's size ourselves: blocks of 4 tokens, 64 of them. Left out,
 # `num_gpu_blocks` would be derived from a memory budget.
 
 # %%
-llm = LLM("tiny-llama", block_size=4, num_gpu_blocks=64, seed=0)
+llm = LLM("tiny-llama-docs", block_size=4, num_gpu_blocks=64, seed=0)
 config = llm.model.config
 print(
     f"{config.num_hidden_layers} layers, {config.num_attention_heads} query heads, "
@@ -77,7 +78,7 @@ assert [
 # and no paging, gives the same tokens:
 
 # %%
-reference_model = load_preset("tiny-llama", seed=0)
+reference_model = load_preset("tiny-llama-docs")
 for prompt, out in zip(prompts, outputs, strict=True):
     input_ids = torch.tensor([llm.tokenizer.encode(prompt)])
     expected = reference_model.generate(
@@ -204,7 +205,7 @@ assert llm.block_manager.device.num_free == 64  # every block came back
 # token.
 
 # %%
-small = LLM("tiny-llama", block_size=4, num_gpu_blocks=12, preemption_mode="swap")
+small = LLM("tiny-llama-docs", block_size=4, num_gpu_blocks=12, preemption_mode="swap")
 requests = [
     ("The cat sat", SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)),
     (
@@ -273,7 +274,7 @@ assert (
 # The same requests on a pool large enough to never preempt give the same tokens:
 
 # %%
-roomy = LLM("tiny-llama", block_size=4, num_gpu_blocks=64)
+roomy = LLM("tiny-llama-docs", block_size=4, num_gpu_blocks=64)
 expected = roomy.generate(
     [p for p, _ in requests], [params for _, params in requests], use_tqdm=False
 )
@@ -348,18 +349,18 @@ import openai
 
 from minipaged.serving import running_server
 
-server_llm = LLM("tiny-llama", block_size=4, num_gpu_blocks=64, max_step_stats=16)
+server_llm = LLM("tiny-llama-docs", block_size=4, num_gpu_blocks=64, max_step_stats=16)
 with running_server(server_llm) as url:
     client = openai.OpenAI(base_url=url + "/v1", api_key="none")
     completion = client.completions.create(
-        model="tiny-llama", prompt="The cat sat", max_tokens=8, temperature=0
+        model="tiny-llama-docs", prompt="The cat sat", max_tokens=8, temperature=0
     )  # the request of section 2's first prompt, with the `greedy` parameters
     print(
         f"{url}: {completion.choices[0].text!r}, "
         f"{completion.usage.completion_tokens} tokens"
     )
     stream = client.completions.create(
-        model="tiny-llama",
+        model="tiny-llama-docs",
         prompt="Paging is",
         max_tokens=8,
         temperature=0.8,
