@@ -30,8 +30,9 @@ from minipaged.presets import load_preset
 # `LLM("tiny-llama-docs")` loads a **preset**: a small Llama (4 layers, a hidden size
 # of 192, 6 query heads sharing 2 KV heads) trained for a few minutes on this
 # project's own docs, shipped with the package
-# ([the trained preset](../../engine/trained-preset/)). Nothing is downloaded. Its text is readable, if not wise, and the engine runs it
-# exactly as it would run a real checkpoint (`LLM("path/to/checkpoint")`). The other
+# ([the trained preset](../../engine/trained-preset/)). Nothing is downloaded. Its
+# text is readable, if not wise, and the engine runs it exactly as it would run a real
+# checkpoint (`LLM("path/to/checkpoint")`). The other
 # presets (`tiny-llama`, `tiny-gpt2`, ...) have seeded random weights: byte noise, for
 # the tests. Presets come with a byte-level tokenizer: one token per UTF-8 byte, after
 # the special tokens PAD, BOS and EOS.
