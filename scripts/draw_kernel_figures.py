@@ -24,6 +24,7 @@ import torch
 from minipaged.drawing import PALETTE, arrow, document, rect, text
 from minipaged.fast.attention import plan_attention
 from minipaged.fast.decode import DECODE_BLOCK_N
+from minipaged.fast.prefill import PREFILL_BLOCK_M
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "img" / "kernels"
@@ -62,6 +63,96 @@ def grid_programs() -> list[dict]:
                     }
                 )
     return programs
+
+
+# The prefill example: a mixed step. Sequence 0 computes 70 new tokens after a cached prefix
+# of 16, sequence 1 a fresh 40-token prompt, sequence 2 decodes (the decode kernel takes it).
+PREFILL_SEQ_LENS = (86, 40, 120)
+PREFILL_Q_LENS = (70, 40, 1)
+PREFILL_NUM_HEADS = 2
+
+
+def prefill_programs() -> list[dict]:
+    """The prefill grid (num_heads, cdiv(max_q_len, BLOCK_M), num_prefills), from the plan.
+
+    Each program's rows are `tile_m * BLOCK_M ..` of its sequence's q_len new tokens; `last`
+    is one past the last position any of them may see (the kernel's reach); a tile starting
+    past q_len is empty and returns at once.
+    """
+    seq_lens = torch.tensor(PREFILL_SEQ_LENS, dtype=torch.int32)
+    starts = [0]
+    for q_len in PREFILL_Q_LENS:
+        starts.append(starts[-1] + q_len)
+    query_start_loc = torch.tensor(starts, dtype=torch.int32)
+    plan = plan_attention(seq_lens, query_start_loc, PREFILL_NUM_HEADS)
+    num_tiles = -(-plan.max_prefill_q_len // PREFILL_BLOCK_M)
+    programs = []
+    for prefill, seq in enumerate(plan.prefill_seqs.tolist()):
+        seq_len, q_len = PREFILL_SEQ_LENS[seq], PREFILL_Q_LENS[seq]
+        for head in range(PREFILL_NUM_HEADS):
+            for tile_m in range(num_tiles):
+                first_row = tile_m * PREFILL_BLOCK_M
+                rows_end = max(first_row, min(first_row + PREFILL_BLOCK_M, q_len))
+                last = min(seq_len, seq_len - q_len + (tile_m + 1) * PREFILL_BLOCK_M)
+                programs.append(
+                    {
+                        "head": head,
+                        "tile_m": tile_m,
+                        "prefill": prefill,
+                        "seq": seq,
+                        "first_row": first_row,
+                        "rows_end": rows_end,
+                        "last": last if first_row < q_len else 0,
+                    }
+                )
+    return programs
+
+
+def prefill_grid_svg() -> str:
+    """The prefill grid of the mixed example step: a cell per program, its rows, its reach."""
+    programs = prefill_programs()
+    num_tiles = max(p["tile_m"] for p in programs) + 1
+    num_prefills = max(p["prefill"] for p in programs) + 1
+    cell_w, cell_h, left, top = 122, 40, 110, 56
+    head_w = num_tiles * (cell_w + 10)
+    cached = PREFILL_SEQ_LENS[0] - PREFILL_Q_LENS[0]
+    parts = [
+        text(
+            12, 20, "The prefill grid: a program per (head, tile of rows, prefill)", "t"
+        ),
+        text(
+            12,
+            36,
+            f"q_lens {list(PREFILL_Q_LENS[:2])}, the first after {cached} cached tokens; "
+            f"BLOCK_M {PREFILL_BLOCK_M}; the step's decode (q_len 1) goes to the decode kernel",
+            "s",
+        ),
+    ]
+    for head in range(PREFILL_NUM_HEADS):
+        x = left + head * (head_w + 16) + head_w / 2
+        parts.append(text(x, top - 6, f"head {head}", "", "middle"))
+    for p in programs:
+        x = left + p["head"] * (head_w + 16) + p["tile_m"] * (cell_w + 10)
+        y = top + p["prefill"] * (cell_h + 10)
+        empty = p["first_row"] >= p["rows_end"]
+        attrs = "".join(f' data-{k.replace("_", "-")}="{v}"' for k, v in p.items())
+        fill = "#F5F5F5" if empty else PALETTE[p["seq"] % len(PALETTE)] + "22"
+        parts.append(f"<g{attrs}>" + rect(x, y, cell_w, cell_h, "b", fill))
+        parts.append(
+            text(x + 6, y + 15, f"pid ({p['head']}, {p['tile_m']}, {p['prefill']})")
+        )
+        if empty:
+            label = "returns: tile past q_len"
+        else:
+            label = f"rows {p['first_row']}..{p['rows_end'] - 1}, keys < {p['last']}"
+        parts.append(text(x + 6, y + 30, label, "s") + "</g>")
+    for prefill in range(num_prefills):
+        seq = next(p["seq"] for p in programs if p["prefill"] == prefill)
+        label = f"seq {seq} ({PREFILL_Q_LENS[seq]} new)"
+        parts.append(text(12, top + prefill * (cell_h + 10) + 24, label))
+    width = left + PREFILL_NUM_HEADS * (head_w + 16) + 4
+    height = top + num_prefills * (cell_h + 10) + 6
+    return document("\n".join(parts), width, height, "The prefill kernel's launch grid")
 
 
 def tile_walk(start: int, end: int) -> list[dict]:
@@ -219,6 +310,7 @@ def build_figures() -> dict[str, str]:
     return {
         "decode-grid.svg": launch_grid_svg(),
         "decode-tile-walk.svg": tile_walk_svg(),
+        "prefill-grid.svg": prefill_grid_svg(),
     }
 
 

@@ -88,6 +88,39 @@ def test_every_walked_entry_translates_as_the_reference_table_does():
     }
 
 
+def test_the_prefill_grid_is_the_launchers_plan_and_each_tile_reaches_what_its_rows_see():
+    programs = groups(figures.prefill_grid_svg(), "tile-m")
+    block_m = figures.PREFILL_BLOCK_M
+    prefilled = [s for s, q in enumerate(figures.PREFILL_Q_LENS) if q > 1]
+    assert (
+        sorted({p["seq"] for p in programs}) == prefilled
+    )  # decodes take the other kernel
+    max_q = max(figures.PREFILL_Q_LENS[s] for s in prefilled)
+    assert len(programs) == figures.PREFILL_NUM_HEADS * -(-max_q // block_m) * len(
+        prefilled
+    )
+    for p in programs:
+        seq_len, q_len = (
+            figures.PREFILL_SEQ_LENS[p["seq"]],
+            figures.PREFILL_Q_LENS[p["seq"]],
+        )
+        rows = range(p["first-row"], p["rows-end"])
+        assert p["first-row"] == p["tile-m"] * block_m
+        assert list(rows) == [
+            r for r in range(p["first-row"], p["first-row"] + block_m) if r < q_len
+        ]
+        if (
+            rows
+        ):  # every row sees positions 0 .. its own; the reach covers them and no more
+            positions = [seq_len - q_len + r for r in rows]
+            assert p["last"] == max(positions) + 1
+    for seq in prefilled:  # each real row of each head is in exactly one tile
+        for head in range(figures.PREFILL_NUM_HEADS):
+            tiles = [p for p in programs if p["seq"] == seq and p["head"] == head]
+            rows = [r for p in tiles for r in range(p["first-row"], p["rows-end"])]
+            assert rows == list(range(figures.PREFILL_Q_LENS[seq]))
+
+
 def test_the_committed_figures_are_up_to_date_and_embedded():
     for name, svg in figures.build_figures().items():
         path = ROOT / "docs" / "img" / "kernels" / name
@@ -95,5 +128,6 @@ def test_the_committed_figures_are_up_to_date_and_embedded():
             "stale: run `PYTHONPATH=. python scripts/draw_kernel_figures.py`"
         )
         assert not re.search(r"(href|src)=\"https?://", svg)
-        page = (ROOT / "docs" / "kernels" / "triton-decode.md").read_text()
+        kernel = "triton-prefill" if name.startswith("prefill") else "triton-decode"
+        page = (ROOT / "docs" / "kernels" / f"{kernel}.md").read_text()
         assert f"](../img/kernels/{name})" in page

@@ -368,6 +368,7 @@ FIGURE_PAGES = [
     ),
     "index.html",
     "kernels/triton-decode.html",
+    "kernels/triton-prefill.html",
 ]
 
 
