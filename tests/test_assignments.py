@@ -165,3 +165,35 @@ def test_every_task_has_a_test_that_fails_without_its_solution(tmp_path):
         assert failing, (
             f"every {task} test passes with the solutions stripped: they test nothing of the task"
         )
+
+
+def test_the_student_copys_tests_import_the_student_copy(tmp_path):
+    """Issue 15, defect 1: with minipaged installed from another checkout (this one, editable),
+    `pytest` run inside the student copy must import the copy's package, never the solution."""
+    student = tmp_path / "student"
+    make_student_copy(ROOT, student)
+    (student / "tests" / "test_where_from.py").write_text(
+        "from pathlib import Path\n\nimport minipaged\n\n\n"
+        "def test_imported_from_this_copy():\n"
+        "    here = Path(__file__).resolve().parents[1]\n"
+        "    assert Path(minipaged.__file__).resolve().is_relative_to(here), minipaged.__file__\n"
+    )
+    pytest_script = Path(sys.executable).with_name(
+        "pytest"
+    )  # the script: it does not add the cwd
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [
+            str(pytest_script),
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_where_from.py",
+        ],
+        cwd=student,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-2000:]
