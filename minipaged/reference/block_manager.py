@@ -345,6 +345,21 @@ class BlockManager:
         dst_tables: dict[int, BlockTable],
         dst: BlockAllocator,
     ) -> BlockMapping:
+        """Move the group's blocks from one pool to the other: the body of swap_out and swap_in.
+
+        Each sequence's table leaves `src_tables` for `dst_tables`; each of its blocks gets a
+        block in `dst` (allocated the first time, incref'd after, so a block shared in the group
+        moves once), and its `src` blocks are freed last first, as `free` does. A block whose
+        K/V the device's prefix cache still holds is taken from there and not copied (Linux's
+        swap cache). On the way in, the table's full blocks are published to the prefix cache.
+
+        Returns:
+            The (src, dst) block pairs whose data must be copied, in the order first seen.
+
+        Raises:
+            ValueError: if no sequence of the group holds blocks in `src`.
+            NoFreeBlocksError: if `dst` has too few free blocks (checked before anything moves).
+        """
         seqs = self._seqs_on(seq_group, src_tables)
         if not seqs:
             raise ValueError(
