@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
+from minipaged.limits import SUPPORTED_DTYPES  # the kernel contract's cache dtypes
+
 TRAINED_PRESET = "tiny-llama-docs"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / TRAINED_PRESET
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def trained_preset_dir() -> Path:
