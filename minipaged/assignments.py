@@ -1,31 +1,41 @@
 """Make the student version of minipaged: every fenced solution body replaced by a stub.
 
-The reference code marks what a student writes with `# BEGIN SOLUTION` / `# END SOLUTION`; the tests
-of task M.N carry `@pytest.mark.taskM_N`, so `pytest -m task1_2` grades task 1.2. This module strips
-the fences' contents, keeping the fences themselves so the student sees where to write:
+The reference code marks what a student writes with `# BEGIN SOLUTION M.N` / `# END SOLUTION`,
+where M.N is the task (course.py lists them); the tests of task M.N carry `@pytest.mark.taskM_N`,
+so `pytest -m task1_2` runs task 1.2's tests. This module strips the fences' contents, keeping the
+fences themselves so the student sees where to write, and a stub that names the task and the page
+to read:
 
     def allocate(self) -> int:
         \"\"\"Take a free block and give it reference count 1.\"\"\"
-        # BEGIN SOLUTION
-        raise NotImplementedError("write this body: see the docstring")
+        # BEGIN SOLUTION 1.2
+        raise NotImplementedError(
+            "task 1.2: write this body (read docs/concepts/frame-allocator.md)"
+        )
         # END SOLUTION
 
 Run it as `minipaged assignment DEST` (or `python -m minipaged assignment DEST`): DEST receives a copy
 of the package with the solutions stripped, the tests, the tutorials, the docs and the project files.
 The docs quote the reference code (```python title="minipaged/..." blocks); a quote that shows a
-fenced solution is replaced in the student copy by a line saying so.
+fenced solution is replaced in the student copy by a line saying so. The grader (grading.py) uses
+`splice` to put one task's bodies from a student's copy back into the reference.
 """
 
 from __future__ import annotations
 
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
+from minipaged.course import task as course_task
+
 BEGIN, END = "# BEGIN SOLUTION", "# END SOLUTION"
-STUB = 'raise NotImplementedError("write this body: see the docstring")'
+# the stub's message starts so; tests/conftest.py recognizes it
+STUB_PREFIX = "write this body"
 _FENCE = re.compile(
-    rf"^(?P<indent>[ \t]*){re.escape(BEGIN)}\n.*?^(?P=indent){re.escape(END)}\n",
+    rf"^(?P<indent>[ \t]*){re.escape(BEGIN)} (?P<task>\d+\.\d+)[ \t]*\n"
+    rf"(?P<body>.*?)^(?P=indent){re.escape(END)}[ \t]*\n",
     re.M | re.S,
 )
 REMOVED_QUOTE = (
@@ -48,27 +58,125 @@ COPIED = (
     "mkdocs.yml",
     "README.md",
 )
+# what a stub leaves unused (imports, locals) or undefined (names only its body set)
+STUB_LINT_IGNORES = '["F401", "F811", "F841", "F821"]'
+LINE_LENGTH = (
+    88  # the formatter's width (pyproject.toml): a stub must already be formatted
+)
 
 
-def strip_solutions(source: str) -> str:
-    """Replace the body of every solution fence in `source` with a NotImplementedError stub.
+@dataclass(frozen=True)
+class Fence:
+    """One solution fence: its task, its indentation, its body and where it sits in the source."""
+
+    task: str
+    indent: str
+    body: str
+    start: int  # of the BEGIN line
+    end: int  # after the END line
+
+
+def stub(task_id: str, indent: str = "") -> str:
+    """The body a stripped fence gets: a NotImplementedError naming the task and its reading.
+
+    Formatted as `ruff format` would format it, so the student copy passes `make lint`.
 
     Raises:
-        ValueError: if a fence is opened and never closed at the same indentation.
+        ValueError: if `task_id` is not a task of the course.
     """
-    stripped, num_fences = _FENCE.subn(
-        lambda m: f"{m['indent']}{BEGIN}\n{m['indent']}{STUB}\n{m['indent']}{END}\n",
-        source,
-    )
+    task = course_task(task_id)
+    message = f"task {task.id}: {STUB_PREFIX} (read docs/{task.reading})"
+    line = f'{indent}raise NotImplementedError("{message}")\n'
+    if len(line) - 1 <= LINE_LENGTH:
+        return line
+    return f'{indent}raise NotImplementedError(\n{indent}    "{message}"\n{indent})\n'
+
+
+def fences(source: str) -> list[Fence]:
+    """Every solution fence of `source`, in order.
+
+    Raises:
+        ValueError: if a fence is opened and never closed at the same indentation, or a
+            `# BEGIN SOLUTION` line names no task (M.N).
+    """
+    found = [
+        Fence(m["task"], m["indent"], m["body"], m.start(), m.end())
+        for m in _FENCE.finditer(source)
+    ]
     num_begin, num_end = (
-        len(re.findall(rf"^[ \t]*{re.escape(mark)}[ \t]*$", source, re.M))
+        len(re.findall(rf"^[ \t]*{re.escape(mark)}\b.*$", source, re.M))
         for mark in (BEGIN, END)
     )
-    if not num_begin == num_end == num_fences:
+    if not num_begin == num_end == len(found):
         raise ValueError(
-            "unbalanced solution fences: each '# BEGIN SOLUTION' needs an '# END SOLUTION' below it"
+            "unbalanced solution fences: each '# BEGIN SOLUTION M.N' (M.N: the task) needs an "
+            "'# END SOLUTION' below it at the same indentation"
         )
-    return stripped
+    return found
+
+
+def _replace_bodies(source: str, bodies: dict[int, str]) -> str:
+    """`source` with the body of fence i replaced by bodies[i] (fences numbered as `fences`)."""
+    parts, pos = [], 0
+    for i, fence in enumerate(fences(source)):
+        if i not in bodies:
+            continue
+        begin_line = f"{fence.indent}{BEGIN} {fence.task}\n"
+        parts += [source[pos : fence.start], begin_line, bodies[i]]
+        parts.append(f"{fence.indent}{END}\n")
+        pos = fence.end
+    return "".join(parts) + source[pos:]
+
+
+def strip_solutions(source: str, tasks: set[str] | None = None) -> str:
+    """Replace the body of every solution fence in `source` (of `tasks` only, if given) with a stub.
+
+    Raises:
+        ValueError: if the fences are unbalanced or name an unknown task.
+    """
+    return _replace_bodies(
+        source,
+        {
+            i: stub(f.task, f.indent)
+            for i, f in enumerate(fences(source))
+            if tasks is None or f.task in tasks
+        },
+    )
+
+
+def splice(reference: str, student: str, task_id: str) -> str:
+    """The reference source with task `task_id`'s fence bodies taken from the student's source.
+
+    The fences of that task are matched in order; a student body written at another indentation
+    is moved to the reference's. Everything outside them, and every other task's fences, stay
+    the reference's: this is how the grader tests one task alone.
+
+    Raises:
+        ValueError: if the student's source has a different number of that task's fences
+            (a fence line was deleted or edited).
+    """
+    ours = [i for i, f in enumerate(fences(reference)) if f.task == task_id]
+    theirs = [f for f in fences(student) if f.task == task_id]
+    if len(theirs) != len(ours):
+        raise ValueError(
+            f"task {task_id} has {len(ours)} solution fences here, the student's file has "
+            f"{len(theirs)}: keep the '# BEGIN SOLUTION {task_id}' and '# END SOLUTION' lines"
+        )
+    indents = [fences(reference)[i].indent for i in ours]
+    bodies = {
+        i: _reindent(f.body, f.indent, indent)
+        for i, f, indent in zip(ours, theirs, indents, strict=True)
+    }
+    return _replace_bodies(reference, bodies)
+
+
+def _reindent(body: str, old: str, new: str) -> str:
+    """Move every line of `body` from indentation `old` to `new` (blank lines stay blank)."""
+    lines = body.splitlines(keepends=True)
+    return "".join(
+        new + line[len(old) :] if line.startswith(old) and line.strip() else line
+        for line in lines
+    )
 
 
 def solution_lines(source: str) -> set[str]:
@@ -76,8 +184,8 @@ def solution_lines(source: str) -> set[str]:
     inside, outside, fenced = set(), set(), False
     for line in source.splitlines():
         text = line.strip()
-        if text in (BEGIN, END):
-            fenced = text == BEGIN
+        if text.startswith((BEGIN, END)):
+            fenced = text.startswith(BEGIN)
         elif text:
             (inside if fenced else outside).add(text)
     return inside - outside
@@ -133,4 +241,33 @@ def make_student_copy(repo: str | Path, dest: str | Path) -> list[Path]:
         if BEGIN in text:
             path.write_text(strip_solutions(text))
             stripped.append(path)
+    _let_stubs_lint(dest / "pyproject.toml", [p.relative_to(dest) for p in stripped])
+    _do_not_execute_tutorials(dest / "mkdocs.yml")
     return stripped
+
+
+def _let_stubs_lint(pyproject: Path, stripped: list[Path]) -> None:
+    """Tell ruff that a stubbed file may import or compute what only its solutions use.
+
+    Without this `make lint` fails on the stubs (an import only a solution uses is F401), and
+    `make format` (ruff check --fix) would delete imports the student needs.
+    """
+    lines = [
+        f'"{path.as_posix()}" = {STUB_LINT_IGNORES}  # the stubs leave these unused'
+        for path in stripped
+    ]
+    text = pyproject.read_text()
+    header = "[tool.ruff.lint.per-file-ignores]\n"
+    if header not in text:
+        raise ValueError(f"{pyproject} has no {header.strip()} table to extend")
+    pyproject.write_text(text.replace(header, header + "\n".join(lines) + "\n", 1))
+
+
+def _do_not_execute_tutorials(mkdocs_yml: Path) -> None:
+    """The tutorials call the tasks' functions: the student copy's docs show them unexecuted."""
+    text = mkdocs_yml.read_text()
+    executed = re.compile(r"^(\s*)execute: true\b.*$", re.M)
+    if not executed.search(text):
+        raise ValueError(f"{mkdocs_yml} does not execute the tutorials as expected")
+    note = "  # the student copy: the tutorials call the tasks' stubs"
+    mkdocs_yml.write_text(executed.sub(rf"\1execute: false{note}", text, count=1))

@@ -52,7 +52,7 @@ def gather_kv(
     Returns:
         keys, values: `[seq_len, num_kv_heads, head_dim]` each, token `pos` in row `pos`.
     """
-    # BEGIN SOLUTION
+    # BEGIN SOLUTION 2.2
     block_size = k_cache.shape[1]
     num_blocks = -(-seq_len // block_size)  # ceil: the last block may be partly filled
     # [num_blocks_of_seq]: the page-table walk
@@ -82,7 +82,7 @@ def attend(
     Returns:
         `[q_len, num_heads, head_dim]` in float32.
     """
-    # BEGIN SOLUTION
+    # BEGIN SOLUTION 2.2
     q_len, num_heads, _ = query.shape
     seq_len, num_kv_heads, _ = keys.shape
     # query heads per KV head (1: MHA, num_heads: MQA)
@@ -193,6 +193,7 @@ def decode_attention(
     Returns:
         `[num_seqs, num_heads, head_dim]` in float32.
     """
+    # BEGIN SOLUTION 2.2
     num_seqs, num_heads, head_dim = query.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     max_len = int(seq_lens.max())
@@ -215,6 +216,7 @@ def decode_attention(
     # [num_seqs, num_kv_heads, group, head_dim]
     out = torch.einsum("bkgl,blkd->bkgd", probs, values)
     return out.reshape(num_seqs, num_heads, head_dim)
+    # END SOLUTION
 
 
 def paged_attention_blockwise(
@@ -260,7 +262,7 @@ def _attend_blockwise(
     scale: float,
 ) -> torch.Tensor:
     """One sequence's causal attention, visiting its blocks in order; `[q_len, num_heads, head_dim]` fp32."""
-    # BEGIN SOLUTION
+    # BEGIN SOLUTION 2.3
     q_len, num_heads, head_dim = query.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads

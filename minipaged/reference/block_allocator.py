@@ -78,7 +78,7 @@ class BlockAllocator:
         Raises:
             NoFreeBlocksError: if every block is in use.
         """
-        # BEGIN SOLUTION
+        # BEGIN SOLUTION 1.2
         if not self._free_list:
             raise NoFreeBlocksError(
                 f"all {self.num_blocks} blocks of the {self.name} pool are in use"
@@ -97,7 +97,7 @@ class BlockAllocator:
         Raises:
             ValueError: if `block` is unknown or free: only a block someone holds can be shared.
         """
-        # BEGIN SOLUTION
+        # BEGIN SOLUTION 1.2
         self._check(block)
         if self._ref_count[block] == 0:
             raise ValueError(
@@ -116,7 +116,7 @@ class BlockAllocator:
         Raises:
             ValueError: if `block` is unknown or already free (a double free).
         """
-        # BEGIN SOLUTION
+        # BEGIN SOLUTION 1.2
         self._check(block)
         if self._ref_count[block] == 0:
             raise ValueError(

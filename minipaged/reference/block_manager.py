@@ -103,7 +103,7 @@ class BlockManager:
         long one waits: the caller must refuse the request. LATER means wait for blocks to free.
         """
         seqs = self._seqs_to_allocate(seq_group)
-        # BEGIN SOLUTION
+        # BEGIN SOLUTION 1.3
         worst_case = self._blocks_to_allocate(seqs, use_prefix_cache=False)
         if self.device.num_blocks - worst_case < self.watermark_blocks:
             return AllocStatus.NEVER
@@ -161,17 +161,30 @@ class BlockManager:
             raise NoFreeBlocksError(
                 f"group {seq_group.request_id!r} needs {needed} blocks, {available} free"
             )
-        # BEGIN SOLUTION
+        # BEGIN SOLUTION 1.3
         first, *others = seqs
-        shared: list[int] = []
-        if isinstance(self.device, PrefixCachingBlockAllocator):
-            shared = self.device.match_prefix(self._matchable_hashes(first))
+        # task 1.6: [] without prefix caching
+        shared = self._cached_prefix(first)
         table = BlockTable(self.block_size, shared, len(shared) * self.block_size)
         table.append_tokens(len(first) - table.num_tokens, self.device.allocate)
         self._install(first, table)
         for seq in others:
             self._allocate_sharing(seq, first)
         return len(shared) * self.block_size
+        # END SOLUTION
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """The blocks of the prefix cache that hold `seq`'s leading full blocks (task 1.6).
+
+        Like a process mapping a shared library from the page cache: the blocks are shared, their
+        count raised, and the prefill skips their tokens. Only the matchable hashes count
+        (`_matchable_hashes`): never the block with the prompt's last token, whose logits must be
+        computed. Without prefix caching there is no cache to look in: [].
+        """
+        if not isinstance(self.device, PrefixCachingBlockAllocator):
+            return []
+        # BEGIN SOLUTION 1.6
+        return self.device.match_prefix(self._matchable_hashes(seq))
         # END SOLUTION
 
     def can_append_slots(self, seq_group: SequenceGroup) -> bool:
@@ -200,24 +213,34 @@ class BlockManager:
             raise NoFreeBlocksError(
                 f"seq {seq.seq_id} needs {needed} blocks, {self.device.num_free} free"
             )
-        # BEGIN SOLUTION
-        cow: BlockMapping = []
+        # BEGIN SOLUTION 1.3
         num_new_tokens = len(seq) - table.num_tokens
-        if num_new_tokens > 0 and table.num_filled_in_last_block not in (
-            0,
-            self.block_size,
-        ):
-            last = table.block_ids[-1]
-            # shared and about to be written: copy it first
-            if self.device.ref_count(last) > 1:
-                copy = self.device.allocate()
-                self.device.free(last)
-                table.block_ids[-1] = copy
-                cow.append((last, copy))
-                self.cow_copies += 1
+        # task 1.5: copy a shared last block before writing into it
+        cow = self._copy_on_write(table) if num_new_tokens > 0 else []
         table.append_tokens(num_new_tokens, self.device.allocate)
         self._register_full_blocks(seq, table)
         return cow
+        # END SOLUTION
+
+    def _copy_on_write(self, table: BlockTable) -> BlockMapping:
+        """Before a write into the table's last block: if others share it, give this table a copy.
+
+        The check is the MMU's: a write to a page mapped read-only by several processes traps. The
+        body is the kernel's fault handler (task 1.5): take a fresh block, drop this table's
+        reference to the shared one, point the table at the copy, and count the copy in
+        `cow_copies`. The returned (src, dst) pair tells the engine what data to copy
+        (copy_blocks) before the model step writes into dst.
+        """
+        partly_filled = table.num_filled_in_last_block not in (0, self.block_size)
+        if not partly_filled or self.device.ref_count(table.block_ids[-1]) == 1:
+            return []  # nothing shared is written: no fault
+        # BEGIN SOLUTION 1.5
+        last = table.block_ids[-1]
+        copy = self.device.allocate()
+        self.device.free(last)
+        table.block_ids[-1] = copy
+        self.cow_copies += 1
+        return [(last, copy)]
         # END SOLUTION
 
     # ---- sharing
@@ -236,7 +259,7 @@ class BlockManager:
         table = self._device_table(parent)
         if child.seq_id in self.device_tables or child.seq_id in self.host_tables:
             raise ValueError(f"child seq {child.seq_id} already holds blocks")
-        # BEGIN SOLUTION
+        # BEGIN SOLUTION 1.4
         for block in table.block_ids:
             self.device.incref(block)
         self.device_tables[child.seq_id] = table.copy()
@@ -303,9 +326,11 @@ class BlockManager:
             NoFreeBlocksError: if the host pool is too small (nothing is moved): fail this group,
                 not the engine; the caller may fall back to recompute.
         """
-        return self._move(
+        transfers = self._move(
             seq_group, self.device_tables, self.device, self.host_tables, self.host
         )
+        self.blocks_swapped_out += len(transfers)
+        return transfers
 
     def can_swap_in(self, seq_group: SequenceGroup) -> bool:
         """Would the group's host blocks fit in the device pool while keeping the watermark free?
@@ -333,9 +358,11 @@ class BlockManager:
             ValueError: if no sequence of the group is swapped out.
             NoFreeBlocksError: if the device pool is too small (nothing is moved).
         """
-        return self._move(
+        transfers = self._move(
             seq_group, self.host_tables, self.host, self.device_tables, self.device
         )
+        self.blocks_swapped_in += len(transfers)
+        return transfers
 
     def _move(
         self,
@@ -370,7 +397,7 @@ class BlockManager:
             raise NoFreeBlocksError(
                 f"group {seq_group.request_id!r} needs {needed} {dst.name} blocks, {dst.num_free} free"
             )
-        # BEGIN SOLUTION
+        # BEGIN SOLUTION 1.7
         # src block -> dst block: a shared block is moved once
         mapping: dict[int, int] = {}
         # src blocks whose K/V the device's prefix cache still holds
@@ -401,12 +428,8 @@ class BlockManager:
             for src_block, dst_block in mapping.items()
             if src_block not in found
         ]
-        # END SOLUTION
-        if dst is self.host:
-            self.blocks_swapped_out += len(transfers)
-        else:
-            self.blocks_swapped_in += len(transfers)
         return transfers
+        # END SOLUTION
 
     # ---- what memory looks like
     # --------------------------------------------------------------

@@ -72,7 +72,7 @@ class BlockTable:
     @property
     def num_filled_in_last_block(self) -> int:
         """Filled slots of the last block (block_size when it is full, 0 for an empty table)."""
-        # BEGIN SOLUTION
+        # BEGIN SOLUTION 1.1
         if self.num_tokens == 0:
             return 0
         return self.num_tokens - (len(self.block_ids) - 1) * self.block_size
@@ -120,7 +120,7 @@ class BlockTable:
             raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
         if free is None:  # pool.allocate given: its pool's free undoes a failed append
             free = getattr(getattr(allocate, "__self__", None), "free", None)
-        # BEGIN SOLUTION
+        # BEGIN SOLUTION 1.3
         new_blocks: list[int] = []
         try:
             for _ in range(self.num_new_blocks_needed(num_new_tokens)):
@@ -142,7 +142,7 @@ class BlockTable:
         Raises:
             IndexError: if `pos` is negative or past the table's capacity.
         """
-        # BEGIN SOLUTION
+        # BEGIN SOLUTION 1.1
         if not 0 <= pos < self.capacity:
             raise IndexError(
                 f"position {pos} is outside the table's {self.capacity} slots"
@@ -166,7 +166,7 @@ class BlockTable:
             raise ValueError(
                 f"num_q_tokens must be in [0, {self.num_tokens}], got {num_q_tokens}"
             )
-        # BEGIN SOLUTION
+        # BEGIN SOLUTION 1.1
         return [
             self.slot(pos)
             for pos in range(self.num_tokens - num_q_tokens, self.num_tokens)

@@ -54,7 +54,7 @@ def write_kv(
             or a slot is named twice.
     """
     check_write_kv(key, value, k_cache, v_cache, slot_mapping)
-    # BEGIN SOLUTION
+    # BEGIN SOLUTION 2.1
     block_size = k_cache.shape[1]
     keep = slot_mapping >= 0  # [num_tokens] bool: False for padding
     slots = slot_mapping[keep]  # [num_written]
@@ -89,7 +89,7 @@ def copy_blocks(
             number of blocks or the device, or block_mapping is malformed.
     """
     check_copy_blocks(k_caches, v_caches, block_mapping)
-    # BEGIN SOLUTION
+    # BEGIN SOLUTION 2.4
     src, dst = block_mapping[:, 0], block_mapping[:, 1]  # [n] each
     for k_cache, v_cache in zip(k_caches, v_caches, strict=True):
         # [n, block_size, num_kv_heads, head_dim]: whole pages
@@ -119,7 +119,7 @@ def swap_blocks(
             block_mapping is malformed.
     """
     check_swap_blocks(src, dst, block_mapping)
-    # BEGIN SOLUTION
+    # BEGIN SOLUTION 2.4
     src_ids = block_mapping[:, 0].to(src.device)  # [n]
     dst_ids = block_mapping[:, 1].to(dst.device)  # [n]
     dst[dst_ids] = src[src_ids].to(dst.device)  # one gather, one transfer, one scatter

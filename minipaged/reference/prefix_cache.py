@@ -36,7 +36,7 @@ def hash_block_tokens(parent_hash: str, token_ids: Sequence[int]) -> str:
     Returns:
         A hex digest.
     """
-    # BEGIN SOLUTION
+    # BEGIN SOLUTION 1.6
     digest = hashlib.sha256(parent_hash.encode("ascii"))
     # fixed-width ints: no ambiguity
     digest.update(struct.pack(f"<{len(token_ids)}q", *token_ids))
@@ -115,7 +115,7 @@ class PrefixCachingBlockAllocator(BlockAllocator):
         Raises:
             NoFreeBlocksError: if every block is held by some sequence.
         """
-        # BEGIN SOLUTION
+        # BEGIN SOLUTION 1.6
         if self._free_list:
             return super().allocate()
         if not self._evictor:
@@ -139,7 +139,7 @@ class PrefixCachingBlockAllocator(BlockAllocator):
         Returns:
             The matched block ids, in order (possibly empty).
         """
-        # BEGIN SOLUTION
+        # BEGIN SOLUTION 1.6
         matched = []
         for block_hash in block_hashes:
             block = self._block_of_hash.get(block_hash)
@@ -205,7 +205,7 @@ class PrefixCachingBlockAllocator(BlockAllocator):
 
     def _release(self, block: int) -> None:
         """A cached block stays cached (most recently used end of the evictor); others go free."""
-        # BEGIN SOLUTION
+        # BEGIN SOLUTION 1.6
         if block in self._hash_of_block:
             self._evictor[block] = None
         else:
