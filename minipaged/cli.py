@@ -16,6 +16,8 @@ happening.
   `minipaged experiment --list` names them all. `--backend` and `--device` choose the kernels and the
   device of an experiment that runs tensors; the simulations refuse them.
 
+- `minipaged homework memory|scheduler --seed N` prints a random problem to work out by hand,
+  OSTEP-style; `--solve` prints its answers, from the real managers (homework.py).
 - `minipaged serve` serves the engine over HTTP, OpenAI-compatible (`/v1/completions`, streaming
   included, `/v1/models`, `/health`, `/metrics`; minipaged/serving/), with the engine's knobs as options.
 
@@ -365,6 +367,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--source", default=".", help="the project checkout to copy (default: .)"
     )
     assignment.set_defaults(run=_assignment, subparser=assignment)
+    grade = commands.add_parser(
+        "grade",
+        help="grade a student copy task by task; Gradescope's results.json with --json",
+        description="Splice each task's bodies from the copy at PATH into the reference code, run "
+        "that task's tests, and score only the tests that fail on the task's stub and pass on "
+        "the reference (docs/assignments/index.md).",
+    )
+    _add_grade_options(grade)
+    grade.set_defaults(run=_grade, subparser=grade)
     experiment = commands.add_parser(
         "experiment",
         help="run one of the paper's experiments and print it beside the paper's figures",
@@ -381,6 +392,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_serve_options(serve)
     serve.set_defaults(run=_serve, subparser=serve)
+    homework = commands.add_parser(
+        "homework",
+        help="print a random paging or scheduling problem to work out by hand (--solve: answers)",
+        description="OSTEP-style homework: a seeded random problem on the KV-cache manager "
+        "(memory) or the scheduler (scheduler); --solve prints the real managers' answers "
+        "(docs/homework.md).",
+    )
+    homework.add_argument("kind", choices=("memory", "scheduler"), help="the problem")
+    homework.add_argument(
+        "--seed", type=int, default=0, help="the problem's seed, >= 0 (default: 0)"
+    )
+    homework.add_argument(
+        "--solve", action="store_true", help="print the answers under the questions"
+    )
+    homework.set_defaults(run=_homework, subparser=homework)
     return parser
 
 
@@ -494,6 +520,88 @@ def _assignment(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     )
     for path in stripped:
         print(f"  {path.relative_to(dest)}")
+    return 0
+
+
+def _homework(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.seed < 0:
+        _fail(parser, f"--seed must be >= 0, got {args.seed}")
+    from minipaged.homework import make_problem, render
+
+    print(render(make_problem(args.kind, args.seed), solve=args.solve), end="")
+    return 0
+
+
+def _add_grade_options(grade: argparse.ArgumentParser) -> None:
+    grade.add_argument(
+        "path", nargs="?", default=".", help="the student copy to grade (default: .)"
+    )
+    which = grade.add_mutually_exclusive_group()
+    which.add_argument(
+        "--assignment", type=int, help="grade only this assignment's tasks (1-4)"
+    )
+    which.add_argument(
+        "--task", action="append", help="grade only this task (M.N); repeat for more"
+    )
+    grade.add_argument(
+        "--json", metavar="PATH", help="write Gradescope's results.json to PATH"
+    )
+    grade.add_argument(
+        "--extra-tests",
+        metavar="DIR",
+        help="hidden tests: a folder of test files marked with the task markers",
+    )
+    grade.add_argument(
+        "--reference",
+        metavar="DIR",
+        help="the checkout with the solutions (default: the one minipaged runs from)",
+    )
+
+
+def _grade(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import json
+
+    from minipaged import course
+    from minipaged.grading import Grader, gradescope_results
+
+    if not (Path(args.path) / "minipaged").is_dir():
+        _fail(
+            parser, f"PATH must be a student copy (with minipaged/), got {args.path!r}"
+        )
+    try:
+        if args.task:
+            tasks = [course.task(t) for t in args.task]
+        elif args.assignment is not None:
+            tasks = list(course.tasks_of(args.assignment))
+            if not tasks:
+                numbers = ", ".join(str(a.number) for a in course.ASSIGNMENTS)
+                raise ValueError(
+                    f"--assignment must be one of {numbers}, got {args.assignment}"
+                )
+        else:
+            tasks = list(course.TASKS)
+        if args.json:
+            _check_output_path(parser, "--json", args.json)
+        grader = Grader(args.reference, args.extra_tests)
+    except ValueError as error:
+        _fail(parser, error)
+
+    def report(result) -> None:
+        tally = f"{len(result.passed)}/{result.num_counted} tests"
+        note = f"  ({result.error})" if result.error else ""
+        print(
+            f"task {result.task.id:<4} {result.task.title:<38} "
+            f"{result.score:6.2f} / {result.task.points:<3} {tally}{note}",
+            flush=True,
+        )
+
+    with grader:
+        results = grader.grade(args.path, tasks, progress=report)
+    total = sum(r.score for r in results)
+    print(f"total {total:.2f} / {sum(t.points for t in tasks)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(gradescope_results(results), indent=2))
+        print(f"wrote {args.json}")
     return 0
 
 

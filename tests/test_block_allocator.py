@@ -209,3 +209,27 @@ def test_allocator_matches_a_dict_of_ref_counts(operations):
         assert {b: pool.ref_count(b) for b in model} == model
         assert pool.num_free == sum(count == 0 for count in model.values())
         assert pool.num_free + pool.num_used == NUM_BLOCKS
+
+
+def test_free_hands_a_block_to_release_exactly_when_its_last_holder_lets_go():
+    """Task 1.6 overrides `_release` to keep cached blocks: `free` must go through it, once per
+    block whose count reaches 0, and never for a block someone still holds."""
+
+    class Recording(BlockAllocator):
+        def __init__(self, num_blocks: int) -> None:
+            super().__init__(num_blocks)
+            self.released: list[int] = []
+
+        def _release(self, block: int) -> None:
+            self.released.append(block)
+            super()._release(block)
+
+    allocator = Recording(6)
+    shared, alone = allocator.allocate(), allocator.allocate()
+    allocator.incref(shared)
+    allocator.free(shared)
+    assert allocator.released == []  # still held once
+    allocator.free(alone)
+    allocator.free(shared)
+    assert allocator.released == [alone, shared]
+    assert allocator.num_free == 6

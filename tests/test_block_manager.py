@@ -673,7 +673,7 @@ def test_memory_stats_count_cached_free_blocks():
 # ---- recompute: re-admitting a diverged group ------------------------------------------------
 
 
-@pytest.mark.task1_3
+@pytest.mark.task1_5  # the group diverges by copy-on-write
 def test_reallocating_a_diverged_group_shares_only_common_full_blocks(manager):
     prompt = [11, 12, 13, 14, 15, 16, 17, 18, 19]  # 2 full blocks + 1 token
     group = make_group(prompt, n=2)

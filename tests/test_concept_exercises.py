@@ -33,7 +33,7 @@ from minipaged.reference.block_table import BlockTable, block_tables_tensor
 from minipaged.reference.cache_ops import write_kv
 from minipaged.reference.prefix_cache import hash_full_blocks
 from minipaged.sequence import Sequence, SequenceGroup
-from minipaged.testing import poison_pattern, tolerance
+from minipaged.testing import last_slots, poison_pattern, slot_of, tolerance
 
 
 def group(request_id: str, *token_lists: list[int]) -> SequenceGroup:
@@ -387,14 +387,11 @@ def changed_rows(before: torch.Tensor, after: torch.Tensor) -> list[tuple[int, i
 @pytest.mark.task2_1
 def test_writing_through_the_table_worked_example():
     gen = torch.Generator().manual_seed(2023)
-    a = BlockTable(block_size=4, block_ids=[2, 5], num_tokens=6)
-    # fits in block 5: allocate is not called
-    assert a.append_tokens(1, allocate=iter([]).__next__) == []
-    b = BlockTable(block_size=4)
-    # a new 3-token prompt
-    assert b.append_tokens(3, allocate=iter([0]).__next__) == [0]
+    # A's 7th token fits in block 5; B, a new 3-token prompt, got block 0
+    a = BlockTable(block_size=4, block_ids=[2, 5], num_tokens=7)
+    b = BlockTable(block_size=4, block_ids=[0], num_tokens=3)
     # A's decode token, B's prompt, padding
-    slot_mapping = a.slot_mapping(1) + b.slot_mapping(3) + [-1]
+    slot_mapping = last_slots(a, 1) + last_slots(b, 3) + [-1]
     assert slot_mapping == [22, 0, 1, 2, -1]
     k_cache, v_cache = (
         torch.randn(6, 4, 2, 8, generator=gen),
@@ -425,7 +422,9 @@ def writing_exercise(gen: torch.Generator):
         torch.full((6, 4, 2, 8), math.nan),
     )
     # written before
-    earlier = [a.slot(pos) for pos in range(6)] + [b.slot(pos) for pos in range(4)]
+    earlier = [slot_of(a, pos) for pos in range(6)] + [
+        slot_of(b, pos) for pos in range(4)
+    ]
     for pool in (k_cache, v_cache):
         pool.view(-1, 2, 8)[earlier] = torch.randn(len(earlier), 2, 8, generator=gen)
     # 6 tokens + 2 pads
@@ -441,7 +440,7 @@ def test_writing_through_the_table_exercise():
     a, b, k_cache, v_cache, key, value = writing_exercise(
         torch.Generator().manual_seed(7)
     )
-    slot_mapping = a.slot_mapping(1) + b.slot_mapping(5) + [-1, -1]
+    slot_mapping = last_slots(a, 1) + last_slots(b, 5) + [-1, -1]
     assert slot_mapping == [6, 0, 1, 2, 3, 16, -1, -1]
     k_before, v_before = k_cache.clone(), v_cache.clone()
     write_kv(key, value, k_cache, v_cache, torch.tensor(slot_mapping))
@@ -451,7 +450,7 @@ def test_writing_through_the_table_exercise():
     )
     # B's position 8
     assert torch.equal(k_cache[4, 0], key[5]) and torch.equal(v_cache[4, 0], value[5])
-    assert b.slot(8) == 16
+    assert slot_of(b, 8) == 16
 
 
 @pytest.mark.task2_2
@@ -475,16 +474,16 @@ def test_writing_through_the_table_exercise_order():
         value,
         k_cache,
         v_cache,
-        torch.tensor(a.slot_mapping(1) + b.slot_mapping(5) + [-1, -1]),
+        torch.tensor(last_slots(a, 1) + last_slots(b, 5) + [-1, -1]),
     )
     out = paged_attention(query, k_cache, v_cache, *args)
     assert out.isfinite().all()
     keys = [
-        k_cache.view(-1, 2, 8)[[t.slot(pos) for pos in range(t.num_tokens)]]
+        k_cache.view(-1, 2, 8)[[slot_of(t, pos) for pos in range(t.num_tokens)]]
         for t in (a, b)
     ]
     values = [
-        v_cache.view(-1, 2, 8)[[t.slot(pos) for pos in range(t.num_tokens)]]
+        v_cache.view(-1, 2, 8)[[slot_of(t, pos) for pos in range(t.num_tokens)]]
         for t in (a, b)
     ]
     expected = dense_attention(query, keys, values, args[2], args[3])
@@ -502,7 +501,7 @@ def reading_exercise(gen: torch.Generator):
         torch.randn(10, 4, 2, 8, generator=gen),
     )
     stale = torch.ones(40, dtype=torch.bool)
-    stale[[table.slot(pos) for pos in range(11)]] = False
+    stale[[slot_of(table, pos) for pos in range(11)]] = False
     for pool in (k_cache, v_cache):
         pool.view(-1, 2, 8)[stale] = poison_pattern(int(stale.sum()))[
             :, None, None
@@ -530,8 +529,8 @@ def test_reading_through_the_table_exercise():
     sees: list[list[int]] = [[], [], []]
     for pos in range(11):
         k2, v2 = k_cache.clone(), v_cache.clone()
-        k2.view(-1, 2, 8)[table.slot(pos)] += torch.randn(2, 8, generator=gen)
-        v2.view(-1, 2, 8)[table.slot(pos)] += torch.randn(2, 8, generator=gen)
+        k2.view(-1, 2, 8)[slot_of(table, pos)] += torch.randn(2, 8, generator=gen)
+        v2.view(-1, 2, 8)[slot_of(table, pos)] += torch.randn(2, 8, generator=gen)
         moved = paged_attention(query, k2, v2, *args)
         for row in range(3):
             if not torch.equal(moved[row], out[row]):

@@ -1,0 +1,322 @@
+"""Grade a student's copy one task at a time, the way a unit test isolates one function.
+
+For task M.N, the grader takes the reference code, replaces only that task's fenced bodies with the
+student's (assignments.splice), and runs the task's tests (`pytest -m taskM_N`) from the reference,
+never the student's own tests. Every other fence keeps the reference body, so a task is graded
+alone: a missing task 1.2 costs task 1.2's points and nothing else.
+
+Only the tests that count earn points: those that fail with the task's bodies stubbed and pass on
+the reference. A test that passes on the stub (a check of argument errors made before the fence,
+say) tells nothing about the student's work. A task's score is its points times the share of its
+counting tests that pass. The result is written in Gradescope's autograder format.
+
+Runs are cached by the exact code they test, so the stub and reference calibrations run once per
+Grader, however many copies it grades.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from minipaged.assignments import BEGIN, STUB_PREFIX, fences, splice, strip_solutions
+from minipaged.course import Task
+
+# a pytest plugin written into the grading tree: records each test's outcome and failure line
+_RECORDER = """
+import json, os
+
+OUTCOMES = {}
+
+def _record(nodeid, report):
+    if report.failed:
+        crash = getattr(report.longrepr, "reprcrash", None)
+        message = crash.message if crash else str(report.longrepr).strip().splitlines()[-1:]
+        OUTCOMES[nodeid] = {"outcome": "failed", "message": str(message)[:500]}
+    elif nodeid not in OUTCOMES or report.when == "call":
+        OUTCOMES[nodeid] = {"outcome": report.outcome, "message": ""}
+
+def pytest_runtest_logreport(report):
+    if OUTCOMES.get(report.nodeid, {}).get("outcome") != "failed":
+        _record(report.nodeid, report)
+
+def pytest_collectreport(report):
+    if report.failed:
+        _record("collecting " + report.nodeid, report)
+
+def pytest_sessionfinish(session):
+    with open(os.environ["MINIPAGED_GRADE_RECORD"], "w") as f:
+        json.dump(OUTCOMES, f)
+"""
+_PLUGIN = "_minipaged_grade_recorder"
+_LINKED = (
+    "docs",
+    "scripts",
+    "tutorials",
+    "benchmarks",
+)  # read by some tests, never changed
+
+
+@dataclass
+class TaskResult:
+    """One task's grade: its score, and the counting tests that passed and failed."""
+
+    task: Task
+    score: float = 0.0
+    passed: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # nodeid -> failure line
+    error: str | None = None  # why nothing could be run
+
+    @property
+    def num_counted(self) -> int:
+        return len(self.passed) + len(self.failed)
+
+    def output(self) -> str:
+        """What the student reads on Gradescope: the tally, then each failing test and why."""
+        if self.error:
+            return self.error
+        lines = [f"{len(self.passed)} of {self.num_counted} tests pass."]
+        lines += [f"FAILED {node}: {message}" for node, message in self.failed.items()]
+        return "\n".join(lines)
+
+
+def default_reference() -> Path:
+    """The checkout this minipaged was imported from: the reference solution and its tests."""
+    return Path(__file__).resolve().parents[1]
+
+
+class Grader:
+    """Grades copies against one reference checkout (and optional hidden tests).
+
+    Args:
+        reference: a minipaged checkout with the solutions (not a student copy): its code, tests
+            and pyproject.toml are used.
+        extra_tests: a folder of additional test files, marked with the task markers like the
+            suite's own; the student copy does not contain them (hidden tests).
+        timeout: seconds one task's tests may run.
+
+    Raises:
+        ValueError: if `reference` is not a checkout with solutions, or `extra_tests` is not a
+            folder.
+    """
+
+    def __init__(
+        self,
+        reference: str | Path | None = None,
+        extra_tests: str | Path | None = None,
+        timeout: float = 900,
+    ) -> None:
+        self.reference = Path(reference or default_reference()).resolve()
+        self.timeout = timeout
+        self.sources = _fenced_sources(self.reference)
+        self._work = Path(tempfile.mkdtemp(prefix="minipaged-grade-"))
+        self._tree = self._work / "tree"
+        self._build_tree(extra_tests)
+        self._cache: dict[tuple[str, str], dict[str, dict]] = {}
+
+    def close(self) -> None:
+        """Delete the grading tree."""
+        shutil.rmtree(self._work, ignore_errors=True)
+
+    def __enter__(self) -> Grader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def grade(
+        self,
+        student: str | Path,
+        tasks: Iterable[Task],
+        progress: Callable[[TaskResult], object] | None = None,
+    ) -> list[TaskResult]:
+        """Grade each task of the copy at `student` alone; `progress` is called after each."""
+        student = Path(student)
+        results = []
+        for task in tasks:
+            results.append(self.grade_task(student, task))
+            if progress is not None:
+                progress(results[-1])
+        return results
+
+    def grade_task(self, student: Path, task: Task) -> TaskResult:
+        """Splice the copy's bodies of `task` into the reference and run the counting tests."""
+        result = TaskResult(task)
+        counting = self.counting_tests(task)
+        if not counting:
+            result.error = (
+                f"no test of task {task.id} fails on its stub: nothing to grade"
+            )
+            return result
+        try:
+            spliced = {
+                path: splice(text, (student / path).read_text(), task.id)
+                for path, text in self._task_files(task).items()
+            }
+        except (OSError, ValueError) as error:
+            result.error = f"could not read the copy's task {task.id}: {error}"
+            return result
+        outcomes = self._run(spliced, task)
+        for node in counting:
+            outcome = outcomes.get(
+                node, {"outcome": "failed", "message": "did not run"}
+            )
+            if outcome["outcome"] == "passed":
+                result.passed.append(node)
+            else:
+                result.failed[node] = outcome["message"] or outcome["outcome"]
+        # a test file the copy's code breaks at import (not one the reference breaks too)
+        broken_anyway = self._run(self._task_files(task), task)
+        errors = {
+            node: outcome["message"]
+            for node, outcome in outcomes.items()
+            if node.startswith("collecting") and node not in broken_anyway
+        }
+        result.failed.update(errors)
+        share = len(result.passed) / (len(counting) + len(errors))
+        result.score = round(task.points * share, 2)
+        return result
+
+    def counting_tests(self, task: Task) -> list[str]:
+        """The tests of `task` that fail with its bodies stubbed and pass on the reference."""
+        files = self._task_files(task)
+        stubbed = {
+            path: strip_solutions(text, {task.id}) for path, text in files.items()
+        }
+        on_stub, on_reference = self._run(stubbed, task), self._run(files, task)
+        return sorted(
+            node
+            for node, outcome in on_reference.items()
+            if outcome["outcome"] == "passed"
+            and on_stub.get(node, {}).get("outcome") == "failed"
+        )
+
+    # ---- running the tests
+    # ------------------------------------------------------------------
+
+    def _task_files(self, task: Task) -> dict[str, str]:
+        """The reference's files with fences of `task` (relative path -> text)."""
+        files = {
+            path: text
+            for path, text in self.sources.items()
+            if any(f.task == task.id for f in fences(text))
+        }
+        if not files:
+            raise ValueError(f"the reference has no fences of task {task.id}")
+        return files
+
+    def _run(self, changed: dict[str, str], task: Task) -> dict[str, dict]:
+        """Outcomes of `task`'s tests with `changed` files written over the reference."""
+        key = hashlib.sha256(
+            json.dumps(sorted(changed.items())).encode() + task.id.encode()
+        ).hexdigest()
+        if (key, task.id) in self._cache:
+            return self._cache[key, task.id]
+        for path, text in self.sources.items():
+            (self._tree / path).write_text(changed.get(path, text))
+        record = self._work / "record.json"
+        record.unlink(missing_ok=True)
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+        command.append("--continue-on-collection-errors")
+        command += ["-p", _PLUGIN, "-m", task.marker, *self._test_files(task)]
+        if task.deselect:
+            command += ["-k", task.deselect]
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(self._tree),
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "MINIPAGED_GRADE_RECORD": str(record),
+        }
+        try:
+            subprocess.run(
+                command,
+                cwd=self._tree,
+                env=env,
+                capture_output=True,
+                timeout=self.timeout,
+            )
+        except subprocess.TimeoutExpired:
+            message = f"the tests of task {task.id} ran past {self.timeout:.0f} s"
+            return {"collecting": {"outcome": "failed", "message": message}}
+        outcomes = json.loads(record.read_text()) if record.exists() else {}
+        self._cache[key, task.id] = outcomes
+        return outcomes
+
+    def _test_files(self, task: Task) -> list[str]:
+        """The test files that mention the task's marker: collecting only them saves seconds."""
+        return sorted(
+            path.relative_to(self._tree).as_posix()
+            for path in (self._tree / "tests").rglob("test_*.py")
+            if task.marker in path.read_text()
+        )
+
+    def _build_tree(self, extra_tests: str | Path | None) -> None:
+        """A copy of the reference's package, tests and settings to splice into."""
+        ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+        self._tree.mkdir()
+        for name in ("minipaged", "tests"):
+            shutil.copytree(self.reference / name, self._tree / name, ignore=ignore)
+        shutil.copy2(self.reference / "pyproject.toml", self._tree)
+        for name in _LINKED:
+            if (self.reference / name).exists():
+                (self._tree / name).symlink_to(self.reference / name)
+        (self._tree / f"{_PLUGIN}.py").write_text(_RECORDER)
+        if extra_tests is not None:
+            extra = Path(extra_tests)
+            if not extra.is_dir():
+                raise ValueError(f"extra_tests must be a folder of tests, got {extra}")
+            hidden = self._tree / "tests" / "hidden"
+            shutil.copytree(extra, hidden, ignore=ignore)
+            (hidden / "__init__.py").touch()
+
+
+def _fenced_sources(reference: Path) -> dict[str, str]:
+    """The reference's package files that hold solution fences, checked to hold solutions."""
+    if (
+        not (reference / "tests").is_dir()
+        or not (reference / "pyproject.toml").is_file()
+    ):
+        raise ValueError(
+            f"reference must be a minipaged checkout with tests/ and pyproject.toml, "
+            f"got {reference}"
+        )
+    sources = {}
+    for path in sorted((reference / "minipaged").rglob("*.py")):
+        text = path.read_text()
+        # assignments.py's docstring shows a stubbed fence: an example, not a task
+        if path.name != "assignments.py" and BEGIN in text and fences(text):
+            if any(STUB_PREFIX in f.body for f in fences(text)):
+                raise ValueError(
+                    f"reference must hold the solutions, but {path} has stubs: "
+                    "grade from the instructor's checkout, not a student copy"
+                )
+            sources[path.relative_to(reference).as_posix()] = text
+    return sources
+
+
+def gradescope_results(results: list[TaskResult]) -> dict:
+    """The results in Gradescope's autograder format (results.json)."""
+    return {
+        "score": round(sum(r.score for r in results), 2),
+        "output": "Each task is graded alone, spliced into the reference code. Only tests "
+        "that fail on the task's stub and pass on the reference count.",
+        "tests": [
+            {
+                "name": f"Task {r.task.id}: {r.task.title}",
+                "number": r.task.id,
+                "score": r.score,
+                "max_score": r.task.points,
+                "output": r.output(),
+                "visibility": "visible",
+            }
+            for r in results
+        ],
+    }
