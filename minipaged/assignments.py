@@ -38,20 +38,24 @@ _FENCE = re.compile(
     rf"(?P<body>.*?)^(?P=indent){re.escape(END)}[ \t]*\n",
     re.M | re.S,
 )
+# two lines: a long path must not push a docs code block past 88 columns (test_code_width.py)
 REMOVED_QUOTE = (
-    "# Removed from the student copy: this excerpt is a task's solution, in {path}."
+    "# Removed from the student copy:\n# this excerpt is a task's solution, in {path}."
 )
 _QUOTE = re.compile(
     r"^(?P<indent>[ \t]*)(?P<fence>`{3,})[ \t]*python[^\n]*?\btitle=\"(?P<path>[^\"]+)\"[^\n]*\n"
     r"(?P<body>.*?)^(?P=indent)(?P=fence)[ \t]*$",
     re.M | re.S,
 )
+# the instructor's tests of the course itself: they need the solutions
+INSTRUCTOR_ONLY = ("tests/test_assignments.py", "tests/test_grading.py")
 COPIED = (
     "minipaged",
     "tests",
     "tutorials",
     "benchmarks",
     "scripts",  # the figure and training scripts: tests replay them
+    "answers",  # the templates for the written questions
     "docs",
     "pyproject.toml",
     "Makefile",
@@ -202,7 +206,7 @@ def strip_doc_quotes(markdown: str, repo: str | Path) -> str:
         if not any(line.strip() in secret for line in match["body"].splitlines()):
             return match[0]
         indent = match["indent"]
-        note = REMOVED_QUOTE.format(path=match["path"])
+        note = REMOVED_QUOTE.format(path=match["path"]).replace("\n", f"\n{indent}")
         return (
             f"{indent}{match['fence']}python\n{indent}{note}\n{indent}{match['fence']}"
         )
@@ -213,7 +217,9 @@ def strip_doc_quotes(markdown: str, repo: str | Path) -> str:
 def make_student_copy(repo: str | Path, dest: str | Path) -> list[Path]:
     """Copy the project at `repo` to `dest` with every solution in `minipaged/` stripped.
 
-    The docs' quotes of solution code (see `strip_doc_quotes`) are removed too.
+    The docs' quotes of solution code (see `strip_doc_quotes`) are removed too, and so are the
+    tests of the course itself (INSTRUCTOR_ONLY), which need the solutions. The copy's ruff
+    settings let the stubs lint, and its docs build does not execute the tutorials.
 
     Returns:
         The files of `dest` whose solutions were stripped.
@@ -232,6 +238,8 @@ def make_student_copy(repo: str | Path, dest: str | Path) -> list[Path]:
             shutil.copytree(src, dest / name, ignore=ignore, symlinks=True)
         elif src.exists():
             shutil.copy2(src, dest / name)
+    for path in INSTRUCTOR_ONLY:
+        (dest / path).unlink(missing_ok=True)
     for page in sorted((dest / "docs").rglob("*.md")):
         # quotes checked against the solutions
         page.write_text(strip_doc_quotes(page.read_text(), repo))
@@ -252,11 +260,12 @@ def _let_stubs_lint(pyproject: Path, stripped: list[Path]) -> None:
     Without this `make lint` fails on the stubs (an import only a solution uses is F401), and
     `make format` (ruff check --fix) would delete imports the student needs.
     """
+    text = pyproject.read_text()
     lines = [
         f'"{path.as_posix()}" = {STUB_LINT_IGNORES}  # the stubs leave these unused'
         for path in stripped
+        if f'"{path.as_posix()}" = ' not in text  # a copy of a copy has them
     ]
-    text = pyproject.read_text()
     header = "[tool.ruff.lint.per-file-ignores]\n"
     if header not in text:
         raise ValueError(f"{pyproject} has no {header.strip()} table to extend")
@@ -267,6 +276,8 @@ def _do_not_execute_tutorials(mkdocs_yml: Path) -> None:
     """The tutorials call the tasks' functions: the student copy's docs show them unexecuted."""
     text = mkdocs_yml.read_text()
     executed = re.compile(r"^(\s*)execute: true\b.*$", re.M)
+    if re.search(r"^\s*execute: false\b", text, re.M):
+        return  # a copy of a student copy
     if not executed.search(text):
         raise ValueError(f"{mkdocs_yml} does not execute the tutorials as expected")
     note = "  # the student copy: the tutorials call the tasks' stubs"

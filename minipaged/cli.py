@@ -360,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
         "assignment",
         help="make the student version: a copy of the project with every solution stripped",
         description="Copy the project to DEST with the bodies between '# BEGIN SOLUTION' and "
-        "'# END SOLUTION' replaced by a NotImplementedError stub (see docs/assignments.md).",
+        "'# END SOLUTION' replaced by a NotImplementedError stub (see docs/assignments/index.md).",
     )
     assignment.add_argument("dest", help="the folder to create (must not exist)")
     assignment.add_argument(

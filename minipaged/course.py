@@ -89,8 +89,13 @@ TASKS = (
     Task("3.1", "admission", 30, "concepts/thrashing-and-admission.md"),
     Task("3.2", "preemption", 40, "concepts/replacement-and-recomputation.md"),
     Task("3.3", "swap-in order", 30, "concepts/swapping.md"),
+    Task("4.1", "the paged decode kernel", 70, "kernels/triton-decode.md", deselect=""),
     Task(
-        "4.1", "the paged decode kernel", 100, "kernels/triton-decode.md", deselect=""
+        "4.2",
+        "the paged prefill kernel (causal)",
+        30,
+        "kernels/triton-prefill.md",
+        deselect="",
     ),
 )
 

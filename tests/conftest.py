@@ -47,15 +47,24 @@ _STUB = re.compile(r"task (\d+\.\d+): write this body")
 
 
 def _stub_hit(error: BaseException | None) -> str | None:
-    """The task whose stub raised `error` or an exception it chains from, if any."""
-    seen = set()
-    while error is not None and id(error) not in seen:
+    """The task whose stub `error` comes from, if any.
+
+    The stub's NotImplementedError may be the error itself, one it chains from, one of a group
+    (hypothesis raises groups), or only its message: a subprocess's traceback quoted in an
+    assertion.
+    """
+    seen, pending = set(), [error]
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
         seen.add(id(error))
-        if isinstance(error, NotImplementedError):
-            match = _STUB.search(str(error))
-            if match:
-                return match[1]
-        error = error.__cause__ or error.__context__
+        match = _STUB.search(str(error))
+        if match:
+            return match[1]
+        pending += [error.__cause__, error.__context__]
+        # an exception group's members (BaseExceptionGroup is Python 3.11+)
+        pending += list(getattr(error, "exceptions", ()))
     return None
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from minipaged import course
 from minipaged.assignments import (
     BEGIN,
     REMOVED_QUOTE,
@@ -98,7 +99,10 @@ def test_student_docs_show_no_solution(tmp_path):
     make_student_copy(ROOT, student)
     secrets = set()
     for path in (ROOT / "minipaged").rglob("*.py"):
-        secrets |= {line for line in solution_lines(path.read_text()) if len(line) > 30}
+        if path.name != "assignments.py":  # its docstring shows a stub, as an example
+            secrets |= {
+                line for line in solution_lines(path.read_text()) if len(line) > 30
+            }
     assert secrets
     for page in (student / "docs").rglob("*.md"):
         # code blocks only
@@ -192,7 +196,7 @@ def test_the_copy_holds_no_solved_body(student_copy):
         for fence in fences(copied):
             assert fence.body == stub(fence.task, fence.indent), path
             num_fences += 1
-    secrets = {line for line in inside - outside if len(line) > 20}
+    secrets = {s for s in inside - outside if len(s) > 20 and not s.startswith("#")}
     assert num_fences >= 20 and len(secrets) > 50
     copied = [*student_copy.glob("minipaged/**/*.py"), *student_copy.glob("tests/*.py")]
     for path in copied:
@@ -262,3 +266,35 @@ def test_a_test_of_no_task_that_hits_a_stub_waits_for_the_task(student_copy):
     assert "waits for task 1.2 (still a stub)" in out
     assert "FAILED tests/test_stub_hits.py::test_of_task_1_2" in out
     assert "FAILED tests/test_stub_hits.py::test_of_no_task_that_fails_otherwise" in out
+
+
+SECTIONS = (
+    "## Goal",
+    "## Reading",
+    "## Tasks",
+    "## Running and grading",
+    "## Written questions",
+    "## Rubric for the written part",
+)
+
+
+@pytest.mark.parametrize("assignment", course.ASSIGNMENTS, ids=lambda a: str(a.number))
+def test_each_handout_states_its_tasks_points_and_has_every_section(assignment):
+    """The handout's task table (first cell the task, second its points) is course.py's list."""
+    text = (ROOT / "docs" / assignment.handout).read_text()
+    assert text.startswith(f"# Assignment {assignment.number}")
+    for section in SECTIONS:
+        assert f"\n{section}" in text, f"{assignment.handout} has no '{section}'"
+    rows = re.findall(r"^\| (\d+\.\d+) \| (\d+) \|", text, re.M)
+    expected = [(t.id, str(t.points)) for t in course.tasks_of(assignment.number)]
+    assert rows == expected
+    for task in course.tasks_of(assignment.number):
+        assert f"### Task {task.id}" in text
+        assert (ROOT / "docs" / task.reading).is_file(), task.reading
+    template = ROOT / "answers" / f"assignment{assignment.number}.md"
+    assert template.is_file() and "Prediction:" in template.read_text()
+
+
+def test_the_markers_registered_are_the_courses_tasks():
+    registered = re.findall(r'"(task\d+_\d+):', (ROOT / "pyproject.toml").read_text())
+    assert registered == [t.marker for t in course.TASKS]

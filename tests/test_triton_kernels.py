@@ -6,7 +6,8 @@ end), the plan that sends each sequence to its kernel, prefill tiles across a ca
 split policy, copy_blocks in one launch, the launch on each tensor's own GPU, and the kernels compiled
 for real GPUs (no GPU needed). Tensors go to DEVICE (minipaged.testing.device_for): CUDA on a GPU
 machine, where the kernels run compiled; the CPU elsewhere, through Triton's interpreter, so the
-shapes stay small.
+shapes stay small. The decode and prefill tests here also grade Assignment 4 (markers task4_1 and
+task4_2, beside tests/test_assignment4.py).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def planned(fast, case, num_splits):
     return plan, attention.run_planned(plan, *case.args, out=out)
 
 
+@pytest.mark.task4_1
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 6])
 @pytest.mark.parametrize("heads", [(8, 8), (8, 2), (8, 1)], ids=["mha", "gqa", "mqa"])
 def test_split_decode_matches_dense(fast, gen, num_splits, heads):
@@ -78,6 +80,7 @@ def test_split_decode_matches_dense(fast, gen, num_splits, heads):
     torch.testing.assert_close(out, case.expected(), **tolerance(case.dtype))
 
 
+@pytest.mark.task4_1
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
 def test_split_decode_dtypes_and_odd_head_dim(fast, gen, dtype):
     case = random_paged_case(
@@ -95,6 +98,7 @@ def test_split_decode_dtypes_and_odd_head_dim(fast, gen, dtype):
     torch.testing.assert_close(out, case.expected(), **tolerance(case.dtype))
 
 
+@pytest.mark.task4_1
 def test_split_and_unsplit_agree(fast, gen):
     case = random_paged_case(
         gen, [257, 129, 3], [1, 1, 1], block_size=16, device=DEVICE
@@ -104,6 +108,7 @@ def test_split_and_unsplit_agree(fast, gen):
     torch.testing.assert_close(five, one, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.task4_2  # and the decode kernel (task 4.1) for its third sequence
 def test_prefill_tiles_after_a_cached_prefix(fast, gen):
     # q_len 70 spans three 32-row tiles (the last one partial);
     # 130 cached tokens come before them

@@ -99,6 +99,29 @@ def _decode_split_kernel(
     q = tl.load(q_ptrs, mask=mask_h[:, None] & mask_d[None, :], other=0.0).to(DOT_DTYPE)
 
     row_stride = num_kv_heads * head_dim  # elements of one token row of the pool
+
+    # Task 4.1 writes the rest of this kernel: the walk, the online softmax, the result.
+    # - The walk: positions start .. end - 1, in tiles of BLOCK_N positions. Position
+    #   p lives in physical block block_tables[seq, p // block_size] (table rows are
+    #   stride_bt entries apart), at slot block * block_size + p % block_size (int64:
+    #   a pool may hold more than 2**31 elements); kv_head's part of that slot's row
+    #   starts slot * row_stride + kv_head * head_dim elements into k_cache (v_cache
+    #   alike). Never read a position at or past `end`: its table entry may be the
+    #   -1 padding and its K/V stale (NaN). A position not read gets no weight.
+    # - The online softmax, in fp32, per query head of the tile: m_i [BLOCK_H] the
+    #   running max of the scores (times `scale`), l_i [BLOCK_H] the running sum of
+    #   exp(score - m_i), acc [BLOCK_H, BLOCK_D] the running sum of
+    #   exp(score - m_i) * v. Both products are tl.dot, with operands .to(DOT_DTYPE)
+    #   and input_precision=DOT_PRECISION.
+    # - The result, for the real heads (mask_h) and lanes (mask_d) only:
+    #   SPLIT: the chunk's softmax output acc / l_i (fp32) at partial_out[decode, h,
+    #   split, :] and its log-sum-exp m_i + log(l_i) at partial_lse[decode, h, split]
+    #   (both contiguous: flat index (decode * num_heads + h) * num_splits + split).
+    #   A chunk that saw no position (start >= seq_len) stores 0 and -inf, which
+    #   _merge_splits_kernel below weighs 0.
+    #   Not SPLIT: acc / l_i in out's dtype (out_ptr.dtype.element_ty) at
+    #   out[row, h, :] (strides stride_ot, stride_oh).
+    # BEGIN SOLUTION 4.1
     # running max of each head's scores
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)  # running sum of exp(score - m_i)
@@ -137,6 +160,8 @@ def _decode_split_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
 
+    # [BLOCK_H, BLOCK_D]: what is stored, the real heads' real lanes
+    mask_out = mask_h[:, None] & mask_d[None, :]
     if SPLIT:
         # A chunk past seq_len saw no token: l_i = 0,
         # so it writes out 0 and lse = -inf (weight 0).
@@ -150,7 +175,7 @@ def _decode_split_kernel(
         tl.store(
             partial_out_ptr + part[:, None] * head_dim + offs_d[None, :],
             out,
-            mask=mask_h[:, None] & mask_d[None, :],
+            mask=mask_out,
         )
         tl.store(partial_lse_ptr + part, lse, mask=mask_h)
     else:
@@ -159,11 +184,8 @@ def _decode_split_kernel(
         o_ptrs = (
             out_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
         )
-        tl.store(
-            o_ptrs,
-            out.to(out_ptr.dtype.element_ty),
-            mask=mask_h[:, None] & mask_d[None, :],
-        )
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_out)
+    # END SOLUTION
 
 
 @triton.jit

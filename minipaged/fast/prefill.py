@@ -81,12 +81,23 @@ def _prefill_kernel(
     q_ptrs = query_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :]
     # [BLOCK_M, BLOCK_D]
     q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(DOT_DTYPE)
+    row_stride = num_kv_heads * head_dim  # elements of one token row of the pool
 
+    # Task 4.2 writes the rest of this kernel: the walk and the online softmax of the
+    # decode kernel (task 4.1, the same addresses and the same fp32 m_i, l_i, acc),
+    # now with BLOCK_M query rows in place of BLOCK_H heads, and the causal mask:
+    # row i (position pos_m[i]) sees positions 0 .. pos_m[i], and nothing else gets
+    # weight. Read no position that no row of this tile can see: nothing past the
+    # last row's position, nothing at or past seq_len (stale, maybe NaN). Every row
+    # sees position 0, so none is left without a score. Rows past q_len (mask_m
+    # False) are computed like the others and never stored. The result: acc / l_i,
+    # in out's dtype (out_ptr.dtype.element_ty), at out[rows[i], head, :] (strides
+    # stride_ot, stride_oh), for the real rows (mask_m) and lanes (mask_d) only.
+    # BEGIN SOLUTION 4.2
     # this tile's last real row sees positions 0 .. its own, so no later token is ever
     # read
     # one past the last visible position
     last = tl.minimum(seq_len, seq_len - q_len + (tile_m + 1) * BLOCK_M)
-    row_stride = num_kv_heads * head_dim  # elements of one token row of the pool
     # running max of each row's scores
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp(score - m_i)
@@ -131,3 +142,4 @@ def _prefill_kernel(
     tl.store(
         o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :]
     )
+    # END SOLUTION
