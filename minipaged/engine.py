@@ -454,11 +454,17 @@ class LLM:
             self._wait_until(self._pending[0][0])
             self._admit_arrivals()
         start = self.now()
-        out = self.scheduler.schedule()
-        if not out.scheduled and not out.preempted:
-            raise RuntimeError(
-                "the scheduler made no progress: no request can run (a bug, please report)"
-            )
+        try:
+            out = self.scheduler.schedule()
+            if not out.scheduled and not out.preempted:
+                raise RuntimeError(
+                    "the scheduler made no progress: no request can run (a bug, please report)"
+                )
+        # the queues may be half changed: no request in them can be trusted, and one left
+        # there would fail the same way at every step (a server would never answer it)
+        except BaseException:
+            self.abort_request(list(self._requests))
+            raise
         try:
             logits = self.runner.execute(out)  # [num_seqs, vocab]
             if self.simulated:

@@ -141,6 +141,30 @@ def test_a_failed_step_aborts_only_the_requests_it_ran(expected):
     assert llm.stats.aborted_requests == 1
 
 
+def test_a_failed_schedule_aborts_every_request_and_the_engine_serves_on(
+    monkeypatch, expected
+):
+    """The scheduler raised partway: its queues cannot be trusted, so every request goes (left
+    queued, each would fail the same way at every step, and a server would never answer it)."""
+    llm = make_llm()
+    ids = [llm.add_request(prompt, GREEDY) for prompt in PROMPTS[:2]]
+    llm.step()
+    schedule = llm.scheduler.schedule
+
+    def broken_schedule():
+        schedule()
+        raise RuntimeError("scheduler bug")
+
+    monkeypatch.setattr(llm.scheduler, "schedule", broken_schedule)
+    with pytest.raises(RuntimeError, match="scheduler bug"):
+        llm.step()
+    assert [llm.request_output(i) for i in ids] == [None, None]
+    assert_all_free(llm)
+    assert llm.stats.aborted_requests == 2
+    monkeypatch.setattr(llm.scheduler, "schedule", schedule)
+    assert tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == expected
+
+
 def test_a_failed_swap_step_aborts_the_group_it_swapped_out():
     """A group swapped out in a step that failed has host blocks that never got its K/V: aborted."""
     llm = make_llm(num_gpu_blocks=12, num_cpu_blocks=32, preemption_mode="swap")
