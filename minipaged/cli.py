@@ -582,7 +582,7 @@ def _grade(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             tasks = list(course.TASKS)
         if args.json:
             _check_output_path(parser, "--json", args.json)
-        grader = Grader(args.reference, args.extra_tests)
+        grader = Grader(args.reference, args.extra_tests, tasks=tasks)
     except ValueError as error:
         _fail(parser, error)
 

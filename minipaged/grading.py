@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minipaged.assignments import BEGIN, STUB_PREFIX, fences, splice, strip_solutions
-from minipaged.course import Task
+from minipaged.course import TASKS, Task
 
 # a pytest plugin written into the grading tree: records each test's outcome and failure line
 _RECORDER = """
@@ -52,7 +52,15 @@ def pytest_collectreport(report):
     if report.failed:
         _record("collecting " + report.nodeid, report)
 
+MARKERS = {}
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        MARKERS[item.nodeid] = sorted({m.name for m in item.iter_markers()})
+
 def pytest_sessionfinish(session):
+    for nodeid, outcome in OUTCOMES.items():
+        outcome["markers"] = MARKERS.get(nodeid, [])
     with open(os.environ["MINIPAGED_GRADE_RECORD"], "w") as f:
         json.dump(OUTCOMES, f)
 """
@@ -102,6 +110,8 @@ class Grader:
         extra_tests: a folder of additional test files, marked with the task markers like the
             suite's own; the student copy does not contain them (hidden tests).
         timeout: seconds one task's tests may run.
+        tasks: the tasks it will grade: the reference's outcomes for all of them come from one
+            run (one per `deselect`), not one run each.
 
     Raises:
         ValueError: if `reference` is not a checkout with solutions, or `extra_tests` is not a
@@ -113,14 +123,17 @@ class Grader:
         reference: str | Path | None = None,
         extra_tests: str | Path | None = None,
         timeout: float = 900,
+        tasks: Iterable[Task] = TASKS,
     ) -> None:
         self.reference = Path(reference or default_reference()).resolve()
         self.timeout = timeout
+        self.tasks = tuple(tasks)
+        self._reference_runs: dict[str, dict[str, dict]] = {}
         self.sources = _fenced_sources(self.reference)
         self._work = Path(tempfile.mkdtemp(prefix="minipaged-grade-"))
         self._tree = self._work / "tree"
         self._build_tree(extra_tests)
-        self._cache: dict[tuple[str, str], dict[str, dict]] = {}
+        self._cache: dict[str, dict[str, dict]] = {}
 
     def close(self) -> None:
         """Delete the grading tree."""
@@ -215,20 +228,38 @@ class Grader:
 
     def _run(self, changed: dict[str, str], task: Task) -> dict[str, dict]:
         """Outcomes of `task`'s tests with `changed` files written over the reference."""
+        if all(text == self.sources[path] for path, text in changed.items()):
+            return self._on_reference(task)
         key = hashlib.sha256(
             json.dumps(sorted(changed.items())).encode() + task.id.encode()
         ).hexdigest()
-        if (key, task.id) in self._cache:
-            return self._cache[key, task.id]
+        if key not in self._cache:
+            self._cache[key] = self._pytest(changed, [task])
+        return self._cache[key]
+
+    def _on_reference(self, task: Task) -> dict[str, dict]:
+        """Outcomes of `task`'s tests on the reference, from one run for all tasks like it."""
+        if task.deselect not in self._reference_runs:
+            alike = [t for t in self.tasks if t.deselect == task.deselect]
+            self._reference_runs[task.deselect] = self._pytest({}, alike or [task])
+        return {
+            node: outcome
+            for node, outcome in self._reference_runs[task.deselect].items()
+            if node.startswith("collecting") or task.marker in outcome["markers"]
+        }
+
+    def _pytest(self, changed: dict[str, str], tasks: list[Task]) -> dict[str, dict]:
+        """Run the tests of `tasks` (which share a `deselect`) with `changed` files in place."""
         for path, text in self.sources.items():
             (self._tree / path).write_text(changed.get(path, text))
         record = self._work / "record.json"
         record.unlink(missing_ok=True)
+        markers = " or ".join(t.marker for t in tasks)
         command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
         command.append("--continue-on-collection-errors")
-        command += ["-p", _PLUGIN, "-m", task.marker, *self._test_files(task)]
-        if task.deselect:
-            command += ["-k", task.deselect]
+        command += ["-p", _PLUGIN, "-m", markers, *self._test_files(tasks)]
+        if tasks[0].deselect:
+            command += ["-k", tasks[0].deselect]
         env = {
             **os.environ,
             "PYTHONPATH": str(self._tree),
@@ -244,18 +275,16 @@ class Grader:
                 timeout=self.timeout,
             )
         except subprocess.TimeoutExpired:
-            message = f"the tests of task {task.id} ran past {self.timeout:.0f} s"
+            message = f"the tests of {markers} ran past {self.timeout:.0f} s"
             return {"collecting": {"outcome": "failed", "message": message}}
-        outcomes = json.loads(record.read_text()) if record.exists() else {}
-        self._cache[key, task.id] = outcomes
-        return outcomes
+        return json.loads(record.read_text()) if record.exists() else {}
 
-    def _test_files(self, task: Task) -> list[str]:
-        """The test files that mention the task's marker: collecting only them saves seconds."""
+    def _test_files(self, tasks: list[Task]) -> list[str]:
+        """The test files that mention a task's marker: collecting only them saves seconds."""
         return sorted(
             path.relative_to(self._tree).as_posix()
             for path in (self._tree / "tests").rglob("test_*.py")
-            if task.marker in path.read_text()
+            if any(t.marker in path.read_text() for t in tasks)
         )
 
     def _build_tree(self, extra_tests: str | Path | None) -> None:

@@ -145,7 +145,7 @@ def test_hidden_tests_count_like_the_suites_own(tmp_path):
     (hidden / "test_secret.py").write_text(HIDDEN_TEST)
     # a hidden file named like one of the suite's must not clash with it
     (hidden / "test_block_manager.py").write_text(HIDDEN_TEST)
-    with Grader(ROOT, extra_tests=hidden) as grader:
+    with Grader(ROOT, extra_tests=hidden, tasks=[course.task("1.4")]) as grader:
         counting = grader.counting_tests(course.task("1.4"))
     assert {
         "tests/hidden/test_secret.py::test_a_fork_of_a_random_prompt_shares_its_blocks",
