@@ -16,8 +16,10 @@ import json
 import random
 
 import pytest
+import torch
 
 from minipaged import LLM, SamplingParams
+from minipaged.presets import load_preset
 
 BS = 4
 LARGE = 512  # blocks: no pressure at all
@@ -116,6 +118,7 @@ def unpressured_sampled():
 # ---- greedy under pressure ---------------------------------------------------------------------
 
 
+@pytest.mark.task3_2
 def test_recompute_under_pressure_gives_the_unpressured_tokens(unpressured_greedy):
     llm, tokens = run(
         PROMPTS,
@@ -136,6 +139,7 @@ def test_recompute_under_pressure_gives_the_unpressured_tokens(unpressured_greed
     assert_step_stats_consistent(llm)
 
 
+@pytest.mark.task3_3
 def test_swap_under_pressure_gives_the_unpressured_tokens(unpressured_greedy):
     llm, tokens = run(
         PROMPTS, GREEDY, num_gpu_blocks=16, num_cpu_blocks=64, preemption_mode="swap"
@@ -154,6 +158,7 @@ def test_swap_under_pressure_gives_the_unpressured_tokens(unpressured_greedy):
     assert_step_stats_consistent(llm)
 
 
+@pytest.mark.task3_3
 def test_swap_with_a_small_host_pool_falls_back_to_recompute(unpressured_greedy):
     llm, tokens = run(
         PROMPTS, GREEDY, num_gpu_blocks=16, num_cpu_blocks=8, preemption_mode="swap"
@@ -166,6 +171,7 @@ def test_swap_with_a_small_host_pool_falls_back_to_recompute(unpressured_greedy)
     assert_step_stats_consistent(llm)
 
 
+@pytest.mark.task3_2
 def test_swap_with_no_host_pool_is_recompute(unpressured_greedy):
     llm, tokens = run(
         PROMPTS, GREEDY, num_gpu_blocks=16, num_cpu_blocks=0, preemption_mode="swap"
@@ -332,5 +338,68 @@ def test_step_stats_describe_each_step():
     assert third.kv_utilization == pytest.approx(11 / 12)
     assert llm.stats.peak_blocks_used == 3
     assert llm.stats.generated_tokens == 6
+    assert_all_free(llm)
+    assert_step_stats_consistent(llm)
+
+
+# ---- against transformers' own generate (Assignment 3 grades its tasks on it) --------------------
+
+
+@pytest.mark.parametrize(
+    ("preemption_mode", "num_cpu_blocks"),
+    [
+        pytest.param("recompute", 0, marks=pytest.mark.task3_2),
+        pytest.param("swap", 0, marks=pytest.mark.task3_2),  # no host pool: recompute
+        pytest.param("swap", 32, marks=pytest.mark.task3_3),
+    ],
+)
+def test_preemption_keeps_the_greedy_tokens_of_transformers(
+    preemption_mode, num_cpu_blocks
+):
+    """Six random prompts of 2 blocks on a pool of 8 blocks, 16 tokens each to generate.
+
+    The first step admits four prompts and fills the pool, so as they grow the scheduler must
+    preempt some, again and again. Whatever the scheduler did, each request's greedy tokens
+    must be those of transformers' `generate` on the same weights, one prompt at a time.
+    """
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    prompts = [
+        [rng.randrange(3, 259) for _ in range(rng.randint(BS + 1, 2 * BS))]
+        for _ in range(6)
+    ]
+    model = load_preset("tiny-llama", 0)
+    model.set_attn_implementation("sdpa")
+    expected = []
+    for prompt in prompts:
+        out = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.int64),
+            do_sample=False,
+            max_new_tokens=16,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+        expected.append(out[0, len(prompt) :].tolist())
+    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=16)
+    llm, tokens = run(
+        [{"prompt_token_ids": p} for p in prompts],
+        params,
+        num_gpu_blocks=8,
+        num_cpu_blocks=num_cpu_blocks,
+        preemption_mode=preemption_mode,
+        watermark=0.0,
+        seed=0,
+    )
+    assert [t for (t,) in tokens] == expected, f"seed {seed}"
+    stats = llm.stats
+    mode = "swap" if num_cpu_blocks else "recompute"
+    assert stats.num_preemptions[mode] > 0, (
+        f"seed {seed}: the pool was meant to be small"
+    )
+    if num_cpu_blocks:
+        assert stats.blocks_swapped_in == stats.blocks_swapped_out > 0
+    else:
+        assert stats.num_preemptions["swap"] == 0
     assert_all_free(llm)
     assert_step_stats_consistent(llm)

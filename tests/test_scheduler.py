@@ -11,11 +11,17 @@ step the invariants of the three queues and of the block pools are checked, and 
 pools (each token's "K/V" is its id, moved by the step's swap and copy mappings and written through
 the slot mappings) must read back every sequence's computed tokens; at the end every request must
 finish in a bounded number of steps (no livelock) and every block must be free again.
+
+The tests that grade Assignment 3 (docs/assignments/scheduler.md) carry its task markers:
+`task3_1` admission (`_schedule_waiting`), `task3_2` preemption (`_choose_victim`, `_preempt`),
+`task3_3` swap-in (`_schedule_swapped`). A test of a task needs only the given code and the tasks
+before it (a few swap-in tests swap groups out by hand, `swap_out_by_hand`, to need only 3.1).
 """
 
 from __future__ import annotations
 
 import itertools
+import random
 
 import pytest
 from hypothesis import event, given, settings
@@ -113,6 +119,7 @@ def holds_blocks(manager: BlockManager, group: SequenceGroup) -> bool:
 # ---- admission: FCFS and the step's budgets ----------------------------------------------------
 
 
+@pytest.mark.task3_1
 def test_admits_in_arrival_order_and_prefill_q_len_is_the_prompt():
     scheduler = make_scheduler(16)
     for name, prompt_len in (("a", 5), ("b", 3), ("c", 7)):
@@ -125,9 +132,11 @@ def test_admits_in_arrival_order_and_prefill_q_len_is_the_prompt():
     assert q_lens(out) == [("a", 1), ("b", 1), ("c", 1)], (
         "after its prefill a sequence decodes one token"
     )
+    assert not any(item.is_prefill for item in out.scheduled)
     assert out.num_batched_tokens == 3
 
 
+@pytest.mark.task3_1
 def test_a_later_stops_admission_no_queue_jumping():
     scheduler = make_scheduler(4)
     scheduler.add(make_group("a", 8))  # 2 blocks
@@ -140,6 +149,7 @@ def test_a_later_stops_admission_no_queue_jumping():
     assert scheduler.block_manager.device.num_free == 2
 
 
+@pytest.mark.task3_1
 def test_max_num_seqs_counts_a_groups_samples_and_blocks_the_queue():
     scheduler = make_scheduler(32, max_num_seqs=3)
     scheduler.add(make_group("a", 4, max_tokens=2))
@@ -154,6 +164,7 @@ def test_max_num_seqs_counts_a_groups_samples_and_blocks_the_queue():
     assert len(out.scheduled) == 3
 
 
+@pytest.mark.task3_1
 def test_max_num_batched_tokens_stops_admission_and_no_prefill_jumps_the_queue():
     scheduler = make_scheduler(32, max_num_seqs=4, max_num_batched_tokens=10)
     scheduler.add(make_group("a", 8))
@@ -168,6 +179,7 @@ def test_max_num_batched_tokens_stops_admission_and_no_prefill_jumps_the_queue()
     assert out.num_batched_tokens == 10
 
 
+@pytest.mark.task3_1
 def test_a_prompt_longer_than_the_budget_runs_alone_in_an_empty_step():
     scheduler = make_scheduler(32, max_num_seqs=4, max_num_batched_tokens=4)
     scheduler.add(make_group("long", 20, max_tokens=3))  # longer than the whole budget
@@ -188,6 +200,7 @@ def test_a_prompt_longer_than_the_budget_runs_alone_in_an_empty_step():
     assert q_lens(out) == [("next", 1), ("short", 1)] and out.num_batched_tokens <= 4
 
 
+@pytest.mark.task3_1
 def test_parallel_samples_share_the_prompt_and_compute_it_once():
     scheduler = make_scheduler(16)
     scheduler.add(make_group("g", 6, n=3))
@@ -199,6 +212,81 @@ def test_parallel_samples_share_the_prompt_and_compute_it_once():
     assert manager.device.num_used == 2, (
         "three samples of a 6-token prompt share its 2 blocks"
     )
+
+
+@pytest.mark.task3_1
+def test_admission_takes_the_head_of_the_queue_until_a_group_does_not_fit():
+    """Random prompts on a random pool: exactly the longest head of the queue that fits is admitted."""
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    prompt_lens = [rng.randint(1, 12) for _ in range(8)]
+    num_gpu_blocks = rng.randint(3, 20)
+    scheduler = make_scheduler(num_gpu_blocks)
+    groups = [make_group(f"r{i}", n) for i, n in enumerate(prompt_lens)]
+    for group in groups:
+        scheduler.add(group)
+    used = num_admitted = 0
+    for n in prompt_lens:  # FCFS: the first group that does not fit stops admission
+        if used + num_blocks_for(n, BS) > num_gpu_blocks:
+            break
+        used += num_blocks_for(n, BS)
+        num_admitted += 1
+    admitted, left = groups[:num_admitted], groups[num_admitted:]
+
+    out = scheduler.schedule()
+    assert ids(scheduler.running) == ids(admitted), f"seed {seed}"
+    assert ids(scheduler.waiting) == ids(left), f"seed {seed}: nobody jumps the queue"
+    assert [
+        (i.group.request_id, i.num_query_tokens, i.is_prefill) for i in out.scheduled
+    ] == [
+        (g.request_id, n, True) for g, n in zip(admitted, prompt_lens, strict=False)
+    ], f"seed {seed}: a prefill computes its whole prompt"
+    for group in admitted:
+        (seq,) = group.seqs
+        assert seq.status == SequenceStatus.RUNNING and seq.num_computed_tokens == 0
+        table = scheduler.block_manager.get_block_table(seq)
+        assert table.num_tokens == len(seq), "every prompt token has its slot"
+    assert all(g.seqs[0].status == SequenceStatus.WAITING for g in left)
+    assert scheduler.block_manager.device.num_free == num_gpu_blocks - used
+
+
+@pytest.mark.task3_1
+def test_admission_keeps_the_watermark_free():
+    """can_allocate, not the free count alone, decides: the watermark's blocks stay free."""
+    watermark_blocks = random.randint(2, 5)
+    manager = BlockManager(BS, 100, 0, watermark_blocks / 100)
+    scheduler = Scheduler(SchedulerConfig(max_model_len=1024), manager)
+    for i in range(40):  # 3 blocks each: 120 in all
+        scheduler.add(make_group(f"r{i}", 3 * BS))
+    out = scheduler.schedule()
+    num_admitted = (100 - watermark_blocks) // 3
+    assert len(out.scheduled) == len(scheduler.running) == num_admitted
+    assert manager.device.num_free == 100 - 3 * num_admitted >= watermark_blocks
+
+
+@pytest.mark.task3_1
+def test_admission_skips_what_the_prefix_cache_and_the_first_sample_compute():
+    """num_computed_tokens: the cache hit for the first sample, the blocks it shares for the others."""
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    system = [rng.randrange(100, 200) for _ in range(BS * rng.randint(1, 3))]
+    tail = [rng.randrange(100, 200) for _ in range(rng.randint(1, 2 * BS))]
+    n = rng.randint(2, 4)
+    scheduler = make_scheduler(64, enable_prefix_caching=True)
+    scheduler.add(make_group("a", [*system, 7]))  # publishes the system prompt's blocks
+    group = make_group("g", system + tail, n=n)
+    scheduler.add(group)
+    out = scheduler.schedule()
+    assert q_lens(out) == [("a", len(system) + 1), ("g", len(tail))] + [("g", 1)] * (
+        n - 1
+    ), f"seed {seed}"
+    first, *others = group.seqs
+    assert first.num_computed_tokens == len(system), f"seed {seed}: the cache hit"
+    assert all(s.num_computed_tokens == len(s) - 1 for s in others), (
+        f"seed {seed}: a sample shares the first one's blocks, so only its last token is left"
+    )
+    assert all(s.status == SequenceStatus.RUNNING for s in group.seqs)
+    assert all(item.is_prefill for item in out.scheduled)
 
 
 # ---- the token budget: every step, every phase -------------------------------------------------
@@ -235,6 +323,7 @@ def test_scheduler_config_refuses_a_budget_below_max_num_seqs(max_num_seqs, data
     assert config.max_num_batched_tokens == max_num_seqs
 
 
+@pytest.mark.task3_1
 @given(num_running=st.integers(1, 6), extra=st.integers(0, 8))
 def test_a_prefill_joins_only_if_it_fits_what_the_decodes_left(num_running, extra):
     budget = 8 + extra
@@ -306,6 +395,7 @@ def test_decodes_beyond_the_budget_wait_a_step_and_the_oldest_go_first(
     assert manager.device.num_free == 64
 
 
+@pytest.mark.task3_3
 def test_a_swapped_group_comes_back_only_within_the_budget():
     scheduler = make_scheduler(
         4, num_cpu_blocks=8, preemption_mode="swap", max_num_seqs=8
@@ -340,6 +430,7 @@ def test_a_swapped_group_comes_back_only_within_the_budget():
 # ---- prefix caching ----------------------------------------------------------------------------
 
 
+@pytest.mark.task3_1
 def test_prefix_cache_hits_shorten_the_prefill():
     scheduler = make_scheduler(32, enable_prefix_caching=True)
     system = list(range(200, 212))  # 3 full blocks
@@ -380,6 +471,7 @@ def three_groups(scheduler: Scheduler, c_prompt: int = 4) -> tuple[SequenceGroup
     return a, b, c
 
 
+@pytest.mark.task3_2
 def test_recompute_preempts_the_most_recent_group_whole_and_requeues_it_first():
     scheduler = make_scheduler(3)
     manager = scheduler.block_manager
@@ -410,6 +502,7 @@ def test_recompute_preempts_the_most_recent_group_whole_and_requeues_it_first():
     assert not scheduler.running and ids(scheduler.waiting) == ["c", "d"]
 
 
+@pytest.mark.task3_2
 def test_a_recomputed_group_prefills_its_prompt_and_output_again():
     scheduler = make_scheduler(5)
     scheduler.add(make_group("a", 4, max_tokens=3))
@@ -430,6 +523,7 @@ def test_a_recomputed_group_prefills_its_prompt_and_output_again():
     assert scheduler.block_manager.device.num_free == 5
 
 
+@pytest.mark.task3_3
 def test_swap_out_moves_the_group_to_the_host_and_resumes_it_before_admitting():
     scheduler = make_scheduler(4, num_cpu_blocks=8, preemption_mode="swap")
     manager = scheduler.block_manager
@@ -477,6 +571,7 @@ def test_swap_out_moves_the_group_to_the_host_and_resumes_it_before_admitting():
     assert scheduler.num_preemptions == {"recompute": 0, "swap": 1}
 
 
+@pytest.mark.task3_2
 @pytest.mark.parametrize(("num_cpu_blocks", "c_prompt"), [(0, 4), (1, 8)])
 def test_swap_falls_back_to_recompute_when_the_host_pool_is_full(
     num_cpu_blocks, c_prompt
@@ -501,6 +596,7 @@ def test_swap_falls_back_to_recompute_when_the_host_pool_is_full(
     assert scheduler.num_preemptions == {"recompute": 1, "swap": 0}
 
 
+@pytest.mark.task3_2
 def test_the_newest_group_preempts_itself_when_it_cannot_grow():
     scheduler = make_scheduler(2)
     scheduler.add(make_group("a", 2))  # room left in its block
@@ -511,6 +607,7 @@ def test_the_newest_group_preempts_itself_when_it_cannot_grow():
     assert ids(scheduler.waiting) == ["b"]
 
 
+@pytest.mark.task3_2
 def test_an_older_group_that_cannot_grow_preempts_the_newest():
     scheduler = make_scheduler(2)
     scheduler.add(make_group("a", 4))
@@ -522,6 +619,85 @@ def test_an_older_group_that_cannot_grow_preempts_the_newest():
     assert scheduler.block_manager.device.num_free == 0
 
 
+def by_arrival(groups) -> list[SequenceGroup]:
+    return sorted(groups, key=lambda g: g.arrival_time)
+
+
+@pytest.mark.task3_2
+@pytest.mark.parametrize("host", ["recompute", "swap", "swap-small-host"])
+def test_victims_are_the_newest_groups_and_swap_falls_back_to_recompute(host):
+    """k groups of one full block fill a pool of k blocks, and each needs a 2nd block next step.
+
+    Served oldest first, r0 takes the block of the newest group, r1 that of the next newest, and
+    so on: the older half runs, the newer half is preempted, newest first (with k odd the middle
+    group, left alone, preempts itself). In swap mode a victim is swapped out while the host pool
+    has a block for it; the victims after that are recomputed.
+    """
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    k = rng.randint(3, 8)
+    older, newer = k // 2, k - k // 2
+    num_cpu_blocks = {
+        "recompute": 0,
+        "swap": k,
+        "swap-small-host": rng.randrange(newer),
+    }[host]
+    mode = "recompute" if host == "recompute" else "swap"
+    scheduler = make_scheduler(k, num_cpu_blocks=num_cpu_blocks, preemption_mode=mode)
+    manager = scheduler.block_manager
+    groups = [make_group(f"r{i}", BS, max_tokens=rng.randint(2, 5)) for i in range(k)]
+    for group in groups:
+        scheduler.add(group)
+    engine_step(scheduler)
+    scheduler.add(make_group("late", 1, max_tokens=2))
+    blocks = {
+        g.request_id: manager.get_block_table(g.seqs[0]).block_ids for g in groups
+    }
+
+    out = engine_step(scheduler)
+    kept, victims = groups[:older], groups[older:][::-1]  # victims newest first
+    num_swapped = min(num_cpu_blocks, newer) if mode == "swap" else 0
+    swapped, recomputed = victims[:num_swapped], victims[num_swapped:]
+    assert out.preempted == [(g.request_id, "swap") for g in swapped] + [
+        (g.request_id, "recompute") for g in recomputed
+    ], f"seed {seed}: k={k}, {num_cpu_blocks} host blocks"
+    assert scheduler.num_preemptions == {
+        "recompute": len(recomputed),
+        "swap": len(swapped),
+    }, f"seed {seed}"
+    assert q_lens(out) == [(g.request_id, 1) for g in kept], f"seed {seed}"
+    assert ids(scheduler.running) == ids(g for g in kept if not g.is_finished())
+    # swapped: oldest first, the order they come back in; recomputed: at the front of the queue,
+    # oldest first, ahead of the request that arrived after them
+    assert ids(scheduler.swapped) == ids(by_arrival(swapped)), f"seed {seed}"
+    assert ids(scheduler.waiting) == [*ids(by_arrival(recomputed)), "late"], (
+        f"seed {seed}"
+    )
+    for group in swapped:
+        (seq,) = group.seqs
+        assert seq.status == SequenceStatus.SWAPPED
+        assert seq.num_computed_tokens == BS, "swapped K/V are kept"
+        assert (
+            seq.seq_id in manager.host_tables
+            and seq.seq_id not in manager.device_tables
+        )
+    assert sorted(device for device, _ in out.blocks_to_swap_out) == sorted(
+        b for g in swapped for b in blocks[g.request_id]
+    )
+    assert manager.host.num_used == len(swapped)
+    for group in recomputed:
+        (seq,) = group.seqs
+        assert seq.status == SequenceStatus.WAITING and seq.num_computed_tokens == 0
+        assert not holds_blocks(manager, group)
+    if mode == "recompute":  # (the swapped ones come back in task 3.3)
+        while scheduler.has_unfinished():
+            engine_step(scheduler)
+        for group in groups:
+            assert group.seqs[0].output_token_ids == [10] * _max_tokens[group]
+        assert manager.device.num_free == k
+
+
+@pytest.mark.task3_3
 def test_swapped_group_comes_back_once_the_pool_is_empty():
     """A request that the engine accepts must be able to resume after a swap, once it runs alone.
 
@@ -547,6 +723,7 @@ def test_swapped_group_comes_back_once_the_pool_is_empty():
     assert not scheduler.has_unfinished()
 
 
+@pytest.mark.task3_3
 @pytest.mark.parametrize(("block_size", "n"), [(4, 2), (1, 1)])
 def test_swap_in_with_prefix_caching_when_the_pending_token_fills_a_block(
     block_size, n
@@ -584,6 +761,120 @@ def test_swap_in_with_prefix_caching_when_the_pending_token_fills_a_block(
         manager.device.num_free == manager.device.num_blocks
         and manager.host.num_used == 0
     )
+
+
+# ---- swapping back in --------------------------------------------------------------------------
+
+
+def swap_out_by_hand(scheduler: Scheduler, *groups: SequenceGroup) -> None:
+    """Preempt running `groups` by swap as `_preempt` does (task 3.2), so these tests need only 3.1."""
+    for group in groups:
+        scheduler.running.remove(group)
+        scheduler.block_manager.swap_out(group)
+        for seq in group.get_unfinished_seqs():
+            seq.status = SequenceStatus.SWAPPED
+        scheduler.swapped.append(group)
+    scheduler.swapped.sort(key=lambda g: g.arrival_time)
+
+
+@pytest.mark.task3_3
+def test_an_older_swapped_group_that_does_not_fit_holds_back_the_younger():
+    scheduler = make_scheduler(6, num_cpu_blocks=8, preemption_mode="swap")
+    manager = scheduler.block_manager
+    a = make_group("a", 3 * BS)  # 3 blocks; the token it sampled needs a 4th
+    b = make_group("b", 2)  # 1 block, with room for its next token
+    h = make_group("h", 2 * BS, max_tokens=2)  # 2 blocks; its next token needs a 3rd
+    for group in (a, b, h):
+        scheduler.add(group)
+    engine_step(scheduler)  # the 6 blocks are taken
+    swap_out_by_hand(scheduler, b, a)
+    scheduler.add(make_group("late", 1, max_tokens=2))
+    assert manager.device.num_free == 4
+
+    out = engine_step(scheduler)  # h takes a block: 3 left, a needs 4, b would fit in 1
+    assert q_lens(out) == [("h", 1)] and not out.blocks_to_swap_in
+    assert ids(scheduler.swapped) == ["a", "b"], "b does not overtake a"
+    assert ids(scheduler.waiting) == ["late"], (
+        "nothing is admitted while a group is out"
+    )
+
+    out = engine_step(scheduler)  # h finished: 6 free; a takes 4, b 1
+    assert q_lens(out) == [("a", 1), ("b", 1), ("late", 1)]
+    assert sorted(host for host, _ in out.blocks_to_swap_in) == list(range(4))
+    assert ids(scheduler.running) == ["a", "b", "late"] and not scheduler.swapped
+    for group in (a, b):
+        (seq,) = group.seqs
+        assert seq.status == SequenceStatus.RUNNING
+        # the token sampled before the swap got its slot (the engine then sampled one more)
+        assert manager.get_block_table(seq).num_tokens == len(seq) - 1
+    assert manager.host.num_used == 0 and manager.device.num_free == 0
+
+
+@pytest.mark.task3_3
+def test_a_swapped_group_comes_back_only_within_max_num_seqs():
+    scheduler = make_scheduler(16, num_cpu_blocks=8, preemption_mode="swap")
+    g = make_group("g", 5, n=3)  # 3 samples, 2 shared blocks
+    h = make_group("h", 2, max_tokens=2)
+    scheduler.add(g)
+    scheduler.add(h)
+    engine_step(scheduler)
+    swap_out_by_hand(scheduler, g)
+    # frozen: as if the operator had lowered the limit; h's 1 + g's 3 > 3
+    object.__setattr__(scheduler.config, "max_num_seqs", 3)
+    assert scheduler.block_manager.can_swap_in(g), "memory would let g back in"
+    out = engine_step(scheduler)
+    assert q_lens(out) == [("h", 1)] and ids(scheduler.swapped) == ["g"]
+    out = engine_step(scheduler)  # h finished: 3 sequences may run
+    assert q_lens(out) == [("g", 1)] * 3 and not scheduler.swapped
+
+
+@pytest.mark.task3_3
+def test_swapped_groups_come_back_oldest_first_and_all_finish():
+    """The scenario of the victims test, run to the end: the older half runs and finishes, each at
+    its own step, and the swapped-out newer half comes back, oldest first, as blocks free up."""
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    k = rng.randint(4, 8)
+    scheduler = make_scheduler(k, num_cpu_blocks=k, preemption_mode="swap")
+    manager = scheduler.block_manager
+    groups = [make_group(f"r{i}", BS, max_tokens=rng.randint(2, 6)) for i in range(k)]
+    for group in groups:
+        scheduler.add(group)
+    came_back = []
+    for _ in range(200):
+        if not scheduler.has_unfinished():
+            break
+        before = list(scheduler.swapped)
+        host_blocks = {
+            g.request_id: manager.host_tables[g.seqs[0].seq_id].block_ids
+            for g in before
+        }
+        out = engine_step(scheduler)
+        if out.preempted:
+            continue
+        returned = [g for g in before if g not in scheduler.swapped]
+        assert ids(returned) == ids(before[: len(returned)]), (
+            f"seed {seed}: the oldest swapped groups come back first"
+        )
+        assert sorted(host for host, _ in out.blocks_to_swap_in) == sorted(
+            b for g in returned for b in host_blocks[g.request_id]
+        )
+        for group in returned:
+            assert [
+                (i.num_query_tokens, i.is_prefill)
+                for i in out.scheduled
+                if i.group is group
+            ] == [(1, False)], (
+                f"seed {seed}: a group back from swap decodes the token it had sampled"
+            )
+        came_back += returned
+    assert not scheduler.has_unfinished(), f"seed {seed}"
+    assert came_back, f"seed {seed}: the pool was meant to be too small"
+    for group in groups:
+        assert group.seqs[0].output_token_ids == [10] * _max_tokens[group], (
+            f"seed {seed}"
+        )
+    assert manager.device.num_free == k and manager.host.num_free == k
 
 
 # ---- copy-on-write -----------------------------------------------------------------------------

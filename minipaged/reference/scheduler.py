@@ -159,7 +159,7 @@ class Scheduler:
                 break
             while not manager.can_append_slots(group):
                 # the most recently arrived running group
-                victim = queue.pop() if queue else group
+                victim = self._choose_victim(queue, group)
                 self._preempt(victim, out)
                 preempted = True
                 if victim is group:
@@ -176,6 +176,9 @@ class Scheduler:
 
     def _schedule_swapped(self, out: SchedulerOutput) -> None:
         """Bring swapped groups back, oldest first, while each fits with room to append a token."""
+        if not self.swapped:  # the usual step: nobody to bring back
+            return
+        # BEGIN SOLUTION 3.3
         manager = self.block_manager
         while self.swapped:
             group = self.swapped[0]
@@ -198,9 +201,11 @@ class Scheduler:
                     ScheduledSeq(group, seq, seq.num_uncomputed_tokens)
                 )
             self.running.append(group)
+        # END SOLUTION
 
     def _schedule_waiting(self, out: SchedulerOutput) -> None:
         """Admit waiting groups in arrival order while memory and the step's budget allow."""
+        # BEGIN SOLUTION 3.1
         manager = self.block_manager
         while self.waiting:
             group = self.waiting[0]
@@ -225,6 +230,7 @@ class Scheduler:
                     ScheduledSeq(group, seq, seq.num_uncomputed_tokens, is_prefill=True)
                 )
             self.running.append(group)
+        # END SOLUTION
 
     # ---- the token budget
     # --------------------------------------------------------------------
@@ -250,8 +256,23 @@ class Scheduler:
     # ---- preemption
     # --------------------------------------------------------------------------
 
+    def _choose_victim(
+        self, queue: deque[SequenceGroup], group: SequenceGroup
+    ) -> SequenceGroup:
+        """The group to preempt so that `group` can grow: the most recently arrived running group.
+
+        Args:
+            queue: the running groups not yet given their slots this step, oldest first, all
+                newer than `group`; a victim taken from it leaves it.
+            group: the group that needs room; the victim itself when `queue` is empty.
+        """
+        # BEGIN SOLUTION 3.2
+        return queue.pop() if queue else group
+        # END SOLUTION
+
     def _preempt(self, group: SequenceGroup, out: SchedulerOutput) -> None:
         """Evict a whole group: swap it out if asked and the host has room, else free it to recompute."""
+        # BEGIN SOLUTION 3.2
         manager = self.block_manager
         seqs = group.get_seqs(SequenceStatus.RUNNING)
         if self.config.preemption_mode == "swap" and manager.can_swap_out(group):
@@ -272,6 +293,7 @@ class Scheduler:
             mode = "recompute"
         self.num_preemptions[mode] += 1
         out.preempted.append((group.request_id, mode))
+        # END SOLUTION
 
     def _num_running_seqs(self) -> int:
         """Sequences the running groups hold, or may still fork into: a beam search admitted with one
