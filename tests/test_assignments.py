@@ -233,7 +233,8 @@ def test_the_copys_docs_build_does_not_execute_the_tutorials(student_copy):
 
 def test_a_test_of_no_task_that_hits_a_stub_waits_for_the_task(student_copy):
     """In the copy, a task's test fails on its stub; a test of no task that runs into a stub is
-    reported skipped, naming the task it waits for (tests/conftest.py)."""
+    reported skipped, naming the task it waits for, and a `needs_every_task` test is skipped up
+    front (tests/conftest.py). In the reference neither happens: no stub is left."""
     (student_copy / "tests" / "test_stub_hits.py").write_text(
         "import pytest\n\n"
         "from minipaged.reference.block_allocator import BlockAllocator\n\n\n"
@@ -243,7 +244,10 @@ def test_a_test_of_no_task_that_hits_a_stub_waits_for_the_task(student_copy):
         "def test_of_task_1_2():\n"
         "    BlockAllocator(4).allocate()\n\n\n"
         "def test_of_no_task_that_fails_otherwise():\n"
-        "    assert BlockAllocator(4).num_free == 3\n"
+        "    assert BlockAllocator(4).num_free == 3\n\n\n"
+        "@pytest.mark.needs_every_task\n"
+        "def test_of_the_whole_engine():\n"
+        "    assert False, 'must not run while stubs are left'\n"
     )
     result = subprocess.run(
         [
@@ -262,7 +266,8 @@ def test_a_test_of_no_task_that_hits_a_stub_waits_for_the_task(student_copy):
         timeout=300,
     )
     out = result.stdout
-    assert "2 failed, 1 skipped" in out, out[-3000:]
+    assert "2 failed, 2 skipped" in out, out[-3000:]
+    assert "needs every task; still stubs: task 1.1, 1.2, 1.3" in out
     assert "waits for task 1.2 (still a stub)" in out
     assert "FAILED tests/test_stub_hits.py::test_of_task_1_2" in out
     assert "FAILED tests/test_stub_hits.py::test_of_no_task_that_fails_otherwise" in out
@@ -298,3 +303,12 @@ def test_each_handout_states_its_tasks_points_and_has_every_section(assignment):
 def test_the_markers_registered_are_the_courses_tasks():
     registered = re.findall(r'"(task\d+_\d+):', (ROOT / "pyproject.toml").read_text())
     assert registered == [t.marker for t in course.TASKS]
+
+
+def test_the_reference_has_no_stub_so_nothing_waits_for_a_task():
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        from conftest import stubbed_tasks
+    finally:
+        sys.path.remove(str(ROOT / "tests"))
+    assert stubbed_tasks() == []

@@ -21,6 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# a server hides a stub's error from the test (student copy: tests/conftest.py)
+pytestmark = pytest.mark.needs_every_task
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "serving_load.py"
 METRIC_KEYS = ("ttft_s", "tpot_s", "normalized_latency_s", "latency_s")
 

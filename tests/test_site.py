@@ -309,6 +309,13 @@ def test_search_index_is_inlined_for_search_from_disk(site):
         assert page in locations, f"{page} is not in the search index"
 
 
+# the student copy's docs build does not execute the tutorials: they call the tasks' stubs
+EXECUTED = re.search(r"^\s*execute: true\b", (ROOT / "mkdocs.yml").read_text(), re.M)
+
+
+@pytest.mark.skipif(
+    not EXECUTED, reason="mkdocs.yml does not execute the tutorials (a student copy)"
+)
 @pytest.mark.parametrize("tutorial", TUTORIALS, ids=lambda path: path.stem)
 def test_tutorial_output_has_no_warning_error_or_stderr(site, tutorial):
     html = (site / "tutorials" / f"{tutorial.stem}.html").read_text(encoding="utf-8")
