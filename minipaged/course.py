@@ -16,11 +16,13 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Assignment:
-    """One assignment: a number, a title and its handout page (relative to docs/)."""
+    """One assignment: a number, a title, its handout page (relative to docs/), and the
+    assignments whose code its tests run in a student's copy (`builds_on`)."""
 
     number: int
     title: str
     handout: str
+    builds_on: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,11 @@ class Task:
         return int(self.id.split(".")[0])
 
     @property
+    def index(self) -> int:
+        """The task's number within its assignment: "1.3" -> 3."""
+        return int(self.id.split(".")[1])
+
+    @property
     def marker(self) -> str:
         """The pytest marker of the task's tests: "1.3" -> "task1_3"."""
         return "task" + self.id.replace(".", "_")
@@ -55,7 +62,8 @@ class Task:
 ASSIGNMENTS = (
     Assignment(1, "The paged memory manager", "assignments/memory-manager.md"),
     Assignment(2, "The kernels, in PyTorch", "assignments/reference-kernels.md"),
-    Assignment(3, "Scheduling and preemption", "assignments/scheduler.md"),
+    # the scheduler's tests drive the block manager; the engine's run the kernels too
+    Assignment(3, "Scheduling and preemption", "assignments/scheduler.md", (1, 2)),
     Assignment(4, "A paged decode kernel in Triton", "assignments/triton-decode.md"),
 )
 
@@ -116,3 +124,16 @@ def task(task_id: str) -> Task:
 def tasks_of(assignment: int) -> tuple[Task, ...]:
     """The tasks of one assignment, in order."""
     return tuple(t for t in TASKS if t.assignment == assignment)
+
+
+def needed_by(task: Task) -> tuple[Task, ...]:
+    """The tasks whose code `task`'s tests may run in a student's copy: the tasks before it in
+    its assignment, and those of the assignments it builds on. Every other task may still be a
+    stub without failing them (tests/test_grading.py checks)."""
+    (assignment,) = (a for a in ASSIGNMENTS if a.number == task.assignment)
+    return tuple(
+        t
+        for t in TASKS
+        if t.assignment in assignment.builds_on
+        or (t.assignment == task.assignment and t.index < task.index)
+    )

@@ -177,7 +177,7 @@ class Grader:
         except (OSError, ValueError) as error:
             result.error = f"could not read the copy's task {task.id}: {error}"
             return result
-        outcomes = self._run(spliced, task)
+        outcomes = self.run_tests(spliced, task)
         for node in counting:
             outcome = outcomes.get(
                 node, {"outcome": "failed", "message": "did not run"}
@@ -187,7 +187,7 @@ class Grader:
             else:
                 result.failed[node] = outcome["message"] or outcome["outcome"]
         # a test file the copy's code breaks at import (not one the reference breaks too)
-        broken_anyway = self._run(self._task_files(task), task)
+        broken_anyway = self.run_tests(self._task_files(task), task)
         errors = {
             node: outcome["message"]
             for node, outcome in outcomes.items()
@@ -204,7 +204,10 @@ class Grader:
         stubbed = {
             path: strip_solutions(text, {task.id}) for path, text in files.items()
         }
-        on_stub, on_reference = self._run(stubbed, task), self._run(files, task)
+        on_stub, on_reference = (
+            self.run_tests(stubbed, task),
+            self.run_tests(files, task),
+        )
         return sorted(
             node
             for node, outcome in on_reference.items()
@@ -226,8 +229,9 @@ class Grader:
             raise ValueError(f"the reference has no fences of task {task.id}")
         return files
 
-    def _run(self, changed: dict[str, str], task: Task) -> dict[str, dict]:
-        """Outcomes of `task`'s tests with `changed` files written over the reference."""
+    def run_tests(self, changed: dict[str, str], task: Task) -> dict[str, dict]:
+        """Outcomes of `task`'s tests (nodeid -> {outcome, message, markers}) with `changed`
+        files (relative path -> text) written over the reference, cached by that code."""
         if all(text == self.sources[path] for path, text in changed.items()):
             return self._on_reference(task)
         key = hashlib.sha256(

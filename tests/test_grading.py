@@ -52,7 +52,7 @@ def test_every_task_has_tests_that_fail_on_its_stub_and_all_pass_on_the_referenc
     for task in course.TASKS:
         counting = grader.counting_tests(task)
         assert len(counting) >= 3, f"task {task.id}: {counting}"
-        on_reference = grader._run(grader._task_files(task), task)
+        on_reference = grader.run_tests(grader._task_files(task), task)
         failed = [n for n, o in on_reference.items() if o["outcome"] == "failed"]
         assert not failed, f"task {task.id} fails on the reference: {failed[:3]}"
 
@@ -186,3 +186,20 @@ def test_the_grade_command_refuses_a_path_that_is_no_copy(tmp_path, capsys):
         main(["grade", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "PATH must be a student copy" in capsys.readouterr().err
+
+
+def test_a_tasks_tests_need_only_the_tasks_before_it(grader):
+    """Defect 2 of issue 15: with every task its tests do not need still a stub (later tasks of
+    its assignment, other assignments but those it builds on), all of them pass."""
+    for task in course.TASKS:
+        needed = {t.id for t in course.needed_by(task)} | {task.id}
+        stubbed = {t.id for t in course.TASKS} - needed
+        changed = {
+            path: strip_solutions(text, stubbed)
+            for path, text in grader.sources.items()
+        }
+        outcomes = grader.run_tests(changed, task)
+        failed = {
+            n: o["message"] for n, o in outcomes.items() if o["outcome"] == "failed"
+        }
+        assert outcomes and not failed, f"task {task.id} needs a later task: {failed}"
