@@ -552,6 +552,12 @@ def _add_grade_options(grade: argparse.ArgumentParser) -> None:
         help="hidden tests: a folder of test files marked with the task markers",
     )
     grade.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="pytest runs at once, each in its own copy of the reference (default: 2)",
+    )
+    grade.add_argument(
         "--reference",
         metavar="DIR",
         help="the checkout with the solutions (default: the one minipaged runs from)",
@@ -582,7 +588,7 @@ def _grade(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             tasks = list(course.TASKS)
         if args.json:
             _check_output_path(parser, "--json", args.json)
-        grader = Grader(args.reference, args.extra_tests, tasks=tasks)
+        grader = Grader(args.reference, args.extra_tests, tasks=tasks, jobs=args.jobs)
     except ValueError as error:
         _fail(parser, error)
 

@@ -18,59 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from minipaged.assignments import BEGIN, STUB_PREFIX, fences, splice, strip_solutions
 from minipaged.course import TASKS, Task
-
-# a pytest plugin written into the grading tree: records each test's outcome and failure line
-_RECORDER = """
-import json, os
-
-OUTCOMES = {}
-
-def _record(nodeid, report):
-    if report.failed:
-        crash = getattr(report.longrepr, "reprcrash", None)
-        message = crash.message if crash else str(report.longrepr).strip().splitlines()[-1:]
-        OUTCOMES[nodeid] = {"outcome": "failed", "message": str(message)[:500]}
-    elif nodeid not in OUTCOMES or report.when == "call":
-        OUTCOMES[nodeid] = {"outcome": report.outcome, "message": ""}
-
-def pytest_runtest_logreport(report):
-    if OUTCOMES.get(report.nodeid, {}).get("outcome") != "failed":
-        _record(report.nodeid, report)
-
-def pytest_collectreport(report):
-    if report.failed:
-        _record("collecting " + report.nodeid, report)
-
-MARKERS = {}
-
-def pytest_collection_modifyitems(items):
-    for item in items:
-        MARKERS[item.nodeid] = sorted({m.name for m in item.iter_markers()})
-
-def pytest_sessionfinish(session):
-    for nodeid, outcome in OUTCOMES.items():
-        outcome["markers"] = MARKERS.get(nodeid, [])
-    with open(os.environ["MINIPAGED_GRADE_RECORD"], "w") as f:
-        json.dump(OUTCOMES, f)
-"""
-_PLUGIN = "_minipaged_grade_recorder"
-_LINKED = (
-    "docs",
-    "scripts",
-    "tutorials",
-    "benchmarks",
-)  # read by some tests, never changed
+from minipaged.grading_runs import TestTrees
 
 
 @dataclass
@@ -112,6 +67,7 @@ class Grader:
         timeout: seconds one task's tests may run.
         tasks: the tasks it will grade: the reference's outcomes for all of them come from one
             run (one per `deselect`), not one run each.
+        jobs: how many pytest runs at once, each in its own copy of the reference.
 
     Raises:
         ValueError: if `reference` is not a checkout with solutions, or `extra_tests` is not a
@@ -124,20 +80,35 @@ class Grader:
         extra_tests: str | Path | None = None,
         timeout: float = 900,
         tasks: Iterable[Task] = TASKS,
+        jobs: int = 2,
     ) -> None:
         self.reference = Path(reference or default_reference()).resolve()
         self.timeout = timeout
         self.tasks = tuple(tasks)
         self._reference_runs: dict[str, dict[str, dict]] = {}
         self.sources = _fenced_sources(self.reference)
-        self._work = Path(tempfile.mkdtemp(prefix="minipaged-grade-"))
-        self._tree = self._work / "tree"
-        self._build_tree(extra_tests)
+        self.jobs = jobs
+        self._trees = TestTrees(self.reference, extra_tests, jobs, timeout)
         self._cache: dict[str, dict[str, dict]] = {}
 
     def close(self) -> None:
-        """Delete the grading tree."""
-        shutil.rmtree(self._work, ignore_errors=True)
+        """Delete the grading trees."""
+        self._trees.close()
+
+    def prepare(self, tasks: Iterable[Task] | None = None) -> None:
+        """Run the calibration of `tasks` (default: all it grades), `jobs` runs at a time: the
+        reference's outcomes, and each task's tests on its stub."""
+        tasks = list(self.tasks if tasks is None else tasks)
+        with ThreadPoolExecutor(self.jobs) as pool:
+            list(pool.map(self._on_reference, {t.deselect: t for t in tasks}.values()))
+            list(pool.map(self.counting_tests, tasks))
+
+    def run_many(
+        self, runs: list[tuple[dict[str, str], Task]]
+    ) -> list[dict[str, dict]]:
+        """`run_tests` for each (changed, task), `jobs` at a time, in order."""
+        with ThreadPoolExecutor(self.jobs) as pool:
+            return list(pool.map(lambda run: self.run_tests(*run), runs))
 
     def __enter__(self) -> Grader:
         return self
@@ -152,7 +123,8 @@ class Grader:
         progress: Callable[[TaskResult], object] | None = None,
     ) -> list[TaskResult]:
         """Grade each task of the copy at `student` alone; `progress` is called after each."""
-        student = Path(student)
+        student, tasks = Path(student), list(tasks)
+        self.prepare(tasks)
         results = []
         for task in tasks:
             results.append(self.grade_task(student, task))
@@ -237,78 +209,22 @@ class Grader:
         key = hashlib.sha256(
             json.dumps(sorted(changed.items())).encode() + task.id.encode()
         ).hexdigest()
-        if key not in self._cache:
-            self._cache[key] = self._pytest(changed, [task])
+        if key not in self._cache:  # two threads may both run it: the same result
+            self._cache[key] = self._trees.run(self.sources, changed, [task])
         return self._cache[key]
 
     def _on_reference(self, task: Task) -> dict[str, dict]:
         """Outcomes of `task`'s tests on the reference, from one run for all tasks like it."""
         if task.deselect not in self._reference_runs:
             alike = [t for t in self.tasks if t.deselect == task.deselect]
-            self._reference_runs[task.deselect] = self._pytest({}, alike or [task])
+            self._reference_runs[task.deselect] = self._trees.run(
+                self.sources, {}, alike or [task]
+            )
         return {
             node: outcome
             for node, outcome in self._reference_runs[task.deselect].items()
             if node.startswith("collecting") or task.marker in outcome["markers"]
         }
-
-    def _pytest(self, changed: dict[str, str], tasks: list[Task]) -> dict[str, dict]:
-        """Run the tests of `tasks` (which share a `deselect`) with `changed` files in place."""
-        for path, text in self.sources.items():
-            (self._tree / path).write_text(changed.get(path, text))
-        record = self._work / "record.json"
-        record.unlink(missing_ok=True)
-        markers = " or ".join(t.marker for t in tasks)
-        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
-        command.append("--continue-on-collection-errors")
-        command += ["-p", _PLUGIN, "-m", markers, *self._test_files(tasks)]
-        if tasks[0].deselect:
-            command += ["-k", tasks[0].deselect]
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(self._tree),
-            "PYTHONDONTWRITEBYTECODE": "1",
-            "MINIPAGED_GRADE_RECORD": str(record),
-        }
-        try:
-            subprocess.run(
-                command,
-                cwd=self._tree,
-                env=env,
-                capture_output=True,
-                timeout=self.timeout,
-            )
-        except subprocess.TimeoutExpired:
-            message = f"the tests of {markers} ran past {self.timeout:.0f} s"
-            return {"collecting": {"outcome": "failed", "message": message}}
-        return json.loads(record.read_text()) if record.exists() else {}
-
-    def _test_files(self, tasks: list[Task]) -> list[str]:
-        """The test files that mention a task's marker: collecting only them saves seconds."""
-        return sorted(
-            path.relative_to(self._tree).as_posix()
-            for path in (self._tree / "tests").rglob("test_*.py")
-            if any(t.marker in path.read_text() for t in tasks)
-        )
-
-    def _build_tree(self, extra_tests: str | Path | None) -> None:
-        """A copy of the reference's package, tests and settings to splice into."""
-        ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-        self._tree.mkdir()
-        for name in ("minipaged", "tests"):
-            shutil.copytree(self.reference / name, self._tree / name, ignore=ignore)
-        shutil.copy2(self.reference / "pyproject.toml", self._tree)
-        for name in _LINKED:
-            if (self.reference / name).exists():
-                (self._tree / name).symlink_to(self.reference / name)
-        (self._tree / f"{_PLUGIN}.py").write_text(_RECORDER)
-        if extra_tests is not None:
-            extra = Path(extra_tests)
-            if not extra.is_dir():
-                raise ValueError(f"extra_tests must be a folder of tests, got {extra}")
-            hidden = self._tree / "tests" / "hidden"
-            shutil.copytree(extra, hidden, ignore=ignore)
-            (hidden / "__init__.py").touch()
 
 
 def _fenced_sources(reference: Path) -> dict[str, str]:
