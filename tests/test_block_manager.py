@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
+from minipaged.reference import block_manager as block_manager_module
 from minipaged.reference.block_allocator import NoFreeBlocksError
 from minipaged.reference.block_manager import AllocStatus, BlockManager
+from minipaged.reference.prefix_cache import hash_full_blocks
 from minipaged.sequence import Sequence, SequenceGroup
 
 BS = 4
@@ -294,6 +298,60 @@ def test_forked_table_is_a_separate_table(manager):
     assert len(manager.get_block_table(child)) == 3
     assert len(manager.get_block_table(parent)) == 2
     assert manager.get_block_table(parent).num_tokens == 8
+
+
+@pytest.mark.task1_4
+def test_forks_of_forks_count_every_holder_and_freeing_gives_the_counts_back():
+    manager = BlockManager(BS, 8)
+    prompt = random.sample(range(100, 200), random.randint(5, 16))
+    parent, child = allocate_and_fork(manager, prompt)
+    grandchild = child.fork()
+    manager.fork(child, grandchild)
+    blocks = ids(manager, parent)
+    assert ids(manager, grandchild) == blocks
+    assert refs(manager, blocks) == [3] * len(blocks)
+    assert manager.device.num_used == len(blocks)  # a fork allocates nothing
+    manager.free(parent)
+    manager.free(grandchild)
+    assert refs(manager, blocks) == [1] * len(blocks)
+    assert ids(manager, child) == blocks
+
+
+@pytest.mark.task1_4
+def test_a_forked_child_keeps_the_parents_block_hashes_for_the_prefix_cache():
+    """The child's next full block is named by the hash chain of the parent's blocks: a later
+    prompt made of the child's tokens hits it."""
+    manager = BlockManager(BS, 16, enable_prefix_caching=True)
+    prompt = random.sample(range(100, 200), 2 * BS + 1)  # two full blocks and one token
+    _, child = allocate_and_fork(manager, prompt)
+    for token in random.sample(range(300, 400), BS):  # fills the child's third block
+        child.append_token_id(token)
+        manager.append_slots(child)
+    third = ids(manager, child)[2]
+    later = make_group([*child.token_ids[: 3 * BS], 7], request_id="later")
+    assert manager.allocate(later) == 3 * BS
+    assert ids(manager, later.seqs[0])[2] == third
+
+
+@pytest.mark.task1_4
+def test_a_forked_child_does_not_hash_its_parents_blocks_again(monkeypatch):
+    """fork copies the parent's block hashes: the child hashes only the blocks it fills."""
+    manager = BlockManager(BS, 16, enable_prefix_caching=True)
+    prompt = random.sample(range(100, 200), 3 * BS + 1)
+    _, child = allocate_and_fork(manager, prompt)
+    hashed = []
+
+    def counting(token_ids, block_size, parent=""):
+        hashed.append(len(token_ids) // block_size)
+        return hash_full_blocks(token_ids, block_size, parent)
+
+    monkeypatch.setattr(block_manager_module, "hash_full_blocks", counting)
+    for token in random.sample(
+        range(300, 400), BS - 1
+    ):  # fills the child's fourth block
+        child.append_token_id(token)
+        manager.append_slots(child)
+    assert sum(hashed) == 1, "only the new full block is hashed"
 
 
 @pytest.mark.task1_4
