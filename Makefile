@@ -14,13 +14,14 @@ HAVE_TORCH := $(shell $(PYTHON) -c "import torch" >/dev/null 2>&1 && echo yes)
 VENV_FLAGS := $(if $(HAVE_TORCH),--system-site-packages,)
 
 # The fast tests: the paged memory manager (reference/), the scheduler, the kernel contract on the
-# reference backend, sampling and beam search, the engine under memory pressure and its refusals.
+# reference backend, sampling and beam search, the engine under memory pressure and its refusals,
+# the swap cache and the homework generators.
 # Left out (`make test` runs them): Triton's interpreter (-k "not triton"), the experiments, the
 # server, subprocesses (-k "not another_process"), the tutorials and the docs build.
 CHECK_TESTS := $(addprefix tests/test_,$(addsuffix .py,block_allocator block_table block_manager \
 	block_manager_state_machine prefix_cache scheduler scheduler_budget attention_reference \
 	kernel_contract kernel_contract_errors copy_on_write_data sampling beam_search engine_memory \
-	engine_errors viz readme))
+	engine_errors viz readme swap_cache homework))
 
 .PHONY: demo test check lint docs format clean
 
