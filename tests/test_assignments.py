@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -312,3 +313,25 @@ def test_the_reference_has_no_stub_so_nothing_waits_for_a_task():
     finally:
         sys.path.remove(str(ROOT / "tests"))
     assert stubbed_tasks() == []
+
+
+def test_in_the_reference_a_failure_that_quotes_a_stub_is_still_a_failure(tmp_path):
+    """The hook that turns a stub's error into a skip acts only where stubs are left: in the
+    reference a test that fails with a stub's message (a grading test quoting a student's
+    output, say) fails."""
+    (tmp_path / "tests").mkdir()
+    shutil.copy(ROOT / "tests" / "conftest.py", tmp_path / "tests")
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    (tmp_path / "tests" / "test_quotes_a_stub.py").write_text(
+        "def test_quotes_a_stub():\n"
+        "    raise NotImplementedError('task 1.2: write this body (read docs/x.md)')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "tests"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "1 failed" in result.stdout, result.stdout[-2000:]

@@ -317,7 +317,7 @@ def test_forks_of_forks_count_every_holder_and_freeing_gives_the_counts_back():
     assert ids(manager, child) == blocks
 
 
-@pytest.mark.task1_4
+@pytest.mark.task1_6  # fork (1.4) with the prefix cache (1.6)
 def test_a_forked_child_keeps_the_parents_block_hashes_for_the_prefix_cache():
     """The child's next full block is named by the hash chain of the parent's blocks: a later
     prompt made of the child's tokens hits it."""
@@ -333,7 +333,7 @@ def test_a_forked_child_keeps_the_parents_block_hashes_for_the_prefix_cache():
     assert ids(manager, later.seqs[0])[2] == third
 
 
-@pytest.mark.task1_4
+@pytest.mark.task1_6  # fork (1.4) with the prefix cache (1.6)
 def test_a_forked_child_does_not_hash_its_parents_blocks_again(monkeypatch):
     """fork copies the parent's block hashes: the child hashes only the blocks it fills."""
     manager = BlockManager(BS, 16, enable_prefix_caching=True)

@@ -263,9 +263,10 @@ class BlockManager:
         for block in table.block_ids:
             self.device.incref(block)
         self.device_tables[child.seq_id] = table.copy()
+        # END SOLUTION
+        # the prefix cache's names of the blocks: the child need not hash them again
         if parent.seq_id in self._block_hashes:
             self._block_hashes[child.seq_id] = list(self._block_hashes[parent.seq_id])
-        # END SOLUTION
 
     def num_shared_tokens(self, seq: Sequence, first: Sequence) -> int:
         """Tokens of `seq` that `first` computes in blocks they share: `seq` skips them.
