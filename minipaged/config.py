@@ -113,6 +113,9 @@ class SchedulerConfig:
             waiting request joins as soon as it fits) or "static" (FasterTransformer's: a batch is
             admitted only when the previous one has wholly finished; the experiments' stand-in for
             systems without iteration-level scheduling).
+        enable_chunked_prefill: split prompts into chunks that fill what the step's budget leaves
+            after the running decodes (Sarathi-Serve's idea, vLLM's default): a long prompt is
+            computed across several steps and never stalls the decodes. Needs "iteration".
 
     Raises:
         ValueError: naming the field, if a value is out of range; naming both, if
@@ -124,6 +127,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 4096
     preemption_mode: str = "recompute"
     batching: str = "iteration"
+    enable_chunked_prefill: bool = False
 
     def __post_init__(self) -> None:
         _positive_int("max_model_len", self.max_model_len)
@@ -141,4 +145,13 @@ class SchedulerConfig:
         if self.batching not in BATCHING_MODES:
             raise ValueError(
                 f"batching must be 'iteration' or 'static', got {self.batching!r}"
+            )
+        if not isinstance(self.enable_chunked_prefill, bool):
+            raise ValueError(
+                f"enable_chunked_prefill must be a bool, got {self.enable_chunked_prefill!r}"
+            )
+        if self.enable_chunked_prefill and self.batching != "iteration":
+            raise ValueError(
+                "enable_chunked_prefill needs batching='iteration': a static batch is "
+                "admitted whole"
             )

@@ -112,6 +112,10 @@ class LLM:
         watermark: fraction of device blocks kept free at admission.
         batching: "iteration" (default: the batch is formed anew every step) or "static" (a new
             batch only once the last one has finished; the experiments' FasterTransformer).
+        enable_chunked_prefill: compute long prompts in chunks that fill what each step's
+            budget leaves after the decodes (docs/concepts/chunked-prefill.md); the budget
+            (max_num_batched_tokens) then defaults to max(512, max_num_seqs). Parallel samples
+            and beams fork once the whole prompt is computed.
         runner: what executes each step (None: a ModelRunner running `model` on `backend`). A
             simulated runner (experiments/simulated_runner.py) computes no tensors: it returns
             null-policy logits and the time the step would take, and the engine's clock then runs
@@ -156,6 +160,7 @@ class LLM:
         max_model_len: int | None = None,
         watermark: float = 0.01,
         batching: str = "iteration",
+        enable_chunked_prefill: bool = False,
         runner: object = None,
         block_manager: object = None,
         max_step_stats: int | None = DEFAULT_MAX_STEP_STATS,
@@ -233,7 +238,10 @@ class LLM:
             raise ValueError(f"max_model_len must be <= {limit_why}, got {model_len}")
         budget = max_num_batched_tokens
         # a bad max_num_seqs or max_model_len is SchedulerConfig's to name
-        if budget is None:
+        if budget is None and enable_chunked_prefill is True:
+            # vLLM's default chunk budget; the decodes of a full batch always fit
+            budget = max(512, max_num_seqs) if type(max_num_seqs) is int else 512
+        elif budget is None:
             sizes = (model_len, max_num_seqs)
             budget = (
                 max(sum(sizes), 2048) if all(type(x) is int for x in sizes) else 2048
@@ -244,6 +252,7 @@ class LLM:
             max_num_batched_tokens=budget,
             preemption_mode=preemption_mode,
             batching=batching,
+            enable_chunked_prefill=enable_chunked_prefill,
         )
         self.block_manager = block_manager
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
@@ -266,6 +275,8 @@ class LLM:
         self._requests: dict[str, tuple[SequenceGroup, object, str | None]] = {}
         self._generators: dict[int, torch.Generator] = {}
         self._beams: dict[str, BeamState] = {}
+        # chunked prefill: the seed of a request whose n samples fork once its prompt is done
+        self._samples_to_fork: dict[str, int] = {}
 
     # ---- the public API
     # ------------------------------------------------------------------------
@@ -470,7 +481,8 @@ class LLM:
             if self.simulated:
                 self._simulated_time += self.runner.step_time(out)
             for item in out.scheduled:
-                item.seq.num_computed_tokens = len(item.seq)
+                # all its tokens, or the prompt up to this chunk's end
+                item.seq.num_computed_tokens = item.seq_len
             # before finished sequences give their blocks back: the true footprint
             self._record(out, start)
             return self._process(out, logits)
@@ -568,13 +580,18 @@ class LLM:
         arrival = now if arrival_time is None else float(arrival_time)
         first = Sequence(list(token_ids))
         if isinstance(params, SamplingParams):
-            # n samples share the prompt
-            seqs = [first] + [first.fork() for _ in range(params.n - 1)]
             seed = (
                 params.seed
                 if params.seed is not None
                 else self.seed * 1_000_003 + int(request_id)
             )
+            # n samples share the prompt; with chunked prefill one sequence computes it, and
+            # the others fork from it once it is done (_fork_samples)
+            seqs = [first]
+            if self.scheduler_config.enable_chunked_prefill and params.n > 1:
+                self._samples_to_fork[request_id] = seed
+            else:
+                seqs += [first.fork() for _ in range(params.n - 1)]
             for index, seq in enumerate(seqs):
                 self._generators[seq.seq_id] = seeded_generator(
                     seed, index, self.runner.device
@@ -643,7 +660,9 @@ class LLM:
     def _process(self, out: SchedulerOutput, logits: torch.Tensor) -> list:
         rows: dict[str, list[int]] = {}
         for i, item in enumerate(out.scheduled):
-            rows.setdefault(item.group.request_id, []).append(i)
+            # a chunk that leaves part of its prompt for later steps samples nothing
+            if item.completes_sequence:
+                rows.setdefault(item.group.request_id, []).append(i)
         finished, end = [], self.now()
         for request_id, indices in rows.items():
             group, params, _ = self._requests[request_id]
@@ -661,14 +680,41 @@ class LLM:
                 )
                 self.stats.generated_tokens += len(seqs)
             else:
-                for i in indices:
-                    self._sample(out.scheduled[i].seq, logits[i], params)
+                samples = [(out.scheduled[i].seq, i) for i in indices]
+                samples += self._fork_samples(group, params, samples)
+                for seq, i in samples:
+                    self._sample(seq, logits[i], params)
                 done = group.is_finished()
             if done:
                 self.scheduler.finish(group)
                 metrics.finished_time = end
                 finished.append(self._output(request_id))
         return finished
+
+    def _fork_samples(
+        self, group: SequenceGroup, params: SamplingParams, samples: list
+    ) -> list[tuple[Sequence, int]]:
+        """Chunked prefill: the n - 1 other samples of a request fork from its one sequence once
+        the prompt is computed (like fork() after exec of the common part), each with its own
+        generator, to sample its first token from the same logits.
+
+        Returns:
+            (child, logits row) for each child; [] for a request with nothing to fork.
+        """
+        seed = self._samples_to_fork.pop(group.request_id, None)
+        if seed is None:
+            return []
+        ((parent, row),) = samples
+        children = []
+        for index in range(1, params.n):
+            child = parent.fork()
+            self.block_manager.fork(parent, child)
+            group.add(child)
+            self._generators[child.seq_id] = seeded_generator(
+                seed, index, self.runner.device
+            )
+            children.append((child, row))
+        return children
 
     def _sample(
         self, seq: Sequence, logits: torch.Tensor, params: SamplingParams
@@ -757,6 +803,7 @@ class LLM:
         group, _, _ = self._requests.pop(request_id)
         self._metrics.pop(request_id, None)
         self._beams.pop(request_id, None)
+        self._samples_to_fork.pop(request_id, None)
         for seq in group.seqs:
             self._generators.pop(seq.seq_id, None)
 

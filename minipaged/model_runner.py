@@ -223,15 +223,16 @@ class ModelRunner:
         for item in out.scheduled:
             seq, q_len = item.seq, item.num_query_tokens
             table = self.block_manager.get_block_table(item.seq)
-            first = len(seq) - q_len
-            tokens += seq.token_ids[first:]
-            positions += range(first, len(seq))
+            # the query: the tokens after those cached (all the rest, or a prompt's chunk)
+            first, end = item.num_computed_tokens, item.seq_len
+            tokens += seq.token_ids[first:end]
+            positions += range(first, end)
             for slot in table.slot_mapping(q_len):
                 # a shared block is written once a step
                 slots.append(-1 if slot in written else slot)
                 written.add(slot)
             tables.append(table)
-            seq_lens.append(len(seq))
+            seq_lens.append(end)
             starts.append(starts[-1] + q_len)
         width = max(len(t) for t in tables)
         device = self.device

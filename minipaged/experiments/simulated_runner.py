@@ -95,7 +95,7 @@ class SimulatedRunner:
         cost, bs = self.cost_model, self.block_size
         seconds = cost.step_time(
             [s.num_query_tokens for s in out.scheduled],
-            [len(s.seq) for s in out.scheduled],
+            [s.seq_len for s in out.scheduled],
         )
         swapped = len(out.blocks_to_swap_out) + len(out.blocks_to_swap_in)
         # vLLM copies a block's K and V of each layer separately: 2 x layers transfers

@@ -263,7 +263,10 @@ class _Recorder:
             for i in out.scheduled
             if i.is_prefill and i.group.request_id in self.admitted
         )
-        self.admitted.update(i.group.request_id for i in out.scheduled)
+        # a prompt chunked over several steps is admitted once, at its last chunk
+        self.admitted.update(
+            i.group.request_id for i in out.scheduled if i.completes_sequence
+        )
         if isinstance(self.manager, BlockManager):
             breakdown, used, saved = _paged_breakdown(self.manager, s)
         else:

@@ -96,18 +96,22 @@ class BlockManager:
     # ---- admission and allocation (demand paging)
     # -------------------------------------------
 
-    def can_allocate(self, seq_group: SequenceGroup) -> AllocStatus:
+    def can_allocate(
+        self, seq_group: SequenceGroup, chunk: int | None = None
+    ) -> AllocStatus:
         """Could the group's prompt blocks be allocated now, while keeping the watermark free?
 
         NEVER means the prompt needs more blocks than the pool has above the watermark, however
         long one waits: the caller must refuse the request. LATER means wait for blocks to free.
+        With `chunk` (chunked prefill), OK and LATER are about the blocks of its cached prefix
+        and `chunk` more tokens; NEVER is still about the whole sequence.
         """
         seqs = self._seqs_to_allocate(seq_group)
         # BEGIN SOLUTION 1.3
         worst_case = self._blocks_to_allocate(seqs, use_prefix_cache=False)
         if self.device.num_blocks - worst_case < self.watermark_blocks:
             return AllocStatus.NEVER
-        needed = self._blocks_to_allocate(seqs, use_prefix_cache=True)
+        needed = self._blocks_to_allocate(seqs, use_prefix_cache=True, chunk=chunk)
         if self._num_free_after_prefix_hits(seqs[0]) - needed >= self.watermark_blocks:
             return AllocStatus.OK
         return AllocStatus.LATER
@@ -138,12 +142,16 @@ class BlockManager:
                 f"sequence(s), beyond the device pool's {usable} usable blocks: this request can never fit"
             )
 
-    def allocate(self, seq_group: SequenceGroup) -> int:
+    def allocate(self, seq_group: SequenceGroup, chunk: int | None = None) -> int:
         """Give every unfinished sequence of the group the blocks for all of its tokens.
 
         Sequences with the same tokens (a new request's n samples) share every block; sequences that
         differ (a diverged group re-admitted after recompute) share their common full blocks. With
         prefix caching, full blocks already cached are reused instead of allocated.
+
+        With `chunk` (chunked prefill, one sequence), its table holds only the cached prefix
+        and the first `chunk` tokens after it: demand paging, one chunk at a time; append_slots
+        with `chunk` grows it later.
 
         Returns:
             How many of the first sequence's tokens were found in the prefix cache: their K/V are
@@ -151,11 +159,16 @@ class BlockManager:
             the sequence's length so the last token is computed; 0 without caching).
 
         Raises:
-            ValueError: if a sequence of the group already holds blocks.
+            ValueError: if a sequence of the group already holds blocks, or `chunk` is given
+                for a group of several sequences.
             NoFreeBlocksError: if the device pool is too small right now (nothing is allocated).
         """
         seqs = self._seqs_to_allocate(seq_group)
-        needed = self._blocks_to_allocate(seqs, use_prefix_cache=True)
+        if chunk is not None and len(seqs) > 1:
+            raise ValueError(
+                f"chunk is for a group of one sequence; {seq_group.request_id!r} has {len(seqs)}"
+            )
+        needed = self._blocks_to_allocate(seqs, use_prefix_cache=True, chunk=chunk)
         available = self._num_free_after_prefix_hits(seqs[0])
         if needed > available:
             raise NoFreeBlocksError(
@@ -166,7 +179,8 @@ class BlockManager:
         # task 1.6: [] without prefix caching
         shared = self._cached_prefix(first)
         table = BlockTable(self.block_size, shared, len(shared) * self.block_size)
-        table.append_tokens(len(first) - table.num_tokens, self.device.allocate)
+        target = self._slots_target(first, table.num_tokens, chunk)
+        table.append_tokens(target - table.num_tokens, self.device.allocate)
         self._install(first, table)
         for seq in others:
             self._allocate_sharing(seq, first)
@@ -187,34 +201,39 @@ class BlockManager:
         return self.device.match_prefix(self._matchable_hashes(seq))
         # END SOLUTION
 
-    def can_append_slots(self, seq_group: SequenceGroup) -> bool:
-        """Are there free blocks for every device-resident sequence of the group to add its new tokens?"""
+    def can_append_slots(
+        self, seq_group: SequenceGroup, chunk: int | None = None
+    ) -> bool:
+        """Are there free blocks for every device-resident sequence of the group to add its new
+        tokens (at most `chunk` of them each, with chunked prefill)?"""
         seqs = self._seqs_on(seq_group, self.device_tables)
         return (
-            self._group_blocks_to_append(seqs, self.device_tables, self.device)
+            self._group_blocks_to_append(seqs, self.device_tables, self.device, chunk)
             <= self.device.num_free
         )
 
-    def append_slots(self, seq: Sequence) -> BlockMapping:
+    def append_slots(self, seq: Sequence, chunk: int | None = None) -> BlockMapping:
         """Give the table slots for the tokens `seq` gained since the last call.
 
         Allocates a block only when the last one is full (demand paging). If the token would be
         written into a partly filled block that another sequence shares, that block is first copied
         to a fresh one (copy-on-write): the returned (src, dst) pairs tell the engine what to copy
-        (copy_blocks) before the model step writes into dst.
+        (copy_blocks) before the model step writes into dst. With `chunk` (chunked prefill), the
+        table grows by at most `chunk` tokens: the next chunk of a prompt.
 
         Raises:
             KeyError: if `seq` holds no device blocks.
             NoFreeBlocksError: if the pool has too few free blocks (nothing is changed).
         """
         table = self._device_table(seq)
-        needed = self._blocks_to_append(seq)
+        target = self._slots_target(seq, table.num_tokens, chunk)
+        needed = self._blocks_to_append(seq, chunk)
         if needed > self.device.num_free:
             raise NoFreeBlocksError(
                 f"seq {seq.seq_id} needs {needed} blocks, {self.device.num_free} free"
             )
         # BEGIN SOLUTION 1.3
-        num_new_tokens = len(seq) - table.num_tokens
+        num_new_tokens = target - table.num_tokens
         # task 1.5: copy a shared last block before writing into it
         cow = self._copy_on_write(table) if num_new_tokens > 0 else []
         table.append_tokens(num_new_tokens, self.device.allocate)
@@ -533,11 +552,19 @@ class BlockManager:
             common += 1
         return common // self.block_size
 
-    def _blocks_to_allocate(self, seqs: list[Sequence], use_prefix_cache: bool) -> int:
-        first = seqs[0]
-        needed = num_blocks_for(len(first), self.block_size)
+    def _slots_target(self, seq: Sequence, num_held: int, chunk: int | None) -> int:
+        """How many of `seq`'s tokens its table should hold: all of them, or with chunked
+        prefill `chunk` more than the `num_held` it holds (never more than it has)."""
+        return len(seq) if chunk is None else min(len(seq), num_held + chunk)
+
+    def _blocks_to_allocate(
+        self, seqs: list[Sequence], use_prefix_cache: bool, chunk: int | None = None
+    ) -> int:
+        first, cached = seqs[0], 0
         if use_prefix_cache and isinstance(self.device, PrefixCachingBlockAllocator):
-            needed -= self.device.count_prefix(self._matchable_hashes(first))[0]
+            cached = self.device.count_prefix(self._matchable_hashes(first))[0]
+        target = self._slots_target(first, cached * self.block_size, chunk)
+        needed = num_blocks_for(target, self.block_size) - cached
         for seq in seqs[1:]:
             needed += num_blocks_for(
                 len(seq), self.block_size
@@ -554,7 +581,11 @@ class BlockManager:
         return self.device.num_free
 
     def _group_blocks_to_append(
-        self, seqs: list[Sequence], tables: dict[int, BlockTable], pool: BlockAllocator
+        self,
+        seqs: list[Sequence],
+        tables: dict[int, BlockTable],
+        pool: BlockAllocator,
+        chunk: int | None = None,
     ) -> int:
         """Blocks that appending every sequence's new tokens takes, copy-on-write included.
 
@@ -564,7 +595,9 @@ class BlockManager:
         needed, sharers = 0, {}
         for seq in seqs:
             table = tables[seq.seq_id]
-            num_new_tokens = len(seq) - table.num_tokens
+            num_new_tokens = (
+                self._slots_target(seq, table.num_tokens, chunk) - table.num_tokens
+            )
             if num_new_tokens <= 0:
                 continue
             needed += table.num_new_blocks_needed(num_new_tokens)
@@ -574,9 +607,11 @@ class BlockManager:
             needed += k if pool.ref_count(block) > k else k - 1
         return needed
 
-    def _blocks_to_append(self, seq: Sequence) -> int:
+    def _blocks_to_append(self, seq: Sequence, chunk: int | None = None) -> int:
         table = self._device_table(seq)
-        num_new_tokens = len(seq) - table.num_tokens
+        num_new_tokens = (
+            self._slots_target(seq, table.num_tokens, chunk) - table.num_tokens
+        )
         if num_new_tokens <= 0:
             return 0
         partial = table.num_filled_in_last_block not in (0, self.block_size)

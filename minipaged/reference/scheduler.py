@@ -49,14 +49,31 @@ BlockMapping = list[tuple[int, int]]
 
 @dataclass
 class ScheduledSeq:
-    """One sequence in the next step: it computes its last `num_query_tokens` tokens."""
+    """One sequence in the next step: it computes `num_query_tokens` tokens, those after the
+    `num_computed_tokens` whose K/V the cache holds (its whole rest, or a chunk of its prompt)."""
 
     group: SequenceGroup
     seq: Sequence
-    # q_len: the whole uncached prompt for a prefill, 1 for a decode
+    # q_len: the whole uncached prompt for a prefill (or one chunk of it), 1 for a decode
     num_query_tokens: int
-    # admitted from the waiting queue this step (new, or to recompute)
+    # computes prompt tokens: admitted this step (new, or to recompute), or a prompt's chunk
     is_prefill: bool = False
+    # fixed when scheduled: the tokens before the query
+    num_computed_tokens: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.num_computed_tokens = self.seq.num_computed_tokens
+
+    @property
+    def seq_len(self) -> int:
+        """The tokens its attention reads this step: those cached and the query's."""
+        return self.num_computed_tokens + self.num_query_tokens
+
+    @property
+    def completes_sequence(self) -> bool:
+        """Does the step compute its last token (so a next token is sampled)? Not so for a chunk
+        that leaves part of a prompt for later steps."""
+        return self.seq_len == len(self.seq)
 
 
 @dataclass
@@ -114,10 +131,15 @@ class Scheduler:
         preempted = self._schedule_running(out)
         if not preempted:
             self._schedule_swapped(out)
+        if self.config.enable_chunked_prefill and not preempted:
+            # a preemption, or a started prompt waiting for blocks, holds admission back
+            preempted = self._continue_prompts(out)
         # the batch runs on
         static_busy = self.config.batching == "static" and bool(self.running)
         if not preempted and not self.swapped and not static_busy:
             self._schedule_waiting(out)
+            if self.config.enable_chunked_prefill:
+                self._admit_first_chunk(out)
         return out
 
     def finish(self, group: SequenceGroup) -> None:
@@ -152,6 +174,10 @@ class Scheduler:
         preempted = False
         while queue:
             group = queue.popleft()
+            if self._computing_prompt(group):
+                # chunked prefill: its next chunk comes after the decodes
+                kept.append(group)
+                continue
             if not self._fits_budget(out, group.get_seqs(SequenceStatus.RUNNING)):
                 out.deferred += [g.request_id for g in (group, *queue)]
                 # no preemption: they keep their blocks and run next step
@@ -245,13 +271,97 @@ class Scheduler:
         """
         if out.deferred:
             return False
-        if not out.scheduled:
+        # with chunked prefill, one sequence's prompt is cut to fit instead
+        if not out.scheduled and (
+            not self.config.enable_chunked_prefill or len(seqs) > 1
+        ):
             return True
         num_new_tokens = sum(seq.num_uncomputed_tokens for seq in seqs)
         return (
             out.num_batched_tokens + num_new_tokens
             <= self.config.max_num_batched_tokens
         )
+
+    # ---- chunked prefill: time slicing with a quantum
+    # ------------------------------------------------
+
+    def _computing_prompt(self, group: SequenceGroup) -> bool:
+        """With chunked prefill: has the group more than one token still to compute (a prompt
+        started in an earlier step)? One token left is a decode, chunked or not."""
+        return self.config.enable_chunked_prefill and any(
+            seq.num_uncomputed_tokens > 1
+            for seq in group.get_seqs(SequenceStatus.RUNNING)
+        )
+
+    def _budget_left(self, out: SchedulerOutput) -> int:
+        """Tokens the step may still take; none once a running group waits for the budget."""
+        if out.deferred:
+            return 0
+        return max(0, self.config.max_num_batched_tokens - out.num_batched_tokens)
+
+    def _continue_prompts(self, out: SchedulerOutput) -> bool:
+        """Give the prompts started in earlier steps their next chunk, oldest first, from what
+        the decodes left of the budget. A chunk's blocks are allocated now (demand paging).
+
+        A prompt short of blocks waits, and no newer prompt may take blocks before it (FCFS):
+        the running decodes will free some, or preempt the newest running groups to grow. Only
+        in a step where nothing else runs, so nothing would ever free blocks, is the newest
+        started prompt preempted (maybe this one).
+
+        Returns:
+            True if no new prompt may start this step (a preemption, or a prompt waiting for
+            blocks).
+        """
+        manager = self.block_manager
+        started = deque(
+            sorted(
+                (g for g in self.running if self._computing_prompt(g)),
+                key=lambda g: g.arrival_time,
+            )
+        )
+        while started and self._budget_left(out) > 0:
+            group = started.popleft()
+            # one sequence: samples and beams fork once the prompt is computed
+            (seq,) = group.get_seqs(SequenceStatus.RUNNING)
+            chunk = min(seq.num_uncomputed_tokens, self._budget_left(out))
+            if manager.can_append_slots(group, chunk):
+                out.blocks_to_copy += manager.append_slots(seq, chunk)
+                out.scheduled.append(ScheduledSeq(group, seq, chunk, is_prefill=True))
+                continue
+            if out.scheduled:
+                return True  # it waits for blocks, and so does every newer prompt
+            victim = started.pop() if started else group
+            self._preempt(victim, out)
+            self.running.remove(victim)
+            if victim is not group:
+                started.appendleft(group)  # try again with the victim's blocks
+        return bool(out.preempted)
+
+    def _admit_first_chunk(self, out: SchedulerOutput) -> None:
+        """Start the first waiting prompt that `_schedule_waiting` could not take whole (too
+        long for the budget left, or its whole prompt short of blocks), with a first chunk
+        that fills what is left of the budget. A group of several sequences (back from a
+        recompute) is never cut: it waits to be taken whole."""
+        manager = self.block_manager
+        left = self._budget_left(out)
+        if not self.waiting or left == 0:
+            return
+        group = self.waiting[0]
+        seqs = group.get_unfinished_seqs()
+        if len(seqs) > 1:
+            return
+        if self._num_running_seqs() + group.max_seqs > self.config.max_num_seqs:
+            return
+        if manager.can_allocate(group, chunk=left) != AllocStatus.OK:
+            return
+        self.waiting.popleft()
+        (seq,) = seqs
+        seq.num_computed_tokens = manager.allocate(group, chunk=left)
+        seq.status = SequenceStatus.RUNNING
+        # the cached prefix needs no computing: the chunk is what follows it
+        num_tokens = manager.get_block_table(seq).num_tokens - seq.num_computed_tokens
+        out.scheduled.append(ScheduledSeq(group, seq, num_tokens, is_prefill=True))
+        self.running.append(group)
 
     # ---- preemption
     # --------------------------------------------------------------------------
@@ -275,7 +385,12 @@ class Scheduler:
         # BEGIN SOLUTION 3.2
         manager = self.block_manager
         seqs = group.get_seqs(SequenceStatus.RUNNING)
-        if self.config.preemption_mode == "swap" and manager.can_swap_out(group):
+        # a prompt computed in part is recomputed: swapped back, it would need its
+        # whole rest in one step
+        swap = self.config.preemption_mode == "swap" and not self._computing_prompt(
+            group
+        )
+        if swap and manager.can_swap_out(group):
             out.blocks_to_swap_out += manager.swap_out(group)
             for seq in seqs:
                 seq.status = SequenceStatus.SWAPPED
