@@ -165,6 +165,12 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
         "--enable-prefix-caching", action="store_true", help="share full prompt blocks"
     )
     parser.add_argument(
+        "--enable-chunked-prefill",
+        action="store_true",
+        help="compute long prompts in chunks that fill each step's token budget "
+        "(--max-num-batched-tokens, default then 512) beside the decodes",
+    )
+    parser.add_argument(
         "--device", default="cpu", help="cpu or cuda[:N] (default: cpu)"
     )
     parser.add_argument(
@@ -439,6 +445,7 @@ def _build_llm(
             num_cpu_blocks=args.num_cpu_blocks,
             preemption_mode=args.preemption_mode,
             enable_prefix_caching=args.enable_prefix_caching,
+            enable_chunked_prefill=args.enable_chunked_prefill,
             device=args.device,
             dtype=None if args.dtype == "auto" else getattr(torch, args.dtype),
             max_num_seqs=args.max_num_seqs,

@@ -585,8 +585,8 @@ class LLM:
                 if params.seed is not None
                 else self.seed * 1_000_003 + int(request_id)
             )
-            # n samples share the prompt; with chunked prefill one sequence computes it, and
-            # the others fork from it once it is done (_fork_samples)
+            # n samples share the prompt; with chunked prefill one sequence
+            # computes it, and the others fork once it is done (_fork_samples)
             seqs = [first]
             if self.scheduler_config.enable_chunked_prefill and params.n > 1:
                 self._samples_to_fork[request_id] = seed

@@ -223,7 +223,7 @@ class ModelRunner:
         for item in out.scheduled:
             seq, q_len = item.seq, item.num_query_tokens
             table = self.block_manager.get_block_table(item.seq)
-            # the query: the tokens after those cached (all the rest, or a prompt's chunk)
+            # the query: the tokens after those cached (the rest, or a chunk)
             first, end = item.num_computed_tokens, item.seq_len
             tokens += seq.token_ids[first:end]
             positions += range(first, end)

@@ -276,3 +276,23 @@ ChunkedSchedulerMachine.TestCase.settings = settings(
     max_examples=50, stateful_step_count=30, deadline=None
 )
 test_chunked_scheduler_state_machine = ChunkedSchedulerMachine.TestCase
+
+
+def test_the_generate_command_takes_enable_chunked_prefill(capsys):
+    from minipaged.cli import main
+
+    prompt = "Paging splits memory into fixed-size blocks reached through a table."
+    argv = ["generate", prompt, "--max-tokens", "6", "--num-gpu-blocks", "64"]
+    assert main(argv) == 0
+    plain = capsys.readouterr().out
+    chunked = [*argv, "--enable-chunked-prefill", "--max-num-batched-tokens", "16"]
+    chunked += ["--max-num-seqs", "4"]
+    assert main(chunked) == 0
+    assert capsys.readouterr().out == plain
+
+
+def test_chunking_needs_iteration_batching():
+    with pytest.raises(ValueError, match="enable_chunked_prefill needs batching="):
+        engine("tiny-llama", 4, enable_chunked_prefill=True, batching="static")
+    with pytest.raises(ValueError, match="enable_chunked_prefill must be a bool"):
+        engine("tiny-llama", 4, enable_chunked_prefill="yes")

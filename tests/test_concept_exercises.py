@@ -19,7 +19,11 @@ import math
 import pytest
 import torch
 
-from minipaged.config import kv_cache_bytes_per_block, kv_cache_bytes_per_token
+from minipaged.config import (
+    SchedulerConfig,
+    kv_cache_bytes_per_block,
+    kv_cache_bytes_per_token,
+)
 from minipaged.reference.attention import (
     _attend_blockwise,
     dense_attention,
@@ -32,7 +36,8 @@ from minipaged.reference.block_manager import AllocStatus, BlockManager
 from minipaged.reference.block_table import BlockTable, block_tables_tensor
 from minipaged.reference.cache_ops import write_kv
 from minipaged.reference.prefix_cache import hash_full_blocks
-from minipaged.sequence import Sequence, SequenceGroup
+from minipaged.reference.scheduler import Scheduler
+from minipaged.sequence import Sequence, SequenceGroup, SequenceStatus
 from minipaged.testing import last_slots, poison_pattern, slot_of, tolerance
 
 
@@ -576,3 +581,83 @@ def test_reading_through_the_table_exercise_blockwise():
         # one per block holding tokens; the -1 is never looked up
         assert row.lookups == [0, 1, 2]
         torch.testing.assert_close(rows, out[3 - q_len :], **tolerance(torch.float32))
+
+
+# ---- chunked-prefill.md -------------------------------------------------------------------------
+
+
+def chunked_schedule(budget: int) -> list[list[tuple[str, int, int, bool]]]:
+    """The page's two requests on the real scheduler: for each step, what each scheduled
+    sequence computes (request, first token, end, sampled a token)."""
+    manager = BlockManager(block_size=4, num_gpu_blocks=16, watermark=0.0)
+    config = SchedulerConfig(
+        max_model_len=64,
+        max_num_seqs=2,
+        max_num_batched_tokens=budget,
+        enable_chunked_prefill=True,
+    )
+    scheduler = Scheduler(config, manager)
+    arrivals = {"A": (0, 3, 8), "B": (1, 20, 2)}  # step, prompt length, max tokens
+    steps = []
+    for step in range(20):
+        for name, (at, length, _) in arrivals.items():
+            if at == step:
+                prompt = list(range(10, 10 + length))
+                scheduler.add(SequenceGroup(name, [Sequence(prompt)], float(at)))
+        if not scheduler.has_unfinished():
+            break
+        out = scheduler.schedule()
+        row = []
+        for item in out.scheduled:
+            name, seq = item.group.request_id, item.seq
+            row.append(
+                (name, item.num_computed_tokens, item.seq_len, item.completes_sequence)
+            )
+            seq.num_computed_tokens = item.seq_len
+            if item.completes_sequence:
+                seq.append_token_id(1)
+                if len(seq.output_token_ids) == arrivals[name][2]:
+                    seq.status = SequenceStatus.FINISHED_LENGTH_CAPPED
+                    manager.free(seq)
+                    scheduler.finish(item.group)
+        steps.append(row)
+    return steps
+
+
+def test_chunked_prefill_worked_example():
+    steps = chunked_schedule(budget=8)
+    assert steps[:6] == [
+        [("A", 0, 3, True)],
+        [("A", 3, 4, True), ("B", 0, 7, False)],
+        [("A", 4, 5, True), ("B", 7, 14, False)],
+        [("A", 5, 6, True), ("B", 14, 20, True)],
+        [("A", 6, 7, True), ("B", 20, 21, True)],
+        [("A", 7, 8, True)],
+    ]
+    assert [sum(end - first for _, first, end, _ in row) for row in steps[:6]] == [
+        3,
+        8,
+        8,
+        7,
+        2,
+        1,
+    ]
+
+
+def test_chunked_prefill_exercise():
+    steps = chunked_schedule(budget=5)
+    b_prompt = [
+        (s, first, end)
+        for s, row in enumerate(steps)
+        for name, first, end, _ in row
+        if name == "B" and first < 20
+    ]
+    assert b_prompt == [(1, 0, 4), (2, 4, 8), (3, 8, 12), (4, 12, 16), (5, 16, 20)]
+    sampled = [
+        s
+        for s, row in enumerate(steps)
+        for name, _, end, done in row
+        if name == "B" and done
+    ]
+    assert sampled[0] == 5
+    assert all(any(name == "A" for name, *_ in steps[s]) for s in range(1, 6))

@@ -165,3 +165,21 @@ def test_triton_on_the_cpu_without_the_interpreter_is_refused_at_construction(
 def test_the_reference_on_the_cpu_is_fine_without_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert LLM("tiny-llama", block_size=4, num_gpu_blocks=8).runner.device.type == "cpu"
+
+
+def test_triton_engine_with_chunked_prefill_equals_reference(reference_tokens):
+    """Chunks of 5 tokens: a prompt's later chunks are prefills after a cached prefix
+    (q_len < seq_len), beside the decodes of the other prompts, in one varlen call."""
+    llm = LLM(
+        "tiny-llama",
+        backend="triton",
+        block_size=4,
+        num_gpu_blocks=64,
+        device=DEVICE,
+        enable_chunked_prefill=True,
+        max_num_batched_tokens=5,
+        max_num_seqs=3,
+    )
+    assert tokens(llm) == reference_tokens
+    assert max(s.num_batched_tokens for s in llm.step_stats) == 5
+    assert llm.block_manager.device.num_free == 64

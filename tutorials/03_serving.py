@@ -335,7 +335,54 @@ assert stats.mean_kv_utilization > 0.9
 #   column), and the tokens are still the same.
 
 # %% [markdown]
-# ## 7. Serving online
+# ## 7. Chunked prefill: a long prompt in slices
+#
+# With `enable_chunked_prefill=True` a prompt gets at most what the step's token budget
+# leaves after the decodes, as a round-robin scheduler gives a long job a quantum ([time
+# slicing: chunked prefill](../../concepts/chunked-prefill/)). Below, a short request is
+# decoding when a 60-token prompt arrives. With a budget of 8 tokens a step, the long
+# prompt is computed 7 tokens at a time, and the short request never misses a step.
+
+# %%
+sliced = LLM(
+    "tiny-llama-docs",
+    block_size=4,
+    num_gpu_blocks=64,
+    enable_chunked_prefill=True,
+    max_num_batched_tokens=8,
+    max_num_seqs=2,
+)
+short_id = sliced.add_request(
+    "The cat", SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)
+)
+sliced.step()  # the short prompt, and its first token
+long_prompt = "Paging splits the cache into blocks reached through a table."
+long_params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+long_id = sliced.add_request(long_prompt, long_params)
+print("step  tokens  of which prompt  short request's tokens so far")
+outputs = {}
+while sliced.has_unfinished_requests():
+    for output in sliced.step():
+        outputs[output.request_id] = output.outputs[0].token_ids
+    row = sliced.step_stats[-1]
+    short = sliced.request_output(short_id)
+    done = len(short.outputs[0].token_ids) if short else len(outputs[short_id])
+    print(
+        f"{row.step:4} {row.num_batched_tokens:7} {row.num_prefill_tokens:16} {done:9}"
+    )
+    assert row.num_batched_tokens <= 8  # the budget holds at every step
+# the long prompt took slices, and still gets the tokens of one whole prefill
+(whole,) = llm.generate(long_prompt, long_params, use_tqdm=False)
+assert outputs[long_id] == whole.outputs[0].token_ids
+print("same tokens as a prompt computed in one step")
+
+# %% [markdown]
+# The `of which prompt` column shows the long prompt's slices, 7 tokens each beside the
+# short request's decode. Its first token comes out once its last slice has run. Meanwhile
+# the short request gains one token at every step.
+
+# %% [markdown]
+# ## 8. Serving online
 #
 # `generate` serves prompts known in advance. `minipaged serve` serves clients that come
 # and go: an HTTP server that speaks OpenAI's `/v1/completions`, with **one** engine

@@ -31,8 +31,13 @@ With `batching="static"` (SchedulerConfig), step 3 runs only when nothing is run
 admitted, runs until its last request finishes, and only then is the next one formed, as in
 FasterTransformer and other systems before Orca. The experiments use it as that baseline.
 
-A whole prompt is computed in one step (no chunked prefill): simpler to read, and it lets the prefix
-cache publish a block as soon as it is allocated, since its K/V are written in that same step.
+By default a whole prompt is computed in one step: simpler to read. With `enable_chunked_prefill`
+(SchedulerConfig) a prompt gets a quantum instead, as a round-robin CPU scheduler gives a long job
+(docs/concepts/chunked-prefill.md): the decodes run first, then the prompts started earlier get
+their next chunk, then new prompts are admitted, the first that does not fit whole with a chunk of
+what is left of the budget. A chunk's blocks are allocated when it runs (demand paging), and a
+prompt computed in part is preempted by recompute. Either way the prefix cache publishes a block
+in the step that writes its K/V, since a block enters a table only with the chunk that fills it.
 """
 
 from __future__ import annotations
@@ -385,12 +390,10 @@ class Scheduler:
         # BEGIN SOLUTION 3.2
         manager = self.block_manager
         seqs = group.get_seqs(SequenceStatus.RUNNING)
+        swap = self.config.preemption_mode == "swap"
         # a prompt computed in part is recomputed: swapped back, it would need its
         # whole rest in one step
-        swap = self.config.preemption_mode == "swap" and not self._computing_prompt(
-            group
-        )
-        if swap and manager.can_swap_out(group):
+        if swap and not self._computing_prompt(group) and manager.can_swap_out(group):
             out.blocks_to_swap_out += manager.swap_out(group)
             for seq in seqs:
                 seq.status = SequenceStatus.SWAPPED
