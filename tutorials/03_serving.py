@@ -377,9 +377,9 @@ assert outputs[long_id] == whole.outputs[0].token_ids
 print("same tokens as a prompt computed in one step")
 
 # %% [markdown]
-# The `of which prompt` column shows the long prompt's slices, 7 tokens each beside the
-# short request's decode. Its first token comes out once its last slice has run. Meanwhile
-# the short request gains one token at every step.
+# The `of which prompt` column shows the long prompt's slices, 7 tokens each beside
+# the short request's decode. Its first token comes out once its last slice has run.
+# Meanwhile the short request gains one token at every step.
 
 # %% [markdown]
 # ## 8. Serving online
