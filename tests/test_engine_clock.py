@@ -158,6 +158,7 @@ class FakeCost:
 def test_simulated_runner_prices_tokens_swaps_and_copies():
     runner = SimulatedRunner(FakeCost(), block_size=4)
     seq = Sequence(list(range(10)))
+    seq.num_computed_tokens = 7  # its last 3 tokens are the query: a context of 10
     item = ScheduledSeq(SequenceGroup("r", [seq]), seq, 3)
     out = SchedulerOutput(
         [item], blocks_to_swap_out=[(0, 1)], blocks_to_swap_in=[(2, 3), (4, 5)]

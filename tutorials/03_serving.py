@@ -360,20 +360,20 @@ long_prompt = "Paging splits the cache into blocks reached through a table."
 long_params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
 long_id = sliced.add_request(long_prompt, long_params)
 print("step  tokens  of which prompt  short request's tokens so far")
-outputs = {}
+sliced_tokens = {}
 while sliced.has_unfinished_requests():
     for output in sliced.step():
-        outputs[output.request_id] = output.outputs[0].token_ids
+        sliced_tokens[output.request_id] = output.outputs[0].token_ids
     row = sliced.step_stats[-1]
     short = sliced.request_output(short_id)
-    done = len(short.outputs[0].token_ids) if short else len(outputs[short_id])
+    done = len(short.outputs[0].token_ids) if short else len(sliced_tokens[short_id])
     print(
         f"{row.step:4} {row.num_batched_tokens:7} {row.num_prefill_tokens:16} {done:9}"
     )
     assert row.num_batched_tokens <= 8  # the budget holds at every step
 # the long prompt took slices, and still gets the tokens of one whole prefill
 (whole,) = llm.generate(long_prompt, long_params, use_tqdm=False)
-assert outputs[long_id] == whole.outputs[0].token_ids
+assert sliced_tokens[long_id] == whole.outputs[0].token_ids
 print("same tokens as a prompt computed in one step")
 
 # %% [markdown]
