@@ -207,3 +207,11 @@ def test_a_tasks_tests_need_only_the_tasks_before_it(grader):
             n: o["message"] for n, o in outcomes.items() if o["outcome"] == "failed"
         }
         assert outcomes and not failed, f"task {task.id} needs a later task: {failed}"
+
+
+def test_a_hand_in_without_a_tasks_file_scores_zero_for_that_task(grader, tmp_path):
+    copy = _copy_solving(tmp_path / "copy", {"1.1", "1.2"})
+    (copy / "minipaged/reference/block_table.py").unlink()
+    table, allocator = grader.grade(copy, [course.task("1.1"), course.task("1.2")])
+    assert table.score == 0 and "block_table.py" in table.output()
+    assert allocator.score == allocator.task.points
