@@ -159,17 +159,16 @@ def splice(reference: str, student: str, task_id: str) -> str:
         ValueError: if the student's source has a different number of that task's fences
             (a fence line was deleted or edited).
     """
-    ours = [i for i, f in enumerate(fences(reference)) if f.task == task_id]
+    ours = {i: f for i, f in enumerate(fences(reference)) if f.task == task_id}
     theirs = [f for f in fences(student) if f.task == task_id]
     if len(theirs) != len(ours):
         raise ValueError(
             f"task {task_id} has {len(ours)} solution fences here, the student's file has "
             f"{len(theirs)}: keep the '# BEGIN SOLUTION {task_id}' and '# END SOLUTION' lines"
         )
-    indents = [fences(reference)[i].indent for i in ours]
     bodies = {
-        i: _reindent(f.body, f.indent, indent)
-        for i, f, indent in zip(ours, theirs, indents, strict=True)
+        i: _reindent(f.body, f.indent, ref.indent)
+        for (i, ref), f in zip(ours.items(), theirs, strict=True)
     }
     return _replace_bodies(reference, bodies)
 

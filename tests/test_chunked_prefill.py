@@ -215,17 +215,7 @@ class ChunkedSchedulerMachine(SchedulerMachine):
 
     def _run_model(self, out: SchedulerOutput) -> None:
         """As the parent's, but a chunk writes the tokens of its chunk, not the last ones."""
-        bs = self.manager.block_size
-        for mapping, src, dst in (
-            (out.blocks_to_swap_out, "device", "host"),
-            (out.blocks_to_swap_in, "host", "device"),
-            (out.blocks_to_copy, "device", "device"),
-        ):
-            for src_block, dst_block in mapping:
-                for offset in range(bs):
-                    self.pool[dst][dst_block * bs + offset] = self.pool[src].get(
-                        src_block * bs + offset
-                    )
+        self._move_blocks(out)
         for item in out.scheduled:
             slots = self.manager.get_block_table(item.seq).slot_mapping(
                 item.num_query_tokens

@@ -1077,17 +1077,7 @@ class SchedulerMachine(RuleBasedStateMachine):
 
         The "K/V" of a token is its id here, so a wrong mapping or a wrong prefix hit reads back wrong.
         """
-        bs = self.manager.block_size
-        for mapping, src, dst in (
-            (out.blocks_to_swap_out, "device", "host"),
-            (out.blocks_to_swap_in, "host", "device"),
-            (out.blocks_to_copy, "device", "device"),
-        ):
-            for src_block, dst_block in mapping:
-                for offset in range(bs):
-                    self.pool[dst][dst_block * bs + offset] = self.pool[src].get(
-                        src_block * bs + offset
-                    )
+        self._move_blocks(out)
         written: dict[int, int] = {}
         for item in out.scheduled:
             seq, q_len = item.seq, item.num_query_tokens
@@ -1099,6 +1089,20 @@ class SchedulerMachine(RuleBasedStateMachine):
                     f"two tokens written to slot {slot}"
                 )
                 self.pool["device"][slot] = token
+
+    def _move_blocks(self, out: SchedulerOutput) -> None:
+        """Carry out the step's swap-out, swap-in and copy mappings on the model of the pools."""
+        bs = self.manager.block_size
+        for mapping, src, dst in (
+            (out.blocks_to_swap_out, "device", "host"),
+            (out.blocks_to_swap_in, "host", "device"),
+            (out.blocks_to_copy, "device", "device"),
+        ):
+            for src_block, dst_block in mapping:
+                for offset in range(bs):
+                    self.pool[dst][dst_block * bs + offset] = self.pool[src].get(
+                        src_block * bs + offset
+                    )
 
     def _check_output(self, out, status_before, running_before, waiting_before) -> None:
         scheduler, manager = self.scheduler, self.manager
