@@ -483,6 +483,11 @@ class LLM:
             for item in out.scheduled:
                 # all its tokens, or the prompt up to this chunk's end
                 item.seq.num_computed_tokens = item.seq_len
+                metrics = self._metrics[item.group.request_id]
+                if (
+                    metrics.first_scheduled_time is None
+                ):  # a chunked prompt's first chunk
+                    metrics.first_scheduled_time = start
             # before finished sequences give their blocks back: the true footprint
             self._record(out, start)
             return self._process(out, logits)
@@ -669,10 +674,7 @@ class LLM:
             metrics = self._metrics[request_id]
             # its first step: the prompt ran, a token came out
             if metrics.first_token_time is None:
-                metrics.first_scheduled_time, metrics.first_token_time = (
-                    self.step_stats[-1].time,
-                    end,
-                )
+                metrics.first_token_time = end
             if isinstance(params, BeamSearchParams):
                 seqs = [out.scheduled[i].seq for i in indices]
                 done = self._beams[request_id].step(

@@ -221,3 +221,15 @@ def test_beam_searches_count_their_width_against_max_num_seqs_from_admission():
         assert sum(len(g.get_unfinished_seqs()) for g in llm.scheduler.running) <= 6
     # two searches of width 3 at a time
     assert max(s.num_running for s in llm.step_stats) == 2
+
+
+def test_a_chunked_prompt_is_first_scheduled_at_its_first_chunk():
+    """A 10-token prompt under a budget of 4 runs over 3 steps: it was first scheduled when the
+    first of them started, and its first token came at the end of the third."""
+    llm = simulated(
+        enable_chunked_prefill=True, max_num_batched_tokens=4, max_num_seqs=4
+    )
+    a = llm.add_request({"prompt_token_ids": list(range(10, 20))}, greedy(2))
+    metrics = drain(llm)[a].metrics
+    assert (metrics.first_scheduled_time, metrics.first_token_time) == (0.0, 3 * STEP)
+    assert metrics.finished_time == 4 * STEP

@@ -70,6 +70,10 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
         "swap_vs_recompute",
         "restoring a preempted sequence: swap vs recompute (Fig. 19)",
     ),
+    "chunked-prefill": (
+        "chunked_prefill",
+        "time to first token and per output token against the chunk budget",
+    ),
 }
 # the devices an experiment accepts: "cpu", "cuda", "cuda:N"
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")

@@ -46,6 +46,8 @@ class StepRecord:
     num_recomputed_tokens: int = 0
     # seconds the step took (the null model's step_time, or the cost model's)
     duration: float = 0.0
+    # sequences that decoded a token in this step: each waited `duration` for it
+    num_decodes: int = 0
 
 
 @dataclass(frozen=True)

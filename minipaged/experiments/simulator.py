@@ -69,6 +69,8 @@ def simulate(
     block_size: int = 16,
     max_model_len: int = 2048,
     max_num_seqs: int = 256,
+    max_num_batched_tokens: int | None = None,
+    enable_chunked_prefill: bool = False,
     enable_prefix_caching: bool = False,
     preemption_mode: str = "recompute",
     page_tokens: int = VATTENTION_PAGE_TOKENS,
@@ -95,6 +97,9 @@ def simulate(
         block_size: tokens per block (paged).
         max_model_len: the longest request; Orca (Max) reserves this much for each.
         max_num_seqs: the most sequences running at once.
+        max_num_batched_tokens: the most tokens one step computes (None: the engine's default).
+        enable_chunked_prefill: paged only: compute a long prompt over several steps, in chunks of
+            what the token budget leaves (concepts/chunked-prefill.md).
         enable_prefix_caching: paged only (the others refuse True): reuse cached full blocks of
             shared prefixes.
         preemption_mode: "recompute" or "swap" (a host pool as large as the device's); only paged
@@ -120,6 +125,7 @@ def simulate(
         page_tokens,
         preemption_mode,
         enable_prefix_caching,
+        enable_chunked_prefill,
     )
     if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 0):
         raise ValueError(f"max_steps must be None or an int >= 0, got {max_steps!r}")
@@ -160,6 +166,8 @@ def simulate(
         block_manager=manager,
         max_model_len=max_model_len,
         max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        enable_chunked_prefill=enable_chunked_prefill,
         preemption_mode=preemption_mode,
         batching="static" if allocator == "fastertransformer" else "iteration",
     )
@@ -282,7 +290,7 @@ class _Recorder:
             StepRecord(
                 stats.step, stats.time, len(s.running), len(s.waiting) + len(s.swapped), len(out.scheduled),
                 breakdown, used, saved, 0, stats.num_prefill_tokens, len(out.preempted), recomputed,
-                stats.duration,
+                stats.duration, sum(not i.is_prefill for i in out.scheduled),
             )
         )  # fmt: skip
 
@@ -332,7 +340,13 @@ def _paged_breakdown(
 
 
 def _check_settings(
-    allocator, kv_slots, block_size, page_tokens, preemption_mode, prefix_caching
+    allocator,
+    kv_slots,
+    block_size,
+    page_tokens,
+    preemption_mode,
+    prefix_caching,
+    chunked,
 ) -> None:
     """Raise ValueError naming the argument: the pool's sizes, and the paged-only options, which the
     other allocators refuse rather than ignore."""
@@ -359,6 +373,11 @@ def _check_settings(
             f"preemption_mode={preemption_mode!r} needs allocator 'paged' (the others have no host "
             f"pool to swap to: vattention preempts by recompute, the Orca allocators never preempt), "
             f"got allocator {allocator!r}"
+        )
+    if allocator != "paged" and chunked:
+        raise ValueError(
+            f"enable_chunked_prefill=True needs allocator 'paged' (a reservation is made whole at "
+            f"admission), got allocator {allocator!r}"
         )
     if allocator != "paged" and prefix_caching:
         raise ValueError(
