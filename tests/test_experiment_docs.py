@@ -39,6 +39,7 @@ HEADLINES = {
     ),
     "block-size": ({"part": "time", "block_size": 256}, "seconds_per_step"),
     "swap-vs-recompute": ({"block_size": 1}, "recompute_s"),
+    "chunked-prefill": ({"rate": 8.0, "chunking": True, "budget": 128}, "itl_p99"),
 }
 
 

@@ -403,6 +403,10 @@ def test_paged_run_matches_the_engine_block_for_block():
             dict(allocator="vattention", enable_prefix_caching=True),
             "enable_prefix_caching=True needs",
         ),
+        (
+            dict(allocator="orca-oracle", enable_chunked_prefill=True),
+            "enable_chunked_prefill=True needs allocator 'paged'",
+        ),
     ],
 )
 def test_bad_settings_raise_naming_them(kwargs, match):
@@ -430,3 +434,22 @@ def test_breakdown_fields_are_the_papers():
          "external_fragmentation": 4 / 21, "stranded": 5 / 21, "free": 6 / 21}
     )  # fmt: skip
     assert MemoryBreakdown(1, 2, 3, 4, 5, 6).used == 15  # all but the free slots
+
+
+def test_chunked_prefill_spreads_a_prompt_over_steps_and_counts_each_decode():
+    """A 100-token prompt under a budget of 16 with another request decoding beside it: no step
+    computes more than 16 tokens, the long prompt's tokens are all computed once, and every token
+    but a request's first was decoded in a step that counted it (num_decodes)."""
+    requests = fixed([(4, 40), (100, 5)], gap=0.05)
+    result = simulate(
+        requests, kv_slots=1024, max_model_len=512, step_time=0.01,
+        max_num_seqs=4, max_num_batched_tokens=16, enable_chunked_prefill=True,
+    )  # fmt: skip
+    tokens = [r.num_prefill_tokens + r.num_decodes for r in result.records]
+    assert max(tokens) <= 16 and result.prefill_tokens == 4 + 100
+    assert sum(r.num_decodes for r in result.records) == (40 - 1) + (5 - 1)
+    long = next(f for f in result.finished if f.request_id == "r1")
+    # at least 100 / 15 steps of chunks (the other request decodes in each of them)
+    assert long.first_token_time - long.arrival_time >= 7 * 0.01 - 1e-9
+    whole = simulate(requests, kv_slots=1024, max_model_len=512, step_time=0.01)
+    assert max(r.num_prefill_tokens for r in whole.records) == 100

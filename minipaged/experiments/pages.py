@@ -30,6 +30,7 @@ from pathlib import Path
 
 from minipaged.experiments import (
     page_tables,
+    page_tables_chunked,
     page_tables_decoding,
     page_tables_serving,
     page_tables_sharing,
@@ -46,6 +47,7 @@ RENDERERS = {  # page -> its renderer: JSON of a run -> {part: text}
     "shared-prefix": page_tables_sharing.shared_prefix,
     "block-size": page_tables_timed.block_size,
     "swap-vs-recompute": page_tables_timed.swap_vs_recompute,
+    "chunked-prefill": page_tables_chunked.chunked_prefill,
     "index": page_tables_timed.json_example,
 }
 
@@ -62,6 +64,7 @@ PAGES = {
     "shared-prefix": ("shared-prefix.md", "shared-prefix"),
     "block-size": ("block-size.md", "block-size"),
     "swap-vs-recompute": ("swap-vs-recompute.md", "swap-vs-recompute"),
+    "chunked-prefill": ("chunked-prefill.md", "chunked-prefill"),
     "index": ("index.md", "swap-vs-recompute"),
 }
 PART = re.compile(r"<!-- gen:(?P<key>[\w.-]+) -->(?P<body>.*?)<!-- /gen -->", re.DOTALL)
