@@ -14,7 +14,7 @@ from collections import defaultdict
 
 import pytest
 import torch
-from hypothesis import event, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import initialize, invariant, rule
 from test_engine_equivalence import (
@@ -31,8 +31,10 @@ from test_engine_equivalence import (
 from test_scheduler import EOS, SchedulerMachine
 
 from minipaged import BeamSearchParams, SamplingParams
+from minipaged.config import SchedulerConfig
+from minipaged.reference.block_manager import BlockManager
 from minipaged.reference.scheduler import Scheduler, SchedulerOutput
-from minipaged.sequence import SequenceStatus
+from minipaged.sequence import Sequence, SequenceGroup, SequenceStatus
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
 
@@ -266,6 +268,68 @@ ChunkedSchedulerMachine.TestCase.settings = settings(
     max_examples=50, stateful_step_count=30, deadline=None
 )
 test_chunked_scheduler_state_machine = ChunkedSchedulerMachine.TestCase
+
+
+def _run_step(scheduler: Scheduler) -> SchedulerOutput:
+    """One engine step on the scheduler: each scheduled sequence computes its tokens, and one that
+    completes (its prompt, or a decode) samples token 7. Nothing finishes."""
+    out = scheduler.schedule()
+    for item in out.scheduled:
+        item.seq.num_computed_tokens = item.seq_len
+        if item.completes_sequence:
+            item.seq.append_token_id(7)
+    return out
+
+
+@given(
+    num_decoding=st.integers(0, 5),
+    prompt_len=st.integers(2, 300),
+    spare=st.integers(1, 24),
+    block_size=st.sampled_from([1, 4, 16]),
+    prefix_caching=st.booleans(),
+)
+@settings(max_examples=60, deadline=None)
+def test_a_long_prompt_takes_a_bounded_number_of_steps_and_decodes_never_stop(
+    num_decoding, prompt_len, spare, block_size, prefix_caching
+):
+    """No starvation, in numbers. With S requests decoding and a budget of S + 1 + spare tokens,
+    a prompt of L tokens that arrives gets the 1 + spare tokens the decodes leave in every step:
+    its first token comes after exactly ceil(L / (1 + spare)) steps, and every decoding request
+    gets its token in each of them (memory is ample here, so nothing is preempted)."""
+    seqs = num_decoding + 1
+    config = SchedulerConfig(
+        max_model_len=1024,
+        max_num_seqs=seqs,
+        max_num_batched_tokens=seqs + spare,
+        enable_chunked_prefill=True,
+    )
+    steps_bound = math.ceil(prompt_len / (1 + spare))
+    per_seq = math.ceil((prompt_len + steps_bound + 8) / block_size)
+    manager = BlockManager(block_size, seqs * per_seq + 2, 0, 0.0, prefix_caching)
+    scheduler = Scheduler(config, manager)
+    decoders = []
+    for i in range(num_decoding):
+        decoders.append(
+            SequenceGroup(f"d{i}", [Sequence([100 + 2 * i, 101 + 2 * i])], 0.0)
+        )
+        scheduler.add(decoders[-1])
+    for _ in range(4):  # their 2-token prompts may take two steps when spare is small
+        _run_step(scheduler)
+    assert all(g.seqs[0].output_token_ids for g in decoders)
+    long = SequenceGroup("long", [Sequence(list(range(1000, 1000 + prompt_len)))], 1.0)
+    scheduler.add(long)
+    for step in range(1, steps_bound + 1):
+        out = _run_step(scheduler)
+        decoded = {i.group.request_id for i in out.scheduled if i.num_query_tokens == 1}
+        assert decoded >= {g.request_id for g in decoders}, (
+            f"a decode missed step {step}"
+        )
+        assert out.num_batched_tokens <= config.max_num_batched_tokens
+        (chunk,) = [i for i in out.scheduled if i.group is long]
+        if chunk.seq_len == prompt_len:  # the chunk that ends the prompt samples
+            break
+    assert step == steps_bound and long.seqs[0].output_token_ids == [7]
+    assert not out.preempted
 
 
 def test_the_generate_command_takes_enable_chunked_prefill(capsys):
