@@ -26,6 +26,7 @@ from tqdm import tqdm  # the plain bar: tqdm.auto warns in a notebook without ip
 from minipaged.backend import get_backend
 from minipaged.beam_search import BeamState
 from minipaged.config import CacheConfig, SchedulerConfig, kv_cache_bytes_per_block
+from minipaged.distributed.sharding import check_divisible, local_kv_heads
 from minipaged.limits import (
     check_pool_memory,
     check_supported_dtype,
@@ -116,6 +117,11 @@ class LLM:
             budget leaves after the decodes (docs/concepts/chunked-prefill.md); the budget
             (max_num_batched_tokens) then defaults to max(512, max_num_seqs). Parallel samples
             and beams fork once the whole prompt is computed.
+        tensor_parallel_size: ranks that split the model Megatron-style, each with its share of
+            the KV heads in pools of the same blocks (docs/concepts/tensor-parallel.md). On one
+            machine the engine starts the other N - 1 ranks itself; under torchrun it joins the
+            group, and ranks other than 0 serve inside this constructor and exit when rank 0
+            closes. Call close() (or use `with LLM(...) as llm:`) to stop the workers.
         runner: what executes each step (None: a ModelRunner running `model` on `backend`). A
             simulated runner (experiments/simulated_runner.py) computes no tensors: it returns
             null-policy logits and the time the step would take, and the engine's clock then runs
@@ -161,6 +167,7 @@ class LLM:
         watermark: float = 0.01,
         batching: str = "iteration",
         enable_chunked_prefill: bool = False,
+        tensor_parallel_size: int = 1,
         runner: object = None,
         block_manager: object = None,
         max_step_stats: int | None = DEFAULT_MAX_STEP_STATS,
@@ -172,6 +179,8 @@ class LLM:
         _check_backend_device(self.backend.name, device)
         dtype = resolve_dtype(dtype)
         _check_arguments(seed, enable_prefix_caching, max_step_stats)
+        _check_tensor_parallel(tensor_parallel_size, runner, block_manager)
+        self.tensor_parallel_size = tensor_parallel_size
         if runner is not None and model is not None:
             raise ValueError(
                 "model must be None when runner is given (the runner brings its model)"
@@ -184,6 +193,8 @@ class LLM:
             check_supported_dtype(
                 next(self.model.parameters()).dtype, "the model's dtype"
             )
+            if tensor_parallel_size > 1:  # before any pool is sized by the heads
+                check_divisible(self.model.config, tensor_parallel_size)
             positions = _max_positions(self.model.config)
             self.vocab_size = self.model.config.get_text_config().vocab_size
             self.eos_token_id = _eos_id(self.model, self.tokenizer)
@@ -200,7 +211,7 @@ class LLM:
                     )
                 num_gpu_blocks = _kv_cache_memory(
                     kv_cache_memory, device
-                ) // _bytes_per_block(self.model, block_size)
+                ) // _bytes_per_block(self.model, block_size, tensor_parallel_size)
             self.cache_config = cc = CacheConfig(
                 block_size=block_size,
                 num_gpu_blocks=num_gpu_blocks,
@@ -213,7 +224,9 @@ class LLM:
             check_pool_memory(  # before the manager's lists and the pools exist
                 cc.num_gpu_blocks,
                 cc.num_cpu_blocks,
-                0 if self.model is None else _bytes_per_block(self.model, block_size),
+                0
+                if self.model is None
+                else _bytes_per_block(self.model, block_size, tensor_parallel_size),
                 torch.device(device),
             )
             block_manager = BlockManager(
@@ -256,7 +269,17 @@ class LLM:
         )
         self.block_manager = block_manager
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
-        if runner is None:
+        if runner is None and tensor_parallel_size > 1:
+            from minipaged.distributed.runner import start
+
+            runner = start(
+                self.model,
+                self.backend,
+                self.block_manager,
+                device,
+                tensor_parallel_size,
+            )
+        elif runner is None:
             runner = ModelRunner(self.model, self.backend, self.block_manager, device)
         self.runner = runner
         self.seed = seed
@@ -375,6 +398,19 @@ class LLM:
         return self._submit(*self._prepare(prompt, params), arrival_time)
 
     @_serialized
+    def close(self) -> None:
+        """Stop the tensor-parallel workers and leave their process group (nothing to do with
+        one rank). Garbage collection does the same; calling it twice is harmless."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def abort_request(self, request_id: str | Seq[str]) -> None:
         """Cancel requests wherever they are: still to arrive, waiting, running or swapped out.
 
@@ -888,6 +924,17 @@ def _check_arguments(
         )
 
 
+def _check_tensor_parallel(size: object, runner: object, block_manager: object) -> None:
+    """tensor_parallel_size: an int >= 1, and > 1 only when the engine runs its own model."""
+    if type(size) is not int or size < 1:
+        raise ValueError(f"tensor_parallel_size must be an int >= 1, got {size!r}")
+    if size > 1 and (runner is not None or block_manager is not None):
+        raise ValueError(
+            "tensor_parallel_size > 1 runs the model on several ranks: give no runner or "
+            "block_manager (a simulated runner prices tensor parallelism in its CostModel)"
+        )
+
+
 def _model_name(model: object, runner: object) -> str | None:
     """What the model is called: the preset's name or the checkpoint directory, as given."""
     if runner is not None:
@@ -994,8 +1041,10 @@ def _kv_cache_memory(kv_cache_memory: int | None, device: str) -> int:
     return DEFAULT_KV_CACHE_MEMORY_CPU
 
 
-def _bytes_per_block(model: torch.nn.Module, block_size: int) -> int:
-    num_layers, num_kv_heads, head_dim = kv_shape(model.config)
+def _bytes_per_block(model: torch.nn.Module, block_size: int, tp: int = 1) -> int:
+    """Bytes of one block's K and V in every layer, in one rank's pools (its share of the heads)."""
+    num_layers, _, head_dim = kv_shape(model.config)
+    num_kv_heads = local_kv_heads(model.config, tp)
     dtype_bytes = next(model.parameters()).dtype.itemsize
     return kv_cache_bytes_per_block(
         block_size, num_layers, num_kv_heads, head_dim, dtype_bytes

@@ -57,6 +57,26 @@ class StepMetadata:
         return index
 
 
+@dataclass
+class StepInputs:
+    """Everything a step's forward pass needs, as CPU-built tensors and plain lists: what the
+    scheduler decided, translated to token rows. A tensor-parallel group sends exactly this from
+    rank 0 to the other ranks (distributed/runner.py), which hold no scheduler or block manager."""
+
+    input_ids: torch.Tensor  # [1, num_tokens] int64
+    position_ids: torch.Tensor  # [1, num_tokens] int64
+    slot_mapping: torch.Tensor  # [num_tokens] int64; -1: written by another sequence
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, padded with -1
+    seq_lens: torch.Tensor  # [num_seqs] int32
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
+    last: (
+        torch.Tensor
+    )  # [num_seqs] int64: each sequence's last row, where its logits are
+    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
+    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
+
+
 def paged_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -138,16 +158,22 @@ class ModelRunner:
     Args:
         model: a transformers decoder model (it is switched to the "minipaged" attention).
         backend: the kernel contract's implementation.
-        block_manager: whose block tables the step reads.
+        block_manager: whose block tables the step reads; None on a tensor-parallel worker, which
+            is given each step's StepInputs instead (then give the pool sizes).
         device: where the model and the device pool live.
+        num_kv_heads: KV heads in this runner's pools (None: the model's; a tensor-parallel rank
+            holds its share).
+        pool_blocks: (device blocks, host blocks, block size) when there is no block manager to ask.
     """
 
     def __init__(
         self,
         model: torch.nn.Module,
         backend: KVBackend,
-        block_manager: BlockManager,
+        block_manager: BlockManager | None,
         device: str | torch.device,
+        num_kv_heads: int | None = None,
+        pool_blocks: tuple[int, int, int] | None = None,
     ) -> None:
         register_paged_attention()
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
@@ -156,15 +182,14 @@ class ModelRunner:
         self.block_manager = block_manager
         self.device = torch.device(device)
         self.dtype = next(model.parameters()).dtype
-        num_layers, num_kv_heads, head_dim = kv_shape(model.config)
-        block_size = block_manager.block_size
-        device_shape = (
-            block_manager.device.num_blocks,
-            block_size,
-            num_kv_heads,
-            head_dim,
-        )
-        host_shape = (block_manager.host.num_blocks, block_size, num_kv_heads, head_dim)
+        num_layers, model_kv_heads, head_dim = kv_shape(model.config)
+        num_kv_heads = num_kv_heads or model_kv_heads
+        if block_manager is not None:
+            m = block_manager
+            pool_blocks = (m.device.num_blocks, m.host.num_blocks, m.block_size)
+        num_device_blocks, num_host_blocks, block_size = pool_blocks
+        device_shape = (num_device_blocks, block_size, num_kv_heads, head_dim)
+        host_shape = (num_host_blocks, block_size, num_kv_heads, head_dim)
         # unwritten slots hold NaN: reading one would show in the output
         nan = float("nan")
         self.k_caches = [
@@ -186,8 +211,8 @@ class ModelRunner:
             for _ in range(num_layers)
         ]
 
-    def move_blocks(self, out: SchedulerOutput) -> None:
-        """Carry out the schedule's block moves, in order: swap out, swap in, copy-on-write."""
+    def move_blocks(self, out: SchedulerOutput | StepInputs) -> None:
+        """Carry out the step's block moves, in order: swap out, swap in, copy-on-write."""
         pools = zip(
             self.k_caches + self.v_caches,
             self.host_k_caches + self.host_v_caches,
@@ -209,14 +234,11 @@ class ModelRunner:
             )
             self.backend.copy_blocks(self.k_caches, self.v_caches, mapping)
 
-    def prepare(
-        self, out: SchedulerOutput
-    ) -> tuple[torch.Tensor, torch.Tensor, StepMetadata, torch.Tensor]:
-        """Pack the step's tokens into one row and build its metadata.
+    def prepare(self, out: SchedulerOutput) -> StepInputs:
+        """Pack the step's tokens into one row, with each one's slot and each sequence's table.
 
-        Returns:
-            input_ids `[1, num_tokens]`, position_ids `[1, num_tokens]`, the metadata, and the index
-            of each sequence's last token in the row (where its next-token logits are).
+        Everything is built on the CPU, from the block manager's tables; `run` moves it to the
+        device. A tensor-parallel rank 0 sends the result to the other ranks as it is.
         """
         tokens, positions, slots, tables, seq_lens, starts = [], [], [], [], [], [0]
         written: set[int] = set()
@@ -234,40 +256,52 @@ class ModelRunner:
             tables.append(table)
             seq_lens.append(end)
             starts.append(starts[-1] + q_len)
-        width = max(len(t) for t in tables)
-        device = self.device
-        step = StepMetadata(
-            backend=self.backend,
-            k_caches=self.k_caches,
-            v_caches=self.v_caches,
-            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(device),
+        width = max((len(t) for t in tables), default=0)
+        return StepInputs(
+            input_ids=torch.tensor([tokens], dtype=torch.int64),
+            position_ids=torch.tensor([positions], dtype=torch.int64),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64),
             block_tables=torch.tensor(
                 [t.block_ids + [-1] * (width - len(t)) for t in tables],
                 dtype=torch.int32,
-            ).to(device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(device),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32).to(device),
-            max_seq_len=max(seq_lens),
+            ).reshape(len(tables), width),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32),
+            last=torch.tensor(starts[1:], dtype=torch.int64) - 1,
+            blocks_to_swap_out=list(out.blocks_to_swap_out),
+            blocks_to_swap_in=list(out.blocks_to_swap_in),
+            blocks_to_copy=list(out.blocks_to_copy),
         )
-        # [1, num_tokens]
-        input_ids = torch.tensor([tokens], dtype=torch.int64).to(device)
-        # [1, num_tokens]
-        position_ids = torch.tensor([positions], dtype=torch.int64).to(device)
-        last = torch.tensor(starts[1:], dtype=torch.int64).to(device) - 1  # [num_seqs]
-        return input_ids, position_ids, step, last
 
-    @torch.inference_mode()
+    def metadata(self, inputs: StepInputs) -> StepMetadata:
+        """The step's metadata on the device, with this runner's pools, for every layer."""
+        device = self.device
+        return StepMetadata(
+            backend=self.backend,
+            k_caches=self.k_caches,
+            v_caches=self.v_caches,
+            slot_mapping=inputs.slot_mapping.to(device),
+            block_tables=inputs.block_tables.to(device),
+            seq_lens=inputs.seq_lens.to(device),
+            query_start_loc=inputs.query_start_loc.to(device),
+            max_seq_len=int(inputs.seq_lens.max()),
+        )
+
     def execute(self, out: SchedulerOutput) -> torch.Tensor:
         """Move blocks, run the model on the step, return next-token logits `[num_seqs, vocab]` in float32."""
-        self.move_blocks(out)
-        if not out.scheduled:
+        return self.run(self.prepare(out))
+
+    @torch.inference_mode()
+    def run(self, inputs: StepInputs) -> torch.Tensor:
+        """Move the step's blocks, then one forward pass; logits `[num_seqs, vocab]` in float32."""
+        self.move_blocks(inputs)
+        if inputs.last.numel() == 0:  # the step only moved blocks
             return torch.empty(0)
-        input_ids, position_ids, step, last = self.prepare(out)
         output = self.model(
-            input_ids=input_ids,
-            position_ids=position_ids,
+            input_ids=inputs.input_ids.to(self.device),
+            position_ids=inputs.position_ids.to(self.device),
             use_cache=False,
-            logits_to_keep=last,
-            **{ATTN_IMPLEMENTATION: step},
+            logits_to_keep=inputs.last.to(self.device),
+            **{ATTN_IMPLEMENTATION: self.metadata(inputs)},
         )
         return output.logits[0].float()  # [num_seqs, vocab]
