@@ -15,13 +15,14 @@ VENV_FLAGS := $(if $(HAVE_TORCH),--system-site-packages,)
 
 # The fast tests: the paged memory manager (reference/), the scheduler, the kernel contract on the
 # reference backend, sampling and beam search, the engine under memory pressure and its refusals,
-# the swap cache and the homework generators.
+# the swap cache, the homework generators and tensor parallelism's refusals.
 # Left out (`make test` runs them): Triton's interpreter (-k "not triton"), the experiments, the
-# server, subprocesses (-k "not another_process"), the tutorials and the docs build.
+# server, subprocesses (-k "not another_process"), worker processes (-m "not multiprocess"), the
+# tutorials and the docs build.
 CHECK_TESTS := $(addprefix tests/test_,$(addsuffix .py,block_allocator block_table block_manager \
 	block_manager_state_machine prefix_cache scheduler scheduler_budget attention_reference \
 	kernel_contract kernel_contract_errors copy_on_write_data sampling beam_search engine_memory \
-	engine_errors viz readme swap_cache homework))
+	engine_errors viz readme swap_cache homework tensor_parallel))
 
 .PHONY: demo test check lint docs format clean
 
@@ -38,7 +39,8 @@ test: $(VENV)/.dev lint
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 check: $(VENV)/.dev
-	$(BIN)/python -m pytest -o console_output_style=count -k "not triton and not another_process" $(CHECK_TESTS)
+	$(BIN)/python -m pytest -o console_output_style=count -k "not triton and not another_process" \
+		-m "not multiprocess" $(CHECK_TESTS)
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .

@@ -171,6 +171,13 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
         "(--max-num-batched-tokens, default then 512) beside the decodes",
     )
     parser.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="ranks that split the model, each with its share of the KV heads; the engine "
+        "starts the other ranks itself, or joins torchrun's group (default: 1)",
+    )
+    parser.add_argument(
         "--device", default="cpu", help="cpu or cuda[:N] (default: cpu)"
     )
     parser.add_argument(
@@ -446,6 +453,7 @@ def _build_llm(
             preemption_mode=args.preemption_mode,
             enable_prefix_caching=args.enable_prefix_caching,
             enable_chunked_prefill=args.enable_chunked_prefill,
+            tensor_parallel_size=args.tensor_parallel_size,
             device=args.device,
             dtype=None if args.dtype == "auto" else getattr(torch, args.dtype),
             max_num_seqs=args.max_num_seqs,
@@ -683,6 +691,8 @@ def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     # a prompt that can never be served: too long, never fits
     except USER_ERRORS as error:
         _fail(parser, error)
+    finally:
+        llm.close()  # tensor-parallel workers stop here
     for request in outputs:
         print(f"prompt: {request.prompt!r} ({len(request.prompt_token_ids)} tokens)")
         for completion in request.outputs:
@@ -721,6 +731,8 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     # Ctrl-C is how a server stops: uvicorn shut down, then re-raised it
     except KeyboardInterrupt:
         pass
+    finally:
+        llm.close()  # tensor-parallel workers stop here
     return 0
 
 

@@ -27,18 +27,18 @@ import torch.multiprocessing as mp
 # how long a collective may wait for a rank before failing (a dead peer usually fails it at once)
 TIMEOUT = datetime.timedelta(seconds=60)
 JOIN_SECONDS = 10.0  # how long close() waits for a worker to exit before it is killed
+_made_here = (
+    False  # whether the default group is one that spawn_workers made (and not closed)
+)
 
 
 def launched_by_torchrun() -> bool:
-    """True when this process is one rank of a group started by torchrun (or already joined)."""
-    return (
-        dist.is_initialized()
-        or "TORCHELASTIC_RUN_ID" in os.environ
-        or (
-            "RANK" in os.environ
-            and "WORLD_SIZE" in os.environ
-            and "MASTER_ADDR" in os.environ
-        )
+    """True when this process is one rank of a group that someone else made: torchrun (its
+    environment says so), or the caller, who made the default process group before the LLM."""
+    if dist.is_initialized():
+        return not _made_here
+    return "TORCHELASTIC_RUN_ID" in os.environ or all(
+        name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR")
     )
 
 
@@ -82,8 +82,8 @@ def spawn_workers(world_size: int, device, target, args: tuple) -> tuple[list, o
     """
     if dist.is_initialized():
         raise RuntimeError(
-            "a torch.distributed process group already exists in this process: close the "
-            "other tensor-parallel LLM first (LLM.close())"
+            "this process already serves another tensor-parallel LLM: close it first "
+            "(LLM.close()); one process group serves one engine at a time"
         )
     store = dist.TCPStore(
         "127.0.0.1",
@@ -117,7 +117,17 @@ def spawn_workers(world_size: int, device, target, args: tuple) -> tuple[list, o
     dist.init_process_group(
         backend_for(device), store=store, rank=0, world_size=world_size, timeout=TIMEOUT
     )
+    global _made_here
+    _made_here = True
     return processes, errors
+
+
+def leave(owns_group: bool) -> None:
+    """Destroy the default process group if this engine made it."""
+    global _made_here
+    if owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+        _made_here = False
 
 
 def join_spawned_group(rank: int, world_size: int, address, device) -> None:
@@ -200,6 +210,7 @@ __all__ = [
     "join_spawned_group",
     "join_torchrun_group",
     "launched_by_torchrun",
+    "leave",
     "spawn_workers",
     "stop",
     "watch_parent",

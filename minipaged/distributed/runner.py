@@ -32,6 +32,10 @@ from minipaged.distributed.sharding import CommStats, local_kv_heads, shard_mode
 from minipaged.model_runner import ModelRunner, StepInputs
 from minipaged.reference.scheduler import SchedulerOutput
 
+DESCRIBE = (
+    "describe"  # rank 0 asks every rank for its pools (TensorParallelRunner.pools)
+)
+
 
 @dataclass
 class StepComm:
@@ -75,7 +79,13 @@ class TensorParallelRunner:
         self.comm = CommStats()
         self.last_step: StepComm | None = None
         self.closed = False
-        self._finalizer = weakref.finalize(self, _shutdown, processes, owns_group)
+        # what the shutdown needs, without this object: the workers, and whether they failed
+        self._state = {
+            "processes": processes,
+            "owns_group": owns_group,
+            "failed": False,
+        }
+        self._finalizer = weakref.finalize(self, _shutdown, self._state)
         shard_model(model, 0, world_size, self.comm)
         kv_heads = local_kv_heads(model.config, world_size)
         m = block_manager
@@ -100,8 +110,10 @@ class TensorParallelRunner:
             sent_s = time.perf_counter() - start
             logits = self.local.run(inputs)
         except Exception as error:
-            self.closed = True
-            raise group.failure(self.processes, self.errors, error) from error
+            failure = group.failure(self.processes, self.errors, error)
+            self._state["failed"] = True
+            self.close()  # the group is broken: leave it now, so a new engine can start
+            raise failure from error
         calls, nbytes, seconds = (
             self.comm.allreduce_calls,
             self.comm.allreduce_bytes,
@@ -110,6 +122,14 @@ class TensorParallelRunner:
         self.last_step = StepComm(sent, sent_s, calls - before[0], nbytes - before[1],
                                   seconds - before[2])  # fmt: skip
         return logits
+
+    def pools(self) -> list[dict]:
+        """Every rank's device KV pools, rank 0 first: [{"rank", "kv_heads", "shape",
+        "bytes"}], where shape is one layer's K pool and bytes counts K and V of every layer."""
+        self._send(DESCRIBE)
+        gathered: list[dict | None] = [None] * self.world_size
+        dist.gather_object(describe_pools(self.local, 0), gathered, dst=0)
+        return gathered
 
     def move_blocks(self, out) -> None:
         """Rank 0's pools only (the experiments' direct swaps); a step moves every rank's."""
@@ -126,14 +146,14 @@ class TensorParallelRunner:
         return len(pickle.dumps(obj))
 
 
-def _shutdown(processes: list, owns_group: bool) -> None:
+def _shutdown(state: dict) -> None:
     """Stop message, reap the workers, leave the group: close() and garbage collection both."""
-    # a worker that already died fails the broadcast: stop() reaps or kills the rest
-    with contextlib.suppress(Exception):
-        dist.broadcast_object_list([None], src=0)
-    group.stop(processes)
-    if owns_group and dist.is_initialized():
-        dist.destroy_process_group()
+    if not state["failed"]:  # after a failure, the workers are already stopped
+        # a worker that died since fails the broadcast: stop() reaps or kills the rest
+        with contextlib.suppress(Exception):
+            dist.broadcast_object_list([None], src=0)
+    group.stop(state["processes"])
+    group.leave(state["owns_group"])
 
 
 def start(
@@ -183,11 +203,22 @@ def serve(model, rank: int, world_size: int, backend: str, device) -> None:
         model, get_backend(backend), None, device, hello["kv_heads"], hello["pool"]
     )
     while (inputs := _receive()) is not None:
-        runner.run(inputs)
+        if isinstance(inputs, str) and inputs == DESCRIBE:
+            dist.gather_object(describe_pools(runner, rank), None, dst=0)
+        else:
+            runner.run(inputs)
     dist.destroy_process_group()
 
 
-def _receive() -> StepInputs | dict | None:
+def describe_pools(runner: ModelRunner, rank: int) -> dict:
+    """One rank's device pools: its KV heads, one layer's K pool shape and the bytes of all."""
+    shape = runner.k_caches[0].shape  # [num_blocks, block_size, num_kv_heads, head_dim]
+    pools = runner.k_caches + runner.v_caches
+    return {"rank": rank, "kv_heads": shape[2], "shape": list(shape),
+            "bytes": sum(p.numel() * p.element_size() for p in pools)}  # fmt: skip
+
+
+def _receive() -> StepInputs | dict | str | None:
     payload = [None]
     dist.broadcast_object_list(payload, src=0)
     return payload[0]

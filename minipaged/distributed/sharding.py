@@ -77,8 +77,10 @@ def tp_plan(config) -> dict[str, str]:
 
 
 def check_divisible(config, world_size: int) -> None:
-    """Raise ValueError, with the numbers, unless `world_size` ranks can split the model evenly: its
-    attention heads, its KV heads (or be divided by them), and every column-parallel layer."""
+    """Raise ValueError, with the numbers, unless `world_size` ranks can split the model: it has a
+    plan (tp_plan), and the ranks divide its attention heads and its KV heads (or are a multiple
+    of them). A layer whose features do not divide is refused when it is split (shard_model)."""
+    tp_plan(config)
     num_kv_heads = kv_shape(config)[1]
     text = config.get_text_config()
     num_heads = text.num_attention_heads
