@@ -212,6 +212,25 @@ def swapping() -> str:
     return compose(panels, "Swapping a sequence out and in")
 
 
+def tensor_parallel() -> str:
+    """Rank 0's block tables over two ranks' pools: the same blocks, half the KV heads each."""
+    manager = BlockManager(block_size=4, num_gpu_blocks=8, watermark=0.0)
+    a, b = Seq(list(range(1, 7)), seq_id=0), Seq(list(range(11, 16)), seq_id=1)
+    manager.allocate(_group("A", a))
+    manager.allocate(_group("B", b))
+    names = {0: "A", 1: "B"}
+    panels = [
+        draw_panel(
+            manager,
+            names,
+            title=f"rank {rank}'s pools: KV heads {heads} of 4, "
+            "in the blocks rank 0's tables name",
+        )  # fmt: skip
+        for rank, heads in ((0, "0-1"), (1, "2-3"))
+    ]
+    return compose(panels, "One page table, many memories")
+
+
 FIGURES = (
     Figure(
         "pages-and-frames",
@@ -283,6 +302,15 @@ FIGURES = (
             "one sequence of 6 tokens with table `[0, 1]`",
         ),
         swapping,
+    ),
+    Figure(
+        "tensor-parallel",
+        "One block table and two ranks' pools with the same block ids, each holding half the KV heads",
+        (
+            "`BlockManager(block_size=4, num_gpu_blocks=8)`",
+            "a model of 4 KV heads on 2 ranks",
+        ),
+        tensor_parallel,
     ),
 )
 

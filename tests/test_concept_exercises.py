@@ -661,3 +661,39 @@ def test_chunked_prefill_exercise():
     ]
     assert sampled[0] == 5
     assert all(any(name == "A" for name, *_ in steps[s]) for s in range(1, 6))
+
+
+def test_tensor_parallel_exercise():
+    """docs/concepts/tensor-parallel.md: 8 query heads, 2 KV heads of 64, 32 layers, hidden 4096,
+    fp16, 4 ranks, blocks of 16."""
+    from transformers import LlamaConfig
+
+    from minipaged.config import kv_cache_bytes_per_block
+    from minipaged.distributed.sharding import (
+        _kv_share,
+        check_divisible,
+        local_kv_heads,
+    )
+
+    config = LlamaConfig(
+        hidden_size=4096,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=64,
+        num_hidden_layers=32,
+    )
+    check_divisible(config, 4)
+    # 1. the KV head each rank keeps: (part, parts) of the KV projections
+    assert [_kv_share(rank, 4, 2) for rank in range(4)] == [
+        (0, 2),
+        (0, 2),
+        (1, 2),
+        (1, 2),
+    ]
+    # 2. one block, all layers, K and V, in one rank's pools
+    heads = local_kv_heads(config, 4)
+    assert heads == 1
+    assert kv_cache_bytes_per_block(16, 32, heads, 64, 2) == 131_072
+    assert kv_cache_bytes_per_block(16, 32, 2, 64, 2) == 2 * 131_072  # unsplit
+    # 3. (two all-reduces a layer of tokens x hidden values) is measured on a real step by
+    # test_tensor_parallel_processes.py::test_each_step_records_what_it_sent

@@ -364,8 +364,17 @@ def test_each_concept_page_embeds_its_figure_and_keeps_its_example(figure):
 
 def test_the_eight_pages_from_pages_and_frames_to_swapping_have_figures():
     pages = ["pages-and-frames", "page-table", "frame-allocator", "demand-paging", "fork", "copy-on-write",
-             "prefix-caching", "swapping"]  # fmt: skip
+             "prefix-caching", "swapping", "tensor-parallel"]  # fmt: skip
     assert [figure.page for figure in draw_figures.FIGURES] == pages
+
+
+def test_tensor_parallel_figure_shows_one_table_over_two_ranks_pools(figures):
+    """Both ranks' panels show the same tables and the same used blocks: one page table."""
+    root = ET.fromstring(figures["img/concepts/tensor-parallel.svg"])
+    panels = root.findall("{http://www.w3.org/2000/svg}g")
+    used = [sorted(el.get("data-block") for el in p.iter() if el.get("data-state") == "used")
+            for p in panels]  # fmt: skip
+    assert len(panels) == 2 and used[0] == used[1] == ["0", "1", "2", "3"]
 
 
 def test_home_page_embeds_the_overview(figures):

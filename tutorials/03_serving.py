@@ -422,3 +422,39 @@ with running_server(server_llm) as url:
 assert completion.choices[0].text == outputs[0].outputs[0].text
 # the server stopped: every block is back
 assert server_llm.block_manager.device.num_free == 64
+
+# %% [markdown]
+# ## 9. Two ranks: tensor parallelism
+#
+# `tensor_parallel_size=2` splits the model over two processes, as Megatron-LM does:
+# each rank computes half of the attention heads, and keeps the K/V of its heads in its
+# own pools. The pools have the same blocks, so the one set of block tables, on rank 0,
+# serves both ([one page table, many memories](../../concepts/tensor-parallel/)). On
+# this CPU the engine starts the second rank itself and talks to it with gloo. Each
+# step, rank 0 broadcasts the step's inputs, and the two halves of every layer meet in
+# an all-reduce. `with` stops the worker at the end.
+
+# %%
+with LLM(
+    "tiny-llama-docs", block_size=4, num_gpu_blocks=64, tensor_parallel_size=2
+) as tp:
+    tp_outputs = tp.generate(prompts, greedy, use_tqdm=False)
+    for pool in tp.runner.pools():
+        print(
+            f"rank {pool['rank']}: {pool['kv_heads']} KV head(s), pool shape "
+            f"{pool['shape']}, {pool['bytes']:,} bytes"
+        )
+    sent = tp.runner.last_step
+    print(
+        f"last step: {sent.broadcast_bytes:,} bytes broadcast, "
+        f"{sent.allreduce_calls} all-reduces of {sent.allreduce_bytes:,} bytes in all"
+    )
+# two ranks, the same tokens as one
+assert [o.outputs[0].token_ids for o in tp_outputs] == [
+    o.outputs[0].token_ids for o in outputs
+]
+
+# %% [markdown]
+# The model has 2 KV heads, so each rank's pools hold 1: half the bytes of one rank's.
+# The last step decoded one token for each of the 3 prompts: its 2 all-reduces a layer
+# each carried 3 tokens' hidden states.
