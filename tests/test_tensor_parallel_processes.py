@@ -144,3 +144,25 @@ def test_the_generate_command_takes_tensor_parallel_size(capsys):
     two = capsys.readouterr().out
     assert main(argv) == 0
     assert two == capsys.readouterr().out and "token_ids" in two
+
+
+@pytest.mark.multiprocess
+def test_a_server_runs_its_engine_loop_on_two_ranks():
+    """The server's engine loop steps from its own thread; the workers follow it the same way."""
+    import openai
+
+    from minipaged.serving import running_server
+
+    one = LLM("tiny-llama", num_gpu_blocks=32, block_size=4)
+    (expected,) = one.generate(
+        ["The cat"], SamplingParams(temperature=0.0, max_tokens=6)
+    )
+    with LLM(
+        "tiny-llama", tensor_parallel_size=2, num_gpu_blocks=32, block_size=4
+    ) as llm:
+        with running_server(llm) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+            completion = client.completions.create(
+                model="tiny-llama", prompt="The cat", max_tokens=6, temperature=0
+            )
+        assert completion.choices[0].text == expected.outputs[0].text
