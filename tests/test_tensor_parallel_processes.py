@@ -166,3 +166,17 @@ def test_a_server_runs_its_engine_loop_on_two_ranks():
                 model="tiny-llama", prompt="The cat", max_tokens=6, temperature=0
             )
         assert completion.choices[0].text == expected.outputs[0].text
+
+
+@pytest.mark.multiprocess
+def test_two_ranks_on_the_triton_backend_equal_one():
+    """Every rank runs the backend it is given: here Triton's kernels, through the interpreter."""
+    prompts = as_requests([[5, 6, 7, 8, 9], [11, 12]])
+    kwargs = dict(backend="triton", num_gpu_blocks=16, block_size=4)
+    one = LLM("tiny-llama", **kwargs)
+    expected = [
+        o.outputs[0].token_ids for o in one.generate(prompts, GREEDY, use_tqdm=False)
+    ]
+    with LLM("tiny-llama", tensor_parallel_size=2, **kwargs) as two:
+        outputs = two.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == expected
