@@ -225,7 +225,7 @@ def tensor_parallel() -> str:
             names,
             title=f"rank {rank}'s pools: KV heads {heads} of 4, "
             "in the blocks rank 0's tables name",
-        )  # fmt: skip
+        )
         for rank, heads in ((0, "0-1"), (1, "2-3"))
     ]
     return compose(panels, "One page table, many memories")

@@ -26,10 +26,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from minipaged.backend import get_backend
+from minipaged.backend import KVBackend, get_backend
 from minipaged.distributed import group
 from minipaged.distributed.sharding import CommStats, local_kv_heads, shard_model
 from minipaged.model_runner import ModelRunner, StepInputs
+from minipaged.reference.block_manager import BlockManager
 from minipaged.reference.scheduler import SchedulerOutput
 
 DESCRIBE = (
@@ -57,8 +58,9 @@ class TensorParallelRunner:
         block_manager: rank 0's, whose tables every rank's pools follow.
         device: rank 0's device; worker r uses "cpu", or "cuda:r" (its LOCAL_RANK under torchrun).
         world_size: ranks in the group, rank 0 included.
-        processes, errors: the workers that rank 0 started, and their error queue (empty under
-            torchrun, whose workers are not rank 0's children).
+        processes: the workers that rank 0 started (none under torchrun, whose workers are not
+            rank 0's children).
+        errors: the queue where those workers put their tracebacks (None under torchrun).
         owns_group: whether close() destroys the process group (rank 0 made it).
     """
 
@@ -66,14 +68,14 @@ class TensorParallelRunner:
 
     def __init__(
         self,
-        model,
-        backend,
-        block_manager,
-        device,
-        world_size,
-        processes,
-        errors,
-        owns_group,
+        model: torch.nn.Module,
+        backend: KVBackend,
+        block_manager: BlockManager,
+        device: str | torch.device,
+        world_size: int,
+        processes: list,
+        errors: object,
+        owns_group: bool,
     ) -> None:
         self.world_size, self.processes, self.errors = world_size, processes, errors
         self.comm = CommStats()
