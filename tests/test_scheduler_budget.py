@@ -89,3 +89,24 @@ def test_llm_refuses_a_budget_below_max_num_seqs():
             max_num_batched_tokens=budget,
             seed=WEIGHT_SEED,
         )
+
+
+def test_num_batched_tokens_follows_the_list_as_it_grows_and_when_it_is_replaced():
+    """The running sum behind SchedulerOutput.num_batched_tokens equals a fresh sum at every
+    point: after appends, after the list is cut, and after it is replaced."""
+    from minipaged.reference.scheduler import ScheduledSeq, SchedulerOutput
+    from minipaged.sequence import Sequence, SequenceGroup
+
+    def item(n: int) -> ScheduledSeq:
+        seq = Sequence(list(range(1, 9)))
+        return ScheduledSeq(SequenceGroup(f"r{n}", [seq], 0.0), seq, n)
+
+    out = SchedulerOutput()
+    assert out.num_batched_tokens == 0
+    for n in (3, 1, 5):
+        out.scheduled.append(item(n))
+        assert out.num_batched_tokens == sum(s.num_query_tokens for s in out.scheduled)
+    del out.scheduled[1:]
+    assert out.num_batched_tokens == 3
+    out.scheduled = [item(2), item(2), item(2), item(2)]
+    assert out.num_batched_tokens == 8
