@@ -124,6 +124,12 @@ def test_throughput_tiny_run_reports_every_system(throughput, tmp_path, capsys):
         == useful
     )
     assert [goal["goal"] for goal in report["goals"]] == list(throughput.GOALS)
+    # three rounds by default, each system once a round; speed as per-round ratios
+    assert report["config"]["rounds"] == 3
+    assert set(report["ratios"]) == {"minipaged/continuous", "minipaged/padded"}
+    for ratio in report["ratios"].values():
+        assert len(ratio["per_round"]) == 3
+        assert ratio["min"] <= ratio["median"] <= ratio["max"]
     table = capsys.readouterr().out
     assert (
         "| system | useful tokens | tokens computed | wall s | useful tokens/s |"
@@ -252,3 +258,32 @@ def test_scheduler_goal_row_at_1024(scheduler):
     args = scheduler.parse_args(["--num-seqs", "1024", "--steps", "1", "--warmup", "0"])
     report = scheduler.run(args)
     assert report["goal"]["value_us"] > 0 and isinstance(report["goal"]["met"], bool)
+
+
+def test_throughput_rounds_rotate_and_ratios_are_taken_round_by_round(throughput):
+    assert [throughput.rotated(("a", "b", "c"), r) for r in range(4)] == [
+        ["a", "b", "c"],
+        ["b", "c", "a"],
+        ["c", "a", "b"],
+        ["a", "b", "c"],
+    ]
+
+    def result(system, wall):
+        return throughput.SystemResult(system, [], wall, 100, 100, 1, 1)
+
+    # minipaged 2x, 1x and 4x as fast as continuous in its three rounds
+    rounds = {
+        "minipaged": [result("minipaged", w) for w in (1.0, 2.0, 1.0)],
+        "continuous": [result("continuous", w) for w in (2.0, 2.0, 4.0)],
+    }
+    ratios = throughput.per_round_ratios(rounds)
+    assert ratios == {
+        "minipaged/continuous": {
+            "median": 2.0,
+            "min": 1.0,
+            "max": 4.0,
+            "per_round": [2.0, 1.0, 4.0],
+        }
+    }
+    (goal,) = throughput.goals({}, ratios)
+    assert goal["met"] and goal["value"] == "2.00x (rounds 1.00-4.00)"
