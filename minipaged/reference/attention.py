@@ -204,14 +204,14 @@ def decode_attention(
     # [num_seqs, max_len, num_kv_heads, head_dim]
     keys = k_cache[blocks].flatten(1, 2)[:, :max_len].float()
     values = v_cache[blocks].flatten(1, 2)[:, :max_len].float()
-    # a stale NaN times probability 0 is NaN
-    values = values.masked_fill(~valid[:, :, None, None], 0.0)
+    # a stale NaN times probability 0 is NaN (in place: `values` is the gather's copy, not the cache)
+    values = values.masked_fill_(~valid[:, :, None, None], 0.0)
     # [b, kv, group, d]
     q = query.float().view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
     # [num_seqs, num_kv_heads, group, max_len]
     scores = torch.einsum("bkgd,blkd->bkgl", q, keys) * scale
     # past seq_len: not this sequence's
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    scores = scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
     probs = scores.softmax(dim=-1)
     # [num_seqs, num_kv_heads, group, head_dim]
     out = torch.einsum("bkgl,blkd->bkgd", probs, values)
