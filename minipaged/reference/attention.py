@@ -180,7 +180,9 @@ def decode_attention(
     The gather of `gather_kv`, done for every sequence together: each table is read up to the
     longest sequence's blocks, so shorter ones read past their end (padding -1 reads block 0). Those
     positions are masked out of the softmax and zeroed in V, so whatever they hold, NaN included,
-    cannot reach the result. GQA without copies: the query heads of one KV head are a dimension.
+    cannot reach the result. GQA without copies: for each KV head, its group of query heads is
+    one small matrix, multiplied with that head's keys and values as strided views (`torch.bmm`;
+    an einsum over all heads at once copied the keys into another layout first, twice as slow).
 
     Args:
         query: `[num_seqs, num_heads, head_dim]`, sequence b's newest token.
@@ -208,14 +210,17 @@ def decode_attention(
     values = values.masked_fill_(~valid[:, :, None, None], 0.0)
     # [b, kv, group, d]
     q = query.float().view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    # [num_seqs, num_kv_heads, group, max_len]
-    scores = torch.einsum("bkgd,blkd->bkgl", q, keys) * scale
-    # past seq_len: not this sequence's
-    scores = scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
-    probs = scores.softmax(dim=-1)
+    out = []
+    for kv in range(num_kv_heads):  # its group of query heads reads its keys and values
+        # [num_seqs, group, max_len]: a batched matrix product of strided views
+        scores = torch.bmm(q[:, kv], keys[:, :, kv].transpose(1, 2)) * scale
+        # past seq_len: not this sequence's
+        scores = scores.masked_fill_(~valid[:, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1)
+        # [num_seqs, group, head_dim]
+        out.append(torch.bmm(probs, values[:, :, kv]))
     # [num_seqs, num_kv_heads, group, head_dim]
-    out = torch.einsum("bkgl,blkd->bkgd", probs, values)
-    return out.reshape(num_seqs, num_heads, head_dim)
+    return torch.stack(out, dim=1).reshape(num_seqs, num_heads, head_dim)
     # END SOLUTION
 
 
