@@ -453,8 +453,13 @@ with LLM(
 assert [o.outputs[0].token_ids for o in tp_outputs] == [
     o.outputs[0].token_ids for o in outputs
 ]
+# the last step decoded 3 tokens: 2 all-reduces a layer of 3 hidden states in fp32
+layers, hidden = llm.model.config.num_hidden_layers, llm.model.config.hidden_size
+assert sent.allreduce_calls == 2 * layers
+assert sent.allreduce_bytes == 2 * layers * 3 * hidden * 4
 
 # %% [markdown]
 # The model has 2 KV heads, so each rank's pools hold 1: half the bytes of one rank's.
-# The last step decoded one token for each of the 3 prompts: its 2 all-reduces a layer
-# each carried 3 tokens' hidden states.
+# The broadcast is a few kilobytes: the step's tokens and positions, and a few integers
+# of block table a sequence. The all-reduces carry hidden states: they grow with the
+# step's tokens, not with the length of the context.
