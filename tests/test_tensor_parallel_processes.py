@@ -180,3 +180,38 @@ def test_two_ranks_on_the_triton_backend_equal_one():
     with LLM("tiny-llama", tensor_parallel_size=2, **kwargs) as two:
         outputs = two.generate(prompts, GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == expected
+
+
+def _hangs(rank, world_size, address, errors, parent_pid, *args):
+    """A worker that never checks in (an import that hangs)."""
+    time.sleep(60)
+
+
+def _exits(rank, world_size, address, errors, parent_pid, *args):
+    """A worker that dies while starting, after saying why."""
+    errors.put((rank, "Traceback ...\nImportError: no module named 'spam'"))
+    os._exit(3)
+
+
+@pytest.mark.multiprocess
+def test_a_worker_that_never_starts_is_named_after_the_timeout(monkeypatch):
+    import datetime
+
+    from minipaged.distributed import group
+
+    monkeypatch.setattr(group, "TIMEOUT", datetime.timedelta(seconds=2))
+    with pytest.raises(RuntimeError, match=r"rank\(s\) \[1\] did not start within 2 s"):
+        group.spawn_workers(2, "cpu", _hangs, ())
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+
+
+@pytest.mark.multiprocess
+def test_a_worker_that_dies_while_starting_is_named_with_its_reason():
+    from minipaged.distributed import group
+
+    with pytest.raises(
+        RuntimeError, match=r"rank 1 failed \(ImportError: no module named 'spam'\)"
+    ):
+        group.spawn_workers(2, "cpu", _exits, ())

@@ -108,10 +108,18 @@ def spawn_workers(world_size: int, device, target, args: tuple) -> tuple[list, o
             process.start()
             processes.append(process)
     ready = [f"minipaged/ready/{rank}" for rank in range(1, world_size)]
+    deadline = time.monotonic() + TIMEOUT.total_seconds()
     while not store.check(ready):
         if any(p.exitcode is not None for p in processes):
             raise failure(
                 processes, errors, RuntimeError("a worker exited while starting")
+            )
+        if time.monotonic() > deadline:  # alive, but stuck (an import that hangs)
+            late = [r for r, key in enumerate(ready, start=1) if not store.check([key])]
+            stop(processes, timeout=0.0)
+            raise RuntimeError(
+                f"tensor-parallel worker rank(s) {late} did not start within "
+                f"{TIMEOUT.total_seconds():.0f} s"
             )
         time.sleep(0.05)
     dist.init_process_group(
