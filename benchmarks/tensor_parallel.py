@@ -48,6 +48,7 @@ from bench_common import DisagreementError, machine, positive, utc_now
 from tqdm import tqdm
 
 from minipaged import LLM, SamplingParams
+from minipaged.distributed.runner import describe_pools
 from minipaged.presets import BYTE_OFFSET, VOCAB_SIZE
 
 BENCHMARK = "tensor_parallel"
@@ -106,13 +107,9 @@ def make_prompts(
 
 def pools(llm: LLM) -> list[dict]:
     """Every rank's device KV pool: {"rank", "kv_heads", "shape", "bytes"}, rank 0 first."""
-    runner = llm.runner
     if llm.tensor_parallel_size > 1:
-        return runner.pools()
-    shape = runner.k_caches[0].shape  # [num_blocks, block_size, num_kv_heads, head_dim]
-    caches = runner.k_caches + runner.v_caches
-    return [{"rank": 0, "kv_heads": shape[2], "shape": list(shape),
-             "bytes": sum(c.numel() * c.element_size() for c in caches)}]  # fmt: skip
+        return llm.runner.pools()
+    return [describe_pools(llm.runner, 0)]
 
 
 def generate(llm: LLM, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:

@@ -519,11 +519,11 @@ class LLM:
             for item in out.scheduled:
                 # all its tokens, or the prompt up to this chunk's end
                 item.seq.num_computed_tokens = item.seq_len
-                metrics = self._metrics[item.group.request_id]
-                if (
-                    metrics.first_scheduled_time is None
-                ):  # a chunked prompt's first chunk
-                    metrics.first_scheduled_time = start
+                # a request starts with a prefill (its whole prompt, or its first chunk)
+                if item.is_prefill:
+                    metrics = self._metrics[item.group.request_id]
+                    if metrics.first_scheduled_time is None:
+                        metrics.first_scheduled_time = start
             # before finished sequences give their blocks back: the true footprint
             self._record(out, start)
             return self._process(out, logits)

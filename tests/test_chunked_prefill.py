@@ -23,10 +23,12 @@ from test_engine_equivalence import (
     MAX_TOKENS,
     as_requests,
     assert_all_blocks_free,
+    beam_tokens,
     engine,
     hf_greedy,
     hf_model,
     random_prompts,
+    sample_tokens,
 )
 from test_scheduler import EOS, SchedulerMachine
 
@@ -140,17 +142,12 @@ def test_n_samples_and_beams_with_chunks_equal_the_unchunked_engine():
         max_num_seqs=12,
     )
     chunks = record_chunks(chunked)
-
-    def samples(llm):
-        outs = llm.generate(prompts, sampled, use_tqdm=False)
-        return [[c.token_ids for c in o.outputs] for o in outs]
-
-    def best_beams(llm):
-        outs = llm.beam_search(prompts[:2], beams)
-        return [[s.token_ids for s in o.sequences] for o in outs]
-
-    assert samples(chunked) == samples(plain)
-    assert best_beams(chunked) == best_beams(plain)
+    assert sample_tokens(chunked, prompts, sampled) == sample_tokens(
+        plain, prompts, sampled
+    )
+    assert beam_tokens(chunked, prompts[:2], beams) == beam_tokens(
+        plain, prompts[:2], beams
+    )
     assert any(len(c) > 1 for c in chunks.values())
     assert_all_blocks_free(chunked)
 

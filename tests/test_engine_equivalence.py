@@ -71,6 +71,18 @@ def hf_greedy(
     return tokens, logprobs
 
 
+def sample_tokens(llm: LLM, prompts: list[dict], params: SamplingParams) -> list:
+    """Each request's samples' tokens, in order."""
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    return [[c.token_ids for c in o.outputs] for o in outs]
+
+
+def beam_tokens(llm: LLM, prompts: list[dict], params) -> list:
+    """Each request's beams' tokens, best first."""
+    outs = llm.beam_search(prompts, params)
+    return [[s.token_ids for s in o.sequences] for o in outs]
+
+
 def engine(name: str, block_size: int, num_gpu_blocks: int = 256, **kwargs) -> LLM:
     return LLM(
         name,

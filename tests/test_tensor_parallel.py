@@ -15,9 +15,11 @@ from test_engine_equivalence import (
     WEIGHT_SEED,
     as_requests,
     assert_all_blocks_free,
+    beam_tokens,
     hf_greedy,
     hf_model,
     random_prompts,
+    sample_tokens,
 )
 
 from minipaged import LLM, BeamSearchParams, SamplingParams
@@ -80,17 +82,8 @@ def test_two_ranks_equal_one_and_transformers_under_swap_and_prefix_caching(engi
 def test_two_ranks_sample_and_beam_search_as_one(engines):
     _, one, two = engines
     prompts = as_requests(random_prompts(seed=11, num=3, max_len=20))
-
-    def samples(llm):
-        outs = llm.generate(prompts, SAMPLED, use_tqdm=False)
-        return [[c.token_ids for c in o.outputs] for o in outs]
-
-    def beams(llm):
-        outs = llm.beam_search(prompts[:2], BEAMS)
-        return [[s.token_ids for s in o.sequences] for o in outs]
-
-    assert samples(two) == samples(one)
-    assert beams(two) == beams(one)
+    assert sample_tokens(two, prompts, SAMPLED) == sample_tokens(one, prompts, SAMPLED)
+    assert beam_tokens(two, prompts[:2], BEAMS) == beam_tokens(one, prompts[:2], BEAMS)
     assert_all_blocks_free(two)
 
 

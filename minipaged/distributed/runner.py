@@ -133,10 +133,6 @@ class TensorParallelRunner:
         dist.gather_object(describe_pools(self.local, 0), gathered, dst=0)
         return gathered
 
-    def move_blocks(self, out) -> None:
-        """Rank 0's pools only (the experiments' direct swaps); a step moves every rank's."""
-        self.local.move_blocks(out)
-
     def close(self) -> None:
         """Tell the workers to stop, wait for them, and leave the process group. Idempotent."""
         self.closed = True
