@@ -25,9 +25,10 @@ class SequenceStatus(enum.Enum):
     FINISHED_LENGTH_CAPPED = "finished_length_capped"  # hit max_tokens
     FINISHED_ABORTED = "finished_aborted"  # cancelled
 
-    @property
-    def is_finished(self) -> bool:
-        return self.name.startswith("FINISHED")
+    def __init__(self, value: str) -> None:
+        # Decided once per state, not at every question: the scheduler asks it of every
+        # sequence at every step (an enum's `name` is a slow descriptor).
+        self.is_finished: bool = value.startswith("finished")
 
 
 # one past the largest id handed out or given:
@@ -151,4 +152,7 @@ class SequenceGroup:
         self.seqs.append(seq)
 
     def is_finished(self) -> bool:
-        return all(seq.is_finished() for seq in self.seqs)
+        for seq in self.seqs:
+            if not seq.status.is_finished:
+                return False
+        return True

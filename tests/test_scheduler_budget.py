@@ -91,9 +91,9 @@ def test_llm_refuses_a_budget_below_max_num_seqs():
         )
 
 
-def test_num_batched_tokens_follows_the_list_as_it_grows_and_when_it_is_replaced():
-    """The running sum behind SchedulerOutput.num_batched_tokens equals a fresh sum at every
-    point: after appends, after the list is cut, and after it is replaced."""
+def test_num_batched_tokens_counts_what_add_puts_in_the_step():
+    """SchedulerOutput.num_batched_tokens, kept as a counter by `add`, equals a fresh sum after
+    every add; an output built with its list counts that list."""
     from minipaged.reference.scheduler import ScheduledSeq, SchedulerOutput
     from minipaged.sequence import Sequence, SequenceGroup
 
@@ -104,9 +104,7 @@ def test_num_batched_tokens_follows_the_list_as_it_grows_and_when_it_is_replaced
     out = SchedulerOutput()
     assert out.num_batched_tokens == 0
     for n in (3, 1, 5):
-        out.scheduled.append(item(n))
+        out.add(item(n))
         assert out.num_batched_tokens == sum(s.num_query_tokens for s in out.scheduled)
-    del out.scheduled[1:]
-    assert out.num_batched_tokens == 3
-    out.scheduled = [item(2), item(2), item(2), item(2)]
-    assert out.num_batched_tokens == 8
+    assert [s.num_query_tokens for s in out.scheduled] == [3, 1, 5]
+    assert SchedulerOutput([item(2), item(2), item(4)]).num_batched_tokens == 8

@@ -136,11 +136,8 @@ class BlockAllocator:
         self._free_list.append(block)
 
     def _check(self, block: int) -> None:
-        if (
-            not isinstance(block, int)
-            or isinstance(block, bool)
-            or not 0 <= block < self.num_blocks
-        ):
+        # an int and not a bool (whose type is a subclass of int): `type` says both at once
+        if type(block) is not int or not 0 <= block < self.num_blocks:
             raise ValueError(
                 f"block must be a block id in [0, {self.num_blocks}) of the {self.name} pool, got {block!r}"
             )

@@ -227,16 +227,50 @@ class BlockManager:
         """
         table = self._device_table(seq)
         target = self._slots_target(seq, table.num_tokens, chunk)
-        needed = self._blocks_to_append(seq, chunk)
+        # checked before anything changes, so a failed append leaks no block
+        needed = self._blocks_to_append(table, target)
         if needed > self.device.num_free:
             raise NoFreeBlocksError(
                 f"seq {seq.seq_id} needs {needed} blocks, {self.device.num_free} free"
             )
+        return self._grow(seq, table, target)
+
+    def try_append_slots(
+        self, seq_group: SequenceGroup, chunk: int | None = None
+    ) -> BlockMapping | None:
+        """The scheduler's one question per group and step: give every device-resident
+        sequence of the group the slots for its new tokens (at most `chunk` each), or, when
+        the pool is short, change nothing and return None.
+
+        It is can_append_slots and append_slots in one: the blocks are counted once, for the
+        whole group, and the tables then grow without a second count (vLLM v1's allocate_slots
+        answers the same way). The scheduler asks it of every running group at every step.
+
+        Returns:
+            The copy-on-write (src, dst) pairs of all the group's sequences, or None.
+        """
+        seqs = self._seqs_on(seq_group, self.device_tables)
+        tables = self.device_tables
+        if self._group_blocks_to_append(seqs, tables, self.device, chunk) > (
+            self.device.num_free
+        ):
+            return None
+        copies: BlockMapping = []
+        for seq in seqs:
+            table = tables[seq.seq_id]
+            copies += self._grow(
+                seq, table, self._slots_target(seq, table.num_tokens, chunk)
+            )
+        return copies
+
+    def _grow(self, seq: Sequence, table: BlockTable, target: int) -> BlockMapping:
+        """The body of append_slots once the blocks are known to be free: grow `seq`'s device
+        table to `target` tokens, copying a shared last block first (task 1.5)."""
         # BEGIN SOLUTION 1.3
         num_new_tokens = target - table.num_tokens
         # task 1.5: copy a shared last block before writing into it
         cow = self._copy_on_write(table) if num_new_tokens > 0 else []
-        table.append_tokens(num_new_tokens, self.device.allocate)
+        table.append_tokens(num_new_tokens, self.device.allocate, self.device.free)
         self._register_full_blocks(seq, table)
         return cow
         # END SOLUTION
@@ -250,8 +284,7 @@ class BlockManager:
         `cow_copies`. The returned (src, dst) pair tells the engine what data to copy
         (copy_blocks) before the model step writes into dst.
         """
-        partly_filled = table.num_filled_in_last_block not in (0, self.block_size)
-        if not partly_filled or self.device.ref_count(table.block_ids[-1]) == 1:
+        if not self._last_block_is_shared(table):
             return []  # nothing shared is written: no fault
         # BEGIN SOLUTION 1.5
         last = table.block_ids[-1]
@@ -515,7 +548,11 @@ class BlockManager:
     def _seqs_on(
         self, seq_group: SequenceGroup, tables: dict[int, BlockTable]
     ) -> list[Sequence]:
-        return [seq for seq in seq_group.get_unfinished_seqs() if seq.seq_id in tables]
+        return [
+            seq
+            for seq in seq_group.seqs
+            if seq.seq_id in tables and not seq.status.is_finished
+        ]
 
     def _unique_blocks(
         self, seq_group: SequenceGroup, tables: dict[int, BlockTable]
@@ -601,22 +638,30 @@ class BlockManager:
             if num_new_tokens <= 0:
                 continue
             needed += table.num_new_blocks_needed(num_new_tokens)
-            if table.num_filled_in_last_block not in (0, self.block_size):
-                sharers[table.block_ids[-1]] = sharers.get(table.block_ids[-1], 0) + 1
+            if 0 < table.num_filled_in_last_block < self.block_size:
+                last = table.block_ids[-1]
+                # held by this table alone, it is written in place
+                if pool.ref_count(last) > 1:
+                    sharers[last] = sharers.get(last, 0) + 1
         for block, k in sharers.items():
             needed += k if pool.ref_count(block) > k else k - 1
         return needed
 
-    def _blocks_to_append(self, seq: Sequence, chunk: int | None = None) -> int:
-        table = self._device_table(seq)
-        num_new_tokens = (
-            self._slots_target(seq, table.num_tokens, chunk) - table.num_tokens
-        )
+    def _blocks_to_append(self, table: BlockTable, target: int) -> int:
+        """Blocks that growing one device table to `target` tokens takes, a copy included."""
+        num_new_tokens = target - table.num_tokens
         if num_new_tokens <= 0:
             return 0
-        partial = table.num_filled_in_last_block not in (0, self.block_size)
-        cow = partial and self.device.ref_count(table.block_ids[-1]) > 1
-        return table.num_new_blocks_needed(num_new_tokens) + int(cow)
+        cow = self._last_block_is_shared(table)
+        return table.num_new_blocks_needed(num_new_tokens) + cow
+
+    def _last_block_is_shared(self, table: BlockTable) -> bool:
+        """Would a write into the table's last device block fault? So it does when the block is
+        partly filled (the write lands in it) and another table holds it too."""
+        return (
+            0 < table.num_filled_in_last_block < self.block_size
+            and self.device.ref_count(table.block_ids[-1]) > 1
+        )
 
     def _allocate_sharing(self, seq: Sequence, first: Sequence) -> None:
         """Allocate `seq`, sharing the leading blocks it has in common with `first`."""

@@ -42,6 +42,7 @@ in the step that writes its K/V, since a block enters a table only with the chun
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -52,7 +53,7 @@ from minipaged.sequence import Sequence, SequenceGroup, SequenceStatus
 BlockMapping = list[tuple[int, int]]
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSeq:
     """One sequence in the next step: it computes `num_query_tokens` tokens, those after the
     `num_computed_tokens` whose K/V the cache holds (its whole rest, or a chunk of its prompt)."""
@@ -83,7 +84,12 @@ class ScheduledSeq:
 
 @dataclass
 class SchedulerOutput:
-    """The decisions of one step, in the order the engine carries them out."""
+    """The decisions of one step, in the order the engine carries them out.
+
+    Sequences join the step through `add`, which keeps `num_batched_tokens`, the step's query
+    tokens, as a counter: the scheduler asks it before every group it adds, and a sum taken
+    anew each time would cost N * N / 2 additions over N groups.
+    """
 
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     # (device, host), done first
@@ -96,23 +102,16 @@ class SchedulerOutput:
     preempted: list[tuple[str, str]] = field(default_factory=list)
     # running request_ids left out by the token budget
     deferred: list[str] = field(default_factory=list)
-    # the running sum behind num_batched_tokens: (which list, entries counted, their tokens)
-    _counted: tuple[int, int, int] = field(default=(0, 0, 0), repr=False, compare=False)
+    # query tokens the step computes (prefills and decodes): at most max_num_batched_tokens
+    num_batched_tokens: int = field(init=False)
 
-    @property
-    def num_batched_tokens(self) -> int:
-        """Query tokens the step computes (prefills and decodes): at most max_num_batched_tokens.
+    def __post_init__(self) -> None:
+        self.num_batched_tokens = sum(s.num_query_tokens for s in self.scheduled)
 
-        The scheduler asks before each group it adds, so the sum is kept as it grows (the list
-        only grows within a step) rather than taken again each time: over N groups, N additions
-        instead of N * N / 2. A list that was replaced or cut is summed again.
-        """
-        which, counted, tokens = self._counted
-        if which != id(self.scheduled) or counted > len(self.scheduled):
-            counted, tokens = 0, 0
-        tokens += sum(s.num_query_tokens for s in self.scheduled[counted:])
-        self._counted = (id(self.scheduled), len(self.scheduled), tokens)
-        return tokens
+    def add(self, item: ScheduledSeq) -> None:
+        """Put a sequence in the step and count its tokens."""
+        self.scheduled.append(item)
+        self.num_batched_tokens += item.num_query_tokens
 
 
 class Scheduler:
@@ -186,21 +185,24 @@ class Scheduler:
             True if a group was preempted (then no swapped or waiting group may start this step).
         """
         manager = self.block_manager
-        queue = deque(sorted(self.running, key=lambda g: g.arrival_time))
+        # oldest first: the queue is kept in arrival order (_run), never sorted
+        queue = deque(self.running)
         kept: list[SequenceGroup] = []
         preempted = False
         while queue:
             group = queue.popleft()
+            seqs = group.get_seqs(SequenceStatus.RUNNING)
             if self._computing_prompt(group):
                 # chunked prefill: its next chunk comes after the decodes
                 kept.append(group)
                 continue
-            if not self._fits_budget(out, group.get_seqs(SequenceStatus.RUNNING)):
+            if not self._fits_budget(out, seqs):
                 out.deferred += [g.request_id for g in (group, *queue)]
                 # no preemption: they keep their blocks and run next step
                 kept += [group, *queue]
                 break
-            while not manager.can_append_slots(group):
+            # one question to the block manager: the slots, or None when the pool is short
+            while (copies := manager.try_append_slots(group)) is None:
                 # the most recently arrived running group
                 victim = self._choose_victim(queue, group)
                 self._preempt(victim, out)
@@ -208,11 +210,9 @@ class Scheduler:
                 if victim is group:
                     break
             else:
-                for seq in group.get_seqs(SequenceStatus.RUNNING):
-                    out.blocks_to_copy += manager.append_slots(seq)
-                    out.scheduled.append(
-                        ScheduledSeq(group, seq, seq.num_uncomputed_tokens)
-                    )
+                out.blocks_to_copy += copies
+                for seq in seqs:
+                    out.add(ScheduledSeq(group, seq, seq.num_uncomputed_tokens))
                 kept.append(group)
         self.running = kept
         return preempted
@@ -240,10 +240,8 @@ class Scheduler:
                 seq.status = SequenceStatus.RUNNING
                 # the token sampled before the swap
                 out.blocks_to_copy += manager.append_slots(seq)
-                out.scheduled.append(
-                    ScheduledSeq(group, seq, seq.num_uncomputed_tokens)
-                )
-            self.running.append(group)
+                out.add(ScheduledSeq(group, seq, seq.num_uncomputed_tokens))
+            self._run(group)
         # END SOLUTION
 
     def _schedule_waiting(self, out: SchedulerOutput) -> None:
@@ -269,10 +267,10 @@ class Scheduler:
                     num_cached if i == 0 else manager.num_shared_tokens(seq, seqs[0])
                 )
                 seq.status = SequenceStatus.RUNNING
-                out.scheduled.append(
+                out.add(
                     ScheduledSeq(group, seq, seq.num_uncomputed_tokens, is_prefill=True)
                 )
-            self.running.append(group)
+            self._run(group)
         # END SOLUTION
 
     # ---- the token budget
@@ -330,12 +328,8 @@ class Scheduler:
             blocks).
         """
         manager = self.block_manager
-        started = deque(
-            sorted(
-                (g for g in self.running if self._computing_prompt(g)),
-                key=lambda g: g.arrival_time,
-            )
-        )
+        # oldest first, as the running queue is
+        started = deque(g for g in self.running if self._computing_prompt(g))
         while started and self._budget_left(out) > 0:
             group = started.popleft()
             # one sequence: samples and beams fork once the prompt is computed
@@ -343,7 +337,7 @@ class Scheduler:
             chunk = min(seq.num_uncomputed_tokens, self._budget_left(out))
             if manager.can_append_slots(group, chunk):
                 out.blocks_to_copy += manager.append_slots(seq, chunk)
-                out.scheduled.append(ScheduledSeq(group, seq, chunk, is_prefill=True))
+                out.add(ScheduledSeq(group, seq, chunk, is_prefill=True))
                 continue
             if out.scheduled:
                 return True  # it waits for blocks, and so does every newer prompt
@@ -377,8 +371,8 @@ class Scheduler:
         seq.status = SequenceStatus.RUNNING
         # the cached prefix needs no computing: the chunk is what follows it
         num_tokens = manager.get_block_table(seq).num_tokens - seq.num_computed_tokens
-        out.scheduled.append(ScheduledSeq(group, seq, num_tokens, is_prefill=True))
-        self.running.append(group)
+        out.add(ScheduledSeq(group, seq, num_tokens, is_prefill=True))
+        self._run(group)
 
     # ---- preemption
     # --------------------------------------------------------------------------
@@ -424,6 +418,15 @@ class Scheduler:
         self.num_preemptions[mode] += 1
         out.preempted.append((group.request_id, mode))
         # END SOLUTION
+
+    def _run(self, group: SequenceGroup) -> None:
+        """Put a group in the running queue at its place in arrival order.
+
+        Groups mostly arrive in order, so this is mostly an append; a group back from a
+        preemption may be older than some that run. Kept in order as groups join, the queue
+        is never sorted: the kernel's run queue works the same way.
+        """
+        bisect.insort(self.running, group, key=lambda g: g.arrival_time)
 
     def _num_running_seqs(self) -> int:
         """Sequences the running groups hold, or may still fork into: a beam search admitted with one
