@@ -111,7 +111,7 @@ class NullEngine:
         """The engine's part after the model step: tokens computed, a dummy token sampled, finish."""
         for item in out.scheduled:
             seq = item.seq
-            seq.num_computed_tokens = len(seq)
+            seq.num_computed_tokens = item.seq_len
             seq.append_token_id(DUMMY_TOKEN)
             if len(seq.output_token_ids) >= self.max_tokens:
                 seq.status = SequenceStatus.FINISHED_LENGTH_CAPPED

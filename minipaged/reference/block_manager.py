@@ -206,11 +206,8 @@ class BlockManager:
     ) -> bool:
         """Are there free blocks for every device-resident sequence of the group to add its new
         tokens (at most `chunk` of them each, with chunked prefill)?"""
-        seqs = self._seqs_on(seq_group, self.device_tables)
-        return (
-            self._group_blocks_to_append(seqs, self.device_tables, self.device, chunk)
-            <= self.device.num_free
-        )
+        growth = self._growth(seq_group, self.device_tables, chunk)
+        return self._blocks_to_grow(growth, self.device) <= self.device.num_free
 
     def append_slots(self, seq: Sequence, chunk: int | None = None) -> BlockMapping:
         """Give the table slots for the tokens `seq` gained since the last call.
@@ -228,7 +225,9 @@ class BlockManager:
         table = self._device_table(seq)
         target = self._slots_target(seq, table.num_tokens, chunk)
         # checked before anything changes, so a failed append leaks no block
-        needed = self._blocks_to_append(table, target)
+        needed = self._blocks_to_grow(
+            [(seq, table, target - table.num_tokens)], self.device
+        )
         if needed > self.device.num_free:
             raise NoFreeBlocksError(
                 f"seq {seq.seq_id} needs {needed} blocks, {self.device.num_free} free"
@@ -246,22 +245,42 @@ class BlockManager:
         whole group, and the tables then grow without a second count (vLLM v1's allocate_slots
         answers the same way). The scheduler asks it of every running group at every step.
 
+        Most appends take nothing from the pool: the token lands in the sequence's own, partly
+        filled last block. Like a write to a private page that is already mapped, which the
+        MMU lets through without a trap, such an append only moves the table's fill mark; the
+        rest (a full last block: demand paging; a shared one: copy-on-write) are the faults,
+        counted and handled by the kernel's path, `_grow`.
+
         Returns:
             The copy-on-write (src, dst) pairs of all the group's sequences, or None.
         """
-        seqs = self._seqs_on(seq_group, self.device_tables)
-        tables = self.device_tables
-        if self._group_blocks_to_append(seqs, tables, self.device, chunk) > (
-            self.device.num_free
-        ):
+        in_place, faults = [], []
+        for entry in self._growth(seq_group, self.device_tables, chunk):
+            _, table, num_new_tokens = entry
+            if self._writes_in_place(table, num_new_tokens):
+                in_place.append(entry)
+            else:
+                faults.append(entry)
+        # a write in place takes no block: the faults are all there is to count
+        if faults and self._blocks_to_grow(faults, self.device) > self.device.num_free:
             return None
+        for _, table, num_new_tokens in in_place:
+            table.num_tokens += num_new_tokens
         copies: BlockMapping = []
-        for seq in seqs:
-            table = tables[seq.seq_id]
-            copies += self._grow(
-                seq, table, self._slots_target(seq, table.num_tokens, chunk)
-            )
+        for seq, table, num_new_tokens in faults:
+            copies += self._grow(seq, table, table.num_tokens + num_new_tokens)
         return copies
+
+    def _writes_in_place(self, table: BlockTable, num_new_tokens: int) -> bool:
+        """Do the new tokens fit in the table's last block, held by this table alone, and leave
+        it partly filled? Then they need no block, no copy, and fill no block for the prefix
+        cache to publish."""
+        filled = table.num_tokens % self.block_size
+        return (
+            filled > 0
+            and filled + num_new_tokens < self.block_size
+            and self.device.ref_count(table.block_ids[-1]) == 1
+        )
 
     def _grow(self, seq: Sequence, table: BlockTable, target: int) -> BlockMapping:
         """The body of append_slots once the blocks are known to be free: grow `seq`'s device
@@ -391,9 +410,10 @@ class BlockManager:
         The blocks its sequences need to append the tokens they gained before the swap must fit
         too, so that the group can run as soon as it is back.
         """
-        seqs = self._seqs_on(seq_group, self.host_tables)
         needed = len(self._unique_blocks(seq_group, self.host_tables))
-        needed += self._group_blocks_to_append(seqs, self.host_tables, self.host)
+        needed += self._blocks_to_grow(
+            self._growth(seq_group, self.host_tables), self.host
+        )
         return self.device.num_free - needed >= self.watermark_blocks
 
     def swap_in(self, seq_group: SequenceGroup) -> BlockMapping:
@@ -617,50 +637,49 @@ class BlockManager:
             )
         return self.device.num_free
 
-    def _group_blocks_to_append(
+    def _growth(
         self,
-        seqs: list[Sequence],
+        seq_group: SequenceGroup,
         tables: dict[int, BlockTable],
-        pool: BlockAllocator,
         chunk: int | None = None,
-    ) -> int:
-        """Blocks that appending every sequence's new tokens takes, copy-on-write included.
+    ) -> list[tuple[Sequence, BlockTable, int]]:
+        """(sequence, its table, tokens to add) for each unfinished sequence of the group that
+        holds a table in `tables` and has tokens to add (at most `chunk` each)."""
+        growth = []
+        for seq in seq_group.seqs:
+            table = tables.get(seq.seq_id)
+            if table is None or seq.status.is_finished:
+                continue
+            target = self._slots_target(seq, table.num_tokens, chunk)
+            if target > table.num_tokens:
+                growth.append((seq, table, target - table.num_tokens))
+        return growth
 
-        k sequences of the group sharing a partly filled last block copy it k - 1 times when
-        nobody else holds it: the last writer finds itself alone and writes in place.
+    def _blocks_to_grow(
+        self, growth: list[tuple[Sequence, BlockTable, int]], pool: BlockAllocator
+    ) -> int:
+        """Blocks that growing these tables takes (see `_growth`), copy-on-write included.
+
+        A table whose last block is partly filled writes into it: a copy when another table
+        holds it too. k tables of the group sharing such a block copy it k - 1 times when nobody
+        else holds it: the last writer finds itself alone and writes in place.
         """
         needed, sharers = 0, {}
-        for seq in seqs:
-            table = tables[seq.seq_id]
-            num_new_tokens = (
-                self._slots_target(seq, table.num_tokens, chunk) - table.num_tokens
-            )
-            if num_new_tokens <= 0:
-                continue
+        for _, table, num_new_tokens in growth:
             needed += table.num_new_blocks_needed(num_new_tokens)
-            if 0 < table.num_filled_in_last_block < self.block_size:
-                last = table.block_ids[-1]
-                # held by this table alone, it is written in place
-                if pool.ref_count(last) > 1:
-                    sharers[last] = sharers.get(last, 0) + 1
+            last_block_partly_filled = table.num_tokens % self.block_size
+            if last_block_partly_filled and pool.ref_count(table.block_ids[-1]) > 1:
+                sharers[table.block_ids[-1]] = sharers.get(table.block_ids[-1], 0) + 1
         for block, k in sharers.items():
             needed += k if pool.ref_count(block) > k else k - 1
         return needed
 
-    def _blocks_to_append(self, table: BlockTable, target: int) -> int:
-        """Blocks that growing one device table to `target` tokens takes, a copy included."""
-        num_new_tokens = target - table.num_tokens
-        if num_new_tokens <= 0:
-            return 0
-        cow = self._last_block_is_shared(table)
-        return table.num_new_blocks_needed(num_new_tokens) + cow
-
     def _last_block_is_shared(self, table: BlockTable) -> bool:
         """Would a write into the table's last device block fault? So it does when the block is
         partly filled (the write lands in it) and another table holds it too."""
-        return (
-            0 < table.num_filled_in_last_block < self.block_size
-            and self.device.ref_count(table.block_ids[-1]) > 1
+        last_block_partly_filled = table.num_tokens % self.block_size
+        return bool(
+            last_block_partly_filled and self.device.ref_count(table.block_ids[-1]) > 1
         )
 
     def _allocate_sharing(self, seq: Sequence, first: Sequence) -> None:

@@ -291,7 +291,11 @@ class Scheduler:
             not self.config.enable_chunked_prefill or len(seqs) > 1
         ):
             return True
-        num_new_tokens = sum(seq.num_uncomputed_tokens for seq in seqs)
+        num_new_tokens = 0
+        for seq in (
+            seqs
+        ):  # a loop: for the usual one sequence, cheaper than sum() of a generator
+            num_new_tokens += seq.num_uncomputed_tokens
         return (
             out.num_batched_tokens + num_new_tokens
             <= self.config.max_num_batched_tokens
