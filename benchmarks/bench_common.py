@@ -1,5 +1,6 @@
 """What the benchmark scripts share: the machine line, the UTC date, a positive-int argparse type, the
-refusal to time a wrong computation, and the entry point that prints the table and writes the JSON.
+refusal to time a wrong computation, the order of a round, and the entry point that prints the
+table and writes the JSON.
 
 The scripts import it from beside themselves (`python benchmarks/NAME.py` puts benchmarks/ first on
 sys.path; the tests do the same).
@@ -46,6 +47,12 @@ def positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
+
+
+def rotated(systems: Sequence[str], round_: int) -> list[str]:
+    """The order of one round: each round starts one system later, so none always runs first."""
+    k = round_ % len(systems)
+    return [*systems[k:], *systems[:k]]
 
 
 def main(

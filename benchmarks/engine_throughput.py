@@ -53,7 +53,7 @@ from dataclasses import asdict, dataclass, field
 import bench_common
 import torch
 import transformers
-from bench_common import DisagreementError, machine, positive, utc_now
+from bench_common import DisagreementError, machine, positive, rotated, utc_now
 from tqdm import tqdm
 
 from minipaged import LLM, SamplingParams
@@ -495,12 +495,6 @@ def goals(rows: dict[str, dict], ratios: dict[str, dict]) -> list[dict]:
             {"goal": GOALS[2], "value": f"{ratio:.2f}x of padded", "met": ratio < 1.0}
         )
     return out
-
-
-def rotated(systems: Sequence[str], round_: int) -> list[str]:
-    """The order of one round: each round starts one system later, so none always runs first."""
-    k = round_ % len(systems)
-    return [*systems[k:], *systems[:k]]
 
 
 def run(args: argparse.Namespace, command: str = "") -> dict:

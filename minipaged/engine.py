@@ -853,8 +853,9 @@ class LLM:
         )
 
     def _record(self, out: SchedulerOutput, start: float) -> None:
-        memory = self.block_manager.memory_stats()
-        device = memory.device
+        # the device pool alone: memory_stats() would add a line per sequence, every step
+        manager = self.block_manager
+        device = manager.device_stats()
         step = StepStats(
             step=self.stats.steps,
             time=start,
@@ -888,15 +889,11 @@ class LLM:
         ) / (s.steps + 1)
         s.steps += 1
         s.num_preemptions = dict(self.scheduler.num_preemptions)
-        s.blocks_swapped_out, s.blocks_swapped_in = (
-            memory.blocks_swapped_out,
-            memory.blocks_swapped_in,
-        )
-        s.cow_copies = memory.cow_copies
-        s.prefix_cache_hits, s.prefix_cache_misses = (
-            memory.prefix_cache_hits,
-            memory.prefix_cache_misses,
-        )
+        s.blocks_swapped_out = manager.blocks_swapped_out
+        s.blocks_swapped_in = manager.blocks_swapped_in
+        s.cow_copies = manager.cow_copies
+        s.prefix_cache_hits = manager.prefix_cache_hits
+        s.prefix_cache_misses = manager.prefix_cache_misses
         s.peak_blocks_used = max(s.peak_blocks_used, device.num_used)
         s.max_blocks_saved_by_sharing = max(
             s.max_blocks_saved_by_sharing, device.blocks_saved_by_sharing

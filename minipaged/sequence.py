@@ -89,7 +89,8 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         """Tokens the next model step must compute: its q_len."""
-        return len(self) - self.num_computed_tokens
+        num_tokens = len(self.prompt_token_ids) + len(self.output_token_ids)
+        return num_tokens - self.num_computed_tokens
 
     @property
     def cumulative_logprob(self) -> float:

@@ -1,26 +1,24 @@
 """The CPU-side policy as it was before issue 18 (commit c5c4ed4): the oracle of test_same_decisions.py.
 
-A frozen copy of minipaged/reference/block_manager.py and scheduler.py at that commit, with the
-solution fences and docstrings of the modules dropped, so that the restructured policy can be
-held to the decisions the old one made: same admissions, preemptions, block tables and copies,
-step by step. Do not edit it to follow the package: it is the "before". It holds every task's
-solution, so the student copy leaves it out (assignments.INSTRUCTOR_ONLY).
+A frozen copy of minipaged/reference/block_manager.py, scheduler.py and memory_stats.py's
+pool_stats at that commit, with the solution fences and the modules' docstrings dropped, so that
+the restructured policy can be held to the decisions the old one made: same admissions,
+preemptions, block tables, copies and memory statistics, step by step. Do not edit it to follow
+the package: it is the "before". It holds every task's solution, so the student copy leaves it
+out (assignments.INSTRUCTOR_ONLY).
 """
 
 from __future__ import annotations
 
 import enum
-from collections import deque
+import itertools
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from minipaged.config import SchedulerConfig
 from minipaged.reference.block_allocator import BlockAllocator, NoFreeBlocksError
 from minipaged.reference.block_table import BlockTable, num_blocks_for
-from minipaged.reference.memory_stats import (
-    MemoryStats,
-    SeqMemory,
-    pool_stats,
-)
+from minipaged.reference.memory_stats import MemoryStats, PoolStats, SeqMemory
 from minipaged.reference.prefix_cache import (
     PrefixCachingBlockAllocator,
     hash_full_blocks,
@@ -29,6 +27,42 @@ from minipaged.sequence import Sequence, SequenceGroup, SequenceStatus
 
 # (src block, dst block) pairs for copy_blocks / swap_blocks
 BlockMapping = list[tuple[int, int]]
+
+
+def pool_stats(
+    pool: BlockAllocator, tables: dict[int, BlockTable], block_size: int
+) -> PoolStats:
+    """The state of `pool`, whose blocks the block tables `tables` hold.
+
+    Every block of a table but its last is full (a table fills its blocks in order), so only the
+    last blocks are looked at one by one; the rest is counted in bulk. A block's reference count is
+    the number of tables that hold it, so a shared block is one that two or more tables name.
+    """
+    holders = Counter(
+        itertools.chain.from_iterable(t.block_ids for t in tables.values())
+    )
+    full = set(itertools.chain.from_iterable(t.block_ids[:-1] for t in tables.values()))
+    # a table's last block -> the most slots any holder filled in it
+    last_fill: dict[int, int] = {}
+    for table in tables.values():
+        if table.block_ids:
+            block = table.block_ids[-1]
+            fill = table.num_tokens - (len(table.block_ids) - 1) * block_size
+            last_fill[block] = max(last_fill.get(block, 0), fill)
+    partial = sum(
+        block_size - fill for block, fill in last_fill.items() if block not in full
+    )
+    return PoolStats(
+        name=pool.name,
+        num_blocks=pool.num_blocks,
+        num_free=pool.num_free,
+        num_used=pool.num_used,
+        num_shared=sum(count > 1 for count in holders.values()),
+        num_cached_free=getattr(pool, "num_cached_free", 0),
+        slots_used=len(holders) * block_size - partial,
+        slots_allocated=pool.num_used * block_size,
+        blocks_saved_by_sharing=holders.total() - len(holders),
+    )
 
 
 class AllocStatus(enum.Enum):

@@ -42,6 +42,8 @@ TINY_SCHEDULER = [
     "3",
     "--warmup",
     "1",
+    "--rounds",
+    "2",
     "--no-progress",
 ]
 
@@ -212,16 +214,16 @@ def test_scheduler_tiny_run_reports_positive_figures(scheduler, tmp_path, capsys
     assert [row["num_seqs"] for row in report["rows"]] == [1, 8]
     for row in report["rows"]:
         assert tuple(row) == scheduler.ROW_KEYS
-        assert all(
-            row[key] > 0 for key in scheduler.ROW_KEYS if key.endswith("_us_per_seq")
-        )
+        assert all(row[key] > 0 for key in scheduler.ROW_KEYS if "_us_" in key)
+        assert row["step_us_min"] <= row["step_us_per_seq"] <= row["step_us_max"]
+        assert row["rounds"] == report["config"]["rounds"] == 2
     assert report["goal"]["value_us"] is None  # no row at 1024 sequences: no verdict
     assert report["profile"]["num_seqs"] == 8 and report["profile"]["top"]
     assert all(entry["own_us_per_step"] >= 0 for entry in report["profile"]["top"])
     table = capsys.readouterr().out
     assert (
-        "| sequences | step us/seq | schedule() us/seq | memory_stats() us/seq |"
-        in table
+        "| sequences | step us/seq (min-max) | schedule() us/seq | device_stats() us/seq "
+        "| memory_stats() us/seq |" in table
     )
     assert "| function | calls/step |" in table
 
@@ -255,9 +257,46 @@ def test_null_engine_plays_the_engine_part(scheduler, prefix_caching):
 
 
 def test_scheduler_goal_row_at_1024(scheduler):
-    args = scheduler.parse_args(["--num-seqs", "1024", "--steps", "1", "--warmup", "0"])
+    args = scheduler.parse_args(
+        ["--num-seqs", "1024", "--steps", "1", "--warmup", "0", "--rounds", "1"]
+    )
     report = scheduler.run(args)
-    assert report["goal"]["value_us"] > 0 and isinstance(report["goal"]["met"], bool)
+    goal = report["goal"]
+    assert goal["value_us"] > 0 and isinstance(goal["met"], bool)
+    # the verdict is the median step over the peer's recorded figure, at most GOAL_RATIO
+    assert goal["ratio"] == goal["value_us"] / scheduler.PEER_US_PER_SEQ_STEP
+    assert goal["met"] == (goal["ratio"] <= scheduler.GOAL_RATIO)
+    assert goal["peer"] == "nano-vllm" and "bb823b3" in goal["peer_how"]
+
+
+def test_scheduler_rounds_rotate_the_order_and_take_the_median(scheduler, monkeypatch):
+    """Each round measures every N once, starting one N later each round; a row is the median
+    of its rounds, with the step's spread."""
+    seen = []
+    figures = iter([5.0, 1.0, 9.0, 2.0, 3.0, 4.0])
+
+    def fake_measure(num_seqs, args):
+        seen.append(num_seqs)
+        step = next(figures)
+        return {
+            "step": step,
+            "schedule": step,
+            "device_stats": 1.0,
+            "memory_stats": 1.0,
+        }
+
+    monkeypatch.setattr(scheduler, "measure", fake_measure)
+    args = scheduler.parse_args(["--num-seqs", "1", "8", "--rounds", "3"])
+    report = scheduler.run(args, "")
+    assert seen == [1, 8, 8, 1, 1, 8]
+    # N=1 got 5, 2, 3; N=8 got 1, 9, 4
+    one, eight = report["rows"]
+    assert (one["step_us_per_seq"], one["step_us_min"], one["step_us_max"]) == (3, 2, 5)
+    assert (eight["step_us_per_seq"], eight["step_us_min"], eight["step_us_max"]) == (
+        4,
+        1,
+        9,
+    )
 
 
 def test_throughput_rounds_rotate_and_ratios_are_taken_round_by_round(throughput):

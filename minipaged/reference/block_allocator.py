@@ -66,7 +66,8 @@ class BlockAllocator:
         Raises:
             ValueError: if `block` is not a block id of this pool.
         """
-        self._check(block)
+        if type(block) is not int or not 0 <= block < self.num_blocks:
+            self._check(block)  # raises, naming what was expected
         return self._ref_count[block]
 
     def allocate(self) -> int:

@@ -531,6 +531,23 @@ class BlockManager:
             seq.seq_id, location, len(table), table.num_tokens, table.capacity
         )
 
+    @property
+    def prefix_cache_hits(self) -> int:
+        """Blocks found in the prefix cache so far (0 without prefix caching)."""
+        cached = isinstance(self.device, PrefixCachingBlockAllocator)
+        return self.device.hits if cached else 0
+
+    @property
+    def prefix_cache_misses(self) -> int:
+        """Blocks looked up in the prefix cache and not found, so far."""
+        cached = isinstance(self.device, PrefixCachingBlockAllocator)
+        return self.device.misses if cached else 0
+
+    def device_stats(self) -> PoolStats:
+        """The device pool's state alone: what the engine records at every step (StepStats),
+        without memory_stats' line per sequence and the host pool."""
+        return pool_stats(self.device, self.device_tables, self.block_size)
+
     def memory_stats(self) -> MemoryStats:
         """A snapshot of both pools, every sequence and the counters, as plain data."""
         seqs = [
@@ -541,17 +558,12 @@ class BlockManager:
             )
             for seq_id, t in tables.items()
         ]
-        cache = (
-            self.device
-            if isinstance(self.device, PrefixCachingBlockAllocator)
-            else None
-        )
         return MemoryStats(
-            device=pool_stats(self.device, self.device_tables, self.block_size),
+            device=self.device_stats(),
             host=pool_stats(self.host, self.host_tables, self.block_size),
             seqs=seqs,
-            prefix_cache_hits=cache.hits if cache else 0,
-            prefix_cache_misses=cache.misses if cache else 0,
+            prefix_cache_hits=self.prefix_cache_hits,
+            prefix_cache_misses=self.prefix_cache_misses,
             cow_copies=self.cow_copies,
             blocks_swapped_out=self.blocks_swapped_out,
             blocks_swapped_in=self.blocks_swapped_in,

@@ -79,7 +79,23 @@ def pool_stats(
     Every block of a table but its last is full (a table fills its blocks in order), so only the
     last blocks are looked at one by one; the rest is counted in bulk. A block's reference count is
     the number of tables that hold it, so a shared block is one that two or more tables name.
+
+    Every used block has at least one holder, so when the tables name exactly as many blocks as
+    are used, each has one: nothing is shared, and the slots used are the tokens the tables
+    hold. That case, the usual one (the engine asks every step), needs no count per block.
     """
+    if sum(len(t.block_ids) for t in tables.values()) == pool.num_used:
+        return PoolStats(
+            name=pool.name,
+            num_blocks=pool.num_blocks,
+            num_free=pool.num_free,
+            num_used=pool.num_used,
+            num_shared=0,
+            num_cached_free=getattr(pool, "num_cached_free", 0),
+            slots_used=sum(t.num_tokens for t in tables.values()),
+            slots_allocated=pool.num_used * block_size,
+            blocks_saved_by_sharing=0,
+        )
     holders = Counter(
         itertools.chain.from_iterable(t.block_ids for t in tables.values())
     )

@@ -201,7 +201,7 @@ class Scheduler:
                 # no preemption: they keep their blocks and run next step
                 kept += [group, *queue]
                 break
-            # one question to the block manager: the slots, or None when the pool is short
+            # one question to the manager: the slots, or None if the pool is short
             while (copies := manager.try_append_slots(group)) is None:
                 # the most recently arrived running group
                 victim = self._choose_victim(queue, group)
@@ -291,10 +291,9 @@ class Scheduler:
             not self.config.enable_chunked_prefill or len(seqs) > 1
         ):
             return True
+        # a loop: for the usual group of one, cheaper than sum() over a generator
         num_new_tokens = 0
-        for seq in (
-            seqs
-        ):  # a loop: for the usual one sequence, cheaper than sum() of a generator
+        for seq in seqs:
             num_new_tokens += seq.num_uncomputed_tokens
         return (
             out.num_batched_tokens + num_new_tokens
