@@ -15,6 +15,8 @@ sequence per step for:
 
 - step: schedule() plus the engine's part (the figure the goal is about);
 - schedule: schedule() alone;
+- admission: the schedule() of the step that admits all N requests, per request (untimed
+  before 2026-12-03, when it was found to grow as N * N);
 - device_stats: BlockManager.device_stats(), the device pool's figures, which the engine also
   reads once a step for its StepStats (LLM._record), so it is overhead the engine pays on top;
 - memory_stats: the full snapshot (every sequence, both pools) that docs and experiments read.
@@ -82,6 +84,7 @@ ROW_KEYS = (
     "step_us_min",
     "step_us_max",
     "schedule_us_per_seq",
+    "admit_us_per_seq",
     "device_stats_us_per_seq",
     "memory_stats_us_per_seq",
 )
@@ -157,18 +160,22 @@ def steady_engine(
     block_size: int,
     prefix: bool,
 ):
-    """A NullEngine with every sequence admitted (one prefill step) and `warmup` decode steps done."""
+    """A NullEngine with every sequence admitted (one prefill step) and `warmup` decode steps
+    done, and the seconds that admission step's schedule() took."""
     engine = NullEngine(
         num_seqs, prompt_len, warmup + 2 * steps + 2, block_size, prefix
     )
-    out = engine.step()
+    start = time.perf_counter()
+    out = engine.scheduler.schedule()
+    admit_s = time.perf_counter() - start
+    engine.after_model(out)
     if len(out.scheduled) != num_seqs:
         raise RuntimeError(
             f"the prefill step admitted {len(out.scheduled)} of {num_seqs} sequences"
         )
     for _ in range(warmup):
         engine.step()
-    return engine
+    return engine, admit_s
 
 
 def time_steps(fn: Callable[[], object], steps: int) -> float:
@@ -187,7 +194,7 @@ def time_steps(fn: Callable[[], object], steps: int) -> float:
 def measure(num_seqs: int, args: argparse.Namespace) -> dict:
     """One measurement: microseconds per sequence-step for a step, schedule() alone,
     device_stats() and memory_stats()."""
-    engine = steady_engine(
+    engine, admit_s = steady_engine(
         num_seqs,
         args.prompt_len,
         args.steps,
@@ -233,6 +240,7 @@ def measure(num_seqs: int, args: argparse.Namespace) -> dict:
     return {
         "step": step_s * per_seq,
         "schedule": schedule_s / args.steps * per_seq,
+        "admit": admit_s * per_seq,
         "device_stats": device_s * per_seq if device_s is not None else None,
         "memory_stats": stats_s * per_seq,
     }
@@ -249,6 +257,7 @@ def summarize(num_seqs: int, rounds: list[dict], steps: int) -> dict:
         "step_us_min": min(step),
         "step_us_max": max(step),
         "schedule_us_per_seq": statistics.median(r["schedule"] for r in rounds),
+        "admit_us_per_seq": statistics.median(r["admit"] for r in rounds),
         "device_stats_us_per_seq": None
         if rounds[0]["device_stats"] is None
         else statistics.median(r["device_stats"] for r in rounds),
@@ -258,7 +267,7 @@ def summarize(num_seqs: int, rounds: list[dict], steps: int) -> dict:
 
 def profile(num_seqs: int, args: argparse.Namespace, top: int = 15) -> list[dict]:
     """Where a steady-state step's time goes (cProfile, sorted by own time), at `num_seqs` sequences."""
-    engine = steady_engine(
+    engine, _ = steady_engine(
         num_seqs,
         args.prompt_len,
         args.steps,
@@ -359,14 +368,15 @@ def format_table(report: dict) -> str:
         f"{'on' if c['prefix_caching'] else 'off'}; mean over {c['steps']} decode steps after {c['warmup']}; "
         f"median of {c['rounds']} round(s), the order of N rotated each round",
         "",
-        "| sequences | step us/seq (min-max) | schedule() us/seq | device_stats() us/seq "
-        "| memory_stats() us/seq |",
-        "|--:|--:|--:|--:|--:|",
+        "| sequences | step us/seq (min-max) | schedule() us/seq | admission us/seq "
+        "| device_stats() us/seq | memory_stats() us/seq |",
+        "|--:|--:|--:|--:|--:|--:|",
     ]
     for r in report["rows"]:
         lines.append(
             f"| {r['num_seqs']} | {r['step_us_per_seq']:.2f} ({r['step_us_min']:.2f}-"
             f"{r['step_us_max']:.2f}) | {r['schedule_us_per_seq']:.2f} "
+            f"| {r['admit_us_per_seq']:.2f} "
             f"| {_us(r['device_stats_us_per_seq'])} | {r['memory_stats_us_per_seq']:.2f} |"
         )
     verdict = report["goal"]

@@ -222,8 +222,8 @@ def test_scheduler_tiny_run_reports_positive_figures(scheduler, tmp_path, capsys
     assert all(entry["own_us_per_step"] >= 0 for entry in report["profile"]["top"])
     table = capsys.readouterr().out
     assert (
-        "| sequences | step us/seq (min-max) | schedule() us/seq | device_stats() us/seq "
-        "| memory_stats() us/seq |" in table
+        "| sequences | step us/seq (min-max) | schedule() us/seq | admission us/seq "
+        "| device_stats() us/seq | memory_stats() us/seq |" in table
     )
     assert "| function | calls/step |" in table
 
@@ -281,6 +281,7 @@ def test_scheduler_rounds_rotate_the_order_and_take_the_median(scheduler, monkey
         return {
             "step": step,
             "schedule": step,
+            "admit": 1.0,
             "device_stats": 1.0,
             "memory_stats": 1.0,
         }

@@ -223,10 +223,12 @@ class Scheduler:
             return
         # BEGIN SOLUTION 3.3
         manager = self.block_manager
+        # counted once, then kept up to date: not once per group (N * N over N groups)
+        num_running = self._num_running_seqs()
         while self.swapped:
             group = self.swapped[0]
             seqs = group.get_seqs(SequenceStatus.SWAPPED)
-            if self._num_running_seqs() + len(seqs) > self.config.max_num_seqs:
+            if num_running + len(seqs) > self.config.max_num_seqs:
                 break
             # each decodes the token it sampled before the swap
             if not self._fits_budget(out, seqs):
@@ -242,16 +244,22 @@ class Scheduler:
                 out.blocks_to_copy += manager.append_slots(seq)
                 out.add(ScheduledSeq(group, seq, seq.num_uncomputed_tokens))
             self._run(group)
+            num_running += self._seqs_held(group)
         # END SOLUTION
 
     def _schedule_waiting(self, out: SchedulerOutput) -> None:
         """Admit waiting groups in arrival order while memory and the step's budget allow."""
+        # nobody to admit: the running sequences need not even be counted
+        if not self.waiting:
+            return
         # BEGIN SOLUTION 3.1
         manager = self.block_manager
+        # counted once, then kept up to date: not once per group (N * N over N groups)
+        num_running = self._num_running_seqs()
         while self.waiting:
             group = self.waiting[0]
             seqs = group.get_unfinished_seqs()
-            if self._num_running_seqs() + group.max_seqs > self.config.max_num_seqs:
+            if num_running + group.max_seqs > self.config.max_num_seqs:
                 break
             # its whole prompt (and any output) at most
             if not self._fits_budget(out, seqs):
@@ -271,6 +279,7 @@ class Scheduler:
                     ScheduledSeq(group, seq, seq.num_uncomputed_tokens, is_prefill=True)
                 )
             self._run(group)
+            num_running += self._seqs_held(group)
         # END SOLUTION
 
     # ---- the token budget
@@ -435,10 +444,11 @@ class Scheduler:
         """Sequences the running groups hold, or may still fork into: a beam search admitted with one
         sequence forks into its beam width at its first step, so it counts its width from the start
         (vLLM's get_max_num_running_seqs); a group's finished samples no longer count."""
-        return sum(
-            max(
-                len(g.get_seqs(SequenceStatus.RUNNING)),
-                g.max_seqs - sum(s.is_finished() for s in g.seqs),
-            )
-            for g in self.running
+        return sum(self._seqs_held(g) for g in self.running)
+
+    def _seqs_held(self, group: SequenceGroup) -> int:
+        """What one running group counts against max_num_seqs (see `_num_running_seqs`)."""
+        return max(
+            len(group.get_seqs(SequenceStatus.RUNNING)),
+            group.max_seqs - sum(s.is_finished() for s in group.seqs),
         )
