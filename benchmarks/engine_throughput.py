@@ -33,16 +33,24 @@ unbatched `generate` for a sample of requests (the longest prompt, the longest o
 on a mismatch it prints the error, reports nothing and exits with status 1. How many requests the
 two transformers runs agree with minipaged on is reported too (batching can flip a near-tie).
 
+`--profile` adds where minipaged's time goes: one `generate` of the workload under cProfile, split
+into the model's linear layers, minipaged's attention, building each step's inputs, sampling, the
+scheduler and the step's statistics (PROFILE_PARTS).
+
 Run from the repository root (minipaged must be importable: `pip install -e .` or PYTHONPATH=.):
 
     python benchmarks/engine_throughput.py                       # 32 requests of small-llama
     python benchmarks/engine_throughput.py --num-requests 8 --json out.json
+    python benchmarks/engine_throughput.py --rounds 5 --profile      # the benchmarks page's run
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import os
+import pstats
 import statistics
 import sys
 import threading
@@ -450,6 +458,101 @@ def check_minipaged(
             )
 
 
+# where a step's time goes: (label, file, function, which time); "own" for a builtin's own
+# time, "cumulative" for a function and all it calls
+PROFILE_PARTS = (
+    ("the whole `generate`", "minipaged/engine.py", "generate", "cumulative"),
+    (
+        "the model's linear layers (`torch._C._nn.linear`)",
+        "~",
+        "<built-in method torch._C._nn.linear>",
+        "own",
+    ),
+    (
+        "minipaged's attention function (write_kv + paged attention)",
+        "minipaged/model_runner.py",
+        "paged_attention_forward",
+        "cumulative",
+    ),
+    (
+        "of which `decode_attention`, a step's decode rows together",
+        "minipaged/reference/attention.py",
+        "decode_attention",
+        "cumulative",
+    ),
+    (
+        "building the step's inputs (`ModelRunner.prepare`)",
+        "minipaged/model_runner.py",
+        "prepare",
+        "cumulative",
+    ),
+    (
+        "sampling and bookkeeping after the model (`LLM._process`)",
+        "minipaged/engine.py",
+        "_process",
+        "cumulative",
+    ),
+    ("of which sampling (`sample`)", "minipaged/sampling.py", "sample", "cumulative"),
+    (
+        "the scheduler (`schedule()`)",
+        "minipaged/reference/scheduler.py",
+        "schedule",
+        "cumulative",
+    ),
+    (
+        "the step's statistics (`LLM._record`)",
+        "minipaged/engine.py",
+        "_record",
+        "cumulative",
+    ),
+)
+
+
+def profile_minipaged(
+    model: torch.nn.Module,
+    workload: list[Request],
+    block_size: int,
+    num_gpu_blocks: int,
+) -> list[dict]:
+    """Where minipaged's time goes: one LLM.generate of the workload under cProfile, after a
+    warm-up, split into PROFILE_PARTS. The profiler slows Python calls more than tensor work,
+    so the shares, not the seconds, are what to read."""
+    llm = LLM(
+        model, backend="reference", block_size=block_size, num_gpu_blocks=num_gpu_blocks
+    )
+    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in workload]
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True)
+        for r in workload
+    ]
+    warm = warmup_workload(llm.vocab_size)
+    llm.generate(
+        [{"prompt_token_ids": r.prompt_token_ids} for r in warm],
+        [SamplingParams(temperature=0.0, max_tokens=r.max_tokens) for r in warm],
+        use_tqdm=False,
+    )
+    profiler = cProfile.Profile()
+    profiler.enable()
+    llm.generate(prompts, params, use_tqdm=False)
+    profiler.disable()
+    stats = pstats.Stats(profiler, stream=io.StringIO()).stats
+    found = {}
+    for (path, _, name), (_, _, own, cumulative, _) in stats.items():
+        for label, file, function, which in PROFILE_PARTS:
+            if name == function and path.replace(os.sep, "/").endswith(file):
+                seconds = own if which == "own" else cumulative
+                found[label] = found.get(label, 0.0) + seconds
+    total = found.get(PROFILE_PARTS[0][0]) or 1.0
+    return [
+        {
+            "part": label,
+            "seconds": found.get(label, 0.0),
+            "share": found.get(label, 0.0) / total,
+        }
+        for label, *_ in PROFILE_PARTS
+    ]
+
+
 def per_round_ratios(rounds: dict[str, list[SystemResult]]) -> dict[str, dict]:
     """minipaged's tokens/s over each peer's, round by round, and their median and spread.
 
@@ -548,6 +651,13 @@ def run(args: argparse.Namespace, command: str = "") -> dict:
                     hf_model, workload, args.block_size, num_blocks, args.repeats
                 )
             rounds[system].append(result)
+        profile = (
+            profile_minipaged(
+                load_model(args.model, args.seed), workload, args.block_size, num_blocks
+            )
+            if args.profile
+            else None
+        )
     finally:
         torch.set_num_threads(previous_threads)
     # each system's median round (by wall time) stands for it in the table
@@ -602,6 +712,7 @@ def run(args: argparse.Namespace, command: str = "") -> dict:
         "rows": list(rows.values()),
         "ratios": ratios,
         "goals": goals(rows, ratios),
+        "profile": profile,
         "notes": [note for r in results.values() for note in r.notes],
         "workload": [
             asdict(r) | {"prompt_len": len(r.prompt_token_ids)} for r in workload
@@ -658,6 +769,19 @@ def format_table(report: dict) -> str:
             for g in report["goals"]
         ]
     lines += ["", "notes:"] + [f"- {note}" for note in report["notes"]]
+    if report.get("profile"):
+        lines += [
+            "",
+            "where minipaged's time goes: one generate of the workload under cProfile (read the "
+            "shares: the profiler slows Python calls more than tensor work):",
+            "",
+            "| part | seconds | share |",
+            "|---|--:|--:|",
+        ]
+        lines += [
+            f"| {p['part']} | {p['seconds']:.2f} | {100 * p['share']:.1f}% |"
+            for p in report["profile"]
+        ]
     return "\n".join(lines)
 
 
@@ -719,6 +843,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="timed runs per system in a round, the fastest kept (default 1)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile one minipaged generate of the workload (cProfile) and print its parts",
+    )
     parser.add_argument(
         "--json", metavar="PATH", help="also write the report as JSON to PATH"
     )

@@ -327,3 +327,21 @@ def test_throughput_rounds_rotate_and_ratios_are_taken_round_by_round(throughput
     }
     (goal,) = throughput.goals({}, ratios)
     assert goal["met"] and goal["value"] == "2.00x (rounds 1.00-4.00)"
+
+
+def test_throughput_profile_names_every_part(throughput, capsys):
+    """--profile splits one minipaged generate into PROFILE_PARTS; each part is found in the
+    profile (a renamed function would read 0 s and mislead) and within the whole."""
+    args = throughput.parse_args(
+        [*TINY_THROUGHPUT, "--systems", "minipaged", "--rounds", "1", "--profile"]
+    )
+    report = throughput.run(args)
+    parts = report["profile"]
+    assert [p["part"] for p in parts] == [
+        label for label, *_ in throughput.PROFILE_PARTS
+    ]
+    whole = parts[0]
+    assert whole["share"] == 1.0 and whole["seconds"] > 0
+    for part in parts[1:]:
+        assert 0 < part["seconds"] <= whole["seconds"], part
+    assert "| part | seconds | share |" in throughput.format_table(report)
