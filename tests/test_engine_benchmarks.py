@@ -219,6 +219,7 @@ def test_scheduler_tiny_run_reports_positive_figures(scheduler, tmp_path, capsys
         assert row["rounds"] == report["config"]["rounds"] == 2
     assert report["goal"]["value_us"] is None  # no row at 1024 sequences: no verdict
     assert report["profile"]["num_seqs"] == 8 and report["profile"]["top"]
+    assert report["profile"]["calls_per_seq_step"] > 1
     assert all(entry["own_us_per_step"] >= 0 for entry in report["profile"]["top"])
     table = capsys.readouterr().out
     assert (

@@ -32,7 +32,7 @@ from minipaged.experiments.vattention import VAttentionAllocator
 from minipaged.reference.block_manager import AllocStatus, BlockManager
 from minipaged.reference.block_table import num_blocks_for
 from minipaged.reference.memory_stats import MemoryStats, PoolStats
-from minipaged.sequence import Sequence, SequenceGroup
+from minipaged.sequence import Sequence, SequenceGroup, SequenceStatus
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,11 @@ class ReservationManager:
         allocator: a ContiguousAllocator (Orca's rules) or a VAttentionAllocator: anything with
             check, can_admit, try_admit, can_append, append, free and breakdown.
     """
+
+    # what the engine reads each step besides device_stats(): nothing is copied on write,
+    # swapped or found in a prefix cache
+    cow_copies = blocks_swapped_out = blocks_swapped_in = 0
+    prefix_cache_hits = prefix_cache_misses = 0
 
     def __init__(self, allocator: ContiguousAllocator | VAttentionAllocator) -> None:
         self.allocator = allocator
@@ -135,6 +140,15 @@ class ReservationManager:
             return True
         return self.allocator.can_append(*(r.request_id for r in reservation.ranges))
 
+    def try_append_slots(self, group: SequenceGroup) -> list[tuple[int, int]] | None:
+        """The scheduler's question, as BlockManager.try_append_slots: grow the group's running
+        sequences' ranges, or None (nothing changed) when one cannot grow."""
+        if not self.can_append_slots(group):
+            return None
+        for seq in group.get_seqs(SequenceStatus.RUNNING):
+            self.append_slots(seq)
+        return []
+
     def append_slots(self, seq: Sequence) -> list[tuple[int, int]]:
         """Grow the sequence's request's ranges to its length; nothing is ever copied."""
         reservation = self._reservation_of(seq)
@@ -194,6 +208,10 @@ class ReservationManager:
     def num_ranges(self) -> int:
         """Ranges reserved now (a request of width W holds W)."""
         return sum(len(r.ranges) for r in self._reservations.values())
+
+    def device_stats(self) -> PoolStats:
+        """The pool's figures the engine records each step (memory_stats' device)."""
+        return self.memory_stats().device
 
     def memory_stats(self) -> MemoryStats:
         """The engine's per-step figures, a slot counting as a block: nothing is shared or swapped."""

@@ -121,7 +121,7 @@ class Scheduler:
         config: the budget and the preemption mode.
         block_manager: the memory manager whose decisions the schedule carries: a BlockManager,
             or anything that answers the same calls (can_allocate, allocate, num_shared_tokens,
-            can_append_slots, append_slots, free, can_swap_out, swap_out, can_swap_in, swap_in).
+            try_append_slots, append_slots, free, can_swap_out, swap_out, can_swap_in, swap_in).
             The experiments serve the paper's baselines through this interface
             (experiments/reservation.py), so one scheduler serves every system.
     """
