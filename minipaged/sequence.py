@@ -143,7 +143,14 @@ class SequenceGroup:
         """The group's sequences, or only those with `status`."""
         if status is None:
             return list(self.seqs)
-        return [seq for seq in self.seqs if seq.status == status]
+        # A loop, not a list comprehension: on Python 3.11 a comprehension is a function
+        # call of its own (3.12 inlines it, PEP 709), dearer than the test for the usual
+        # group of one, and the scheduler asks this of every group at every step.
+        found = []
+        for seq in self.seqs:
+            if seq.status is status:
+                found.append(seq)
+        return found
 
     def get_unfinished_seqs(self) -> list[Sequence]:
         return [seq for seq in self.seqs if not seq.is_finished()]

@@ -254,17 +254,27 @@ class BlockManager:
         Returns:
             The copy-on-write (src, dst) pairs of all the group's sequences, or None.
         """
+        tables = self.device_tables
         in_place, faults = [], []
-        for entry in self._growth(seq_group, self.device_tables, chunk):
-            _, table, num_new_tokens = entry
+        # _growth's walk, with each sequence sorted as it is found: this runs for every
+        # sequence at every step, so it builds no list in between
+        for seq in seq_group.seqs:
+            table = tables.get(seq.seq_id)
+            if table is None or seq.status.is_finished:
+                continue
+            num_new_tokens = (
+                self._slots_target(seq, table.num_tokens, chunk) - table.num_tokens
+            )
+            if num_new_tokens <= 0:
+                continue
             if self._writes_in_place(table, num_new_tokens):
-                in_place.append(entry)
+                in_place.append((table, num_new_tokens))
             else:
-                faults.append(entry)
+                faults.append((seq, table, num_new_tokens))
         # a write in place takes no block: the faults are all there is to count
         if faults and self._blocks_to_grow(faults, self.device) > self.device.num_free:
             return None
-        for _, table, num_new_tokens in in_place:
+        for table, num_new_tokens in in_place:
             table.num_tokens += num_new_tokens
         copies: BlockMapping = []
         for seq, table, num_new_tokens in faults:
