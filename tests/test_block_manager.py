@@ -753,3 +753,120 @@ def test_reallocating_a_diverged_group_shares_only_common_full_blocks(manager):
     assert refs(manager, b_ids) == [2, 2, 1]
     assert manager.device.num_used == 4
     assert [manager.get_block_table(s).num_tokens for s in (a, b)] == [11, 12]
+
+
+# ---- try_append_slots: the scheduler's one question per group and step -----------------------
+
+
+def snapshot(manager: BlockManager):
+    return (
+        {
+            k: (list(t.block_ids), t.num_tokens)
+            for k, t in manager.device_tables.items()
+        },
+        manager.device.free_list,
+        [manager.device.ref_count(b) for b in range(manager.device.num_blocks)],
+    )
+
+
+@pytest.mark.task1_3
+def test_try_append_slots_writes_in_place_without_touching_the_pool():
+    """A token that lands in the sequence's own, partly filled last block takes nothing."""
+    manager = BlockManager(BS, 8, watermark=0.0)
+    group = make_group(PROMPT6)  # blocks [0, 1], the second half full
+    manager.allocate(group)
+    (seq,) = group.seqs
+    free = manager.device.free_list
+    seq.append_token_id(7)
+    assert manager.try_append_slots(group) == []
+    assert ids(manager, seq) == [0, 1] and manager.get_block_table(seq).num_tokens == 7
+    assert manager.device.free_list == free
+
+
+@pytest.mark.task1_3
+def test_try_append_slots_takes_a_block_past_a_full_one():
+    """The fault path: past a full last block, a new one (demand paging)."""
+    manager = BlockManager(BS, 8, watermark=0.0)
+    group = make_group(PROMPT8)  # blocks [0, 1], both full
+    manager.allocate(group)
+    (seq,) = group.seqs
+    seq.append_token_id(29)
+    assert manager.try_append_slots(group) == []
+    assert ids(manager, seq) == [0, 1, 2] and manager.device.num_free == 5
+
+
+@pytest.mark.task1_6
+def test_try_append_slots_publishes_the_block_its_token_fills():
+    """The token that fills a block goes through the fault path too, so the prefix cache
+    publishes the full block at once."""
+    manager = BlockManager(BS, 8, watermark=0.0, enable_prefix_caching=True)
+    group = make_group(PROMPT8[:7])  # blocks [0, 1], the second with 3 of 4 slots
+    manager.allocate(group)
+    (seq,) = group.seqs
+    seq.append_token_id(28)  # fills block 1
+    assert manager.try_append_slots(group) == []
+    assert ids(manager, seq) == [0, 1]
+    assert manager.device.lookup(hash_full_blocks(PROMPT8, BS)[1]) == 1
+
+
+@pytest.mark.task1_5
+def test_try_append_slots_copies_a_shared_block_once_per_writer_but_the_last():
+    """Three samples share a partly filled last block: two copies, the third writes in
+    place. With one free block too few, nothing changes and the answer is None."""
+    for num_free_after, expected in ((2, "grows"), (1, None)):
+        manager = BlockManager(BS, 2 + num_free_after, watermark=0.0)
+        first = Sequence(list(PROMPT6))
+        group = SequenceGroup("r", [first])
+        manager.allocate(group)
+        for _ in range(2):
+            child = first.fork()
+            manager.fork(first, child)
+            group.add(child)
+        for i, seq in enumerate(group.seqs):
+            seq.append_token_id(50 + i)
+        before = snapshot(manager)
+        assert manager.can_append_slots(group) == (expected == "grows")
+        copies = manager.try_append_slots(group)
+        if expected is None:
+            assert copies is None and snapshot(manager) == before
+            continue
+        assert [src for src, _ in copies] == [1, 1]
+        assert sorted(ids(manager, s)[-1] for s in group.seqs) == [1, 2, 3]
+        assert all(manager.device.ref_count(b) == 1 for b in (1, 2, 3))
+        assert manager.cow_copies == 2
+
+
+@pytest.mark.task1_3
+def test_try_append_slots_grows_a_chunk_at_a_time():
+    manager = BlockManager(BS, 8, watermark=0.0)
+    seq = Sequence(list(range(1, 12)))  # 11 tokens
+    group = SequenceGroup("r", [seq])
+    manager.allocate(group, chunk=3)
+    assert manager.get_block_table(seq).num_tokens == 3
+    assert manager.try_append_slots(group, chunk=5) == []
+    assert manager.get_block_table(seq).num_tokens == 8 and ids(manager, seq) == [0, 1]
+    assert manager.try_append_slots(group, chunk=5) == []
+    assert manager.get_block_table(seq).num_tokens == 11 and ids(manager, seq) == [
+        0,
+        1,
+        2,
+    ]
+    assert manager.try_append_slots(group, chunk=5) == [], "nothing left to add"
+
+
+@pytest.mark.task1_4
+def test_device_stats_is_memory_stats_device_shared_or_not():
+    """The engine's per-step figures equal the full snapshot's, with sharing (the counted
+    path) and without (every block with one holder: the tokens are the slots used)."""
+    manager = BlockManager(BS, 12, watermark=0.0)
+    alone = make_group(PROMPT6, request_id="alone")
+    manager.allocate(alone)
+    assert manager.device_stats() == manager.memory_stats().device
+    assert (
+        manager.device_stats().slots_used == 6
+        and manager.device_stats().num_shared == 0
+    )
+    allocate_and_fork(manager, PROMPT6)  # two tables on the same two blocks
+    stats = manager.device_stats()
+    assert stats == manager.memory_stats().device
+    assert stats.num_shared == 2 and stats.slots_used == 12

@@ -178,6 +178,45 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self._write(seq, len(new))
 
     @precondition(lambda self: self.running)
+    @rule(
+        data=st.data(),
+        new=st.lists(tokens, min_size=1, max_size=3),
+        chunk=st.sampled_from([None, 1, 2, 5]),
+    )
+    def append_group(self, data, new, chunk):
+        """The scheduler's question: every sequence of a group gains tokens, and
+        try_append_slots grows them all (at most `chunk` each) or, None, changes nothing. It
+        agrees with can_append_slots, asked first."""
+        group = data.draw(st.sampled_from(self.running))
+        seqs = group.get_unfinished_seqs()
+        for seq in seqs:
+            for token in new:
+                seq.append_token_id(token)
+        held = {s.seq_id: self.manager.get_block_table(s).num_tokens for s in seqs}
+        can = self.manager.can_append_slots(group, chunk)
+        before = self._snapshot()
+        cow = self.manager.try_append_slots(group, chunk)
+        if cow is None:
+            assert not can, "can_append_slots said yes, try_append_slots said no"
+            assert self._snapshot() == before, (
+                "a refused try_append_slots changed things"
+            )
+            for seq in seqs:
+                del seq.output_token_ids[-len(new) :]
+            event("try_append_slots: pool short")
+            return
+        assert can, "can_append_slots said no, try_append_slots grew the tables"
+        self._copy_blocks(cow, "device", "device")
+        for seq in seqs:
+            table = self.manager.get_block_table(seq)
+            grown = min(len(seq), held[seq.seq_id] + (chunk or len(seq)))
+            assert table.num_tokens == grown
+            # the tokens past the chunk are dropped here (this model keeps every table full)
+            del seq.output_token_ids[len(seq.output_token_ids) - (len(seq) - grown) :]
+            self._write(seq, grown - held[seq.seq_id])
+        event("try_append_slots: copy-on-write" if cow else "try_append_slots: no copy")
+
+    @precondition(lambda self: self.running)
     @rule(data=st.data())
     def fork(self, data):
         group = data.draw(st.sampled_from(self.running))

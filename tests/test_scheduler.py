@@ -1337,3 +1337,53 @@ SchedulerMachine.TestCase.settings = settings(
     max_examples=50, stateful_step_count=30, deadline=None
 )
 test_scheduler_state_machine = SchedulerMachine.TestCase
+
+
+# ---- what a step costs: the running queue's order, counting once ---------------------------------
+
+
+def test_the_running_queue_stays_in_arrival_order_as_groups_join():
+    """_run puts a group at its place by arrival time, after any that arrived at the same time,
+    so the queue is never sorted: the same order a stable sort after appending would give."""
+    scheduler = make_scheduler(16)
+    arrivals = [3.0, 1.0, 2.0, 1.0, 5.0, 0.5]
+    groups = [
+        SequenceGroup(f"g{i}", [Sequence([1, 2])], arrival_time=t)
+        for i, t in enumerate(arrivals)
+    ]
+    for group in groups:
+        scheduler._run(group)
+    assert ids(scheduler.running) == ids(sorted(groups, key=lambda g: g.arrival_time))
+    assert ids(scheduler.running) == ["g5", "g1", "g3", "g2", "g0", "g4"]
+
+
+@pytest.mark.task3_1
+def test_admission_counts_the_running_sequences_once_a_step(monkeypatch):
+    """Admitting N requests counts the running sequences once, not once per request (N * N
+    over the step); a step with nobody waiting does not count them at all."""
+    scheduler = make_scheduler(64, max_num_seqs=32)
+    for i in range(20):
+        scheduler.add(make_group(f"r{i}", 3, max_tokens=3))
+    calls = []
+    counted = Scheduler._num_running_seqs
+
+    def counting(self):
+        calls.append(1)
+        return counted(self)
+
+    monkeypatch.setattr(Scheduler, "_num_running_seqs", counting)
+    out = engine_step(scheduler)
+    assert len(out.scheduled) == 20 and len(calls) == 1
+    calls.clear()
+    out = engine_step(scheduler)  # decodes only: nobody waits
+    assert len(out.scheduled) == 20 and calls == []
+
+
+def test_a_status_knows_whether_it_is_finished():
+    finished = {s for s in SequenceStatus if s.is_finished}
+    assert finished == {
+        SequenceStatus.FINISHED_STOPPED,
+        SequenceStatus.FINISHED_LENGTH_CAPPED,
+        SequenceStatus.FINISHED_ABORTED,
+    }
+    assert all(isinstance(s.is_finished, bool) for s in SequenceStatus)

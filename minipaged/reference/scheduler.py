@@ -347,8 +347,9 @@ class Scheduler:
             # one sequence: samples and beams fork once the prompt is computed
             (seq,) = group.get_seqs(SequenceStatus.RUNNING)
             chunk = min(seq.num_uncomputed_tokens, self._budget_left(out))
-            if manager.can_append_slots(group, chunk):
-                out.blocks_to_copy += manager.append_slots(seq, chunk)
+            copies = manager.try_append_slots(group, chunk)
+            if copies is not None:
+                out.blocks_to_copy += copies
                 out.add(ScheduledSeq(group, seq, chunk, is_prefill=True))
                 continue
             if out.scheduled:
