@@ -100,6 +100,8 @@ class NullEngine:
         max_tokens: tokens each sequence generates before it finishes.
         block_size: tokens per block.
         enable_prefix_caching: hash full blocks as they fill (the prompts differ, so nothing is shared).
+        num_waiting: more requests queued behind them, which max_num_seqs keeps waiting while
+            the first num_seqs run: a server at capacity, whose every step checks its queue.
     """
 
     def __init__(
@@ -109,6 +111,7 @@ class NullEngine:
         max_tokens: int,
         block_size: int = 16,
         enable_prefix_caching: bool = False,
+        num_waiting: int = 0,
     ) -> None:
         blocks_per_seq = num_blocks_for(prompt_len + max_tokens, block_size)
         # enough: nobody is ever preempted
@@ -128,7 +131,7 @@ class NullEngine:
         )
         self.scheduler = Scheduler(config, self.manager)
         self.max_tokens = max_tokens
-        for i in range(num_seqs):
+        for i in range(num_seqs + num_waiting):
             # distinct prompts
             prompt = [1] + [3 + (i * 7919 + j) % 256 for j in range(prompt_len - 1)]
             self.scheduler.add(SequenceGroup(str(i), [Seq(prompt)]))
@@ -159,11 +162,12 @@ def steady_engine(
     warmup: int,
     block_size: int,
     prefix: bool,
+    num_waiting: int = 0,
 ):
     """A NullEngine with every sequence admitted (one prefill step) and `warmup` decode steps
     done, and the seconds that admission step's schedule() took."""
     engine = NullEngine(
-        num_seqs, prompt_len, warmup + 2 * steps + 2, block_size, prefix
+        num_seqs, prompt_len, warmup + 2 * steps + 2, block_size, prefix, num_waiting
     )
     start = time.perf_counter()
     out = engine.scheduler.schedule()
@@ -201,6 +205,7 @@ def measure(num_seqs: int, args: argparse.Namespace) -> dict:
         args.warmup,
         args.block_size,
         args.prefix_caching,
+        args.waiting,
     )
     # each step's output is checked as it comes and let go, as the engine lets it go:
     # fifty steps' outputs kept alive would slow the allocator the timing measures
@@ -274,6 +279,7 @@ def profile(num_seqs: int, args: argparse.Namespace, top: int = 15) -> dict:
         args.warmup,
         args.block_size,
         args.prefix_caching,
+        args.waiting,
     )
     profiler = cProfile.Profile()
     profiler.enable()
@@ -324,6 +330,7 @@ def run(args: argparse.Namespace, command: str = "") -> dict:
             "steps": args.steps,
             "warmup": args.warmup,
             "prefix_caching": args.prefix_caching,
+            "waiting": args.waiting,
             "rounds": args.rounds,
         },
         "rows": rows,
@@ -365,7 +372,8 @@ def format_table(report: dict) -> str:
         f"machine: {report['machine']}; Python {report['python']}; torch {report['torch']}; "
         f"date {report['date']}",
         f"null model; prompts of {c['prompt_len']} tokens, block size {c['block_size']}, prefix caching "
-        f"{'on' if c['prefix_caching'] else 'off'}; mean over {c['steps']} decode steps after {c['warmup']}; "
+        f"{'on' if c['prefix_caching'] else 'off'}; {c['waiting']} more request(s) waiting; "
+        f"mean over {c['steps']} decode steps after {c['warmup']}; "
         f"median of {c['rounds']} round(s), the order of N rotated each round",
         "",
         "| sequences | step us/seq (min-max) | schedule() us/seq | admission us/seq "
@@ -427,6 +435,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--prefix-caching", action="store_true", help="hash full blocks as they fill"
+    )
+    parser.add_argument(
+        "--waiting",
+        type=int,
+        default=0,
+        help="requests queued behind the N that max_num_seqs keeps waiting: a server at "
+        "capacity (default 0)",
     )
     parser.add_argument(
         "--profile", action="store_true", help="also profile a step at the largest N"

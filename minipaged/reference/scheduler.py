@@ -449,7 +449,7 @@ class Scheduler:
 
     def _seqs_held(self, group: SequenceGroup) -> int:
         """What one running group counts against max_num_seqs (see `_num_running_seqs`)."""
-        return max(
-            len(group.get_seqs(SequenceStatus.RUNNING)),
-            group.max_seqs - sum(s.is_finished() for s in group.seqs),
-        )
+        running = len(group.get_seqs(SequenceStatus.RUNNING))
+        if running >= group.max_seqs:  # all its width runs (the usual group of one)
+            return running
+        return max(running, group.max_seqs - sum(s.is_finished() for s in group.seqs))
